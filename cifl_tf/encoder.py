@@ -1,0 +1,114 @@
+"""The CIFL encoder f_theta (paper Sec. 2): eight 3x3 convolutions and an l2 normalisation.
+
+    x (B, *spatial, 1)  ->  r = f_theta(x) (B, *spatial, C),  ||r[b, p, :]||_2 = 1 at every pixel p.
+"""
+import json
+import os
+
+import tensorflow as tf
+
+KL = tf.keras.layers
+
+NUM_CONVS = 8  # paper Sec. 2: "eight convolutional layers each with kernel size 3"
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class L2Normalize(KL.Layer):
+    """Puts each pixel's feature vector on the unit sphere (paper Sec. 2, Wang and Isola 2020).
+
+    (B, *spatial, C) -> (B, *spatial, C). All-zero vectors stay zero instead of becoming NaN.
+    """
+
+    def call(self, features):
+        return tf.math.l2_normalize(features, axis=-1, epsilon=1e-12)
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class CIFLEncoder(KL.Layer):
+    """Contrast invariant feature learner f_theta, a reusable Keras layer.
+
+    Args:
+        channels: C, the number of output feature channels.
+        features: filters of each of the seven hidden convolutions.
+        ndim: 2 (images (B, H, W, 1)) or 3 (volumes (B, D, H, W, 1)).
+        activation: the non-linearity between convolutions (none after the last).
+
+    Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
+    """
+
+    def __init__(self, channels=16, features=32, ndim=2, activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("channels", channels), ("features", features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CIFLEncoder: {name} must be a positive integer, got {value!r}")
+        if ndim not in (2, 3):
+            raise ValueError(f"CIFLEncoder: ndim must be 2 or 3, got {ndim!r}")
+        self.channels, self.features, self.ndim = channels, features, ndim
+        self.activation = tf.keras.activations.get(activation)
+        self._activation_name = activation
+        conv = KL.Conv2D if ndim == 2 else KL.Conv3D
+        widths = [features] * (NUM_CONVS - 1) + [channels]
+        self.convs = [conv(width, 3, padding="same", name=f"conv_{i}") for i, width in enumerate(widths)]
+        self.normalize = L2Normalize(name="l2_normalize")
+
+    def build(self, input_shape):
+        if len(input_shape) != self.ndim + 2:
+            raise ValueError(
+                f"CIFLEncoder(ndim={self.ndim}) expects inputs of rank {self.ndim + 2} "
+                f"(batch, spatial..., channels), got shape {tuple(input_shape)}")
+        shape = tf.TensorShape(input_shape)
+        for conv in self.convs:
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+        super().build(input_shape)
+
+    def call(self, images):
+        x = images
+        for conv in self.convs[:-1]:
+            x = self.activation(conv(x))
+        return self.normalize(self.convs[-1](x))
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "features": self.features,
+                "ndim": self.ndim, "activation": self._activation_name}
+
+
+def encoder_model(encoder, name="cifl_encoder_model"):
+    """Wraps an encoder layer into a Model (B, *spatial, 1) -> (B, *spatial, C) of any spatial size."""
+    images = tf.keras.Input((None,) * encoder.ndim + (1,), name="image")
+    return tf.keras.Model(images, encoder(images), name=name)
+
+
+def save_encoder(encoder, path):
+    """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config."""
+    encoder_model(encoder).save_weights(path)
+    with open(_config_path(path), "w") as f:
+        json.dump(tf.keras.utils.serialize_keras_object(encoder), f, indent=2)
+
+
+def load_encoder(path, trainable=False):
+    """Reads an encoder written by save_encoder (or `cifl train-encoder`); frozen unless told.
+
+    `path` is the weights file or the folder of a training run (holding encoder.weights.h5).
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "encoder.weights.h5")
+    for required in (path, _config_path(path)):
+        if not os.path.isfile(required):
+            raise FileNotFoundError(f"load_encoder: no such file {required!r}")
+    with open(_config_path(path)) as f:
+        config = json.load(f)
+    if config.get("registered_name") != "cifl_tf>CIFLEncoder":
+        raise ValueError(f"load_encoder: {_config_path(path)!r} does not describe a CIFLEncoder")
+    encoder = tf.keras.utils.deserialize_keras_object(config)
+    encoder_model(encoder).load_weights(path)
+    encoder.trainable = trainable
+    return encoder
+
+
+def _config_path(weights_path):
+    root = weights_path[:-len(".weights.h5")] if weights_path.endswith(".weights.h5") else weights_path
+    return root + ".json"

@@ -1,0 +1,194 @@
+"""Training the CIFL encoder on synthetic contrast pairs with ``model.fit`` (paper Fig. 1).
+
+The two renders of a label map are taken at a random relative offset (method page, section 3b):
+with voxel-aligned views Eq. 1 is minimised by features that ignore the image (padding and position
+patterns are identical for any input). Each view is a crop of a larger render; the encoder sees the
+crops, and Eq. 1 compares the two feature images on their overlap after aligning them.
+"""
+import json
+import math
+import os
+import time
+
+import tensorflow as tf
+
+from .encoder import CIFLEncoder, save_encoder
+from .losses import contrastive_loss
+from .synth import contrast_pairs
+
+STRATEGIES = {
+    "default": tf.distribute.get_strategy,
+    "mirrored": tf.distribute.MirroredStrategy,
+}
+
+
+def offset_views(pairs, shape, max_offset, seed=None):
+    """Crops both views of each batch of `pairs` at independent random origins.
+
+    Args:
+        pairs: dataset of (x1, x2), each (B, *big, 1) with big = shape + max_offset per axis.
+        shape: spatial shape of the crops.
+        max_offset: largest origin per axis; the views' relative offset is in [-max_offset, max_offset].
+
+    Returns: dataset of ((v1, v2, shift),): crops (B, *shape, 1) and shift (B, ndim) int32, the
+    origin of view 2 minus that of view 1 (the same for the whole batch).
+    """
+    ndim = len(shape)
+
+    def crop(x1, x2):
+        origins = tf.random.uniform((2, ndim), 0, max_offset + 1, dtype=tf.int32, seed=seed)
+        size = [-1, *shape, 1]
+        v1 = tf.slice(x1, tf.pad(origins[0], [[1, 1]]), size)
+        v2 = tf.slice(x2, tf.pad(origins[1], [[1, 1]]), size)
+        shift = tf.tile((origins[1] - origins[0])[tf.newaxis], [tf.shape(x1)[0], 1])
+        return ((v1, v2, shift),)
+
+    return pairs.map(crop)
+
+
+def align_views(f1, f2, shift):
+    """The overlap of two feature images whose origins differ by `shift`, pixel-aligned.
+
+    f1, f2: (B, *spatial, C); shift: (B, ndim), view 2's origin minus view 1's (row 0 is used).
+    Returns both restricted to the overlap, (B, *(spatial - |shift|), C) each.
+    """
+    shift = tf.cast(shift[0], tf.int32)
+    channels = f1.shape[-1]
+    zero = tf.zeros([1], tf.int32)
+    size = tf.concat([[-1], tf.shape(f1)[1:-1] - tf.abs(shift), [channels]], axis=0)
+    aligned = (tf.slice(f1, tf.concat([zero, tf.maximum(shift, 0), zero], 0), size),
+               tf.slice(f2, tf.concat([zero, tf.maximum(-shift, 0), zero], 0), size))
+    static = [None] * (f1.shape.rank - 1) + [channels]
+    return tuple(tf.ensure_shape(f, static) for f in aligned)
+
+
+class SiameseCIFL(tf.keras.Model):
+    """One encoder with shared weights applied to both views; adds Eq. 1 on their overlap.
+
+    Input: (v1, v2, shift) as made by `offset_views`. Output: the aligned feature images.
+    Its only weighted layer is the encoder, so its .h5 weights load into `encoder_model`.
+    """
+
+    def __init__(self, encoder, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.taus = (tau_alpha, tau_beta, tau_gamma)
+
+    def get_config(self):
+        return {"encoder": tf.keras.utils.serialize_keras_object(self.encoder),
+                **dict(zip(("tau_alpha", "tau_beta", "tau_gamma"), self.taus))}
+
+    def call(self, inputs):
+        v1, v2, shift = inputs
+        f1, f2 = align_views(self.encoder(v1), self.encoder(v2), shift)
+        self.add_loss(contrastive_loss(f1, f2, *self.taus))
+        return f1, f2
+
+
+def _get_strategy(strategy):
+    if strategy is None:
+        return tf.distribute.get_strategy()
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+        return STRATEGIES[strategy]()
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(f"strategy must be a name or a tf.distribute.Strategy, got {strategy!r}")
+    return strategy
+
+
+def _prepare_out_dir(out_dir, settings, resume):
+    """Checks that `out_dir` is new, or on resume that it holds an unfinished run of `settings`."""
+    settings_path = os.path.join(out_dir, "settings.json")
+    if not resume:
+        if os.path.exists(settings_path):
+            raise FileExistsError(f"{out_dir!r} already holds a training run: pass resume=True "
+                                  f"(--resume) to continue it, or choose another output folder")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(settings_path, "w") as f:
+            json.dump(settings, f, indent=2)
+        return
+    if not os.path.exists(settings_path):
+        raise FileNotFoundError(f"resume: {settings_path!r} not found, so there is no run to continue")
+    if os.path.exists(os.path.join(out_dir, "result.json")):
+        raise ValueError(f"resume: the run in {out_dir!r} has already finished")
+    with open(settings_path) as f:
+        saved = json.load(f)
+    changed = sorted(k for k in settings if saved.get(k) != settings[k])
+    if changed:
+        raise ValueError(f"resume: settings {changed} differ from those of the run in {out_dir!r}")
+
+
+def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32,
+                  tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, max_offset=16, learning_rate=1e-3,
+                  seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
+                  synth_kwargs=None, callbacks=(), verbose=1):
+    """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
+
+    Args:
+        shape: spatial shape of the training crops, 2D or 3D (sets the encoder's ndim).
+        steps, batch_size: optimisation steps and pairs per step (global batch under a strategy).
+        channels, features: the encoder's C and hidden width.
+        tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
+        max_offset: largest origin of each view inside the render, so that the views' relative offset
+            lies in [-max_offset, max_offset] per axis (method page 3b); 0 gives voxel-aligned views.
+        seed: integer for reproducible synthesis and initialisation.
+        out_dir: folder for settings.json, encoder.weights.h5 (+ .json), log.csv, tensorboard/ and
+            the backup that `resume` continues from. None: nothing is written.
+        resume: continue the unfinished run in `out_dir` from its last epoch.
+        strategy: None (the current one), "default", "mirrored" or a tf.distribute.Strategy.
+        steps_per_epoch: steps between checkpoints and log rows.
+        synth_kwargs: ShapesSynth arguments (label scales, intensity ranges, ...).
+        callbacks: more Keras callbacks.
+
+    Returns: the trained CIFLEncoder.
+    """
+    shape = tuple(shape)
+    for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(max_offset, bool) or not isinstance(max_offset, int) or max_offset < 0:
+        raise ValueError(f"max_offset must be a non-negative integer, got {max_offset!r}")
+    if max_offset >= min(shape, default=0):
+        raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
+    if resume and out_dir is None:
+        raise ValueError("resume needs out_dir, the folder of the run to continue")
+    settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
+                    features=features, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
+                    max_offset=max_offset, learning_rate=learning_rate, seed=seed,
+                    steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
+    strategy = _get_strategy(strategy)
+    if out_dir is not None:
+        _prepare_out_dir(out_dir, settings, resume)
+
+    if seed is not None:
+        tf.keras.utils.set_random_seed(seed)
+    big = tuple(s + max_offset for s in shape)
+    pairs = contrast_pairs(big, batch_size, seed=seed, **(synth_kwargs or {}))
+    views = offset_views(pairs, shape, max_offset, seed=seed).prefetch(tf.data.AUTOTUNE)
+
+    with strategy.scope():
+        encoder = CIFLEncoder(channels=channels, features=features, ndim=len(shape), name="cifl_encoder")
+        model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+
+    callbacks = list(callbacks)
+    if out_dir is not None:
+        model(next(iter(views))[0])  # BackupAndRestore and the .h5 checkpoint need a built model
+        weights = os.path.join(out_dir, "encoder.weights.h5")
+        save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
+        callbacks += [
+            tf.keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+            tf.keras.callbacks.ModelCheckpoint(weights, save_weights_only=True),
+            tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
+            tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
+        ]
+
+    start = time.time()
+    history = model.fit(views, epochs=math.ceil(steps / steps_per_epoch),
+                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
+    if out_dir is not None:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump({"final_loss": float(history.history["loss"][-1]),
+                       "seconds": round(time.time() - start, 1)}, f, indent=2)
+    return encoder
