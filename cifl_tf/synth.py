@@ -11,7 +11,6 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from . import _compat  # noqa: F401  (legacy Keras and getargspec before neurite)
 import neurite as ne
 import voxelmorph as vxm
 
