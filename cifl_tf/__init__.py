@@ -6,3 +6,7 @@ from .losses import ContrastiveLoss, contrastive_loss
 
 __version__ = "0.1.0"
 from .training import train_encoder
+from . import demo_data
+from . import data, metrics
+from .models import registration_model, segmentation_model
+from . import evaluate

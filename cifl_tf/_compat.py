@@ -40,10 +40,10 @@ def _point_tensorflow_keras_at_tf_keras():
     """
     tf = sys.modules["tensorflow"]
     loader = tf.__dict__.get("keras")
-    resolved = getattr(loader, "_tfll_initialized", True)
-    if resolved and getattr(loader, "_tfll_keras_version", None) != "tf_keras":
-        raise ImportError(_HOW_TO_FIX)
-    if resolved:
+    if getattr(loader, "_tfll_initialized", True):  # resolved: the loader, or already the module
+        version = getattr(loader, "_tfll_keras_version", None) or getattr(loader, "__name__", "")
+        if not version.startswith("tf_keras"):
+            raise ImportError(_HOW_TO_FIX)
         return
     tf_keras_api = os.path.dirname(importlib.import_module("tf_keras.api._v2.keras").__file__)
     tf_keras_api = os.path.dirname(tf_keras_api)  # the folder holding the `keras` package

@@ -1,0 +1,521 @@
+"""Images and label maps: NIfTI I/O, intensity normalisation, contrast transforms, slices, splits.
+
+Layouts read by the loaders (every image is min-max normalised to [0, 1] on load):
+
+* neurite-oasis (``load_oasis``): ``OASIS_OAS1_XXXX_MR1/`` subject folders holding
+  ``slice_norm.nii.gz`` (H x W x 1) with ``slice_seg4`` / ``slice_seg24`` (2D), and
+  ``aligned_norm.nii.gz`` (D x H x W) with ``aligned_seg4`` / ``aligned_seg35`` (3D).
+* IXI-style (``load_ixi``), supplied by the user: one folder per subject holding one image per
+  contrast, ``t1.nii.gz`` and ``t2.nii.gz`` (any ``<contrast>.nii.gz``), and ``labels.nii.gz``,
+  all voxel-aligned.
+* Lists of (image, label map) paths (``load_pairs``): a Python list, or a text file of
+  ``image,labels`` lines.
+
+Every bad input raises ``DataError``, with a one-line message that names the file and the problem.
+"""
+import collections.abc
+import dataclasses
+import os
+import uuid
+import zlib
+
+import nibabel as nib
+import numpy as np
+
+PAPER_SPLIT = (232, 58, 100)  # OASIS 2D subjects: train, validation, test (paper Sec. 3)
+OASIS_SEGS = {2: {"seg4": 5, "seg24": 25}, 3: {"seg4": 5, "seg35": 36}}  # number of labels, 0 included
+OASIS_PREFIX = {2: "slice", 3: "aligned"}
+IXI_LABELS = "labels.nii.gz"
+
+# What nibabel, gzip and zlib raise on a file that is not a (complete) NIfTI image.
+_UNREADABLE = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem on one line."""
+
+
+def _read(path, ndim):
+    """Voxels (file dtype, singleton axes squeezed) and nibabel image of a checked NIfTI file."""
+    path = os.fspath(path)
+    if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1):
+        raise ValueError(f"ndim must be None or a positive integer, got {ndim!r}")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file")
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except _UNREADABLE as error:
+        reason = str(error).split("\n")[0]  # keep the message on one line
+        raise DataError(f"{path}: not a readable NIfTI image ({reason})") from error
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: not a NIfTI image but {type(image).__name__}")
+    data = data.squeeze()  # NIfTI pads shapes with singleton axes: a 2D slice is stored H x W x 1
+    if ndim is not None and data.ndim != ndim:
+        raise DataError(f"{path}: has {data.ndim} dimensions {image.shape}, expected {ndim}")
+    bad = data.size - np.count_nonzero(np.isfinite(data))
+    if bad:
+        raise DataError(f"{path}: contains {bad} NaN/Inf voxels")
+    return data, image
+
+
+def load_nifti(path, ndim=None):
+    """Reads a NIfTI image.
+
+    Args:
+        path: a ``.nii`` / ``.nii.gz`` file.
+        ndim: the number of dimensions the image must have once singleton axes are dropped
+            (2 for an H x W x 1 slice); None accepts any.
+
+    Returns: (array float32 with singleton axes dropped, 4x4 affine, nibabel header).
+    Raises: DataError for a missing or unreadable file, a wrong ndim, or NaN/Inf voxels.
+    """
+    data, image = _read(path, ndim)
+    return data.astype(np.float32), image.affine, image.header
+
+
+def load_labels(path, labels=None, ndim=None):
+    """Reads a label map like ``load_nifti`` and checks its values.
+
+    Args:
+        labels: the declared label values (e.g. ``range(5)``); None accepts any integers.
+
+    Returns: int32 array with singleton axes dropped.
+    Raises: DataError also for non-integer values and for values outside ``labels``.
+    """
+    declared = None if labels is None else _label_values(labels)
+    data, _ = _read(path, ndim)
+    if np.any(data != np.round(data)):
+        raise DataError(f"{path}: label map has non-integer values")
+    if declared is not None:
+        outside = np.setdiff1d(data, declared)
+        if outside.size:
+            raise DataError(f"{path}: {outside.size} label values outside the declared set "
+                            f"{declared.tolist()}, e.g. {outside[:5].astype(int).tolist()}")
+    return data.astype(np.int32)
+
+
+def _label_values(labels):
+    values = np.asarray(list(labels))
+    if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty sequence of integers, got {labels!r}")
+    return values
+
+
+def save_nifti(path, array, affine=None, header=None, channels=False):
+    """Writes an array as NIfTI atomically: to a temporary file in the same folder, then renamed.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file; an existing one is replaced only by a complete file.
+        array: (*spatial) image or label map, float or integer (bool is stored as uint8), or
+            (*spatial, C) with ``channels=True``.
+        affine: 4x4 voxel-to-world matrix; None keeps the header's, identity without a header.
+        header: nibabel header to keep (e.g. from ``load_nifti``); shape and dtype follow ``array``.
+        channels: the last axis holds C values per pixel; stored as a NIfTI vector image
+            (*spatial, 1..., 1, C), so that ``load_nifti`` gives back (*spatial, C).
+    """
+    path = os.fspath(path)
+    if not path.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"save_nifti: path must end in .nii or .nii.gz, got {path!r}")
+    array = np.asarray(array)
+    array = array.astype(np.uint8) if array.dtype == bool else array  # NIfTI has no bool type
+    if channels:
+        spatial = array.shape[:-1]
+        if not 1 <= len(spatial) <= 3:
+            raise ValueError(f"save_nifti: channels=True needs (*spatial, C) with 1-3 spatial axes, "
+                             f"got shape {array.shape}")
+        array = array.reshape(spatial + (1,) * (3 - len(spatial)) + (1, array.shape[-1]))
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise FileNotFoundError(f"{path}: no such folder to write to")
+    if affine is None and header is None:
+        affine = np.eye(4)
+    image = nib.Nifti1Image(array, affine, header, dtype=array.dtype)
+    if channels:
+        image.header.set_intent("vector")
+    write_atomically(path, image.to_filename)
+
+
+def write_atomically(path, write):
+    """Calls ``write(temporary)`` for a temporary file beside ``path``, then renames it to ``path``.
+
+    Readers never see a partial file, and a failed write leaves neither a temporary file nor a
+    changed ``path``. Returns ``path``.
+    """
+    path = os.fspath(path)
+    # Same folder: os.replace is then atomic. Same ending: writers that go by the extension
+    # (e.g. nibabel's .nii.gz compression) write the same format.
+    temporary = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex}.{os.path.basename(path)}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def remap_intensity(image, function, mask=None):
+    """Applies ``function`` to the pixels inside ``mask``; pixels outside it become 0 (background).
+
+    Args:
+        image: array of any shape.
+        function: callable taking the 1-D float32 array of the masked values and returning as
+            many new values, e.g. ``lambda v: np.interp(v, curve_x, curve_y)``.
+        mask: boolean array of the image's shape; default ``image > 0`` (the brain of a
+            skull-stripped image).
+
+    Returns: float32 array of the image's shape.
+    """
+    image = np.asarray(image, np.float32)
+    if not callable(function):
+        raise TypeError(f"function must be callable, got {function!r}")
+    mask = image > 0 if mask is None else np.asarray(mask, bool)
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    out = np.zeros_like(image)
+    if mask.any():
+        out[mask] = function(image[mask])
+    return out
+
+
+def _min_max(values):
+    span = values.max() - values.min()
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+
+
+def normalize(image, mask=None):
+    """Min-max normalisation of one image to [0, 1] (a constant image gives zeros).
+
+    With a mask, minimum and maximum are taken inside it and pixels outside it become 0.
+    Returns float32 of the image's shape.
+    """
+    image = np.asarray(image, np.float32)
+    return remap_intensity(image, _min_max, np.ones(image.shape, bool) if mask is None else mask)
+
+
+def invert(image, mask=None):
+    """Inverted contrast (method page section 4): ``max - x`` inside the brain mask, 0 outside.
+
+    The mask defaults to ``image > 0``; ``max`` is the maximum inside the mask.
+    Returns float32 of the image's shape.
+    """
+    return remap_intensity(image, lambda values: values.max() - values, mask)
+
+
+def remap_labels(labels, intensities):
+    """Renders a label map with one intensity per label: pixel value ``intensities[label]``.
+
+    Args:
+        labels: integer label map of any shape.
+        intensities: dict label -> intensity, or a sequence indexed by label.
+
+    Returns: float32 array of the label map's shape.
+    """
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    is_table = isinstance(intensities, collections.abc.Mapping)
+    table = intensities if is_table else dict(enumerate(intensities))
+    present, inverse = np.unique(labels, return_inverse=True)
+    missing = [label for label in present.tolist() if label not in table]
+    if missing:
+        raise ValueError(f"remap_labels: no intensity for labels {missing}")
+    values = np.asarray([table[label] for label in present.tolist()], np.float32)
+    return values[inverse].reshape(labels.shape)
+
+
+def extract_slices(volume, axis=-1, indices=None):
+    """2D slices of a 3D volume.
+
+    Args:
+        volume: (D0, D1, D2) array.
+        axis: the axis to slice along.
+        indices: an index, a ``slice``/``range``, or a list of indices along ``axis``; None: all.
+
+    Returns: (N, H, W), slice n being ``volume`` at ``indices[n]`` along ``axis`` (the other two
+    axes in their order).
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"extract_slices: volume must be 3D, got shape {volume.shape}")
+    axis = np.lib.array_utils.normalize_axis_index(axis, 3)
+    return np.moveaxis(volume.take(_slice_indices(volume.shape[axis], indices), axis=axis), axis, 0)
+
+
+def _slice_indices(size, indices):
+    """The chosen indices among ``size`` as a 1-D array; ValueError when out of range or empty."""
+    try:
+        chosen = np.atleast_1d(np.arange(size)[slice(None) if indices is None else indices])
+    except IndexError as error:
+        raise ValueError(f"slice indices {indices!r} out of range for an axis of size {size}") from error
+    if chosen.size == 0:
+        raise ValueError(f"slice indices {indices!r} select no slice of an axis of size {size}")
+    return chosen
+
+
+def _slice_affine(affine, axis, index):
+    """Affine of slice ``index`` along ``axis``, for its array stored as H x W x 1."""
+    to_volume = np.eye(4)  # slice voxel (i, j, 0) -> volume voxel
+    to_volume[:3, :3] = np.eye(3)[:, [a for a in range(3) if a != axis] + [axis]]
+    to_volume[axis, 3] = index
+    return affine @ to_volume
+
+
+def split_subjects(subjects, sizes=PAPER_SPLIT, seed=0):
+    """Reproducible random split of subjects into (train, validation, test).
+
+    Args:
+        subjects: unique subject ids; the split depends on the set, not on its order.
+        sizes: three subject counts (the paper's 232/58/100 by default; subjects beyond their
+            sum are left out), three fractions summing to at most 1, or None for the paper's
+            proportions of however many subjects there are.
+        seed: the same seed and subjects give the same split.
+
+    Returns: three lists of subject ids.
+    """
+    subjects = sorted(subjects)
+    if len(set(subjects)) != len(subjects):
+        raise ValueError("split_subjects: subject ids must be unique")
+    sizes = np.asarray(PAPER_SPLIT) / sum(PAPER_SPLIT) if sizes is None else np.asarray(sizes)
+    numbers = sizes.dtype != bool and np.issubdtype(sizes.dtype, np.number)
+    if sizes.shape != (3,) or not numbers or np.any(sizes < 0):
+        raise ValueError(f"split_subjects: sizes must be three non-negative numbers, "
+                         f"got {sizes.tolist()}")
+    if np.issubdtype(sizes.dtype, np.integer):
+        ends = np.cumsum(sizes)
+    elif sizes.sum() > 1 + 1e-9:
+        raise ValueError(f"split_subjects: fractions {sizes.tolist()} sum to more than 1")
+    else:
+        ends = np.round(np.cumsum(sizes) * len(subjects)).astype(int)  # cumulative: counts sum to <= n
+    if ends[-1] > len(subjects):
+        raise ValueError(f"split_subjects: sizes {sizes.tolist()} need {ends[-1]} subjects, got "
+                         f"{len(subjects)} (pass sizes=None for the same proportions)")
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    return tuple([subjects[i] for i in order[start:end]] for start, end in zip((0, *ends[:2]), ends))
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Images of one contrast with their label maps, one entry per image.
+
+    Attributes:
+        images: (N, *shape) float32, each image min-max normalised to [0, 1].
+        labels: (N, *shape) int32 label maps.
+        subjects: N subject ids (repeated when a subject gives several images, e.g. slices).
+        affines: N 4x4 voxel-to-world matrices (for ``save_nifti``).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    subjects: list
+    affines: list
+
+    def __post_init__(self):
+        if self.images.shape != self.labels.shape or not (
+                len(self.images) == len(self.subjects) == len(self.affines)):
+            raise ValueError(f"Dataset: images {self.images.shape}, labels {self.labels.shape}, "
+                             f"{len(self.subjects)} subjects and {len(self.affines)} affines disagree")
+
+    def __len__(self):
+        return len(self.images)
+
+    def _take(self, indices):
+        return Dataset(self.images[indices], self.labels[indices],
+                       [self.subjects[i] for i in indices], [self.affines[i] for i in indices])
+
+    def subset(self, subjects):
+        """The entries of these subjects, in the dataset's order."""
+        unknown = set(subjects) - set(self.subjects)
+        if unknown:
+            raise ValueError(f"Dataset.subset: unknown subjects {sorted(unknown)}")
+        wanted = set(subjects)
+        return self._take([i for i, subject in enumerate(self.subjects) if subject in wanted])
+
+    def split(self, sizes=PAPER_SPLIT, seed=0):
+        """(train, validation, test) Datasets, split by subject with ``split_subjects``."""
+        parts = split_subjects(dict.fromkeys(self.subjects), sizes, seed)
+        return tuple(self.subset(part) for part in parts)
+
+    def slices(self, axis=-1, indices=None):
+        """2D Dataset of the slices ``extract_slices(volume, axis, indices)`` of every 3D entry."""
+        if self.images.ndim != 4:
+            raise ValueError(f"Dataset.slices: needs 3D images, got shape {self.images.shape[1:]}")
+        axis = np.lib.array_utils.normalize_axis_index(axis, 3)
+        chosen = _slice_indices(self.images.shape[1 + axis], indices)
+
+        def cut(stack):
+            return np.concatenate([extract_slices(volume, axis, chosen) for volume in stack])
+
+        return Dataset(cut(self.images), cut(self.labels),
+                       [subject for subject in self.subjects for _ in chosen],
+                       [_slice_affine(affine, axis, index)
+                        for affine in self.affines for index in chosen])
+
+    def map_images(self, function):
+        """The same Dataset with ``function`` applied to every image, e.g. ``map_images(invert)``."""
+        images = np.stack([function(image) for image in self.images]).astype(np.float32)
+        return dataclasses.replace(self, images=images)
+
+
+def _stack(arrays, paths):
+    """(N, *shape) stack; DataError naming the first file whose shape differs from the first one."""
+    for array, path in zip(arrays, paths):
+        if array.shape != arrays[0].shape:
+            raise DataError(f"{path}: shape {array.shape} differs from {arrays[0].shape} of {paths[0]}")
+    return np.stack(arrays)
+
+
+def _load_entries(entries, ndim, labels):
+    """Dataset from (subject, image path, label map path) triples."""
+    images, label_maps, affines = [], [], []
+    for _, image_path, label_path in entries:
+        image, affine, _ = load_nifti(image_path, ndim)
+        label_map = load_labels(label_path, labels, ndim)
+        if label_map.shape != image.shape:
+            raise DataError(f"{label_path}: shape {label_map.shape} differs from {image.shape} "
+                            f"of {image_path}")
+        images.append(normalize(image))
+        label_maps.append(label_map)
+        affines.append(affine)
+    return Dataset(_stack(images, [e[1] for e in entries]), _stack(label_maps, [e[2] for e in entries]),
+                   [e[0] for e in entries], affines)
+
+
+def _folder(folder):
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder")
+    return folder
+
+
+def _subject_folders(folder, subjects, prefix=""):
+    """The requested subjects, or every subfolder starting with ``prefix``; DataError when none."""
+    if subjects is None:
+        subjects = sorted(name for name in os.listdir(folder)
+                          if name.startswith(prefix) and not name.startswith(".")
+                          and os.path.isdir(os.path.join(folder, name)))
+    if not subjects:
+        raise DataError(f"{folder}: no {prefix}* subject folders")
+    return list(subjects)
+
+
+def load_oasis(folder, dim=2, seg="seg4", subjects=None):
+    """Loads the neurite-oasis layout (``OASIS_OAS1_XXXX_MR1/`` subject folders).
+
+    Args:
+        folder: the folder holding the subject folders.
+        dim: 2 for ``slice_norm`` (images (N, 160, 192) in the full release) or 3 for
+            ``aligned_norm`` (N, 160, 192, 224).
+        seg: the label maps, "seg4" (both dims), "seg24" (2D) or "seg35" (3D); labels are
+            checked against 0..4, 0..24, 0..35.
+        subjects: subject folder names to load; None: every ``OASIS_*`` folder, sorted.
+
+    Returns: Dataset with the subject folder names as subjects.
+    """
+    if dim not in OASIS_SEGS:
+        raise ValueError(f"load_oasis: dim must be 2 or 3, got {dim!r}")
+    if seg not in OASIS_SEGS[dim]:
+        raise ValueError(f"load_oasis: seg must be one of {sorted(OASIS_SEGS[dim])} for dim={dim}, "
+                         f"got {seg!r}")
+    folder, prefix = _folder(folder), OASIS_PREFIX[dim]
+    entries = [(subject, os.path.join(folder, subject, f"{prefix}_norm.nii.gz"),
+                os.path.join(folder, subject, f"{prefix}_{seg}.nii.gz"))
+               for subject in _subject_folders(folder, subjects, "OASIS_")]
+    return _load_entries(entries, dim, range(OASIS_SEGS[dim][seg]))
+
+
+def load_ixi(folder, contrasts=("t1", "t2"), dim=3, labels=None, subjects=None):
+    """Loads an IXI-style layout: ``<subject>/<contrast>.nii.gz`` and ``<subject>/labels.nii.gz``.
+
+    Args:
+        folder: the folder holding one folder per subject.
+        contrasts: the image files to load, by name without ``.nii.gz``.
+        dim: 2 or 3, the dimensions of every image.
+        labels: the declared label values; None accepts any integers.
+        subjects: subject folder names; None: every subfolder, sorted.
+
+    Returns: dict contrast -> Dataset; the Datasets share subjects and label maps, entry by entry.
+    """
+    if isinstance(contrasts, str) or not contrasts:
+        raise ValueError(f"load_ixi: contrasts must be a non-empty sequence of names, got {contrasts!r}")
+    if dim not in (2, 3):
+        raise ValueError(f"load_ixi: dim must be 2 or 3, got {dim!r}")
+    folder = _folder(folder)
+    subjects = _subject_folders(folder, subjects)
+    return {contrast: _load_entries([(subject, os.path.join(folder, subject, f"{contrast}.nii.gz"),
+                                      os.path.join(folder, subject, IXI_LABELS))
+                                     for subject in subjects], dim, labels)
+            for contrast in contrasts}
+
+
+def _read_pair_list(path):
+    """(image, labels) paths from a text file of ``image,labels`` lines.
+
+    Relative paths are relative to the list's folder; blank lines, ``#`` comments and a first
+    line ``image,labels`` are skipped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    pairs = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            fields = [field.strip() for field in line.split(",")]
+            is_header = number == 1 and fields == ["image", "labels"]
+            if not line.strip() or line.lstrip().startswith("#") or is_header:
+                continue
+            if len(fields) != 2 or not all(fields):
+                raise DataError(f"{path}:{number}: expected 'image,labels', got {line.strip()!r}")
+            pairs.append(tuple(os.path.join(os.path.dirname(path), field) for field in fields))
+    if not pairs:
+        raise DataError(f"{path}: no image,labels lines")
+    return pairs
+
+
+def load_pairs(pairs, dim=None, labels=None):
+    """Loads (image, label map) pairs given as a list of path tuples or as a list file.
+
+    Args:
+        pairs: a text/CSV file of ``image,labels`` lines (see ``_read_pair_list``), or a sequence
+            of (image path, label map path).
+        dim: the dimensions of every image; None accepts any, as long as all shapes agree.
+        labels: the declared label values; None accepts any integers.
+
+    Returns: Dataset whose subjects are the image paths.
+    """
+    if isinstance(pairs, (str, os.PathLike)):
+        pairs = _read_pair_list(pairs)
+    entries = []
+    for pair in pairs:
+        if isinstance(pair, (str, os.PathLike)) or len(pair) != 2:
+            raise ValueError(f"load_pairs: expected (image, labels) path pairs, got {pair!r}")
+        entries.append((os.fspath(pair[0]), os.fspath(pair[0]), os.fspath(pair[1])))
+    if not entries:
+        raise ValueError("load_pairs: no pairs given")
+    return _load_entries(entries, dim, labels)
+
+
+def load_folder(folder, contrast="t1", **kwargs):
+    """Loads a data folder, detecting its layout: neurite-oasis or IXI-style (see module doc).
+
+    Args:
+        contrast: for IXI-style folders, the contrast to load; neurite-oasis images are T1.
+        **kwargs: arguments of ``load_oasis`` or ``load_ixi`` (dim, seg, labels, subjects).
+
+    Returns: Dataset.
+    Raises: DataError for a missing, empty or unrecognised folder.
+    """
+    folder = _folder(folder)
+    names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    if not names:
+        raise DataError(f"{folder}: empty folder")
+    if any(name.startswith("OASIS_") and os.path.isdir(os.path.join(folder, name)) for name in names):
+        if contrast != "t1":
+            raise ValueError(f"load_folder: neurite-oasis images are T1, got contrast={contrast!r}")
+        return load_oasis(folder, **kwargs)
+    if any(os.path.isfile(os.path.join(folder, name, IXI_LABELS)) for name in names):
+        return load_ixi(folder, contrasts=(contrast,), **kwargs)[contrast]
+    raise DataError(f"{folder}: not a data folder: expected OASIS_*/ subject folders (neurite-oasis) "
+                    f"or <subject>/{IXI_LABELS} with <subject>/<contrast>.nii.gz (IXI-style)")

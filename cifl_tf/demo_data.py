@@ -1,0 +1,261 @@
+"""Embedded demo data: labelled 2D brain slices in four contrasts, built offline from the MNI template.
+
+Source. The nilearn wheel ships the ICBM 2009a nonlinear symmetric MNI152 template (Fonov et al.,
+NeuroImage 2011) at 1 mm: a brain-masked T1 and grey- and white-matter probability maps,
+``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``. They are read in
+place from the installed package (``importlib.resources``): nothing is downloaded and nilearn's fetchers
+are never called (only nilearn's light top-level package is imported, to find its folder). No other
+installed package ships a labelled brain (nibabel's test volumes are 2 mm and unlabelled).
+
+Labels (0 background, 1 CSF, 2 GM, 3 WM; ``LABEL_NAMES``).
+    brain mask = T1 template > 0: the shipped T1 is already brain-masked, without holes, and the mask
+    includes the CSF of the ventricles and sulci. Inside the mask ``p_csf = max(0, 1 - p_gm - p_wm)``,
+    outside it every probability is 0, and the label is the argmax of (p_csf, p_gm, p_wm): CSF is the
+    brain where neither GM nor WM dominates. Deep grey nuclei (thalamus, basal ganglia) are GM, as in
+    the template's GM map.
+
+Geometry. Coronal slices on the grid of the OASIS neurite release that this package targets: 1 mm
+pixels, (160, 192) by default, axis 0 running right -> left and axis 1 superior -> inferior (the LIA
+orientation of its ``slice_norm.nii.gz``), the world origin (anterior commissure) at the centre.
+Template slice 131 is y = -3 mm, the level of the OASIS mid-coronal slice. ``plt.imshow(x.T)`` shows
+a slice the usual (radiological) way.
+
+Subjects. Per subject, the slice index is jittered by up to ``slice_jitter`` and then the slice is
+deformed by a random diffeomorphism: a smooth random velocity field integrated by scaling and squaring
+(the scheme of ``vxm.layers.VecInt``), applied with the same field to the label map (nearest
+neighbour) and to the T1 and probability maps (linear). This uses numpy/scipy rather than
+voxelmorph's TF layers: their ``SpatialTransformer`` maps over the batch one sample at a time in eager
+mode (about 0.6 s per subject on two cores against 0.05 s), and seeded TF random ops are not
+repeatable within a process.
+
+Contrasts (``CONTRASTS``), each normalised to [0, 1] by its maximum, background exactly 0:
+
+* ``t1``: the template T1, each tissue scaled by a random gain (blended by the probabilities);
+* ``t1_inverted``: ``cifl_tf.data.invert`` of ``t1``, i.e. ``max - x`` inside the brain mask;
+* ``t2``, ``pd``: partial-volume renders ``sum_k p_k * mean_k * gain_k`` over k in (CSF, GM, WM), so
+  that tissue edges blend as in real images. The means (``TISSUE_MEANS``) are the spin-echo signal
+  ``PD (1 - exp(-TR/T1)) exp(-TE/T2)`` of typical 1.5 T tissue values (PD, T1 ms, T2 ms): CSF (1.0,
+  4000, 2000), GM (0.8, 920, 100), WM (0.7, 790, 90), for a dual-echo sequence with TR = 4000 ms and
+  TE = 100 ms (T2) or 15 ms (PD). Relative to the brightest tissue: T2 CSF 1.00 > GM 0.48 > WM 0.38;
+  PD GM 1.00 > CSF 0.92 > WM 0.87.
+
+``t1``, ``t2`` and ``pd`` are separate acquisitions: each gets its own tissue gains, smooth
+multiplicative bias field and Gaussian noise. Example::
+
+    ds = demo_dataset(n_subjects=40)
+    x = ds.inputs("t2")            # (40, 160, 192, 1) float32, the layout the models take
+    y = ds.labels                  # (40, 160, 192) int32 in 0..3
+"""
+import dataclasses
+import functools
+import importlib.resources
+
+import nibabel as nib
+import numpy as np
+import scipy.ndimage as ndi
+
+from .data import invert
+
+CONTRASTS = ("t1", "t1_inverted", "t2", "pd")
+LABEL_NAMES = ("background", "CSF", "GM", "WM")
+
+_TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+_INSTALL_HINT = "pip install nilearn, or pip install 'cifl-tf[demo]'"
+
+# Typical 1.5 T (proton density, T1 ms, T2 ms) of CSF, GM, WM, and the spin-echo signal they give.
+_TISSUE_MR = np.array([[1.0, 4000.0, 2000.0], [0.8, 920.0, 100.0], [0.7, 790.0, 90.0]])
+
+
+def _spin_echo(tr, te):
+    proton_density, t1, t2 = _TISSUE_MR.T
+    signal = proton_density * (1 - np.exp(-tr / t1)) * np.exp(-te / t2)
+    return signal / signal.max()
+
+
+TISSUE_MEANS = {"t2": _spin_echo(tr=4000, te=100), "pd": _spin_echo(tr=4000, te=15)}  # CSF, GM, WM
+
+_WARP_SCALE = 32  # px between independent velocity values: smooth, anatomy-scale deformations
+_BIAS_SCALE = 64  # px: bias fields vary over the whole head
+_INTEGRATION_STEPS = 7  # scaling and squaring, as vxm.layers.VecInt
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoDataset:
+    """N labelled subjects, one coronal slice each, in every contrast of ``CONTRASTS``.
+
+    Attributes:
+        labels: (N, H, W) int32, indices into ``LABEL_NAMES`` (0 background, 1 CSF, 2 GM, 3 WM).
+        images: dict contrast -> (N, H, W) float32 in [0, 1], exactly 0 where ``labels == 0``.
+        subjects: N subject names.
+    """
+    labels: np.ndarray
+    images: dict
+    subjects: tuple
+
+    def inputs(self, contrast):
+        """The images of one contrast in the layout the models take: (N, H, W, 1) float32."""
+        if contrast not in self.images:
+            raise ValueError(f"contrast must be one of {tuple(self.images)}, got {contrast!r}")
+        return self.images[contrast][..., np.newaxis]
+
+
+def _template_path(tissue):
+    name = _TEMPLATE_FILE.format(tissue)
+    try:
+        folder = importlib.resources.files("nilearn") / "datasets" / "data"
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"the demo data is built from {name}, which ships with nilearn: {_INSTALL_HINT}") from error
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the demo data is built from the MNI template files "
+                                f"that ship with nilearn ({_INSTALL_HINT})")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _template():
+    """T1, GM and WM as (3, X, Y, Z) uint8 (0..255) on the 1 mm RAS grid, and the voxel of world 0."""
+    volumes = []
+    for tissue in ("t1", "gm", "wm"):
+        image = nib.load(_template_path(tissue))
+        if not np.allclose(image.affine[:3, :3], np.eye(3)):  # the slicing below assumes 1 mm RAS
+            raise ValueError(f"{image.get_filename()}: expected a 1 mm RAS grid, got affine\n{image.affine}")
+        volumes.append(np.asarray(image.dataobj, dtype=np.uint8))
+    origin = np.rint(-image.affine[:3, 3]).astype(int)
+    return np.stack(volumes), origin
+
+
+def _coronal_slices(slices, shape):
+    """(T1, GM, WM), each (N, H, W) float32 in [0, 1]: template slices ``slices`` on the OASIS grid."""
+    volumes, origin = _template()
+    size_x, _, size_z = volumes.shape[1:]
+    rows = origin[0] + shape[0] // 2 - np.arange(shape[0])  # x from right to left
+    cols = origin[2] + shape[1] // 2 - np.arange(shape[1])  # z from top to bottom
+    inside = ((rows >= 0) & (rows < size_x))[:, None] & ((cols >= 0) & (cols < size_z))
+    cut = volumes[:, rows.clip(0, size_x - 1)[None, :, None], np.asarray(slices)[:, None, None],
+                  cols.clip(0, size_z - 1)[None, None, :]]
+    return cut * (inside / np.float32(255))
+
+
+def _tissues(brain, gm, wm):
+    """(N, 3, H, W) probabilities of CSF, GM and WM: CSF is the rest of the brain, 0 outside it."""
+    return np.stack([np.clip(1 - gm - wm, 0, 1), gm, wm], axis=1) * brain[:, np.newaxis]
+
+
+def _smooth_fields(rng, count, shape, scale):
+    """(count, H, W) random fields, each of zero mean and unit SD, smooth over ``scale`` pixels.
+
+    White noise on a grid ``scale`` times coarser, upsampled by cubic splines (the way neurite's
+    ``draw_perlin`` makes noise). Spline upsampling is linear and separable, so it is applied as one
+    (H, h) and one (W, w) matrix, which is fast whatever the scale.
+    """
+    coarse = rng.standard_normal((count, *(size // scale + 2 for size in shape)), dtype=np.float32)
+    rows, cols = (ndi.zoom(np.eye(c, dtype=np.float32), (size / c, 1), order=3)
+                  for size, c in zip(shape, coarse.shape[1:]))
+    fields = rows @ coarse @ cols.T
+    fields -= fields.mean(axis=(1, 2), keepdims=True)
+    return fields / fields.std(axis=(1, 2), keepdims=True)
+
+
+def _resample(images, displacement, order):
+    """``images`` (N, H, W) sampled at x + displacement(x), with (N, 2, H, W) displacements in pixels."""
+    rows, cols = np.indices(images.shape[1:], dtype=np.float32)
+    return np.stack([ndi.map_coordinates(image, (rows + d_row, cols + d_col), order=order, mode="nearest")
+                     for image, (d_row, d_col) in zip(images, displacement)])
+
+
+def _random_diffeomorphism(rng, count, shape, std):
+    """(count, 2, H, W) displacements: a smooth velocity field of SD ``std`` px, integrated."""
+    velocity = std * _smooth_fields(rng, 2 * count, shape, _WARP_SCALE).reshape(count, 2, *shape)
+    displacement = velocity / 2 ** _INTEGRATION_STEPS
+    for _ in range(_INTEGRATION_STEPS):  # phi_2t = phi_t o phi_t
+        displacement = displacement + np.stack(
+            [_resample(displacement[:, axis], displacement, order=1) for axis in range(2)], axis=1)
+    return displacement
+
+
+def _unit_max(images):
+    """Each (H, W) image of (N, H, W) divided by its maximum."""
+    return images / np.maximum(images.max(axis=(1, 2), keepdims=True), np.finfo(np.float32).tiny)
+
+
+def _acquire(rng, clean, mask, bias_std, noise_std):
+    """One acquisition of (N, H, W) clean renders: smooth bias field, noise, background 0, max 1."""
+    bias = np.exp(bias_std * _smooth_fields(rng, len(clean), clean.shape[1:], _BIAS_SCALE))
+    noisy = clean * bias + noise_std * rng.standard_normal(clean.shape, dtype=np.float32)
+    return _unit_max(np.clip(noisy, 0, None) * mask).astype(np.float32)
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_int(name, value, low, high=np.inf):
+    if not (_is_int(value) and low <= value <= high):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_number(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not low <= value < high:
+        raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+
+
+def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice_jitter=3,
+                 warp_std=2.0, intensity_jitter=0.03, bias_std=0.05, noise_std=0.02):
+    """Builds labelled demo subjects from the MNI template that nilearn ships (see the module doc).
+
+    Args:
+        n_subjects: N, the number of subjects.
+        seed: integer; the same seed gives the same dataset. None draws a new one every call.
+        shape: (H, W) of the slices in 1 mm pixels, cut around the world origin.
+        slice_index: coronal slice of the template (index along its posterior -> anterior axis);
+            the default 131 is y = -3 mm, the level of the OASIS mid-coronal slice.
+        slice_jitter: each subject's slice is drawn uniformly within +-slice_jitter of slice_index.
+        warp_std: SD in pixels of the random velocity field (0: no deformation).
+        intensity_jitter: per-tissue gains are drawn uniformly in 1 +- intensity_jitter per subject
+            and contrast; below 0.04 they cannot reverse the PD ordering GM > CSF.
+        bias_std: SD of the log of the multiplicative bias fields.
+        noise_std: SD of the Gaussian noise, relative to the brightest tissue.
+
+    Returns: a ``DemoDataset``: ``labels`` (N, H, W) int32 in 0..3, ``images[contrast]`` (N, H, W)
+    float32 in [0, 1] for every contrast of ``CONTRASTS``, ``subjects``; ``inputs(contrast)`` gives
+    (N, H, W, 1).
+
+    Raises: ModuleNotFoundError without nilearn, FileNotFoundError when its template files are missing.
+    """
+    _check_int("n_subjects", n_subjects, 1)
+    if seed is not None:
+        _check_int("seed", seed, 0)
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape)):
+        raise ValueError(f"shape must be (H, W), two positive integers, got {shape!r}")
+    _check_int("slice_jitter", slice_jitter, 0)
+    for name, value, high in (("warp_std", warp_std, np.inf), ("intensity_jitter", intensity_jitter, 1),
+                              ("bias_std", bias_std, np.inf), ("noise_std", noise_std, np.inf)):
+        _check_number(name, value, 0, high)
+    depth = _template()[0].shape[2]
+    _check_int("slice_index", slice_index, slice_jitter, depth - 1 - slice_jitter)
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    slices = slice_index + rng.integers(-slice_jitter, slice_jitter + 1, n_subjects)
+    t1, gm, wm = _coronal_slices(slices, shape)
+    brain = t1 > 0
+    labels = np.where(brain, np.argmax(_tissues(brain, gm, wm), axis=1) + 1, 0).astype(np.float32)
+
+    displacement = _random_diffeomorphism(rng, n_subjects, shape, warp_std)
+    labels = _resample(labels, displacement, order=0).astype(np.int32)
+    brain = labels > 0
+    t1, gm, wm = (_resample(image, displacement, order=1) * brain for image in (t1, gm, wm))
+    tissues = _tissues(brain, gm, wm)
+
+    def render(means):  # partial-volume blend of per-subject tissue intensities (N, 3)
+        gains = rng.uniform(1 - intensity_jitter, 1 + intensity_jitter, (n_subjects, 3))
+        return np.einsum("nkhw,nk->nhw", tissues, means * gains)
+
+    acquire = functools.partial(_acquire, rng, mask=brain, bias_std=bias_std, noise_std=noise_std)
+    images = {"t1": acquire(t1 * render(np.ones(3)))}  # the template T1 times per-tissue gains
+    images["t1_inverted"] = _unit_max(np.stack([invert(x, m) for x, m in zip(images["t1"], brain)]))
+    images.update((contrast, acquire(render(TISSUE_MEANS[contrast]))) for contrast in ("t2", "pd"))
+    subjects = tuple(f"demo{index:03d}" for index in range(n_subjects))
+    return DemoDataset(labels=labels, images={c: images[c] for c in CONTRASTS}, subjects=subjects)

@@ -1,0 +1,143 @@
+"""Scoring the downstream networks on test images, as in the paper's Table 1 (Sec. 3).
+
+* ``evaluate_segmentation``: per-image, per-label Dice of the predicted label maps.
+* ``evaluate_registration``: the moving label map is warped with the predicted displacement
+  (nearest neighbour) and scored against the fixed label map; also the share of folding pixels
+  (Jacobian determinant <= 0) of each displacement.
+
+Background (label 0) is left out of the Dice by default. ``Scores`` holds the per-image values and
+their mean ± std over the test images.
+"""
+import dataclasses
+
+import numpy as np
+
+from . import metrics
+from .models import RegistrationModel, SegmentationModel, warp
+
+
+def _mean_std(values):
+    """(mean, std) over the non-nan values; (nan, nan) when none is left."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    return metrics.summarize(values) if values.size else (np.nan, np.nan)
+
+
+@dataclasses.dataclass
+class Scores:
+    """Dice of N test images (segmentation) or image pairs (registration) on L labels.
+
+    Attributes:
+        labels: the L scored label values.
+        dice: (N, L) Dice per image and label; nan where a label is in neither map.
+        mean_dice: (N,) each image's mean over its labels that are not nan.
+        folding: (N,) share of folding pixels of each displacement (registration), else None.
+    """
+
+    labels: list
+    dice: np.ndarray
+    mean_dice: np.ndarray
+    folding: np.ndarray = None
+
+    def summary(self):
+        """Mean ± std over the images, as a plain dict (for JSON): images, dice, per_label, folding."""
+        out = {"images": len(self.dice), "dice": _mean_std(self.mean_dice),
+               "per_label": {int(label): _mean_std(self.dice[:, i]) for i, label in enumerate(self.labels)}}
+        if self.folding is not None:
+            out["folding"] = _mean_std(self.folding)
+        return out
+
+    def __str__(self):
+        summary = self.summary()
+        lines = [f"Dice {summary['dice'][0]:.3f} ± {summary['dice'][1]:.3f} over {summary['images']} images"]
+        lines += [f"  label {label}: {mean:.3f} ± {std:.3f}" for label, (mean, std) in summary["per_label"].items()]
+        if self.folding is not None:
+            lines.append(f"folding pixels (Jacobian determinant <= 0): {100 * summary['folding'][0]:.3f}% "
+                         f"± {100 * summary['folding'][1]:.3f}%")
+        return "\n".join(lines)
+
+
+def _score(predicted, truth, labels, folding=None):
+    """Scores of label maps `predicted` against `truth`, (N, *shape) each."""
+    rows = [metrics.dice(a, b, labels) for a, b in zip(predicted, truth)]
+    dice = np.array([[row[label] for label in labels] for row in rows], np.float64).reshape(len(rows), len(labels))
+    means = np.array([np.nan if np.all(np.isnan(row)) else np.nanmean(row) for row in dice])
+    return Scores(list(labels), dice, means, folding)
+
+
+def _images(images, inshape, what):
+    """(N, *inshape, 1) float32 from (N, *inshape) or (N, *inshape, 1)."""
+    images = np.asarray(images, np.float32)
+    if images.shape[1:] == inshape:
+        images = images[..., np.newaxis]
+    if images.shape[1:] != (*inshape, 1) or not len(images):
+        raise ValueError(f"{what} must be (N, {', '.join(map(str, inshape))}[, 1]) with N >= 1, got {images.shape}")
+    return images
+
+
+def _label_maps(labels, count, inshape, what):
+    labels = np.asarray(labels)
+    if labels.shape != (count, *inshape) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what} must be integer label maps of shape ({count}, {', '.join(map(str, inshape))}), "
+                         f"got {labels.dtype} {labels.shape}")
+    return labels
+
+
+def segment(model, images, batch_size=8, verbose=0):
+    """Label maps predicted by a SegmentationModel: argmax of its softmax.
+
+    Args:
+        images: (N, *inshape) or (N, *inshape, 1), normalised as in training (``data.normalize``).
+
+    Returns: (N, *inshape) int32.
+    """
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(f"segment: expected a SegmentationModel, got {type(model).__name__}")
+    images = _images(images, model.inshape, "images")
+    return np.argmax(model.predict(images, batch_size=batch_size, verbose=verbose), axis=-1).astype(np.int32)
+
+
+def evaluate_segmentation(model, images, labels, label_values=None, batch_size=8, verbose=0):
+    """Dice of a SegmentationModel's label maps against the true ones (paper Table 1, segmentation).
+
+    Args:
+        model: SegmentationModel.
+        images: (N, *inshape) or (N, *inshape, 1) test images, normalised as in training.
+        labels: (N, *inshape) integer true label maps.
+        label_values: the labels to score; default 1 .. nb_labels - 1 (background excluded).
+
+    Returns: Scores.
+    """
+    predicted = segment(model, images, batch_size, verbose)
+    labels = _label_maps(labels, len(predicted), model.inshape, "labels")
+    return _score(predicted, labels, range(1, model.nb_labels) if label_values is None else label_values)
+
+
+def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, label_values=None,
+                          batch_size=8, verbose=0):
+    """Dice after registration and folding of the displacements (paper Table 1, registration).
+
+    Pair n registers moving[n] to fixed[n]; moving_labels[n] is warped with the predicted
+    displacement (nearest neighbour) and scored against fixed_labels[n].
+
+    Args:
+        model: RegistrationModel.
+        moving, fixed: (N, *inshape) or (N, *inshape, 1) images, normalised as in training.
+        moving_labels, fixed_labels: (N, *inshape) integer label maps.
+        label_values: the labels to score; default every nonzero label in the fixed label maps.
+
+    Returns: Scores with folding.
+    """
+    if not isinstance(model, RegistrationModel):
+        raise TypeError(f"evaluate_registration: expected a RegistrationModel, got {type(model).__name__}")
+    moving, fixed = _images(moving, model.inshape, "moving"), _images(fixed, model.inshape, "fixed")
+    if len(moving) != len(fixed):
+        raise ValueError(f"evaluate_registration: {len(moving)} moving but {len(fixed)} fixed images")
+    moving_labels = _label_maps(moving_labels, len(moving), model.inshape, "moving_labels")
+    fixed_labels = _label_maps(fixed_labels, len(moving), model.inshape, "fixed_labels")
+    if label_values is None:
+        label_values = [label for label in np.unique(fixed_labels).tolist() if label != 0]
+    displacement = model.register(moving, fixed, batch_size, verbose)
+    moved = warp(moving_labels[..., np.newaxis], displacement, "nearest")[..., 0]
+    return _score(np.rint(moved).astype(np.int32), fixed_labels, label_values,
+                  folding=metrics.folding_fraction(displacement))

@@ -1,0 +1,86 @@
+"""Evaluation: Dice overlap, mean ± std over test images, folding of deformations, feature agreement."""
+import numpy as np
+
+import voxelmorph as vxm
+
+
+def dice(labels_a, labels_b, labels=None):
+    """Per-label Dice overlap 2 |A ∩ B| / (|A| + |B|) of two label maps.
+
+    Args:
+        labels_a, labels_b: integer label maps of the same shape (any number of dimensions).
+        labels: the labels to score; None: every label present in either map except background 0.
+
+    Returns: dict label -> Dice in [0, 1]; nan for a requested label absent from both maps.
+    """
+    labels_a, labels_b = np.asarray(labels_a), np.asarray(labels_b)
+    if labels_a.shape != labels_b.shape:
+        raise ValueError(f"dice: label maps differ in shape, {labels_a.shape} vs {labels_b.shape}")
+    present = np.union1d(labels_a, labels_b)
+    labels = present[present != 0] if labels is None else np.asarray(list(labels))
+    scores = vxm.py.utils.dice(labels_a, labels_b, labels=labels, include_zero=True)
+    return {int(label): float(score) if label in present else np.nan
+            for label, score in zip(labels, scores)}
+
+
+def mean_dice(labels_a, labels_b, labels=None):
+    """Mean of ``dice`` over its labels, skipping labels absent from both maps (nan if none is left)."""
+    scores = [score for score in dice(labels_a, labels_b, labels).values() if not np.isnan(score)]
+    return float(np.mean(scores)) if scores else np.nan
+
+
+def summarize(values):
+    """(mean, standard deviation) of per-image scores, e.g. Dice over the test images."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0 or np.isnan(values).any():
+        raise ValueError(f"summarize: needs one or more non-nan values, got {values.tolist()}")
+    return float(values.mean()), float(values.std())
+
+
+def format_summary(values, digits=2):
+    """``"mean ± std"`` of per-image scores, as in the paper's Table 1 (e.g. ``"0.84 ± 0.04"``)."""
+    mean, std = summarize(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def folding_fraction(displacement):
+    """Share of pixels where a deformation folds, i.e. its Jacobian determinant is <= 0.
+
+    Args:
+        displacement: (*spatial, ndim) displacement field in pixels, ndim 2 or 3, or a batch
+            (B, *spatial, ndim) of them.
+
+    Returns: float in [0, 1], or a (B,) array for a batch.
+    """
+    displacement = np.asarray(displacement, np.float64)
+    ndim = displacement.shape[-1] if displacement.ndim else 0
+    if ndim not in (2, 3) or displacement.ndim not in (ndim + 1, ndim + 2):
+        raise ValueError(f"folding_fraction: expected (*spatial, ndim) or (B, *spatial, ndim) with "
+                         f"ndim 2 or 3 spatial axes, got shape {displacement.shape}")
+    if displacement.ndim == ndim + 2:
+        return np.array([folding_fraction(field) for field in displacement])
+    return float(np.mean(vxm.py.utils.jacobian_determinant(displacement) <= 0))
+
+
+def feature_agreement(features_a, features_b, mask=None):
+    """Mean over (masked) pixels of the dot product of the two per-pixel feature vectors.
+
+    For l2-normalised features (the CIFL encoder's output) this is the mean cosine similarity:
+    1 when the two images get the same features, as for a contrast invariant encoder.
+
+    Args:
+        features_a, features_b: (*spatial, C) or (B, *spatial, C) feature images.
+        mask: boolean array of shape features.shape[:-1], e.g. the brain; None: every pixel.
+
+    Returns: float.
+    """
+    features_a, features_b = np.asarray(features_a), np.asarray(features_b)
+    if features_a.shape != features_b.shape or features_a.ndim < 2:
+        raise ValueError(f"feature_agreement: expected two (..., C) feature images of one shape, "
+                         f"got {features_a.shape} and {features_b.shape}")
+    dots = np.sum(features_a * features_b, axis=-1, dtype=np.float64)
+    mask = np.ones(dots.shape, bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != dots.shape or not mask.any():
+        raise ValueError(f"feature_agreement: mask must be a non-empty boolean array of shape "
+                         f"{dots.shape}, got shape {mask.shape} with {np.count_nonzero(mask)} pixels")
+    return float(dots[mask].mean())

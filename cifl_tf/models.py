@@ -1,0 +1,409 @@
+"""Downstream networks on CIFL features, and their intensity baselines (paper Sec. 2-3).
+
+* ``segmentation_model``: image (B, *inshape, 1) -> frozen CIFL encoder -> stock ``ne.models.unet``
+  -> softmax (B, *inshape, nb_labels). Trained on one contrast (T1), tested on unseen ones.
+* ``registration_model``: stock ``vxm.networks.VxmDense`` on [moving, fixed] images (B, *inshape, 1)
+  with the frozen encoder as its ``input_model``, trained unsupervised: similarity between the moved
+  moving FEATURES and the fixed FEATURES, plus a weighted ``vxm.losses.Grad('l2')`` smoothness term.
+
+With ``encoder=None`` both are the paper's baselines: the same networks on raw intensities.
+Both models save to and load from one ``.keras`` file, with Keras' own ``model.save`` and
+``tf.keras.models.load_model`` (safe mode included) or with ``save_model`` / ``load_model`` here,
+which write atomically and reject files that do not hold one of these models.
+"""
+import json
+import os
+import uuid
+import zipfile
+
+import numpy as np
+import tensorflow as tf
+
+import neurite as ne
+import voxelmorph as vxm
+
+from .encoder import CIFLEncoder
+
+KL = tf.keras.layers
+
+MODEL_FILE = "model.keras"  # the model file inside a training run folder
+UNET_DEFAULTS = dict(nb_features=16, nb_levels=4, conv_size=3, feat_mult=2, nb_conv_per_level=2)
+SIMILARITIES = ("mse", "ncc")
+REG_WEIGHTS = {"mse": 0.01, "ncc": 1.0}  # voxelmorph's recommended lambda for each similarity
+# VxmDense arguments that registration_model sets itself, or whose outputs its loss cannot train.
+_VXM_RESERVED = {
+    "input_model": "the encoder is the input model",
+    "src_feats": "set from the encoder's channels",
+    "trg_feats": "set from the encoder's channels",
+    "bidir": "the unsupervised loss covers the forward direction only",
+    "use_probs": "the unsupervised loss has no KL term",
+    "hyp_model": "HyperMorph is not supported",
+}
+
+
+def _check_inshape(inshape):
+    try:
+        shape = tuple(inshape)
+    except TypeError:
+        raise TypeError(f"inshape must be a sequence of 2 or 3 sizes, got {inshape!r}") from None
+    if len(shape) not in (2, 3) or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
+                                       for s in shape):
+        raise ValueError(f"inshape must be 2 or 3 positive integer sizes, got {inshape!r}")
+    return tuple(int(s) for s in shape)
+
+
+def _check_encoder(encoder, inshape):
+    """Freezes and returns the encoder (or None); its ndim must match the input shape."""
+    if encoder is None:
+        return None
+    if not isinstance(encoder, CIFLEncoder):
+        raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder or None, got {type(encoder).__name__}")
+    if encoder.ndim != len(inshape):
+        raise ValueError(f"encoder is {encoder.ndim}D but inshape {inshape} is {len(inshape)}D")
+    encoder.trainable = False
+    return encoder
+
+
+def _check_divisible(inshape, factor, what):
+    if any(size % factor for size in inshape):
+        raise ValueError(f"inshape {inshape} must be divisible by {factor} for {what}: "
+                         f"pad or crop the images, or use fewer levels")
+
+
+def _serialize(encoder):
+    return None if encoder is None else tf.keras.utils.serialize_keras_object(encoder)
+
+
+def _deserialize(config):
+    config = dict(config)
+    if config.get("encoder") is not None:
+        config["encoder"] = tf.keras.utils.deserialize_keras_object(config["encoder"])
+    return config
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class SoftDiceLoss(tf.keras.losses.Loss):
+    """1 - soft Dice (neurite's ``ne.losses.Dice``) averaged over labels, background included.
+
+    y_true one-hot and y_pred softmax, (B, *spatial, L) each -> (B,) losses in [0, 1].
+    """
+
+    def __init__(self, name="soft_dice", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return 1 + tf.reduce_mean(ne.losses.Dice().loss(y_true, y_pred), axis=-1)
+
+
+SEG_LOSSES = {"dice": SoftDiceLoss, "crossentropy": tf.keras.losses.CategoricalCrossentropy}
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class SegmentationModel(tf.keras.Model):
+    """Frozen CIFL encoder (or nothing: the baseline) followed by ``ne.models.unet`` (paper Sec. 3).
+
+    Args:
+        inshape: spatial shape (H, W) or (D, H, W); divisible by 2 ** (nb_levels - 1).
+        nb_labels: L, the number of labels, background included.
+        encoder: a CIFLEncoder, frozen here; None feeds the intensities to the UNet.
+        **unet_kwargs: ``ne.models.unet`` arguments (nb_features, nb_levels, conv_size, feat_mult,
+            nb_conv_per_level, ...); defaults ``UNET_DEFAULTS``.
+
+    Call: image (B, *inshape, 1) -> softmax probabilities (B, *inshape, L).
+    """
+
+    def __init__(self, inshape, nb_labels, encoder=None, name="cifl_segmentation", **unet_kwargs):
+        inshape = _check_inshape(inshape)
+        if isinstance(nb_labels, bool) or not isinstance(nb_labels, (int, np.integer)) or nb_labels < 2:
+            raise ValueError(f"nb_labels must be an integer >= 2 (background included), got {nb_labels!r}")
+        if "final_pred_activation" in unet_kwargs:
+            raise TypeError("unet_kwargs may not set final_pred_activation: the output is a softmax")
+        encoder = _check_encoder(encoder, inshape)
+        unet_kwargs = {**UNET_DEFAULTS, **unet_kwargs}
+        if isinstance(unet_kwargs["nb_features"], int):
+            _check_divisible(inshape, 2 ** (unet_kwargs["nb_levels"] - 1),
+                             f"a UNet of nb_levels={unet_kwargs['nb_levels']}")
+
+        image = tf.keras.Input((*inshape, 1), name="image")
+        features = image if encoder is None else encoder(image)
+        # The softmax is passed as a function: neurite turns the string 'softmax' into a Lambda
+        # layer, which safe-mode loading refuses; a function gives a plain Activation layer.
+        unet = ne.models.unet(input_shape=(*inshape, features.shape[-1]), nb_labels=int(nb_labels),
+                              name=f"{name}_unet", final_pred_activation=tf.keras.activations.softmax,
+                              **unet_kwargs)
+        super().__init__(image, unet(features), name=name)
+        self.inshape, self.nb_labels = inshape, int(nb_labels)
+        self._cifl_config = dict(inshape=list(inshape), nb_labels=int(nb_labels), encoder=_serialize(encoder),
+                                 name=name, **unet_kwargs)
+
+    def get_config(self):
+        return dict(self._cifl_config)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**_deserialize(config))
+
+
+def segmentation_model(inshape, nb_labels, encoder=None, loss="dice", learning_rate=1e-3, **unet_kwargs):
+    """A compiled SegmentationModel, so that ``model.fit(images, one_hot_labels)`` trains it.
+
+    Args:
+        inshape, nb_labels, encoder, **unet_kwargs: see SegmentationModel.
+        loss: "dice" (SoftDiceLoss) or "crossentropy"; compile again for any other.
+        learning_rate: of the Adam optimiser.
+
+    Returns: SegmentationModel, image (B, *inshape, 1) -> softmax (B, *inshape, nb_labels).
+    """
+    if loss not in SEG_LOSSES:
+        raise ValueError(f"loss must be one of {sorted(SEG_LOSSES)}, got {loss!r}")
+    model = SegmentationModel(inshape, nb_labels, encoder, **unet_kwargs)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate), loss=SEG_LOSSES[loss]())
+    return model
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class RegistrationLoss(KL.Layer):
+    """Unsupervised registration loss: similarity(fixed, moved) + reg_weight * Grad('l2')(field).
+
+    Inputs: [fixed (B, *S, F), moved (B, *S, F), field (B, *S', ndim)], where F is C for features
+    or 1 for intensities, and field is the regularised (possibly half-resolution) velocity field.
+    Output: the scalar loss. Also logs the metrics "similarity" and "smoothness".
+
+    Args:
+        similarity: "mse" (vxm.losses.MSE) or "ncc" (vxm.losses.NCC, local 9^ndim windows).
+        reg_weight: weight of the smoothness term.
+        loss_mult: factor of the gradient loss, the resolution ratio of the field (as voxelmorph
+            trains it: ``Grad('l2', loss_mult=int_downsize)``).
+    """
+
+    def __init__(self, similarity="mse", reg_weight=0.01, loss_mult=1.0, **kwargs):
+        super().__init__(**kwargs)
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
+            raise ValueError(f"reg_weight must be a non-negative number, got {reg_weight!r}")
+        self.similarity, self.reg_weight, self.loss_mult = similarity, float(reg_weight), float(loss_mult)
+
+    def call(self, inputs):
+        fixed, moved, field = inputs
+        if self.similarity == "mse":
+            similar = vxm.losses.MSE().loss(fixed, moved)
+        else:
+            similar = tf.reduce_mean(vxm.losses.NCC().loss(fixed, moved))
+        smooth = tf.reduce_mean(vxm.losses.Grad("l2", loss_mult=self.loss_mult).loss(None, field))
+        self.add_metric(similar, name="similarity")
+        self.add_metric(smooth, name="smoothness")
+        return similar + self.reg_weight * smooth
+
+    def get_config(self):
+        return {**super().get_config(), "similarity": self.similarity, "reg_weight": self.reg_weight,
+                "loss_mult": self.loss_mult}
+
+
+def _vxm_downsampling(vxm_kwargs):
+    """The factor by which VxmDense's UNet downsamples, from its feature arguments."""
+    features = vxm_kwargs.get("nb_unet_features")
+    if features is None:
+        features = vxm.py.utils.default_unet_features()
+    if isinstance(features, int):
+        return 2 ** ((vxm_kwargs.get("nb_unet_levels") or 1) - 1)
+    return 2 ** (len(features[0]) // vxm_kwargs.get("nb_unet_conv_per_level", 1))
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class RegistrationModel(vxm.networks.VxmDense):
+    """VxmDense on CIFL features of [moving, fixed] (or on intensities: the baseline), paper Sec. 3.
+
+    Args:
+        inshape: spatial shape (H, W) or (D, H, W), divisible by the UNet's downsampling (16 for
+            VxmDense's default features).
+        encoder: a CIFLEncoder, frozen and used as VxmDense's input_model on both images
+            (src_feats = trg_feats = C); None registers the intensities.
+        similarity: "mse" or "ncc", computed between the moved moving features and the fixed
+            features (with an encoder) or intensities (without).
+        reg_weight: weight of the Grad('l2') smoothness term; None picks REG_WEIGHTS[similarity].
+        **vxm_kwargs: other VxmDense arguments (nb_unet_features, int_steps, int_resolution, ...).
+
+    Call: [moving, fixed], each (B, *inshape, 1) -> [moved (B, *inshape, F), field]. The loss is part
+    of the model, so ``fit([moving, fixed])`` needs no targets. ``register`` gives the displacement.
+    """
+
+    def __init__(self, inshape, encoder=None, similarity="mse", reg_weight=None, name="cifl_registration",
+                 **vxm_kwargs):
+        inshape = _check_inshape(inshape)
+        for key in vxm_kwargs:
+            if key in _VXM_RESERVED:
+                raise TypeError(f"registration_model: vxm_kwargs may not set {key!r} ({_VXM_RESERVED[key]})")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
+        encoder = _check_encoder(encoder, inshape)
+        _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet")
+
+        moving = tf.keras.Input((*inshape, 1), name="moving")
+        fixed = tf.keras.Input((*inshape, 1), name="fixed")
+        outputs = [moving, fixed] if encoder is None else [encoder(moving), encoder(fixed)]
+        input_model = tf.keras.Model([moving, fixed], outputs, name=f"{name}_inputs")
+        feats = 1 if encoder is None else encoder.channels
+        super().__init__(inshape, input_model=input_model, src_feats=feats, trg_feats=feats, name=name,
+                         **vxm_kwargs)
+        field = self.outputs[-1]
+        loss = RegistrationLoss(similarity, reg_weight, loss_mult=inshape[0] / field.shape[1],
+                                name="registration_loss")
+        self.add_loss(loss([self.references.target, self.references.y_source, field]))
+        self.references.registration_model = self.get_registration_model()
+        self.inshape = inshape
+        self._cifl_config = dict(inshape=list(inshape), encoder=_serialize(encoder), similarity=similarity,
+                                 reg_weight=reg_weight, name=name, **vxm_kwargs)
+
+    def get_config(self):
+        return dict(self._cifl_config)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**_deserialize(config))
+
+    def register(self, moving, fixed, batch_size=8, verbose=0):
+        """The displacement that warps `moving` onto `fixed`, at full resolution.
+
+        Args:
+            moving, fixed: (B, *inshape, 1) images, normalised as in training.
+
+        Returns: (B, *inshape, ndim) float32 displacement in voxels ('ij' indexing): moved(x) =
+        moving(x + displacement(x)), as ``warp`` applies it.
+        """
+        moving, fixed = np.asarray(moving, np.float32), np.asarray(fixed, np.float32)
+        expected = (*self.inshape, 1)
+        for what, images in (("moving", moving), ("fixed", fixed)):
+            if images.shape[1:] != expected:
+                raise ValueError(f"register: {what} images must be (B, {', '.join(map(str, expected))}), "
+                                 f"got {images.shape}")
+        if len(moving) != len(fixed):
+            raise ValueError(f"register: {len(moving)} moving but {len(fixed)} fixed images")
+        return self.references.registration_model.predict([moving, fixed], batch_size=batch_size,
+                                                          verbose=verbose)
+
+
+def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None, learning_rate=1e-4,
+                       **vxm_kwargs):
+    """A compiled RegistrationModel, so that ``model.fit([moving, fixed])`` trains it unsupervised.
+
+    Args:
+        inshape, encoder, similarity, reg_weight, **vxm_kwargs: see RegistrationModel.
+        learning_rate: of the Adam optimiser (voxelmorph's default 1e-4).
+
+    Returns: RegistrationModel; ``model.register(moving, fixed)`` -> (B, *inshape, ndim) displacement.
+    """
+    model = RegistrationModel(inshape, encoder, similarity, reg_weight, **vxm_kwargs)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    return model
+
+
+def warp(images, displacement, interp_method="linear"):
+    """Resamples images with displacement fields (vxm.layers.SpatialTransformer, 'ij' indexing).
+
+    Args:
+        images: (B, *spatial, K) images or label maps (label maps: use interp_method="nearest").
+        displacement: (B, *spatial, ndim) in voxels, as from RegistrationModel.register.
+        interp_method: "linear" or "nearest". Points outside the image take the value 0.
+
+    Returns: (B, *spatial, K) float32.
+    """
+    if interp_method not in ("linear", "nearest"):
+        raise ValueError(f"interp_method must be 'linear' or 'nearest', got {interp_method!r}")
+    images, displacement = np.asarray(images, np.float32), np.asarray(displacement, np.float32)
+    if images.shape[:-1] != displacement.shape[:-1] or displacement.shape[-1] != images.ndim - 2:
+        raise ValueError(f"warp: images {images.shape} and displacement {displacement.shape} do not match")
+    transformer = vxm.layers.SpatialTransformer(interp_method=interp_method, indexing="ij", fill_value=0)
+    return transformer([images, displacement]).numpy()
+
+
+def pair_batches(images, batch_size=1, seed=None):
+    """Endless batches of random (moving, fixed) pairs of different images, for ``fit``.
+
+    Args:
+        images: (N, *inshape, 1), N >= 2.
+        seed: integer for a reproducible draw.
+
+    Returns: tf.data.Dataset of ((moving, fixed),), each (batch_size, *inshape, 1): the input of a
+    RegistrationModel.
+    """
+    images = np.asarray(images, np.float32)
+    if len(images) < 2:
+        raise ValueError(f"registration training needs at least 2 images to pair, got {len(images)}")
+    rng = np.random.default_rng(seed)
+
+    def draw():
+        while True:
+            moving = rng.integers(0, len(images), batch_size)
+            fixed = (moving + rng.integers(1, len(images), batch_size)) % len(images)  # never the same image
+            yield ((images[moving], images[fixed]),)
+
+    spec = tf.TensorSpec((batch_size, *images.shape[1:]), tf.float32)
+    return tf.data.Dataset.from_generator(draw, output_signature=((spec, spec),))
+
+
+MODEL_KINDS = {"segmentation": SegmentationModel, "registration": RegistrationModel}
+
+
+def _model_kind(path):
+    """"segmentation" or "registration" from a .keras file's config; ValueError naming the file if neither."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+        name = config.get("registered_name") or config.get("class_name")
+    except (zipfile.BadZipFile, KeyError, ValueError, AttributeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: not a cifl_tf model file (no Keras .keras model config: {reason})") from None
+    kinds = {tf.keras.utils.get_registered_name(cls): kind for kind, cls in MODEL_KINDS.items()}
+    if name not in kinds:
+        raise ValueError(f"{path}: not a cifl_tf model file (it holds a {name!r}, not one of {sorted(kinds)})")
+    return kinds[name]
+
+
+def save_model(model, path):
+    """Writes a Segmentation- or RegistrationModel to one .keras file, atomically.
+
+    Args:
+        path: a ``.keras`` file, or a folder, which then holds ``model.keras``.
+
+    Returns: the file written.
+    """
+    if not isinstance(model, tuple(MODEL_KINDS.values())):
+        raise TypeError(f"save_model: expected a SegmentationModel or RegistrationModel, got {type(model).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_FILE)
+    if not path.endswith(".keras"):
+        raise ValueError(f"save_model: path must be a folder or end in .keras, got {path!r}")
+    temporary = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex}.{os.path.basename(path)}")
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def load_model(path, kind=None):
+    """Reads a model written by save_model (or Keras' ``model.save``), in safe mode.
+
+    Args:
+        path: the .keras file, or a training run folder holding ``model.keras``.
+        kind: None, "segmentation" or "registration": the kind of model required.
+
+    Returns: the compiled SegmentationModel or RegistrationModel.
+    Raises: FileNotFoundError for a missing file; ValueError for a file that holds no such model.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file")
+    if kind not in (None, *MODEL_KINDS):
+        raise ValueError(f"kind must be None or one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    found = _model_kind(path)
+    if kind not in (None, found):
+        raise ValueError(f"{path}: holds a {found} model, not a {kind} model")
+    return tf.keras.models.load_model(path, safe_mode=True)

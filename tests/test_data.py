@@ -1,0 +1,450 @@
+"""cifl_tf.data: NIfTI I/O, bad-input errors, transforms, slices, splits and loaders."""
+import os
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cifl_tf import data
+from cifl_tf.data import DataError
+from conftest import write_nifti
+
+SUBJECT_1 = "OASIS_OAS1_0001_MR1"
+
+
+def raises_naming(path, problem):
+    """pytest.raises(DataError) whose one-line message names ``path`` and ``problem``."""
+    return pytest.raises(DataError, match=rf"^{re.escape(str(path))}\S*: [^\n]*{problem}[^\n]*$")
+
+
+# --- NIfTI I/O -------------------------------------------------------------------------------------
+
+def test_save_then_load_keeps_values_affine_and_header(tmp_path):
+    array = np.random.default_rng(0).random((6, 7, 5)).astype(np.float32)
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    affine[:3, 3] = (10, -20, 30)
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm", "sec")
+    data.save_nifti(tmp_path / "a.nii.gz", array, affine, header)
+    loaded, loaded_affine, loaded_header = data.load_nifti(tmp_path / "a.nii.gz", ndim=3)
+    np.testing.assert_array_equal(loaded, array)
+    np.testing.assert_allclose(loaded_affine, affine)
+    assert loaded_header.get_xyzt_units() == ("mm", "sec")
+
+
+def test_save_keeps_integer_and_bool_labels(tmp_path):
+    labels = np.arange(20, dtype=np.int64).reshape(4, 5)
+    data.save_nifti(tmp_path / "labels.nii", labels)
+    data.save_nifti(tmp_path / "mask.nii.gz", labels > 9)
+    np.testing.assert_array_equal(data.load_labels(tmp_path / "labels.nii", labels=range(20)), labels)
+    np.testing.assert_array_equal(data.load_labels(tmp_path / "mask.nii.gz", labels=(0, 1)), labels > 9)
+
+
+def test_save_header_of_other_dtype_does_not_cast_the_data(tmp_path):
+    write_nifti(tmp_path / "seg.nii.gz", np.ones((4, 5, 1), np.uint8))
+    _, affine, header = data.load_nifti(tmp_path / "seg.nii.gz")
+    features = np.full((4, 5), 0.25, np.float32)
+    data.save_nifti(tmp_path / "features.nii.gz", features, affine, header)
+    np.testing.assert_array_equal(data.load_nifti(tmp_path / "features.nii.gz")[0], features)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3), (4, 5, 6, 2)])
+def test_multichannel_image_round_trips_as_vector_image(tmp_path, shape):
+    features = np.random.default_rng(1).random(shape).astype(np.float32)
+    data.save_nifti(tmp_path / "features.nii.gz", features, channels=True)
+    loaded, _, header = data.load_nifti(tmp_path / "features.nii.gz", ndim=len(shape))
+    np.testing.assert_array_equal(loaded, features)
+    assert header.get_intent()[0] == "vector"
+
+
+def test_slice_stored_as_h_w_1_loads_as_h_w(tmp_path):
+    image = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
+    write_nifti(tmp_path / "slice.nii.gz", image)
+    np.testing.assert_array_equal(data.load_nifti(tmp_path / "slice.nii.gz", ndim=2)[0], image[..., 0])
+
+
+def test_failed_save_leaves_old_file_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.nii.gz"
+    data.save_nifti(path, np.zeros((3, 4), np.float32))
+    before = path.read_bytes()
+
+    def crash_midway(image, filename):
+        with open(filename, "wb") as partial:
+            partial.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_filename", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        data.save_nifti(path, np.ones((3, 4), np.float32))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.nii.gz"]
+
+
+def test_save_rejects_a_path_that_is_not_nifti(tmp_path):
+    with pytest.raises(ValueError, match="out.png"):
+        data.save_nifti(tmp_path / "out.png", np.zeros((3, 4)))
+
+
+
+def test_save_into_a_missing_folder_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent/out.nii.gz: no such folder"):
+        data.save_nifti(tmp_path / "absent" / "out.nii.gz", np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("labels", [[], [0.5, 1.0], "abc"])
+def test_load_labels_rejects_a_declared_set_that_is_not_integers(oasis_tiny, labels):
+    with pytest.raises(ValueError, match="labels must be a non-empty sequence of integers"):
+        data.load_labels(oasis_tiny / SUBJECT_1 / "slice_seg4.nii.gz", labels=labels)
+
+# --- bad input: one DataError per case, naming the file ----------------------------------------------
+
+def test_missing_file(tmp_path):
+    with raises_naming(tmp_path / "absent.nii.gz", "no such file"):
+        data.load_nifti(tmp_path / "absent.nii.gz")
+
+
+@pytest.mark.parametrize("content", [b"just some text", b"\x1f\x8b\x08\x00 broken gzip"])
+def test_file_that_is_not_nifti(tmp_path, content):
+    path = tmp_path / "image.nii.gz"
+    path.write_bytes(content)
+    with raises_naming(path, "not a readable NIfTI image"):
+        data.load_nifti(path)
+
+
+def test_truncated_nifti(tmp_path):
+    path = tmp_path / "image.nii.gz"
+    write_nifti(path, np.random.default_rng(2).random((30, 30, 30)).astype(np.float32))
+    path.write_bytes(path.read_bytes()[:-1000])
+    with raises_naming(path, "not a readable NIfTI image"):
+        data.load_nifti(path)
+
+
+def test_image_of_another_format(tmp_path):
+    path = tmp_path / "image.mgz"
+    nib.MGHImage(np.zeros((3, 4, 5), np.float32), np.eye(4)).to_filename(path)
+    with raises_naming(path, "not a NIfTI image but MGHImage"):
+        data.load_nifti(path)
+
+
+def test_wrong_number_of_dimensions(oasis_tiny):
+    path = oasis_tiny / SUBJECT_1 / "aligned_norm.nii.gz"
+    with raises_naming(path, r"has 3 dimensions \(16, 20, 8\), expected 2"):
+        data.load_nifti(path, ndim=2)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_nan_or_inf_voxels(tmp_path, bad_value):
+    image = np.ones((4, 5), np.float32)
+    image[1, 2:4] = bad_value
+    write_nifti(tmp_path / "image.nii.gz", image)
+    with raises_naming(tmp_path / "image.nii.gz", "contains 2 NaN/Inf voxels"):
+        data.load_nifti(tmp_path / "image.nii.gz")
+
+
+def test_labels_outside_the_declared_set(oasis_tiny):
+    path = oasis_tiny / SUBJECT_1 / "slice_seg24.nii.gz"
+    with raises_naming(path, r"label values outside the declared set \[0, 1, 2, 3, 4\], e.g. \[6, 12"):
+        data.load_labels(path, labels=range(5))
+
+
+def test_non_integer_labels(tmp_path):
+    write_nifti(tmp_path / "labels.nii.gz", np.array([[0.0, 1.5], [2.0, 3.0]], np.float32))
+    with raises_naming(tmp_path / "labels.nii.gz", "non-integer values"):
+        data.load_labels(tmp_path / "labels.nii.gz")
+
+
+def test_loader_names_the_bad_file_of_one_subject(oasis_tiny):
+    path = oasis_tiny / "OASIS_OAS1_0003_MR1" / "slice_norm.nii.gz"
+    image = np.full((16, 20, 1), np.nan, np.float32)
+    write_nifti(path, image)
+    with raises_naming(path, "contains 320 NaN/Inf voxels"):
+        data.load_oasis(oasis_tiny)
+
+
+def test_subject_folder_missing_a_file(oasis_tiny):
+    path = oasis_tiny / "OASIS_OAS1_0002_MR1" / "slice_seg4.nii.gz"
+    path.unlink()
+    with raises_naming(path, "no such file"):
+        data.load_folder(oasis_tiny)
+
+
+def test_label_map_of_another_shape_than_its_image(oasis_tiny):
+    path = oasis_tiny / "OASIS_OAS1_0002_MR1" / "slice_seg4.nii.gz"
+    write_nifti(path, np.zeros((16, 19, 1), np.uint8))
+    with raises_naming(path, r"shape \(16, 19\) differs from \(16, 20\) of .*slice_norm.nii.gz"):
+        data.load_oasis(oasis_tiny)
+
+
+def test_subjects_of_different_shapes(tmp_path):
+    for name, shape in (("a", (4, 5)), ("b", (4, 6))):
+        write_nifti(tmp_path / f"{name}.nii.gz", np.ones(shape, np.float32))
+        write_nifti(tmp_path / f"{name}_seg.nii.gz", np.ones(shape, np.uint8))
+    pairs = [(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_seg.nii.gz") for name in "ab"]
+    with raises_naming(tmp_path / "b.nii.gz", r"shape \(4, 6\) differs from \(4, 5\)"):
+        data.load_pairs(pairs)
+
+
+def test_empty_folder(tmp_path):
+    with raises_naming(tmp_path, "empty folder"):
+        data.load_folder(tmp_path)
+
+
+def test_folder_in_no_known_layout(tmp_path):
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "notes.txt").write_text("not data")
+    with raises_naming(tmp_path, "not a data folder"):
+        data.load_folder(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with raises_naming(tmp_path / "absent", "no such folder"):
+        data.load_oasis(tmp_path / "absent")
+
+
+def test_oasis_folder_without_subjects(tmp_path):
+    with raises_naming(tmp_path, r"no OASIS_\* subject folders"):
+        data.load_oasis(tmp_path)
+
+
+def test_malformed_pair_list_line(tmp_path):
+    (tmp_path / "pairs.csv").write_text("image,labels\na.nii.gz,a_seg.nii.gz\nb.nii.gz\n")
+    with raises_naming(tmp_path / "pairs.csv", r"expected 'image,labels', got 'b.nii.gz'"):
+        data.load_pairs(tmp_path / "pairs.csv")
+
+
+def test_pair_list_naming_a_missing_image(tmp_path):
+    (tmp_path / "pairs.csv").write_text("absent.nii.gz,absent_seg.nii.gz\n")
+    with raises_naming(tmp_path / "absent.nii.gz", "no such file"):
+        data.load_pairs(tmp_path / "pairs.csv")
+
+
+# --- intensity and contrast transforms ---------------------------------------------------------------
+
+@pytest.mark.parametrize("image, mask, expected", [
+    ([[2, 4], [6, 10]], None, [[0, 0.25], [0.5, 1]]),
+    ([[3, 3], [3, 3]], None, [[0, 0], [0, 0]]),
+    ([[0, 4], [6, 10]], [[False, True], [True, True]], [[0, 0], [1 / 3, 1]]),
+    ([[-1, 0], [1, 3]], None, [[0, 0.25], [0.5, 1]]),
+])
+def test_normalize(image, mask, expected):
+    result = data.normalize(np.array(image, np.float64), None if mask is None else np.array(mask))
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("image, mask, expected", [
+    ([[0, 0.2], [0.5, 0.8]], None, [[0, 0.6], [0.3, 0]]),  # max - x in the brain, background 0
+    ([[0, 0.2], [0.5, 0.8]], [[True, True], [True, False]], [[0.5, 0.3], [0, 0]]),  # max inside the mask
+    ([[0, 0], [0, 0]], None, [[0, 0], [0, 0]]),  # no brain at all
+])
+def test_invert(image, mask, expected):
+    result = data.invert(np.array(image), None if mask is None else np.array(mask))
+    np.testing.assert_allclose(result, expected, atol=1e-7)
+
+
+def test_remap_intensity_applies_a_curve_inside_the_mask_only():
+    image = np.array([[0.0, 0.25], [0.5, 1.0]])
+    curve = lambda values: np.interp(values, [0, 0.5, 1], [1, 0, 1])  # noqa: E731  (a V-shaped contrast)
+    np.testing.assert_allclose(data.remap_intensity(image, curve), [[0, 0.5], [0, 1]])
+    mask = np.array([[True, True], [False, True]])
+    np.testing.assert_allclose(data.remap_intensity(image, curve, mask), [[1, 0.5], [0, 1]])
+
+
+def test_remap_intensity_rejects_a_mask_of_another_shape():
+    with pytest.raises(ValueError, match=r"mask shape \(3,\) differs from image shape \(2,\)"):
+        data.remap_intensity(np.ones(2), np.sqrt, np.ones(3, bool))
+
+
+@pytest.mark.parametrize("intensities", [
+    {0: 0.0, 1: 0.7, 2: 0.1}, [0.0, 0.7, 0.1], np.array([0.0, 0.7, 0.1, 9.0])])
+def test_remap_labels(intensities):
+    labels = np.array([[0, 1], [2, 1]])
+    np.testing.assert_allclose(data.remap_labels(labels, intensities), [[0, 0.7], [0.1, 0.7]], rtol=1e-6)
+
+
+def test_remap_labels_names_labels_without_intensity():
+    with pytest.raises(ValueError, match=r"no intensity for labels \[2, 5\]"):
+        data.remap_labels(np.array([0, 1, 2, 5]), {0: 0.0, 1: 1.0})
+
+
+# --- slices ------------------------------------------------------------------------------------------
+
+VOLUME = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+
+
+@pytest.mark.parametrize("axis, indices, expected", [
+    (0, [1, 3], [VOLUME[1], VOLUME[3]]),
+    (1, range(2, 4), [VOLUME[:, 2], VOLUME[:, 3]]),
+    (-1, 5, [VOLUME[:, :, 5]]),
+    (2, slice(0, 6, 3), [VOLUME[:, :, 0], VOLUME[:, :, 3]]),
+    (0, None, list(VOLUME)),
+])
+def test_extract_slices(axis, indices, expected):
+    np.testing.assert_array_equal(data.extract_slices(VOLUME, axis, indices), np.stack(expected))
+
+
+@pytest.mark.parametrize("volume, axis, indices, message", [
+    (VOLUME, 0, [4], r"indices \[4\] out of range for an axis of size 4"),
+    (VOLUME, 2, range(3, 3), "select no slice"),
+    (VOLUME, 3, None, "axis 3 is out of bounds"),
+    (VOLUME[0], 0, None, r"volume must be 3D, got shape \(5, 6\)"),
+])
+def test_extract_slices_rejects_bad_arguments(volume, axis, indices, message):
+    with pytest.raises(ValueError, match=message):
+        data.extract_slices(volume, axis, indices)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slice_affines_map_slice_pixels_to_the_same_world_point(oasis_tiny, axis):
+    volumes = data.load_oasis(oasis_tiny, dim=3, subjects=[SUBJECT_1])
+    volumes.affines[0] = np.array([[0, 0, -1, 5], [2, 0, 0, -3], [0, 3, 0, 7], [0, 0, 0, 1]], float)
+    slices = volumes.slices(axis, [1, 3])
+    for index, affine, image in zip((1, 3), slices.affines, slices.images):
+        volume_voxel = np.insert([2, 1], axis, index)  # slice pixel (2, 1) lies at `index` along `axis`
+        np.testing.assert_allclose(affine @ [2, 1, 0, 1], volumes.affines[0] @ [*volume_voxel, 1])
+        assert image[2, 1] == volumes.images[0][tuple(volume_voxel)]
+
+
+# --- splits ------------------------------------------------------------------------------------------
+
+SUBJECTS = [f"OASIS_OAS1_{i:04d}_MR1" for i in range(1, 415)]
+
+
+def test_paper_split_is_reproducible_disjoint_and_order_free():
+    train, val, test = data.split_subjects(SUBJECTS)
+    assert (len(train), len(val), len(test)) == (232, 58, 100)
+    assert len(set(train) | set(val) | set(test)) == 390
+    assert data.split_subjects(SUBJECTS[::-1], seed=0) == (train, val, test)
+    assert data.split_subjects(SUBJECTS, seed=1)[0] != train
+
+
+@pytest.mark.parametrize("count, sizes, expected", [
+    (5, None, (3, 1, 1)),            # the paper's 232:58:100 proportions
+    (39, None, (23, 6, 10)),
+    (10, (0.6, 0.2, 0.2), (6, 2, 2)),
+    (10, (0.5, 0.0, 0.25), (5, 0, 3)),
+    (10, (4, 3, 2), (4, 3, 2)),
+])
+def test_split_sizes(count, sizes, expected):
+    parts = data.split_subjects([str(i) for i in range(count)], sizes)
+    assert tuple(map(len, parts)) == expected
+
+
+@pytest.mark.parametrize("subjects, sizes, message", [
+    (["a", "b", "c"], (232, 58, 100), r"need 390 subjects, got 3 \(pass sizes=None"),
+    (["a", "b", "a"], None, "must be unique"),
+    (["a", "b"], (0.5, 0.5, 0.5), "sum to more than 1"),
+    (["a", "b"], (1, 1), "three non-negative numbers"),
+    (["a", "b"], (1, -1, 1), "three non-negative numbers"),
+])
+def test_split_rejects(subjects, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        data.split_subjects(subjects, sizes)
+
+
+# --- loaders on tiny fixtures ------------------------------------------------------------------------
+
+def test_load_oasis_2d_normalises_each_image_and_keeps_labels(oasis_tiny):
+    dataset = data.load_oasis(oasis_tiny, seg="seg24")
+    assert dataset.subjects == [f"OASIS_OAS1_{i:04d}_MR1" for i in range(1, 5)]
+    raw = data.load_nifti(oasis_tiny / SUBJECT_1 / "slice_norm.nii.gz")[0]
+    np.testing.assert_allclose(dataset.images[0], raw / raw.max(), rtol=1e-6)
+    np.testing.assert_array_equal(dataset.images.max(axis=(1, 2)), 1)
+    labels = data.load_labels(oasis_tiny / SUBJECT_1 / "slice_seg24.nii.gz")
+    np.testing.assert_array_equal(dataset.labels[0], labels)
+    assert dataset.labels.dtype == np.int32 and set(np.unique(dataset.labels)) == {0, 6, 12, 18, 24}
+
+
+def test_oasis_3d_slices_match_the_2d_files(oasis_tiny):
+    slices = data.load_oasis(oasis_tiny, dim=3).slices(axis=2, indices=[4])
+    flat = data.load_oasis(oasis_tiny)
+    peaks = slices.images.max(axis=(1, 2), keepdims=True)  # each image was normalised on its own
+    np.testing.assert_allclose(slices.images / peaks, flat.images, rtol=1e-6)
+    np.testing.assert_array_equal(slices.labels, flat.labels)
+    assert slices.subjects == flat.subjects
+
+
+def test_split_of_slices_keeps_each_subject_in_one_part(oasis_tiny):
+    slices = data.load_oasis(oasis_tiny, dim=3).slices(axis=0, indices=range(3, 9))
+    parts = slices.split(sizes=(2, 1, 1), seed=3)
+    assert [len(part) for part in parts] == [12, 6, 6]
+    owners = [set(part.subjects) for part in parts]
+    assert sorted(s for group in owners for s in group) == sorted(set(slices.subjects))
+    for part in parts:
+        first = slices.subjects.index(part.subjects[0])
+        np.testing.assert_array_equal(part.images[:6], slices.images[first:first + 6])
+
+
+def test_subset_and_map_images(oasis_tiny):
+    dataset = data.load_oasis(oasis_tiny)
+    subset = dataset.subset(["OASIS_OAS1_0003_MR1", SUBJECT_1])
+    assert subset.subjects == [SUBJECT_1, "OASIS_OAS1_0003_MR1"]
+    inverted = subset.map_images(data.invert)
+    np.testing.assert_allclose(inverted.images[1], data.invert(dataset.images[2]))
+    np.testing.assert_array_equal(inverted.labels, subset.labels)
+    with pytest.raises(ValueError, match="unknown subjects"):
+        dataset.subset(["OASIS_OAS1_0099_MR1"])
+
+
+def test_load_ixi_gives_both_contrasts_on_shared_labels(ixi_tiny):
+    contrasts = data.load_ixi(ixi_tiny)
+    t1, t2 = contrasts["t1"], contrasts["t2"]
+    assert t1.subjects == t2.subjects == ["IXI000", "IXI001", "IXI002"]
+    np.testing.assert_array_equal(t1.labels, t2.labels)
+    csf = t1.labels == 4  # dark in T1, bright in T2
+    assert t1.images[csf].mean() < 0.3 < 0.9 < t2.images[csf].mean()
+    np.testing.assert_array_equal(data.load_folder(ixi_tiny, contrast="t2").images, t2.images)
+
+
+def test_load_folder_detects_oasis(oasis_tiny):
+    detected = data.load_folder(oasis_tiny, dim=3)
+    np.testing.assert_array_equal(detected.images, data.load_oasis(oasis_tiny, dim=3).images)
+
+
+def test_load_pairs_from_a_list_file_and_from_tuples(oasis_tiny):
+    lines = ["image,labels", "# comment", "",
+             f"{SUBJECT_1}/slice_norm.nii.gz, {SUBJECT_1}/slice_seg4.nii.gz",
+             f"{oasis_tiny}/OASIS_OAS1_0002_MR1/slice_norm.nii.gz,OASIS_OAS1_0002_MR1/slice_seg4.nii.gz"]
+    (oasis_tiny / "pairs.csv").write_text("\n".join(lines))
+    from_file = data.load_pairs(oasis_tiny / "pairs.csv", labels=range(5))
+    subjects = [SUBJECT_1, "OASIS_OAS1_0002_MR1"]
+    tuples = [(oasis_tiny / s / "slice_norm.nii.gz", oasis_tiny / s / "slice_seg4.nii.gz")
+              for s in subjects]
+    from_tuples = data.load_pairs(tuples, dim=2)
+    oasis = data.load_oasis(oasis_tiny, subjects=subjects)
+    for dataset in (from_file, from_tuples):
+        np.testing.assert_array_equal(dataset.images, oasis.images)
+        np.testing.assert_array_equal(dataset.labels, oasis.labels)
+    assert from_tuples.subjects == [str(oasis_tiny / s / "slice_norm.nii.gz") for s in subjects]
+
+
+# --- the real OASIS sample ---------------------------------------------------------------------------
+
+def test_real_sample_2d(oasis_sample):
+    dataset = data.load_folder(oasis_sample)
+    assert dataset.subjects == [SUBJECT_1, "OASIS_OAS1_0002_MR1"]
+    assert dataset.images.shape == (2, 160, 192)
+    np.testing.assert_array_equal(dataset.images.min(axis=(1, 2)), 0)
+    np.testing.assert_array_equal(dataset.images.max(axis=(1, 2)), 1)
+    assert set(np.unique(dataset.labels)) == {0, 1, 2, 3, 4}
+    assert set(np.unique(data.load_oasis(oasis_sample, seg="seg24").labels)) <= set(range(25))
+
+
+def test_real_sample_slice_is_the_aligned_volume_at_109(oasis_sample):
+    volume = data.load_nifti(oasis_sample / SUBJECT_1 / "aligned_norm.nii.gz", ndim=3)[0]
+    flat = data.load_nifti(oasis_sample / SUBJECT_1 / "slice_norm.nii.gz", ndim=2)[0]
+    np.testing.assert_array_equal(data.extract_slices(volume, axis=2, indices=109)[0], flat)
+    sliced = data.load_oasis(oasis_sample, dim=3, subjects=[SUBJECT_1]).slices(axis=2, indices=[109])
+    flat_labels = data.load_oasis(oasis_sample, subjects=[SUBJECT_1]).labels
+    assert 0.7 < np.mean(sliced.labels == flat_labels) < 0.9  # README: the 2D maps agree on ~80%
+
+
+def test_real_sample_inversion_keeps_background_zero(oasis_sample):
+    image = data.load_oasis(oasis_sample).images[0]
+    inverted = data.invert(image)
+    brain = image > 0
+    np.testing.assert_array_equal(inverted[~brain], 0)
+    np.testing.assert_allclose(inverted[brain], 1 - image[brain])
+    labels = data.load_labels(oasis_sample / SUBJECT_1 / "slice_seg4.nii.gz", labels=range(5), ndim=2)
+    assert inverted[labels == 3].mean() < inverted[labels == 4].mean()  # now WM is darker than CSF

@@ -1,0 +1,133 @@
+"""cifl_tf.metrics against hand-computed values and NumPy references written from the formulas."""
+import numpy as np
+import pytest
+
+from cifl_tf import metrics
+
+A = np.array([[0, 1, 1], [2, 2, 0]])
+B = np.array([[0, 1, 0], [2, 2, 2]])
+
+
+def reference_dice(a, b, label):
+    """2 |A ∩ B| / (|A| + |B|) for one label."""
+    in_a, in_b = a == label, b == label
+    return 2 * np.sum(in_a & in_b) / (np.sum(in_a) + np.sum(in_b))
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (None, {1: 2 / 3, 2: 4 / 5}),               # background 0 left out
+    ([0], {0: 2 / 4}),                          # asked for explicitly
+    ([2, 1, 3], {2: 4 / 5, 1: 2 / 3, 3: np.nan}),  # 3 is in neither map
+])
+def test_dice_by_hand(labels, expected):
+    result = metrics.dice(A, B, labels)
+    assert list(result) == list(expected)
+    np.testing.assert_allclose(list(result.values()), list(expected.values()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dice_matches_the_formula_on_random_3d_maps(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 6, (5, 6, 7)), rng.integers(0, 4, (5, 6, 7))
+    result = metrics.dice(a, b)
+    assert list(result) == [1, 2, 3, 4, 5]
+    expected = [reference_dice(a, b, label) for label in range(1, 6)]
+    np.testing.assert_allclose(list(result.values()), expected)
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    (A, A, 1.0),
+    (A, np.where(A > 0, 3 - A, 0), 0.0),  # labels 1 and 2 swapped: no overlap
+    (A, B, (2 / 3 + 4 / 5) / 2),
+])
+def test_mean_dice(a, b, expected):
+    assert metrics.mean_dice(a, b) == pytest.approx(expected)
+
+
+def test_mean_dice_skips_labels_absent_from_both_maps():
+    assert metrics.mean_dice(A, B, labels=[1, 2, 7]) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert np.isnan(metrics.mean_dice(A, B, labels=[7]))
+
+
+def test_dice_rejects_maps_of_different_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3\) vs \(3, 2\)"):
+        metrics.dice(A, B.T)
+
+
+@pytest.mark.parametrize("values, mean, std, text", [
+    ([0.8, 0.9], 0.85, 0.05, "0.85 ± 0.05"),
+    ([0.84], 0.84, 0.0, "0.84 ± 0.00"),
+    ([0.1, 0.2, 0.6], 0.3, np.sqrt(((0.2 ** 2) + (0.1 ** 2) + (0.3 ** 2)) / 3), "0.30 ± 0.22"),
+])
+def test_summarize_and_format(values, mean, std, text):
+    np.testing.assert_allclose(metrics.summarize(values), (mean, std))
+    assert metrics.format_summary(values) == text
+
+
+@pytest.mark.parametrize("values", [[], [0.5, np.nan]])
+def test_summarize_rejects_empty_or_nan(values):
+    with pytest.raises(ValueError, match="non-nan values"):
+        metrics.summarize(values)
+
+
+def flip_rows(shape, columns):
+    """2D displacement moving row i to -i in some columns: Jacobian determinant -1 there, else +1."""
+    rows = np.arange(shape[0])[:, None] * np.ones(shape)
+    field = np.zeros((*shape, 2))
+    field[:, columns, 0] = -2 * rows[:, columns]
+    return field
+
+
+@pytest.mark.parametrize("displacement, expected", [
+    (np.zeros((6, 8, 2)), 0.0),                                # identity
+    (np.random.default_rng(0).normal(0, 0.05, (6, 8, 2)), 0.0),  # small smooth-ish jitter
+    (flip_rows((6, 8), slice(None)), 1.0),                     # mirror: folds everywhere
+    (flip_rows((6, 8), slice(0, 2)), 0.25),                    # 2 of 8 columns mirrored
+    (-2 * np.stack(np.indices((4, 5, 6)), -1), 1.0),  # 3D point reflection
+])
+def test_folding_fraction(displacement, expected):
+    assert metrics.folding_fraction(displacement) == pytest.approx(expected)
+
+
+def test_folding_fraction_of_a_batch_is_per_field():
+    batch = np.stack([np.zeros((6, 8, 2)), flip_rows((6, 8), slice(0, 4))])
+    np.testing.assert_allclose(metrics.folding_fraction(batch), [0.0, 0.5])
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (6, 8, 3), (2, 2, 6, 8, 2)])
+def test_folding_fraction_rejects_fields_that_are_not_displacements(shape):
+    with pytest.raises(ValueError, match=rf"got shape \({', '.join(map(str, shape))}\)"):
+        metrics.folding_fraction(np.zeros(shape))
+
+
+def unit(vectors):
+    vectors = np.asarray(vectors, float)
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("f1, f2, mask, expected", [
+    (unit([[1, 2, 2], [0, 3, 4]]), unit([[1, 2, 2], [0, 3, 4]]), None, 1.0),
+    (unit([[1, 0], [0, 1]]), -unit([[1, 0], [0, 1]]), None, -1.0),
+    (unit([[1, 0], [0, 1]]), unit([[0, 1], [1, 1]]), None, (0 + np.sqrt(0.5)) / 2),
+    (unit([[1, 0], [0, 1]]), unit([[1, 0], [1, 0]]), [True, False], 1.0),
+])
+def test_feature_agreement_is_the_mean_cosine(f1, f2, mask, expected):
+    assert metrics.feature_agreement(f1, f2, mask) == pytest.approx(expected)
+
+
+def test_feature_agreement_matches_the_formula_on_a_batch():
+    rng = np.random.default_rng(0)
+    f1, f2 = unit(rng.normal(size=(2, 5, 6, 4))), unit(rng.normal(size=(2, 5, 6, 4)))
+    mask = rng.random((2, 5, 6)) > 0.5
+    expected = np.mean([f1[index] @ f2[index] for index in zip(*np.nonzero(mask))])
+    assert metrics.feature_agreement(f1, f2, mask) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("f2_shape, mask, message", [
+    ((3, 4), None, r"got \(3, 5\) and \(3, 4\)"),
+    ((3, 5), np.zeros(3, bool), "with 0 pixels"),
+    ((3, 5), np.ones(4, bool), r"of shape \(3,\), got shape \(4,\)"),
+])
+def test_feature_agreement_rejects(f2_shape, mask, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.feature_agreement(np.ones((3, 5)), np.ones(f2_shape), mask)
