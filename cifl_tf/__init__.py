@@ -1,7 +1,7 @@
 """cifl-tf: contrast invariant feature learning (CIFL) for TensorFlow/Keras, voxelmorph and neurite."""
 from . import _compat  # noqa: F401  (must run before anything touches tf.keras)
 from . import synth
-from .encoder import CIFLEncoder, L2Normalize, encoder_model, load_encoder, save_encoder
+from .encoder import CIFLEncoder, L2Normalize, encoder_model, load_encoder, pretrained, save_encoder
 from .losses import ContrastiveLoss, contrastive_loss
 
 __version__ = "0.1.0"

@@ -8,7 +8,14 @@ import inspect
 import json
 import os
 import sys
+import uuid
 
+import numpy as np
+import tensorflow as tf
+
+from . import data, models
+from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
+from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .training import train_encoder
 
 DEFAULTS = {name: p.default for name, p in inspect.signature(train_encoder).parameters.items()}
@@ -41,6 +48,231 @@ def _train_encoder(args):
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 
 
+# ---- downstream: NIfTI files in, NIfTI files out (intensities normalised as in training) ----
+
+def _encoder(args):
+    """The frozen encoder chosen on the command line, or None for the intensity baseline."""
+    if args.pretrained is not None:
+        return pretrained(args.pretrained)
+    return load_encoder(args.encoder) if args.encoder else None
+
+
+def _add_encoder_args(p, required):
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--encoder", default=None, help="CIFL encoder: weights file or train-encoder run folder"
+                       + ("" if required else " (default: none, the raw-intensity baseline)"))
+    group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
+                       help=f"the shipped 2D encoder trained with tau_gamma TAU, one of {PRETRAINED_TAU_GAMMAS}")
+
+
+def _nifti_output(path):
+    """Checks an output path before any work, so that a bad one leaves nothing half written."""
+    if not path.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{path}: output must end in .nii or .nii.gz")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise FileNotFoundError(f"{path}: no such folder to write to")
+
+
+def _model_input(path, model):
+    """(image as read, affine, header) of a NIfTI file checked against the model's input shape."""
+    image, affine, header = data.load_nifti(path, ndim=len(model.inshape))
+    if image.shape != model.inshape:
+        raise data.DataError(f"{path}: shape {image.shape} differs from the model's input shape {model.inshape}")
+    return image, affine, header
+
+
+def _normalized_batch(image):
+    """(1, *shape, 1): the image normalised to [0, 1] as the data loaders do for training."""
+    return data.normalize(image)[np.newaxis, ..., np.newaxis]
+
+
+def _features(args):
+    _nifti_output(args.output)
+    encoder = _encoder(args)
+    image, affine, header = data.load_nifti(args.input, ndim=encoder.ndim)
+    features = encoder_model(encoder).predict(_normalized_batch(image), verbose=0)[0]
+    data.save_nifti(args.output, features, affine, header, channels=True)
+    print(f"{features.shape[-1]}-channel features written to {args.output}")
+
+
+def _segment(args):
+    _nifti_output(args.output)
+    model = models.load_model(args.model, "segmentation")
+    image, affine, header = _model_input(args.input, model)
+    labels = segment(model, _normalized_batch(image))[0].astype(np.uint8 if model.nb_labels <= 256 else np.int32)
+    data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
+    print(f"label map written to {args.output}")
+
+
+def _register(args):
+    for path in filter(None, (args.moved, args.warp)):
+        _nifti_output(path)
+    model = models.load_model(args.model, "registration")
+    moving, _, _ = _model_input(args.moving, model)
+    fixed, affine, header = data.load_nifti(args.fixed, ndim=len(model.inshape))
+    if fixed.shape != moving.shape:
+        raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from {moving.shape} of the moving "
+                             f"image {args.moving}")
+    displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))
+    moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement)[0, ..., 0]
+    if args.warp:
+        data.save_nifti(args.warp, displacement[0], affine, header, channels=True)
+    data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
+    print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else ""))
+
+
+# ---- downstream: training and evaluation on a data folder ----
+
+def _split_sizes(text):
+    """--split: three subject counts (232,58,100) or fractions (0.6,0.15,0.25)."""
+    try:
+        fields = text.split(",")
+        sizes = tuple(int(f) for f in fields) if all(f.strip().isdigit() for f in fields) \
+            else tuple(float(f) for f in fields)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise argparse.ArgumentTypeError(f"--split must be three counts or fractions like 0.6,0.15,0.25, got {text!r}")
+    return sizes
+
+
+def _dataset(args, contrast, dim):
+    """The images of --data in `contrast` ("inverted": T1 with inverted contrast)."""
+    source = "t1" if contrast == "inverted" else contrast
+    if os.path.isfile(args.data):
+        if source != "t1":
+            raise ValueError(f"{args.data}: a list of image,labels pairs has no contrast {contrast!r}")
+        dataset = data.load_pairs(args.data, dim=dim)
+    else:
+        dataset = data.load_folder(args.data, contrast=source, dim=dim)
+    if contrast == "inverted":
+        dataset = dataset.map_images(data.invert)
+    return dataset
+
+
+def _parts(dataset, args):
+    """{"train", "val", "test", "all"} -> Dataset: the subject split of --split and --seed."""
+    return dict(zip(("train", "val", "test"), dataset.split(args.split, args.seed)), all=dataset)
+
+
+def _part(dataset, args, part):
+    chosen = _parts(dataset, args)[part]
+    if not len(chosen):
+        raise data.DataError(f"{args.data}: the {part} part of the subject split holds no images")
+    return chosen
+
+
+def _check_labels(dataset, nb_labels, folder):
+    """DataError naming the first subject whose label map has a label >= nb_labels."""
+    largest = dataset.labels.reshape(len(dataset), -1).max(axis=1)
+    if largest.max() >= nb_labels:
+        index = int(np.argmax(largest >= nb_labels))
+        raise data.DataError(f"{folder}: subject {dataset.subjects[index]} has label {largest[index]}, "
+                             f"outside the labels 0..{nb_labels - 1}")
+
+
+def _start_run(args):
+    """Seeds the run and checks that --out holds no model yet; returns the model file to write."""
+    path = os.path.join(args.out, models.MODEL_FILE)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path}: already exists; choose another --out folder")
+    tf.keras.utils.set_random_seed(args.seed)
+    return path
+
+
+def _train_run(args, path, model, fit_kwargs):
+    """Fits `model` with a progress bar and log.csv in --out, then writes the model file `path`."""
+    os.makedirs(args.out, exist_ok=True)
+    model.fit(epochs=args.epochs, callbacks=[tf.keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv"))],
+              verbose=1, **fit_kwargs)
+    models.save_model(model, path)
+    print(f"model written to {path}")
+
+
+def _train_seg(args):
+    path = _start_run(args)
+    dataset = _dataset(args, args.contrast, args.dim)
+    nb_labels = args.nb_labels or int(dataset.labels.max()) + 1
+    _check_labels(dataset, nb_labels, args.data)
+    train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
+    model = models.segmentation_model(train.images.shape[1:], nb_labels, _encoder(args), loss=args.loss,
+                                      learning_rate=args.learning_rate, nb_features=args.nb_features,
+                                      nb_levels=args.nb_levels)
+
+    def arrays(part):  # (images (N, *shape, 1), one-hot labels (N, *shape, L))
+        return part.images[..., np.newaxis], tf.keras.utils.to_categorical(part.labels, nb_labels)
+
+    _train_run(args, path, model, dict(zip(("x", "y"), arrays(train)), batch_size=args.batch_size, shuffle=True,
+                                       validation_data=arrays(val) if len(val) else None))
+
+
+def _train_reg(args):
+    path = _start_run(args)
+    train = _part(_dataset(args, args.contrast, args.dim), args, "train")
+    unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
+    model = models.registration_model(train.images.shape[1:], _encoder(args), similarity=args.similarity,
+                                      reg_weight=args.reg_weight, learning_rate=args.learning_rate,
+                                      int_steps=args.int_steps, **unet)
+    pairs = models.pair_batches(train.images[..., np.newaxis], args.batch_size, args.seed)
+    _train_run(args, path, model, dict(x=pairs, steps_per_epoch=args.steps_per_epoch))
+
+
+def _evaluate(args):
+    model = models.load_model(args.model)
+    fixed = _part(_dataset(args, args.contrast, len(model.inshape)), args, args.part)
+    if isinstance(model, models.SegmentationModel):
+        _check_labels(fixed, model.nb_labels, args.data)
+        scores = evaluate_segmentation(model, fixed.images, fixed.labels, verbose=1)
+        task = f"segmentation of {args.contrast}"
+    else:
+        moving = _part(_dataset(args, args.moving_contrast, len(model.inshape)), args, args.part)
+        if len(moving) < 2:
+            raise data.DataError(f"{args.data}: registration needs at least 2 images to pair, "
+                                 f"the {args.part} part has {len(moving)}")
+        # Pair n: moving image n onto fixed image n + 1 (another subject), each in its own contrast.
+        scores = evaluate_registration(model, moving.images, np.roll(fixed.images, -1, axis=0), moving.labels,
+                                       np.roll(fixed.labels, -1, axis=0), verbose=1)
+        task = f"registration {args.moving_contrast} -> {args.contrast}"
+    print(f"{task}, {args.part} part of {args.data}:\n{scores}")
+    if args.json:
+        _write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
+                                    **scores.summary()))
+
+
+def _write_json(path, content):
+    """Writes JSON atomically: to a temporary file in the same folder, then renamed."""
+    temporary = os.path.join(os.path.dirname(path) or ".", f".{uuid.uuid4().hex}.json")
+    try:
+        with open(temporary, "w") as f:
+            json.dump(content, f, indent=2)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _add_data_args(p, part=True):
+    p.add_argument("--data", required=True,
+                   help="data folder (neurite-oasis or IXI-style layout) or a file of image,labels lines")
+    p.add_argument("--split", type=_split_sizes, default=None,
+                   help="train,val,test subject counts or fractions (default: the paper's 232:58:100 proportions)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (and of training)")
+    if part:
+        p.add_argument("--part", choices=("train", "val", "test", "all"), default="test",
+                       help="the part of the split to score (default: test)")
+
+
+def _add_train_args(p, epochs, batch_size, learning_rate):
+    _add_data_args(p, part=False)
+    p.add_argument("--out", required=True, help="output folder: model.keras and log.csv")
+    _add_encoder_args(p, required=False)
+    p.add_argument("--dim", type=int, choices=(2, 3), default=2)
+    p.add_argument("--contrast", default="t1", help="training images: t1, inverted, or an IXI contrast name")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--learning-rate", type=float, default=learning_rate)
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="cifl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +297,54 @@ def _parser():
     p.add_argument("--strategy", choices=("default", "mirrored"), default="default")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     p.set_defaults(run=_train_encoder)
+
+    p = commands.add_parser("features", help="CIFL feature image of a 2D slice or 3D volume (NIfTI)")
+    p.add_argument("input", help="input image, .nii or .nii.gz")
+    p.add_argument("output", help="output C-channel feature image, .nii or .nii.gz")
+    _add_encoder_args(p, required=True)
+    p.set_defaults(run=_features)
+
+    p = commands.add_parser("segment", help="label map of an image with a trained segmentation model")
+    p.add_argument("--model", required=True, help="model.keras from train-seg (or its run folder)")
+    p.add_argument("input", help="input image, .nii or .nii.gz")
+    p.add_argument("output", help="output label map, .nii or .nii.gz")
+    p.set_defaults(run=_segment)
+
+    p = commands.add_parser("register", help="register a moving image to a fixed image with a trained model")
+    p.add_argument("--model", required=True, help="model.keras from train-reg (or its run folder)")
+    p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz")
+    p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
+    p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
+    p.add_argument("--warp", default=None, help="output: the displacement field in voxels (*spatial, ndim)")
+    p.set_defaults(run=_register)
+
+    p = commands.add_parser("train-seg", help="train a UNet on (encoder features of) T1 images and label maps")
+    _add_train_args(p, epochs=50, batch_size=8, learning_rate=1e-3)
+    p.add_argument("--loss", choices=sorted(models.SEG_LOSSES), default="dice")
+    p.add_argument("--nb-labels", type=int, default=None, help="default: the largest label in the data + 1")
+    p.add_argument("--nb-features", type=int, default=models.UNET_DEFAULTS["nb_features"])
+    p.add_argument("--nb-levels", type=int, default=models.UNET_DEFAULTS["nb_levels"])
+    p.set_defaults(run=_train_seg)
+
+    p = commands.add_parser("train-reg", help="train VxmDense unsupervised on pairs of (encoder features of) images")
+    _add_train_args(p, epochs=20, batch_size=4, learning_rate=1e-4)
+    p.add_argument("--steps-per-epoch", type=int, default=100)
+    p.add_argument("--similarity", choices=models.SIMILARITIES, default="mse")
+    p.add_argument("--reg-weight", type=float, default=None,
+                   help="weight of the smoothness term (default: 0.01 for mse, 1 for ncc)")
+    p.add_argument("--int-steps", type=int, default=7, help="integration steps (0: no diffeomorphic integration)")
+    p.add_argument("--nb-features", type=int, default=None, help="UNet features per level (default: VxmDense's)")
+    p.add_argument("--nb-levels", type=int, default=5, help="UNet levels, with --nb-features")
+    p.set_defaults(run=_train_reg)
+
+    p = commands.add_parser("evaluate", help="Dice (and folding, for registration) of a model on a data folder")
+    p.add_argument("--model", required=True, help="model.keras from train-seg or train-reg (or its run folder)")
+    _add_data_args(p)
+    p.add_argument("--contrast", default="t1",
+                   help="contrast of the images to segment, or of the fixed images: t1, inverted, t2, ...")
+    p.add_argument("--moving-contrast", default="t1", help="registration: contrast of the moving images")
+    p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    p.set_defaults(run=_evaluate)
     return parser
 
 

@@ -58,7 +58,8 @@ class CIFLEncoder(KL.Layer):
                 f"(batch, spatial..., channels), got shape {tuple(input_shape)}")
         shape = tf.TensorShape(input_shape)
         for conv in self.convs:
-            conv.build(shape)
+            with tf.name_scope(conv.name):  # unique weight names: the .h5 model format needs them
+                conv.build(shape)
             shape = conv.compute_output_shape(shape)
         super().build(input_shape)
 
@@ -112,3 +113,23 @@ def load_encoder(path, trainable=False):
 def _config_path(weights_path):
     root = weights_path[:-len(".weights.h5")] if weights_path.endswith(".weights.h5") else weights_path
     return root + ".json"
+
+
+PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
+PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
+
+
+def pretrained_info():
+    """How each shipped encoder was made: {tau_gamma (str): command, steps, seed, final loss, seconds}."""
+    with open(os.path.join(PRETRAINED_DIR, "encoders.json")) as f:
+        return json.load(f)
+
+
+def pretrained(tau_gamma=0.1, trainable=False):
+    """A shipped 2D CIFLEncoder trained on synthetic shapes with the given tau_gamma, read offline.
+
+    Returns a frozen encoder (unless `trainable`): (B, H, W, 1) -> (B, H, W, C); images in [0, 1].
+    """
+    if tau_gamma not in PRETRAINED_TAU_GAMMAS:
+        raise ValueError(f"pretrained: tau_gamma must be one of {PRETRAINED_TAU_GAMMAS}, got {tau_gamma!r}")
+    return load_encoder(os.path.join(PRETRAINED_DIR, f"tau_gamma_{tau_gamma:g}.weights.h5"), trainable)

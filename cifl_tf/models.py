@@ -74,11 +74,21 @@ def _serialize(encoder):
     return None if encoder is None else tf.keras.utils.serialize_keras_object(encoder)
 
 
-def _deserialize(config):
-    config = dict(config)
-    if config.get("encoder") is not None:
-        config["encoder"] = tf.keras.utils.deserialize_keras_object(config["encoder"])
-    return config
+class _RebuiltFromArguments:
+    """Keras config of a model built from arguments: the arguments, with the encoder serialised.
+
+    Loading calls the constructor again with them, and then the weights are read into the result.
+    """
+
+    def get_config(self):
+        return dict(self._cifl_config)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if config.get("encoder") is not None:
+            config["encoder"] = tf.keras.utils.deserialize_keras_object(config["encoder"])
+        return cls(**config)
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
@@ -99,7 +109,7 @@ SEG_LOSSES = {"dice": SoftDiceLoss, "crossentropy": tf.keras.losses.CategoricalC
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
-class SegmentationModel(tf.keras.Model):
+class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
     """Frozen CIFL encoder (or nothing: the baseline) followed by ``ne.models.unet`` (paper Sec. 3).
 
     Args:
@@ -136,13 +146,6 @@ class SegmentationModel(tf.keras.Model):
         self._cifl_config = dict(inshape=list(inshape), nb_labels=int(nb_labels), encoder=_serialize(encoder),
                                  name=name, **unet_kwargs)
 
-    def get_config(self):
-        return dict(self._cifl_config)
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return cls(**_deserialize(config))
-
 
 def segmentation_model(inshape, nb_labels, encoder=None, loss="dice", learning_rate=1e-3, **unet_kwargs):
     """A compiled SegmentationModel, so that ``model.fit(images, one_hot_labels)`` trains it.
@@ -161,9 +164,19 @@ def segmentation_model(inshape, nb_labels, encoder=None, loss="dice", learning_r
     return model
 
 
+def _registration_weight(similarity, reg_weight):
+    """Checks the loss arguments; returns reg_weight, REG_WEIGHTS[similarity] for None."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
+    if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
+        raise ValueError(f"reg_weight must be a non-negative number, got {reg_weight!r}")
+    return float(reg_weight)
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class RegistrationLoss(KL.Layer):
-    """Unsupervised registration loss: similarity(fixed, moved) + reg_weight * Grad('l2')(field).
+    """Unsupervised registration loss: similarity(fixed, moved) + reg_weight * Grad('l2')(field) (vxm).
 
     Inputs: [fixed (B, *S, F), moved (B, *S, F), field (B, *S', ndim)], where F is C for features
     or 1 for intensities, and field is the regularised (possibly half-resolution) velocity field.
@@ -171,18 +184,16 @@ class RegistrationLoss(KL.Layer):
 
     Args:
         similarity: "mse" (vxm.losses.MSE) or "ncc" (vxm.losses.NCC, local 9^ndim windows).
-        reg_weight: weight of the smoothness term.
+        reg_weight: weight of the smoothness term; None: REG_WEIGHTS[similarity], voxelmorph's
+            recommendation for images in [0, 1] (0.01 for MSE, 1 for NCC).
         loss_mult: factor of the gradient loss, the resolution ratio of the field (as voxelmorph
             trains it: ``Grad('l2', loss_mult=int_downsize)``).
     """
 
-    def __init__(self, similarity="mse", reg_weight=0.01, loss_mult=1.0, **kwargs):
+    def __init__(self, similarity="mse", reg_weight=None, loss_mult=1.0, **kwargs):
         super().__init__(**kwargs)
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
-            raise ValueError(f"reg_weight must be a non-negative number, got {reg_weight!r}")
-        self.similarity, self.reg_weight, self.loss_mult = similarity, float(reg_weight), float(loss_mult)
+        self.similarity, self.loss_mult = similarity, float(loss_mult)
+        self.reg_weight = _registration_weight(similarity, reg_weight)
 
     def call(self, inputs):
         fixed, moved, field = inputs
@@ -211,7 +222,7 @@ def _vxm_downsampling(vxm_kwargs):
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
-class RegistrationModel(vxm.networks.VxmDense):
+class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
     """VxmDense on CIFL features of [moving, fixed] (or on intensities: the baseline), paper Sec. 3.
 
     Args:
@@ -221,7 +232,7 @@ class RegistrationModel(vxm.networks.VxmDense):
             (src_feats = trg_feats = C); None registers the intensities.
         similarity: "mse" or "ncc", computed between the moved moving features and the fixed
             features (with an encoder) or intensities (without).
-        reg_weight: weight of the Grad('l2') smoothness term; None picks REG_WEIGHTS[similarity].
+        reg_weight: weight of the Grad('l2') smoothness term; None: REG_WEIGHTS[similarity].
         **vxm_kwargs: other VxmDense arguments (nb_unet_features, int_steps, int_resolution, ...).
 
     Call: [moving, fixed], each (B, *inshape, 1) -> [moved (B, *inshape, F), field]. The loss is part
@@ -234,9 +245,7 @@ class RegistrationModel(vxm.networks.VxmDense):
         for key in vxm_kwargs:
             if key in _VXM_RESERVED:
                 raise TypeError(f"registration_model: vxm_kwargs may not set {key!r} ({_VXM_RESERVED[key]})")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
+        reg_weight = _registration_weight(similarity, reg_weight)
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet")
 
@@ -255,13 +264,6 @@ class RegistrationModel(vxm.networks.VxmDense):
         self.inshape = inshape
         self._cifl_config = dict(inshape=list(inshape), encoder=_serialize(encoder), similarity=similarity,
                                  reg_weight=reg_weight, name=name, **vxm_kwargs)
-
-    def get_config(self):
-        return dict(self._cifl_config)
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return cls(**_deserialize(config))
 
     def register(self, moving, fixed, batch_size=8, verbose=0):
         """The displacement that warps `moving` onto `fixed`, at full resolution.
@@ -305,7 +307,8 @@ def warp(images, displacement, interp_method="linear"):
     Args:
         images: (B, *spatial, K) images or label maps (label maps: use interp_method="nearest").
         displacement: (B, *spatial, ndim) in voxels, as from RegistrationModel.register.
-        interp_method: "linear" or "nearest". Points outside the image take the value 0.
+        interp_method: "linear" or "nearest". Points outside the image take the nearest border
+            value, as in VxmDense's own warp.
 
     Returns: (B, *spatial, K) float32.
     """
@@ -314,7 +317,7 @@ def warp(images, displacement, interp_method="linear"):
     images, displacement = np.asarray(images, np.float32), np.asarray(displacement, np.float32)
     if images.shape[:-1] != displacement.shape[:-1] or displacement.shape[-1] != images.ndim - 2:
         raise ValueError(f"warp: images {images.shape} and displacement {displacement.shape} do not match")
-    transformer = vxm.layers.SpatialTransformer(interp_method=interp_method, indexing="ij", fill_value=0)
+    transformer = vxm.layers.SpatialTransformer(interp_method=interp_method, indexing="ij")
     return transformer([images, displacement]).numpy()
 
 

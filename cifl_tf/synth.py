@@ -49,7 +49,7 @@ class ShapesSynth:
             std_min, std_max, zero_background, bias_std, bias_res, blur_std, gamma_std, ...).
     """
 
-    def __init__(self, shape, num_labels=16, label_scales=(4, 8, 16, 32), label_std=1.0,
+    def __init__(self, shape, num_labels=16, label_scales=(8, 16, 32, 64), label_std=1.0,
                  warp_std=2.0, warp_scales=(16, 32), seed=None, **render_kwargs):
         self.shape = _positive_ints("shape", shape)
         if len(self.shape) not in (2, 3):
@@ -69,11 +69,16 @@ class ShapesSynth:
         rng = np.random.default_rng(seed)
         draw_seed = lambda: None if seed is None else int(rng.integers(2 ** 31 - 1))  # noqa: E731
         self._label_seed, self._warp_seed = draw_seed(), draw_seed()
+        # neurite draws a modulated blur eagerly, once, while building the model, where `seed` cannot
+        # reach it (a second ShapesSynth(seed=s) would blur differently): draw it here instead.
+        blur_std = render_kwargs.pop("blur_std", 1.0)
+        blur_modulate = render_kwargs.pop("blur_modulate", True)
         self._renders = [
             ne.models.labels_to_image(
                 self.shape, list(range(num_labels)), warp_std=0, one_hot=False, id=view,
                 seeds={} if seed is None else {key: draw_seed() for key in _SEED_KEYS},
-                **render_kwargs)
+                blur_std=float(rng.uniform(0, blur_std)) if blur_modulate else blur_std,
+                blur_modulate=False, **render_kwargs)
             for view in range(2)
         ]
 
@@ -87,11 +92,17 @@ class ShapesSynth:
             noise = vxm.utils.transform(noise, vxm.utils.integrate_vec(velocity, nb_steps=5))
         return tf.argmax(noise, axis=-1, output_type=tf.int32)[..., tf.newaxis]
 
+    def _sample(self, _=None):
+        labels = self.label_map()[tf.newaxis]
+        return (labels, *(render(labels)[0] for render in self._renders))
+
     def __call__(self, batch_size):
         """A batch of label maps (B, *shape, 1) and its two renders x1, x2, each (B, *shape, 1)."""
-        labels = tf.map_fn(self.label_map, tf.range(batch_size), fn_output_signature=tf.int32)
-        x1, x2 = (render(labels)[0] for render in self._renders)
-        return labels, x1, x2
+        # One sample at a time: parallel tf.map_fn iterations (here and inside neurite's renders)
+        # would hand the seeded random streams to the samples in a racy order.
+        labels, x1, x2 = tf.map_fn(self._sample, tf.range(batch_size), parallel_iterations=1,
+                                   fn_output_signature=(tf.int32, tf.float32, tf.float32))
+        return labels[:, 0], x1[:, 0], x2[:, 0]
 
 
 def contrast_pairs(shape, batch_size, seed=None, **synth_kwargs):

@@ -157,6 +157,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     features=features, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
                     max_offset=max_offset, learning_rate=learning_rate, seed=seed,
                     steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
+    settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
     if out_dir is not None:
         _prepare_out_dir(out_dir, settings, resume)
@@ -174,9 +175,11 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
 
     callbacks = list(callbacks)
     if out_dir is not None:
-        model(next(iter(views))[0])  # BackupAndRestore and the .h5 checkpoint need a built model
+        with strategy.scope():  # the weights are made here, and must be the strategy's variables
+            model(next(iter(views))[0])  # BackupAndRestore and the .h5 checkpoint need a built model
         weights = os.path.join(out_dir, "encoder.weights.h5")
-        save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
+        if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
+            save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
         callbacks += [
             tf.keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
             tf.keras.callbacks.ModelCheckpoint(weights, save_weights_only=True),

@@ -86,3 +86,34 @@ def ixi_tiny(tmp_path):
     """A fresh tiny IXI-style folder (3 subjects, 12x14x10 volumes)."""
     make_ixi(tmp_path / "ixi")
     return tmp_path / "ixi"
+
+
+# A train_encoder run stopped by an exception after the first of its three epochs: the state that
+# BackupAndRestore resumes (it keeps its backup only when fit() ends in an exception). The tuple in
+# synth_kwargs is deliberate: settings.json stores it as a list, and resume must still match.
+INTERRUPTED_RUN = dict(shape=(32, 32), steps=3, steps_per_epoch=1, batch_size=2, channels=4, features=8,
+                       max_offset=0, seed=1, synth_kwargs={"label_scales": (2, 4, 8)})
+
+
+class Interrupted(Exception):
+    """Raised by a test callback to simulate a crash or kill during training."""
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tmp_path_factory):
+    """Factory: each call returns a fresh copy of one interrupted INTERRUPTED_RUN output folder."""
+    import shutil
+
+    import cifl_tf
+    import tensorflow as tf
+
+    class InterruptAtSecondEpoch(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise Interrupted
+
+    original = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.raises(Interrupted):
+        cifl_tf.train_encoder(**INTERRUPTED_RUN, out_dir=str(original), callbacks=[InterruptAtSecondEpoch()],
+                              verbose=0)
+    return lambda: shutil.copytree(original, tmp_path_factory.mktemp("resume") / "run")

@@ -1,0 +1,117 @@
+"""Figures (matplotlib, PNG): paper Figure 2, example segmentations and registrations, training curves.
+
+Slices are (H, W) arrays in the OASIS layout (axis 0 right -> left, axis 1 superior -> inferior), shown
+transposed so that the brain stands upright.
+"""
+import csv
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+LABEL_CMAP = "tab10"
+
+
+def _show(axis, image, title=None, cmap="gray", **kwargs):
+    axis.imshow(np.asarray(image).T, cmap=cmap, interpolation="nearest", **kwargs)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if title:
+        axis.set_title(title, fontsize=9)
+
+
+def _labels(axis, labels, title=None, nb_labels=None):
+    nb_labels = nb_labels or int(np.max(labels)) + 1
+    _show(axis, np.ma.masked_equal(labels, 0), title, cmap=LABEL_CMAP, vmin=0, vmax=max(nb_labels - 1, 1))
+
+
+def _save(figure, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
+    """Paper Figure 2: the same slice in several contrasts (rows) and its first CIFL feature channels.
+
+    Args:
+        encoder: a CIFLEncoder (2D).
+        images: {contrast name: (H, W) image in [0, 1]}, the same anatomy in each contrast.
+        channels: how many feature channels to show.
+
+    Returns: the PNG path. Each channel has one colour scale shared by all rows, so that agreement
+    across contrasts is visible as identical pictures down a column.
+    """
+    names = list(images)
+    stack = np.stack([images[n] for n in names])[..., np.newaxis].astype(np.float32)
+    features = np.asarray(encoder(stack))[..., :channels]
+    figure, axes = plt.subplots(len(names), channels + 1, figsize=(1.6 * (channels + 1), 2.0 * len(names)),
+                                squeeze=False)
+    for row, name in enumerate(names):
+        _show(axes[row, 0], stack[row, ..., 0], name)
+        for c in range(features.shape[-1]):
+            low, high = features[..., c].min(), features[..., c].max()
+            _show(axes[row, c + 1], features[row, ..., c], f"channel {c + 1}" if row == 0 else None,
+                  cmap="viridis", vmin=low, vmax=high)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def segmentations(images, truth, predictions, path, nb_labels=None):
+    """Example segmentations: one test slice per contrast (columns), true labels, each method's labels.
+
+    Args:
+        images: {contrast: (H, W) image}.
+        truth: (H, W) true label map.
+        predictions: {method: {contrast: (H, W) label map}}.
+    """
+    contrasts, methods = list(images), list(predictions)
+    figure, axes = plt.subplots(2 + len(methods), len(contrasts), squeeze=False,
+                                figsize=(1.8 * len(contrasts), 2.1 * (2 + len(methods))))
+    for col, contrast in enumerate(contrasts):
+        _show(axes[0, col], images[contrast], contrast)
+        _labels(axes[1, col], truth, "true labels", nb_labels)
+        for row, method in enumerate(methods):
+            _labels(axes[2 + row, col], predictions[method][contrast], method, nb_labels)
+    return _save(figure, path)
+
+
+def registrations(moving, fixed, moved, path, fixed_labels=None, moved_labels=None):
+    """Example registrations: moving, fixed and each method's moved image, label contours on top.
+
+    Args:
+        moving, fixed: (H, W) images.
+        moved: {method: (H, W) moved image}; moved_labels: {method: (H, W) moved label map}.
+        fixed_labels: (H, W); drawn as contours on the fixed and moved images.
+    """
+    panels = [("moving", moving, None), ("fixed", fixed, None)]
+    panels += [(method, image, (moved_labels or {}).get(method)) for method, image in moved.items()]
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.6), squeeze=False)
+    for axis, (title, image, labels) in zip(axes[0], panels):
+        _show(axis, image, title)
+        if fixed_labels is not None and title != "moving":
+            axis.contour(np.asarray(fixed_labels).T, levels=np.unique(fixed_labels)[:-1] + 0.5,
+                         colors="yellow", linewidths=0.5)
+        if labels is not None:
+            axis.contour(np.asarray(labels).T, levels=np.unique(labels)[:-1] + 0.5, colors="red",
+                         linewidths=0.5)
+    return _save(figure, path)
+
+
+def training_curves(logs, path, title="CIFL encoder training (Eq. 1 loss)"):
+    """The loss per epoch of several training runs: {name: path of a Keras CSVLogger log}."""
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    for name, log in logs.items():
+        with open(log) as f:
+            rows = list(csv.DictReader(f))
+        axis.plot([int(r["epoch"]) + 1 for r in rows], [float(r["loss"]) for r in rows], label=name)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    return _save(figure, path)

@@ -1,0 +1,62 @@
+"""`cifl train-encoder`: trains, resumes, and reports user errors as one line with exit status 2."""
+import csv
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from cifl_tf import cli, load_encoder
+
+TRAIN = ["train-encoder", "--dim", "2", "--shape", "32x32", "--steps", "4", "--steps-per-epoch", "2",
+         "--batch-size", "2", "--features", "8"]
+
+
+def epochs(run):
+    with open(run / "log.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_trains_an_encoder(tmp_path, capsys):
+    assert cli.main([*TRAIN, "--channels", "4", "--out", str(tmp_path / "run")]) == 0
+    assert str(tmp_path / "run" / "encoder.weights.h5") in capsys.readouterr().out
+    config = load_encoder(str(tmp_path / "run")).get_config()
+    assert (config["channels"], config["features"], config["ndim"]) == (4, 8, 2)
+    assert epochs(tmp_path / "run") == [0, 1]
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["shape"] == [32, 32]
+
+
+def test_resume_continues_an_unfinished_run(interrupted_run):
+    run = interrupted_run()  # stopped after epoch 0 of 3; --resume takes the run's own settings
+    assert cli.main(["train-encoder", "--resume", "--out", str(run)]) == 0
+    assert epochs(run) == [0, 1, 2] and (run / "result.json").is_file()
+
+
+@pytest.mark.parametrize("shape", ["32x", "32", "32x32x32x32", "0x32", "axb"])
+def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train-encoder", "--shape", shape, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{run}"], "already holds a training run"),                      # existing --out, no --resume
+    (["--resume", "--out", "{empty}"], "settings.json"),                        # nothing to resume
+    (["--shape", "32x32x32", "--out", "{empty}"], "does not have --dim 2 sizes"),
+    (["--steps", "0", "--out", "{empty}"], "steps must be a positive integer, got 0"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "settings.json").write_text("{}")
+    argv = [a.format(run=tmp_path / "run", empty=tmp_path / "empty") for a in argv]
+    assert cli.main(["train-encoder", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cifl train-encoder: error: ") and message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")
+def test_console_script(tmp_path):
+    result = subprocess.run(["cifl", "train-encoder", "--out", str(tmp_path), "--shape", "32x"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--shape" in result.stderr

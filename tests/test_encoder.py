@@ -1,0 +1,105 @@
+"""cifl_tf.encoder: the CIFL encoder layer, its serialisation and save_encoder / load_encoder."""
+import json
+
+import numpy as np
+import pytest
+
+import tensorflow as tf
+from cifl_tf import CIFLEncoder, L2Normalize, encoder_model, load_encoder, save_encoder
+
+
+def images(shape, seed=0):
+    return np.random.default_rng(seed).uniform(size=(*shape, 1)).astype(np.float32)
+
+
+@pytest.fixture(params=[(2, (2, 16, 12)), (3, (1, 8, 10, 6))], ids=["2d", "3d"])
+def encoder_and_images(request):
+    ndim, shape = request.param
+    return CIFLEncoder(channels=5, features=8, ndim=ndim), images(shape)
+
+
+def test_features_are_unit_vectors_per_pixel(encoder_and_images):
+    encoder, x = encoder_and_images
+    features = encoder(x).numpy()
+    assert features.shape == (*x.shape[:-1], 5)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1.0, rtol=1e-5)
+    assert np.ptp(features, axis=tuple(range(1, x.ndim - 1))).min() > 0  # each channel varies over space
+
+
+def test_l2_normalize_keeps_zero_vectors_zero():
+    out = L2Normalize()(np.array([[[0.0, 0.0], [3.0, 4.0]]], np.float32)).numpy()
+    np.testing.assert_allclose(out, [[[0.0, 0.0], [0.6, 0.8]]], rtol=1e-6)
+
+
+def test_config_round_trip_gives_same_outputs(encoder_and_images):
+    encoder, x = encoder_and_images
+    encoder = CIFLEncoder(**{**encoder.get_config(), "activation": "elu"})
+    clone = CIFLEncoder.from_config(encoder.get_config())
+    assert clone.get_config() == encoder.get_config()
+    clone(x)
+    clone.set_weights(encoder_model(encoder).get_weights())
+    np.testing.assert_array_equal(clone(x), encoder(x))
+
+
+def test_registered_for_serialisation():
+    assert tf.keras.utils.get_registered_object("cifl_tf>CIFLEncoder") is CIFLEncoder
+    assert tf.keras.utils.get_registered_object("cifl_tf>L2Normalize") is L2Normalize
+
+
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+@pytest.mark.parametrize("filename", ["model.h5", "savedmodel", "model.keras"])
+def test_model_saves_and_loads_without_custom_objects(encoder_and_images, tmp_path, filename):
+    encoder, x = encoder_and_images
+    inputs = tf.keras.Input(x.shape[1:])
+    model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(2, 1)(encoder(inputs)) if encoder.ndim == 2
+                           else tf.keras.layers.Conv3D(2, 1)(encoder(inputs)))
+    model.save(tmp_path / filename)
+    loaded = tf.keras.models.load_model(tmp_path / filename, safe_mode=True)
+    assert isinstance(loaded.layers[1], CIFLEncoder) and loaded.layers[1].get_config() == encoder.get_config()
+    np.testing.assert_array_equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_save_and_load_encoder(encoder_and_images, tmp_path, trainable):
+    encoder, x = encoder_and_images
+    save_encoder(encoder, str(tmp_path / "encoder.weights.h5"))
+    for path in (tmp_path / "encoder.weights.h5", tmp_path):  # the file, or a run folder holding it
+        loaded = load_encoder(str(path), trainable=trainable)
+        assert loaded.trainable is trainable and loaded.get_config()["channels"] == 5
+        np.testing.assert_array_equal(loaded(x), encoder(x))
+    assert json.loads((tmp_path / "encoder.json").read_text())["registered_name"] == "cifl_tf>CIFLEncoder"
+
+
+@pytest.mark.parametrize("remove, config, error, message", [
+    ("encoder.weights.h5", None, FileNotFoundError, "no such file .*encoder.weights.h5"),
+    ("encoder.json", None, FileNotFoundError, "no such file .*encoder.json"),
+    (None, tf.keras.utils.serialize_keras_object(tf.keras.layers.Dense(3)), ValueError, "not describe a CIFLEncoder"),
+    (None, {"config": {}}, ValueError, "not describe a CIFLEncoder"),
+])
+def test_load_encoder_errors(tmp_path, remove, config, error, message):
+    save_encoder(CIFLEncoder(channels=2, features=4), str(tmp_path / "encoder.weights.h5"))
+    if remove:
+        (tmp_path / remove).unlink()
+    if config is not None:
+        (tmp_path / "encoder.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=message):
+        load_encoder(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(channels=0), "channels must be a positive integer, got 0"),
+    (dict(channels=2.0), "channels must be a positive integer, got 2.0"),
+    (dict(features=True), "features must be a positive integer, got True"),
+    (dict(features=-8), "features must be a positive integer, got -8"),
+    (dict(ndim=1), "ndim must be 2 or 3, got 1"),
+    (dict(ndim=4), "ndim must be 2 or 3, got 4"),
+])
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CIFLEncoder(**kwargs)
+
+
+@pytest.mark.parametrize("ndim, shape", [(2, (1, 8, 8, 8, 1)), (2, (8, 8, 1)), (3, (1, 8, 8, 1))])
+def test_wrong_input_rank_raises(ndim, shape):
+    with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects inputs of rank {ndim + 2}"):
+        CIFLEncoder(channels=2, features=4, ndim=ndim)(np.zeros(shape, np.float32))

@@ -1,0 +1,119 @@
+"""Evaluation (paper Table 1): per-label Dice with mean ± std, warped label maps, folding."""
+import numpy as np
+import pytest
+
+import cifl_tf
+import tensorflow as tf
+from cifl_tf import evaluate, metrics
+
+SHAPE = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def seg_model():
+    return cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2)
+
+
+@pytest.fixture(scope="module")
+def reg_model():
+    return cifl_tf.registration_model(SHAPE, nb_unet_features=[[4], [4, 4]], int_steps=0)
+
+
+def squares(*boxes):
+    """A label map of SHAPE with label k + 1 in box k = (row, col, height, width)."""
+    labels = np.zeros(SHAPE, np.int32)
+    for label, (r, c, h, w) in enumerate(boxes, 1):
+        labels[r:r + h, c:c + w] = label
+    return labels
+
+
+def predicting(model, monkeypatch, label_maps):
+    """Makes the segmentation model output the one-hot of `label_maps`, whatever the images."""
+    onehot = tf.keras.utils.to_categorical(label_maps, model.nb_labels)
+    monkeypatch.setattr(model, "predict", lambda images, **kwargs: onehot[:len(images)])
+
+
+def test_segmentation_dice_per_label_and_mean_std_over_images(seg_model, monkeypatch):
+    truth = np.stack([squares((0, 0, 4, 4), (8, 8, 4, 4))] * 2)
+    # Image 0: label 1 right, label 2 covers half of its box (Dice 2*8/(16+8)); image 1 all right.
+    # Its background is wrong in places outside any box: background is not scored.
+    predicted = np.stack([squares((0, 0, 4, 4), (8, 8, 2, 4)), squares((0, 0, 4, 4), (8, 8, 4, 4))])
+    predicted[1, 15, 15] = 0
+    predicting(seg_model, monkeypatch, predicted)
+    scores = evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), truth)
+    assert scores.labels == [1, 2]
+    np.testing.assert_allclose(scores.dice, [[1, 2 / 3], [1, 1]])
+    np.testing.assert_allclose(scores.mean_dice, [5 / 6, 1])
+    summary = scores.summary()
+    np.testing.assert_allclose(summary["dice"], (11 / 12, 1 / 12))
+    np.testing.assert_allclose(summary["per_label"][2], (5 / 6, 1 / 6))
+    assert "folding" not in summary
+    assert str(scores).splitlines()[0] == "Dice 0.917 ± 0.083 over 2 images"
+
+
+def test_label_absent_from_both_maps_is_nan_and_left_out_of_the_means(seg_model, monkeypatch):
+    truth = np.stack([squares((0, 0, 4, 4)), squares((0, 0, 4, 4), (8, 8, 4, 4))])
+    predicting(seg_model, monkeypatch, truth)
+    scores = evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE, 1)), truth)
+    assert np.isnan(scores.dice[0, 1]) and np.count_nonzero(np.isnan(scores.dice)) == 1
+    np.testing.assert_allclose(scores.mean_dice, [1, 1])
+    np.testing.assert_allclose(scores.summary()["per_label"][2], (1, 0))
+
+
+def test_segment_is_the_argmax_of_the_model(seg_model):
+    images = np.random.default_rng(0).random((3, *SHAPE)).astype(np.float32)
+    probabilities = seg_model.predict(images[..., np.newaxis], verbose=0)
+    np.testing.assert_array_equal(evaluate.segment(seg_model, images), probabilities.argmax(-1))
+    scores = evaluate.evaluate_segmentation(seg_model, images, probabilities.argmax(-1).astype(np.int32))
+    np.testing.assert_allclose(scores.dice[~np.isnan(scores.dice)], 1)
+
+
+def test_registration_warps_moving_labels_by_nearest_neighbour(reg_model, monkeypatch):
+    moving = np.stack([squares((6, 4, 4, 4), (6, 10, 4, 4))])
+    fixed = np.stack([squares((4, 4, 4, 4), (4, 10, 4, 4))])  # the same boxes 2 rows up
+    # moved(x) = moving(x + d): d = +2 rows moves the boxes up; 1.6 rounds to the same voxels.
+    displacement = np.zeros((1, *SHAPE, 2), np.float32)
+    displacement[..., 0] = 1.6
+    monkeypatch.setattr(reg_model, "register", lambda *args, **kwargs: displacement)
+    scores = evaluate.evaluate_registration(reg_model, np.zeros((1, *SHAPE)), np.zeros((1, *SHAPE)), moving, fixed)
+    np.testing.assert_allclose(scores.dice, [[1, 1]])
+    np.testing.assert_array_equal(scores.folding, [0])
+    assert "folding pixels (Jacobian determinant <= 0): 0.000% ± 0.000%" in str(scores)
+
+
+def test_registration_reports_the_share_of_folding_pixels(reg_model, monkeypatch):
+    labels = np.stack([squares((4, 4, 8, 8))] * 2)
+    rows = np.arange(SHAPE[0], dtype=np.float32)[:, np.newaxis]
+    displacement = np.zeros((2, *SHAPE, 2), np.float32)
+    displacement[1, ..., 0] = -2 * rows + 15  # x -> 15 - x along rows: a mirror, Jacobian determinant -1
+    monkeypatch.setattr(reg_model, "register", lambda *args, **kwargs: displacement)
+    scores = evaluate.evaluate_registration(reg_model, np.zeros((2, *SHAPE)), np.zeros((2, *SHAPE)), labels, labels)
+    np.testing.assert_array_equal(scores.folding, [0, 1])
+    np.testing.assert_allclose(scores.summary()["folding"], (0.5, 0.5))
+    np.testing.assert_allclose(scores.dice, [[1], [1]])  # the box is symmetric about the mirror's axis
+
+
+def test_registration_with_a_fresh_model_scores_the_unwarped_labels(reg_model):
+    rng = np.random.default_rng(0)
+    moving = np.stack([squares((2, 2, 6, 6), (9, 9, 5, 5)), squares((3, 3, 6, 6), (10, 8, 4, 6))])
+    fixed = moving[::-1]
+    images = rng.random((2, *SHAPE)).astype(np.float32)
+    scores = evaluate.evaluate_registration(reg_model, images, images[::-1], moving, fixed)
+    # A fresh VxmDense predicts a near-zero displacement, so the moved labels are the moving ones.
+    expected = [metrics.mean_dice(m, f, [1, 2]) for m, f in zip(moving, fixed)]
+    np.testing.assert_allclose(scores.mean_dice, expected)
+    assert np.all(scores.mean_dice < 1)
+
+
+def test_evaluation_rejects_inputs_that_do_not_match_the_model(seg_model, reg_model):
+    labels = np.zeros((2, *SHAPE), np.int32)
+    with pytest.raises(ValueError, match=r"images must be \(N, 16, 16\[, 1\]\).*\(2, 16, 15\)"):
+        evaluate.evaluate_segmentation(seg_model, np.zeros((2, 16, 15)), labels)
+    with pytest.raises(ValueError, match=r"labels must be integer label maps of shape \(2, 16, 16\).*float"):
+        evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), labels.astype(float))
+    with pytest.raises(ValueError, match="2 moving but 1 fixed"):
+        evaluate.evaluate_registration(reg_model, np.zeros((2, *SHAPE)), np.zeros((1, *SHAPE)), labels, labels[:1])
+    with pytest.raises(TypeError, match="expected a RegistrationModel, got SegmentationModel"):
+        evaluate.evaluate_registration(seg_model, np.zeros((2, *SHAPE)), np.zeros((2, *SHAPE)), labels, labels)
+    with pytest.raises(TypeError, match="expected a SegmentationModel, got RegistrationModel"):
+        evaluate.segment(reg_model, np.zeros((2, *SHAPE)))

@@ -1,0 +1,115 @@
+"""cifl_tf.losses: paper Eq. 1 (method page, section 3) against a NumPy reference written from the formula."""
+import numpy as np
+import pytest
+
+import cifl_tf
+import tensorflow as tf
+from cifl_tf import ContrastiveLoss, contrastive_loss
+
+
+def eq1_reference(f1, f2, tau_a, tau_b, tau_g):
+    """Eq. 1 per sample, straight from the formula: plain loops, np.exp, float64 (no log-sum-exp)."""
+    losses = []
+    for x1, x2 in zip(np.asarray(f1, np.float64), np.asarray(f2, np.float64)):
+        channels = x1.shape[-1]
+        u, v = x1.reshape(-1, channels), x2.reshape(-1, channels)
+        s = lambda a, b: np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
+        numerator = sum(np.exp(s(u[:, c], v[:, c]) / tau_a) for c in range(channels))
+        denominator = sum(np.exp(s(u[:, c], v[:, c]) / tau_b) for c in range(channels))
+        denominator += sum(np.exp(s(u[:, c], u[:, k]) / tau_g)
+                           for c in range(channels) for k in range(channels) if k != c)
+        losses.append(-np.log(numerator / denominator))
+    return np.array(losses)
+
+
+def features(shape, seed, offset=0.0, agreement=0.5):
+    """Random feature pair (B, *spatial, C): view 2 = agreement * view 1 + noise; `offset` spreads the cosines."""
+    rng = np.random.default_rng(seed)
+    f1 = rng.normal(size=shape) + offset * rng.uniform(size=shape[-1])
+    f2 = agreement * f1 + rng.normal(size=shape)
+    return f1.astype(np.float32), f2.astype(np.float32)
+
+
+# (batch + spatial + C, temperatures (alpha, beta, gamma), offset, seed); cos / tau stays <= 100 here.
+CASES = [
+    ((2, 8, 8, 4), (1.0, 1.0, 1.0), 0.0, 0),
+    ((3, 6, 7, 3), (1.0, 1.0, 0.1), 1.0, 1),
+    ((2, 5, 5, 5, 4), (0.5, 2.0, 0.01), 2.0, 2),
+    ((2, 4, 6, 5, 2), (1.0, 1.0, 0.01), 0.5, 3),
+    ((2, 9, 9, 6), (0.1, 0.1, 0.1), 3.0, 4),
+    ((1, 3, 4, 5, 5), (2.0, 0.5, 1.0), 1.0, 5),
+    ((2, 8, 8, 1), (1.0, 1.0, 0.1), 0.0, 6),  # C = 1: no c' != c terms
+]
+
+
+@pytest.mark.parametrize("shape, taus, offset, seed", CASES)
+def test_matches_reference(shape, taus, offset, seed):
+    f1, f2 = features(shape, seed, offset)
+    expected = eq1_reference(f1, f2, *taus)
+    per_sample = contrastive_loss(f1, f2, *taus, per_sample=True)
+    np.testing.assert_allclose(per_sample, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(contrastive_loss(f1, f2, *taus), expected.mean(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ContrastiveLoss(*taus)(f1, f2), expected.mean(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("taus", [(1.0, 1.0, 0.1), (1.0, 1.0, 1.0), (0.5, 2.0, 0.01)])
+def test_agreeing_views_lower_the_loss(taus):
+    f1, f2 = features((2, 8, 8, 6), seed=7)
+    assert contrastive_loss(f1, f1, *taus) < contrastive_loss(f1, f2, *taus)
+
+
+@pytest.mark.parametrize("taus", [(1.0, 1.0, 0.1), (1.0, 1.0, 1.0), (0.5, 2.0, 0.01)])
+def test_identical_channels_raise_the_loss(taus):
+    f1, _ = features((2, 8, 8, 6), seed=8)
+    collapsed = np.repeat(f1[..., :1], 6, axis=-1)
+    assert contrastive_loss(collapsed, collapsed, *taus) > contrastive_loss(f1, f1, *taus)
+
+
+def constant(shape):
+    return np.ones(shape, np.float32) * np.arange(1, shape[-1] + 1, dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("random", lambda shape: features(shape, seed=9)),
+    ("constant", lambda shape: (constant(shape), 2 * constant(shape))),
+    ("zeros", lambda shape: (np.zeros(shape, np.float32),) * 2),
+])
+@pytest.mark.parametrize("taus", [(1.0, 1.0, 0.01), (0.01, 0.01, 0.01), (0.01, 1.0, 0.01)])
+def test_value_and_gradient_finite(kind, make, taus):
+    f1, f2 = (tf.Variable(f) for f in make((2, 6, 6, 4)))
+    with tf.GradientTape() as tape:
+        loss = contrastive_loss(f1, f2, *taus)
+    gradients = tape.gradient(loss, [f1, f2])
+    assert np.isfinite(loss.numpy()) and all(np.isfinite(g.numpy()).all() for g in gradients)
+    if kind == "zeros":  # every cosine is 0: -log(C / (C + C(C-1))) = log C
+        np.testing.assert_allclose(loss, np.log(4), rtol=1e-6)
+    else:  # float32 cosines are off by ~1e-7, and 1 / tau = 100 amplifies that
+        np.testing.assert_allclose(loss, eq1_reference(f1.numpy(), f2.numpy(), *taus).mean(), atol=1e-4)
+
+
+@pytest.mark.parametrize("taus, message", [
+    ((0.0, 1.0, 0.1), "tau_alpha must be a positive number, got 0.0"),
+    ((1.0, -1.0, 0.1), "tau_beta must be a positive number, got -1.0"),
+    ((1.0, 1.0, "0.1"), "tau_gamma must be a positive number, got '0.1'"),
+])
+def test_non_positive_temperatures_raise(taus, message):
+    f1, f2 = features((1, 4, 4, 2), seed=0)
+    for make_loss in (lambda: contrastive_loss(f1, f2, *taus), lambda: ContrastiveLoss(*taus)):
+        with pytest.raises(ValueError, match=message):
+            make_loss()
+
+
+@pytest.mark.parametrize("shape1, shape2", [((2, 8, 8, 4), (2, 8, 8, 3)), ((2, 8, 8, 4), (2, 8, 6, 4)),
+                                            ((2, 8, 4), (2, 8, 4, 1))])
+def test_mismatched_shapes_raise(shape1, shape2):
+    with pytest.raises(ValueError, match="differ in shape"):
+        contrastive_loss(np.ones(shape1, np.float32), np.ones(shape2, np.float32))
+
+
+def test_contrastive_loss_config_round_trip():
+    loss = ContrastiveLoss(0.5, 2.0, 0.01, name="eq1")
+    restored = tf.keras.losses.deserialize(tf.keras.losses.serialize(loss))  # via the registered name
+    assert isinstance(restored, ContrastiveLoss) and restored.get_config() == loss.get_config()
+    assert ContrastiveLoss.from_config(loss.get_config()).get_config() == loss.get_config()
+    f1, f2 = features((2, 6, 6, 3), seed=10)
+    assert restored(f1, f2).numpy() == loss(f1, f2).numpy() == cifl_tf.contrastive_loss(f1, f2, 0.5, 2.0, 0.01)

@@ -1,0 +1,252 @@
+"""Downstream models (paper Sec. 2-3): segmentation_model and registration_model, on tiny shapes."""
+import numpy as np
+import pytest
+
+import cifl_tf
+import tensorflow as tf
+import voxelmorph as vxm
+from cifl_tf import models
+
+SHAPE = (32, 32)
+TINY_UNET = dict(nb_features=4, nb_levels=2)
+TINY_VXM = dict(nb_unet_features=[[8, 8], [8, 8, 8]], int_steps=0)
+
+
+def blobs(count, seed=0, shape=SHAPE):
+    """Images (count, *shape, 1) of two bright squares on a dark background, and their label maps."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((count, *shape), np.int32)
+    for n in range(count):
+        r, c = rng.integers(2, shape[0] // 2 - 6, 2)
+        labels[n, r:r + 8, c:c + 8] = 1
+        labels[n, r + 12:r + 20, c + 12:c + 20] = 2
+    images = np.array([0.1, 0.9, 0.5], np.float32)[labels] + rng.normal(0, 0.02, labels.shape).astype(np.float32)
+    return images[..., np.newaxis], labels
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return cifl_tf.CIFLEncoder(channels=4, features=8, name="cifl_encoder")
+
+
+def _tiny_model(kind, encoder):
+    if kind == "segmentation":
+        return cifl_tf.segmentation_model(SHAPE, 3, encoder, **TINY_UNET)
+    return cifl_tf.registration_model(SHAPE, encoder, **TINY_VXM)
+
+
+@pytest.fixture(scope="module")
+def tiny(encoder):
+    """tiny(kind, with_encoder): one shared tiny model of each kind, for tests that do not change its weights."""
+    built = {}
+
+    def get(kind, with_encoder):
+        if (kind, with_encoder) not in built:
+            built[kind, with_encoder] = _tiny_model(kind, encoder if with_encoder else None)
+        return built[kind, with_encoder]
+
+    return get
+
+
+def _fit(model, images, labels, epochs=1):
+    if isinstance(model, models.SegmentationModel):
+        model.fit(images, tf.keras.utils.to_categorical(labels, 3), epochs=epochs, batch_size=2, verbose=0)
+    else:  # unsupervised: the pairs and no targets
+        model.fit([images, images[::-1]], epochs=epochs, batch_size=2, verbose=0)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, tf.keras.Model):
+            yield from _all_layers(layer)
+
+
+def _randomize_flow(model, seed=0):
+    """Gives the flow convolution a large random kernel, so that the displacement is far from 0."""
+    layer = model.get_layer(f"{model.name}_flow")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([np.random.default_rng(seed).normal(0, 0.5, kernel.shape).astype(np.float32), bias])
+
+
+@pytest.mark.parametrize("with_encoder", [False, True])
+def test_segmentation_model_outputs_softmax_over_labels(encoder, tiny, with_encoder):
+    model = tiny("segmentation", with_encoder)
+    images, _ = blobs(2)
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (2, *SHAPE, 3)
+    assert np.all(probabilities >= 0)
+    np.testing.assert_allclose(probabilities.sum(-1), 1, atol=1e-5)
+    assert (encoder in model.layers) == with_encoder
+
+
+def test_segmentation_baseline_learns_labels_with_the_default_dice_loss():
+    images, labels = blobs(4)
+    model = cifl_tf.segmentation_model(SHAPE, 3, learning_rate=1e-2, **TINY_UNET)
+    assert isinstance(model.loss, models.SoftDiceLoss)
+    before = cifl_tf.evaluate.evaluate_segmentation(model, images, labels).summary()["dice"][0]
+    _fit(model, images, labels, epochs=30)
+    after = cifl_tf.evaluate.evaluate_segmentation(model, images, labels).summary()["dice"][0]
+    assert after > 0.9 > before
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
+def test_stacked_encoder_weights_do_not_change_during_fit(encoder, tiny, kind):
+    model = tiny(kind, True)
+    frozen = [w.numpy().copy() for w in encoder.weights]
+    others = [w.numpy().copy() for w in model.trainable_weights]
+    assert not encoder.trainable and len(model.weights) == len(model.trainable_weights) + len(frozen)
+    _fit(model, *blobs(4))
+    for before, after in zip(frozen, encoder.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    assert any(not np.array_equal(b, a.numpy()) for b, a in zip(others, model.trainable_weights))
+
+
+def test_encoder_from_a_saved_file_is_frozen_and_keeps_its_weights(encoder, tmp_path):
+    cifl_tf.save_encoder(encoder, str(tmp_path / "encoder.weights.h5"))
+    loaded = cifl_tf.load_encoder(str(tmp_path / "encoder.weights.h5"))
+    model = cifl_tf.segmentation_model(SHAPE, 3, loaded, **TINY_UNET)
+    images, labels = blobs(2)
+    _fit(model, images, labels)
+    np.testing.assert_array_equal(loaded(images).numpy(), encoder(images).numpy())
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
+@pytest.mark.parametrize("with_encoder", [False, True])
+def test_model_round_trips_through_a_keras_file_in_safe_mode(tiny, kind, with_encoder, tmp_path):
+    model = tiny(kind, with_encoder)
+    images, _ = blobs(2)
+    path = models.save_model(model, str(tmp_path))
+    assert path == str(tmp_path / models.MODEL_FILE)
+    assert [p.name for p in tmp_path.iterdir()] == [models.MODEL_FILE]  # no temporary file left behind
+    loaded = tf.keras.models.load_model(path, safe_mode=True)
+    assert type(loaded) is type(model) and loaded.get_config() == model.get_config()
+    if kind == "segmentation":
+        np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+    else:
+        np.testing.assert_array_equal(loaded.register(images, images[::-1]), model.register(images, images[::-1]))
+    assert [layer.trainable for layer in _all_layers(loaded) if isinstance(layer, cifl_tf.CIFLEncoder)] == \
+        ([False] if with_encoder else [])
+    assert type(loaded.loss) is type(model.loss)  # compiled as it was saved: loss and optimiser
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    assert models.load_model(str(tmp_path), kind).get_config() == model.get_config()
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
+def test_models_have_no_lambda_layers(tiny, kind):
+    model = tiny(kind, True)
+    assert not [layer.name for layer in _all_layers(model) if isinstance(layer, tf.keras.layers.Lambda)]
+
+
+def test_registration_loss_compares_moved_features_with_fixed_features(encoder):
+    model = cifl_tf.registration_model(SHAPE, encoder, reg_weight=0.5, **TINY_VXM)
+    _randomize_flow(model)
+    images, _ = blobs(2)
+    moving, fixed = images, images[::-1]
+    moved, field = model([moving, fixed])
+    assert moved.shape == (2, *SHAPE, encoder.channels)
+    displacement = model.register(moving, fixed)
+    assert np.abs(displacement).max() > 1  # a real deformation, not the near-identity of a fresh model
+    np.testing.assert_allclose(moved, models.warp(encoder(moving).numpy(), displacement), atol=1e-5)
+    expected = (np.mean((encoder(fixed).numpy() - moved.numpy()) ** 2)
+                + 0.5 * np.mean(vxm.losses.Grad("l2").loss(None, field).numpy()))
+    np.testing.assert_allclose(float(model.losses[0]), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("similarity", ["mse", "ncc"])
+def test_registration_loss_layer_is_voxelmorph_similarity_plus_weighted_grad(similarity):
+    rng = np.random.default_rng(0)
+    fixed, moved = (tf.constant(rng.random((2, *SHAPE, 3)), tf.float32) for _ in range(2))
+    field = tf.constant(rng.normal(0, 1, (2, 16, 16, 2)), tf.float32)
+    loss = models.RegistrationLoss(similarity, reg_weight=0.3, loss_mult=2)([fixed, moved, field])
+    similar = (vxm.losses.MSE().loss(fixed, moved) if similarity == "mse"
+               else tf.reduce_mean(vxm.losses.NCC().loss(fixed, moved)))
+    smooth = tf.reduce_mean(vxm.losses.Grad("l2", loss_mult=2).loss(None, field))
+    np.testing.assert_allclose(float(loss), float(similar + 0.3 * smooth), rtol=1e-6)
+
+
+def test_register_returns_full_resolution_displacement_with_half_resolution_integration():
+    model = cifl_tf.registration_model(SHAPE, nb_unet_features=[[8, 8], [8, 8, 8]], int_steps=2, int_resolution=2)
+    _randomize_flow(model)
+    images, _ = blobs(2)
+    moved, field = model([images, images[::-1]])
+    assert field.shape == (2, 16, 16, 2)  # the regularised velocity field is at half resolution
+    displacement = model.register(images, images[::-1])
+    assert displacement.shape == (2, *SHAPE, 2) and np.abs(displacement).max() > 1
+    np.testing.assert_allclose(moved, models.warp(images, displacement), atol=1e-5)
+
+
+def test_registration_default_weight_follows_the_similarity():
+    assert models.RegistrationLoss("ncc").reg_weight == 1.0
+    assert models.RegistrationLoss("mse").reg_weight == 0.01
+
+
+def test_pair_batches_pair_different_images_and_cover_all_pairs():
+    images = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1) * np.ones((3, 4, 4, 1), np.float32)
+    seen = set()
+    for ((moving, fixed),) in models.pair_batches(images, batch_size=4, seed=0).take(10):
+        assert moving.shape == fixed.shape == (4, 4, 4, 1)
+        seen |= {(int(m[0, 0, 0]), int(f[0, 0, 0])) for m, f in zip(moving.numpy(), fixed.numpy())}
+    assert seen == {(m, f) for m in range(3) for f in range(3) if m != f}
+    with pytest.raises(ValueError, match="at least 2 images"):
+        models.pair_batches(images[:1])
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda e: cifl_tf.segmentation_model((32,), 3), ValueError, r"inshape must be 2 or 3.*\(32,\)"),
+    (lambda e: cifl_tf.segmentation_model((32, 0), 3), ValueError, r"\(32, 0\)"),
+    (lambda e: cifl_tf.segmentation_model(32, 3), TypeError, "inshape must be a sequence"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 1), ValueError, "nb_labels must be an integer >= 2.*1"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, loss="mae"), ValueError, "loss must be one of.*'mae'"),
+    (lambda e: cifl_tf.segmentation_model((36, 36), 3, nb_levels=4), ValueError, r"\(36, 36\) must be divisible by 8"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, final_pred_activation="linear"), TypeError, "softmax"),
+    (lambda e: cifl_tf.segmentation_model((16, 16, 16), 3, e), ValueError, r"encoder is 2D but inshape \(16, 16, 16\)"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, "encoder"), TypeError, "CIFLEncoder or None, got str"),
+    (lambda e: cifl_tf.registration_model(SHAPE, similarity="mi"), ValueError, "similarity must be.*'mi'"),
+    (lambda e: cifl_tf.registration_model(SHAPE, reg_weight=-1, **TINY_VXM), ValueError, "reg_weight.*-1"),
+    (lambda e: cifl_tf.registration_model(SHAPE, bidir=True), TypeError, "may not set 'bidir'"),
+    (lambda e: cifl_tf.registration_model(SHAPE, e, src_feats=2), TypeError, "may not set 'src_feats'"),
+    (lambda e: cifl_tf.registration_model((24, 24)), ValueError, r"\(24, 24\) must be divisible by 16"),
+])
+def test_bad_arguments_are_rejected_naming_the_value(encoder, build, error, message):
+    with pytest.raises(error, match=message):
+        build(encoder)
+
+
+def test_register_rejects_images_of_the_wrong_shape(tiny):
+    model = tiny("registration", False)
+    images, _ = blobs(2)
+    with pytest.raises(ValueError, match=r"moving images must be \(B, 32, 32, 1\), got \(2, 32, 32\)"):
+        model.register(images[..., 0], images)
+    with pytest.raises(ValueError, match="2 moving but 1 fixed"):
+        model.register(images, images[:1])
+
+
+def test_load_model_rejects_files_that_hold_no_model_of_ours(tiny, tmp_path):
+    text = tmp_path / "notes.keras"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match="notes.keras: not a cifl_tf model file"):
+        models.load_model(str(text))
+    image = tf.keras.Input((4,))
+    tf.keras.Model(image, tf.keras.layers.Dense(2)(image)).save(str(tmp_path / "plain.keras"))
+    with pytest.raises(ValueError, match="plain.keras: not a cifl_tf model file.*'Functional'"):
+        models.load_model(str(tmp_path / "plain.keras"))
+    with pytest.raises(FileNotFoundError, match="missing.keras: no such model file"):
+        models.load_model(str(tmp_path / "missing.keras"))
+    models.save_model(tiny("registration", False), str(tmp_path / "reg.keras"))
+    with pytest.raises(ValueError, match="reg.keras: holds a registration model, not a segmentation model"):
+        models.load_model(str(tmp_path / "reg.keras"), "segmentation")
+
+
+def test_save_model_leaves_no_file_when_writing_fails(tmp_path, monkeypatch):
+    model = cifl_tf.segmentation_model(SHAPE, 3, **TINY_UNET)  # not shared: its save is broken here
+
+    def broken_save(path, *args, **kwargs):
+        with open(path, "w") as f:
+            f.write("half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        models.save_model(model, str(tmp_path / "seg.keras"))
+    assert list(tmp_path.iterdir()) == []

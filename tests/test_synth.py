@@ -1,0 +1,102 @@
+"""cifl_tf.synth: synthetic contrast pairs (method page, section 1)."""
+import functools
+import re
+
+import numpy as np
+import pytest
+
+import cifl_tf  # noqa: F401  (Keras 2 before tensorflow)
+import tensorflow as tf
+from cifl_tf.synth import ShapesSynth, contrast_pairs
+
+FINE = dict(label_scales=(2, 4, 8))  # shapes small enough for 32x32 / 16^3 images
+
+
+def first_batches(shape, seed, batch_size=2, count=2):
+    """The first `count` batches of a freshly built contrast_pairs dataset, as (count, 2, B, *shape, 1)."""
+    return np.array([[x.numpy() for x in pair]
+                     for pair in contrast_pairs(shape, batch_size, seed=seed).take(count)])
+
+
+cached_batches = functools.lru_cache(first_batches)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 16, 16)], ids=["2d", "3d"])
+def test_contrast_pairs_are_varied_image_pairs(shape):
+    batches = cached_batches(shape, seed=0)
+    assert batches.shape == (2, 2, 2, *shape, 1) and batches.dtype == np.float32
+    assert np.isfinite(batches).all() and batches.min() >= 0
+    first = batches[0]
+    assert not np.array_equal(first[0], first[1])            # the two views differ
+    assert not np.array_equal(first[:, 0], first[:, 1])      # so do the samples of a batch
+    assert not np.array_equal(batches[0], batches[1])        # and successive batches
+
+
+def test_same_seed_same_batches():
+    batches = cached_batches((32, 32), seed=0)
+    np.testing.assert_array_equal(first_batches((32, 32), seed=0), batches)
+    assert np.abs(first_batches((32, 32), seed=1) - batches).mean() > 0.05
+
+
+def r_squared(image, labels):
+    """Fraction of the image's variance that one mean per label explains."""
+    image, labels = image.ravel().astype(np.float64), labels.ravel()
+    fitted = np.zeros_like(image)
+    for label in np.unique(labels):
+        fitted[labels == label] = image[labels == label].mean()
+    return 1 - ((image - fitted) ** 2).sum() / ((image - image.mean()) ** 2).sum()
+
+
+def reversed_orders(x1, x2, labels):
+    """Fraction of label pairs whose mean intensities are ordered oppositely in x1 and x2."""
+    means = [np.array([x[labels == label].mean() for label in np.unique(labels)]) for x in (x1, x2)]
+    signs = [np.sign(m[:, None] - m[None, :]) for m in means]
+    return (signs[0] * signs[1] < 0).sum() / (signs[0] != 0).sum()
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 16, 16)], ids=["2d", "3d"])
+def test_views_share_anatomy_in_different_contrasts(shape):
+    labels, x1, x2 = (x.numpy() for x in ShapesSynth(shape, seed=0, **FINE)(3))
+    assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 16
+    for b in range(3):
+        other = labels[(b + 1) % 3]
+        assert len(np.unique(labels[b])) >= 6
+        for x in (x1[b], x2[b]):  # the label map explains both renders, another map does not
+            explained = r_squared(x, labels[b])
+            assert explained > 0.3 and explained > r_squared(x, other) + 0.1
+        assert reversed_orders(x1[b], x2[b], labels[b]) > 0.15   # intensities are drawn independently
+        assert np.abs(x1[b] - x2[b]).mean() > 0.05
+
+
+def test_warp_deforms_the_label_map():
+    def label_map(warp_std):
+        return tf.function(ShapesSynth((32, 32), seed=0, warp_std=warp_std, **FINE).label_map)().numpy()
+
+    straight = label_map(0)
+    np.testing.assert_array_equal(label_map(0), straight)
+    warped = label_map(3.0)
+    assert np.mean(warped != straight) > 0.05
+    assert set(np.unique(warped)) <= set(np.unique(straight))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shape=(32,)), "shape must be 2D or 3D, got (32,)"),
+    (dict(shape=(4, 4, 4, 4)), "shape must be 2D or 3D, got (4, 4, 4, 4)"),
+    (dict(shape=(32, 0)), "shape must be positive integers, got (32, 0)"),
+    (dict(shape=(32, 32), num_labels=1), "num_labels must be an integer >= 2, got 1"),
+    (dict(shape=(32, 32), label_scales=()), "label_scales must be positive integers, got ()"),
+    (dict(shape=(32, 32), warp_scales=(8, 2.5)), "warp_scales must be positive integers, got (8, 2.5)"),
+    (dict(shape=(32, 32), label_std=-1), "label_std must be a non-negative number, got -1"),
+    (dict(shape=(32, 32), warp_std="2"), "warp_std must be a non-negative number, got '2'"),
+    (dict(shape=(32, 32), one_hot=True), "ShapesSynth sets ['one_hot'] itself"),
+    (dict(shape=(32, 32), seeds={}, in_shape=(8, 8)), "ShapesSynth sets ['in_shape', 'seeds'] itself"),
+])
+def test_bad_synth_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShapesSynth(**kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [0, 2.0, True])
+def test_bad_batch_size_raises(batch_size):
+    with pytest.raises(ValueError, match=re.escape(f"batch_size must be a positive integer, got {batch_size!r}")):
+        contrast_pairs((32, 32), batch_size)

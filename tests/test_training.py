@@ -1,0 +1,155 @@
+"""cifl_tf.training: offset views (method page 3b), train_encoder, its run folder, resume and strategies."""
+import csv
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cifl_tf
+import tensorflow as tf
+from cifl_tf import load_encoder, train_encoder
+from cifl_tf.training import align_views, offset_views
+from conftest import INTERRUPTED_RUN, Interrupted
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUN_FILES = {"settings.json", "encoder.weights.h5", "encoder.json", "log.csv", "tensorboard", "result.json"}
+IMAGE = np.random.default_rng(0).uniform(size=(1, 24, 20, 1)).astype(np.float32)
+
+
+def log_rows(run):
+    with open(os.path.join(run, "log.csv")) as f:
+        return [(int(row["epoch"]), float(row["loss"])) for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("shape, max_offset", [((12, 10), 3), ((6, 5, 4), 2), ((8, 8), 0)])
+def test_offset_views_align_exactly(shape, max_offset):
+    big = np.random.default_rng(1).normal(size=(2, *(s + max_offset for s in shape), 1)).astype(np.float32)
+    pairs = tf.data.Dataset.from_tensors((big, big)).repeat()
+    shifts = []
+    for (v1, v2, shift), in offset_views(pairs, shape, max_offset, seed=0).take(12):
+        assert v1.shape == v2.shape == (2, *shape, 1)
+        shift = shift.numpy()
+        assert np.all(shift == shift[0]) and np.abs(shift).max() <= max_offset
+        f1, f2 = align_views(v1, v2, shift)
+        assert f1.shape[1:-1] == tuple(np.subtract(shape, np.abs(shift[0])))
+        np.testing.assert_array_equal(f1, f2)
+        shifts.append(tuple(shift[0]))
+        if any(shifts[-1]):  # unaligned, the two crops differ
+            assert not np.array_equal(v1, v2)
+    assert len(set(shifts)) > 1 or max_offset == 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short run: 2 epochs of 10 steps on 32x32 pairs. Returns (encoder, run folder)."""
+    run = str(tmp_path_factory.mktemp("trained") / "run")
+    encoder = train_encoder(shape=(32, 32), steps=20, steps_per_epoch=10, batch_size=2, channels=4, features=8,
+                            seed=0, synth_kwargs=dict(label_scales=[2, 4, 8]), out_dir=run, verbose=0)
+    return encoder, run
+
+
+def test_training_lowers_the_loss_and_writes_the_run(trained):
+    encoder, run = trained
+    assert RUN_FILES <= set(os.listdir(run)) and os.listdir(os.path.join(run, "tensorboard"))
+    (first_epoch, first), (last_epoch, last) = log_rows(run)
+    assert (first_epoch, last_epoch) == (0, 1) and last < first
+    with open(os.path.join(run, "result.json")) as f:
+        assert json.load(f)["final_loss"] == pytest.approx(last, rel=1e-6)
+    with open(os.path.join(run, "settings.json")) as f:
+        settings = json.load(f)
+    assert settings["shape"] == [32, 32] and settings["steps"] == 20 and settings["max_offset"] == 16
+
+
+def test_run_folder_loads_as_the_trained_encoder(trained):
+    encoder, run = trained
+    loaded = load_encoder(run, trainable=True)
+    assert loaded.get_config() == encoder.get_config()
+    np.testing.assert_array_equal(loaded(IMAGE), encoder(IMAGE))
+
+
+@pytest.mark.parametrize("run, kwargs, error, message", [
+    ("trained", {}, FileExistsError, "already holds a training run"),
+    ("trained", dict(resume=True), ValueError, "has already finished"),
+    ("interrupted", dict(resume=True, channels=8), ValueError, r"settings \['channels'\] differ"),
+    ("new", dict(resume=True), FileNotFoundError, "no run to continue"),
+    (None, dict(resume=True), ValueError, "resume needs out_dir"),
+    (None, dict(steps=0), ValueError, "steps must be a positive integer, got 0"),
+    (None, dict(max_offset=32), ValueError, "max_offset 32 must be smaller than the crop shape"),
+    (None, dict(max_offset=-1), ValueError, "max_offset must be a non-negative integer, got -1"),
+    (None, dict(strategy="tpu"), ValueError, "strategy must be one of"),
+])
+def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
+    out_dir = {"trained": lambda: request.getfixturevalue("trained")[1],
+               "interrupted": lambda: str(request.getfixturevalue("interrupted_run")()),
+               "new": lambda: str(tmp_path / "new"), None: lambda: None}[run]()
+    settings = {**INTERRUPTED_RUN, **kwargs} if run == "interrupted" else dict(shape=(32, 32), **kwargs)
+    with pytest.raises(error, match=message):
+        train_encoder(out_dir=out_dir, verbose=0, **settings)
+
+
+class RecordEpochs(tf.keras.callbacks.Callback):
+    """Records the epochs run and the encoder's output on IMAGE when the first one starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.start = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self.epochs:
+            self.start = self.model.encoder(IMAGE).numpy()
+        self.epochs.append(epoch)
+
+
+class FailOnStart(tf.keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        raise Interrupted
+
+
+def test_resume_continues_an_interrupted_run(interrupted_run):
+    """The run stopped after epoch 0 of 3; resuming runs epochs 1 and 2 from the saved weights (max_offset=0)."""
+    run = str(interrupted_run())
+    assert log_rows(run)[0][0] == 0 and len(log_rows(run)) == 1 and not os.path.exists(os.path.join(run, "result.json"))
+    checkpoint = load_encoder(run)(IMAGE).numpy()
+    with pytest.raises(Interrupted):  # a resume that dies at once leaves the last checkpoint in place
+        train_encoder(**INTERRUPTED_RUN, out_dir=run, resume=True, callbacks=[FailOnStart()], verbose=0)
+    np.testing.assert_array_equal(load_encoder(run)(IMAGE), checkpoint)
+
+    recorder = RecordEpochs()
+    encoder = train_encoder(**INTERRUPTED_RUN, out_dir=run, resume=True, callbacks=[recorder], verbose=0)
+    assert recorder.epochs == [1, 2]
+    np.testing.assert_allclose(recorder.start, checkpoint, atol=1e-6)  # continued from the checkpoint
+    assert [epoch for epoch, _ in log_rows(run)] == [0, 1, 2]
+    with open(os.path.join(run, "result.json")) as f:
+        assert math.isfinite(json.load(f)["final_loss"])
+    np.testing.assert_array_equal(load_encoder(run)(IMAGE), encoder(IMAGE))
+
+
+MIRRORED = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import cifl_tf
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+cifl_tf.train_encoder(shape=(32, 32), steps=2, steps_per_epoch=2, batch_size=2, channels=4, features=8,
+                      seed=0, out_dir=sys.argv[1], strategy=strategy, verbose=0)
+print(json.dumps({"replicas": strategy.num_replicas_in_sync,
+                  **json.load(open(sys.argv[1] + "/result.json"))}))
+"""
+
+
+def test_trains_under_mirrored_strategy(tmp_path):
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+    environ.pop("TF_USE_LEGACY_KERAS", None)
+    result = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path / "run")], env=environ, cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["replicas"] == 2 and math.isfinite(summary["final_loss"])
+    np.testing.assert_allclose(np.linalg.norm(load_encoder(str(tmp_path / "run"))(IMAGE), axis=-1), 1, rtol=1e-5)
