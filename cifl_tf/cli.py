@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import sys
-import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -240,15 +239,12 @@ def _evaluate(args):
 
 
 def _write_json(path, content):
-    """Writes JSON atomically: to a temporary file in the same folder, then renamed."""
-    temporary = os.path.join(os.path.dirname(path) or ".", f".{uuid.uuid4().hex}.json")
-    try:
+    """Writes JSON atomically (data.write_atomically: a temporary file, then renamed)."""
+    def write(temporary):
         with open(temporary, "w") as f:
             json.dump(content, f, indent=2)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+
+    data.write_atomically(path, write)
 
 
 def _add_data_args(p, part=True):
