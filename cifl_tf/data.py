@@ -296,6 +296,18 @@ def split_subjects(subjects, sizes=PAPER_SPLIT, seed=0):
     return tuple([subjects[i] for i in order[start:end]] for start, end in zip((0, *ends[:2]), ends))
 
 
+def parse_split(text):
+    """Subject split sizes from text: three counts ("232,58,100") or fractions ("0.6,0.15,0.25")."""
+    fields = text.split(",")
+    try:
+        sizes = tuple(int(f) if f.strip().isdigit() else float(f) for f in fields)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or len({type(size) for size in sizes}) != 1:
+        raise ValueError(f"split must be three counts or three fractions like 0.6,0.15,0.25, got {text!r}")
+    return sizes
+
+
 @dataclasses.dataclass
 class Dataset:
     """Images of one contrast with their label maps, one entry per image.

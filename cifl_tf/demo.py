@@ -15,9 +15,6 @@ from .encoder import PRETRAINED_DIR, PRETRAINED_TAU_GAMMAS, pretrained
 from .evaluate import segment
 from .models import warp
 
-# (subjects, segmentation epochs, registration epochs x steps): the full demo and a smoke run.
-SIZES = {"full": (48, 40, 8, 50), "quick": (8, 1, 1, 4)}
-TRAIN_FRACTION = 0.5
 
 
 def _task_table(title, results, tests):
@@ -35,10 +32,11 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
     registrations.png and encoder_training.png.
     """
     start = time.time()
-    n_subjects, seg_epochs, reg_epochs, reg_steps = SIZES["quick" if quick else "full"]
+    sizes = experiments.SIZES["quick" if quick else "demo"]
+    n_subjects = sizes["subjects"]
     os.makedirs(out_dir, exist_ok=True)
     data = demo_data.demo_dataset(n_subjects=n_subjects, seed=seed)
-    train = np.arange(int(n_subjects * TRAIN_FRACTION))
+    train = np.arange(n_subjects // 2)
     test = np.arange(len(train), n_subjects)
     labels = data.labels
     methods = experiments.methods()
@@ -46,12 +44,12 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
     seg, seg_models = experiments.segmentation_row(
         (data.inputs("t1")[train], labels[train]),
         {c: (data.inputs(c)[test], labels[test]) for c in demo_data.CONTRASTS},
-        nb_labels=len(demo_data.LABEL_NAMES), methods=methods, epochs=seg_epochs, seed=seed, verbose=verbose)
+        nb_labels=len(demo_data.LABEL_NAMES), methods=methods, epochs=sizes["seg_epochs"], seed=seed, verbose=verbose)
     reg_tests = {f"t1->{c}": experiments.cross_subject_pairs(data.inputs("t1")[test], data.inputs(c)[test],
                                                              labels[test], labels[test])
                  for c in demo_data.CONTRASTS}
     reg, reg_models = experiments.registration_row(
-        data.inputs("t1")[train], reg_tests, methods, epochs=reg_epochs, steps_per_epoch=reg_steps,
+        data.inputs("t1")[train], reg_tests, methods, epochs=sizes["reg_epochs"], steps_per_epoch=sizes["reg_steps"],
         seed=seed, verbose=verbose)
 
     tables = [_task_table("Segmentation Dice (trained on T1)", seg, demo_data.CONTRASTS),
@@ -82,12 +80,13 @@ def _figures(out_dir, data, test, seg_models, reg_models):
                    for name, model in seg_models.items()}
     figures.segmentations({c: data.images[c][first] for c in demo_data.CONTRASTS}, data.labels[first],
                           predictions, os.path.join(out_dir, "segmentations.png"),
-                          nb_labels=len(demo_data.LABEL_NAMES))
+                          label_names=demo_data.LABEL_NAMES)
     moving, fixed = data.inputs("t1")[second:second + 1], data.inputs("t2")[first:first + 1]
     fields = {name: model.register(moving, fixed) for name, model in reg_models.items()}
     figures.registrations(moving[0, ..., 0], fixed[0, ..., 0],
                           {name: warp(moving, field)[0, ..., 0] for name, field in fields.items()},
                           os.path.join(out_dir, "registrations.png"), fixed_labels=data.labels[first],
+                          title="T1 moving onto T2 fixed, trained on T1 pairs only",
                           moved_labels={name: warp(data.labels[second:second + 1, ..., None].astype(np.float32),
                                                    field, "nearest")[0, ..., 0] for name, field in fields.items()})
     figures.training_curves({experiments.method_name(t): os.path.join(PRETRAINED_DIR, f"tau_gamma_{t:g}.log.csv")

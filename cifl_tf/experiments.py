@@ -7,6 +7,7 @@ saw (and on T1, for reference). The scripts in ``experiments/`` and ``cifl demo`
     results = experiments.segmentation_row(train, tests, nb_labels=5, methods=methods)
     print(experiments.markdown_table({"seg_inverted_oasis": results}))
 """
+import argparse
 import csv
 import json
 import os
@@ -14,7 +15,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from .encoder import PRETRAINED_TAU_GAMMAS, pretrained
+from . import data, metrics
+from .encoder import PRETRAINED_TAU_GAMMAS, CIFLEncoder, load_encoder, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation
 from .models import pair_batches, registration_model, segmentation_model
 from .training import train_encoder
@@ -42,20 +44,25 @@ PAPER_DICE = {
 
 
 def methods(tau_gammas=PRETRAINED_TAU_GAMMAS, train_steps=None, out_dir=None, verbose=1):
-    """The compared feature extractors: {"baseline": None, "tau_gamma=T": CIFLEncoder, ...}.
+    """The compared feature extractors: {"baseline": None, "tau_gamma=T": frozen CIFLEncoder, ...}.
 
-    With train_steps None the shipped encoders (`pretrained`); otherwise encoders trained here with
-    `train_encoder` for that many steps (into out_dir/encoder_tau_gamma=T when out_dir is given).
+    With train_steps None the shipped encoders (`pretrained`); otherwise encoders trained here for that
+    many steps with the settings the shipped ones were made with (`pretrained_info`), into
+    out_dir/encoder_tau_gamma=T when out_dir is given.
     """
     encoders = {BASELINE: None}
+    recipes = pretrained_info()
     for tau in tau_gammas:
         if train_steps is None:
             encoders[method_name(tau)] = pretrained(tau)
-        else:
-            run = None if out_dir is None else os.path.join(out_dir, f"encoder_{method_name(tau)}")
-            encoder = train_encoder(steps=train_steps, tau_gamma=tau, seed=0, out_dir=run, verbose=verbose)
-            encoder.trainable = False
-            encoders[method_name(tau)] = encoder
+            continue
+        settings = {**recipes[f"{tau:g}"]["settings"], "steps": train_steps, "tau_gamma": tau}
+        settings["steps_per_epoch"] = min(settings["steps_per_epoch"], train_steps)
+        run = None if out_dir is None else os.path.join(out_dir, f"encoder_{method_name(tau)}")
+        _announce(f"training the encoder {method_name(tau)} for {train_steps} steps", verbose)
+        encoder = train_encoder(out_dir=run, verbose=verbose, **settings)
+        encoder.trainable = False
+        encoders[method_name(tau)] = encoder
     return encoders
 
 
@@ -116,6 +123,89 @@ def cross_subject_pairs(moving, fixed, moving_labels, fixed_labels):
     return moving, np.roll(fixed, -1, axis=0), moving_labels, np.roll(fixed_labels, -1, axis=0)
 
 
+# Sizes of a run: subjects of demo data, segmentation epochs, registration epochs x steps, encoder steps
+# with --train-encoders. "paper" applies to a data folder, "demo" without one, "quick" is a smoke run.
+SIZES = {
+    "paper": dict(subjects=None, seg_epochs=50, reg_epochs=20, reg_steps=100, encoder_steps=3000),
+    "demo": dict(subjects=48, seg_epochs=40, reg_epochs=8, reg_steps=50, encoder_steps=3000),
+    "quick": dict(subjects=8, seg_epochs=1, reg_epochs=1, reg_steps=4, encoder_steps=20),
+}
+
+
+def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["subjects"]):
+    """The training and test data of a Table 1 row, as `segmentation_row` / `registration_row` take them.
+
+    Args:
+        row: a key of ROWS.
+        data_dir: None for the demo data (`demo_data`, half the subjects train, half test); a neurite-oasis
+            folder for the OASIS rows (2D mid-coronal slices; the unseen contrast is ``data.invert``); an
+            IXI-style folder of 2D ``t1``/``t2`` slices and labels for the IXI row.
+        split: train, validation, test subject counts or fractions (default: the paper's 232/58/100,
+            ``data.PAPER_SPLIT``), or "all" to train and test on every subject (only to smoke-test tiny
+            samples: the scores are then not held out). Ignored for demo data.
+        seed: seed of the split and of the demo subjects.
+        subjects: the number of demo subjects.
+
+    Returns: (train, tests). Segmentation: train (T1 images, labels), tests {contrast: (images, labels)};
+    registration: train T1 images, tests {fixed contrast: (moving, fixed, moving labels, fixed labels)}
+    with T1 moving images of one subject onto fixed images of another (`cross_subject_pairs`).
+    Both score T1 and the row's unseen contrast.
+    """
+    if row not in ROWS:
+        raise ValueError(f"row must be one of {sorted(ROWS)}, got {row!r}")
+    task, _, _, unseen = ROWS[row]
+    if data_dir is None:
+        from . import demo_data  # needs nilearn: imported only for demo data
+        demo = demo_data.demo_dataset(n_subjects=subjects, seed=seed)
+        train, test = np.arange(subjects // 2), np.arange(subjects // 2, subjects)
+        train = (demo.images["t1"][train], demo.labels[train])
+        tests = {c: (demo.images[c][test], demo.labels[test]) for c in ("t1", unseen)}
+    else:
+        train, tests = _folder_row_data(row, data_dir, split, seed)
+    if task == "Segmentation":
+        return train, tests
+    moving = tests["t1"]
+    return train[0], {c: cross_subject_pairs(moving[0], fixed[0], moving[1], fixed[1])
+                      for c, fixed in tests.items()}
+
+
+def _folder_row_data(row, data_dir, split, seed):
+    unseen = ROWS[row][3]
+    if unseen == "t2":
+        contrasts = data.load_ixi(data_dir, contrasts=("t1", "t2"), dim=2)
+    else:
+        t1 = data.load_oasis(data_dir, dim=2)
+        contrasts = {"t1": t1, unseen: t1.map_images(data.invert)}
+    parts = {c: _train_test(dataset, split, seed) for c, dataset in contrasts.items()}
+    train = parts["t1"][0]
+    if row.startswith("reg") and len(parts["t1"][1]) < 2:
+        raise ValueError(f"{data_dir}: registration needs at least 2 test subjects to pair, the split {split} "
+                         f"leaves {len(parts['t1'][1])}")
+    return (train.images, train.labels), {c: (test.images, test.labels) for c, (_, test) in parts.items()}
+
+
+def _train_test(dataset, split, seed):
+    if split == "all":
+        return dataset, dataset
+    train, _, test = dataset.split(data.PAPER_SPLIT if split is None else split, seed)
+    if not len(train) or not len(test):
+        raise ValueError(f"the subject split {split} of {len(dataset)} subjects leaves {len(train)} for "
+                         f"training and {len(test)} for testing; pass split='all' for a tiny sample")
+    return train, test
+
+
+def run_row(row, methods, data_dir=None, size="demo", split=None, seed=0, epochs=None, verbose=1):
+    """Loads a row's data (`row_data`), trains and scores every method; returns ({method: {contrast:
+    Scores}}, {method: model}). `epochs` overrides the size's epochs of the row's task."""
+    sizes = SIZES[size]
+    train, tests = row_data(row, data_dir, split, seed, sizes["subjects"])
+    if ROWS[row][0] == "Segmentation":
+        return segmentation_row(train, tests, nb_labels=int(train[1].max()) + 1, methods=methods,
+                                epochs=epochs or sizes["seg_epochs"], seed=seed, verbose=verbose)
+    return registration_row(train, tests, methods, epochs=epochs or sizes["reg_epochs"],
+                            steps_per_epoch=sizes["reg_steps"], seed=seed, verbose=verbose)
+
+
 def save_row(out_dir, row, results):
     """Writes out_dir/row.json (mean ± std and per-image Dice) and out_dir/row.csv (one line per image)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -155,6 +245,116 @@ def markdown_table(rows, note=""):
                      + " | ".join(dice_cell(results[name][test]) for name in names) + " |")
         lines.append("| | | *paper* | " + " | ".join(f"*{PAPER_DICE[row].get(name, '')}*" for name in names) + " |")
     return "\n".join(lines)
+
+
+def invariance(encoder, images_a, images_b, masks):
+    """How contrast invariant an encoder is on the same anatomy in two contrasts (means over images).
+
+    Args:
+        encoder: a 2D CIFLEncoder, or None for a randomly initialised one (the reference).
+        images_a, images_b: (N, H, W) images in [0, 1], image n of both of the same anatomy.
+        masks: (N, H, W) booleans, e.g. the brain.
+
+    Returns: {"agreement": mean per-pixel cosine of the two feature images (`metrics.feature_agreement`),
+    "match": `metrics.match_fraction` within 2 px, "zero_input_cosine": cosine between the channel images
+    of an image and those of an all-zero input, 1 when the features ignore the image (method page 3b)}.
+    """
+    encoder = encoder or CIFLEncoder()
+    images_a, images_b = _channel_last(images_a), _channel_last(images_b)
+    features_a, features_b = np.asarray(encoder(images_a)), np.asarray(encoder(images_b))
+    zero = np.asarray(encoder(np.zeros_like(images_a[:1])))[0].reshape(-1, features_a.shape[-1])
+    scores = []
+    for fa, fb, mask in zip(features_a, features_b, masks):
+        channels = fa.reshape(-1, fa.shape[-1])
+        cosines = np.sum(channels * zero, 0) / (np.linalg.norm(channels, axis=0) * np.linalg.norm(zero, axis=0)
+                                                + 1e-9)
+        scores.append((metrics.feature_agreement(fa, fb, mask), metrics.match_fraction(fa, fb, mask),
+                       cosines.mean()))
+    return dict(zip(("agreement", "match", "zero_input_cosine"), np.mean(scores, axis=0).tolist()))
+
+
+# ---- the experiments/ scripts: one row, all rows, invariance ----
+
+def main(rows, argv=None):
+    """Command line of the experiments/ scripts: runs `rows` and writes JSON, CSV and the Markdown table."""
+    parser = argparse.ArgumentParser(description=f"Paper Table 1: {', '.join(rows)}")
+    parser.add_argument("--data", default=None, help="data folder with the paper's data: neurite-oasis for the "
+                        "OASIS rows, IXI-style 2D t1/t2 slices for the IXI row (default: the demo data)")
+    parser.add_argument("--split", type=_split_arg, default=None,
+                        help="train,val,test subject counts or fractions (default 232,58,100), or 'all'")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and single epochs")
+    parser.add_argument("--train-encoders", action="store_true",
+                        help="train the encoders here (with the shipped encoders' settings) instead of "
+                             "using the shipped ones")
+    parser.add_argument("--encoder-steps", type=int, default=None, help="steps of --train-encoders")
+    parser.add_argument("--epochs", type=int, default=None, help="override the downstream training epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    args = parser.parse_args(argv)
+    size = "quick" if args.quick else "demo" if args.data is None else "paper"
+    steps = (args.encoder_steps or SIZES[size]["encoder_steps"]) if args.train_encoders else None
+    table = {}
+    try:
+        compared = methods(train_steps=steps, out_dir=args.out)
+        for row in rows:
+            table[row], _ = run_row(row, compared, args.data, size, args.split, args.seed, args.epochs)
+            save_row(args.out, row, table[row])
+            print(row_text(row, table[row]), "\n" + row_text(row, table[row], "t1"), flush=True)
+    except (ValueError, OSError) as error:  # bad data or arguments: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    source = "demo data" if args.data is None else args.data
+    text = markdown_table(table) + f"\n\nOurs: {source}, {size} settings; *paper* rows: the paper's Table 1.\n"
+    with open(os.path.join(args.out, "table1.md"), "w") as f:
+        f.write(text)
+    print("\n" + text + f"results written to {args.out}/")
+    return table
+
+
+def invariance_main(argv=None):
+    """Command line of experiments/invariance.py: `invariance` of random, shipped and given encoders,
+    optionally with the offset ablation (method page 3b): encoders trained with and without the offset."""
+    parser = argparse.ArgumentParser(description="Contrast invariance of CIFL encoders, T1 against other "
+                                                 "contrasts of the same slices")
+    parser.add_argument("--data", default=None,
+                        help="neurite-oasis folder: T1 against inverted T1 (default: demo data, T1 against "
+                             "inverted T1, T2-like and PD-like)")
+    parser.add_argument("--encoder", action="append", default=[], help="also an encoder of yours (repeatable)")
+    parser.add_argument("--offset-ablation", type=int, default=0, metavar="STEPS",
+                        help="also train two encoders for STEPS steps, with the random offset (16 px) "
+                             "and without it (voxel-aligned views)")
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    args = parser.parse_args(argv)
+    if args.data is None:
+        from . import demo_data  # needs nilearn: imported only for demo data
+        demo = demo_data.demo_dataset(n_subjects=8)
+        t1, masks = demo.images["t1"], demo.labels > 0
+        others = {c: demo.images[c] for c in demo_data.CONTRASTS[1:]}
+    else:
+        t1 = data.load_oasis(args.data, dim=2).images
+        masks, others = t1 > 0, {"t1_inverted": np.stack([data.invert(x) for x in t1])}
+    encoders = {"random": None, **{method_name(t): pretrained(t) for t in PRETRAINED_TAU_GAMMAS},
+                **{path: load_encoder(path) for path in args.encoder}}
+    for offset in (16, 0) if args.offset_ablation else ():
+        encoders[f"max_offset={offset}, {args.offset_ablation} steps"] = train_encoder(
+            steps=args.offset_ablation, max_offset=offset, seed=0, verbose=2)
+    results = {name: {c: invariance(encoder, t1, images, masks) for c, images in others.items()}
+               for name, encoder in encoders.items()}
+    width = max(map(len, results)) + 2
+    lines = [f"{'encoder':<{width}}{'test contrast':<16}{'agreement':>10}{'match@2px':>10}{'zero-input cos':>16}"]
+    lines += [f"{name:<{width}}{c:<16}{s['agreement']:>10.3f}{s['match']:>10.3f}{s['zero_input_cosine']:>16.3f}"
+              for name, scores in results.items() for c, s in scores.items()]
+    print("\n".join(lines))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "invariance.json"), "w") as f:
+        json.dump({"data": args.data or "demo", "results": results}, f, indent=2)
+    return results
+
+
+def _split_arg(text):
+    try:
+        return text if text == "all" else data.parse_split(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--{error}, or 'all'")
 
 
 def _channel_last(images):

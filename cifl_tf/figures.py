@@ -7,6 +7,7 @@ import csv
 import os
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,9 +29,10 @@ def _labels(axis, labels, title=None, nb_labels=None):
     _show(axis, np.ma.masked_equal(labels, 0), title, cmap=LABEL_CMAP, vmin=0, vmax=max(nb_labels - 1, 1))
 
 
-def _save(figure, path):
+def _save(figure, path, layout=True):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.tight_layout()
+    if layout:
+        figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
@@ -62,32 +64,41 @@ def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
     return _save(figure, path)
 
 
-def segmentations(images, truth, predictions, path, nb_labels=None):
+def segmentations(images, truth, predictions, path, label_names=None):
     """Example segmentations: one test slice per contrast (columns), true labels, each method's labels.
 
     Args:
         images: {contrast: (H, W) image}.
         truth: (H, W) true label map.
         predictions: {method: {contrast: (H, W) label map}}.
+        label_names: names of labels 0, 1, ... for the legend (default: their numbers).
     """
     contrasts, methods = list(images), list(predictions)
+    nb_labels = len(label_names) if label_names else int(np.max(truth)) + 1
     figure, axes = plt.subplots(2 + len(methods), len(contrasts), squeeze=False,
-                                figsize=(1.8 * len(contrasts), 2.1 * (2 + len(methods))))
+                                figsize=(1.8 * len(contrasts), 2.1 * (2 + len(methods)) + 0.4))
     for col, contrast in enumerate(contrasts):
         _show(axes[0, col], images[contrast], contrast)
         _labels(axes[1, col], truth, "true labels", nb_labels)
         for row, method in enumerate(methods):
             _labels(axes[2 + row, col], predictions[method][contrast], method, nb_labels)
-    return _save(figure, path)
+    colours = plt.get_cmap(LABEL_CMAP)(np.linspace(0, 1, max(nb_labels, 2)))
+    names = label_names or [str(label) for label in range(nb_labels)]
+    figure.legend(handles=[matplotlib.patches.Patch(color=colours[label], label=names[label])
+                           for label in range(1, nb_labels)], loc="lower center", ncol=nb_labels - 1, fontsize=8)
+    figure.suptitle("Trained on T1 only: segmentations of one test slice in each contrast", fontsize=10)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(figure, path, layout=False)
 
 
-def registrations(moving, fixed, moved, path, fixed_labels=None, moved_labels=None):
+def registrations(moving, fixed, moved, path, fixed_labels=None, moved_labels=None, title=None):
     """Example registrations: moving, fixed and each method's moved image, label contours on top.
 
     Args:
         moving, fixed: (H, W) images.
         moved: {method: (H, W) moved image}; moved_labels: {method: (H, W) moved label map}.
         fixed_labels: (H, W); drawn as contours on the fixed and moved images.
+        title: figure title; the contour colours are named after it.
     """
     panels = [("moving", moving, None), ("fixed", fixed, None)]
     panels += [(method, image, (moved_labels or {}).get(method)) for method, image in moved.items()]
@@ -100,6 +111,7 @@ def registrations(moving, fixed, moved, path, fixed_labels=None, moved_labels=No
         if labels is not None:
             axis.contour(np.asarray(labels).T, levels=np.unique(labels)[:-1] + 0.5, colors="red",
                          linewidths=0.5)
+    figure.suptitle(f"{title + ': ' if title else ''}yellow, fixed labels; red, moved labels", fontsize=10)
     return _save(figure, path)
 
 
@@ -110,8 +122,9 @@ def training_curves(logs, path, title="CIFL encoder training (Eq. 1 loss)"):
         with open(log) as f:
             rows = list(csv.DictReader(f))
         axis.plot([int(r["epoch"]) + 1 for r in rows], [float(r["loss"]) for r in rows], label=name)
+    axis.set_yscale("symlog", linthresh=1)  # the first epochs at low temperature are far above the rest
     axis.set_xlabel("epoch")
-    axis.set_ylabel("loss")
+    axis.set_ylabel("loss (symlog)")
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
     return _save(figure, path)

@@ -84,3 +84,35 @@ def feature_agreement(features_a, features_b, mask=None):
         raise ValueError(f"feature_agreement: mask must be a non-empty boolean array of shape "
                          f"{dots.shape}, got shape {mask.shape} with {np.count_nonzero(mask)} pixels")
     return float(dots[mask].mean())
+
+
+def match_fraction(features_a, features_b, mask, radius=2, samples=1500, seed=0):
+    """Dense cross-contrast matching: how often a pixel's nearest feature in the other image is nearby.
+
+    For pixels p sampled in `mask`, the match in image b is the masked pixel q maximising the dot product
+    <f_a(p), f_b(q)>; p counts as matched when q lies within `radius` pixels of p (Chebyshev distance).
+    A contrast invariant and distinctive encoder scores near 1; features that ignore the image, or do
+    not agree across contrasts, score near chance (about (2 radius + 1)^ndim / mask pixels).
+
+    Args:
+        features_a, features_b: (*spatial, C) feature images of the same anatomy in two contrasts.
+        mask: boolean array of shape spatial, e.g. the brain.
+        radius: pixels of tolerance.
+        samples: pixels drawn from the mask (all of them when the mask has fewer).
+        seed: seed of the draw.
+
+    Returns: float in [0, 1].
+    """
+    features_a, features_b = np.asarray(features_a), np.asarray(features_b)
+    mask = np.asarray(mask, bool)
+    if features_a.shape != features_b.shape or mask.shape != features_a.shape[:-1] or not mask.any():
+        raise ValueError(f"match_fraction: expected two (*spatial, C) feature images of one shape and a "
+                         f"non-empty boolean mask of their spatial shape, got {features_a.shape}, "
+                         f"{features_b.shape} and mask {mask.shape} with {np.count_nonzero(mask)} pixels")
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ValueError(f"match_fraction: radius must be a non-negative integer, got {radius!r}")
+    inside = np.argwhere(mask)
+    picked = np.random.default_rng(seed).permutation(len(inside))[:samples]
+    queries = features_a[tuple(inside[picked].T)]
+    matches = inside[np.argmax(queries @ features_b[mask].T, axis=1)]
+    return float(np.mean(np.abs(matches - inside[picked]).max(axis=1) <= radius))

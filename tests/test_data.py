@@ -345,6 +345,21 @@ def test_split_rejects(subjects, sizes, message):
 
 # --- loaders on tiny fixtures ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("text, expected", [
+    ("232,58,100", (232, 58, 100)),
+    ("0.6, 0.15, 0.25", (0.6, 0.15, 0.25)),
+    ("2,0,0", (2, 0, 0)),
+])
+def test_parse_split(text, expected):
+    assert data.parse_split(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1,2", "a,b,c", "1,0.5,0.5", "1,2,3,4", ""])
+def test_parse_split_rejects(text):
+    with pytest.raises(ValueError, match=f"three counts or three fractions .*got {text!r}"):
+        data.parse_split(text)
+
+
 def test_load_oasis_2d_normalises_each_image_and_keeps_labels(oasis_tiny):
     dataset = data.load_oasis(oasis_tiny, seg="seg24")
     assert dataset.subjects == [f"OASIS_OAS1_{i:04d}_MR1" for i in range(1, 5)]

@@ -131,3 +131,46 @@ def test_feature_agreement_matches_the_formula_on_a_batch():
 def test_feature_agreement_rejects(f2_shape, mask, message):
     with pytest.raises(ValueError, match=message):
         metrics.feature_agreement(np.ones((3, 5)), np.ones(f2_shape), mask)
+
+
+def reference_match_fraction(fa, fb, mask, radius):
+    """Every masked pixel, by loops: argmax of the dot product over masked pixels of b, then distance."""
+    pixels = [tuple(p) for p in np.argwhere(mask)]
+    hits = [max(abs(np.subtract(max(pixels, key=lambda q: fa[p] @ fb[q]), p))) <= radius for p in pixels]
+    return np.mean(hits)
+
+
+def one_hot_positions(shape):
+    """Each pixel's feature is the one-hot code of its own position: perfectly distinctive."""
+    return np.eye(np.prod(shape)).reshape(*shape, -1)
+
+
+@pytest.mark.parametrize("fb_of, radius, expected", [
+    (lambda f: f, 0, 1.0),                                 # identical features: every pixel finds itself
+    (lambda f: np.roll(f, 3, axis=1), 2, 0.0),             # matches 3 px away: outside radius 2
+    (lambda f: np.roll(f, 3, axis=1), 3, 1.0),             # ... inside radius 3
+    (lambda f: np.ones_like(f), 0, 1 / 36),                # constant features: argmax is the first pixel
+])
+def test_match_fraction_by_hand(fb_of, radius, expected):
+    fa = one_hot_positions((6, 6))
+    # np.roll wraps around; on a 6-wide axis a roll by 3 is 3 px either way, so every match is 3 px off
+    assert metrics.match_fraction(fa, fb_of(fa), np.ones((6, 6), bool), radius) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed, radius", [(0, 0), (1, 1), (2, 2)])
+def test_match_fraction_matches_the_formula_on_random_features(seed, radius):
+    rng = np.random.default_rng(seed)
+    fa, fb = unit(rng.normal(size=(7, 8, 3))), unit(rng.normal(size=(7, 8, 3)))
+    mask = rng.random((7, 8)) > 0.3
+    expected = reference_match_fraction(fa, fb, mask, radius)
+    assert metrics.match_fraction(fa, fb, mask, radius, samples=10 ** 6) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("fb_shape, mask, radius, message", [
+    ((4, 5, 2), np.ones((4, 5), bool), 2, r"got \(4, 5, 3\), \(4, 5, 2\)"),
+    ((4, 5, 3), np.zeros((4, 5), bool), 2, "with 0 pixels"),
+    ((4, 5, 3), np.ones((4, 5), bool), -1, "radius must be a non-negative integer, got -1"),
+])
+def test_match_fraction_rejects(fb_shape, mask, radius, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.match_fraction(np.ones((4, 5, 3)), np.ones(fb_shape), mask, radius)

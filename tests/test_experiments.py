@@ -1,0 +1,191 @@
+"""Table 1 experiments: the compared methods, each row's data, the row runners, outputs and scripts."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cifl_tf
+from cifl_tf import experiments
+from conftest import make_ixi, make_oasis
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(channels=4, features=4)
+
+
+def test_methods_are_the_baseline_and_the_frozen_shipped_encoders():
+    compared = experiments.methods()
+    assert list(compared) == ["baseline", "tau_gamma=1", "tau_gamma=0.1", "tau_gamma=0.01"]
+    assert compared["baseline"] is None
+    for tau in cifl_tf.encoder.PRETRAINED_TAU_GAMMAS:
+        encoder = compared[experiments.method_name(tau)]
+        assert not encoder.trainable
+        expected = cifl_tf.pretrained(tau).get_weights()
+        for got, want in zip(encoder.get_weights(), expected):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_methods_trained_here_use_the_shipped_recipe(tmp_path):
+    compared = experiments.methods(tau_gammas=(1.0,), train_steps=1, out_dir=tmp_path, verbose=0)
+    assert list(compared) == ["baseline", "tau_gamma=1"] and not compared["tau_gamma=1"].trainable
+    with open(tmp_path / "encoder_tau_gamma=1" / "settings.json") as f:
+        settings = json.load(f)
+    recipe = cifl_tf.encoder.pretrained_info()["1"]["settings"]
+    assert settings == {**recipe, "steps": 1, "steps_per_epoch": 1}
+
+
+@pytest.mark.parametrize("row, unseen", [("seg_inverted_oasis", "t1_inverted"), ("reg_ixi_t1_t2", "t2")])
+def test_row_data_on_demo_subjects(row, unseen):
+    train, tests = experiments.row_data(row, subjects=4)
+    assert list(tests) == ["t1", unseen]
+    if row.startswith("seg"):
+        assert train[0].shape == train[1].shape == (2, 160, 192)
+        assert all(images.shape == labels.shape == (2, 160, 192) for images, labels in tests.values())
+        return
+    assert train.shape == (2, 160, 192)
+    moving, fixed, moving_labels, fixed_labels = tests[unseen]
+    t1_moving, t1_fixed = tests["t1"][:2]
+    np.testing.assert_array_equal(moving, t1_moving)  # both tests move the same T1 images
+    assert not np.array_equal(moving_labels, fixed_labels)  # onto other subjects
+    assert not np.array_equal(fixed, t1_fixed)  # in the unseen contrast
+
+
+def test_row_data_from_an_oasis_folder_splits_subjects_and_inverts(tmp_path):
+    make_oasis(tmp_path / "oasis", subjects=5)
+    train, tests = experiments.row_data("seg_inverted_oasis", tmp_path / "oasis", split=(2, 1, 2))
+    assert train[0].shape == (2, 16, 20) and tests["t1"][0].shape == (2, 16, 20)
+    t1, inverted = tests["t1"][0], tests["t1_inverted"][0]
+    brain = t1 > 0
+    np.testing.assert_allclose(inverted[brain], (t1.max(axis=(1, 2), keepdims=True) - t1)[brain] /
+                               (t1.max(axis=(1, 2), keepdims=True) - t1.min(axis=(1, 2), keepdims=True))[
+                                   np.nonzero(brain)[0]][:, 0, 0], atol=1e-5)
+    assert not np.isin(train[0], t1).all()  # held-out subjects
+
+
+def test_row_data_from_an_ixi_folder_pairs_t1_with_t2(tmp_path):
+    make_ixi(tmp_path / "ixi", subjects=3, shape=(16, 20))
+    train, tests = experiments.row_data("reg_ixi_t1_t2", tmp_path / "ixi", split="all")
+    assert train.shape == (3, 16, 20) and list(tests) == ["t1", "t2"]
+    assert tests["t2"][0].shape == tests["t2"][1].shape == (3, 16, 20)
+
+
+@pytest.mark.parametrize("row, split, message", [
+    ("reg_oasis_t1_inverted", (2, 1, 1), "registration needs at least 2 test subjects"),
+    ("seg_inverted_oasis", (0, 0, 4), "leaves 0 for training and 4 for testing"),
+    ("seg_inverted_oasis", (3, 3, 3), "need 9 subjects, got 4"),
+    ("no_such_row", None, "row must be one of"),
+])
+def test_row_data_rejects(oasis_tiny, row, split, message):
+    with pytest.raises(ValueError, match=message):
+        experiments.row_data(row, oasis_tiny, split=split)
+
+
+def tiny_methods():
+    return {"baseline": None, "cifl": cifl_tf.CIFLEncoder(**TINY, trainable=False)}
+
+
+def phantoms(count, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, (count, 2, 2)).repeat(16, axis=1).repeat(16, axis=2).astype(np.int32)
+    return (labels / 2 + rng.normal(0, 0.05, labels.shape)).astype(np.float32), labels
+
+
+def test_segmentation_row_scores_every_method_on_every_contrast():
+    train, test = phantoms(4, 0), phantoms(3, 1)
+    results, models = experiments.segmentation_row(train, {"t1": test, "t1_inverted": (1 - test[0], test[1])},
+                                                   nb_labels=3, methods=tiny_methods(), epochs=1, verbose=0,
+                                                   nb_features=4, nb_levels=2)
+    assert list(results) == list(models) == ["baseline", "cifl"]
+    for scores in results.values():
+        assert list(scores) == ["t1", "t1_inverted"]
+        assert all(s.dice.shape == (3, 2) for s in scores.values())
+
+
+def test_registration_row_scores_every_method_on_every_pairing():
+    images, labels = phantoms(4, 0)
+    tests = {"t1": experiments.cross_subject_pairs(images, images, labels, labels)}
+    results, _ = experiments.registration_row(images, tests, tiny_methods(), epochs=1, steps_per_epoch=2,
+                                              batch_size=2, verbose=0, nb_unet_features=[[4, 4], [4, 4]])
+    assert list(results) == ["baseline", "cifl"]
+    assert all(s["t1"].dice.shape[0] == 4 and s["t1"].folding.shape == (4,) for s in results.values())
+
+
+def test_cross_subject_pairs_moves_each_image_onto_the_next_subject():
+    moving, fixed = np.arange(3), np.arange(3) + 10
+    assert [a.tolist() for a in experiments.cross_subject_pairs(moving, fixed, moving, fixed)] == \
+        [[0, 1, 2], [11, 12, 10], [0, 1, 2], [11, 12, 10]]
+
+
+@pytest.fixture
+def row_results():
+    scores = cifl_tf.evaluate.Scores([1, 2], np.array([[0.8, 0.6], [0.9, 0.9]]), np.array([0.7, 0.9]))
+    return {"baseline": {"t1": scores, "t1_inverted": scores}, "tau_gamma=0.1": {"t1": scores, "t1_inverted": scores}}
+
+
+def test_row_outputs_json_csv_and_text(tmp_path, row_results):
+    experiments.save_row(tmp_path, "seg_inverted_oasis", row_results)
+    saved = json.loads((tmp_path / "seg_inverted_oasis.json").read_text())
+    assert saved["results"]["baseline"]["t1_inverted"]["per_image_dice"] == [0.7, 0.9]
+    assert saved["results"]["baseline"]["t1_inverted"]["dice"] == pytest.approx([0.8, 0.1])
+    with open(tmp_path / "seg_inverted_oasis.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["method", "test", "image", "dice"] and len(rows) == 1 + 2 * 2 * 2
+    assert rows[1] == ["baseline", "t1", "0", "0.7000"]
+    assert experiments.row_text("seg_inverted_oasis", row_results) == \
+        "Inverted OASIS T1 (t1_inverted): baseline 0.80 ± 0.10, tau_gamma=0.1 0.80 ± 0.10"
+
+
+def test_markdown_table_puts_the_paper_under_each_row(row_results):
+    lines = experiments.markdown_table({"seg_inverted_oasis": row_results}).splitlines()
+    assert lines[0] == "| Task | Dimension | Dataset | baseline | tau_gamma=0.1 |"
+    assert lines[2] == "| Segmentation | 2D | Inverted OASIS T1 | 0.80 ± 0.10 | 0.80 ± 0.10 |"
+    assert lines[3] == "| | | *paper* | *0.18 ± 0.01* | *0.83 ± 0.04* |"
+
+
+def test_invariance_of_an_encoder_with_itself_and_of_a_shortcut():
+    images = phantoms(2, 0)[0].clip(0, 1)
+    masks = np.ones(images.shape, bool)
+    same = experiments.invariance(cifl_tf.CIFLEncoder(**TINY), images, images, masks)
+    assert same["agreement"] == pytest.approx(1, abs=1e-5)
+
+    class InputIgnoringEncoder:  # the shortcut of method page 3b: the same features for every input
+        def __call__(self, batch):
+            return np.ones((*np.shape(batch)[:-1], 2), np.float32) / np.sqrt(2)
+
+    shortcut = experiments.invariance(InputIgnoringEncoder(), images, 1 - images, masks)
+    assert shortcut["agreement"] == pytest.approx(1) and shortcut["zero_input_cosine"] == pytest.approx(1)
+    assert shortcut["match"] == pytest.approx(9 / images[0].size)  # all match pixel (0, 0): 3x3 are within 2 px
+
+
+def test_shipped_encoder_is_far_more_contrast_invariant_than_a_random_one():
+    demo = cifl_tf.demo_data.demo_dataset(n_subjects=2, seed=0)
+    args = demo.images["t1"], demo.images["t1_inverted"], demo.labels > 0
+    shipped, random = experiments.invariance(cifl_tf.pretrained(0.1), *args), experiments.invariance(None, *args)
+    assert shipped["match"] > random["match"] + 0.3
+    assert shipped["zero_input_cosine"] < 0.5
+
+
+def test_experiment_script_runs_a_quick_row_on_a_data_folder(tmp_path):
+    make_oasis(tmp_path / "oasis", subjects=3, volume_shape=(32, 32, 4))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "reg_oasis_t1_inverted.py"),
+                             "--data", str(tmp_path / "oasis"), "--split", "all", "--quick",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OASIS T1-Inverted T1 (t1_inverted): baseline" in result.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["reg_oasis_t1_inverted.csv", "reg_oasis_t1_inverted.json",
+                                                    "table1.md"]
+    assert "| Registration | 2D | OASIS T1-Inverted T1 |" in (tmp_path / "out" / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--split", "1,2"], "--split must be three counts or three fractions"),
+    (["--epochs", "x"], "invalid int value"),
+    (["--data", "/no/such/folder"], "error: /no/such/folder"),
+])
+def test_experiment_arguments_are_checked(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        experiments.main(["seg_inverted_oasis"], argv)
+    assert message in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""Figures: each writes a PNG of the expected layout (panels x panel size), from tiny inputs."""
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+import cifl_tf
+from cifl_tf import figures
+
+RNG = np.random.default_rng(0)
+IMAGE = RNG.random((32, 32)).astype(np.float32)
+LABELS = (IMAGE * 3).astype(np.int32)
+
+
+def pixels(path):
+    """(height, width) of a PNG in pixels."""
+    return plt.imread(path).shape[:2]
+
+
+def test_figure2_has_a_row_per_contrast_and_a_column_per_channel(tmp_path):
+    encoder = cifl_tf.CIFLEncoder(channels=4, features=4)
+    path = figures.feature_channels(encoder, {"t1": IMAGE, "t1_inverted": 1 - IMAGE}, tmp_path / "f2.png",
+                                    channels=3)
+    assert pixels(path) == (2 * 200, 4 * 160)  # figsize (1.6 (channels + 1), 2 rows) at 100 dpi
+
+
+def test_segmentations_have_rows_for_images_truth_and_each_method(tmp_path):
+    predictions = {"baseline": {"t1": LABELS, "t2": LABELS}, "cifl": {"t1": LABELS, "t2": 2 - LABELS}}
+    path = figures.segmentations({"t1": IMAGE, "t2": 1 - IMAGE}, LABELS, predictions, tmp_path / "seg.png",
+                                 label_names=("background", "CSF", "GM"))
+    assert pixels(path) == (int(100 * (2.1 * 4 + 0.4)), 2 * 180)
+
+
+def test_registrations_show_moving_fixed_and_each_moved_image(tmp_path):
+    path = figures.registrations(IMAGE, IMAGE.T, {"baseline": IMAGE, "cifl": IMAGE.T}, tmp_path / "reg.png",
+                                 fixed_labels=LABELS.T, moved_labels={"cifl": LABELS.T}, title="T1 onto T2")
+    assert pixels(path) == (260, 4 * 200)
+
+
+def test_training_curves_read_keras_csv_logs(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,val_loss\n0,40.0,NA\n1,2.5,NA\n2,-0.3,NA\n")
+    path = figures.training_curves({"tau_gamma=0.01": log}, tmp_path / "curves.png")
+    assert pixels(path) == (320, 500)
+
+
+def test_training_curves_name_a_missing_log(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        figures.training_curves({"run": tmp_path / "missing.csv"}, tmp_path / "curves.png")
