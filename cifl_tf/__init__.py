@@ -1,12 +1,9 @@
 """cifl-tf: contrast invariant feature learning (CIFL) for TensorFlow/Keras, voxelmorph and neurite."""
 from . import _compat  # noqa: F401  (must run before anything touches tf.keras)
-from . import synth
+from . import data, demo_data, evaluate, metrics, synth
 from .encoder import CIFLEncoder, L2Normalize, encoder_model, load_encoder, pretrained, save_encoder
 from .losses import ContrastiveLoss, contrastive_loss
+from .models import registration_model, segmentation_model
+from .training import train_encoder
 
 __version__ = "0.1.0"
-from .training import train_encoder
-from . import demo_data
-from . import data, metrics
-from .models import registration_model, segmentation_model
-from . import evaluate

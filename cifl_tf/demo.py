@@ -50,6 +50,7 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
                  for c in demo_data.CONTRASTS}
     reg, reg_models = experiments.registration_row(
         data.inputs("t1")[train], reg_tests, methods, epochs=sizes["reg_epochs"], steps_per_epoch=sizes["reg_steps"],
+        learning_rate=sizes["reg_learning_rate"],
         seed=seed, verbose=verbose)
 
     tables = [_task_table("Segmentation Dice (trained on T1)", seg, demo_data.CONTRASTS),

@@ -123,12 +123,15 @@ def cross_subject_pairs(moving, fixed, moving_labels, fixed_labels):
     return moving, np.roll(fixed, -1, axis=0), moving_labels, np.roll(fixed_labels, -1, axis=0)
 
 
-# Sizes of a run: subjects of demo data, segmentation epochs, registration epochs x steps, encoder steps
-# with --train-encoders. "paper" applies to a data folder, "demo" without one, "quick" is a smoke run.
+# Sizes of a run: subjects of demo data, segmentation epochs, registration epochs x steps and learning rate,
+# encoder steps with --train-encoders. "paper" applies to a data folder, "demo" without one (`cifl demo`
+# fits in 10 minutes on 2 CPU cores), "quick" is a smoke run.
 SIZES = {
-    "paper": dict(subjects=None, seg_epochs=50, reg_epochs=20, reg_steps=100, encoder_steps=3000),
-    "demo": dict(subjects=48, seg_epochs=40, reg_epochs=8, reg_steps=50, encoder_steps=3000),
-    "quick": dict(subjects=8, seg_epochs=1, reg_epochs=1, reg_steps=4, encoder_steps=20),
+    "paper": dict(subjects=None, seg_epochs=50, reg_epochs=20, reg_steps=100, reg_learning_rate=1e-4,
+                  encoder_steps=3000),
+    "demo": dict(subjects=40, seg_epochs=25, reg_epochs=3, reg_steps=50, reg_learning_rate=1e-3,
+                 encoder_steps=3000),
+    "quick": dict(subjects=8, seg_epochs=1, reg_epochs=1, reg_steps=4, reg_learning_rate=1e-3, encoder_steps=20),
 }
 
 
@@ -203,7 +206,8 @@ def run_row(row, methods, data_dir=None, size="demo", split=None, seed=0, epochs
         return segmentation_row(train, tests, nb_labels=int(train[1].max()) + 1, methods=methods,
                                 epochs=epochs or sizes["seg_epochs"], seed=seed, verbose=verbose)
     return registration_row(train, tests, methods, epochs=epochs or sizes["reg_epochs"],
-                            steps_per_epoch=sizes["reg_steps"], seed=seed, verbose=verbose)
+                            steps_per_epoch=sizes["reg_steps"], seed=seed, verbose=verbose,
+                            learning_rate=sizes["reg_learning_rate"])
 
 
 def save_row(out_dir, row, results):

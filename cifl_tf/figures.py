@@ -17,7 +17,8 @@ LABEL_CMAP = "tab10"
 
 
 def _show(axis, image, title=None, cmap="gray", **kwargs):
-    axis.imshow(np.asarray(image).T, cmap=cmap, interpolation="nearest", **kwargs)
+    # np.ma.asarray keeps the mask that leaves a label map's background unpainted
+    axis.imshow(np.ma.asarray(image).T, cmap=cmap, interpolation="nearest", **kwargs)
     axis.set_xticks([])
     axis.set_yticks([])
     if title:
@@ -103,9 +104,9 @@ def registrations(moving, fixed, moved, path, fixed_labels=None, moved_labels=No
     panels = [("moving", moving, None), ("fixed", fixed, None)]
     panels += [(method, image, (moved_labels or {}).get(method)) for method, image in moved.items()]
     figure, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.6), squeeze=False)
-    for axis, (title, image, labels) in zip(axes[0], panels):
-        _show(axis, image, title)
-        if fixed_labels is not None and title != "moving":
+    for axis, (name, image, labels) in zip(axes[0], panels):
+        _show(axis, image, name)
+        if fixed_labels is not None and name != "moving":
             axis.contour(np.asarray(fixed_labels).T, levels=np.unique(fixed_labels)[:-1] + 0.5,
                          colors="yellow", linewidths=0.5)
         if labels is not None:

@@ -1,6 +1,6 @@
 """Paper Table 1, every row: writes results/table1.md, ours beside the paper's numbers.
 
-    python experiments/table1.py           # demo data (no download), about an hour on 2 CPU cores
+    python experiments/table1.py           # demo data (no download)
     python experiments/table1.py --quick   # smoke run
 
 With real data run the row scripts, each with its folder (OASIS rows: neurite-oasis; IXI row: IXI-style).

@@ -46,3 +46,11 @@ def test_training_curves_read_keras_csv_logs(tmp_path):
 def test_training_curves_name_a_missing_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         figures.training_curves({"run": tmp_path / "missing.csv"}, tmp_path / "curves.png")
+
+
+def test_label_maps_leave_the_background_unpainted():
+    figure, axis = plt.subplots()
+    figures._labels(axis, LABELS, nb_labels=3)
+    shown = axis.images[0].get_array()
+    np.testing.assert_array_equal(np.ma.getmaskarray(shown), LABELS.T == 0)
+    plt.close(figure)
