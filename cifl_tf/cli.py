@@ -42,7 +42,7 @@ def _train_encoder(args):
                         channels=args.channels, features=args.features, tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
                         learning_rate=args.learning_rate, seed=args.seed,
-                        steps_per_epoch=min(args.steps_per_epoch, args.steps))
+                        steps_per_epoch=args.steps_per_epoch)
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 

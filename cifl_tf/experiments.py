@@ -57,7 +57,6 @@ def methods(tau_gammas=PRETRAINED_TAU_GAMMAS, train_steps=None, out_dir=None, ve
             encoders[method_name(tau)] = pretrained(tau)
             continue
         settings = {**recipes[f"{tau:g}"]["settings"], "steps": train_steps, "tau_gamma": tau}
-        settings["steps_per_epoch"] = min(settings["steps_per_epoch"], train_steps)
         run = None if out_dir is None else os.path.join(out_dir, f"encoder_{method_name(tau)}")
         _announce(f"training the encoder {method_name(tau)} for {train_steps} steps", verbose)
         encoder = train_encoder(out_dir=run, verbose=verbose, **settings)

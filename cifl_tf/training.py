@@ -137,7 +137,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             the backup that `resume` continues from. None: nothing is written.
         resume: continue the unfinished run in `out_dir` from its last epoch.
         strategy: None (the current one), "default", "mirrored" or a tf.distribute.Strategy.
-        steps_per_epoch: steps between checkpoints and log rows.
+        steps_per_epoch: steps between checkpoints and log rows (at most `steps`).
         synth_kwargs: ShapesSynth arguments (label scales, intensity ranges, ...).
         callbacks: more Keras callbacks.
 
@@ -153,6 +153,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
+    steps_per_epoch = min(steps_per_epoch, steps)  # else a short run would train a whole epoch
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
                     features=features, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
                     max_offset=max_offset, learning_rate=learning_rate, seed=seed,

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -189,3 +190,14 @@ def test_experiment_arguments_are_checked(capsys, argv, message):
     with pytest.raises(SystemExit):
         experiments.main(["seg_inverted_oasis"], argv)
     assert message in capsys.readouterr().err
+
+
+def test_invariance_script_compares_random_shipped_and_offset_ablation_encoders(oasis_tiny, tmp_path, capsys):
+    results = experiments.invariance_main(["--data", str(oasis_tiny), "--offset-ablation", "1",
+                                           "--out", str(tmp_path)])
+    assert list(results) == ["random", "tau_gamma=1", "tau_gamma=0.1", "tau_gamma=0.01",
+                             "max_offset=16, 1 steps", "max_offset=0, 1 steps"]
+    assert all(list(scores) == ["t1_inverted"] for scores in results.values())
+    saved = json.loads((tmp_path / "invariance.json").read_text())
+    assert saved["results"]["tau_gamma=0.1"]["t1_inverted"] == pytest.approx(results["tau_gamma=0.1"]["t1_inverted"])
+    assert re.search(r"\ntau_gamma=0.1 +t1_inverted +0\.\d{3} +0\.\d{3} +0\.\d{3}\n", capsys.readouterr().out)

@@ -153,3 +153,15 @@ def test_trains_under_mirrored_strategy(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["replicas"] == 2 and math.isfinite(summary["final_loss"])
     np.testing.assert_allclose(np.linalg.norm(load_encoder(str(tmp_path / "run"))(IMAGE), axis=-1), 1, rtol=1e-5)
+
+
+def test_a_run_shorter_than_an_epoch_trains_only_its_steps():
+    class CountBatches(tf.keras.callbacks.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            CountBatches.batches += 1
+
+    train_encoder(shape=(32, 32), steps=3, steps_per_epoch=100, batch_size=2, channels=4, features=4,
+                  max_offset=4, seed=0, callbacks=[CountBatches()], verbose=0)
+    assert CountBatches.batches == 3
