@@ -144,7 +144,8 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
             IXI-style folder of 2D ``t1``/``t2`` slices and labels for the IXI row.
         split: train, validation, test subject counts or fractions (default: the paper's 232/58/100,
             ``data.PAPER_SPLIT``), or "all" to train and test on every subject (only to smoke-test tiny
-            samples: the scores are then not held out). Ignored for demo data.
+            samples: the scores are then not held out). Demo data has its own half/half split: giving
+            a split without data_dir is an error.
         seed: seed of the split and of the demo subjects.
         subjects: the number of demo subjects.
 
@@ -156,6 +157,8 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
     if row not in ROWS:
         raise ValueError(f"row must be one of {sorted(ROWS)}, got {row!r}")
     task, _, _, unseen = ROWS[row]
+    if data_dir is None and split is not None:
+        raise ValueError(f"split {split!r} needs a data folder: the demo data is always split half/half")
     if data_dir is None:
         from . import demo_data  # needs nilearn: imported only for demo data
         demo = demo_data.demo_dataset(n_subjects=subjects, seed=seed)

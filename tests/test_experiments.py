@@ -84,6 +84,11 @@ def test_row_data_rejects(oasis_tiny, row, split, message):
         experiments.row_data(row, oasis_tiny, split=split)
 
 
+def test_row_data_rejects_a_split_of_the_demo_data():
+    with pytest.raises(ValueError, match=r"split \(1, 0, 1\) needs a data folder"):
+        experiments.row_data("seg_inverted_oasis", None, split=(1, 0, 1), subjects=2)
+
+
 def tiny_methods():
     return {"baseline": None, "cifl": cifl_tf.CIFLEncoder(**TINY, trainable=False)}
 
