@@ -6,18 +6,25 @@ Each sub-command is a function `_name(args)` registered in `_parser()`. Errors t
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 
 import numpy as np
 import tensorflow as tf
 
-from . import data, models
+from . import checkpoints, data, models
+from .callbacks import StopOnNonFinite
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .training import train_encoder
 
-DEFAULTS = {name: p.default for name, p in inspect.signature(train_encoder).parameters.items()}
+def _defaults(function):
+    """{argument: default} of a function, so that the command line defaults are the Python API's."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()}
+
+
+DEFAULTS = _defaults(train_encoder)
 
 
 def _shape(text):
@@ -165,26 +172,30 @@ def _check_labels(dataset, nb_labels, folder):
                              f"outside the labels 0..{nb_labels - 1}")
 
 
-def _start_run(args):
-    """Seeds the run and checks that --out holds no model yet; returns the model file to write."""
-    path = os.path.join(args.out, models.MODEL_FILE)
-    if os.path.exists(path):
-        raise FileExistsError(f"{path}: already exists; choose another --out folder")
-    tf.keras.utils.set_random_seed(args.seed)
-    return path
+def _run_settings(args):
+    """The arguments of a training command as its settings.json holds them (--resume must repeat them)."""
+    return json.loads(json.dumps({key: value for key, value in vars(args).items() if key not in ("run", "resume")}))
 
 
-def _train_run(args, path, model, fit_kwargs):
-    """Fits `model` with a progress bar and log.csv in --out, then writes the model file `path`."""
-    os.makedirs(args.out, exist_ok=True)
-    model.fit(epochs=args.epochs, callbacks=[tf.keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv"))],
-              verbose=1, **fit_kwargs)
-    models.save_model(model, path)
-    print(f"model written to {path}")
+def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
+    """Fits `model` in --out, resumable, then writes --out/model.keras.
+
+    --out holds settings.json, checkpoints/ (weights, optimizer and epoch, saved at each epoch end),
+    and log.csv; --resume continues from the last checkpoint. `batches(first_epoch)` is the training
+    dataset from that epoch on, a pure function of --seed and the step, so that a resumed run trains
+    on the same batches as one that ran through.
+    """
+    checkpoints.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE)
+    checkpoint = checkpoints.EpochCheckpoint(os.path.join(args.out, "checkpoints"))
+    first_epoch = checkpoint.restore(model)
+    log = tf.keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv"), append=args.resume)
+    model.fit(batches(first_epoch), initial_epoch=first_epoch, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+              callbacks=[StopOnNonFinite(), log, checkpoint], verbose=1, **fit_kwargs)
+    print(f"model written to {models.save_model(model, args.out)}")
 
 
 def _train_seg(args):
-    path = _start_run(args)
+    tf.keras.utils.set_random_seed(args.seed)
     dataset = _dataset(args, args.contrast, args.dim)
     nb_labels = args.nb_labels or int(dataset.labels.max()) + 1
     _check_labels(dataset, nb_labels, args.data)
@@ -196,19 +207,22 @@ def _train_seg(args):
     def arrays(part):  # (images (N, *shape, 1), one-hot labels (N, *shape, L))
         return part.images[..., np.newaxis], tf.keras.utils.to_categorical(part.labels, nb_labels)
 
-    _train_run(args, path, model, dict(zip(("x", "y"), arrays(train)), batch_size=args.batch_size, shuffle=True,
-                                       validation_data=arrays(val) if len(val) else None))
+    images_labels = arrays(train)
+    _train_run(args, model, lambda first: checkpoints.epoch_batches(images_labels, args.batch_size, args.seed, first),
+               math.ceil(len(train) / args.batch_size), validation_data=arrays(val) if len(val) else None)
 
 
 def _train_reg(args):
-    path = _start_run(args)
+    tf.keras.utils.set_random_seed(args.seed)
     train = _part(_dataset(args, args.contrast, args.dim), args, "train")
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
     model = models.registration_model(train.images.shape[1:], _encoder(args), similarity=args.similarity,
                                       reg_weight=args.reg_weight, learning_rate=args.learning_rate,
                                       int_steps=args.int_steps, **unet)
-    pairs = models.pair_batches(train.images[..., np.newaxis], args.batch_size, args.seed)
-    _train_run(args, path, model, dict(x=pairs, steps_per_epoch=args.steps_per_epoch))
+    images = train.images[..., np.newaxis]
+    _train_run(args, model, lambda first: models.pair_batches(images, args.batch_size, args.seed,
+                                                              first * args.steps_per_epoch),
+               args.steps_per_epoch)
 
 
 def _evaluate(args):
@@ -229,17 +243,8 @@ def _evaluate(args):
         task = f"registration {args.moving_contrast} -> {args.contrast}"
     print(f"{task}, {args.part} part of {args.data}:\n{scores}")
     if args.json:
-        _write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
+        checkpoints.write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
                                     **scores.summary()))
-
-
-def _write_json(path, content):
-    """Writes JSON atomically (data.write_atomically: a temporary file, then renamed)."""
-    def write(temporary):
-        with open(temporary, "w") as f:
-            json.dump(content, f, indent=2)
-
-    data.write_atomically(path, write)
 
 
 def _add_data_args(p, part=True):
@@ -255,7 +260,10 @@ def _add_data_args(p, part=True):
 
 def _add_train_args(p, epochs, batch_size, learning_rate):
     _add_data_args(p, part=False)
-    p.add_argument("--out", required=True, help="output folder: model.keras and log.csv")
+    p.add_argument("--out", required=True,
+                   help="output folder: model.keras, log.csv, settings.json and checkpoints/ (for --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last finished epoch (same arguments)")
     _add_encoder_args(p, required=False)
     p.add_argument("--dim", type=int, choices=(2, 3), default=2)
     p.add_argument("--contrast", default="t1", help="training images: t1, inverted, or an IXI contrast name")
@@ -323,19 +331,22 @@ def _parser():
     p.set_defaults(run=_register)
 
     p = commands.add_parser("train-seg", help="train a UNet on (encoder features of) T1 images and label maps")
-    _add_train_args(p, epochs=50, batch_size=8, learning_rate=1e-3)
-    p.add_argument("--loss", choices=sorted(models.SEG_LOSSES), default="dice")
+    seg_defaults = _defaults(models.segmentation_model)
+    _add_train_args(p, epochs=50, batch_size=8, learning_rate=seg_defaults["learning_rate"])
+    p.add_argument("--loss", choices=sorted(models.SEG_LOSSES), default=seg_defaults["loss"])
     p.add_argument("--nb-labels", type=int, default=None, help="default: the largest label in the data + 1")
     p.add_argument("--nb-features", type=int, default=models.UNET_DEFAULTS["nb_features"])
     p.add_argument("--nb-levels", type=int, default=models.UNET_DEFAULTS["nb_levels"])
     p.set_defaults(run=_train_seg)
 
     p = commands.add_parser("train-reg", help="train VxmDense unsupervised on pairs of (encoder features of) images")
-    _add_train_args(p, epochs=20, batch_size=4, learning_rate=1e-4)
+    reg_defaults = _defaults(models.registration_model)
+    _add_train_args(p, epochs=20, batch_size=4, learning_rate=reg_defaults["learning_rate"])
     p.add_argument("--steps-per-epoch", type=int, default=100)
-    p.add_argument("--similarity", choices=models.SIMILARITIES, default="mse")
-    p.add_argument("--reg-weight", type=float, default=None,
-                   help="weight of the smoothness term (default: 0.01 for mse, 1 for ncc)")
+    p.add_argument("--similarity", choices=models.SIMILARITIES, default=reg_defaults["similarity"])
+    p.add_argument("--reg-weight", type=float, default=reg_defaults["reg_weight"],
+                   help="weight of the smoothness term (default: "
+                        + ", ".join(f"{w:g} for {s}" for s, w in models.REG_WEIGHTS.items()) + ")")
     p.add_argument("--int-steps", type=int, default=7, help="integration steps (0: no diffeomorphic integration)")
     p.add_argument("--nb-features", type=int, default=None, help="UNet features per level (default: VxmDense's)")
     p.add_argument("--nb-levels", type=int, default=5, help="UNet levels, with --nb-features")

@@ -17,8 +17,8 @@ import tensorflow as tf
 
 from . import data, metrics
 from .encoder import PRETRAINED_TAU_GAMMAS, CIFLEncoder, load_encoder, pretrained, pretrained_info
-from .evaluate import evaluate_registration, evaluate_segmentation
-from .models import pair_batches, registration_model, segmentation_model
+from .evaluate import _score, evaluate_registration, evaluate_segmentation
+from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
 from .training import train_encoder
 
 BASELINE = "baseline"
@@ -353,6 +353,84 @@ def invariance_main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "invariance.json"), "w") as f:
         json.dump({"data": args.data or "demo", "results": results}, f, indent=2)
+    return results
+
+
+def defaults_data(folder, indices=range(60, 161), gap=8):
+    """Real 2D data to check the downstream defaults: coronal slices of the 3D volumes of a neurite-oasis folder.
+
+    Args:
+        folder: neurite-oasis folder; every subject with ``aligned_norm`` (3D) files is used.
+        indices: slice indices along the last (coronal) axis; even ones train, odd ones test.
+        gap: registration test pairs are held-out slice n moving onto held-out slice n + gap.
+
+    Returns: (train, test, pairs): train and test Datasets of (N, H, W) slices, and the registration
+    test pairs (moving, fixed, moving labels, fixed labels) of the test slices, each (M, H, W).
+    """
+    folder = os.fspath(folder)
+    subjects = [name for name in sorted(os.listdir(folder))
+                if os.path.isfile(os.path.join(folder, name, "aligned_norm.nii.gz"))]
+    if not subjects:
+        raise data.DataError(f"{folder}: no subject folder holds aligned_norm.nii.gz (3D) files")
+    volumes = data.load_oasis(folder, dim=3, subjects=subjects)
+    indices = np.asarray(indices)
+    train, test = (volumes.slices(-1, indices[indices % 2 == parity]) for parity in (0, 1))
+    step = gap // 2  # test slices are 2 apart
+    same_subject = [i for i in range(len(test) - step) if test.subjects[i] == test.subjects[i + step]]
+    if not same_subject:
+        raise ValueError(f"gap {gap} leaves no pair of test slices {step * 2} apart")
+    moving, fixed = np.asarray(same_subject), np.asarray(same_subject) + step
+    return train, test, (test.images[moving], test.images[fixed], test.labels[moving], test.labels[fixed])
+
+
+def defaults_main(argv=None):
+    """Command line of experiments/defaults.py: do ``registration_model`` and ``segmentation_model`` with
+    their default arguments improve on real slices within a CPU budget? Registration options given on
+    the command line override the defaults (e.g. voxelmorph's own, to compare)."""
+    parser = argparse.ArgumentParser(description="Downstream models with default arguments on real slices")
+    parser.add_argument("--data", required=True, help="neurite-oasis folder with 3D aligned_* files")
+    parser.add_argument("--steps", type=int, default=150, help="registration training steps")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seg-epochs", type=int, default=10, help="segmentation epochs (0: skip it)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, help="override registration_model's default")
+    parser.add_argument("--similarity", choices=SIMILARITIES, help="override registration_model's default")
+    parser.add_argument("--reg-weight", type=float, help="override registration_model's default")
+    parser.add_argument("--int-steps", type=int, help="override VxmDense's default")
+    parser.add_argument("--int-resolution", type=int, help="override VxmDense's default")
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    args = parser.parse_args(argv)
+    overrides = {key: value for key, value in vars(args).items()
+                 if key in ("learning_rate", "similarity", "reg_weight", "int_steps", "int_resolution")
+                 and value is not None}
+    try:
+        train, test, pairs = defaults_data(args.data)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    identity = _score(pairs[2], pairs[3], range(1, int(pairs[3].max()) + 1))
+    tf.keras.utils.set_random_seed(args.seed)
+    model = registration_model(train.images.shape[1:], **overrides)
+    model.fit(pair_batches(_channel_last(train.images), args.batch_size, args.seed), epochs=1,
+              steps_per_epoch=args.steps, verbose=2)
+    registered = evaluate_registration(model, pairs[0], pairs[1], pairs[2], pairs[3])
+    results = {"registration": {"overrides": overrides, "steps": args.steps, "batch_size": args.batch_size,
+                                "pairs": len(pairs[0]), "identity_dice": identity.summary()["dice"],
+                                "registered_dice": registered.summary()["dice"]}}
+    print(f"registration ({overrides or 'defaults'}), {len(pairs[0])} held-out pairs: identity Dice "
+          f"{dice_cell(identity)}, after {args.steps} steps {dice_cell(registered)}", flush=True)
+    if args.seg_epochs:
+        nb_labels = int(train.labels.max()) + 1
+        model = segmentation_model(train.images.shape[1:], nb_labels)
+        model.fit(_channel_last(train.images), tf.keras.utils.to_categorical(train.labels, nb_labels),
+                  batch_size=8, epochs=args.seg_epochs, verbose=2)
+        segmented = evaluate_segmentation(model, test.images, test.labels)
+        results["segmentation"] = {"epochs": args.seg_epochs, "test_images": len(test),
+                                   "dice": segmented.summary()["dice"]}
+        print(f"segmentation (defaults), {len(test)} held-out slices: Dice {dice_cell(segmented)} after "
+              f"{args.seg_epochs} epochs", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "defaults.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
     return results
 
 

@@ -321,12 +321,16 @@ def warp(images, displacement, interp_method="linear"):
     return transformer([images, displacement]).numpy()
 
 
-def pair_batches(images, batch_size=1, seed=None):
+def pair_batches(images, batch_size=1, seed=None, first_step=0):
     """Endless batches of random (moving, fixed) pairs of different images, for ``fit``.
+
+    Batch k is a pure function of (seed, k), so a run resumed at step k (``first_step``) draws the
+    same pairs as one that ran through.
 
     Args:
         images: (N, *inshape, 1), N >= 2.
-        seed: integer for a reproducible draw.
+        seed: integer for a reproducible draw; None: a fresh random seed.
+        first_step: the index of the first batch (a resumed run's initial_epoch * steps_per_epoch).
 
     Returns: tf.data.Dataset of ((moving, fixed),), each (batch_size, *inshape, 1): the input of a
     RegistrationModel.
@@ -334,16 +338,19 @@ def pair_batches(images, batch_size=1, seed=None):
     images = np.asarray(images, np.float32)
     if len(images) < 2:
         raise ValueError(f"registration training needs at least 2 images to pair, got {len(images)}")
-    rng = np.random.default_rng(seed)
+    if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or first_step < 0:
+        raise ValueError(f"first_step must be a non-negative integer, got {first_step!r}")
+    seed = np.random.default_rng().integers(2 ** 31) if seed is None else seed
+    count, stack = len(images), tf.constant(images)
 
-    def draw():
-        while True:
-            moving = rng.integers(0, len(images), batch_size)
-            fixed = (moving + rng.integers(1, len(images), batch_size)) % len(images)  # never the same image
-            yield ((images[moving], images[fixed]),)
+    def draw(step):
+        seeds = tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), step]), 2)
+        moving = tf.random.stateless_uniform([batch_size], seeds[0], 0, count, tf.int64)
+        fixed = (moving + tf.random.stateless_uniform([batch_size], seeds[1], 1, count, tf.int64)) % count
+        return ((tf.gather(stack, moving), tf.gather(stack, fixed)),)  # fixed is never the moving image
 
-    spec = tf.TensorSpec((batch_size, *images.shape[1:]), tf.float32)
-    return tf.data.Dataset.from_generator(draw, output_signature=((spec, spec),))
+    steps = tf.data.Dataset.range(first_step, np.iinfo(np.int64).max)
+    return steps.map(draw).prefetch(tf.data.AUTOTUNE)
 
 
 MODEL_KINDS = {"segmentation": SegmentationModel, "registration": RegistrationModel}

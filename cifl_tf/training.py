@@ -12,6 +12,7 @@ import time
 
 import tensorflow as tf
 
+from .callbacks import StopOnNonFinite
 from .encoder import CIFLEncoder, save_encoder
 from .losses import contrastive_loss
 from .synth import contrast_pairs
@@ -174,7 +175,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
         model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
 
-    callbacks = list(callbacks)
+    callbacks = [StopOnNonFinite(), *callbacks]  # first: it must see NaN weights before a checkpoint does
     if out_dir is not None:
         with strategy.scope():  # the weights are made here, and must be the strategy's variables
             model(next(iter(views))[0])  # BackupAndRestore and the .h5 checkpoint need a built model

@@ -1,0 +1,135 @@
+"""Resumable training: the stateless data order, the epoch checkpoint, the run folder's settings."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import cifl_tf  # noqa: F401  (selects the Keras 2 API)
+import tensorflow as tf
+from cifl_tf import checkpoints, models
+
+ITEMS = 7
+
+
+def batches(first_epoch=0, count=6, batch_size=3, seed=0):
+    """The first `count` index batches of epoch_batches over ITEMS items, as lists."""
+    dataset = checkpoints.epoch_batches((np.arange(ITEMS), np.arange(ITEMS) * 10.0), batch_size, seed, first_epoch)
+    out = []
+    for indices, tens in dataset.take(count):
+        np.testing.assert_array_equal(tens.numpy(), indices.numpy() * 10.0)  # the arrays stay paired
+        out.append(indices.numpy().tolist())
+    return out
+
+
+def test_epoch_batches_cover_every_item_once_per_epoch_in_a_new_order():
+    steps = math.ceil(ITEMS / 3)
+    stream = batches(count=3 * steps)
+    epochs = [sum(stream[e * steps:(e + 1) * steps], []) for e in range(3)]
+    assert [len(batch) for batch in stream[:steps]] == [3, 3, 1]  # the remainder ends the epoch
+    assert all(sorted(order) == list(range(ITEMS)) for order in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_epoch_batches_are_a_function_of_seed_and_epoch_only():
+    steps = math.ceil(ITEMS / 3)
+    assert batches(first_epoch=2, count=steps) == batches(count=3 * steps)[2 * steps:]
+    assert batches(seed=1) != batches(seed=0) and batches(seed=1) == batches(seed=1)
+
+
+def test_pair_batches_resume_at_a_step_with_the_same_pairs():
+    images = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1)
+
+    def pairs(first_step, count):
+        return [(m.numpy().ravel().tolist(), f.numpy().ravel().tolist())
+                for ((m, f),) in models.pair_batches(images, 3, seed=4, first_step=first_step).take(count)]
+
+    assert pairs(3, 2) == pairs(0, 5)[3:]
+    with pytest.raises(ValueError, match="first_step must be a non-negative integer, got -1"):
+        models.pair_batches(images, first_step=-1)
+
+
+@pytest.mark.parametrize("arrays, batch_size, seed, first_epoch, error, message", [
+    ((np.arange(3), np.arange(4)), 2, 0, 0, ValueError, r"one length, got lengths \[3, 4\]"),
+    ((np.arange(0),), 2, 0, 0, ValueError, "non-empty"),
+    ([np.arange(3)], 2, 0, 0, ValueError, "must be a tuple"),
+    ((np.arange(3),), 0, 0, 0, ValueError, "batch_size must be an integer >= 1, got 0"),
+    ((np.arange(3),), 2, 0, -1, ValueError, "first_epoch must be an integer >= 0, got -1"),
+    ((np.arange(3),), 2, None, 0, TypeError, "seed must be an integer, got None"),
+])
+def test_epoch_batches_reject_bad_arguments(arrays, batch_size, seed, first_epoch, error, message):
+    with pytest.raises(error, match=message):
+        checkpoints.epoch_batches(arrays, batch_size, seed, first_epoch)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(tf.keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupt
+
+
+def tiny_run(folder, epochs, interrupt_at=None):
+    """Fits a tiny regression model with EpochCheckpoint in `folder`, resuming what is there; its weights."""
+    tf.keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    y = x @ np.array([[1.0], [-2.0], [0.5]], np.float32)
+    model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(4, "relu"), tf.keras.layers.Dense(1)])
+    model.compile(tf.keras.optimizers.Adam(0.05), "mse")
+    checkpoint = checkpoints.EpochCheckpoint(folder)
+    first = checkpoint.restore(model)
+    callbacks = [checkpoint] + ([] if interrupt_at is None else [InterruptAt(interrupt_at)])
+    model.fit(checkpoints.epoch_batches((x, y), 4, seed=0, first_epoch=first), steps_per_epoch=3,
+              initial_epoch=first, epochs=epochs, callbacks=callbacks, verbose=0)
+    return first, model
+
+
+def test_a_run_resumed_from_the_epoch_checkpoint_ends_as_one_that_ran_through(tmp_path):
+    _, through = tiny_run(tmp_path / "through", epochs=4)
+    with pytest.raises(Interrupt):
+        tiny_run(tmp_path / "resumed", epochs=4, interrupt_at=2)
+    first, resumed = tiny_run(tmp_path / "resumed", epochs=4)
+    assert first == 2
+    assert int(resumed.optimizer.iterations) == int(through.optimizer.iterations) == 12
+    for a, b in zip(resumed.get_weights(), through.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    again, _ = tiny_run(tmp_path / "resumed", epochs=4)
+    assert again == 4  # a finished run resumes with nothing left to do
+
+
+def test_restore_without_a_checkpoint_starts_at_epoch_zero(tmp_path):
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    assert checkpoints.EpochCheckpoint(tmp_path / "none").restore(model) == 0
+
+
+def test_prepare_run_writes_settings_and_checks_them_on_resume(tmp_path):
+    run = tmp_path / "run"
+    checkpoints.prepare_run(run, {"seed": 0, "split": [2, 1, 1]}, resume=False, finished_file="model.keras")
+    assert json.loads((run / "settings.json").read_text()) == {"seed": 0, "split": [2, 1, 1]}
+    checkpoints.prepare_run(run, {"seed": 0, "split": [2, 1, 1]}, resume=True, finished_file="model.keras")
+    with pytest.raises(FileExistsError, match="already holds a training run: pass --resume"):
+        checkpoints.prepare_run(run, {"seed": 0}, resume=False, finished_file="model.keras")
+    with pytest.raises(ValueError, match=r"settings \['seed', 'split'\] differ"):
+        checkpoints.prepare_run(run, {"seed": 1}, resume=True, finished_file="model.keras")
+    with pytest.raises(FileNotFoundError, match="no run to resume"):
+        checkpoints.prepare_run(tmp_path / "other", {}, resume=True, finished_file="model.keras")
+    (run / "model.keras").write_text("finished")
+    with pytest.raises(FileExistsError, match="model.keras: already exists, the run .* has finished"):
+        checkpoints.prepare_run(run, {"seed": 0, "split": [2, 1, 1]}, resume=True, finished_file="model.keras")
+
+
+def test_write_json_leaves_the_previous_file_when_writing_fails(tmp_path):
+    path = tmp_path / "result.json"
+    checkpoints.write_json(path, {"dice": 0.5})
+    with pytest.raises(TypeError):
+        checkpoints.write_json(path, {"dice": object()})  # fails halfway through the write
+    assert json.loads(path.read_text()) == {"dice": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
