@@ -113,6 +113,23 @@ def evaluate_segmentation(model, images, labels, label_values=None, batch_size=8
     return _score(predicted, labels, range(1, model.nb_labels) if label_values is None else label_values)
 
 
+def label_overlap(moving_labels, fixed_labels, label_values=None):
+    """Dice of label maps as they are, unregistered: the identity baseline of ``evaluate_registration``.
+
+    Args:
+        moving_labels, fixed_labels: (N, *shape) integer label maps; pair n is scored as n against n.
+        label_values: the labels to score; default every nonzero label in the fixed label maps.
+
+    Returns: Scores (no folding).
+    """
+    shape = np.shape(fixed_labels)
+    fixed_labels = _label_maps(fixed_labels, shape[0], shape[1:], "fixed_labels")
+    moving_labels = _label_maps(moving_labels, shape[0], shape[1:], "moving_labels")
+    if label_values is None:
+        label_values = [label for label in np.unique(fixed_labels).tolist() if label != 0]
+    return _score(moving_labels, fixed_labels, label_values)
+
+
 def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, label_values=None,
                           batch_size=8, verbose=0):
     """Dice after registration and folding of the displacements (paper Table 1, registration).
@@ -135,9 +152,7 @@ def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, lab
         raise ValueError(f"evaluate_registration: {len(moving)} moving but {len(fixed)} fixed images")
     moving_labels = _label_maps(moving_labels, len(moving), model.inshape, "moving_labels")
     fixed_labels = _label_maps(fixed_labels, len(moving), model.inshape, "fixed_labels")
-    if label_values is None:
-        label_values = [label for label in np.unique(fixed_labels).tolist() if label != 0]
     displacement = model.register(moving, fixed, batch_size, verbose)
     moved = warp(moving_labels[..., np.newaxis], displacement, "nearest")[..., 0]
-    return _score(np.rint(moved).astype(np.int32), fixed_labels, label_values,
-                  folding=metrics.folding_fraction(displacement))
+    return dataclasses.replace(label_overlap(np.rint(moved).astype(np.int32), fixed_labels, label_values),
+                               folding=metrics.folding_fraction(displacement))

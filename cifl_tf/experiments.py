@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from . import data, metrics
 from .encoder import PRETRAINED_TAU_GAMMAS, CIFLEncoder, load_encoder, pretrained, pretrained_info
-from .evaluate import _score, evaluate_registration, evaluate_segmentation
+from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
 from .training import train_encoder
 
@@ -407,7 +407,7 @@ def defaults_main(argv=None):
         train, test, pairs = defaults_data(args.data)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    identity = _score(pairs[2], pairs[3], range(1, int(pairs[3].max()) + 1))
+    identity = label_overlap(pairs[2], pairs[3])
     tf.keras.utils.set_random_seed(args.seed)
     model = registration_model(train.images.shape[1:], **overrides)
     model.fit(pair_batches(_channel_last(train.images), args.batch_size, args.seed), epochs=1,

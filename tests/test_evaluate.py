@@ -117,3 +117,24 @@ def test_evaluation_rejects_inputs_that_do_not_match_the_model(seg_model, reg_mo
         evaluate.evaluate_registration(seg_model, np.zeros((2, *SHAPE)), np.zeros((2, *SHAPE)), labels, labels)
     with pytest.raises(TypeError, match="expected a SegmentationModel, got RegistrationModel"):
         evaluate.segment(reg_model, np.zeros((2, *SHAPE)))
+
+
+@pytest.mark.parametrize("moving, fixed, expected", [
+    # Dice = 2 |A & B| / (|A| + |B|) per label, straight from the formula; labels are the fixed map's.
+    (squares((0, 0, 4, 4)), squares((0, 0, 4, 4)), {1: 1.0}),
+    (squares((0, 0, 4, 4)), squares((0, 2, 4, 4)), {1: 2 * 8 / 32}),
+    (squares((0, 0, 4, 4), (8, 8, 2, 2)), squares((8, 8, 4, 4)), {1: 0.0}),
+    (squares((0, 0, 4, 4), (8, 8, 2, 2)), squares((8, 8, 4, 4), (8, 8, 2, 2)), {1: 0.0, 2: 2 * 4 / 8}),
+])
+def test_label_overlap_is_the_dice_of_the_unregistered_maps(moving, fixed, expected):
+    scores = evaluate.label_overlap(moving[np.newaxis], fixed[np.newaxis])
+    assert scores.labels == sorted(expected) and scores.folding is None
+    np.testing.assert_allclose(scores.dice[0], [expected[label] for label in sorted(expected)])
+
+
+def test_label_overlap_rejects_maps_that_do_not_pair():
+    labels = np.zeros((2, *SHAPE), np.int32)
+    with pytest.raises(ValueError, match=r"moving_labels must be integer label maps of shape \(2, 16, 16\)"):
+        evaluate.label_overlap(labels[:1], labels)
+    with pytest.raises(ValueError, match="fixed_labels must be integer label maps.*float"):
+        evaluate.label_overlap(labels, labels.astype(float))
