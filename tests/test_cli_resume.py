@@ -11,6 +11,7 @@ import pytest
 
 import tensorflow as tf
 from cifl_tf import cli, models
+from conftest import REPO
 
 TINY = {
     "train-seg": ["--nb-features", "4", "--nb-levels", "2", "--batch-size", "1", "--epochs", "4",
@@ -80,7 +81,7 @@ def killed_and_resumed(command, data, out, kills, rng):
     """
     argv = [sys.executable, "-m", "cifl_tf.cli", command, "--data", str(data), "--out", str(out), "--seed", "3",
             *TINY[command]]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "TF_CPP_MIN_LOG_LEVEL": "3"}
     hits = 0
     for attempt in range(kills + 1):
