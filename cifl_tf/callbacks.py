@@ -26,8 +26,8 @@ class StopOnNonFinite(tf.keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
             raise NonFiniteLossError(f"training stopped: the loss is {float(loss)} at step {batch + 1} of epoch "
-                                     f"{self._epoch + 1}; the last checkpoint holds the epoch before; "
-                                     f"lower the learning rate or check the data for NaN/Inf values")
+                                     f"{self._epoch + 1} (nothing of this epoch saved); lower the learning rate "
+                                     f"or check the data for NaN/Inf values")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch

@@ -102,7 +102,10 @@ class SoftDiceLoss(tf.keras.losses.Loss):
         super().__init__(name=name, **kwargs)
 
     def call(self, y_true, y_pred):
-        return 1 + tf.reduce_mean(ne.losses.Dice().loss(y_true, y_pred), axis=-1)
+        # Without neurite's range asserts, a NaN prediction gives a NaN loss, which StopOnNonFinite
+        # reports in one line, instead of an InvalidArgumentError from inside the graph.
+        dice = ne.losses.Dice(check_input_limits=False)
+        return 1 + tf.reduce_mean(dice.loss(y_true, y_pred), axis=-1)
 
 
 SEG_LOSSES = {"dice": SoftDiceLoss, "crossentropy": tf.keras.losses.CategoricalCrossentropy}

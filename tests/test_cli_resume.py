@@ -1,6 +1,7 @@
 """`cifl train-seg` / `train-reg --resume`: an interrupted or SIGKILLed run, resumed, ends as one that ran through."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -111,3 +112,11 @@ def test_a_run_killed_at_random_moments_resumes_to_the_weights_of_an_uninterrupt
     print(f"{command}: {hits} SIGKILLs hit the run; killed and resumed in {time.time() - start:.0f} s")
     assert hits >= 2
     assert_same_weights(tmp_path / "through", tmp_path / "killed")
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_model(oasis_tiny, tmp_path, capsys):
+    status = train("train-seg", oasis_tiny, tmp_path / "run", "--learning-rate", "1e30")
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.match(r"cifl train-seg: error: training stopped: the loss is nan at step \d+ of epoch 1 ", err), err
+    assert not (tmp_path / "run" / "model.keras").exists() and not (tmp_path / "run" / "checkpoints").exists()
