@@ -82,6 +82,7 @@ def test_segmentation_model_outputs_softmax_over_labels(encoder, tiny, with_enco
 
 def test_segmentation_baseline_learns_labels_with_the_default_dice_loss():
     images, labels = blobs(4)
+    tf.keras.utils.set_random_seed(0)  # unseeded, the initialisation made it fail now and then
     model = cifl_tf.segmentation_model(SHAPE, 3, learning_rate=1e-2, **TINY_UNET)
     assert isinstance(model.loss, models.SoftDiceLoss)
     before = cifl_tf.evaluate.evaluate_segmentation(model, images, labels).summary()["dice"][0]
@@ -179,6 +180,15 @@ def test_register_returns_full_resolution_displacement_with_half_resolution_inte
 def test_registration_default_weight_follows_the_similarity():
     assert models.RegistrationLoss("ncc").reg_weight == 1.0
     assert models.RegistrationLoss("mse").reg_weight == 0.01
+
+
+def test_registration_model_trains_with_its_default_loss_optimizer_and_integration():
+    """A cheap check (a smaller UNet); the slow test in test_experiments.py checks the Dice gain on real slices."""
+    images, _ = blobs(8, seed=3)
+    tf.keras.utils.set_random_seed(0)
+    model = cifl_tf.registration_model(SHAPE, nb_unet_features=TINY_VXM["nb_unet_features"])
+    history = model.fit(models.pair_batches(images, 4, seed=0), steps_per_epoch=5, epochs=3, verbose=0)
+    assert history.history["similarity"][-1] < 0.9 * history.history["similarity"][0]
 
 
 def test_pair_batches_pair_different_images_and_cover_all_pairs():
