@@ -421,13 +421,14 @@ def defaults_main(argv=None):
     if args.seg_epochs:
         nb_labels = int(train.labels.max()) + 1
         model = segmentation_model(train.images.shape[1:], nb_labels)
+        untrained = evaluate_segmentation(model, test.images, test.labels)
         model.fit(_channel_last(train.images), tf.keras.utils.to_categorical(train.labels, nb_labels),
                   batch_size=8, epochs=args.seg_epochs, verbose=2)
         segmented = evaluate_segmentation(model, test.images, test.labels)
         results["segmentation"] = {"epochs": args.seg_epochs, "test_images": len(test),
-                                   "dice": segmented.summary()["dice"]}
-        print(f"segmentation (defaults), {len(test)} held-out slices: Dice {dice_cell(segmented)} after "
-              f"{args.seg_epochs} epochs", flush=True)
+                                   "untrained_dice": untrained.summary()["dice"], "dice": segmented.summary()["dice"]}
+        print(f"segmentation (defaults), {len(test)} held-out slices: Dice {dice_cell(untrained)} untrained, "
+              f"{dice_cell(segmented)} after {args.seg_epochs} epochs of batch 8", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "defaults.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)

@@ -240,5 +240,6 @@ def test_default_models_improve_on_real_slices_within_the_cpu_budget(oasis_sampl
     registration = results["registration"]
     assert registration["overrides"] == {} and registration["steps"] == 150 and registration["batch_size"] == 4
     assert registration["registered_dice"][0] >= registration["identity_dice"][0] + 0.05
-    assert results["segmentation"]["dice"][0] > 0.7
+    segmentation = results["segmentation"]
+    assert segmentation["dice"][0] >= segmentation["untrained_dice"][0] + 0.2
     assert json.loads((tmp_path / "defaults.json").read_text())["registration"]["pairs"] == registration["pairs"]
