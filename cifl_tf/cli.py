@@ -12,12 +12,14 @@ import sys
 
 import numpy as np
 import tensorflow as tf
+import voxelmorph as vxm
 
 from . import checkpoints, data, models
 from .callbacks import StopOnNonFinite
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .training import train_encoder
+
 
 def _defaults(function):
     """{argument: default} of a function, so that the command line defaults are the Python API's."""
@@ -244,7 +246,7 @@ def _evaluate(args):
     print(f"{task}, {args.part} part of {args.data}:\n{scores}")
     if args.json:
         checkpoints.write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
-                                    **scores.summary()))
+                                               **scores.summary()))
 
 
 def _add_data_args(p, part=True):
@@ -340,14 +342,15 @@ def _parser():
     p.set_defaults(run=_train_seg)
 
     p = commands.add_parser("train-reg", help="train VxmDense unsupervised on pairs of (encoder features of) images")
-    reg_defaults = _defaults(models.registration_model)
+    reg_defaults = {**_defaults(vxm.networks.VxmDense), **_defaults(models.registration_model)}
     _add_train_args(p, epochs=20, batch_size=4, learning_rate=reg_defaults["learning_rate"])
     p.add_argument("--steps-per-epoch", type=int, default=100)
     p.add_argument("--similarity", choices=models.SIMILARITIES, default=reg_defaults["similarity"])
     p.add_argument("--reg-weight", type=float, default=reg_defaults["reg_weight"],
                    help="weight of the smoothness term (default: "
                         + ", ".join(f"{w:g} for {s}" for s, w in models.REG_WEIGHTS.items()) + ")")
-    p.add_argument("--int-steps", type=int, default=7, help="integration steps (0: no diffeomorphic integration)")
+    p.add_argument("--int-steps", type=int, default=reg_defaults["int_steps"],
+                   help="integration steps (0: no diffeomorphic integration)")
     p.add_argument("--nb-features", type=int, default=None, help="UNet features per level (default: VxmDense's)")
     p.add_argument("--nb-levels", type=int, default=5, help="UNet levels, with --nb-features")
     p.set_defaults(run=_train_reg)

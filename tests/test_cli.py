@@ -335,3 +335,15 @@ def test_real_sample_baseline_dice_as_reported(oasis_sample, tmp_path, capsys, t
                            "--contrast", contrast, "--json", tmp_path / f"{contrast}.json")
         assert status == 0
         assert json.loads((tmp_path / f"{contrast}.json").read_text())["dice"][0] == pytest.approx(dice, abs=0.05)
+
+
+@pytest.mark.parametrize("command, function, names", [
+    ("train-seg", models.segmentation_model, ("learning_rate", "loss")),
+    ("train-reg", models.registration_model, ("learning_rate", "similarity", "reg_weight")),
+])
+def test_train_commands_take_their_defaults_from_the_python_api(command, function, names):
+    import inspect
+
+    args = cli._parser().parse_args([command, "--data", "DATA", "--out", "OUT"])
+    defaults = inspect.signature(function).parameters
+    assert {name: getattr(args, name) for name in names} == {name: defaults[name].default for name in names}
