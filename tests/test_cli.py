@@ -1,4 +1,5 @@
 """The downstream `cifl` sub-commands: NIfTI in and out, training and evaluation on data folders, errors."""
+import inspect
 import json
 import re
 
@@ -342,8 +343,6 @@ def test_real_sample_baseline_dice_as_reported(oasis_sample, tmp_path, capsys, t
     ("train-reg", models.registration_model, ("learning_rate", "similarity", "reg_weight")),
 ])
 def test_train_commands_take_their_defaults_from_the_python_api(command, function, names):
-    import inspect
-
     args = cli._parser().parse_args([command, "--data", "DATA", "--out", "OUT"])
     defaults = inspect.signature(function).parameters
     assert {name: getattr(args, name) for name in names} == {name: defaults[name].default for name in names}
