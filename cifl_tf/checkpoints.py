@@ -41,7 +41,7 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         self._manager = None
 
     def set_model(self, model):
-        if model is not getattr(self, "model", None):
+        if model is not self.model:
             self._manager = None
         super().set_model(model)
 
@@ -56,6 +56,9 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
 
     def restore(self, model):
         """Reads the latest checkpoint into `model` (compiled); returns its finished epochs (0: none yet)."""
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError(f"EpochCheckpoint.restore: compile {getattr(model, 'name', model)!r} first: "
+                             f"its optimizer state is part of the checkpoint")
         self.set_model(model)
         manager = self._checkpoint_manager()
         if manager.latest_checkpoint:

@@ -104,8 +104,10 @@ def test_a_run_resumed_from_the_epoch_checkpoint_ends_as_one_that_ran_through(tm
     assert again == 4  # a finished run resumes with nothing left to do
 
 
-def test_restore_without_a_checkpoint_starts_at_epoch_zero(tmp_path):
-    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+def test_restore_without_a_checkpoint_starts_at_epoch_zero_and_needs_a_compiled_model(tmp_path):
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)], name="tiny")
+    with pytest.raises(ValueError, match="compile 'tiny' first"):
+        checkpoints.EpochCheckpoint(tmp_path / "none").restore(model)
     model.compile("adam", "mse")
     assert checkpoints.EpochCheckpoint(tmp_path / "none").restore(model) == 0
 
