@@ -415,9 +415,11 @@ def defaults_main(argv=None):
     registered = evaluate_registration(model, pairs[0], pairs[1], pairs[2], pairs[3])
     results = {"registration": {"overrides": overrides, "steps": args.steps, "batch_size": args.batch_size,
                                 "pairs": len(pairs[0]), "identity_dice": identity.summary()["dice"],
-                                "registered_dice": registered.summary()["dice"]}}
+                                "registered_dice": registered.summary()["dice"],
+                                "folding": registered.summary()["folding"]}}
     print(f"registration ({overrides or 'defaults'}), {len(pairs[0])} held-out pairs: identity Dice "
-          f"{dice_cell(identity)}, after {args.steps} steps {dice_cell(registered)}", flush=True)
+          f"{dice_cell(identity)}, after {args.steps} steps {dice_cell(registered)} "
+          f"({100 * registered.summary()['folding'][0]:.2f}% folding pixels)", flush=True)
     if args.seg_epochs:
         nb_labels = int(train.labels.max()) + 1
         model = segmentation_model(train.images.shape[1:], nb_labels)
