@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data, metrics
+from .checkpoints import write_json
 from .encoder import PRETRAINED_TAU_GAMMAS, CIFLEncoder, load_encoder, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
@@ -361,12 +362,14 @@ def defaults_data(folder, indices=range(60, 161), gap=8):
 
     Args:
         folder: neurite-oasis folder; every subject with ``aligned_norm`` (3D) files is used.
-        indices: slice indices along the last (coronal) axis; even ones train, odd ones test.
-        gap: registration test pairs are held-out slice n moving onto held-out slice n + gap.
+        indices: consecutive slice indices along the last (coronal) axis; even ones train, odd ones test.
+        gap: even; registration test pairs are held-out slice n moving onto held-out slice n + gap.
 
     Returns: (train, test, pairs): train and test Datasets of (N, H, W) slices, and the registration
     test pairs (moving, fixed, moving labels, fixed labels) of the test slices, each (M, H, W).
     """
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 2 or gap % 2:
+        raise ValueError(f"gap must be an even integer >= 2 (test slices are the odd ones), got {gap!r}")
     folder = os.fspath(folder)
     subjects = [name for name in sorted(os.listdir(folder))
                 if os.path.isfile(os.path.join(folder, name, "aligned_norm.nii.gz"))]
@@ -432,8 +435,7 @@ def defaults_main(argv=None):
         print(f"segmentation (defaults), {len(test)} held-out slices: Dice {dice_cell(untrained)} untrained, "
               f"{dice_cell(segmented)} after {args.seg_epochs} epochs of batch 8", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "defaults.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    write_json(os.path.join(args.out, "defaults.json"), results)
     return results
 
 

@@ -227,6 +227,8 @@ def test_defaults_data_needs_3d_volumes_and_a_gap_that_pairs(tmp_path):
     make_oasis(tmp_path / "oasis", subjects=1, volume_shape=(16, 20, 8))
     with pytest.raises(ValueError, match="gap 8 leaves no pair of test slices 8 apart"):
         experiments.defaults_data(tmp_path / "oasis", indices=range(8), gap=8)
+    with pytest.raises(ValueError, match="gap must be an even integer >= 2.*got 3"):
+        experiments.defaults_data(tmp_path / "oasis", indices=range(8), gap=3)
     for name in ("aligned_norm.nii.gz", "aligned_seg4.nii.gz"):
         os.remove(tmp_path / "oasis" / "OASIS_OAS1_0001_MR1" / name)
     with pytest.raises(cifl_tf.data.DataError, match="no subject folder holds aligned_norm.nii.gz"):
