@@ -297,7 +297,7 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     except the learning rate: Adam 3e-3 instead of voxelmorph's 1e-4, which suits its 1500-epoch runs
     but does not move within a CPU budget. ``experiments/defaults.py``, 150 steps of batch 4 on real
     OASIS T1 slices, mean Dice of 46 held-out pairs (coronal slices 8 mm apart; identity 0.509):
-    lr 1e-4 0.507; 1e-3 0.572 and 0.556 (seeds 0, 1); 3e-3 0.567 and 0.567, no folding. Other losses
+    lr 1e-4 0.507; 1e-3 0.572 and 0.556 (seeds 0, 1); 3e-3 0.567, 0.567 and 0.573 (seeds 0-2), no folding. Other losses
     at lr 1e-3 did worse: NCC (reg_weight 1) 0.530 and MSE with reg_weight 0.1 0.549 (seed 0), MSE with
     reg_weight 0.001 0.553 (seed 1).
 
