@@ -3,7 +3,7 @@
 Every row trains one downstream network per method on T1 only, and scores it on a contrast it never
 saw (and on T1, for reference). The scripts in ``experiments/`` and ``cifl demo`` are thin wrappers.
 
-    methods = experiments.methods()                       # {"baseline": None, "tau_gamma=1": encoder, ...}
+    methods = experiments.methods()         # {"baseline": None, "MIND": MIND(), "tau_gamma=1": encoder, ...}
     results = experiments.segmentation_row(train, tests, nb_labels=5, methods=methods)
     print(experiments.markdown_table({"seg_inverted_oasis": results}))
 """
@@ -16,12 +16,14 @@ import numpy as np
 import tensorflow as tf
 
 from . import data
+from .descriptors import MIND
 from .encoder import PRETRAINED_TAU_GAMMAS, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation
 from .models import pair_batches, registration_model, segmentation_model
 from .training import train_encoder
 
 BASELINE = "baseline"
+MIND_METHOD = "MIND"  # the hand-made modality independent descriptor, beside the learned encoders
 
 # Table 1 of the paper: (task, dimension, data, the unseen test contrast).
 ROWS = {
@@ -44,13 +46,14 @@ PAPER_DICE = {
 
 
 def methods(tau_gammas=PRETRAINED_TAU_GAMMAS, train_steps=None, out_dir=None, verbose=1):
-    """The compared feature extractors: {"baseline": None, "tau_gamma=T": frozen CIFLEncoder, ...}.
+    """The compared feature extractors: {"baseline": None, "MIND": descriptors.MIND(), "tau_gamma=T": frozen
+    CIFLEncoder, ...}.
 
     With train_steps None the shipped encoders (`pretrained`); otherwise encoders trained here for that
     many steps with the settings the shipped ones were made with (`pretrained_info`), into
     out_dir/encoder_tau_gamma=T when out_dir is given.
     """
-    encoders = {BASELINE: None}
+    encoders = {BASELINE: None, MIND_METHOD: MIND()}
     recipes = pretrained_info()
     for tau in tau_gammas:
         if train_steps is None:
@@ -249,7 +252,8 @@ def markdown_table(rows, note=""):
         task, dim, dataset, test = ROWS[row]
         lines.append(f"| {task} | {dim} | {dataset}{note} | "
                      + " | ".join(dice_cell(results[name][test]) for name in names) + " |")
-        lines.append("| | | *paper* | " + " | ".join(f"*{PAPER_DICE[row].get(name, '')}*" for name in names) + " |")
+        lines.append("| | | *paper* | " + " | ".join(f"*{PAPER_DICE[row][name]}*" if name in PAPER_DICE[row] else ""
+                                                     for name in names) + " |")
     return "\n".join(lines)
 
 

@@ -10,16 +10,18 @@ import pytest
 
 import cifl_tf
 from cifl_tf import experiments
+from cifl_tf.descriptors import MIND
 from conftest import make_ixi, make_oasis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(channels=4, features=4)
 
 
-def test_methods_are_the_baseline_and_the_frozen_shipped_encoders():
+def test_methods_are_the_baseline_mind_and_the_frozen_shipped_encoders():
     compared = experiments.methods()
-    assert list(compared) == ["baseline", "tau_gamma=1", "tau_gamma=0.1", "tau_gamma=0.01"]
+    assert list(compared) == ["baseline", "MIND", "tau_gamma=1", "tau_gamma=0.1", "tau_gamma=0.01"]
     assert compared["baseline"] is None
+    assert isinstance(compared["MIND"], MIND) and compared["MIND"].variant == "mind"
     for tau in cifl_tf.encoder.PRETRAINED_TAU_GAMMAS:
         encoder = compared[experiments.method_name(tau)]
         assert not encoder.trainable
@@ -30,7 +32,7 @@ def test_methods_are_the_baseline_and_the_frozen_shipped_encoders():
 
 def test_methods_trained_here_use_the_shipped_recipe(tmp_path):
     compared = experiments.methods(tau_gammas=(1.0,), train_steps=1, out_dir=tmp_path, verbose=0)
-    assert list(compared) == ["baseline", "tau_gamma=1"] and not compared["tau_gamma=1"].trainable
+    assert list(compared) == ["baseline", "MIND", "tau_gamma=1"] and not compared["tau_gamma=1"].trainable
     with open(tmp_path / "encoder_tau_gamma=1" / "settings.json") as f:
         settings = json.load(f)
     recipe = cifl_tf.encoder.pretrained_info()["1"]["settings"]
@@ -144,10 +146,11 @@ def test_row_outputs_json_csv_and_text(tmp_path, row_results):
 
 
 def test_markdown_table_puts_the_paper_under_each_row(row_results):
+    row_results = {**row_results, "MIND": row_results["baseline"]}  # a method the paper does not report
     lines = experiments.markdown_table({"seg_inverted_oasis": row_results}).splitlines()
-    assert lines[0] == "| Task | Dimension | Dataset | baseline | tau_gamma=0.1 |"
-    assert lines[2] == "| Segmentation | 2D | Inverted OASIS T1 | 0.80 ± 0.10 | 0.80 ± 0.10 |"
-    assert lines[3] == "| | | *paper* | *0.18 ± 0.01* | *0.83 ± 0.04* |"
+    assert lines[0] == "| Task | Dimension | Dataset | baseline | tau_gamma=0.1 | MIND |"
+    assert lines[2] == "| Segmentation | 2D | Inverted OASIS T1 | 0.80 ± 0.10 | 0.80 ± 0.10 | 0.80 ± 0.10 |"
+    assert lines[3] == "| | | *paper* | *0.18 ± 0.01* | *0.83 ± 0.04* |  |"
 
 
 def test_experiment_script_runs_a_quick_row_on_a_data_folder(tmp_path):
