@@ -33,9 +33,9 @@ METRICS = {
     "match": "match@2px: share of brain pixels whose nearest feature in the other contrast lies within 2 px",
     "agreement": "agreement: mean cosine of the two feature vectors at the same pixel (1: identical features)",
     "zero_input_cosine": "zero-input cosine: cosine between the channel images of a slice (either contrast) and "
-                         "those of an all-zero input, 1 when features ignore the image (the shortcut of method page 3b); "
-                         "an all-zero input gives MIND and intensities constant channels, so for them it is only "
-                         "the share of each channel's energy in its mean, not a shortcut",
+                         "those of an all-zero input, 1 when features ignore the image (the shortcut of method "
+                         "page 3b); an all-zero input gives MIND and intensities constant channels, so for them it "
+                         "is only the share of each channel's energy in its mean, not a shortcut",
 }
 
 

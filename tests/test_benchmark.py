@@ -113,8 +113,8 @@ def test_markdown_has_a_table_per_metric_with_a_mean_row():
 
 def test_script_scores_every_describer_and_writes_tables(oasis_tiny, tmp_path, capsys):
     cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4), str(tmp_path / "enc.weights.h5"))
-    results = benchmark.main(["--subjects", "1", "--data", str(oasis_tiny), "--encoder", str(tmp_path / "enc.weights.h5"),
-                              "--out", str(tmp_path / "out")])
+    results = benchmark.main(["--subjects", "1", "--data", str(oasis_tiny),
+                              "--encoder", str(tmp_path / "enc.weights.h5"), "--out", str(tmp_path / "out")])
     assert list(results) == ["intensity", "MIND", "MIND-SSC", "tau_gamma=1", "tau_gamma=0.1", "tau_gamma=0.01",
                              str(tmp_path / "enc.weights.h5")]
     assert all(len(scores) == 7 for scores in results.values())

@@ -150,7 +150,8 @@ def test_features_with_the_mind_descriptor_of_the_image_dimension(tmp_path, caps
 
 def test_descriptor_excludes_an_encoder(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(capsys, "features", files / "a.nii.gz", tmp_path / "f.nii.gz", "--descriptor", "mind", "--pretrained", "0.1")
+        run(capsys, "features", files / "a.nii.gz", tmp_path / "f.nii.gz", "--descriptor", "mind",
+            "--pretrained", "0.1")
     assert exit_info.value.code == 2
     assert "argument --pretrained: not allowed with argument --descriptor" in capsys.readouterr().err
 
