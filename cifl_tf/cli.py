@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data, models
+from .descriptors import MIND, VARIANTS
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .training import train_encoder
@@ -49,8 +50,13 @@ def _train_encoder(args):
 
 # ---- downstream: NIfTI files in, NIfTI files out (intensities normalised as in training) ----
 
-def _encoder(args):
-    """The frozen encoder chosen on the command line, or None for the intensity baseline."""
+def encoder_from_args(args, ndim):
+    """What --encoder, --pretrained or --descriptor (`_add_encoder_args`) chose for ndim-D images.
+
+    Returns a frozen CIFLEncoder, a descriptors.MIND of that ndim, or None for the intensity baseline.
+    """
+    if args.descriptor is not None:
+        return MIND(ndim, variant=args.descriptor)
     if args.pretrained is not None:
         return pretrained(args.pretrained)
     return load_encoder(args.encoder) if args.encoder else None
@@ -62,6 +68,9 @@ def _add_encoder_args(p, required):
                        + ("" if required else " (default: none, the raw-intensity baseline)"))
     group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
                        help=f"the shipped 2D encoder trained with tau_gamma TAU, one of {PRETRAINED_TAU_GAMMAS}")
+    group.add_argument("--descriptor", choices=VARIANTS, default=None,
+                       help="a hand-made descriptor instead of an encoder: mind (MIND, Heinrich et al. 2012) or "
+                            "ssc (MIND-SSC, Heinrich et al. 2013)")
 
 
 def _nifti_output(path):
@@ -87,8 +96,11 @@ def _normalized_batch(image):
 
 def _features(args):
     _nifti_output(args.output)
-    encoder = _encoder(args)
-    image, affine, header = data.load_nifti(args.input, ndim=encoder.ndim)
+    image, affine, header = data.load_nifti(args.input)
+    encoder = encoder_from_args(args, image.ndim)
+    if encoder.ndim != image.ndim:
+        raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
+                             f"the encoder takes {encoder.ndim}")
     features = encoder_model(encoder).predict(_normalized_batch(image), verbose=0)[0]
     data.save_nifti(args.output, features, affine, header, channels=True)
     print(f"{features.shape[-1]}-channel features written to {args.output}")
@@ -189,9 +201,9 @@ def _train_seg(args):
     nb_labels = args.nb_labels or int(dataset.labels.max()) + 1
     _check_labels(dataset, nb_labels, args.data)
     train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
-    model = models.segmentation_model(train.images.shape[1:], nb_labels, _encoder(args), loss=args.loss,
-                                      learning_rate=args.learning_rate, nb_features=args.nb_features,
-                                      nb_levels=args.nb_levels)
+    model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder_from_args(args, args.dim),
+                                      loss=args.loss, learning_rate=args.learning_rate,
+                                      nb_features=args.nb_features, nb_levels=args.nb_levels)
 
     def arrays(part):  # (images (N, *shape, 1), one-hot labels (N, *shape, L))
         return part.images[..., np.newaxis], tf.keras.utils.to_categorical(part.labels, nb_labels)
@@ -204,9 +216,9 @@ def _train_reg(args):
     path = _start_run(args)
     train = _part(_dataset(args, args.contrast, args.dim), args, "train")
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
-    model = models.registration_model(train.images.shape[1:], _encoder(args), similarity=args.similarity,
-                                      reg_weight=args.reg_weight, learning_rate=args.learning_rate,
-                                      int_steps=args.int_steps, **unet)
+    model = models.registration_model(train.images.shape[1:], encoder_from_args(args, args.dim),
+                                      similarity=args.similarity, reg_weight=args.reg_weight,
+                                      learning_rate=args.learning_rate, int_steps=args.int_steps, **unet)
     pairs = models.pair_batches(train.images[..., np.newaxis], args.batch_size, args.seed)
     _train_run(args, path, model, dict(x=pairs, steps_per_epoch=args.steps_per_epoch))
 

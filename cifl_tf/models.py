@@ -22,6 +22,7 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
+from .descriptors import MIND
 from .encoder import CIFLEncoder
 
 KL = tf.keras.layers
@@ -56,8 +57,9 @@ def _check_encoder(encoder, inshape):
     """Freezes and returns the encoder (or None); its ndim must match the input shape."""
     if encoder is None:
         return None
-    if not isinstance(encoder, CIFLEncoder):
-        raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder or None, got {type(encoder).__name__}")
+    if not isinstance(encoder, (CIFLEncoder, MIND)):
+        raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder, a cifl_tf.descriptors.MIND or None, "
+                        f"got {type(encoder).__name__}")
     if encoder.ndim != len(inshape):
         raise ValueError(f"encoder is {encoder.ndim}D but inshape {inshape} is {len(inshape)}D")
     encoder.trainable = False
@@ -115,7 +117,7 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
     Args:
         inshape: spatial shape (H, W) or (D, H, W); divisible by 2 ** (nb_levels - 1).
         nb_labels: L, the number of labels, background included.
-        encoder: a CIFLEncoder, frozen here; None feeds the intensities to the UNet.
+        encoder: a CIFLEncoder, frozen here, or a descriptors.MIND; None feeds the intensities to the UNet.
         **unet_kwargs: ``ne.models.unet`` arguments (nb_features, nb_levels, conv_size, feat_mult,
             nb_conv_per_level, ...); defaults ``UNET_DEFAULTS``.
 
@@ -228,8 +230,8 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
     Args:
         inshape: spatial shape (H, W) or (D, H, W), divisible by the UNet's downsampling (16 for
             VxmDense's default features).
-        encoder: a CIFLEncoder, frozen and used as VxmDense's input_model on both images
-            (src_feats = trg_feats = C); None registers the intensities.
+        encoder: a CIFLEncoder (frozen) or a descriptors.MIND, used as VxmDense's input_model on both
+            images (src_feats = trg_feats = its channels); None registers the intensities.
         similarity: "mse" or "ncc", computed between the moved moving features and the fixed
             features (with an encoder) or intensities (without).
         reg_weight: weight of the Grad('l2') smoothness term; None: REG_WEIGHTS[similarity].
