@@ -361,7 +361,16 @@ def _model_kind(path):
     kinds = {tf.keras.utils.get_registered_name(cls): kind for kind, cls in MODEL_KINDS.items()}
     if name not in kinds:
         raise ValueError(f"{path}: not a cifl_tf model file (it holds a {name!r}, not one of {sorted(kinds)})")
+    if _has_lambda(config):  # refused in safe mode anyway, but only after Keras warns about its code
+        raise ValueError(f"{path}: holds a Lambda layer (arbitrary code), which safe-mode loading refuses")
     return kinds[name]
+
+
+def _has_lambda(config):
+    """Whether a Keras config (nested dicts and lists) holds a Lambda layer anywhere."""
+    if isinstance(config, dict):
+        return config.get("class_name") == "Lambda" or any(map(_has_lambda, config.values()))
+    return isinstance(config, list) and any(map(_has_lambda, config))
 
 
 def save_model(model, path):

@@ -161,7 +161,7 @@ def _check_backup(backup_dir):
         reader = tf.train.load_checkpoint(checkpoint)
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)  # reading checks each tensor's checksum
-    except tf.errors.OpError as error:
+    except (tf.errors.OpError, IndexError) as error:  # IndexError: a data file cut short
         raise ValueError(f"{checkpoint}: damaged checkpoint, cannot resume ({first_line(error)})") from None
 
 
