@@ -17,6 +17,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import gzip
+import json
 import math
 import os
 import stat
@@ -212,6 +213,15 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
     if channels:
         image.header.set_intent("vector")
     write_atomically(path, image.to_filename)
+
+
+def read_json(path):
+    """The content of a JSON file; ValueError naming the file when it is not JSON (or not UTF-8 text)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:  # also UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({first_line(error)})") from None
 
 
 def write_atomically(path, write):

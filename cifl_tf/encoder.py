@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from .data import first_line
+from .data import first_line, read_json
 
 KL = tf.keras.layers
 
@@ -106,11 +106,7 @@ def load_encoder(path, trainable=False):
     for required in (path, config_path):
         if not os.path.isfile(required):
             raise FileNotFoundError(f"load_encoder: no such file {required!r}")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except ValueError as error:  # also UnicodeDecodeError
-        raise ValueError(f"{config_path}: not a JSON encoder config ({first_line(error)})") from None
+    config = read_json(config_path)
     if not isinstance(config, dict) or config.get("registered_name") != "cifl_tf>CIFLEncoder":
         raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder")
     try:

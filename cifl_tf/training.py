@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from .encoder import CIFLEncoder, save_encoder
 from .losses import contrastive_loss
-from .data import first_line
+from .data import first_line, read_json
 from .synth import ShapesSynth, contrast_pairs
 
 STRATEGIES = {
@@ -137,11 +137,7 @@ def read_settings(out_dir):
     path = os.path.join(out_dir, "settings.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"resume: {path!r} not found, so there is no run to continue")
-    try:
-        with open(path) as f:
-            settings = json.load(f)
-    except ValueError as error:  # also UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    settings = read_json(path)
     if not isinstance(settings, dict) or set(settings) != set(SETTINGS):
         keys = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
         raise ValueError(f"{path}: expected an object with the fields {sorted(SETTINGS)}, got {keys}")

@@ -288,6 +288,14 @@ def test_malformed_nifti_fails_with_one_line_naming_it(good, tmp_path, capsys, r
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # nothing near the claimed size
 
 
+@pytest.mark.parametrize("bad", sorted(BAD_NIFTI))
+@pytest.mark.parametrize("reader", [data.load_nifti, data.load_labels])
+def test_python_api_raises_a_data_error_naming_the_file(tmp_path, reader, bad):
+    path, problem = BAD_NIFTI[bad](tmp_path)
+    with pytest.raises(data.DataError, match=rf"^{re.escape(str(path))}: [^\n]*(?i:{problem})[^\n]*$"):
+        reader(path, ndim=2)
+
+
 # ---- malformed model files (.keras): name -> builder(folder, good model file, kind) -> (path, problem) --
 
 NOT_OURS = "not a cifl_tf model file"
@@ -414,9 +422,9 @@ BAD_ENCODERS = {
                                             problem=NOT_ENCODER),
     "config of a Lambda": _bad_encoder(lambda c: _lambda_config(), problem=NOT_ENCODER),
     "config a list": _bad_encoder(lambda c: [c], problem=NOT_ENCODER),
-    "config empty": _bad_encoder(lambda c: "", problem="not a JSON encoder config"),
-    "config not JSON": _bad_encoder(lambda c: "{'channels': 3", problem="not a JSON encoder config"),
-    "config binary": _bad_encoder(lambda c: b"\xff\xfe{", problem="not a JSON encoder config"),
+    "config empty": _bad_encoder(lambda c: "", problem="not valid JSON"),
+    "config not JSON": _bad_encoder(lambda c: "{'channels': 3", problem="not valid JSON"),
+    "config binary": _bad_encoder(lambda c: b"\xff\xfe{", problem="not valid JSON"),
     "bad argument": _bad_encoder(_encoder_arguments(channels=-1), problem="not a valid CIFLEncoder config"),
     "unknown argument": _bad_encoder(_encoder_arguments(bogus=1), problem="not a valid CIFLEncoder config"),
     "weights of other shapes": _bad_encoder(_encoder_arguments(features=8), named="enc.weights.h5",
