@@ -84,15 +84,18 @@ def _check_header(path, image):
         raise DataError(f"{path}: sform {sform[:3].tolist()} and qform {qform[:3].tolist()} disagree")
 
 
-def _check_gzip_end(path, voxels):
-    """EOFError or BadGzipFile unless the gzip stream goes on to its end marker and checksum.
+def _voxels(path, image):
+    """The voxels of a NIfTI image whose header was checked, as stored (scaled if the header says so).
 
-    nibabel stops decompressing once it has the voxels, so a file cut inside its trailer would pass.
-    `voxels`: the image's nibabel ArrayProxy (where the voxels start, their shape and stored type).
+    A .gz file is decompressed in one pass to the end of its stream, so that gzip checks its length and
+    CRC: nibabel alone stops once it has the voxels, and would take a file cut inside its trailer.
     """
+    if not path.endswith(".gz"):
+        return np.asanyarray(image.dataobj)
     with gzip.open(path) as stream:
-        stream.seek(voxels.offset + math.prod(voxels.shape) * voxels.dtype.itemsize)
-        stream.read(1)  # at the end, gzip checks the length and CRC; any more data is left unread
+        voxels = np.asanyarray(type(image).from_stream(stream).dataobj)
+        stream.read(1)  # the end of the stream: gzip checks it; data beyond the voxels is left unread
+    return voxels
 
 
 @contextlib.contextmanager
@@ -118,9 +121,7 @@ def _read(path, ndim):
         image = nib.load(path)
     _check_header(path, image)
     with _reading(path):
-        data = np.asanyarray(image.dataobj)
-        if path.endswith(".gz"):
-            _check_gzip_end(path, image.dataobj)
+        data = _voxels(path, image)
     data = data.squeeze()  # NIfTI pads shapes with singleton axes: a 2D slice is stored H x W x 1
     if ndim is not None and data.ndim != ndim:
         raise DataError(f"{path}: has {data.ndim} dimensions {image.shape}, expected {ndim}")
