@@ -41,9 +41,8 @@ def _slice(seed):
     return labels, np.round(phantom_image(labels, rng) * 500).astype(np.float32)
 
 
-def _save(path, array, affine=AFFINE, dtype=None):
-    image = nib.Nifti1Image(array, affine, dtype=dtype or array.dtype)
-    image.to_filename(path)
+def _save(path, array, affine=AFFINE):
+    nib.Nifti1Image(array, affine, dtype=array.dtype).to_filename(path)
     return path
 
 
@@ -134,9 +133,10 @@ def _symlink_loop(folder):
     return folder / "loop_a.nii.gz"
 
 
-def _under_a_file(folder):
+def _through_file(folder, name):
+    """A path `name` inside a regular file: no folder can be made or read there."""
     (folder / "plain.txt").write_text("a file, not a folder")
-    return folder / "plain.txt" / "image.nii.gz"
+    return folder / "plain.txt" / name
 
 
 def _nan_slice(value, dtype=np.float32):
@@ -200,7 +200,7 @@ BAD_NIFTI = {
         "sform .* and qform .* disagree"),
     "a folder": lambda d: (_folder(d / "folder.nii.gz"), "not a file"),
     "a symlink loop": lambda d: (_symlink_loop(d), "too many levels of symbolic links"),
-    "a path through a file": lambda d: (_under_a_file(d), "not a directory"),
+    "a path through a file": lambda d: (_through_file(d, "image.nii.gz"), "not a directory"),
     "a device": lambda d: ("/dev/zero", "not a file"),
     "missing": lambda d: (d / "missing.nii.gz", "no such file"),
 }
@@ -317,7 +317,7 @@ def _archive(path, source, config=None, weights=None, drop=()):
 
 
 def _arguments(**changes):
-    """Edits the model's constructor arguments in a .keras config."""
+    """Edits the constructor arguments in a Keras config (a .keras model's, or an encoder's)."""
     def edit(config):
         config["config"].update(changes)
         return config
@@ -404,13 +404,6 @@ def _encoder_copy(folder, good, config=None, weights=None):
     return folder / "enc.weights.h5"
 
 
-def _encoder_arguments(**changes):
-    def edit(config):
-        config["config"].update(changes)
-        return config
-    return edit
-
-
 def _bad_encoder(config=None, weights=None, named="enc.json", problem=""):
     return lambda d, g: (_encoder_copy(d, g, config, weights), d / named, problem)
 
@@ -425,9 +418,9 @@ BAD_ENCODERS = {
     "config empty": _bad_encoder(lambda c: "", problem="not valid JSON"),
     "config not JSON": _bad_encoder(lambda c: "{'channels': 3", problem="not valid JSON"),
     "config binary": _bad_encoder(lambda c: b"\xff\xfe{", problem="not valid JSON"),
-    "bad argument": _bad_encoder(_encoder_arguments(channels=-1), problem="not a valid CIFLEncoder config"),
-    "unknown argument": _bad_encoder(_encoder_arguments(bogus=1), problem="not a valid CIFLEncoder config"),
-    "weights of other shapes": _bad_encoder(_encoder_arguments(features=8), named="enc.weights.h5",
+    "bad argument": _bad_encoder(_arguments(channels=-1), problem="not a valid CIFLEncoder config"),
+    "unknown argument": _bad_encoder(_arguments(bogus=1), problem="not a valid CIFLEncoder config"),
+    "weights of other shapes": _bad_encoder(_arguments(features=8), named="enc.weights.h5",
                                             problem=NO_WEIGHTS),
     "weights truncated": _bad_encoder(weights=lambda w: w[:len(w) // 2], named="enc.weights.h5", problem=NO_WEIGHTS),
     "weights text": _bad_encoder(weights=lambda w: b"weights?", named="enc.weights.h5", problem=NO_WEIGHTS),
@@ -454,11 +447,6 @@ def test_malformed_encoder_fails_with_one_line_naming_it(good, tmp_path, capsys,
 
 # ---- outputs that cannot be written: checked before any work --------------------------------------
 
-def _through_file(folder, name):
-    (folder / "plain.txt").write_text("a file, not a folder")
-    return folder / "plain.txt" / name
-
-
 BAD_OUTPUT_FILES = {  # name -> builder(folder, file name) -> (path, problem)
     "a folder": lambda d, name: (_folder(d / name), "is a folder, not a file"),
     "under a regular file": lambda d, name: (_through_file(d, name), "no such folder to write to"),
@@ -475,7 +463,8 @@ OUTPUT_ROLES = {  # role -> (file name, or None for a folder; argv with OUT the 
     "features": ("f.nii.gz", lambda g, d: ["features", g / "image0.nii.gz", OUT, "--encoder", g / "enc.weights.h5"]),
     "segment": ("s.nii", lambda g, d: ["segment", "--model", g / "seg.keras", g / "image0.nii.gz", OUT]),
     "register --moved": ("m.nii.gz", lambda g, d: ["register", "--model", g / "reg.keras", "--moving",
-                                                   g / "image0.nii.gz", "--fixed", g / "image1.nii.gz", "--moved", OUT]),
+                                                   g / "image0.nii.gz", "--fixed", g / "image1.nii.gz",
+                                                   "--moved", OUT]),
     "register --warp": ("w.nii.gz", lambda g, d: ["register", "--model", g / "reg.keras", "--moving",
                                                   g / "image0.nii.gz", "--fixed", g / "image1.nii.gz",
                                                   "--moved", d / "moved.nii.gz", "--warp", OUT]),
@@ -700,5 +689,7 @@ def test_a_real_process_prints_one_line_and_no_traceback(good, tmp_path, case):
 
 
 def test_a_real_process_reads_a_valid_file_within_the_same_address_space(good, tmp_path):
-    assert _process(["features", good / "image0.nii.gz", tmp_path / "f.nii.gz", "--encoder", good / "enc.weights.h5"])[0] == 0
+    status, lines = _process(["features", good / "image0.nii.gz", tmp_path / "f.nii.gz",
+                              "--encoder", good / "enc.weights.h5"])
+    assert status == 0 and lines == [], lines
     assert data.load_nifti(tmp_path / "f.nii.gz")[0].shape == (*SLICE, 3)
