@@ -94,7 +94,8 @@ def _voxels(path, image):
         return np.asanyarray(image.dataobj)
     with gzip.open(path) as stream:
         voxels = np.asanyarray(type(image).from_stream(stream).dataobj)
-        stream.read(1)  # the end of the stream: gzip checks it; data beyond the voxels is left unread
+        while stream.read(2 ** 20):  # to the end of the stream, where gzip checks it; memory stays bounded
+            pass
     return voxels
 
 

@@ -146,6 +146,7 @@ def _nan_slice(value, dtype=np.float32):
 
 
 UNREADABLE = "not a readable NIfTI image"
+DAMAGED = f"{UNREADABLE}|singular|disagree|dimensions|voxel type|NaN/Inf"  # whichever check a random change meets
 BAD_NIFTI = {
     "empty .nii": lambda d: (_write(d / "empty.nii", b""), UNREADABLE),
     "empty .nii.gz": lambda d: (_write(d / "empty.nii.gz", b""), UNREADABLE),
@@ -286,6 +287,52 @@ def test_malformed_nifti_fails_with_one_line_naming_it(good, tmp_path, capsys, r
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     assert_fails_cleanly(capsys, tmp_path, IMAGE_ROLES[role](good, path, tmp_path), path, problem)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # nothing near the claimed size
+
+
+def _flip(content, position):
+    return content[:position] + bytes([content[position] ^ 0x10]) + content[position + 1:]
+
+
+def _with_field(name, value):
+    header = _header()
+    header[name] = value
+    return header
+
+
+def _fuzzed():
+    """Systematic damage to one valid slice: name -> builder(folder) -> (path, problem). The file cut
+    short at 39 points, .nii and .nii.gz; one bit flipped at 20 points of the deflate stream (between
+    the gzip header and trailer, so the CRC catches it if the header checks do not); datatype codes and
+    ranks out of range."""
+    plain = _good_bytes()
+    packed = gzip.compress(plain, mtime=0)
+    cases = {}
+    for k in range(1, 40):
+        cases[f".nii cut at {k}/40"] = lambda d, n=len(plain) * k // 40: (_write(d / "cut.nii", plain[:n]),
+                                                                            UNREADABLE)
+        cases[f".nii.gz cut at {k}/40"] = lambda d, n=len(packed) * k // 40: (_write(d / "cut.nii.gz", packed[:n]),
+                                                                                UNREADABLE)
+    # Up to the deflate stream's last byte but one: that byte's padding bits carry nothing.
+    for position in np.linspace(10, len(packed) - 10, 20).astype(int):
+        cases[f".nii.gz byte {position} flipped"] = lambda d, p=position: (_write(d / "flipped.nii.gz",
+                                                                                  _flip(packed, p)), DAMAGED)
+    for code in (0, 1, 3, 32, 99, 128, 1792, 2048, 2304, 4096):
+        cases[f"datatype code {code}"] = lambda d, c=code: (
+            _raw(d / "code.nii", _with_field("datatype", c), _image_bytes()),
+            f"{UNREADABLE}|is not a real integer or float type")
+    for rank in (-1, 8, 100):
+        cases[f"rank {rank}"] = lambda d, r=rank: (_raw(d / "rank.nii", _with_field("dim", [r, 16, 20, 1, 1, 1, 1, 1]),
+                                                        _image_bytes()), UNREADABLE)
+    return cases
+
+
+FUZZED_NIFTI = _fuzzed()
+
+
+@pytest.mark.parametrize("bad", sorted(FUZZED_NIFTI))
+def test_fuzzed_nifti_fails_with_one_line_naming_it(good, tmp_path, capsys, bad):
+    path, problem = FUZZED_NIFTI[bad](tmp_path)
+    assert_fails_cleanly(capsys, tmp_path, IMAGE_ROLES["features"](good, path, tmp_path), path, problem)
 
 
 @pytest.mark.parametrize("bad", sorted(BAD_NIFTI))
