@@ -6,8 +6,10 @@ names the file and the problem, with no traceback and no file written or left be
 variants of the same files (integer types, scaled data, trailing singleton axes, .nii, qform-only)
 run beside them and must give the same results as a plain float32 file.
 
-A new sub-command that reads files is one more row in IMAGE_ROLES, MODEL_ROLES, ENCODER_ROLES or
-OUTPUT_ROLES.
+Tables: BAD_NIFTI (named kinds of damage) and FUZZED_NIFTI (systematic cuts, bit flips, header
+codes) of images and label maps, BAD_MODELS, BAD_ENCODERS, BAD_OUTPUT_FILES / BAD_OUTPUT_FOLDERS and
+BAD_RUNS (train-encoder --resume). A new sub-command that reads files is one more row in IMAGE_ROLES,
+MODEL_ROLES, ENCODER_ROLES or OUTPUT_ROLES.
 """
 import gzip
 import json
