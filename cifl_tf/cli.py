@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -16,7 +17,7 @@ from . import data, models
 from .descriptors import MIND, VARIANTS
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
-from .training import train_encoder
+from .training import read_settings, train_encoder
 
 DEFAULTS = {name: p.default for name, p in inspect.signature(train_encoder).parameters.items()}
 
@@ -33,8 +34,7 @@ def _shape(text):
 
 def _train_encoder(args):
     if args.resume:  # the run goes on with the settings it was started with
-        with open(os.path.join(args.out, "settings.json")) as f:
-            settings = json.load(f)
+        settings = read_settings(args.out)
     else:
         shape = args.shape or (96,) * args.dim
         if len(shape) != args.dim:
@@ -73,12 +73,40 @@ def _add_encoder_args(p, required):
                             "ssc (MIND-SSC, Heinrich et al. 2013)")
 
 
+def _try_writing_in(folder, path):
+    """OSError naming `path` unless a file can be created in `folder` (permissions alone do not
+    show it: root may write anywhere, but not under /proc or on a read-only mount)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"{path}: cannot write in {folder} ({error.strerror})") from None
+
+
+def _output_file(path):
+    """Checks an output file path before any work, so that a bad one leaves nothing half written."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder, not a file to write")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: no such folder to write to")
+    _try_writing_in(folder, path)
+
+
+def _output_folder(folder):
+    """Checks an output folder before any work: it, or the nearest parent that exists, takes files."""
+    existing = folder
+    while not os.path.lexists(existing):  # the missing part is made when the results are written
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{folder}: {existing} is not a folder")
+    _try_writing_in(existing, folder)
+
+
 def _nifti_output(path):
-    """Checks an output path before any work, so that a bad one leaves nothing half written."""
     if not path.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{path}: output must end in .nii or .nii.gz")
-    if not os.path.isdir(os.path.dirname(path) or "."):
-        raise FileNotFoundError(f"{path}: no such folder to write to")
+    _output_file(path)
 
 
 def _model_input(path, model):
@@ -178,7 +206,8 @@ def _check_labels(dataset, nb_labels, folder):
 
 
 def _start_run(args):
-    """Seeds the run and checks that --out holds no model yet; returns the model file to write."""
+    """Seeds the run and checks that --out can take and holds no model yet; returns the model file to write."""
+    _output_folder(args.out)
     path = os.path.join(args.out, models.MODEL_FILE)
     if os.path.exists(path):
         raise FileExistsError(f"{path}: already exists; choose another --out folder")
@@ -224,6 +253,8 @@ def _train_reg(args):
 
 
 def _evaluate(args):
+    if args.json:
+        _output_file(args.json)
     model = models.load_model(args.model)
     fixed = _part(_dataset(args, args.contrast, len(model.inshape)), args, args.part)
     if isinstance(model, models.SegmentationModel):

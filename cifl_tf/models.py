@@ -13,7 +13,6 @@ which write atomically and reject files that do not hold one of these models.
 """
 import json
 import os
-import uuid
 import zipfile
 
 import numpy as np
@@ -22,6 +21,7 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
+from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
 
@@ -358,12 +358,21 @@ def _model_kind(path):
             config = json.loads(archive.read("config.json"))
         name = config.get("registered_name") or config.get("class_name")
     except (zipfile.BadZipFile, KeyError, ValueError, AttributeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{path}: not a cifl_tf model file (no Keras .keras model config: {reason})") from None
+        raise ValueError(f"{path}: not a cifl_tf model file (no Keras .keras model config: "
+                         f"{first_line(error)})") from None
     kinds = {tf.keras.utils.get_registered_name(cls): kind for kind, cls in MODEL_KINDS.items()}
     if name not in kinds:
         raise ValueError(f"{path}: not a cifl_tf model file (it holds a {name!r}, not one of {sorted(kinds)})")
+    if _has_lambda(config):  # refused in safe mode anyway, but only after Keras warns about its code
+        raise ValueError(f"{path}: holds a Lambda layer (arbitrary code), which safe-mode loading refuses")
     return kinds[name]
+
+
+def _has_lambda(config):
+    """Whether a Keras config (nested dicts and lists) holds a Lambda layer anywhere."""
+    if isinstance(config, dict):
+        return config.get("class_name") == "Lambda" or any(map(_has_lambda, config.values()))
+    return isinstance(config, list) and any(map(_has_lambda, config))
 
 
 def save_model(model, path):
@@ -381,14 +390,7 @@ def save_model(model, path):
         path = os.path.join(path, MODEL_FILE)
     if not path.endswith(".keras"):
         raise ValueError(f"save_model: path must be a folder or end in .keras, got {path!r}")
-    temporary = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex}.{os.path.basename(path)}")
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return write_atomically(path, model.save)
 
 
 def load_model(path, kind=None):
@@ -399,7 +401,9 @@ def load_model(path, kind=None):
         kind: None, "segmentation" or "registration": the kind of model required.
 
     Returns: the compiled SegmentationModel or RegistrationModel.
-    Raises: FileNotFoundError for a missing file; ValueError for a file that holds no such model.
+    Raises: FileNotFoundError for a missing file; ValueError naming the file for one that holds no
+        such model, or one Keras cannot load (unknown or unsafe classes such as Lambda, bad
+        arguments, weights missing or of other shapes, a damaged archive).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -411,4 +415,7 @@ def load_model(path, kind=None):
     found = _model_kind(path)
     if kind not in (None, found):
         raise ValueError(f"{path}: holds a {found} model, not a {kind} model")
-    return tf.keras.models.load_model(path, safe_mode=True)
+    try:
+        return tf.keras.models.load_model(path, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: cannot load the {found} model ({first_line(error)})") from error

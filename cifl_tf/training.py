@@ -5,16 +5,19 @@ with voxel-aligned views Eq. 1 is minimised by features that ignore the image (p
 patterns are identical for any input). Each view is a crop of a larger render; the encoder sees the
 crops, and Eq. 1 compares the two feature images on their overlap after aligning them.
 """
+import inspect
 import json
 import math
 import os
 import time
 
+import neurite as ne
 import tensorflow as tf
 
 from .encoder import CIFLEncoder, save_encoder
 from .losses import contrastive_loss
-from .synth import contrast_pairs
+from .data import first_line, read_json
+from .synth import ShapesSynth, contrast_pairs
 
 STRATEGIES = {
     "default": tf.distribute.get_strategy,
@@ -97,6 +100,67 @@ def _get_strategy(strategy):
     return strategy
 
 
+def _count(value, smallest=1):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+# Each settings.json field: (check of its value, what it must be).
+SETTINGS = {
+    "shape": (lambda v: isinstance(v, list) and len(v) in (2, 3) and all(map(_count, v)),
+              "a list of 2 or 3 positive integers"),
+    **{name: (_count, "a positive integer")
+       for name in ("steps", "batch_size", "channels", "features", "steps_per_epoch")},
+    "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
+    **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
+    "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
+    "synth_kwargs": (lambda v: isinstance(v, dict) and set(v) <= _synth_arguments(),
+                     "an object of ShapesSynth and labels_to_image arguments"),
+}
+
+
+def _synth_arguments():
+    """The names synth_kwargs may hold: ShapesSynth's own and neurite's labels_to_image's."""
+    names = {*inspect.signature(ShapesSynth).parameters, *inspect.signature(ne.models.labels_to_image).parameters}
+    return names - {"shape", "seed", "render_kwargs"}  # ShapesSynth rejects the render arguments it sets
+
+
+def read_settings(out_dir):
+    """The train_encoder arguments stored in `out_dir`/settings.json, checked field by field.
+
+    Raises: FileNotFoundError when there is no settings.json; ValueError naming it when it is not
+    JSON, lacks or adds fields, or holds a value of the wrong type or range.
+    """
+    path = os.path.join(out_dir, "settings.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"resume: {path!r} not found, so there is no run to continue")
+    settings = read_json(path)
+    if not isinstance(settings, dict) or set(settings) != set(SETTINGS):
+        keys = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
+        raise ValueError(f"{path}: expected an object with the fields {sorted(SETTINGS)}, got {keys}")
+    for name, (valid, what) in SETTINGS.items():
+        if not valid(settings[name]):
+            raise ValueError(f"{path}: {name} must be {what}, got {settings[name]!r}")
+    return settings
+
+
+def _check_backup(backup_dir):
+    """ValueError naming the checkpoint when the backup that a resumed fit restores is unreadable."""
+    # BackupAndRestore keeps the checkpoint of a single worker in chief/.
+    checkpoint = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+    if checkpoint is None:
+        return
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)  # reading checks each tensor's checksum
+    except (tf.errors.OpError, IndexError) as error:  # IndexError: a data file cut short
+        raise ValueError(f"{checkpoint}: damaged checkpoint, cannot resume ({first_line(error)})") from None
+
+
 def _prepare_out_dir(out_dir, settings, resume):
     """Checks that `out_dir` is new, or on resume that it holds an unfinished run of `settings`."""
     settings_path = os.path.join(out_dir, "settings.json")
@@ -108,15 +172,13 @@ def _prepare_out_dir(out_dir, settings, resume):
         with open(settings_path, "w") as f:
             json.dump(settings, f, indent=2)
         return
-    if not os.path.exists(settings_path):
-        raise FileNotFoundError(f"resume: {settings_path!r} not found, so there is no run to continue")
+    saved = read_settings(out_dir)
     if os.path.exists(os.path.join(out_dir, "result.json")):
         raise ValueError(f"resume: the run in {out_dir!r} has already finished")
-    with open(settings_path) as f:
-        saved = json.load(f)
     changed = sorted(k for k in settings if saved.get(k) != settings[k])
     if changed:
         raise ValueError(f"resume: settings {changed} differ from those of the run in {out_dir!r}")
+    _check_backup(os.path.join(out_dir, "backup"))
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32,
