@@ -31,7 +31,7 @@ def receptive_radius(layer):
     Returns: int, the largest distance along any axis (8 for eight 3x3 convolutions).
     Raises: ValueError if it exceeds 32 pixels or reaches across the whole image.
     """
-    ndim = _layer_ndim(layer)
+    ndim = check_layer(layer)
     size = 2 * _PROBE_RADIUS + 3
     image = tf.random.stateless_uniform((1,) + (size,) * ndim + (1,), seed=(1, 2))
     centre = (0,) + (size // 2,) * ndim
@@ -105,7 +105,7 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY):
     Returns: (*spatial, C) float32.
     """
     image = np.asarray(image, np.float32)
-    ndim = _layer_ndim(layer)
+    ndim = check_layer(layer)
     if image.ndim != ndim:
         raise ValueError(f"tiled_features: {layer.name} is {ndim}D but the image has shape {image.shape}")
     radius = receptive_radius(layer)
@@ -119,7 +119,7 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY):
     return features
 
 
-def _layer_ndim(layer):
+def check_layer(layer):
     if not isinstance(layer, tf.keras.layers.Layer) or getattr(layer, "ndim", None) not in (2, 3) \
             or not isinstance(getattr(layer, "channels", None), int):
         raise TypeError(f"expected a Keras layer with ndim (2 or 3) and channels attributes, such as a "
