@@ -9,12 +9,15 @@ import json
 import os
 import sys
 
+import nibabel.processing
 import numpy as np
 import tensorflow as tf
 
-from . import data, models
-from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
+from . import data, models, tiling
+from .encoder import PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
+from .instance import register_pair
+from .metrics import folding_fraction
 from .training import train_encoder
 
 DEFAULTS = {name: p.default for name, p in inspect.signature(train_encoder).parameters.items()}
@@ -56,12 +59,32 @@ def _encoder(args):
     return load_encoder(args.encoder) if args.encoder else None
 
 
-def _add_encoder_args(p, required):
+def _add_encoder_args(p, required, default="none, the raw-intensity baseline"):
+    """Adds --encoder and --pretrained as a mutually exclusive group, and returns the group."""
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--encoder", default=None, help="CIFL encoder: weights file or train-encoder run folder"
-                       + ("" if required else " (default: none, the raw-intensity baseline)"))
+                       + ("" if required else f" (default: {default})"))
     group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
                        help=f"the shipped 2D encoder trained with tau_gamma TAU, one of {PRETRAINED_TAU_GAMMAS}")
+    return group
+
+
+def _bytes(text):
+    """--max-memory: a number of bytes, optionally with a K, M or G suffix (powers of 1024)."""
+    scale = 1024 ** ("KMG".index(text[-1].upper()) + 1) if text[-1:].upper() in ("K", "M", "G") else 1
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes such as 1073741824 or 1G, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
+    return int(value)
+
+
+def _add_memory_arg(p):
+    p.add_argument("--max-memory", type=_bytes, default=tiling.DEFAULT_MAX_MEMORY, metavar="BYTES",
+                   help="memory for encoder activations: the image is encoded tile by tile within it "
+                        "(e.g. 512M; default 1G)")
 
 
 def _nifti_output(path):
@@ -89,7 +112,7 @@ def _features(args):
     _nifti_output(args.output)
     encoder = _encoder(args)
     image, affine, header = data.load_nifti(args.input, ndim=encoder.ndim)
-    features = encoder_model(encoder).predict(_normalized_batch(image), verbose=0)[0]
+    features = tiling.tiled_features(encoder, data.normalize(image), args.max_memory)
     data.save_nifti(args.output, features, affine, header, channels=True)
     print(f"{features.shape[-1]}-channel features written to {args.output}")
 
@@ -103,21 +126,54 @@ def _segment(args):
     print(f"label map written to {args.output}")
 
 
+def _on_fixed_grid(moving_path, fixed_path, ndim=None):
+    """(moving, fixed, affine, header): the moving image resampled (linear) onto the fixed image's voxel grid.
+
+    The nibabel affines place both images in world space; the fixed image's affine and header are returned.
+    """
+    fixed, affine, header = data.load_nifti(fixed_path, ndim=ndim)
+    if fixed.ndim not in (2, 3):
+        raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed.shape}")
+    moving, moving_affine, moving_header = data.load_nifti(moving_path, ndim=fixed.ndim)
+    if moving.shape != fixed.shape or not np.allclose(moving_affine, affine):
+        source = nibabel.Nifti1Image(moving.reshape(moving_header.get_data_shape()), moving_affine)
+        moving = nibabel.processing.resample_from_to(source, (header.get_data_shape(), affine), order=1)
+        moving = moving.get_fdata(dtype=np.float32).reshape(fixed.shape)
+    return moving, fixed, affine, header
+
+
 def _register(args):
     for path in filter(None, (args.moved, args.warp)):
         _nifti_output(path)
-    model = models.load_model(args.model, "registration")
-    moving, _, _ = _model_input(args.moving, model)
-    fixed, affine, header = data.load_nifti(args.fixed, ndim=len(model.inshape))
-    if fixed.shape != moving.shape:
-        raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from {moving.shape} of the moving "
-                             f"image {args.moving}")
-    displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))
-    moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement)[0, ..., 0]
+    if args.model:
+        model = models.load_model(args.model, "registration")
+        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, ndim=len(model.inshape))
+        if fixed.shape != model.inshape:
+            raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from the model's input shape "
+                                 f"{model.inshape}")
+        displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))[0]
+    else:
+        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
+        encoder = _registration_encoder(args, fixed.ndim)
+        displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
+                                     steps=args.steps, max_memory=args.max_memory)
+    moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
-        data.save_nifti(args.warp, displacement[0], affine, header, channels=True)
+        data.save_nifti(args.warp, displacement, affine, header, channels=True)
     data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
-    print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else ""))
+    print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else "")
+          + f"; folded voxels: {100 * folding_fraction(displacement):.3f}%")
+
+
+def _registration_encoder(args, ndim):
+    """register_pair's encoder: the chosen encoder or descriptor, None for --intensity, else "pretrained"."""
+    if args.descriptor:
+        from .descriptors import MIND  # cifl_tf.descriptors: MIND and its variants
+
+        return MIND(ndim=ndim)
+    if args.intensity:
+        return None
+    return _encoder(args) or "pretrained"
 
 
 # ---- downstream: training and evaluation on a data folder ----
@@ -306,6 +362,7 @@ def _parser():
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output C-channel feature image, .nii or .nii.gz")
     _add_encoder_args(p, required=True)
+    _add_memory_arg(p)
     p.set_defaults(run=_features)
 
     p = commands.add_parser("segment", help="label map of an image with a trained segmentation model")
@@ -314,12 +371,20 @@ def _parser():
     p.add_argument("output", help="output label map, .nii or .nii.gz")
     p.set_defaults(run=_segment)
 
-    p = commands.add_parser("register", help="register a moving image to a fixed image with a trained model")
-    p.add_argument("--model", required=True, help="model.keras from train-reg (or its run folder)")
-    p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz")
+    p = commands.add_parser("register", help="register a moving image to a fixed image: instance optimisation "
+                                             "(no training), or a trained model with --model")
+    p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz (resampled onto the fixed grid)")
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
     p.add_argument("--warp", default=None, help="output: the displacement field in voxels (*spatial, ndim)")
+    method = _add_encoder_args(p, required=False, default="--pretrained, the recommended shipped encoder")
+    method.add_argument("--model", default=None, help="model.keras from train-reg (or its run folder) instead of "
+                                                      "instance optimisation")
+    method.add_argument("--descriptor", choices=("mind",), default=None, help="features of the MIND descriptor")
+    method.add_argument("--intensity", choices=("ncc", "mi"), default=None,
+                        help="no features: the intensities, compared by local NCC or mutual information")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps per resolution level")
+    _add_memory_arg(p)
     p.set_defaults(run=_register)
 
     p = commands.add_parser("train-seg", help="train a UNet on (encoder features of) T1 images and label maps")
