@@ -156,6 +156,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     for name, value in (("steps", steps), ("int_steps", int_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise ValueError(f"register_pair: learning_rate must be a positive number, got {learning_rate!r}")
     if moved_features not in MOVED_FEATURES:
         raise ValueError(f"register_pair: moved_features must be one of {MOVED_FEATURES}, got {moved_features!r}")
 

@@ -133,6 +133,7 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(steps=0), ValueError, r"steps must be a positive integer, got 0"),
     (GOOD, GOOD, dict(reg_weight=-1.0), ValueError, r"reg_weight must be a non-negative number, got -1.0"),
     (GOOD, GOOD, dict(moved_features="both"), ValueError, r"moved_features must be one of"),
+    (GOOD, GOOD, dict(learning_rate=0), ValueError, r"learning_rate must be a positive number, got 0"),
 ])
 def test_register_pair_rejects_bad_inputs(moving, fixed, kwargs, error, message):
     with pytest.raises(error, match=message):

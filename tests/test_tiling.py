@@ -1,6 +1,7 @@
 """Tiled inference: equal to untiled inference, tile sizes from a memory budget, receptive fields."""
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import cifl_tf
 from cifl_tf import tiling
@@ -25,6 +26,19 @@ def test_receptive_radius_counts_kernel_size_and_dilation():
                 conv.dilation_rate = (2, 2)
 
     assert tiling.receptive_radius(Dilated(channels=2, features=2)) == 16
+
+
+class MinusImageMean(tf.keras.layers.Layer):
+    """Each pixel minus the image's mean: every output looks at the whole image, which tiles cannot do."""
+    ndim, channels = 2, 1
+
+    def call(self, images):
+        return images - tf.reduce_mean(images, axis=(1, 2), keepdims=True)
+
+
+def test_a_layer_that_looks_at_the_whole_image_cannot_be_tiled():
+    with pytest.raises(ValueError, match="reaches more than 32 pixels; it cannot be tiled"):
+        tiling.receptive_radius(MinusImageMean())
 
 
 @pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((19, 23, 17), 20)])
