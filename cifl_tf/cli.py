@@ -121,7 +121,7 @@ def _segment(args):
     _nifti_output(args.output)
     model = models.load_model(args.model, "segmentation")
     image, affine, header = _model_input(args.input, model)
-    labels = segment(model, _normalized_batch(image))[0].astype(np.uint8 if model.nb_labels <= 256 else np.int32)
+    labels = segment(model, _normalized_batch(image), max_memory=args.max_memory)[0].astype(np.uint8 if model.nb_labels <= 256 else np.int32)
     data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
     print(f"label map written to {args.output}")
 
@@ -369,6 +369,7 @@ def _parser():
     p.add_argument("--model", required=True, help="model.keras from train-seg (or its run folder)")
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output label map, .nii or .nii.gz")
+    _add_memory_arg(p)
     p.set_defaults(run=_segment)
 
     p = commands.add_parser("register", help="register a moving image to a fixed image: instance optimisation "

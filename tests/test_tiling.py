@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 import cifl_tf
-from cifl_tf import tiling
+from cifl_tf import evaluate, tiling
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,15 @@ def test_tiled_features_rejects_wrong_dimensions_and_non_layers():
         tiling.tiled_features(cifl_tf.pretrained(), np.zeros((8, 8, 8)))
     with pytest.raises(TypeError, match="expected a Keras layer with ndim"):
         tiling.tiled_features(lambda x: x, np.zeros((8, 8)))
+
+
+def test_segment_with_a_tiled_encoder_equals_the_whole_model():
+    encoder = cifl_tf.CIFLEncoder(channels=3, features=4)
+    model = cifl_tf.segmentation_model((32, 32), 3, encoder, nb_features=4, nb_levels=2)
+    images = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    budget = tiling.bytes_per_pixel(encoder) * 20 ** 2  # tiles of 4 x 4 pixels and their halo
+    probabilities = model.predict(images[..., np.newaxis], verbose=0)
+    confident = np.sort(probabilities, axis=-1)[..., -1] - np.sort(probabilities, axis=-1)[..., -2] > 1e-4
+    assert confident.mean() > 0.9  # pixels whose label float rounding cannot flip
+    tiled = evaluate.segment(model, images, max_memory=budget)
+    np.testing.assert_array_equal(tiled[confident], evaluate.segment(model, images)[confident])
