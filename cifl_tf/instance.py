@@ -23,7 +23,7 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
-from . import tiling
+from . import models, tiling
 from .encoder import pretrained
 
 KL = tf.keras.layers
@@ -86,6 +86,68 @@ def displacement(model):
     return model.get_layer("integrate")(velocity)[0].numpy()
 
 
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class AffineMatrix(KL.Layer):
+    """A trainable affine transform of a grid, for vxm.layers.SpatialTransformer (centred coordinates).
+
+    The weights (ndim, ndim + 1) are the displacements in voxels that the transform adds at the grid's
+    border along each axis (the linear part, each column divided by the grid's half extent along its
+    axis) and everywhere (the translation), so that an optimiser step moves voxels by similar amounts on
+    any grid. Zeros: the identity.
+
+    Args:
+        grid: the spatial shape the transform applies to.
+
+    Call: any tensor (B, ...) -> (B, ndim, ndim + 1) matrices, the same for every batch item.
+    """
+
+    def __init__(self, grid, **kwargs):
+        super().__init__(**kwargs)
+        self.grid = tuple(int(n) for n in grid)
+        ndim = len(self.grid)
+        self.shifts = self.add_weight(name="shifts", shape=(ndim, ndim + 1), initializer="zeros")
+        self._scale = np.array([max((n - 1) / 2, 1) for n in self.grid] + [1], np.float32)
+
+    def call(self, inputs):
+        ndim = len(self.grid)
+        matrix = np.eye(ndim, ndim + 1, dtype=np.float32) + self.shifts / self._scale
+        return tf.broadcast_to(matrix, (tf.shape(inputs)[0], ndim, ndim + 1))
+
+    def get_config(self):
+        return {**super().get_config(), "grid": list(self.grid)}
+
+
+def affine_model(grid, channels, encoder=None):
+    """The model of register_pair's affine stage: moving (B, *grid, F) -> moved (B, *grid, F or C)."""
+    moving = tf.keras.Input((*tuple(grid), channels), name="moving")
+    matrix = AffineMatrix(grid, name="affine")(moving)
+    moved = vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, matrix])
+    return tf.keras.Model(moving, moved if encoder is None else encoder(moved), name="cifl_affine")
+
+
+def affine_displacement(matrix, factor, shape):
+    """The full-resolution displacement (*shape, ndim) of an affine matrix fitted on the grid pooled by `factor`.
+
+    SpatialTransformer maps a grid point x to A (x - m) + t + m (m: the grid's centre). A coarse point x_c
+    is the full-resolution point s x_c + c0; so, about the full grid's centre m_f, the transform is
+    A u + s t + (I - A)(p - m_f), where p is the coarse grid's centre in full-resolution coordinates.
+    """
+    matrix = np.asarray(matrix, np.float32)
+    linear = matrix[:, :-1]
+    offset = np.array([(_centres(n, factor)[0] + _centres(n, factor)[-1] - (n - 1)) / 2 for n in shape], np.float32)
+    translation = factor * matrix[:, -1] + (np.eye(len(shape)) - linear) @ offset
+    full = np.concatenate([linear, translation[:, np.newaxis]], axis=1).astype(np.float32)
+    return vxm.utils.affine_to_dense_shift(full, shape, shift_center=True).numpy()
+
+
+def _fit(model, source, targets, steps, verbose):
+    """model.fit for `steps` optimisation steps on one (source, targets) pair, in one call."""
+    if verbose:
+        print(f"{model.name}: grid {'x'.join(map(str, source.shape[:-1]))}")
+    pair = (source[np.newaxis], tuple(target[np.newaxis] for target in targets))
+    model.fit(tf.data.Dataset.from_tensors(pair).repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+
+
 def _similarity_loss(similarity):
     if similarity == "ncc":
         return vxm.losses.NCC().loss
@@ -122,7 +184,7 @@ def resample_field(field, factor, to_factor, shape):
 
 
 def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weight=None, levels=(4, 2, 1),
-                  steps=100, learning_rate=0.1, int_steps=5, moved_features="warped",
+                  steps=100, learning_rate=0.1, int_steps=5, affine=False, moved_features="warped",
                   max_memory=tiling.DEFAULT_MAX_MEMORY, verbose=1):
     """The displacement that registers `moving` to `fixed`, by instance optimisation (no training).
 
@@ -139,6 +201,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         steps: optimisation steps per level (one ``fit`` call each).
         learning_rate: of Adam, in voxels of the level's grid per step.
         int_steps: scaling-and-squaring steps of the velocity integration.
+        affine: first fit an affine transform (`steps` steps on the coarsest level's grid); the
+            deformable levels then start from the affinely moved image.
         moved_features: "warped" (warp the moving features) or "encoded" (encode the moved image).
         max_memory: bytes per tile of encoder inference (tiling.tiled_features).
         verbose: 1 shows a progress bar per level, 0 nothing.
@@ -158,6 +222,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ValueError(f"register_pair: learning_rate must be a positive number, got {learning_rate!r}")
+    if not isinstance(affine, bool):
+        raise TypeError(f"register_pair: affine must be True or False, got {affine!r}")
     if moved_features not in MOVED_FEATURES:
         raise ValueError(f"register_pair: moved_features must be one of {MOVED_FEATURES}, got {moved_features!r}")
 
@@ -167,23 +233,31 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     else:
         sources, targets = (tiling.tiled_features(encoder, image, max_memory) for image in (moving, fixed))
     shape, ndim = moving.shape, moving.ndim
+    after = encoder if encoded else None
+    similarity_loss = _similarity_loss(similarity)
+    if affine:
+        source, target = _pool(sources, levels[0]), _pool(targets, levels[0])
+        model = affine_model(source.shape[:-1], source.shape[-1], after)
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate), loss=similarity_loss)
+        _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
+        initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
+        sources = models.warp(sources[np.newaxis], initial[np.newaxis])[0]
     velocity, previous = None, None
     for factor in levels:
         source, target = _pool(sources, factor), _pool(targets, factor)
         if encoded:
             target = encoder(target[np.newaxis]).numpy()[0]
-        model = instance_model(source.shape[:-1], source.shape[-1], int_steps, encoder if encoded else None)
+        model = instance_model(source.shape[:-1], source.shape[-1], int_steps, after)
         if velocity is not None:
             model.get_layer("velocity").set_weights([resample_field(velocity, previous, factor, shape)])
         model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
-                      loss=[_similarity_loss(similarity), vxm.losses.Grad("l2").loss], loss_weights=[1, reg_weight])
-        pair = (source[np.newaxis], (target[np.newaxis], np.zeros((1, *source.shape[:-1], ndim), np.float32)))
-        if verbose:
-            print(f"level {factor}: grid {'x'.join(map(str, source.shape[:-1]))}")
-        model.fit(tf.data.Dataset.from_tensors(pair).repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+                      loss=[similarity_loss, vxm.losses.Grad("l2").loss], loss_weights=[1, reg_weight])
+        _fit(model, source, [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
         velocity, previous = model.get_layer("velocity").get_weights()[0], factor
     field = displacement(model)
-    return field if previous == 1 else resample_field(field, previous, 1, shape)
+    field = field if previous == 1 else resample_field(field, previous, 1, shape)
+    # moving(x + field(x) + initial(x + field(x))): the affine applied first, then the deformation
+    return field + models.warp(initial[np.newaxis], field[np.newaxis])[0] if affine else field
 
 
 def _check_images(moving, fixed):

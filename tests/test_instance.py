@@ -134,7 +134,49 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(reg_weight=-1.0), ValueError, r"reg_weight must be a non-negative number, got -1.0"),
     (GOOD, GOOD, dict(moved_features="both"), ValueError, r"moved_features must be one of"),
     (GOOD, GOOD, dict(learning_rate=0), ValueError, r"learning_rate must be a positive number, got 0"),
+    (GOOD, GOOD, dict(affine="yes"), TypeError, r"affine must be True or False, got 'yes'"),
 ])
 def test_register_pair_rejects_bad_inputs(moving, fixed, kwargs, error, message):
     with pytest.raises(error, match=message):
         cifl_tf.register_pair(moving, fixed, **{"verbose": 0, **kwargs})
+
+
+@pytest.mark.parametrize("factor, shape", [(1, (9, 12)), (2, (16, 20)), (4, (18, 13))])
+def test_affine_displacement_maps_coarse_points_as_the_coarse_transform_does(factor, shape):
+    matrix = np.array([[1.05, 0.1, 0.7], [-0.08, 0.95, -1.2]], np.float32)
+    grid = [-(-n // factor) for n in shape]
+    coarse = vxm.utils.affine_to_dense_shift(matrix, grid, shift_center=True).numpy()
+    full = instance.affine_displacement(matrix, factor, shape)
+    # Coarse voxel centres in full-resolution coordinates ('SAME' pooling), where both must agree:
+    # a coarse displacement of d coarse voxels is factor * d full-resolution voxels.
+    centres = [factor * np.arange(g) + (factor - 1) / 2 - (g * factor - n) // 2 for g, n in zip(grid, shape)]
+    points = np.stack(np.meshgrid(*centres, indexing="ij"), -1)
+    expected = factor * coarse
+    for index in np.ndindex(*grid):
+        point = points[index]
+        if np.all(point == np.round(point)) and np.all(point >= 0) and np.all(point < shape):
+            np.testing.assert_allclose(full[tuple(point.astype(int))], expected[index], atol=1e-4)
+
+
+def test_affine_stage_recovers_a_shift_and_scaling():
+    rng = np.random.default_rng(3)
+    labels = phantom_labels((48, 48), rng)
+    image = np.clip(phantom_image(labels, rng) / 0.4, 0, 1)
+    truth = instance.affine_displacement(np.array([[1.08, 0, 2.5], [0, 0.95, -2]], np.float32), 1, (48, 48))
+    moving = models.warp(image[None, ..., None], -truth[None])[0, ..., 0]
+    moving_labels = np.rint(models.warp(labels[None, ..., None].astype(np.float32), -truth[None], "nearest")[0, ..., 0])
+    displacement = cifl_tf.register_pair(moving, image, None, affine=True, levels=(2,), steps=60, verbose=0)
+    before = dice_after(np.zeros_like(displacement), moving_labels.astype(int), labels)
+    assert dice_after(displacement, moving_labels.astype(int), labels) > before + 0.15
+    assert metrics.folding_fraction(displacement) == 0
+
+
+def test_affine_model_saves_and_loads(tmp_path):
+    model = instance.affine_model((8, 10), 1)
+    model.get_layer("affine").set_weights([np.array([[0.5, -0.2, 1.0], [0.1, 0.3, -0.5]], np.float32)])
+    model.save(tmp_path / "affine.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "affine.keras", safe_mode=True,
+                                        custom_objects={"SpatialTransformer": vxm.layers.SpatialTransformer})
+    image = np.random.default_rng(1).random((1, 8, 10, 1)).astype(np.float32)
+    assert np.abs(model(image) - image).max() > 0.01  # not the identity
+    np.testing.assert_allclose(loaded(image), model(image), atol=1e-6)
