@@ -146,6 +146,8 @@ def _register(args):
     for path in filter(None, (args.moved, args.warp)):
         _nifti_output(path)
     if args.model:
+        if args.affine:
+            raise ValueError("--affine is a stage of instance optimisation; a --model registers in one pass")
         model = models.load_model(args.model, "registration")
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, ndim=len(model.inshape))
         if fixed.shape != model.inshape:
@@ -156,7 +158,7 @@ def _register(args):
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
         encoder = _registration_encoder(args, fixed.ndim)
         displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
-                                     steps=args.steps, max_memory=args.max_memory)
+                                     steps=args.steps, affine=args.affine, max_memory=args.max_memory)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
         data.save_nifti(args.warp, displacement, affine, header, channels=True)
@@ -385,6 +387,7 @@ def _parser():
     method.add_argument("--intensity", choices=("ncc", "mi"), default=None,
                         help="no features: the intensities, compared by local NCC or mutual information")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps per resolution level")
+    p.add_argument("--affine", action="store_true", help="fit an affine transform first")
     _add_memory_arg(p)
     p.set_defaults(run=_register)
 

@@ -69,6 +69,7 @@ def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, ca
     (["--moving", "VOLUME", "--fixed", "VOLUME", "--pretrained", "0.1"], r"encoder .* is 2D but the images are 3D"),
     (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
     (["--intensity", "ncc", "--steps", "0"], r"steps must be a positive integer, got 0"),
+    (["--model", "MISSING", "--affine", None], r"--affine is a stage of instance optimisation"),
     (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
     (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),
 ])
@@ -80,7 +81,8 @@ def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, capsys, argv
     options = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz",
                "--moved": pair / "out" / "moved.nii.gz", "--warp": pair / "out" / "warp.nii.gz"}
     options.update(zip(argv[::2], [names.get(value, value) for value in argv[1::2]]))
-    status, _, err = run(capsys, "register", *[item for option in options.items() for item in option])
+    status, _, err = run(capsys, "register", *[item for option in options.items() for item in option
+                                               if item is not None])  # None: the option is a flag
     assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("cifl register: error: ") and re.search(message, err), err
     assert list((pair / "out").iterdir()) == []
