@@ -69,6 +69,14 @@ def _add_encoder_args(p, required, default="none, the raw-intensity baseline"):
     return group
 
 
+def _levels(text):
+    """--levels: pooling factors, coarse to fine, such as 4,2,1."""
+    try:
+        return tuple(int(factor) for factor in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pooling factors such as 4,2,1, got {text!r}")
+
+
 def _bytes(text):
     """--max-memory: a number of bytes, optionally with a K, M or G suffix (powers of 1024)."""
     scale = 1024 ** ("KMG".index(text[-1].upper()) + 1) if text[-1:].upper() in ("K", "M", "G") else 1
@@ -158,7 +166,8 @@ def _register(args):
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
         encoder = _registration_encoder(args, fixed.ndim)
         displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
-                                     steps=args.steps, affine=args.affine, max_memory=args.max_memory)
+                                     levels=args.levels, steps=args.steps, affine=args.affine,
+                                     max_memory=args.max_memory)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
         data.save_nifti(args.warp, displacement, affine, header, channels=True)
@@ -386,6 +395,8 @@ def _parser():
     method.add_argument("--descriptor", choices=("mind",), default=None, help="features of the MIND descriptor")
     method.add_argument("--intensity", choices=("ncc", "mi"), default=None,
                         help="no features: the intensities, compared by local NCC or mutual information")
+    p.add_argument("--levels", type=_levels, default=(4, 2, 1),
+                   help="resolution levels, as pooling factors from coarse to fine (default 4,2,1)")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps per resolution level")
     p.add_argument("--affine", action="store_true", help="fit an affine transform first")
     _add_memory_arg(p)
