@@ -129,7 +129,8 @@ def _segment(args):
     _nifti_output(args.output)
     model = models.load_model(args.model, "segmentation")
     image, affine, header = _model_input(args.input, model)
-    labels = segment(model, _normalized_batch(image), max_memory=args.max_memory)[0].astype(np.uint8 if model.nb_labels <= 256 else np.int32)
+    labels = segment(model, _normalized_batch(image), max_memory=args.max_memory)[0]
+    labels = labels.astype(np.uint8 if model.nb_labels <= 256 else np.int32)
     data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
     print(f"label map written to {args.output}")
 
@@ -179,7 +180,7 @@ def _register(args):
 def _registration_encoder(args, ndim):
     """register_pair's encoder: the chosen encoder or descriptor, None for --intensity, else "pretrained"."""
     if args.descriptor:
-        from .descriptors import MIND  # cifl_tf.descriptors: MIND and its variants
+        from .descriptors import MIND  # imported here: only this option needs the descriptors
 
         return MIND(ndim=ndim)
     if args.intensity:
