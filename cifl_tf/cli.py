@@ -10,13 +10,16 @@ import os
 import sys
 import tempfile
 
+import nibabel.processing
 import numpy as np
 import tensorflow as tf
 
-from . import data, models
+from . import data, models, tiling
 from .descriptors import MIND, VARIANTS
-from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
+from .encoder import PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
+from .instance import register_pair
+from .metrics import folding_fraction
 from .training import read_settings, train_encoder
 
 DEFAULTS = {name: p.default for name, p in inspect.signature(train_encoder).parameters.items()}
@@ -62,15 +65,17 @@ def encoder_from_args(args, ndim):
     return load_encoder(args.encoder) if args.encoder else None
 
 
-def _add_encoder_args(p, required):
+def _add_encoder_args(p, required, default="none, the raw-intensity baseline"):
+    """Adds --encoder and --pretrained as a mutually exclusive group, and returns the group."""
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--encoder", default=None, help="CIFL encoder: weights file or train-encoder run folder"
-                       + ("" if required else " (default: none, the raw-intensity baseline)"))
+                       + ("" if required else f" (default: {default})"))
     group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
                        help=f"the shipped 2D encoder trained with tau_gamma TAU, one of {PRETRAINED_TAU_GAMMAS}")
     group.add_argument("--descriptor", choices=VARIANTS, default=None,
                        help="a hand-made descriptor instead of an encoder: mind (MIND, Heinrich et al. 2012) or "
                             "ssc (MIND-SSC, Heinrich et al. 2013)")
+    return group
 
 
 def _try_writing_in(folder, path):
@@ -103,6 +108,32 @@ def _output_folder(folder):
     _try_writing_in(existing, folder)
 
 
+def _levels(text):
+    """--levels: pooling factors, coarse to fine, such as 4,2,1."""
+    try:
+        return tuple(int(factor) for factor in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pooling factors such as 4,2,1, got {text!r}")
+
+
+def _bytes(text):
+    """--max-memory: a number of bytes, optionally with a K, M or G suffix (powers of 1024)."""
+    scale = 1024 ** ("KMG".index(text[-1].upper()) + 1) if text[-1:].upper() in ("K", "M", "G") else 1
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes such as 1073741824 or 1G, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
+    return int(value)
+
+
+def _add_memory_arg(p):
+    p.add_argument("--max-memory", type=_bytes, default=tiling.DEFAULT_MAX_MEMORY, metavar="BYTES",
+                   help="memory for encoder activations: the image is encoded tile by tile within it "
+                        "(e.g. 512M; default 1G)")
+
+
 def _nifti_output(path):
     if not path.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{path}: output must end in .nii or .nii.gz")
@@ -129,7 +160,7 @@ def _features(args):
     if encoder.ndim != image.ndim:
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
                              f"the encoder takes {encoder.ndim}")
-    features = encoder_model(encoder).predict(_normalized_batch(image), verbose=0)[0]
+    features = tiling.tiled_features(encoder, data.normalize(image), args.max_memory)
     data.save_nifti(args.output, features, affine, header, channels=True)
     print(f"{features.shape[-1]}-channel features written to {args.output}")
 
@@ -138,26 +169,59 @@ def _segment(args):
     _nifti_output(args.output)
     model = models.load_model(args.model, "segmentation")
     image, affine, header = _model_input(args.input, model)
-    labels = segment(model, _normalized_batch(image))[0].astype(np.uint8 if model.nb_labels <= 256 else np.int32)
+    labels = segment(model, _normalized_batch(image), max_memory=args.max_memory)[0]
+    labels = labels.astype(np.uint8 if model.nb_labels <= 256 else np.int32)
     data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
     print(f"label map written to {args.output}")
+
+
+def _on_fixed_grid(moving_path, fixed_path, ndim=None):
+    """(moving, fixed, affine, header): the moving image resampled (linear) onto the fixed image's voxel grid.
+
+    The nibabel affines place both images in world space; the fixed image's affine and header are returned.
+    """
+    fixed, affine, header = data.load_nifti(fixed_path, ndim=ndim)
+    if fixed.ndim not in (2, 3):
+        raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed.shape}")
+    moving, moving_affine, moving_header = data.load_nifti(moving_path, ndim=fixed.ndim)
+    if moving.shape != fixed.shape or not np.allclose(moving_affine, affine):
+        source = nibabel.Nifti1Image(moving.reshape(moving_header.get_data_shape()), moving_affine)
+        moving = nibabel.processing.resample_from_to(source, (header.get_data_shape(), affine), order=1)
+        moving = moving.get_fdata(dtype=np.float32).reshape(fixed.shape)
+    return moving, fixed, affine, header
 
 
 def _register(args):
     for path in filter(None, (args.moved, args.warp)):
         _nifti_output(path)
-    model = models.load_model(args.model, "registration")
-    moving, _, _ = _model_input(args.moving, model)
-    fixed, affine, header = data.load_nifti(args.fixed, ndim=len(model.inshape))
-    if fixed.shape != moving.shape:
-        raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from {moving.shape} of the moving "
-                             f"image {args.moving}")
-    displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))
-    moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement)[0, ..., 0]
+    if args.model:
+        if args.affine:
+            raise ValueError("--affine is a stage of instance optimisation; a --model registers in one pass")
+        model = models.load_model(args.model, "registration")
+        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, ndim=len(model.inshape))
+        if fixed.shape != model.inshape:
+            raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from the model's input shape "
+                                 f"{model.inshape}")
+        displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))[0]
+    else:
+        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
+        encoder = _registration_encoder(args, fixed.ndim)
+        displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
+                                     levels=args.levels, steps=args.steps, affine=args.affine,
+                                     max_memory=args.max_memory)
+    moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
-        data.save_nifti(args.warp, displacement[0], affine, header, channels=True)
+        data.save_nifti(args.warp, displacement, affine, header, channels=True)
     data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
-    print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else ""))
+    print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else "")
+          + f"; folded voxels: {100 * folding_fraction(displacement):.3f}%")
+
+
+def _registration_encoder(args, ndim):
+    """register_pair's encoder: the chosen encoder or descriptor, None for --intensity, else "pretrained"."""
+    if args.intensity:
+        return None
+    return encoder_from_args(args, ndim) or "pretrained"
 
 
 # ---- downstream: training and evaluation on a data folder ----
@@ -349,20 +413,32 @@ def _parser():
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output C-channel feature image, .nii or .nii.gz")
     _add_encoder_args(p, required=True)
+    _add_memory_arg(p)
     p.set_defaults(run=_features)
 
     p = commands.add_parser("segment", help="label map of an image with a trained segmentation model")
     p.add_argument("--model", required=True, help="model.keras from train-seg (or its run folder)")
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output label map, .nii or .nii.gz")
+    _add_memory_arg(p)
     p.set_defaults(run=_segment)
 
-    p = commands.add_parser("register", help="register a moving image to a fixed image with a trained model")
-    p.add_argument("--model", required=True, help="model.keras from train-reg (or its run folder)")
-    p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz")
+    p = commands.add_parser("register", help="register a moving image to a fixed image: instance optimisation "
+                                             "(no training), or a trained model with --model")
+    p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz (resampled onto the fixed grid)")
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
     p.add_argument("--warp", default=None, help="output: the displacement field in voxels (*spatial, ndim)")
+    method = _add_encoder_args(p, required=False, default="--pretrained, the recommended shipped encoder")
+    method.add_argument("--model", default=None, help="model.keras from train-reg (or its run folder) instead of "
+                                                      "instance optimisation")
+    method.add_argument("--intensity", choices=("ncc", "mi"), default=None,
+                        help="no features: the intensities, compared by local NCC or mutual information")
+    p.add_argument("--levels", type=_levels, default=(4, 2, 1),
+                   help="resolution levels, as pooling factors from coarse to fine (default 4,2,1)")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps per resolution level")
+    p.add_argument("--affine", action="store_true", help="fit an affine transform first")
+    _add_memory_arg(p)
     p.set_defaults(run=_register)
 
     p = commands.add_parser("train-seg", help="train a UNet on (encoder features of) T1 images and label maps")

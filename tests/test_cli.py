@@ -90,7 +90,7 @@ def test_segment_writes_the_model_label_map_with_the_input_geometry(files, tmp_p
 
 
 def test_register_writes_the_moved_image_and_the_displacement_in_fixed_space(files, tmp_path, capsys):
-    slice_file(tmp_path / "fixed.nii.gz", seed=2, affine=np.diag([1.0, 1.0, 3.0, 1.0]))
+    slice_file(tmp_path / "fixed.nii.gz", seed=2)
     status, stdout, _ = run(capsys, "register", "--model", files / "reg.keras", "--moving", files / "a.nii.gz",
                             "--fixed", tmp_path / "fixed.nii.gz", "--moved", tmp_path / "moved.nii.gz",
                             "--warp", tmp_path / "warp.nii.gz")
@@ -99,7 +99,7 @@ def test_register_writes_the_moved_image_and_the_displacement_in_fixed_space(fil
     displacement, warp_affine, _ = data.load_nifti(tmp_path / "warp.nii.gz")
     assert moved.shape == (*SLICE, 1) and displacement.shape == (*SLICE, 2)
     assert np.abs(displacement).max() > 0.5
-    np.testing.assert_array_equal(moved.affine, np.diag([1.0, 1.0, 3.0, 1.0]))
+    np.testing.assert_array_equal(moved.affine, AFFINE)
     np.testing.assert_array_equal(warp_affine, moved.affine)
     moving, _, _ = data.load_nifti(files / "a.nii.gz")  # warped in its own intensities, not normalised
     expected = models.warp(moving[None, ..., None], displacement[None])[0, ..., 0]
@@ -242,10 +242,10 @@ def _case_model_shape(files, tmp):
         r"small\.nii\.gz: shape \(16, 16\) differs from the model's input shape \(16, 20\)"
 
 
-def _case_moving_fixed(files, tmp):
+def _case_model_fixed(files, tmp):
     path = _bad_slice(tmp, "other.nii.gz", np.ones((16, 16), np.float32))
     return ["register", "--model", files / "reg.keras", "--moving", files / "a.nii.gz", "--fixed", path,
-            "--moved", "OUT"], r"other\.nii\.gz: shape \(16, 16\) differs from \(16, 20\) of the moving image"
+            "--moved", "OUT"], r"other\.nii\.gz: shape \(16, 16\) differs from the model's input shape \(16, 20\)"
 
 
 def _case_labels_outside(files, tmp):
@@ -308,7 +308,7 @@ def _case_output_name(files, tmp):
 
 
 @pytest.mark.parametrize("case", [
-    _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_moving_fixed,
+    _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
     _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
     _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
 ], ids=lambda case: case.__name__[len("_case_"):])
