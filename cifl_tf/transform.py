@@ -4,8 +4,9 @@ voxelmorph 0.2 (``vxm.layers.SpatialTransformer``, ``VecInt``, ``RescaleTransfor
 element at a time in a ``tf.map_fn`` loop. Differentiating those loops is what makes tracing the train step
 of a ``VxmDense`` slow (10-40 s on 2 cores). Here the same interpolation (neurite's ``interpn``: 'ij' voxel
 coordinates, linear or nearest, points outside the image take the nearest border value or ``fill_value``)
-gathers from all batch elements in one op, and the layers are drop-in subclasses of voxelmorph's, with the
-same arguments, configs and results:
+gathers from all batch elements in one op. The layers take voxelmorph's arguments and give its results;
+SpatialTransformer and RescaleTransform subclass voxelmorph's, VecInt cannot (its ``__init__`` calls
+``super(self.__class__, self)``, which recurses in a subclass) and takes the arguments VxmDense passes:
 
     SpatialTransformer()([images (B, *S, C), displacement (B, *S', ndim)]) -> (B, *S', C)
     VecInt(int_steps=7)(velocity (B, *S, ndim))                             -> (B, *S, ndim)
@@ -49,6 +50,8 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     Returns: (B, *P, C), the dtype of images.
     """
     _check_interp_method(interp_method)
+    if not images.dtype.is_floating:
+        raise TypeError(f"images must be floating point (cast label maps to float32), got {images.dtype.name}")
     shape = images.shape[1:-1]
     if points.shape[-1] != len(shape):
         raise ValueError(f"points of {points.shape[-1]} coordinates for {len(shape)}D images {images.shape}")

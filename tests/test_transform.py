@@ -152,6 +152,7 @@ def test_layers_round_trip_through_a_keras_file_in_safe_mode(tmp_path):
     (lambda: transform.VecInt(int_steps=-1), ValueError, "int_steps.*-1"),
     (lambda: transform.VecInt(indexing="ji"), ValueError, "indexing.*'ji'"),
     (lambda: transform.interpolate(tf.zeros((1, 4, 4, 1)), tf.zeros((1, 4, 4, 3))), ValueError, "3 coordinates"),
+    (lambda: transform.interpolate(tf.zeros((1, 4, 4, 1), tf.int32), tf.zeros((1, 4, 4, 2))), TypeError, "int32"),
 ])
 def test_bad_arguments_are_rejected_naming_the_value(build, error, message):
     with pytest.raises(error, match=message):
