@@ -24,6 +24,7 @@ import voxelmorph as vxm
 from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
+from .transform import batched_vxm_layers, spatial_transform
 
 KL = tf.keras.layers
 
@@ -256,8 +257,9 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         outputs = [moving, fixed] if encoder is None else [encoder(moving), encoder(fixed)]
         input_model = tf.keras.Model([moving, fixed], outputs, name=f"{name}_inputs")
         feats = 1 if encoder is None else encoder.channels
-        super().__init__(inshape, input_model=input_model, src_feats=feats, trg_feats=feats, name=name,
-                         **vxm_kwargs)
+        with batched_vxm_layers():  # voxelmorph's per-sample map_fn loops take 10-40 s to differentiate
+            super().__init__(inshape, input_model=input_model, src_feats=feats, trg_feats=feats, name=name,
+                             **vxm_kwargs)
         field = self.outputs[-1]
         loss = RegistrationLoss(similarity, reg_weight, loss_mult=inshape[0] / field.shape[1],
                                 name="registration_loss")
@@ -304,7 +306,7 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
 
 
 def warp(images, displacement, interp_method="linear"):
-    """Resamples images with displacement fields (vxm.layers.SpatialTransformer, 'ij' indexing).
+    """Resamples images with displacement fields (as vxm.layers.SpatialTransformer, 'ij' indexing).
 
     Args:
         images: (B, *spatial, K) images or label maps (label maps: use interp_method="nearest").
@@ -314,13 +316,10 @@ def warp(images, displacement, interp_method="linear"):
 
     Returns: (B, *spatial, K) float32.
     """
-    if interp_method not in ("linear", "nearest"):
-        raise ValueError(f"interp_method must be 'linear' or 'nearest', got {interp_method!r}")
     images, displacement = np.asarray(images, np.float32), np.asarray(displacement, np.float32)
     if images.shape[:-1] != displacement.shape[:-1] or displacement.shape[-1] != images.ndim - 2:
         raise ValueError(f"warp: images {images.shape} and displacement {displacement.shape} do not match")
-    transformer = vxm.layers.SpatialTransformer(interp_method=interp_method, indexing="ij")
-    return transformer([images, displacement]).numpy()
+    return spatial_transform(tf.constant(images), displacement, interp_method).numpy()
 
 
 def pair_batches(images, batch_size=1, seed=None):
