@@ -1,8 +1,8 @@
 """Registration of one image pair without training a network: instance optimisation.
 
 As ``vxm.networks.InstanceDense`` does, the trainable weights of a small Keras model are a stationary
-velocity field, integrated by ``vxm.layers.VecInt`` (scaling and squaring: diffeomorphic) and applied by
-``vxm.layers.SpatialTransformer``; ``model.fit`` minimises
+velocity field, integrated by ``VecInt`` (scaling and squaring: diffeomorphic) and applied by
+``SpatialTransformer`` (voxelmorph's layers, batched: ``cifl_tf.transform``); ``model.fit`` minimises
 
     similarity(features of fixed, moved features of moving) + reg_weight * vxm.losses.Grad('l2')(velocity)
 
@@ -24,7 +24,7 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
-from . import models, tiling
+from . import models, tiling, transform
 from .encoder import pretrained
 
 KL = tf.keras.layers
@@ -74,8 +74,8 @@ def instance_model(grid, channels, int_steps=5, encoder=None):
     grid = tuple(grid)
     moving = tf.keras.Input((*grid, channels), name="moving")
     velocity = VelocityField((*grid, len(grid)), name="velocity")(moving)
-    displacement = vxm.layers.VecInt(method="ss", int_steps=int_steps, name="integrate")(velocity)
-    moved = vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, displacement])
+    displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate")(velocity)
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, displacement])
     if encoder is not None:
         moved = encoder(moved)
     return tf.keras.Model(moving, [moved, velocity], name="cifl_instance")
@@ -122,7 +122,7 @@ def affine_model(grid, channels, encoder=None):
     """The model of register_pair's affine stage: moving (B, *grid, F) -> moved (B, *grid, F or C)."""
     moving = tf.keras.Input((*tuple(grid), channels), name="moving")
     matrix = AffineMatrix(grid, name="affine")(moving)
-    moved = vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, matrix])
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, matrix])
     return tf.keras.Model(moving, moved if encoder is None else encoder(moved), name="cifl_affine")
 
 

@@ -21,10 +21,11 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
+from ._compat import vxm_layers
 from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
-from .transform import batched_vxm_layers, spatial_transform
+from .transform import BATCHED_LAYERS, spatial_transform
 
 KL = tf.keras.layers
 
@@ -257,7 +258,7 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         outputs = [moving, fixed] if encoder is None else [encoder(moving), encoder(fixed)]
         input_model = tf.keras.Model([moving, fixed], outputs, name=f"{name}_inputs")
         feats = 1 if encoder is None else encoder.channels
-        with batched_vxm_layers():  # voxelmorph's per-sample map_fn loops take 10-40 s to differentiate
+        with vxm_layers(BATCHED_LAYERS):  # voxelmorph's per-sample map_fn loops take 10-40 s to differentiate
             super().__init__(inshape, input_model=input_model, src_feats=feats, trg_feats=feats, name=name,
                              **vxm_kwargs)
         field = self.outputs[-1]

@@ -12,9 +12,8 @@ SpatialTransformer and RescaleTransform subclass voxelmorph's, VecInt cannot (it
     VecInt(int_steps=7)(velocity (B, *S, ndim))                             -> (B, *S, ndim)
     RescaleTransform(zoom_factor)(field (B, *S, ndim))                      -> (B, *(S * zoom), ndim)
 
-``batched_vxm_layers()`` makes voxelmorph's own networks (``vxm.networks.VxmDense``) build with them.
+``_compat.vxm_layers(BATCHED_LAYERS)`` makes voxelmorph's own networks (``vxm.networks.VxmDense``) build with them.
 """
-import contextlib
 import itertools
 import math
 
@@ -215,21 +214,3 @@ class RescaleTransform(vxm.layers.RescaleTransform):
 
 
 BATCHED_LAYERS = {"SpatialTransformer": SpatialTransformer, "VecInt": VecInt, "RescaleTransform": RescaleTransform}
-
-
-@contextlib.contextmanager
-def batched_vxm_layers():
-    """Within, voxelmorph's networks (``vxm.networks.VxmDense``, ...) build the batched layers of this module.
-
-    voxelmorph's networks make their layers by attribute lookup on ``vxm.layers`` and take no option to
-    use others, so the attributes are swapped for the duration and restored after. The models stay
-    voxelmorph's own classes, with identical weights and outputs.
-    """
-    stock = {name: getattr(vxm.layers, name) for name in BATCHED_LAYERS}
-    for name, layer in BATCHED_LAYERS.items():
-        setattr(vxm.layers, name, layer)
-    try:
-        yield
-    finally:
-        for name, layer in stock.items():
-            setattr(vxm.layers, name, layer)

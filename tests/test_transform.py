@@ -115,7 +115,7 @@ def _while_loops(model):
 def test_vxm_dense_built_with_batched_layers_has_no_loops_and_the_same_outputs():
     kwargs = dict(inshape=(16, 16), nb_unet_features=[[4, 4], [4, 4, 4]], int_steps=3, int_resolution=2)
     stock = vxm.networks.VxmDense(**kwargs)
-    with transform.batched_vxm_layers():
+    with cifl_tf._compat.vxm_layers(transform.BATCHED_LAYERS):
         batched = vxm.networks.VxmDense(**kwargs)
     assert vxm.layers.SpatialTransformer is not transform.SpatialTransformer  # restored on exit
     assert _while_loops(stock) and not _while_loops(batched)
