@@ -15,7 +15,9 @@ Every bad input raises ``DataError``, with a one-line message that names the fil
 """
 import collections.abc
 import dataclasses
+import json
 import os
+import pathlib
 import uuid
 import zlib
 
@@ -154,6 +156,12 @@ def write_atomically(path, write):
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def write_json(path, content):
+    """Writes `content` as indented JSON to `path`, atomically (see write_atomically). Returns `path`."""
+    text = json.dumps(content, indent=2)
+    return write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text(text))
 
 
 def remap_intensity(image, function, mask=None):
