@@ -18,8 +18,8 @@ import time
 import tensorflow as tf
 
 from .checkpoint import EpochCheckpoint
-from .data import write_json
-from .encoder import CIFLEncoder, save_encoder
+from .data import write_atomically, write_json
+from .encoder import CIFLEncoder, encoder_model, save_encoder
 from .losses import contrastive_loss
 from .synth import batch_key, contrast_pairs, stream_seed
 
@@ -210,8 +210,12 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             weights = os.path.join(out_dir, "encoder.weights.h5")
             if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
                 save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
+            # Made here, outside the strategy: a model made during fit on the chief alone would start
+            # collective ops (its counters' initial values) that the other workers never join.
+            saver = encoder_model(encoder)
             callbacks += [
-                tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: save_encoder(encoder, weights)),
+                tf.keras.callbacks.LambdaCallback(
+                    on_epoch_end=lambda epoch, logs: write_atomically(weights, saver.save_weights)),
                 tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
                 tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
             ]
