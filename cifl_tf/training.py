@@ -226,7 +226,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     big = tuple(s + max_offset for s in shape)
     pairs = contrast_pairs(big, batch_size, seed=seed, start=first_batch, **(synth_kwargs or {}))
     views = offset_views(pairs, shape, max_offset, seed=seed, start=first_batch).prefetch(tf.data.AUTOTUNE)
-    # Under a multi-worker strategy every worker makes the same global batches and keeps its share.
+    # Under a multi-worker strategy every worker makes each global batch and keeps its share of it.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
 

@@ -54,8 +54,11 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--resume", "--out", "{empty}"], "settings.json"),                        # nothing to resume
     (["--shape", "32x32x32", "--out", "{empty}"], "does not have --dim 2 sizes"),
     (["--steps", "0", "--out", "{empty}"], "steps must be a positive integer, got 0"),
+    (["--strategy", "multiworker", "--out", "{empty}"], "strategy 'multiworker' needs a cluster"),
 ])
-def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "settings.json").write_text("{}")
     argv = [a.format(run=tmp_path / "run", empty=tmp_path / "empty") for a in argv]
