@@ -131,3 +131,30 @@ def test_bad_synth_arguments_raise(kwargs, message):
 def test_bad_stream_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         contrast_pairs((32, 32), **kwargs)
+
+
+@pytest.mark.parametrize("sigmas, width", [((0.7, 1.3), 7), ((2.0, 0.5, 1.0), 13), ((1e-3, 1.0), 7)])
+def test_gaussian_kernels_match_the_formula_and_neurite(sigmas, width):
+    import neurite as ne
+    from cifl_tf.synth import _gaussian_kernels
+
+    kernels = _gaussian_kernels(tf.constant(sigmas), width)
+    taps = np.arange(width) - (width - 1) / 2
+    theirs = ne.utils.gaussian_kernel(list(sigmas), [width] * len(sigmas), separate=True)
+    for kernel, their, sigma in zip(kernels, theirs, sigmas):
+        expected = np.exp(-taps ** 2 / (2 * sigma ** 2))
+        np.testing.assert_allclose(kernel, expected / expected.sum(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(kernel, their, rtol=1e-5, atol=1e-7)
+
+
+def test_perlin_noise_scales_and_sds():
+    from cifl_tf.synth import _perlin
+
+    key = batch_key(0, 0, 0)
+    fine = _perlin(key, 3, (64, 64, 2), (1,), 0.5, 0.5).numpy()  # full resolution, SD fixed at 0.5
+    assert fine.shape == (3, 64, 64, 2)
+    np.testing.assert_allclose(fine.std(axis=(1, 2)), 0.5, rtol=0.05)
+    coarse = _perlin(key, 3, (32, 32, 2), (32,), 0, 1).numpy()  # one draw per sample and channel, upsampled
+    np.testing.assert_allclose(coarse, np.broadcast_to(coarse[:, :1, :1], coarse.shape), atol=1e-6)
+    modulated = _perlin(key, 64, (16, 16, 1), (1,), 0, 2).numpy().std(axis=(1, 2, 3))  # per-sample SD ~ U(0, 2)
+    assert modulated.min() < 0.3 and 1.7 < modulated.max() < 2.2
