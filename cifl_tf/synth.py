@@ -180,9 +180,6 @@ class ShapesSynth:
             image += _uniform(keys["dc_offset"], per_image, 0, args["dc_offset"])
         return image
 
-    # Plain graph code (no tensor-dependent Python control flow): skipping AutoGraph's conversion
-    # of neurite and voxelmorph's helpers halves the time to trace a stream.
-    @tf.autograph.experimental.do_not_convert
     def __call__(self, index, batch_size):
         """Batch `index` of the stream: label maps (B, *shape, 1) and their two renders x1, x2, each
         (B, *shape, 1). A pure function of (seed, index, batch_size)."""
