@@ -27,8 +27,9 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
     def __init__(self, directory, model):
         super().__init__()
         self.directory = directory
-        self.is_chief = tf.distribute.get_strategy().extended.should_checkpoint
-        with tf.distribute.get_strategy().scope():
+        strategy = model.distribute_strategy  # the one the model was made under
+        self.is_chief = strategy.extended.should_checkpoint
+        with strategy.scope():
             model.optimizer.build(model.trainable_variables)  # so that its state restores at once
             self.epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epochs=self.epochs)
