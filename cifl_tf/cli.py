@@ -336,17 +336,8 @@ def _evaluate(args):
         task = f"registration {args.moving_contrast} -> {args.contrast}"
     print(f"{task}, {args.part} part of {args.data}:\n{scores}")
     if args.json:
-        _write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
+        data.write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
                                     **scores.summary()))
-
-
-def _write_json(path, content):
-    """Writes JSON atomically (data.write_atomically: a temporary file, then renamed)."""
-    def write(temporary):
-        with open(temporary, "w") as f:
-            json.dump(content, f, indent=2)
-
-    data.write_atomically(path, write)
 
 
 def _add_data_args(p, part=True):
@@ -405,7 +396,9 @@ def _parser():
     p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--strategy", choices=("default", "mirrored"), default="default")
+    p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+                   help="multiworker: tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG or "
+                   "of the SLURM job step; --out must be a folder all workers share")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     p.set_defaults(run=_train_encoder)
 

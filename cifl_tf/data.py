@@ -20,6 +20,7 @@ import gzip
 import json
 import math
 import os
+import pathlib
 import stat
 import uuid
 import zlib
@@ -245,6 +246,12 @@ def write_atomically(path, write):
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def write_json(path, content):
+    """Writes `content` as indented JSON to `path`, atomically (see write_atomically). Returns `path`."""
+    text = json.dumps(content, indent=2)
+    return write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text(text))
 
 
 def remap_intensity(image, function, mask=None):

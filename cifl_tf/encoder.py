@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from .data import first_line, read_json
+from .data import first_line, read_json, write_atomically, write_json
 
 KL = tf.keras.layers
 
@@ -86,10 +86,12 @@ def encoder_model(encoder, name="cifl_encoder_model"):
 
 
 def save_encoder(encoder, path):
-    """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config."""
-    encoder_model(encoder).save_weights(path)
-    with open(_config_path(path), "w") as f:
-        json.dump(tf.keras.utils.serialize_keras_object(encoder), f, indent=2)
+    """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config.
+
+    Each file is replaced atomically, so that a run killed while saving keeps the previous one.
+    """
+    write_atomically(path, encoder_model(encoder).save_weights)
+    write_json(_config_path(path), tf.keras.utils.serialize_keras_object(encoder))
 
 
 def load_encoder(path, trainable=False):

@@ -4,49 +4,74 @@ The two renders of a label map are taken at a random relative offset (method pag
 with voxel-aligned views Eq. 1 is minimised by features that ignore the image (padding and position
 patterns are identical for any input). Each view is a crop of a larger render; the encoder sees the
 crops, and Eq. 1 compares the two feature images on their overlap after aligning them.
+
+Batch k of a seeded run (pair and crop origins) is a function of (seed, k) alone, so a run resumed
+after its last finished epoch continues the stream where it stopped and ends as an uninterrupted run.
 """
+import csv
 import inspect
 import json
 import math
 import os
+import shutil
 import time
 
-import neurite as ne
 import tensorflow as tf
 
-from .encoder import CIFLEncoder, save_encoder
+from .checkpoint import EpochCheckpoint
+from .data import first_line, read_json, write_atomically, write_json
+from .encoder import CIFLEncoder, encoder_model, save_encoder
 from .losses import contrastive_loss
-from .data import first_line, read_json
-from .synth import ShapesSynth, contrast_pairs
+from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
+
+
+def multi_worker_strategy():
+    """tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, or else over the
+    tasks of the SLURM job step this process is one of. Create it before any other TF op."""
+    if "TF_CONFIG" in os.environ:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if "SLURM_STEP_NUM_TASKS" in os.environ:
+        # The resolver counts GPUs with nvidia-smi, and fails where there is none.
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+            gpus_per_node=None if shutil.which("nvidia-smi") else 0)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    raise ValueError("strategy 'multiworker' needs a cluster: set TF_CONFIG on each worker, or start the "
+                     "workers as the tasks of a SLURM job step (srun)")
+
 
 STRATEGIES = {
     "default": tf.distribute.get_strategy,
     "mirrored": tf.distribute.MirroredStrategy,
+    "multiworker": multi_worker_strategy,
 }
 
 
-def offset_views(pairs, shape, max_offset, seed=None):
+def offset_views(pairs, shape, max_offset, seed=None, start=0):
     """Crops both views of each batch of `pairs` at independent random origins.
 
     Args:
         pairs: dataset of (x1, x2), each (B, *big, 1) with big = shape + max_offset per axis.
         shape: spatial shape of the crops.
         max_offset: largest origin per axis; the views' relative offset is in [-max_offset, max_offset].
+        seed: integer; the origins of batch k are a function of (seed, k). None: random every run.
+        start: index of the first batch of `pairs` (as contrast_pairs' `start`).
 
     Returns: dataset of ((v1, v2, shift),): crops (B, *shape, 1) and shift (B, ndim) int32, the
     origin of view 2 minus that of view 1 (the same for the whole batch).
     """
-    ndim = len(shape)
+    ndim, seed = len(shape), stream_seed(seed)
 
-    def crop(x1, x2):
-        origins = tf.random.uniform((2, ndim), 0, max_offset + 1, dtype=tf.int32, seed=seed)
+    def crop(index, pair):
+        x1, x2 = pair
+        origins = tf.random.stateless_uniform((2, ndim), batch_key(seed, index, stream=1), 0, max_offset + 1,
+                                              dtype=tf.int32)
         size = [-1, *shape, 1]
         v1 = tf.slice(x1, tf.pad(origins[0], [[1, 1]]), size)
         v2 = tf.slice(x2, tf.pad(origins[1], [[1, 1]]), size)
         shift = tf.tile((origins[1] - origins[0])[tf.newaxis], [tf.shape(x1)[0], 1])
         return ((v1, v2, shift),)
 
-    return pairs.map(crop)
+    return pairs.enumerate(start).map(crop)
 
 
 def align_views(f1, f2, shift):
@@ -123,9 +148,8 @@ SETTINGS = {
 
 
 def _synth_arguments():
-    """The names synth_kwargs may hold: ShapesSynth's own and neurite's labels_to_image's."""
-    names = {*inspect.signature(ShapesSynth).parameters, *inspect.signature(ne.models.labels_to_image).parameters}
-    return names - {"shape", "seed", "render_kwargs"}  # ShapesSynth rejects the render arguments it sets
+    """The names synth_kwargs may hold: ShapesSynth's own and the labels_to_image intensity arguments it takes."""
+    return {*inspect.signature(ShapesSynth).parameters, *RENDER_DEFAULTS} - {"shape", "seed", "render_kwargs"}
 
 
 def read_settings(out_dir):
@@ -149,8 +173,7 @@ def read_settings(out_dir):
 
 def _check_backup(backup_dir):
     """ValueError naming the checkpoint when the backup that a resumed fit restores is unreadable."""
-    # BackupAndRestore keeps the checkpoint of a single worker in chief/.
-    checkpoint = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+    checkpoint = tf.train.latest_checkpoint(backup_dir)
     if checkpoint is None:
         return
     try:
@@ -169,8 +192,7 @@ def _prepare_out_dir(out_dir, settings, resume):
             raise FileExistsError(f"{out_dir!r} already holds a training run: pass resume=True "
                                   f"(--resume) to continue it, or choose another output folder")
         os.makedirs(out_dir, exist_ok=True)
-        with open(settings_path, "w") as f:
-            json.dump(settings, f, indent=2)
+        write_json(settings_path, settings)
         return
     saved = read_settings(out_dir)
     if os.path.exists(os.path.join(out_dir, "result.json")):
@@ -197,8 +219,11 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         seed: integer for reproducible synthesis and initialisation.
         out_dir: folder for settings.json, encoder.weights.h5 (+ .json), log.csv, tensorboard/ and
             the backup that `resume` continues from. None: nothing is written.
-        resume: continue the unfinished run in `out_dir` from its last epoch.
-        strategy: None (the current one), "default", "mirrored" or a tf.distribute.Strategy.
+        resume: continue the unfinished run in `out_dir` after its last saved epoch; a seeded run
+            then ends with the weights of an uninterrupted one.
+        strategy: None (the current one), "default", "mirrored", "multiworker" (see
+            multi_worker_strategy; the chief writes `out_dir`, which all workers must share) or a
+            tf.distribute.Strategy.
         steps_per_epoch: steps between checkpoints and log rows (at most `steps`).
         synth_kwargs: ShapesSynth arguments (label scales, intensity ranges, ...).
         callbacks: more Keras callbacks.
@@ -222,39 +247,53 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
-    if out_dir is not None:
+    chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
+    if out_dir is not None and chief:
         _prepare_out_dir(out_dir, settings, resume)
 
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
-    big = tuple(s + max_offset for s in shape)
-    pairs = contrast_pairs(big, batch_size, seed=seed, **(synth_kwargs or {}))
-    views = offset_views(pairs, shape, max_offset, seed=seed).prefetch(tf.data.AUTOTUNE)
-
     with strategy.scope():
         encoder = CIFLEncoder(channels=channels, features=features, ndim=len(shape), name="cifl_encoder")
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
         model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+        model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
 
-    callbacks = list(callbacks)
+    callbacks, initial_epoch = list(callbacks), 0
     if out_dir is not None:
-        with strategy.scope():  # the weights are made here, and must be the strategy's variables
-            model(next(iter(views))[0])  # BackupAndRestore and the .h5 checkpoint need a built model
-        weights = os.path.join(out_dir, "encoder.weights.h5")
-        if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
-            save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
-        callbacks += [
-            tf.keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
-            tf.keras.callbacks.ModelCheckpoint(weights, save_weights_only=True),
-            tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
-            tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
-        ]
+        checkpoint = EpochCheckpoint(os.path.join(out_dir, "backup"), model)
+        if resume:
+            initial_epoch = checkpoint.restore()
+        if chief:
+            weights = os.path.join(out_dir, "encoder.weights.h5")
+            if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
+                save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
+            # Made here, outside the strategy: a model made during fit on the chief alone would start
+            # collective ops (its counters' initial values) that the other workers never join.
+            saver = encoder_model(encoder)
+            callbacks += [
+                tf.keras.callbacks.LambdaCallback(
+                    on_epoch_end=lambda epoch, logs: write_atomically(weights, saver.save_weights)),
+                tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
+                tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
+            ]
+        callbacks.append(checkpoint)  # last: an epoch counts as done once it is logged and saved
+
+    # The stream starts at the first batch of the first epoch to train.
+    first_batch = initial_epoch * steps_per_epoch
+    big = tuple(s + max_offset for s in shape)
+    pairs = contrast_pairs(big, batch_size, seed=seed, start=first_batch, **(synth_kwargs or {}))
+    views = offset_views(pairs, shape, max_offset, seed=seed, start=first_batch).prefetch(tf.data.AUTOTUNE)
+    # Under a multi-worker strategy every worker makes each global batch and keeps its share of it.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
 
     start = time.time()
-    history = model.fit(views, epochs=math.ceil(steps / steps_per_epoch),
-                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
-    if out_dir is not None:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"final_loss": float(history.history["loss"][-1]),
-                       "seconds": round(time.time() - start, 1)}, f, indent=2)
+    model.fit(views.with_options(options), epochs=math.ceil(steps / steps_per_epoch), initial_epoch=initial_epoch,
+              steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
+    if out_dir is not None and chief:
+        with open(os.path.join(out_dir, "log.csv")) as f:
+            final_loss = float(list(csv.DictReader(f))[-1]["loss"])  # also when resumed after the last epoch
+        write_json(os.path.join(out_dir, "result.json"),
+                   {"final_loss": final_loss, "seconds": round(time.time() - start, 1)})
     return encoder

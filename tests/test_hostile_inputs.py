@@ -14,6 +14,7 @@ MODEL_ROLES, ENCODER_ROLES or OUTPUT_ROLES.
 import gzip
 import json
 import os
+import pathlib
 import re
 import resource
 import subprocess
@@ -551,7 +552,7 @@ def _settings(edit):
 def _checkpoint(suffix, edit):
     """Edits one file of the backup checkpoint; the message names the checkpoint (its files' prefix)."""
     def build(run):
-        prefix = run / "backup" / "chief" / "ckpt-1"
+        prefix = pathlib.Path(tf.train.latest_checkpoint(str(run / "backup")))
         path = prefix.with_name(prefix.name + suffix)
         path.write_bytes(edit(path.read_bytes()))
         return prefix
