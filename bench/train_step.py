@@ -3,14 +3,18 @@
 Measures, at 160x192 with a batch of 4 pairs and the default encoder:
   * seconds per training step on fixed data, and the GFLOP/s that achieves (convolution FLOPs,
     forward + backward = 3x forward, both views);
-  * GFLOP/s of a plain float32 tf.matmul measured in the same run, and the ratio of the two;
+  * GFLOP/s of a plain float32 tf.matmul, timed in rounds alternating with the step, and the ratio
+    of the two per round (median, min-max), by wall time and by process CPU time. The CPU-time
+    ratio holds on a shared machine (other processes slow both wall times unevenly); on an idle
+    machine the two agree;
   * seconds per batch of synthesis (contrast pairs + random-offset crops), and its share of a
     training step fed by the live synthetic stream.
 
-    python bench/train_step.py [--steps 20] [--features 32] [--channels 16]
+    python bench/train_step.py [--steps 20] [--features 32] [--channels 16] [--jit-compile]
 """
 import argparse
 import inspect
+import os
 import time
 
 import numpy as np
@@ -38,10 +42,43 @@ def seconds_per_call(function, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_gflops(n=2048, repeats=20):
+def matmul(n=2048):
+    """A float32 n x n tf.matmul to call, and its FLOPs."""
     a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
-    matmul = tf.function(lambda: tf.linalg.matmul(a, b)[0, 0])
-    return 2 * n ** 3 / seconds_per_call(lambda: matmul().numpy(), repeats) / 1e9
+    function = tf.function(lambda: tf.linalg.matmul(a, b)[0, 0])
+    return lambda: function().numpy(), 2 * n ** 3
+
+
+def alternating_seconds(functions, rounds, repeats):
+    """Wall and CPU seconds per call of each function, timed in `rounds` that alternate between them.
+
+    Returns {name: (wall, cpu)}, each an array of one mean per round, so that round r of one function
+    ran right beside round r of the others.
+    """
+    for function in functions.values():
+        function()  # warm-up: tracing, allocation
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(repeats):
+                function()
+            times[name].append(((time.perf_counter() - wall) / repeats, (time.process_time() - cpu) / repeats))
+    return {name: np.array(pairs).T for name, pairs in times.items()}
+
+
+def cpu_flags():
+    """The vector-instruction flags of this machine's CPU (AVX2, AVX-512, AMX...), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    return " ".join(sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma")))) or "none"
+
+
+def spread(values):
+    return f"{np.median(values):.2f} (min {np.min(values):.2f}, max {np.max(values):.2f})"
 
 
 def main():
@@ -52,6 +89,8 @@ def main():
     parser.add_argument("--features", type=int, default=DEFAULTS["features"])
     parser.add_argument("--channels", type=int, default=DEFAULTS["channels"])
     parser.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"])
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of step and matmul timing")
+    parser.add_argument("--jit-compile", action="store_true", help="compile the step with XLA")
     args = parser.parse_args()
     shape, offset = tuple(args.shape), args.max_offset
 
@@ -62,18 +101,28 @@ def main():
 
     encoder = cifl_tf.CIFLEncoder(channels=args.channels, features=args.features, ndim=len(shape))
     model = SiameseCIFL(encoder)
-    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), jit_compile=args.jit_compile)
     batch = next(stream)[0]
-    step_s = seconds_per_call(lambda: model.train_on_batch(batch), args.steps)
+    flops = 3 * 2 * args.batch_size * conv_flops(shape, args.features, args.channels)
+    reference, reference_flops = matmul()
+    times = alternating_seconds({"step": lambda: model.train_on_batch(batch), "matmul": reference},
+                                args.rounds, max(1, args.steps // args.rounds))
+    step_s = np.median(times["step"][0])
     live_s = seconds_per_call(lambda: model.train_on_batch(next(stream)[0]), args.steps)
 
-    flops = 3 * 2 * args.batch_size * conv_flops(shape, args.features, args.channels)
-    achieved, peak = flops / step_s / 1e9, matmul_gflops()
+    rate = {name: work / times[name] / 1e9 for name, work in (("step", flops), ("matmul", reference_flops))}
+    ratio = rate["step"] / rate["matmul"]  # per round, wall and CPU
+    print(f"CPU: {os.cpu_count()} logical cores; flags {cpu_flags()}")
+    print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}, "
+          f"threads: intra {tf.config.threading.get_intra_op_parallelism_threads() or 'all'}, "
+          f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'all'}, XLA {args.jit_compile}")
     print(f"shape {shape}, batch {args.batch_size} pairs, features {args.features}, C {args.channels}, "
-          f"max_offset {offset}, threads: {tf.config.threading.get_intra_op_parallelism_threads() or 'all'}")
-    print(f"train step (fixed data):     {step_s:.3f} s  -> {achieved:.1f} GFLOP/s "
+          f"max_offset {offset}")
+    print(f"train step (fixed data):     {step_s:.3f} s  -> {np.median(rate['step'][0]):.1f} GFLOP/s "
           f"({flops / 1e9:.1f} GFLOP per step)")
-    print(f"tf.matmul 2048^2 float32:    {peak:.1f} GFLOP/s  -> step/matmul ratio {achieved / peak:.2f}")
+    print(f"tf.matmul 2048^2 float32:    {np.median(rate['matmul'][0]):.1f} GFLOP/s in the same rounds")
+    print(f"step/matmul ratio, wall:     {spread(ratio[0])}")
+    print(f"step/matmul ratio, CPU time: {spread(ratio[1])}")
     print(f"synthesis alone:             {synth_s:.3f} s per batch")
     print(f"train step (live stream):    {live_s:.3f} s  -> synthesis share "
           f"{synth_s / (synth_s + step_s):.0%} of a step")

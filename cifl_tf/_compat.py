@@ -6,8 +6,12 @@ Keras 2 API (``tf_keras``). Two things stand between them and TF 2.21 on Python 
 * ``inspect.getargspec`` was removed in Python 3.11 (neurite's ``modelio`` still calls it);
 * ``tensorflow.keras`` resolves to Keras 3 unless ``TF_USE_LEGACY_KERAS=1`` is set before
   ``tensorflow`` is imported.
+
+A third patch is scoped: ``vxm_layers`` lets voxelmorph's networks build other layers (they look theirs up
+on ``vxm.layers`` and take no option to use others).
 """
 import collections
+import contextlib
 import importlib
 import inspect
 import os
@@ -55,3 +59,21 @@ def _point_tensorflow_keras_at_tf_keras():
 
 if "tensorflow" in sys.modules:
     _point_tensorflow_keras_at_tf_keras()
+
+
+@contextlib.contextmanager
+def vxm_layers(replacements):
+    """Within, ``vxm.layers.NAME`` is ``replacements[NAME]``, so voxelmorph's networks build those layers.
+
+    The attributes are restored on exit; models built inside stay voxelmorph's own classes.
+    """
+    import voxelmorph as vxm
+
+    stock = {name: getattr(vxm.layers, name) for name in replacements}
+    for name, layer in replacements.items():
+        setattr(vxm.layers, name, layer)
+    try:
+        yield
+    finally:
+        for name, layer in stock.items():
+            setattr(vxm.layers, name, layer)

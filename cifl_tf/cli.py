@@ -9,16 +9,21 @@ import json
 import math
 import os
 import sys
+import tempfile
 
+import nibabel.processing
 import numpy as np
 import tensorflow as tf
 import voxelmorph as vxm
 
-from . import checkpoints, data, models
+from . import checkpoints, data, models, tiling
 from .callbacks import StopOnNonFinite
-from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained
+from .descriptors import MIND, VARIANTS
+from .encoder import PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
-from .training import train_encoder
+from .instance import register_pair
+from .metrics import folding_fraction
+from .training import read_settings, train_encoder
 
 
 def _defaults(function):
@@ -41,8 +46,7 @@ def _shape(text):
 
 def _train_encoder(args):
     if args.resume:  # the run goes on with the settings it was started with
-        with open(os.path.join(args.out, "settings.json")) as f:
-            settings = json.load(f)
+        settings = read_settings(args.out)
     else:
         shape = args.shape or (96,) * args.dim
         if len(shape) != args.dim:
@@ -58,27 +62,91 @@ def _train_encoder(args):
 
 # ---- downstream: NIfTI files in, NIfTI files out (intensities normalised as in training) ----
 
-def _encoder(args):
-    """The frozen encoder chosen on the command line, or None for the intensity baseline."""
+def encoder_from_args(args, ndim):
+    """What --encoder, --pretrained or --descriptor (`_add_encoder_args`) chose for ndim-D images.
+
+    Returns a frozen CIFLEncoder, a descriptors.MIND of that ndim, or None for the intensity baseline.
+    """
+    if args.descriptor is not None:
+        return MIND(ndim, variant=args.descriptor)
     if args.pretrained is not None:
         return pretrained(args.pretrained)
     return load_encoder(args.encoder) if args.encoder else None
 
 
-def _add_encoder_args(p, required):
+def _add_encoder_args(p, required, default="none, the raw-intensity baseline"):
+    """Adds --encoder and --pretrained as a mutually exclusive group, and returns the group."""
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--encoder", default=None, help="CIFL encoder: weights file or train-encoder run folder"
-                       + ("" if required else " (default: none, the raw-intensity baseline)"))
+                       + ("" if required else f" (default: {default})"))
     group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
                        help=f"the shipped 2D encoder trained with tau_gamma TAU, one of {PRETRAINED_TAU_GAMMAS}")
+    group.add_argument("--descriptor", choices=VARIANTS, default=None,
+                       help="a hand-made descriptor instead of an encoder: mind (MIND, Heinrich et al. 2012) or "
+                            "ssc (MIND-SSC, Heinrich et al. 2013)")
+    return group
+
+
+def _try_writing_in(folder, path):
+    """OSError naming `path` unless a file can be created in `folder` (permissions alone do not
+    show it: root may write anywhere, but not under /proc or on a read-only mount)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"{path}: cannot write in {folder} ({error.strerror})") from None
+
+
+def _output_file(path):
+    """Checks an output file path before any work, so that a bad one leaves nothing half written."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder, not a file to write")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: no such folder to write to")
+    _try_writing_in(folder, path)
+
+
+def _output_folder(folder):
+    """Checks an output folder before any work: it, or the nearest parent that exists, takes files."""
+    existing = folder
+    while not os.path.lexists(existing):  # the missing part is made when the results are written
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{folder}: {existing} is not a folder")
+    _try_writing_in(existing, folder)
+
+
+def _levels(text):
+    """--levels: pooling factors, coarse to fine, such as 4,2,1."""
+    try:
+        return tuple(int(factor) for factor in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pooling factors such as 4,2,1, got {text!r}")
+
+
+def _bytes(text):
+    """--max-memory: a number of bytes, optionally with a K, M or G suffix (powers of 1024)."""
+    scale = 1024 ** ("KMG".index(text[-1].upper()) + 1) if text[-1:].upper() in ("K", "M", "G") else 1
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes such as 1073741824 or 1G, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
+    return int(value)
+
+
+def _add_memory_arg(p):
+    p.add_argument("--max-memory", type=_bytes, default=tiling.DEFAULT_MAX_MEMORY, metavar="BYTES",
+                   help="memory for encoder activations: the image is encoded tile by tile within it "
+                        "(e.g. 512M; default 1G)")
 
 
 def _nifti_output(path):
-    """Checks an output path before any work, so that a bad one leaves nothing half written."""
     if not path.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{path}: output must end in .nii or .nii.gz")
-    if not os.path.isdir(os.path.dirname(path) or "."):
-        raise FileNotFoundError(f"{path}: no such folder to write to")
+    _output_file(path)
 
 
 def _model_input(path, model):
@@ -96,9 +164,12 @@ def _normalized_batch(image):
 
 def _features(args):
     _nifti_output(args.output)
-    encoder = _encoder(args)
-    image, affine, header = data.load_nifti(args.input, ndim=encoder.ndim)
-    features = encoder_model(encoder).predict(_normalized_batch(image), verbose=0)[0]
+    image, affine, header = data.load_nifti(args.input)
+    encoder = encoder_from_args(args, image.ndim)
+    if encoder.ndim != image.ndim:
+        raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
+                             f"the encoder takes {encoder.ndim}")
+    features = tiling.tiled_features(encoder, data.normalize(image), args.max_memory)
     data.save_nifti(args.output, features, affine, header, channels=True)
     print(f"{features.shape[-1]}-channel features written to {args.output}")
 
@@ -107,26 +178,59 @@ def _segment(args):
     _nifti_output(args.output)
     model = models.load_model(args.model, "segmentation")
     image, affine, header = _model_input(args.input, model)
-    labels = segment(model, _normalized_batch(image))[0].astype(np.uint8 if model.nb_labels <= 256 else np.int32)
+    labels = segment(model, _normalized_batch(image), max_memory=args.max_memory)[0]
+    labels = labels.astype(np.uint8 if model.nb_labels <= 256 else np.int32)
     data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
     print(f"label map written to {args.output}")
+
+
+def _on_fixed_grid(moving_path, fixed_path, ndim=None):
+    """(moving, fixed, affine, header): the moving image resampled (linear) onto the fixed image's voxel grid.
+
+    The nibabel affines place both images in world space; the fixed image's affine and header are returned.
+    """
+    fixed, affine, header = data.load_nifti(fixed_path, ndim=ndim)
+    if fixed.ndim not in (2, 3):
+        raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed.shape}")
+    moving, moving_affine, moving_header = data.load_nifti(moving_path, ndim=fixed.ndim)
+    if moving.shape != fixed.shape or not np.allclose(moving_affine, affine):
+        source = nibabel.Nifti1Image(moving.reshape(moving_header.get_data_shape()), moving_affine)
+        moving = nibabel.processing.resample_from_to(source, (header.get_data_shape(), affine), order=1)
+        moving = moving.get_fdata(dtype=np.float32).reshape(fixed.shape)
+    return moving, fixed, affine, header
 
 
 def _register(args):
     for path in filter(None, (args.moved, args.warp)):
         _nifti_output(path)
-    model = models.load_model(args.model, "registration")
-    moving, _, _ = _model_input(args.moving, model)
-    fixed, affine, header = data.load_nifti(args.fixed, ndim=len(model.inshape))
-    if fixed.shape != moving.shape:
-        raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from {moving.shape} of the moving "
-                             f"image {args.moving}")
-    displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))
-    moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement)[0, ..., 0]
+    if args.model:
+        if args.affine:
+            raise ValueError("--affine is a stage of instance optimisation; a --model registers in one pass")
+        model = models.load_model(args.model, "registration")
+        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, ndim=len(model.inshape))
+        if fixed.shape != model.inshape:
+            raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from the model's input shape "
+                                 f"{model.inshape}")
+        displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))[0]
+    else:
+        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
+        encoder = _registration_encoder(args, fixed.ndim)
+        displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
+                                     levels=args.levels, steps=args.steps, affine=args.affine,
+                                     max_memory=args.max_memory)
+    moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
-        data.save_nifti(args.warp, displacement[0], affine, header, channels=True)
+        data.save_nifti(args.warp, displacement, affine, header, channels=True)
     data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
-    print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else ""))
+    print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else "")
+          + f"; folded voxels: {100 * folding_fraction(displacement):.3f}%")
+
+
+def _registration_encoder(args, ndim):
+    """register_pair's encoder: the chosen encoder or descriptor, None for --intensity, else "pretrained"."""
+    if args.intensity:
+        return None
+    return encoder_from_args(args, ndim) or "pretrained"
 
 
 # ---- downstream: training and evaluation on a data folder ----
@@ -179,6 +283,12 @@ def _run_settings(args):
     return json.loads(json.dumps({key: value for key, value in vars(args).items() if key not in ("run", "resume")}))
 
 
+def _start_run(args):
+    """Checks that --out can take files, before any work; seeds the run."""
+    _output_folder(args.out)
+    tf.keras.utils.set_random_seed(args.seed)
+
+
 def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
     """Fits `model` in --out, resumable, then writes --out/model.keras.
 
@@ -197,14 +307,14 @@ def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
 
 
 def _train_seg(args):
-    tf.keras.utils.set_random_seed(args.seed)
+    _start_run(args)
     dataset = _dataset(args, args.contrast, args.dim)
     nb_labels = args.nb_labels or int(dataset.labels.max()) + 1
     _check_labels(dataset, nb_labels, args.data)
     train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
-    model = models.segmentation_model(train.images.shape[1:], nb_labels, _encoder(args), loss=args.loss,
-                                      learning_rate=args.learning_rate, nb_features=args.nb_features,
-                                      nb_levels=args.nb_levels)
+    model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder_from_args(args, args.dim),
+                                      loss=args.loss, learning_rate=args.learning_rate,
+                                      nb_features=args.nb_features, nb_levels=args.nb_levels)
 
     def arrays(part):  # (images (N, *shape, 1), one-hot labels (N, *shape, L))
         return part.images[..., np.newaxis], tf.keras.utils.to_categorical(part.labels, nb_labels)
@@ -215,12 +325,12 @@ def _train_seg(args):
 
 
 def _train_reg(args):
-    tf.keras.utils.set_random_seed(args.seed)
+    _start_run(args)
     train = _part(_dataset(args, args.contrast, args.dim), args, "train")
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
-    model = models.registration_model(train.images.shape[1:], _encoder(args), similarity=args.similarity,
-                                      reg_weight=args.reg_weight, learning_rate=args.learning_rate,
-                                      int_steps=args.int_steps, **unet)
+    model = models.registration_model(train.images.shape[1:], encoder_from_args(args, args.dim),
+                                      similarity=args.similarity, reg_weight=args.reg_weight,
+                                      learning_rate=args.learning_rate, int_steps=args.int_steps, **unet)
     images = train.images[..., np.newaxis]
     _train_run(args, model, lambda first: models.pair_batches(images, args.batch_size, args.seed,
                                                               first * args.steps_per_epoch),
@@ -228,6 +338,8 @@ def _train_reg(args):
 
 
 def _evaluate(args):
+    if args.json:
+        _output_file(args.json)
     model = models.load_model(args.model)
     fixed = _part(_dataset(args, args.contrast, len(model.inshape)), args, args.part)
     if isinstance(model, models.SegmentationModel):
@@ -245,8 +357,8 @@ def _evaluate(args):
         task = f"registration {args.moving_contrast} -> {args.contrast}"
     print(f"{task}, {args.part} part of {args.data}:\n{scores}")
     if args.json:
-        checkpoints.write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
-                                               **scores.summary()))
+        data.write_json(args.json, dict(task=task, model=args.model, data=args.data, part=args.part,
+                                    **scores.summary()))
 
 
 def _add_data_args(p, part=True):
@@ -308,7 +420,9 @@ def _parser():
     p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--strategy", choices=("default", "mirrored"), default="default")
+    p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+                   help="multiworker: tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG or "
+                   "of the SLURM job step; --out must be a folder all workers share")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     p.set_defaults(run=_train_encoder)
 
@@ -316,20 +430,32 @@ def _parser():
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output C-channel feature image, .nii or .nii.gz")
     _add_encoder_args(p, required=True)
+    _add_memory_arg(p)
     p.set_defaults(run=_features)
 
     p = commands.add_parser("segment", help="label map of an image with a trained segmentation model")
     p.add_argument("--model", required=True, help="model.keras from train-seg (or its run folder)")
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output label map, .nii or .nii.gz")
+    _add_memory_arg(p)
     p.set_defaults(run=_segment)
 
-    p = commands.add_parser("register", help="register a moving image to a fixed image with a trained model")
-    p.add_argument("--model", required=True, help="model.keras from train-reg (or its run folder)")
-    p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz")
+    p = commands.add_parser("register", help="register a moving image to a fixed image: instance optimisation "
+                                             "(no training), or a trained model with --model")
+    p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz (resampled onto the fixed grid)")
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
     p.add_argument("--warp", default=None, help="output: the displacement field in voxels (*spatial, ndim)")
+    method = _add_encoder_args(p, required=False, default="--pretrained, the recommended shipped encoder")
+    method.add_argument("--model", default=None, help="model.keras from train-reg (or its run folder) instead of "
+                                                      "instance optimisation")
+    method.add_argument("--intensity", choices=("ncc", "mi"), default=None,
+                        help="no features: the intensities, compared by local NCC or mutual information")
+    p.add_argument("--levels", type=_levels, default=(4, 2, 1),
+                   help="resolution levels, as pooling factors from coarse to fine (default 4,2,1)")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps per resolution level")
+    p.add_argument("--affine", action="store_true", help="fit an affine transform first")
+    _add_memory_arg(p)
     p.set_defaults(run=_register)
 
     p = commands.add_parser("train-seg", help="train a UNet on (encoder features of) T1 images and label maps")

@@ -14,13 +14,20 @@ Layouts read by the loaders (every image is min-max normalised to [0, 1] on load
 Every bad input raises ``DataError``, with a one-line message that names the file and the problem.
 """
 import collections.abc
+import contextlib
 import dataclasses
+import gzip
+import json
+import math
 import os
+import pathlib
+import stat
 import uuid
 import zlib
 
 import nibabel as nib
 import numpy as np
+from nibabel.imageglobals import LoggingOutputSuppressor
 
 PAPER_SPLIT = (232, 58, 100)  # OASIS 2D subjects: train, validation, test (paper Sec. 3)
 OASIS_SEGS = {2: {"seg4": 5, "seg24": 25}, 3: {"seg4": 5, "seg35": 36}}  # number of labels, 0 included
@@ -28,36 +35,104 @@ OASIS_PREFIX = {2: "slice", 3: "aligned"}
 IXI_LABELS = "labels.nii.gz"
 
 # What nibabel, gzip and zlib raise on a file that is not a (complete) NIfTI image.
-_UNREADABLE = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error)
+_UNREADABLE = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError,
+               ValueError, zlib.error)
+# Largest image read, checked on the header before any voxel is: 512^3 voxels, at most 1 GiB as stored
+# (8-byte types) and 512 MiB as float32. A header claiming more is broken or not a brain image.
+MAX_VOXELS = 512 ** 3
+_AFFINE_ATOL = 1e-3  # mm: sform and qform further apart than float32 quaternion rounding disagree
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the problem on one line."""
 
 
+def first_line(error):
+    """The first line of an exception's message (its type name if empty), for one-line error messages."""
+    return str(error).strip().split("\n")[0] or type(error).__name__
+
+
+def _stat_file(path):
+    """DataError unless `path` is a regular file (or a link to one) that can be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:  # missing, a symlink loop, a path through a file, no permission
+        raise DataError(f"{path}: {error.strerror.lower()}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a file")
+
+
+def _check_header(path, image):
+    """DataError for a header that no voxel read should follow: bad size, type or geometry."""
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: not a NIfTI image but {type(image).__name__}")
+    header = image.header
+    shape = header.get_data_shape()
+    if not shape or min(shape) < 1:
+        raise DataError(f"{path}: header dimensions {shape} must all be positive")
+    voxels = math.prod(shape)
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{path}: header claims {voxels} voxels {shape}, more than the limit of {MAX_VOXELS}")
+    dtype = header.get_data_dtype()
+    if dtype.kind not in "iuf":
+        raise DataError(f"{path}: voxel type {dtype} is not a real integer or float type")
+    affine = image.affine
+    if not np.all(np.isfinite(affine)) or np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        raise DataError(f"{path}: singular or non-finite voxel-to-world affine {affine[:3].tolist()}")
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if sform_code and qform_code and not np.allclose(sform, qform, rtol=0, atol=_AFFINE_ATOL):
+        raise DataError(f"{path}: sform {sform[:3].tolist()} and qform {qform[:3].tolist()} disagree")
+
+
+def _voxels(path, image):
+    """The voxels of a NIfTI image whose header was checked, as stored (scaled if the header says so).
+
+    A .gz file is decompressed in one pass to the end of its stream, so that gzip checks its length and
+    CRC: nibabel alone stops once it has the voxels, and would take a file cut inside its trailer.
+    """
+    if not path.endswith(".gz"):
+        return np.asanyarray(image.dataobj)
+    with gzip.open(path) as stream:
+        voxels = np.asanyarray(type(image).from_stream(stream).dataobj)
+        while stream.read(2 ** 20):  # to the end of the stream, where gzip checks it; memory stays bounded
+            pass
+    return voxels
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turns what nibabel, gzip and zlib raise on a broken file into a DataError naming it.
+
+    nibabel also logs the header repairs it makes to stderr; silenced, as the checks here report.
+    """
+    try:
+        with LoggingOutputSuppressor():
+            yield
+    except _UNREADABLE as error:
+        raise DataError(f"{path}: not a readable NIfTI image ({first_line(error)})") from error
+
+
 def _read(path, ndim):
-    """Voxels (file dtype, singleton axes squeezed) and nibabel image of a checked NIfTI file."""
+    """Voxels (singleton axes squeezed; floats as float32) and nibabel image of a checked NIfTI file."""
     path = os.fspath(path)
     if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1):
         raise ValueError(f"ndim must be None or a positive integer, got {ndim!r}")
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not a file")
-    try:
+    _stat_file(path)
+    with _reading(path):
         image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except _UNREADABLE as error:
-        reason = str(error).split("\n")[0]  # keep the message on one line
-        raise DataError(f"{path}: not a readable NIfTI image ({reason})") from error
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise DataError(f"{path}: not a NIfTI image but {type(image).__name__}")
+    _check_header(path, image)
+    with _reading(path):
+        data = _voxels(path, image)
     data = data.squeeze()  # NIfTI pads shapes with singleton axes: a 2D slice is stored H x W x 1
     if ndim is not None and data.ndim != ndim:
         raise DataError(f"{path}: has {data.ndim} dimensions {image.shape}, expected {ndim}")
-    bad = data.size - np.count_nonzero(np.isfinite(data))
-    if bad:
-        raise DataError(f"{path}: contains {bad} NaN/Inf voxels")
+    if data.dtype.kind == "f":
+        with np.errstate(over="ignore"):  # values beyond float32 become Inf, reported next
+            data = data.astype(np.float32, copy=False)
+        bad = data.size - np.count_nonzero(np.isfinite(data))
+        if bad:
+            raise DataError(f"{path}: contains {bad} NaN/Inf voxels (as float32)")
     return data, image
 
 
@@ -70,7 +145,9 @@ def load_nifti(path, ndim=None):
             (2 for an H x W x 1 slice); None accepts any.
 
     Returns: (array float32 with singleton axes dropped, 4x4 affine, nibabel header).
-    Raises: DataError for a missing or unreadable file, a wrong ndim, or NaN/Inf voxels.
+    Raises: DataError for a missing or unreadable file, a header with non-positive dimensions or more
+        than MAX_VOXELS voxels (checked before reading voxels), a complex or RGB voxel type, a singular
+        affine, sform and qform that disagree, a wrong ndim, or NaN/Inf voxels.
     """
     data, image = _read(path, ndim)
     return data.astype(np.float32), image.affine, image.header
@@ -83,12 +160,16 @@ def load_labels(path, labels=None, ndim=None):
         labels: the declared label values (e.g. ``range(5)``); None accepts any integers.
 
     Returns: int32 array with singleton axes dropped.
-    Raises: DataError also for non-integer values and for values outside ``labels``.
+    Raises: DataError also for non-integer or negative values, values beyond int32, and values
+        outside ``labels``.
     """
     declared = None if labels is None else _label_values(labels)
     data, _ = _read(path, ndim)
     if np.any(data != np.round(data)):
         raise DataError(f"{path}: label map has non-integer values")
+    largest = np.iinfo(np.int32).max
+    if data.min() < 0 or data.max() > largest:
+        raise DataError(f"{path}: label values {data.min()}..{data.max()} outside 0..{largest}")
     if declared is not None:
         outside = np.setdiff1d(data, declared)
         if outside.size:
@@ -137,6 +218,15 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
     write_atomically(path, image.to_filename)
 
 
+def read_json(path):
+    """The content of a JSON file; ValueError naming the file when it is not JSON (or not UTF-8 text)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:  # also UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({first_line(error)})") from None
+
+
 def write_atomically(path, write):
     """Calls ``write(temporary)`` for a temporary file beside ``path``, then renames it to ``path``.
 
@@ -150,10 +240,18 @@ def write_atomically(path, write):
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:  # else the message would name the temporary file
+        raise OSError(f"{path}: cannot write ({error.strerror or first_line(error)})") from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def write_json(path, content):
+    """Writes `content` as indented JSON to `path`, atomically (see write_atomically). Returns `path`."""
+    text = json.dumps(content, indent=2)
+    return write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text(text))
 
 
 def remap_intensity(image, function, mask=None):

@@ -1,7 +1,7 @@
 """`cifl demo`: CIFL against the intensity baseline on demo brains, offline, in minutes on a CPU.
 
-With the shipped encoders (one per tau_gamma), it trains a UNet and a VxmDense per method on T1
-slices of the MNI-based demo dataset (``demo_data``), scores them on T1 and on the contrasts they
+With the MIND descriptor and the shipped encoders (one per tau_gamma), it trains a UNet and a VxmDense
+per method (and on raw intensities, the baseline) on T1 slices of the MNI-based demo dataset (``demo_data``), scores them on T1 and on the contrasts they
 never saw (inverted T1, T2-like, PD-like), prints the tables and writes results and figures.
 """
 import json

@@ -7,6 +7,8 @@ import os
 
 import tensorflow as tf
 
+from .data import first_line, read_json, write_atomically, write_json
+
 KL = tf.keras.layers
 
 NUM_CONVS = 8  # paper Sec. 2: "eight convolutional layers each with kernel size 3"
@@ -84,28 +86,40 @@ def encoder_model(encoder, name="cifl_encoder_model"):
 
 
 def save_encoder(encoder, path):
-    """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config."""
-    encoder_model(encoder).save_weights(path)
-    with open(_config_path(path), "w") as f:
-        json.dump(tf.keras.utils.serialize_keras_object(encoder), f, indent=2)
+    """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config.
+
+    Each file is replaced atomically, so that a run killed while saving keeps the previous one.
+    """
+    write_atomically(path, encoder_model(encoder).save_weights)
+    write_json(_config_path(path), tf.keras.utils.serialize_keras_object(encoder))
 
 
 def load_encoder(path, trainable=False):
     """Reads an encoder written by save_encoder (or `cifl train-encoder`); frozen unless told.
 
     `path` is the weights file or the folder of a training run (holding encoder.weights.h5).
+    Raises: FileNotFoundError for a missing file; ValueError naming the file for a config that is not
+        a valid CIFLEncoder's, or weights that do not load into it (damaged, or of other shapes).
     """
+    path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "encoder.weights.h5")
-    for required in (path, _config_path(path)):
+    config_path = _config_path(path)
+    for required in (path, config_path):
         if not os.path.isfile(required):
             raise FileNotFoundError(f"load_encoder: no such file {required!r}")
-    with open(_config_path(path)) as f:
-        config = json.load(f)
-    if config.get("registered_name") != "cifl_tf>CIFLEncoder":
-        raise ValueError(f"load_encoder: {_config_path(path)!r} does not describe a CIFLEncoder")
-    encoder = tf.keras.utils.deserialize_keras_object(config)
-    encoder_model(encoder).load_weights(path)
+    config = read_json(config_path)
+    if not isinstance(config, dict) or config.get("registered_name") != "cifl_tf>CIFLEncoder":
+        raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder")
+    try:
+        encoder = tf.keras.utils.deserialize_keras_object(config)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{config_path}: not a valid CIFLEncoder config ({first_line(error)})") from None
+    try:
+        encoder_model(encoder).load_weights(path)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path}: weights do not load into the encoder of {config_path} "
+                         f"({first_line(error)})") from None
     encoder.trainable = trainable
     return encoder
 

@@ -12,7 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from . import metrics
+from . import metrics, tiling
+from .encoder import CIFLEncoder
 from .models import RegistrationModel, SegmentationModel, warp
 
 
@@ -83,18 +84,27 @@ def _label_maps(labels, count, inshape, what):
     return labels
 
 
-def segment(model, images, batch_size=8, verbose=0):
+def segment(model, images, batch_size=8, verbose=0, max_memory=None):
     """Label maps predicted by a SegmentationModel: argmax of its softmax.
 
     Args:
         images: (N, *inshape) or (N, *inshape, 1), normalised as in training (``data.normalize``).
+        max_memory: None runs the whole model on whole images; a number of bytes runs its encoder
+            tile by tile within that budget (``tiling.tiled_features``, the same features), then the UNet.
 
     Returns: (N, *inshape) int32.
     """
     if not isinstance(model, SegmentationModel):
         raise TypeError(f"segment: expected a SegmentationModel, got {type(model).__name__}")
     images = _images(images, model.inshape, "images")
-    return np.argmax(model.predict(images, batch_size=batch_size, verbose=verbose), axis=-1).astype(np.int32)
+    encoder = next((layer for layer in model.layers if isinstance(layer, CIFLEncoder)), None)
+    if max_memory is None or encoder is None:
+        probabilities = model.predict(images, batch_size=batch_size, verbose=verbose)
+    else:
+        features = np.stack([tiling.tiled_features(encoder, image[..., 0], max_memory) for image in images])
+        probabilities = model.get_layer(f"{model.name}_unet").predict(features, batch_size=batch_size,
+                                                                       verbose=verbose)
+    return np.argmax(probabilities, axis=-1).astype(np.int32)
 
 
 def evaluate_segmentation(model, images, labels, label_values=None, batch_size=8, verbose=0):

@@ -3,7 +3,7 @@
 Every row trains one downstream network per method on T1 only, and scores it on a contrast it never
 saw (and on T1, for reference). The scripts in ``experiments/`` and ``cifl demo`` are thin wrappers.
 
-    methods = experiments.methods()                       # {"baseline": None, "tau_gamma=1": encoder, ...}
+    methods = experiments.methods()         # {"baseline": None, "MIND": MIND(), "tau_gamma=1": encoder, ...}
     results = experiments.segmentation_row(train, tests, nb_labels=5, methods=methods)
     print(experiments.markdown_table({"seg_inverted_oasis": results}))
 """
@@ -15,14 +15,16 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from . import data, metrics
-from .checkpoints import write_json
-from .encoder import PRETRAINED_TAU_GAMMAS, CIFLEncoder, load_encoder, pretrained, pretrained_info
+from . import data
+from .data import write_json
+from .descriptors import MIND
+from .encoder import PRETRAINED_TAU_GAMMAS, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
 from .training import train_encoder
 
 BASELINE = "baseline"
+MIND_METHOD = "MIND"  # the hand-made modality independent descriptor, beside the learned encoders
 
 # Table 1 of the paper: (task, dimension, data, the unseen test contrast).
 ROWS = {
@@ -45,13 +47,14 @@ PAPER_DICE = {
 
 
 def methods(tau_gammas=PRETRAINED_TAU_GAMMAS, train_steps=None, out_dir=None, verbose=1):
-    """The compared feature extractors: {"baseline": None, "tau_gamma=T": frozen CIFLEncoder, ...}.
+    """The compared feature extractors: {"baseline": None, "MIND": descriptors.MIND(), "tau_gamma=T": frozen
+    CIFLEncoder, ...}.
 
     With train_steps None the shipped encoders (`pretrained`); otherwise encoders trained here for that
     many steps with the settings the shipped ones were made with (`pretrained_info`), into
     out_dir/encoder_tau_gamma=T when out_dir is given.
     """
-    encoders = {BASELINE: None}
+    encoders = {BASELINE: None, MIND_METHOD: MIND()}
     recipes = pretrained_info()
     for tau in tau_gammas:
         if train_steps is None:
@@ -250,37 +253,12 @@ def markdown_table(rows, note=""):
         task, dim, dataset, test = ROWS[row]
         lines.append(f"| {task} | {dim} | {dataset}{note} | "
                      + " | ".join(dice_cell(results[name][test]) for name in names) + " |")
-        lines.append("| | | *paper* | " + " | ".join(f"*{PAPER_DICE[row].get(name, '')}*" for name in names) + " |")
+        lines.append("| | | *paper* | " + " | ".join(f"*{PAPER_DICE[row][name]}*" if name in PAPER_DICE[row] else ""
+                                                     for name in names) + " |")
     return "\n".join(lines)
 
 
-def invariance(encoder, images_a, images_b, masks):
-    """How contrast invariant an encoder is on the same anatomy in two contrasts (means over images).
-
-    Args:
-        encoder: a 2D CIFLEncoder, or None for a randomly initialised one (the reference).
-        images_a, images_b: (N, H, W) images in [0, 1], image n of both of the same anatomy.
-        masks: (N, H, W) booleans, e.g. the brain.
-
-    Returns: {"agreement": mean per-pixel cosine of the two feature images (`metrics.feature_agreement`),
-    "match": `metrics.match_fraction` within 2 px, "zero_input_cosine": cosine between the channel images
-    of an image and those of an all-zero input, 1 when the features ignore the image (method page 3b)}.
-    """
-    encoder = encoder or CIFLEncoder()
-    images_a, images_b = _channel_last(images_a), _channel_last(images_b)
-    features_a, features_b = np.asarray(encoder(images_a)), np.asarray(encoder(images_b))
-    zero = np.asarray(encoder(np.zeros_like(images_a[:1])))[0].reshape(-1, features_a.shape[-1])
-    scores = []
-    for fa, fb, mask in zip(features_a, features_b, masks):
-        channels = fa.reshape(-1, fa.shape[-1])
-        cosines = np.sum(channels * zero, 0) / (np.linalg.norm(channels, axis=0) * np.linalg.norm(zero, axis=0)
-                                                + 1e-9)
-        scores.append((metrics.feature_agreement(fa, fb, mask), metrics.match_fraction(fa, fb, mask),
-                       cosines.mean()))
-    return dict(zip(("agreement", "match", "zero_input_cosine"), np.mean(scores, axis=0).tolist()))
-
-
-# ---- the experiments/ scripts: one row, all rows, invariance ----
+# ---- the experiments/ scripts: one row, all rows ----
 
 def main(rows, argv=None):
     """Command line of the experiments/ scripts: runs `rows` and writes JSON, CSV and the Markdown table."""
@@ -315,46 +293,6 @@ def main(rows, argv=None):
         f.write(text)
     print("\n" + text + f"results written to {args.out}/")
     return table
-
-
-def invariance_main(argv=None):
-    """Command line of experiments/invariance.py: `invariance` of random, shipped and given encoders,
-    optionally with the offset ablation (method page 3b): encoders trained with and without the offset."""
-    parser = argparse.ArgumentParser(description="Contrast invariance of CIFL encoders, T1 against other "
-                                                 "contrasts of the same slices")
-    parser.add_argument("--data", default=None,
-                        help="neurite-oasis folder: T1 against inverted T1 (default: demo data, T1 against "
-                             "inverted T1, T2-like and PD-like)")
-    parser.add_argument("--encoder", action="append", default=[], help="also an encoder of yours (repeatable)")
-    parser.add_argument("--offset-ablation", type=int, default=0, metavar="STEPS",
-                        help="also train two encoders for STEPS steps, with the random offset (16 px) "
-                             "and without it (voxel-aligned views)")
-    parser.add_argument("--out", default="results", help="output folder (default: results)")
-    args = parser.parse_args(argv)
-    if args.data is None:
-        from . import demo_data  # needs nilearn: imported only for demo data
-        demo = demo_data.demo_dataset(n_subjects=8)
-        t1, masks = demo.images["t1"], demo.labels > 0
-        others = {c: demo.images[c] for c in demo_data.CONTRASTS[1:]}
-    else:
-        t1 = data.load_oasis(args.data, dim=2).images
-        masks, others = t1 > 0, {"t1_inverted": np.stack([data.invert(x) for x in t1])}
-    encoders = {"random": None, **{method_name(t): pretrained(t) for t in PRETRAINED_TAU_GAMMAS},
-                **{path: load_encoder(path) for path in args.encoder}}
-    for offset in (16, 0) if args.offset_ablation else ():
-        encoders[f"max_offset={offset}, {args.offset_ablation} steps"] = train_encoder(
-            steps=args.offset_ablation, max_offset=offset, seed=0, verbose=2)
-    results = {name: {c: invariance(encoder, t1, images, masks) for c, images in others.items()}
-               for name, encoder in encoders.items()}
-    width = max(map(len, results)) + 2
-    lines = [f"{'encoder':<{width}}{'test contrast':<16}{'agreement':>10}{'match@2px':>10}{'zero-input cos':>16}"]
-    lines += [f"{name:<{width}}{c:<16}{s['agreement']:>10.3f}{s['match']:>10.3f}{s['zero_input_cosine']:>16.3f}"
-              for name, scores in results.items() for c, s in scores.items()]
-    print("\n".join(lines))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "invariance.json"), "w") as f:
-        json.dump({"data": args.data or "demo", "results": results}, f, indent=2)
-    return results
 
 
 def defaults_data(folder, indices=range(60, 161), gap=8):

@@ -13,7 +13,6 @@ which write atomically and reject files that do not hold one of these models.
 """
 import json
 import os
-import uuid
 import zipfile
 
 import numpy as np
@@ -22,7 +21,11 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
+from ._compat import vxm_layers
+from .data import first_line, write_atomically
+from .descriptors import MIND
 from .encoder import CIFLEncoder
+from .transform import BATCHED_LAYERS, spatial_transform
 
 KL = tf.keras.layers
 
@@ -56,8 +59,9 @@ def _check_encoder(encoder, inshape):
     """Freezes and returns the encoder (or None); its ndim must match the input shape."""
     if encoder is None:
         return None
-    if not isinstance(encoder, CIFLEncoder):
-        raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder or None, got {type(encoder).__name__}")
+    if not isinstance(encoder, (CIFLEncoder, MIND)):
+        raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder, a cifl_tf.descriptors.MIND or None, "
+                        f"got {type(encoder).__name__}")
     if encoder.ndim != len(inshape):
         raise ValueError(f"encoder is {encoder.ndim}D but inshape {inshape} is {len(inshape)}D")
     encoder.trainable = False
@@ -118,7 +122,7 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
     Args:
         inshape: spatial shape (H, W) or (D, H, W); divisible by 2 ** (nb_levels - 1).
         nb_labels: L, the number of labels, background included.
-        encoder: a CIFLEncoder, frozen here; None feeds the intensities to the UNet.
+        encoder: a CIFLEncoder, frozen here, or a descriptors.MIND; None feeds the intensities to the UNet.
         **unet_kwargs: ``ne.models.unet`` arguments (nb_features, nb_levels, conv_size, feat_mult,
             nb_conv_per_level, ...); defaults ``UNET_DEFAULTS``.
 
@@ -231,8 +235,8 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
     Args:
         inshape: spatial shape (H, W) or (D, H, W), divisible by the UNet's downsampling (16 for
             VxmDense's default features).
-        encoder: a CIFLEncoder, frozen and used as VxmDense's input_model on both images
-            (src_feats = trg_feats = C); None registers the intensities.
+        encoder: a CIFLEncoder (frozen) or a descriptors.MIND, used as VxmDense's input_model on both
+            images (src_feats = trg_feats = its channels); None registers the intensities.
         similarity: "mse" or "ncc", computed between the moved moving features and the fixed
             features (with an encoder) or intensities (without).
         reg_weight: weight of the Grad('l2') smoothness term; None: REG_WEIGHTS[similarity].
@@ -257,8 +261,9 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         outputs = [moving, fixed] if encoder is None else [encoder(moving), encoder(fixed)]
         input_model = tf.keras.Model([moving, fixed], outputs, name=f"{name}_inputs")
         feats = 1 if encoder is None else encoder.channels
-        super().__init__(inshape, input_model=input_model, src_feats=feats, trg_feats=feats, name=name,
-                         **vxm_kwargs)
+        with vxm_layers(BATCHED_LAYERS):  # voxelmorph's per-sample map_fn loops take 10-40 s to differentiate
+            super().__init__(inshape, input_model=input_model, src_feats=feats, trg_feats=feats, name=name,
+                             **vxm_kwargs)
         field = self.outputs[-1]
         loss = RegistrationLoss(similarity, reg_weight, loss_mult=inshape[0] / field.shape[1],
                                 name="registration_loss")
@@ -313,7 +318,7 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
 
 
 def warp(images, displacement, interp_method="linear"):
-    """Resamples images with displacement fields (vxm.layers.SpatialTransformer, 'ij' indexing).
+    """Resamples images with displacement fields (as vxm.layers.SpatialTransformer, 'ij' indexing).
 
     Args:
         images: (B, *spatial, K) images or label maps (label maps: use interp_method="nearest").
@@ -323,13 +328,10 @@ def warp(images, displacement, interp_method="linear"):
 
     Returns: (B, *spatial, K) float32.
     """
-    if interp_method not in ("linear", "nearest"):
-        raise ValueError(f"interp_method must be 'linear' or 'nearest', got {interp_method!r}")
     images, displacement = np.asarray(images, np.float32), np.asarray(displacement, np.float32)
     if images.shape[:-1] != displacement.shape[:-1] or displacement.shape[-1] != images.ndim - 2:
         raise ValueError(f"warp: images {images.shape} and displacement {displacement.shape} do not match")
-    transformer = vxm.layers.SpatialTransformer(interp_method=interp_method, indexing="ij")
-    return transformer([images, displacement]).numpy()
+    return spatial_transform(tf.constant(images), displacement, interp_method).numpy()
 
 
 def pair_batches(images, batch_size=1, seed=None, first_step=0):
@@ -374,12 +376,21 @@ def _model_kind(path):
             config = json.loads(archive.read("config.json"))
         name = config.get("registered_name") or config.get("class_name")
     except (zipfile.BadZipFile, KeyError, ValueError, AttributeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{path}: not a cifl_tf model file (no Keras .keras model config: {reason})") from None
+        raise ValueError(f"{path}: not a cifl_tf model file (no Keras .keras model config: "
+                         f"{first_line(error)})") from None
     kinds = {tf.keras.utils.get_registered_name(cls): kind for kind, cls in MODEL_KINDS.items()}
     if name not in kinds:
         raise ValueError(f"{path}: not a cifl_tf model file (it holds a {name!r}, not one of {sorted(kinds)})")
+    if _has_lambda(config):  # refused in safe mode anyway, but only after Keras warns about its code
+        raise ValueError(f"{path}: holds a Lambda layer (arbitrary code), which safe-mode loading refuses")
     return kinds[name]
+
+
+def _has_lambda(config):
+    """Whether a Keras config (nested dicts and lists) holds a Lambda layer anywhere."""
+    if isinstance(config, dict):
+        return config.get("class_name") == "Lambda" or any(map(_has_lambda, config.values()))
+    return isinstance(config, list) and any(map(_has_lambda, config))
 
 
 def save_model(model, path):
@@ -397,14 +408,7 @@ def save_model(model, path):
         path = os.path.join(path, MODEL_FILE)
     if not path.endswith(".keras"):
         raise ValueError(f"save_model: path must be a folder or end in .keras, got {path!r}")
-    temporary = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex}.{os.path.basename(path)}")
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return write_atomically(path, model.save)
 
 
 def load_model(path, kind=None):
@@ -415,7 +419,9 @@ def load_model(path, kind=None):
         kind: None, "segmentation" or "registration": the kind of model required.
 
     Returns: the compiled SegmentationModel or RegistrationModel.
-    Raises: FileNotFoundError for a missing file; ValueError for a file that holds no such model.
+    Raises: FileNotFoundError for a missing file; ValueError naming the file for one that holds no
+        such model, or one Keras cannot load (unknown or unsafe classes such as Lambda, bad
+        arguments, weights missing or of other shapes, a damaged archive).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -427,4 +433,7 @@ def load_model(path, kind=None):
     found = _model_kind(path)
     if kind not in (None, found):
         raise ValueError(f"{path}: holds a {found} model, not a {kind} model")
-    return tf.keras.models.load_model(path, safe_mode=True)
+    try:
+        return tf.keras.models.load_model(path, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: cannot load the {found} model ({first_line(error)})") from error

@@ -2,11 +2,21 @@
 
 A label map of random shapes is drawn SynthMorph-style (Hoffmann et al. 2021): J channels of
 multi-scale Perlin noise, optionally warped by one random smooth diffeomorphism, then argmax.
-neurite's ``labels_to_image`` renders that one map twice with independent random intensities,
-noise, bias field, blur and gamma, giving two voxel-aligned images of the same anatomy in two
-contrasts. Everything runs in the TF graph of a ``tf.data`` pipeline.
+That one map is rendered twice with independent random intensities, noise, bias field, blur and
+gamma, as neurite's ``labels_to_image`` renders, giving two voxel-aligned images of the same
+anatomy in two contrasts. Everything runs in the TF graph of a ``tf.data`` pipeline.
+
+Batch k of a stream is a pure function of (seed, k). neurite's ``draw_perlin`` and
+``labels_to_image`` draw with op-seeded stateful random ops, whose output depends on how often and
+in which order the ops ran before: seeded runs repeated only if batches were made one after the
+other from the start of the stream, one sample at a time. So this module keeps their model (the
+same draws, argument names and defaults) but makes each draw with ``tf.random.stateless_*`` from
+a key folded from (seed, k), and reuses neurite's and voxelmorph's deterministic parts (resize,
+separable convolution, min-max normalisation, velocity integration and transform). Batches can
+then be made in parallel, for a whole batch at once, and a stream can start at any batch.
 """
-import warnings
+import inspect
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -14,9 +24,13 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
-# labels_to_image settings that this module owns: the pair must stay voxel-aligned and unlabelled.
-_FIXED_RENDER_ARGS = ("in_shape", "in_label_list", "warp_std", "one_hot", "seeds", "id", "num_chan")
-_SEED_KEYS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset")
+# The labels_to_image arguments that set the intensity model. Its others are this module's: the
+# pair must stay voxel-aligned (no warp per render) and the labels are not returned.
+RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(ne.models.labels_to_image).parameters.items()
+                   if name in ("mean_min", "mean_max", "std_min", "std_max", "zero_background", "bias_res",
+                               "bias_std", "bias_modulate", "blur_std", "blur_modulate", "normalize",
+                               "gamma_std", "dc_offset")}
+_RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset")
 
 
 def _positive_ints(name, values):
@@ -27,10 +41,56 @@ def _positive_ints(name, values):
     return values
 
 
-def _draw_perlin(shape, scales, max_std, seed):
-    with warnings.catch_warnings():  # neurite 0.2 warns on `modulate`, but needs it (method page 1.1)
-        warnings.simplefilter("ignore", category=UserWarning)
-        return ne.utils.augment.draw_perlin(shape, scales, max_std=max_std, modulate=True, seed=seed)
+def stream_seed(seed):
+    """`seed` checked, or for None a fresh random one, so that an unseeded run differs every time."""
+    if seed is None:
+        return int(np.random.default_rng().integers(2 ** 31))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer or None, got {seed!r}")
+    return int(seed)
+
+
+def batch_key(seed, index, stream):
+    """The stateless RNG key, (2,) int64, of batch `index` of the random stream number `stream` of `seed`."""
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed, stream], tf.int64),
+                                                    tf.cast(index, tf.int64))
+
+
+def _split(key, names):
+    return dict(zip(names, tf.unstack(tf.random.experimental.stateless_split(key, len(names)))))
+
+
+def _uniform(key, shape, low, high):
+    return low + (high - low) * tf.random.stateless_uniform(shape, key)
+
+
+def _perlin(key, batch_size, shape, scales, min_std, max_std):
+    """(B, *shape) noise as ``ne.utils.augment.draw_perlin`` draws it for each sample.
+
+    shape: (*spatial, channels). Per sample and scale: N(0, std^2) noise at 1/scale resolution,
+    std ~ U(min_std, max_std), linearly upsampled to `spatial`; the scales are summed.
+    """
+    spatial, channels = np.asarray(shape[:-1]), shape[-1]
+    keys = tf.random.experimental.stateless_split(key, 2 * len(scales))
+    out = 0.
+    for i, scale in enumerate(scales):
+        std_key, noise_key = keys[2 * i], keys[2 * i + 1]
+        small = np.int32(np.ceil(spatial / scale))
+        # Batch and channels side by side in the last axis: ne.utils.resize upsamples a single
+        # (*spatial, features) volume, and interpolates each feature on its own.
+        std = _uniform(std_key, (batch_size, 1), min_std, max_std)
+        noise = tf.random.stateless_normal((*small, batch_size, channels), noise_key) * std
+        noise = ne.utils.resize(tf.reshape(noise, (*small, -1)), list(spatial / small))
+        out += tf.reshape(noise, (*spatial, batch_size, channels))
+    return tf.transpose(out, (len(spatial), *range(len(spatial)), len(spatial) + 1))
+
+
+def _gaussian_kernels(sigmas, width):
+    """One normalised 1D Gaussian of `width` taps per (tensor) SD. neurite's gaussian_kernel builds
+    the same from Python floats, or from a stateful draw of its own."""
+    taps = tf.range(width, dtype=tf.float32) - (width - 1) / 2
+    kernels = [tf.exp(-0.5 * taps ** 2 / sigma ** 2) for sigma in tf.unstack(sigmas)]
+    return [kernel / tf.reduce_sum(kernel) for kernel in kernels]
 
 
 class ShapesSynth:
@@ -45,8 +105,10 @@ class ShapesSynth:
         warp_std: upper bound on the SD of the random velocity field (in pixels); 0 disables the warp.
         warp_scales: Perlin scales of that velocity field.
         seed: integer for reproducible draws; None draws differently every time.
-        **render_kwargs: any other ``ne.models.labels_to_image`` argument (mean_min, mean_max,
-            std_min, std_max, zero_background, bias_std, bias_res, blur_std, gamma_std, ...).
+        **render_kwargs: the intensity arguments of ``ne.models.labels_to_image``, with its
+            defaults (RENDER_DEFAULTS): mean_min, mean_max, std_min, std_max, zero_background,
+            bias_res, bias_std, bias_modulate, blur_std, blur_modulate, normalize, gamma_std,
+            dc_offset. The blur SDs are drawn per batch and view (neurite draws them once per model).
     """
 
     def __init__(self, shape, num_labels=16, label_scales=(8, 16, 32, 64), label_std=1.0,
@@ -59,67 +121,92 @@ class ShapesSynth:
         self.label_scales = _positive_ints("label_scales", label_scales)
         self.warp_scales = _positive_ints("warp_scales", warp_scales)
         for name, value in (("label_std", label_std), ("warp_std", warp_std)):
-            if not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        fixed = sorted(set(render_kwargs) & set(_FIXED_RENDER_ARGS))
-        if fixed:
-            raise ValueError(f"ShapesSynth sets {fixed} itself: the two renders must stay voxel-aligned")
+        unknown = sorted(set(render_kwargs) - set(RENDER_DEFAULTS))
+        if unknown:
+            raise ValueError(f"ShapesSynth does not take {unknown}: of labels_to_image's arguments it takes "
+                             f"the intensity ones {sorted(RENDER_DEFAULTS)}; the two renders stay voxel-aligned")
         self.num_labels, self.label_std, self.warp_std = num_labels, label_std, warp_std
+        self.seed = stream_seed(seed)
+        self.render_args = {**RENDER_DEFAULTS, **render_kwargs}
 
-        rng = np.random.default_rng(seed)
-        draw_seed = lambda: None if seed is None else int(rng.integers(2 ** 31 - 1))  # noqa: E731
-        self._label_seed, self._warp_seed = draw_seed(), draw_seed()
-        # neurite draws a modulated blur eagerly, once, while building the model, where `seed` cannot
-        # reach it (a second ShapesSynth(seed=s) would blur differently): draw it here instead.
-        blur_std = render_kwargs.pop("blur_std", 1.0)
-        blur_modulate = render_kwargs.pop("blur_modulate", True)
-        self._renders = [
-            ne.models.labels_to_image(
-                self.shape, list(range(num_labels)), warp_std=0, one_hot=False, id=view,
-                seeds={} if seed is None else {key: draw_seed() for key in _SEED_KEYS},
-                blur_std=float(rng.uniform(0, blur_std)) if blur_modulate else blur_std,
-                blur_modulate=False, **render_kwargs)
-            for view in range(2)
-        ]
-
-    def label_map(self, _=None):
-        """One random-shape label map, (*shape, 1) int32 in [0, num_labels)."""
-        noise = _draw_perlin((*self.shape, self.num_labels), self.label_scales, self.label_std,
-                             self._label_seed)
+    def label_map(self, key, batch_size):
+        """Random-shape label maps drawn from `key`, (B, *shape, 1) int32 in [0, num_labels)."""
+        keys = _split(key, ("labels", "warp"))
+        noise = _perlin(keys["labels"], batch_size, (*self.shape, self.num_labels), self.label_scales,
+                        0, self.label_std)
         if self.warp_std > 0:
-            velocity = _draw_perlin((*self.shape, len(self.shape)), self.warp_scales, self.warp_std,
-                                    self._warp_seed)
-            noise = vxm.utils.transform(noise, vxm.utils.integrate_vec(velocity, nb_steps=5))
+            velocity = _perlin(keys["warp"], batch_size, (*self.shape, len(self.shape)), self.warp_scales,
+                               0, self.warp_std)
+            warp = lambda pair: vxm.utils.transform(pair[0], vxm.utils.integrate_vec(pair[1], nb_steps=5))  # noqa: E731
+            noise = tf.vectorized_map(warp, (noise, velocity), fallback_to_while_loop=False)
         return tf.argmax(noise, axis=-1, output_type=tf.int32)[..., tf.newaxis]
 
-    def _sample(self, _=None):
-        labels = self.label_map()[tf.newaxis]
-        return (labels, *(render(labels)[0] for render in self._renders))
+    def render(self, key, labels):
+        """One random contrast of label maps (B, *shape, 1), drawn from `key` as labels_to_image
+        draws it: (B, *shape, 1) float32, in [0, 1] before gamma and dc offset if normalised."""
+        args, keys = self.render_args, _split(key, _RENDER_DRAWS)
+        batch_size, ndim = labels.shape[0], len(self.shape)
+        per_image = (batch_size, *[1] * ndim, 1)
+        num = self.num_labels
+        low_mean = [0] + [25] * (num - 1) if args["mean_min"] is None else args["mean_min"]
+        high_mean = [225] * num if args["mean_max"] is None else args["mean_max"]
+        low_std = [0] + [5] * (num - 1) if args["std_min"] is None else args["std_min"]
+        high_std = [25] * num if args["std_max"] is None else args["std_max"]
+        mean = _uniform(keys["mean"], (batch_size, num), np.float32(low_mean), np.float32(high_mean))
+        std = _uniform(keys["std"], (batch_size, num), np.float32(low_std), np.float32(high_std))
+        image = (tf.random.stateless_normal(labels.shape, keys["noise"]) * tf.gather(std, labels, batch_dims=1)
+                 + tf.gather(mean, labels, batch_dims=1))
+        if args["zero_background"] > 0:
+            flip = tf.random.stateless_uniform(per_image, keys["background"]) < args["zero_background"]
+            image *= 1. - tf.cast(tf.logical_and(labels == 0, flip), image.dtype)
+        if args["blur_std"] > 0:
+            sigmas = tf.fill([ndim], float(args["blur_std"]))
+            if args["blur_modulate"]:
+                sigmas = _uniform(keys["blur"], [ndim], np.finfo(np.float32).eps, args["blur_std"])
+            width = int(np.round(args["blur_std"] * 3) * 2 + 1)  # neurite's window for the largest SD
+            image = ne.utils.separable_conv(image, _gaussian_kernels(sigmas, width), batched=True)
+        if args["bias_std"] > 0:
+            low = 0 if args["bias_modulate"] else args["bias_std"]
+            image *= tf.exp(_perlin(keys["bias"], batch_size, (*self.shape, 1), np.ravel(args["bias_res"]),
+                                    low, args["bias_std"]))
+        image = tf.clip_by_value(image, 0, 255)
+        if args["normalize"]:
+            image = ne.utils.minmax_norm(image, axis=list(range(1, ndim + 2)))
+        if args["gamma_std"] > 0:
+            image = tf.pow(image, tf.exp(args["gamma_std"] * tf.random.stateless_normal(per_image, keys["gamma"])))
+        if args["dc_offset"] > 0:
+            image += _uniform(keys["dc_offset"], per_image, 0, args["dc_offset"])
+        return image
 
-    def __call__(self, batch_size):
-        """A batch of label maps (B, *shape, 1) and its two renders x1, x2, each (B, *shape, 1)."""
-        # One sample at a time: parallel tf.map_fn iterations (here and inside neurite's renders)
-        # would hand the seeded random streams to the samples in a racy order.
-        labels, x1, x2 = tf.map_fn(self._sample, tf.range(batch_size), parallel_iterations=1,
-                                   fn_output_signature=(tf.int32, tf.float32, tf.float32))
-        return labels[:, 0], x1[:, 0], x2[:, 0]
+    def __call__(self, index, batch_size):
+        """Batch `index` of the stream: label maps (B, *shape, 1) and their two renders x1, x2, each
+        (B, *shape, 1). A pure function of (seed, index, batch_size)."""
+        keys = _split(batch_key(self.seed, index, stream=0), ("labels", "view1", "view2"))
+        labels = self.label_map(keys["labels"], batch_size)
+        return labels, self.render(keys["view1"], labels), self.render(keys["view2"], labels)
 
 
-def contrast_pairs(shape, batch_size, seed=None, **synth_kwargs):
+def contrast_pairs(shape, batch_size, seed=None, start=0, **synth_kwargs):
     """Endless, prefetched ``tf.data.Dataset`` of voxel-aligned contrast pairs ``(x1, x2)``.
 
     Args:
         shape: spatial shape (H, W) or (D, H, W).
         batch_size: B, pairs per batch.
         seed: integer; the same seed gives the same batches. None: different every time.
+        start: index of the first batch: the stream from `start` equals the stream from 0 without
+            its first `start` batches (resuming a run).
         **synth_kwargs: ShapesSynth arguments (num_labels, label_scales, warp_std, labels_to_image
-            ranges, ...).
+            intensity arguments, ...).
 
     Yields: x1, x2 of shape (B, *shape, 1), float32 in [0, 1] (before gamma), same anatomy.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, value, least in (("batch_size", batch_size, 1), ("start", start, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     synth = ShapesSynth(shape, seed=seed, **synth_kwargs)
-    # One batch per map call, in order: stateful seeded draws then repeat exactly.
-    pairs = tf.data.Dataset.from_tensors(batch_size).repeat().map(lambda b: synth(b)[1:])
+    # Batches are made in parallel and handed out in order; each is a function of its index alone.
+    pairs = tf.data.Dataset.range(start, sys.maxsize).map(
+        lambda index: synth(index, batch_size)[1:], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return pairs.prefetch(tf.data.AUTOTUNE)

@@ -4,47 +4,75 @@ The two renders of a label map are taken at a random relative offset (method pag
 with voxel-aligned views Eq. 1 is minimised by features that ignore the image (padding and position
 patterns are identical for any input). Each view is a crop of a larger render; the encoder sees the
 crops, and Eq. 1 compares the two feature images on their overlap after aligning them.
+
+Batch k of a seeded run (pair and crop origins) is a function of (seed, k) alone, so a run resumed
+after its last finished epoch continues the stream where it stopped and ends as an uninterrupted run.
 """
+import csv
+import inspect
 import json
 import math
 import os
+import shutil
 import time
 
 import tensorflow as tf
 
 from .callbacks import StopOnNonFinite
-from .encoder import CIFLEncoder, save_encoder
+from .checkpoint import EpochCheckpoint
+from .data import first_line, read_json, write_atomically, write_json
+from .encoder import CIFLEncoder, encoder_model, save_encoder
 from .losses import contrastive_loss
-from .synth import contrast_pairs
+from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
+
+
+def multi_worker_strategy():
+    """tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, or else over the
+    tasks of the SLURM job step this process is one of. Create it before any other TF op."""
+    if "TF_CONFIG" in os.environ:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if "SLURM_STEP_NUM_TASKS" in os.environ:
+        # The resolver counts GPUs with nvidia-smi, and fails where there is none.
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+            gpus_per_node=None if shutil.which("nvidia-smi") else 0)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    raise ValueError("strategy 'multiworker' needs a cluster: set TF_CONFIG on each worker, or start the "
+                     "workers as the tasks of a SLURM job step (srun)")
+
 
 STRATEGIES = {
     "default": tf.distribute.get_strategy,
     "mirrored": tf.distribute.MirroredStrategy,
+    "multiworker": multi_worker_strategy,
 }
 
 
-def offset_views(pairs, shape, max_offset, seed=None):
+def offset_views(pairs, shape, max_offset, seed=None, start=0):
     """Crops both views of each batch of `pairs` at independent random origins.
 
     Args:
         pairs: dataset of (x1, x2), each (B, *big, 1) with big = shape + max_offset per axis.
         shape: spatial shape of the crops.
         max_offset: largest origin per axis; the views' relative offset is in [-max_offset, max_offset].
+        seed: integer; the origins of batch k are a function of (seed, k). None: random every run.
+        start: index of the first batch of `pairs` (as contrast_pairs' `start`).
 
     Returns: dataset of ((v1, v2, shift),): crops (B, *shape, 1) and shift (B, ndim) int32, the
     origin of view 2 minus that of view 1 (the same for the whole batch).
     """
-    ndim = len(shape)
+    ndim, seed = len(shape), stream_seed(seed)
 
-    def crop(x1, x2):
-        origins = tf.random.uniform((2, ndim), 0, max_offset + 1, dtype=tf.int32, seed=seed)
+    def crop(index, pair):
+        x1, x2 = pair
+        origins = tf.random.stateless_uniform((2, ndim), batch_key(seed, index, stream=1), 0, max_offset + 1,
+                                              dtype=tf.int32)
         size = [-1, *shape, 1]
         v1 = tf.slice(x1, tf.pad(origins[0], [[1, 1]]), size)
         v2 = tf.slice(x2, tf.pad(origins[1], [[1, 1]]), size)
         shift = tf.tile((origins[1] - origins[0])[tf.newaxis], [tf.shape(x1)[0], 1])
         return ((v1, v2, shift),)
 
-    return pairs.map(crop)
+    return pairs.enumerate(start).map(crop)
 
 
 def align_views(f1, f2, shift):
@@ -98,6 +126,65 @@ def _get_strategy(strategy):
     return strategy
 
 
+def _count(value, smallest=1):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+# Each settings.json field: (check of its value, what it must be).
+SETTINGS = {
+    "shape": (lambda v: isinstance(v, list) and len(v) in (2, 3) and all(map(_count, v)),
+              "a list of 2 or 3 positive integers"),
+    **{name: (_count, "a positive integer")
+       for name in ("steps", "batch_size", "channels", "features", "steps_per_epoch")},
+    "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
+    **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
+    "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
+    "synth_kwargs": (lambda v: isinstance(v, dict) and set(v) <= _synth_arguments(),
+                     "an object of ShapesSynth and labels_to_image arguments"),
+}
+
+
+def _synth_arguments():
+    """The names synth_kwargs may hold: ShapesSynth's own and the labels_to_image intensity arguments it takes."""
+    return {*inspect.signature(ShapesSynth).parameters, *RENDER_DEFAULTS} - {"shape", "seed", "render_kwargs"}
+
+
+def read_settings(out_dir):
+    """The train_encoder arguments stored in `out_dir`/settings.json, checked field by field.
+
+    Raises: FileNotFoundError when there is no settings.json; ValueError naming it when it is not
+    JSON, lacks or adds fields, or holds a value of the wrong type or range.
+    """
+    path = os.path.join(out_dir, "settings.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"resume: {path!r} not found, so there is no run to continue")
+    settings = read_json(path)
+    if not isinstance(settings, dict) or set(settings) != set(SETTINGS):
+        keys = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
+        raise ValueError(f"{path}: expected an object with the fields {sorted(SETTINGS)}, got {keys}")
+    for name, (valid, what) in SETTINGS.items():
+        if not valid(settings[name]):
+            raise ValueError(f"{path}: {name} must be {what}, got {settings[name]!r}")
+    return settings
+
+
+def _check_backup(backup_dir):
+    """ValueError naming the checkpoint when the backup that a resumed fit restores is unreadable."""
+    checkpoint = tf.train.latest_checkpoint(backup_dir)
+    if checkpoint is None:
+        return
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)  # reading checks each tensor's checksum
+    except (tf.errors.OpError, IndexError) as error:  # IndexError: a data file cut short
+        raise ValueError(f"{checkpoint}: damaged checkpoint, cannot resume ({first_line(error)})") from None
+
+
 def _prepare_out_dir(out_dir, settings, resume):
     """Checks that `out_dir` is new, or on resume that it holds an unfinished run of `settings`."""
     settings_path = os.path.join(out_dir, "settings.json")
@@ -106,18 +193,15 @@ def _prepare_out_dir(out_dir, settings, resume):
             raise FileExistsError(f"{out_dir!r} already holds a training run: pass resume=True "
                                   f"(--resume) to continue it, or choose another output folder")
         os.makedirs(out_dir, exist_ok=True)
-        with open(settings_path, "w") as f:
-            json.dump(settings, f, indent=2)
+        write_json(settings_path, settings)
         return
-    if not os.path.exists(settings_path):
-        raise FileNotFoundError(f"resume: {settings_path!r} not found, so there is no run to continue")
+    saved = read_settings(out_dir)
     if os.path.exists(os.path.join(out_dir, "result.json")):
         raise ValueError(f"resume: the run in {out_dir!r} has already finished")
-    with open(settings_path) as f:
-        saved = json.load(f)
     changed = sorted(k for k in settings if saved.get(k) != settings[k])
     if changed:
         raise ValueError(f"resume: settings {changed} differ from those of the run in {out_dir!r}")
+    _check_backup(os.path.join(out_dir, "backup"))
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32,
@@ -136,8 +220,11 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         seed: integer for reproducible synthesis and initialisation.
         out_dir: folder for settings.json, encoder.weights.h5 (+ .json), log.csv, tensorboard/ and
             the backup that `resume` continues from. None: nothing is written.
-        resume: continue the unfinished run in `out_dir` from its last epoch.
-        strategy: None (the current one), "default", "mirrored" or a tf.distribute.Strategy.
+        resume: continue the unfinished run in `out_dir` after its last saved epoch; a seeded run
+            then ends with the weights of an uninterrupted one.
+        strategy: None (the current one), "default", "mirrored", "multiworker" (see
+            multi_worker_strategy; the chief writes `out_dir`, which all workers must share) or a
+            tf.distribute.Strategy.
         steps_per_epoch: steps between checkpoints and log rows (at most `steps`).
         synth_kwargs: ShapesSynth arguments (label scales, intensity ranges, ...).
         callbacks: more Keras callbacks.
@@ -161,39 +248,53 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
-    if out_dir is not None:
+    chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
+    if out_dir is not None and chief:
         _prepare_out_dir(out_dir, settings, resume)
 
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
-    big = tuple(s + max_offset for s in shape)
-    pairs = contrast_pairs(big, batch_size, seed=seed, **(synth_kwargs or {}))
-    views = offset_views(pairs, shape, max_offset, seed=seed).prefetch(tf.data.AUTOTUNE)
-
     with strategy.scope():
         encoder = CIFLEncoder(channels=channels, features=features, ndim=len(shape), name="cifl_encoder")
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
         model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+        model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
 
-    callbacks = [StopOnNonFinite(), *callbacks]  # first: it must see NaN weights before a checkpoint does
+    callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0  # first: it must see NaN weights before a save
     if out_dir is not None:
-        with strategy.scope():  # the weights are made here, and must be the strategy's variables
-            model(next(iter(views))[0])  # BackupAndRestore and the .h5 checkpoint need a built model
-        weights = os.path.join(out_dir, "encoder.weights.h5")
-        if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
-            save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
-        callbacks += [
-            tf.keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
-            tf.keras.callbacks.ModelCheckpoint(weights, save_weights_only=True),
-            tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
-            tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
-        ]
+        checkpoint = EpochCheckpoint(os.path.join(out_dir, "backup"), model)
+        if resume:
+            initial_epoch = checkpoint.restore()
+        if chief:
+            weights = os.path.join(out_dir, "encoder.weights.h5")
+            if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
+                save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
+            # Made here, outside the strategy: a model made during fit on the chief alone would start
+            # collective ops (its counters' initial values) that the other workers never join.
+            saver = encoder_model(encoder)
+            callbacks += [
+                tf.keras.callbacks.LambdaCallback(
+                    on_epoch_end=lambda epoch, logs: write_atomically(weights, saver.save_weights)),
+                tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
+                tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
+            ]
+        callbacks.append(checkpoint)  # last: an epoch counts as done once it is logged and saved
+
+    # The stream starts at the first batch of the first epoch to train.
+    first_batch = initial_epoch * steps_per_epoch
+    big = tuple(s + max_offset for s in shape)
+    pairs = contrast_pairs(big, batch_size, seed=seed, start=first_batch, **(synth_kwargs or {}))
+    views = offset_views(pairs, shape, max_offset, seed=seed, start=first_batch).prefetch(tf.data.AUTOTUNE)
+    # Under a multi-worker strategy every worker makes each global batch and keeps its share of it.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
 
     start = time.time()
-    history = model.fit(views, epochs=math.ceil(steps / steps_per_epoch),
-                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
-    if out_dir is not None:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"final_loss": float(history.history["loss"][-1]),
-                       "seconds": round(time.time() - start, 1)}, f, indent=2)
+    model.fit(views.with_options(options), epochs=math.ceil(steps / steps_per_epoch), initial_epoch=initial_epoch,
+              steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
+    if out_dir is not None and chief:
+        with open(os.path.join(out_dir, "log.csv")) as f:
+            final_loss = float(list(csv.DictReader(f))[-1]["loss"])  # also when resumed after the last epoch
+        write_json(os.path.join(out_dir, "result.json"),
+                   {"final_loss": final_loss, "seconds": round(time.time() - start, 1)})
     return encoder

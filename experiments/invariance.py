@@ -1,10 +1,10 @@
-"""Contrast invariance of the encoders: the same slices in T1 and other contrasts (method page 3b).
+"""Contrast invariance of intensities, MIND and the encoders on every pair of contrasts (cifl_tf.benchmark).
 
-    python experiments/invariance.py                                   # demo data
-    python experiments/invariance.py --data ../shared/data/oasis-sample
+    python experiments/invariance.py                                   # demo, OASIS sample and hard pairs
+    python experiments/invariance.py --data ../shared/data/oasis-sample --encoder runs/enc
     python experiments/invariance.py --offset-ablation 1000            # + encoders with/without offset
 """
-from cifl_tf.experiments import invariance_main
+from cifl_tf.benchmark import main
 
 if __name__ == "__main__":
-    invariance_main()
+    main()

@@ -89,7 +89,7 @@ def ixi_tiny(tmp_path):
 
 
 # A train_encoder run stopped by an exception after the first of its three epochs: the state that
-# BackupAndRestore resumes (it keeps its backup only when fit() ends in an exception). The tuple in
+# resume continues from. The tuple in
 # synth_kwargs is deliberate: settings.json stores it as a list, and resume must still match.
 INTERRUPTED_RUN = dict(shape=(32, 32), steps=3, steps_per_epoch=1, batch_size=2, channels=4, features=8,
                        max_offset=0, seed=1, synth_kwargs={"label_scales": (2, 4, 8)})

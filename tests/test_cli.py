@@ -10,6 +10,7 @@ import pytest
 import cifl_tf
 import tensorflow as tf
 from cifl_tf import cli, data, evaluate, models
+from cifl_tf.descriptors import MIND
 from conftest import make_oasis, phantom_image, phantom_labels, write_nifti
 
 SLICE = (16, 20)  # the 2D shape of the tiny neurite-oasis fixture
@@ -90,7 +91,7 @@ def test_segment_writes_the_model_label_map_with_the_input_geometry(files, tmp_p
 
 
 def test_register_writes_the_moved_image_and_the_displacement_in_fixed_space(files, tmp_path, capsys):
-    slice_file(tmp_path / "fixed.nii.gz", seed=2, affine=np.diag([1.0, 1.0, 3.0, 1.0]))
+    slice_file(tmp_path / "fixed.nii.gz", seed=2)
     status, stdout, _ = run(capsys, "register", "--model", files / "reg.keras", "--moving", files / "a.nii.gz",
                             "--fixed", tmp_path / "fixed.nii.gz", "--moved", tmp_path / "moved.nii.gz",
                             "--warp", tmp_path / "warp.nii.gz")
@@ -99,7 +100,7 @@ def test_register_writes_the_moved_image_and_the_displacement_in_fixed_space(fil
     displacement, warp_affine, _ = data.load_nifti(tmp_path / "warp.nii.gz")
     assert moved.shape == (*SLICE, 1) and displacement.shape == (*SLICE, 2)
     assert np.abs(displacement).max() > 0.5
-    np.testing.assert_array_equal(moved.affine, np.diag([1.0, 1.0, 3.0, 1.0]))
+    np.testing.assert_array_equal(moved.affine, AFFINE)
     np.testing.assert_array_equal(warp_affine, moved.affine)
     moving, _, _ = data.load_nifti(files / "a.nii.gz")  # warped in its own intensities, not normalised
     expected = models.warp(moving[None, ..., None], displacement[None])[0, ..., 0]
@@ -135,6 +136,35 @@ def test_train_seg_on_encoder_features_keeps_the_encoder_weights(files, oasis_ti
     assert len(stacked) == 1 and not stacked[0].trainable
     for a, b in zip(stacked[0].get_weights(), original.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("variant, shape", [("mind", SLICE), ("ssc", (8, 10, 6))])
+def test_features_with_the_mind_descriptor_of_the_image_dimension(tmp_path, capsys, variant, shape):
+    image = slice_file(tmp_path / "in.nii.gz", shape)
+    status, stdout, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz", "--descriptor", variant)
+    features, affine, _ = data.load_nifti(tmp_path / "f.nii.gz")
+    descriptor = MIND(len(shape), variant)
+    assert status == 0 and f"{descriptor.channels}-channel features" in stdout
+    np.testing.assert_allclose(features, descriptor(data.normalize(image)[None, ..., None])[0], atol=1e-6)
+    np.testing.assert_array_equal(affine, AFFINE)
+
+
+def test_descriptor_excludes_an_encoder(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "features", files / "a.nii.gz", tmp_path / "f.nii.gz", "--descriptor", "mind",
+            "--pretrained", "0.1")
+    assert exit_info.value.code == 2
+    assert "argument --pretrained: not allowed with argument --descriptor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train-seg", "train-reg"])
+def test_train_on_the_mind_descriptor(oasis_tiny, tmp_path, capsys, command):
+    extra = ["--steps-per-epoch", 1, "--int-steps", 0] if command == "train-reg" else []
+    status, _, _ = run(capsys, command, "--data", oasis_tiny, "--out", tmp_path, "--epochs", 1, "--descriptor", "ssc",
+                       *extra, *TINY_TRAIN)
+    assert status == 0
+    stacked = [layer.get_config() for layer in models.load_model(str(tmp_path)).submodules if isinstance(layer, MIND)]
+    assert [(config["variant"], config["ndim"]) for config in stacked] == [("ssc", 2)]
 
 
 def test_train_reg_then_evaluate_across_contrasts(oasis_tiny, tmp_path, capsys):
@@ -213,10 +243,10 @@ def _case_model_shape(files, tmp):
         r"small\.nii\.gz: shape \(16, 16\) differs from the model's input shape \(16, 20\)"
 
 
-def _case_moving_fixed(files, tmp):
+def _case_model_fixed(files, tmp):
     path = _bad_slice(tmp, "other.nii.gz", np.ones((16, 16), np.float32))
     return ["register", "--model", files / "reg.keras", "--moving", files / "a.nii.gz", "--fixed", path,
-            "--moved", "OUT"], r"other\.nii\.gz: shape \(16, 16\) differs from \(16, 20\) of the moving image"
+            "--moved", "OUT"], r"other\.nii\.gz: shape \(16, 16\) differs from the model's input shape \(16, 20\)"
 
 
 def _case_labels_outside(files, tmp):
@@ -268,15 +298,20 @@ def _case_encoder_missing(files, tmp):
         r"no such file .*enc\.weights\.h5"
 
 
+def _case_encoder_ndim(files, tmp):
+    return ["features", files / "a.nii.gz", "OUT", "--encoder", files / "encoder3d.weights.h5"], \
+        r"a\.nii\.gz: has 2 dimensions \(16, 20, 1\), the encoder takes 3"
+
+
 def _case_output_name(files, tmp):
     return ["features", files / "a.nii.gz", tmp / "features.npy", "--encoder", files / "encoder.weights.h5"], \
         r"features\.npy: output must end in \.nii or \.nii\.gz"
 
 
 @pytest.mark.parametrize("case", [
-    _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_moving_fixed,
+    _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
     _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
-    _case_model_kind, _case_model_missing, _case_encoder_missing, _case_output_name,
+    _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
 ], ids=lambda case: case.__name__[len("_case_"):])
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(files, tmp_path, capsys, case):
     inputs = tmp_path / "in"

@@ -1,12 +1,22 @@
 """`cifl train-encoder`: trains, resumes, and reports user errors as one line with exit status 2."""
 import csv
 import json
+import os
+import pathlib
+import random
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 
 from cifl_tf import cli, load_encoder
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+IMAGE = np.random.default_rng(0).uniform(size=(1, 32, 32, 1)).astype(np.float32)
 
 TRAIN = ["train-encoder", "--dim", "2", "--shape", "32x32", "--steps", "4", "--steps-per-epoch", "2",
          "--batch-size", "2", "--features", "8"]
@@ -44,8 +54,11 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--resume", "--out", "{empty}"], "settings.json"),                        # nothing to resume
     (["--shape", "32x32x32", "--out", "{empty}"], "does not have --dim 2 sizes"),
     (["--steps", "0", "--out", "{empty}"], "steps must be a positive integer, got 0"),
+    (["--strategy", "multiworker", "--out", "{empty}"], "strategy 'multiworker' needs a cluster"),
 ])
-def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "settings.json").write_text("{}")
     argv = [a.format(run=tmp_path / "run", empty=tmp_path / "empty") for a in argv]
@@ -60,3 +73,68 @@ def test_console_script(tmp_path):
     result = subprocess.run(["cifl", "train-encoder", "--out", str(tmp_path), "--shape", "32x"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--shape" in result.stderr
+
+
+# ---- SIGKILL anywhere, then --resume: the same weights as a run that went through ----
+
+KILLABLE = ["train-encoder", "--dim", "2", "--shape", "32x32", "--steps", "6", "--steps-per-epoch", "2",
+            "--batch-size", "2", "--channels", "4", "--features", "8", "--max-offset", "4", "--seed", "3"]
+
+
+def start_cifl(*argv):
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "cifl_tf.cli", *argv], env=environ, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process, ready, delay=0.0):
+    """SIGKILLs `process` `delay` s after `ready()` holds (polled), unless it ended first."""
+    while process.poll() is None and not ready():
+        time.sleep(0.05)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def finish(run):
+    """--resume until the run has its result.json; returns how many resumes it took."""
+    for resumes in range(1, 4):
+        process = start_cifl("train-encoder", "--resume", "--out", str(run))
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+        if (run / "result.json").is_file():
+            return resumes
+    raise AssertionError("the run did not finish")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert cli.main([*KILLABLE, "--out", str(run)]) == 0
+    return load_encoder(str(run))(IMAGE).numpy()
+
+
+def test_killed_after_an_epoch_resumes_exactly(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    kill_when(start_cifl(*KILLABLE, "--out", str(run)), lambda: (run / "backup" / "checkpoint").is_file())
+    assert finish(run) == 1
+    assert set(epochs(run)) == {0, 1, 2}
+    np.testing.assert_allclose(load_encoder(str(run))(IMAGE), uninterrupted, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(4))
+def test_killed_at_random_points_resumes_exactly(tmp_path, uninterrupted, trial):
+    """Up to three kills at random delays (also before anything is written, or while writing)."""
+    rng, run = random.Random(trial), tmp_path / "run"
+    for _ in range(3):
+        argv = ["train-encoder", "--resume", "--out", str(run)] if (run / "settings.json").is_file() else \
+            [*KILLABLE, "--out", str(run)]
+        kill_when(start_cifl(*argv), lambda: True, delay=rng.uniform(0, 25))
+        if (run / "result.json").is_file():
+            break
+    if not (run / "settings.json").is_file():
+        assert cli.main([*KILLABLE, "--out", str(run)]) == 0
+    elif not (run / "result.json").is_file():
+        finish(run)
+    np.testing.assert_allclose(load_encoder(str(run))(IMAGE), uninterrupted, atol=1e-5)

@@ -9,7 +9,7 @@ FIGURES = ["encoder_training.png", "figure2.png", "registrations.png", "segmenta
 
 def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys):
     compared = experiments.methods
-    # The baseline and one shipped encoder keep the smoke run short; the demo compares all four.
+    # The baseline, MIND and one shipped encoder keep the smoke run short; the demo compares all five.
     monkeypatch.setattr(experiments, "methods", lambda: compared(tau_gammas=(0.1,)))
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -17,7 +17,7 @@ def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, cap
     assert "8 demo subjects (4 train, 4 test)" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FIGURES + ["results.json", "table.md"])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results["segmentation"]) == list(results["registration"]) == ["baseline", "tau_gamma=0.1"]
+    assert list(results["segmentation"]) == list(results["registration"]) == ["baseline", "MIND", "tau_gamma=0.1"]
     assert list(results["segmentation"]["baseline"]) == ["t1", "t1_inverted", "t2", "pd"]
     assert list(results["registration"]["baseline"]) == ["t1->t1", "t1->t1_inverted", "t1->t2", "t1->pd"]
 

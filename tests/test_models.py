@@ -6,6 +6,7 @@ import cifl_tf
 import tensorflow as tf
 import voxelmorph as vxm
 from cifl_tf import models
+from cifl_tf.descriptors import MIND
 
 SHAPE = (32, 32)
 TINY_UNET = dict(nb_features=4, nb_levels=2)
@@ -53,6 +54,13 @@ def _fit(model, images, labels, epochs=1):
         model.fit(images, tf.keras.utils.to_categorical(labels, 3), epochs=epochs, batch_size=2, verbose=0)
     else:  # unsupervised: the pairs and no targets
         model.fit([images, images[::-1]], epochs=epochs, batch_size=2, verbose=0)
+
+
+def _outputs(model, images):
+    """Segmentation probabilities, or the displacement registering images onto themselves reversed."""
+    if isinstance(model, models.SegmentationModel):
+        return model.predict(images, verbose=0)
+    return model.register(images, images[::-1])
 
 
 def _all_layers(model):
@@ -122,15 +130,30 @@ def test_model_round_trips_through_a_keras_file_in_safe_mode(tiny, kind, with_en
     assert [p.name for p in tmp_path.iterdir()] == [models.MODEL_FILE]  # no temporary file left behind
     loaded = tf.keras.models.load_model(path, safe_mode=True)
     assert type(loaded) is type(model) and loaded.get_config() == model.get_config()
-    if kind == "segmentation":
-        np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
-    else:
-        np.testing.assert_array_equal(loaded.register(images, images[::-1]), model.register(images, images[::-1]))
+    np.testing.assert_array_equal(_outputs(loaded, images), _outputs(model, images))
     assert [layer.trainable for layer in _all_layers(loaded) if isinstance(layer, cifl_tf.CIFLEncoder)] == \
         ([False] if with_encoder else [])
     assert type(loaded.loss) is type(model.loss)  # compiled as it was saved: loss and optimiser
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert models.load_model(str(tmp_path), kind).get_config() == model.get_config()
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
+def test_mind_stands_where_an_encoder_does_and_round_trips(kind, tmp_path):
+    descriptor = MIND(variant="ssc", name="mind")
+    model = _tiny_model(kind, descriptor)
+    images, labels = blobs(2)
+    _fit(model, images, labels)
+    if kind == "registration":  # VxmDense registers the descriptor images: moved = warped MIND(moving)
+        moved = model([images, images[::-1]])[0].numpy()
+        assert moved.shape[-1] == descriptor.channels == 4
+        np.testing.assert_allclose(moved, models.warp(descriptor(images).numpy(), _outputs(model, images)),
+                                   atol=1e-5)
+    loaded = models.load_model(models.save_model(model, str(tmp_path)), kind)
+    assert loaded.get_config() == model.get_config()
+    assert [layer.get_config() for layer in _all_layers(loaded) if isinstance(layer, MIND)] == \
+        [descriptor.get_config()]
+    np.testing.assert_array_equal(_outputs(loaded, images), _outputs(model, images))
 
 
 @pytest.mark.parametrize("kind", ["segmentation", "registration"])
@@ -211,7 +234,10 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.segmentation_model((36, 36), 3, nb_levels=4), ValueError, r"\(36, 36\) must be divisible by 8"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, final_pred_activation="linear"), TypeError, "softmax"),
     (lambda e: cifl_tf.segmentation_model((16, 16, 16), 3, e), ValueError, r"encoder is 2D but inshape \(16, 16, 16\)"),
-    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, "encoder"), TypeError, "CIFLEncoder or None, got str"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, "encoder"), TypeError,
+     "CIFLEncoder, a cifl_tf.descriptors.MIND or None, got str"),
+    (lambda e: cifl_tf.registration_model(SHAPE, MIND(ndim=3), **TINY_VXM), ValueError,
+     r"encoder is 3D but inshape \(32, 32\) is 2D"),
     (lambda e: cifl_tf.registration_model(SHAPE, similarity="mi"), ValueError, "similarity must be.*'mi'"),
     (lambda e: cifl_tf.registration_model(SHAPE, reg_weight=-1, **TINY_VXM), ValueError, "reg_weight.*-1"),
     (lambda e: cifl_tf.registration_model(SHAPE, bidir=True), TypeError, "may not set 'bidir'"),

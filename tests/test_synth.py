@@ -7,15 +7,15 @@ import pytest
 
 import cifl_tf  # noqa: F401  (Keras 2 before tensorflow)
 import tensorflow as tf
-from cifl_tf.synth import ShapesSynth, contrast_pairs
+from cifl_tf.synth import ShapesSynth, batch_key, contrast_pairs
 
 FINE = dict(label_scales=(2, 4, 8))  # shapes small enough for 32x32 / 16^3 images
 
 
-def first_batches(shape, seed, batch_size=2, count=2):
+def first_batches(shape, seed, batch_size=2, count=2, start=0):
     """The first `count` batches of a freshly built contrast_pairs dataset, as (count, 2, B, *shape, 1)."""
     return np.array([[x.numpy() for x in pair]
-                     for pair in contrast_pairs(shape, batch_size, seed=seed).take(count)])
+                     for pair in contrast_pairs(shape, batch_size, seed=seed, start=start).take(count)])
 
 
 cached_batches = functools.lru_cache(first_batches)
@@ -25,7 +25,11 @@ cached_batches = functools.lru_cache(first_batches)
 def test_contrast_pairs_are_varied_image_pairs(shape):
     batches = cached_batches(shape, seed=0)
     assert batches.shape == (2, 2, 2, *shape, 1) and batches.dtype == np.float32
-    assert np.isfinite(batches).all() and batches.min() >= 0
+    assert np.isfinite(batches).all()
+    # min-max normalised per image (all 0 if the background fills it and is zeroed); gamma keeps 0 and 1
+    spatial = tuple(range(3, batches.ndim))
+    np.testing.assert_allclose(batches.min(axis=spatial), 0, atol=1e-6)
+    assert set(np.round(batches.max(axis=spatial), 5).ravel()) <= {0, 1}
     first = batches[0]
     assert not np.array_equal(first[0], first[1])            # the two views differ
     assert not np.array_equal(first[:, 0], first[:, 1])      # so do the samples of a batch
@@ -36,6 +40,27 @@ def test_same_seed_same_batches():
     batches = cached_batches((32, 32), seed=0)
     np.testing.assert_array_equal(first_batches((32, 32), seed=0), batches)
     assert np.abs(first_batches((32, 32), seed=1) - batches).mean() > 0.05
+
+
+def test_no_seed_differs_every_time():
+    assert np.abs(first_batches((32, 32), seed=None, count=1) - first_batches((32, 32), seed=None, count=1)).mean() > 0.05
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_batches_do_not_depend_on_parallelism(threads):
+    """The stream (parallel map) equals batches made one by one, however many threads make them."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    stream = contrast_pairs((32, 32), 2, seed=0).with_options(options).take(3)
+    synth = tf.function(ShapesSynth((32, 32), seed=0))
+    for index, pair in enumerate(stream):
+        for streamed, alone in zip(pair, synth(tf.constant(index, tf.int64), 2)[1:]):
+            np.testing.assert_allclose(streamed.numpy(), alone.numpy(), atol=1e-6)
+
+
+def test_stream_starts_at_any_batch():
+    batches = cached_batches((32, 32), seed=0)
+    np.testing.assert_array_equal(first_batches((32, 32), seed=0, count=1, start=1), batches[1:2])
 
 
 def r_squared(image, labels):
@@ -56,7 +81,7 @@ def reversed_orders(x1, x2, labels):
 
 @pytest.mark.parametrize("shape", [(32, 32), (16, 16, 16)], ids=["2d", "3d"])
 def test_views_share_anatomy_in_different_contrasts(shape):
-    labels, x1, x2 = (x.numpy() for x in ShapesSynth(shape, seed=0, **FINE)(3))
+    labels, x1, x2 = (x.numpy() for x in ShapesSynth(shape, seed=0, **FINE)(0, 3))
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 16
     for b in range(3):
         other = labels[(b + 1) % 3]
@@ -70,7 +95,7 @@ def test_views_share_anatomy_in_different_contrasts(shape):
 
 def test_warp_deforms_the_label_map():
     def label_map(warp_std):
-        return tf.function(ShapesSynth((32, 32), seed=0, warp_std=warp_std, **FINE).label_map)().numpy()
+        return ShapesSynth((32, 32), seed=0, warp_std=warp_std, **FINE).label_map(batch_key(0, 0, 0), 2).numpy()
 
     straight = label_map(0)
     np.testing.assert_array_equal(label_map(0), straight)
@@ -88,15 +113,48 @@ def test_warp_deforms_the_label_map():
     (dict(shape=(32, 32), warp_scales=(8, 2.5)), "warp_scales must be positive integers, got (8, 2.5)"),
     (dict(shape=(32, 32), label_std=-1), "label_std must be a non-negative number, got -1"),
     (dict(shape=(32, 32), warp_std="2"), "warp_std must be a non-negative number, got '2'"),
-    (dict(shape=(32, 32), one_hot=True), "ShapesSynth sets ['one_hot'] itself"),
-    (dict(shape=(32, 32), seeds={}, in_shape=(8, 8)), "ShapesSynth sets ['in_shape', 'seeds'] itself"),
+    (dict(shape=(32, 32), one_hot=True), "ShapesSynth does not take ['one_hot']"),
+    (dict(shape=(32, 32), seeds={}, in_shape=(8, 8)), "ShapesSynth does not take ['in_shape', 'seeds']"),
+    (dict(shape=(32, 32), seed=1.5), "seed must be an integer or None, got 1.5"),
 ])
 def test_bad_synth_arguments_raise(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         ShapesSynth(**kwargs)
 
 
-@pytest.mark.parametrize("batch_size", [0, 2.0, True])
-def test_bad_batch_size_raises(batch_size):
-    with pytest.raises(ValueError, match=re.escape(f"batch_size must be a positive integer, got {batch_size!r}")):
-        contrast_pairs((32, 32), batch_size)
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(batch_size=2.0), "batch_size must be an integer >= 1, got 2.0"),
+    (dict(batch_size=True), "batch_size must be an integer >= 1, got True"),
+    (dict(batch_size=2, start=-1), "start must be an integer >= 0, got -1"),
+])
+def test_bad_stream_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        contrast_pairs((32, 32), **kwargs)
+
+
+@pytest.mark.parametrize("sigmas, width", [((0.7, 1.3), 7), ((2.0, 0.5, 1.0), 13), ((1e-3, 1.0), 7)])
+def test_gaussian_kernels_match_the_formula_and_neurite(sigmas, width):
+    import neurite as ne
+    from cifl_tf.synth import _gaussian_kernels
+
+    kernels = _gaussian_kernels(tf.constant(sigmas), width)
+    taps = np.arange(width) - (width - 1) / 2
+    theirs = ne.utils.gaussian_kernel(list(sigmas), [width] * len(sigmas), separate=True)
+    for kernel, their, sigma in zip(kernels, theirs, sigmas):
+        expected = np.exp(-taps ** 2 / (2 * sigma ** 2))
+        np.testing.assert_allclose(kernel, expected / expected.sum(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(kernel, their, rtol=1e-5, atol=1e-7)
+
+
+def test_perlin_noise_scales_and_sds():
+    from cifl_tf.synth import _perlin
+
+    key = batch_key(0, 0, 0)
+    fine = _perlin(key, 3, (64, 64, 2), (1,), 0.5, 0.5).numpy()  # full resolution, SD fixed at 0.5
+    assert fine.shape == (3, 64, 64, 2)
+    np.testing.assert_allclose(fine.std(axis=(1, 2)), 0.5, rtol=0.05)
+    coarse = _perlin(key, 3, (32, 32, 2), (32,), 0, 1).numpy()  # one draw per sample and channel, upsampled
+    np.testing.assert_allclose(coarse, np.broadcast_to(coarse[:, :1, :1], coarse.shape), atol=1e-6)
+    modulated = _perlin(key, 64, (16, 16, 1), (1,), 0, 2).numpy().std(axis=(1, 2, 3))  # per-sample SD ~ U(0, 2)
+    assert modulated.min() < 0.3 and 1.7 < modulated.max() < 2.2

@@ -44,6 +44,17 @@ def test_offset_views_align_exactly(shape, max_offset):
     assert len(set(shifts)) > 1 or max_offset == 0
 
 
+def test_offset_origins_are_a_function_of_seed_and_batch():
+    pairs = tf.data.Dataset.from_tensors((np.zeros((1, 20, 20, 1), np.float32),) * 2).repeat()
+
+    def shifts(seed, start=0, count=8):
+        return [tuple(shift[0].numpy()) for (_, _, shift), in offset_views(pairs, (12, 12), 8, seed, start).take(count)]
+
+    assert shifts(0, start=3, count=5) == shifts(0)[3:]
+    assert shifts(0) != shifts(1)
+    assert shifts(None) != shifts(None)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A short run: 2 epochs of 10 steps on 32x32 pairs. Returns (encoder, run folder)."""

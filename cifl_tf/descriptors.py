@@ -1,0 +1,135 @@
+"""Hand-made modality independent descriptors, as Keras layers that stand wherever an encoder does.
+
+MIND, the modality independent neighbourhood descriptor (Heinrich et al., "MIND: Modality independent
+neighbourhood descriptor for multi-modal deformable registration", Medical Image Analysis 16(7), 2012),
+and its self-similarity context variant MIND-SSC (Heinrich et al., "Towards realtime multimodal fusion for
+image-guided interventions using self-similarities", MICCAI 2013). Both compare small patches of one image
+with each other, so they describe local structure whatever the contrast:
+
+    D_p(I, x + a, x + b) = sum_p G_sigma(p) (I(x + a + p) - I(x + b + p))^2     Gaussian-weighted patch SSD
+    V(I, x)              = mean over the K pairs (a, b) of D_p(I, x + a, x + b)  local variance estimate
+    MIND(I, x, k)        = exp(-D_p(I, x + a_k, x + b_k) / V(I, x)) / n(x)       n(x): the max over k
+
+* MIND (2012): pairs (0, r) for r in the six-neighbourhood N (the four-neighbourhood in 2D), the search
+  region the paper recommends; K = 2 ndim channels.
+* MIND-SSC (2013): pairs (a, b) of neighbours in N at distance sqrt(2) of each other (never the centre
+  itself); K = 12 in 3D, and the 2D analogue K = 4.
+
+The neighbours lie `dilation` pixels from the centre (1 in MIND 2012; Heinrich's SSC code uses 2). The patch
+weights G_sigma are a normalised Gaussian of SD `sigma` (0.5 in MIND 2012) truncated at radius ceil(3 sigma).
+As in Heinrich's public MIND-SSC code, V is clipped to [1e-3, 1e3] times its mean over the image, so that
+flat regions (V -> 0) do not turn noise into structure; an all-constant image gives MIND = 1 everywhere.
+Images are extended beyond their border by mirror symmetry (edge pixels repeated).
+
+Channel k belongs to the k-th pair of ``MIND.pairs``: neighbours ordered -axis0, +axis0, -axis1, +axis1,
+..., and SSC pairs (N[i], N[j]) for i < j in that order.
+"""
+import itertools
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from .encoder import L2Normalize
+
+KL = tf.keras.layers
+
+VARIANTS = ("mind", "ssc")
+_VARIANCE_CLIP = 1e3  # V is kept within [mean / clip, mean * clip], as in Heinrich's MIND-SSC code
+
+
+def _neighbours(ndim):
+    """The 2 ndim unit offsets of the six-neighbourhood (four in 2D): -axis0, +axis0, -axis1, ..."""
+    return [tuple(sign * (axis == i) for i in range(ndim)) for axis in range(ndim) for sign in (-1, 1)]
+
+
+def descriptor_pairs(ndim, variant, dilation=1):
+    """The K offset pairs (a, b) compared by the descriptor, each a tuple of ndim pixel offsets."""
+    neighbours = [tuple(dilation * n for n in offset) for offset in _neighbours(ndim)]
+    if variant == "mind":
+        return [((0,) * ndim, r) for r in neighbours]
+    return [(a, b) for a, b in itertools.combinations(neighbours, 2)
+            if sum((i - j) ** 2 for i, j in zip(a, b)) == 2 * dilation ** 2]
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class MIND(KL.Layer):
+    """MIND or MIND-SSC descriptor (see the module doc), a Keras layer without weights.
+
+    Args:
+        ndim: 2 (images (B, H, W, 1)) or 3 (volumes (B, D, H, W, 1)).
+        variant: "mind" (Heinrich 2012, K = 2 ndim) or "ssc" (MIND-SSC, Heinrich 2013, K = 4 in 2D, 12 in 3D).
+        sigma: SD in pixels of the Gaussian patch weights.
+        dilation: distance in pixels of the compared neighbours from the centre.
+        l2_normalize: put each pixel's K-vector on the unit sphere, as CIFL encoders do (default). Then dot
+            products are cosines and MSE is 2 - 2 cos, so matching and registration treat MIND and the
+            encoders alike; False keeps the paper's normalisation (max over the K channels = 1).
+
+    Call: (B, *spatial, 1) -> (B, *spatial, K) float32 in (0, 1]; K is ``channels``. ``ndim`` and ``channels``
+    give it the interface of CIFLEncoder, so models take it as their ``encoder``.
+    """
+
+    def __init__(self, ndim=2, variant="mind", sigma=0.5, dilation=1, l2_normalize=True, **kwargs):
+        super().__init__(**kwargs)
+        if ndim not in (2, 3) or isinstance(ndim, bool):
+            raise ValueError(f"MIND: ndim must be 2 or 3, got {ndim!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"MIND: variant must be one of {VARIANTS}, got {variant!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise ValueError(f"MIND: sigma must be a positive number, got {sigma!r}")
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"MIND: dilation must be a positive integer, got {dilation!r}")
+        if not isinstance(l2_normalize, bool):
+            raise TypeError(f"MIND: l2_normalize must be True or False, got {l2_normalize!r}")
+        self.ndim, self.variant, self.sigma, self.dilation = ndim, variant, float(sigma), dilation
+        self.l2_normalize = l2_normalize
+        self.pairs = descriptor_pairs(ndim, variant, dilation)
+        self.channels = len(self.pairs)
+        self.patch_radius = math.ceil(3 * self.sigma)
+        self.normalize = L2Normalize(name="l2_normalize") if l2_normalize else None
+
+    def build(self, input_shape):
+        if len(input_shape) != self.ndim + 2 or input_shape[-1] != 1:
+            raise ValueError(f"MIND(ndim={self.ndim}) expects single-channel inputs of rank {self.ndim + 2} "
+                             f"(batch, spatial..., 1), got shape {tuple(input_shape)}")
+        super().build(input_shape)
+
+    def _differences_kernel(self):
+        """(2 dilation + 1,) * ndim + (1, K): +1 at a_k and -1 at b_k, i.e. I(x + a_k) - I(x + b_k)."""
+        kernel = np.zeros((2 * self.dilation + 1,) * self.ndim + (1, self.channels), np.float32)
+        for k, (a, b) in enumerate(self.pairs):
+            kernel[tuple(self.dilation + i for i in a) + (0, k)] += 1
+            kernel[tuple(self.dilation + i for i in b) + (0, k)] -= 1
+        return kernel
+
+    def _patch_kernels(self):
+        """One 1D Gaussian per axis, each applied to every channel separately: (..., K, K) kernels."""
+        taps = np.arange(-self.patch_radius, self.patch_radius + 1)
+        gauss = np.exp(-taps ** 2 / (2 * self.sigma ** 2))
+        gauss /= gauss.sum()
+        identity = np.eye(self.channels, dtype=np.float32)
+        return [(gauss.reshape([-1 if i == axis else 1 for i in range(self.ndim)])[..., None, None]
+                 * identity).astype(np.float32) for axis in range(self.ndim)]
+
+    def call(self, images):
+        margin = self.dilation + self.patch_radius
+        padded = tf.pad(tf.cast(images, tf.float32), [[0, 0]] + [[margin, margin]] * self.ndim + [[0, 0]],
+                        mode="SYMMETRIC")
+        distances = tf.square(tf.nn.convolution(padded, self._differences_kernel(), padding="VALID"))
+        for kernel in self._patch_kernels():  # separable Gaussian: the weighted patch sums D_p
+            distances = tf.nn.convolution(distances, kernel, padding="VALID")
+        variance = tf.reduce_mean(distances, axis=-1, keepdims=True)
+        image_mean = tf.reduce_mean(variance, axis=list(range(1, self.ndim + 1)), keepdims=True)
+        variance = tf.clip_by_value(variance, image_mean / _VARIANCE_CLIP, image_mean * _VARIANCE_CLIP)
+        # exp(-(D - min D) / V) is exp(-D / V) divided by its max over k, without underflow; 0 / 0 (an
+        # all-constant image) gives exp(0) = 1.
+        descriptor = tf.exp(-tf.math.divide_no_nan(distances - tf.reduce_min(distances, -1, keepdims=True),
+                                                   variance))
+        return descriptor if self.normalize is None else self.normalize(descriptor)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
+
+    def get_config(self):
+        return {**super().get_config(), "ndim": self.ndim, "variant": self.variant, "sigma": self.sigma,
+                "dilation": self.dilation, "l2_normalize": self.l2_normalize}

@@ -1,0 +1,312 @@
+"""Registration of one image pair without training a network: instance optimisation.
+
+As ``vxm.networks.InstanceDense`` does, the trainable weights of a small Keras model are a stationary
+velocity field, integrated by ``VecInt`` (scaling and squaring: diffeomorphic) and applied by
+``SpatialTransformer`` (voxelmorph's layers, batched: ``cifl_tf.transform``); ``model.fit`` minimises
+
+    similarity(features of fixed, moved features of moving) + reg_weight * vxm.losses.Grad('l2')(velocity)
+
+coarse to fine: at each level the features are average-pooled by the level's factor and the velocity
+field of the previous level is upsampled to start from. With ``affine=True`` an affine transform
+(``AffineMatrix``) is fitted first on the coarsest grid, and the deformation is composed with it.
+
+Features are those of a CIFL encoder, of a descriptor layer such as MIND, or the intensities. By default
+(``moved_features="warped"``) they are computed once per image, tile by tile (``cifl_tf.tiling``), pooled
+for each level, and the moved features are the moving features warped. ``"encoded"`` instead warps the
+moving image and encodes it again in every step, at each level's resolution. On the 2D case of
+``bench/moved_features.py`` "encoded" gave a better Dice (0.63 vs 0.58) in 1.2x the time, but in 3D an
+encoder pass per step (about 1 TFLOP forward and backward on a 80x96x112 grid) is far beyond the
+2-minute budget and cannot be tiled, so "warped" is the default.
+"""
+import numpy as np
+import tensorflow as tf
+
+import neurite as ne
+import voxelmorph as vxm
+
+from . import models, tiling, transform
+from .encoder import pretrained
+
+KL = tf.keras.layers
+
+SIMILARITIES = ("mse", "ncc", "mi")
+# Smoothness weights for images and features in [0, 1]: voxelmorph's recommendation for NCC and MSE
+# (1, 0.01); for MI, the weight that registered best on the 2D phantoms of tests/test_instance.py.
+REG_WEIGHTS = {"ncc": 1.0, "mse": 0.01, "mi": 0.01}
+MOVED_FEATURES = ("warped", "encoded")
+MI_BINS = 16
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class VelocityField(KL.Layer):
+    """A trainable stationary velocity field, the same for every batch item.
+
+    Args:
+        shape: (*grid, ndim): the field's grid and its vectors, in voxels of that grid ('ij' indexing).
+
+    Call: any tensor (B, ...) -> (B, *grid, ndim), the field (the input gives only the batch size).
+    """
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(**kwargs)
+        self.shape = tuple(int(s) for s in shape)
+        self.velocity = self.add_weight(name="velocity", shape=self.shape, initializer="zeros")
+
+    def call(self, inputs):
+        return tf.broadcast_to(self.velocity, (tf.shape(inputs)[0], *self.shape))
+
+    def get_config(self):
+        return {**super().get_config(), "shape": list(self.shape)}
+
+
+def instance_model(grid, channels, int_steps=5, encoder=None):
+    """The model one level of register_pair fits (voxelmorph's InstanceDense without its downsampling).
+
+    Args:
+        grid: the level's spatial shape.
+        channels: F, channels of the image or features that are warped.
+        int_steps: scaling-and-squaring steps of vxm.layers.VecInt.
+        encoder: None, or a layer applied to the moved image (moved_features="encoded").
+
+    Call: moving (B, *grid, F) -> [moved (B, *grid, F or C), velocity (B, *grid, ndim)]. The
+    displacement is the velocity integrated by the layer "integrate" (see displacement()).
+    """
+    grid = tuple(grid)
+    moving = tf.keras.Input((*grid, channels), name="moving")
+    velocity = VelocityField((*grid, len(grid)), name="velocity")(moving)
+    displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate")(velocity)
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, displacement])
+    if encoder is not None:
+        moved = encoder(moved)
+    return tf.keras.Model(moving, [moved, velocity], name="cifl_instance")
+
+
+def displacement(model):
+    """(*grid, ndim) float32: an instance_model's velocity field integrated, in voxels of its grid."""
+    velocity = model.get_layer("velocity").velocity[tf.newaxis]
+    return model.get_layer("integrate")(velocity)[0].numpy()
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class AffineMatrix(KL.Layer):
+    """A trainable affine transform of a grid, for vxm.layers.SpatialTransformer (centred coordinates).
+
+    The weights (ndim, ndim + 1) are the displacements in voxels that the transform adds at the grid's
+    border along each axis (the linear part, each column divided by the grid's half extent along its
+    axis) and everywhere (the translation), so that an optimiser step moves voxels by similar amounts on
+    any grid. Zeros: the identity.
+
+    Args:
+        grid: the spatial shape the transform applies to.
+
+    Call: any tensor (B, ...) -> (B, ndim, ndim + 1) matrices, the same for every batch item.
+    """
+
+    def __init__(self, grid, **kwargs):
+        super().__init__(**kwargs)
+        self.grid = tuple(int(n) for n in grid)
+        ndim = len(self.grid)
+        self.shifts = self.add_weight(name="shifts", shape=(ndim, ndim + 1), initializer="zeros")
+        self._scale = np.array([max((n - 1) / 2, 1) for n in self.grid] + [1], np.float32)
+
+    def call(self, inputs):
+        ndim = len(self.grid)
+        matrix = np.eye(ndim, ndim + 1, dtype=np.float32) + self.shifts / self._scale
+        return tf.broadcast_to(matrix, (tf.shape(inputs)[0], ndim, ndim + 1))
+
+    def get_config(self):
+        return {**super().get_config(), "grid": list(self.grid)}
+
+
+def affine_model(grid, channels, encoder=None):
+    """The model of register_pair's affine stage: moving (B, *grid, F) -> moved (B, *grid, F or C)."""
+    moving = tf.keras.Input((*tuple(grid), channels), name="moving")
+    matrix = AffineMatrix(grid, name="affine")(moving)
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, matrix])
+    return tf.keras.Model(moving, moved if encoder is None else encoder(moved), name="cifl_affine")
+
+
+def affine_displacement(matrix, factor, shape):
+    """The full-resolution displacement (*shape, ndim) of an affine matrix fitted on the grid pooled by `factor`.
+
+    SpatialTransformer maps a grid point x to A (x - m) + t + m (m: the grid's centre). A coarse point x_c
+    is the full-resolution point s x_c + c0; so, about the full grid's centre m_f, the transform is
+    A u + s t + (I - A)(p - m_f), where p is the coarse grid's centre in full-resolution coordinates.
+    """
+    matrix = np.asarray(matrix, np.float32)
+    linear = matrix[:, :-1]
+    offset = np.array([(_centres(n, factor)[0] + _centres(n, factor)[-1] - (n - 1)) / 2 for n in shape], np.float32)
+    translation = factor * matrix[:, -1] + (np.eye(len(shape)) - linear) @ offset
+    full = np.concatenate([linear, translation[:, np.newaxis]], axis=1).astype(np.float32)
+    return vxm.utils.affine_to_dense_shift(full, shape, shift_center=True).numpy()
+
+
+def _fit(model, source, targets, steps, verbose):
+    """model.fit for `steps` optimisation steps on one (source, targets) pair, in one call."""
+    if verbose:
+        print(f"{model.name}: grid {'x'.join(map(str, source.shape[:-1]))}")
+    pair = (source[np.newaxis], tuple(target[np.newaxis] for target in targets))
+    model.fit(tf.data.Dataset.from_tensors(pair).repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+
+
+def _similarity_loss(similarity):
+    if similarity == "ncc":
+        return vxm.losses.NCC().loss
+    if similarity == "mi":  # neurite's default bins, with the soft-bin width it would print if not given
+        return vxm.losses.MutualInformation(nb_bins=MI_BINS, soft_bin_alpha=2 * (MI_BINS - 1) ** 2).loss
+    return vxm.losses.MSE().loss
+
+
+def _pool(image, factor):
+    """(*shape, F) -> (*ceil(shape / factor), F): means over factor^ndim blocks ('SAME' padding)."""
+    return tf.nn.avg_pool(image[np.newaxis], factor, factor, "SAME")[0].numpy()
+
+
+def _centres(size, factor):
+    """Full-resolution coordinates of the voxel centres of a grid pooled by `factor` ('SAME' padding)."""
+    count = -(-size // factor)
+    return factor * np.arange(count) + (factor - 1) / 2 - (count * factor - size) // 2
+
+
+def resample_field(field, factor, to_factor, shape):
+    """A vector field on the grid pooled by `factor` resampled onto the grid pooled by `to_factor`.
+
+    Args:
+        field: (*grid, ndim) vectors in voxels of its grid.
+        factor, to_factor: pooling factors of both grids, relative to the full-resolution `shape`.
+        shape: the full-resolution spatial shape.
+
+    Returns: (*to_grid, ndim) float32 in voxels of the new grid (linear interpolation, border clamped).
+    """
+    axes = [(_centres(n, to_factor) - _centres(n, factor)[0]) / factor for n in shape]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)
+    resampled = ne.utils.interpn(tf.constant(field, tf.float32), tf.constant(points))
+    return (resampled * factor / to_factor).numpy()
+
+
+def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weight=None, levels=(4, 2, 1),
+                  steps=100, learning_rate=0.1, int_steps=5, affine=False, moved_features="warped",
+                  max_memory=tiling.DEFAULT_MAX_MEMORY, verbose=1):
+    """The displacement that registers `moving` to `fixed`, by instance optimisation (no training).
+
+    Args:
+        moving, fixed: (*spatial) arrays of one shape, 2D or 3D, finite, intensities in [0, 1].
+        encoder: "pretrained" (the shipped encoder of the images' ndim; 2D only for now), a
+            Keras layer (B, *spatial, 1) -> (B, *spatial, C) with ``ndim`` and ``channels``
+            attributes (a CIFLEncoder, a MIND descriptor), or None for the intensities.
+        similarity: "mse", "ncc" (local 9^ndim windows) or "mi" (mutual information, intensities
+            only); default "ncc" for intensities, "mse" for features.
+        reg_weight: weight of the smoothness term; default REG_WEIGHTS[similarity].
+        levels: pooling factors, coarse to fine, e.g. (4, 2, 1); the displacement of the last is
+            upsampled to full resolution.
+        steps: optimisation steps per level (one ``fit`` call each).
+        learning_rate: of Adam, in voxels of the level's grid per step.
+        int_steps: scaling-and-squaring steps of the velocity integration.
+        affine: first fit an affine transform (`steps` steps on the coarsest level's grid); the
+            deformable levels then start from the affinely moved image.
+        moved_features: "warped" (warp the moving features) or "encoded" (encode the moved image).
+        max_memory: bytes per tile of encoder inference (tiling.tiled_features).
+        verbose: 1 shows a progress bar per level, 0 nothing.
+
+    Returns: (*spatial, ndim) float32 displacement in voxels: moved(x) = moving(x + displacement(x)),
+    as ``cifl_tf.models.warp`` applies it.
+    """
+    moving, fixed = _check_images(moving, fixed)
+    encoder = _check_encoder(encoder, moving.ndim)
+    similarity = _check_similarity(similarity, encoder)
+    reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
+    if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
+        raise ValueError(f"register_pair: reg_weight must be a non-negative number, got {reg_weight!r}")
+    levels = _check_levels(levels)
+    for name, value in (("steps", steps), ("int_steps", int_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise ValueError(f"register_pair: learning_rate must be a positive number, got {learning_rate!r}")
+    if not isinstance(affine, bool):
+        raise TypeError(f"register_pair: affine must be True or False, got {affine!r}")
+    if moved_features not in MOVED_FEATURES:
+        raise ValueError(f"register_pair: moved_features must be one of {MOVED_FEATURES}, got {moved_features!r}")
+
+    encoded = encoder is not None and moved_features == "encoded"
+    if encoder is None or encoded:
+        sources, targets = moving[..., np.newaxis], fixed[..., np.newaxis]
+    else:
+        sources, targets = (tiling.tiled_features(encoder, image, max_memory) for image in (moving, fixed))
+    shape, ndim = moving.shape, moving.ndim
+    after = encoder if encoded else None
+    similarity_loss = _similarity_loss(similarity)
+    if affine:
+        source, target = _pool(sources, levels[0]), _pool(targets, levels[0])
+        model = affine_model(source.shape[:-1], source.shape[-1], after)
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate), loss=similarity_loss)
+        _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
+        initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
+        sources = models.warp(sources[np.newaxis], initial[np.newaxis])[0]
+    velocity, previous = None, None
+    for factor in levels:
+        source, target = _pool(sources, factor), _pool(targets, factor)
+        if encoded:
+            target = encoder(target[np.newaxis]).numpy()[0]
+        model = instance_model(source.shape[:-1], source.shape[-1], int_steps, after)
+        if velocity is not None:
+            model.get_layer("velocity").set_weights([resample_field(velocity, previous, factor, shape)])
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
+                      loss=[similarity_loss, vxm.losses.Grad("l2").loss], loss_weights=[1, reg_weight])
+        _fit(model, source, [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
+        velocity, previous = model.get_layer("velocity").get_weights()[0], factor
+    field = displacement(model)
+    field = field if previous == 1 else resample_field(field, previous, 1, shape)
+    # moving(x + field(x) + initial(x + field(x))): the affine applied first, then the deformation
+    return field + models.warp(initial[np.newaxis], field[np.newaxis])[0] if affine else field
+
+
+def _check_images(moving, fixed):
+    arrays = []
+    for name, image in (("moving", moving), ("fixed", fixed)):
+        image = np.asarray(image, np.float32)
+        if image.ndim not in (2, 3):
+            raise ValueError(f"register_pair: {name} must be a 2D or 3D array (*spatial), got shape {image.shape}")
+        if not np.isfinite(image).all():
+            raise ValueError(f"register_pair: {name} holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError(f"register_pair: {name} intensities must lie in [0, 1] (data.normalize), got "
+                             f"[{image.min():g}, {image.max():g}]")
+        arrays.append(image)
+    if arrays[0].shape != arrays[1].shape:
+        raise ValueError(f"register_pair: moving {arrays[0].shape} and fixed {arrays[1].shape} differ in shape")
+    return arrays
+
+
+def _check_encoder(encoder, ndim):
+    if isinstance(encoder, str) and encoder == "pretrained":
+        if ndim != 2:
+            raise ValueError(f"register_pair: no pretrained {ndim}D encoder ships yet; pass encoder=None "
+                             f"(intensities), a descriptor such as MIND, or a {ndim}D CIFLEncoder")
+        return pretrained()
+    if encoder is None:
+        return None
+    tiling.check_layer(encoder)
+    if encoder.ndim != ndim:
+        raise ValueError(f"register_pair: encoder {encoder.name} is {encoder.ndim}D but the images are {ndim}D")
+    encoder.trainable = False
+    return encoder
+
+
+def _check_similarity(similarity, encoder):
+    if similarity is None:
+        return "ncc" if encoder is None else "mse"
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"register_pair: similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if similarity == "mi" and encoder is not None:
+        raise ValueError("register_pair: similarity 'mi' compares intensities; use it with encoder=None")
+    return similarity
+
+
+def _check_levels(levels):
+    levels = tuple(levels) if isinstance(levels, (list, tuple)) else (levels,)
+    if not levels or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1 for f in levels) \
+            or list(levels) != sorted(set(levels), reverse=True):
+        raise ValueError(f"register_pair: levels must be decreasing positive integer pooling factors such as "
+                         f"(4, 2, 1), got {levels!r}")
+    return tuple(int(f) for f in levels)

@@ -1,0 +1,100 @@
+"""`cifl register` without --model (instance optimisation), resampling onto the fixed grid, `features --max-memory`."""
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import cifl_tf
+from cifl_tf import cli, data, metrics, models
+from conftest import phantom_image, phantom_labels, write_nifti
+from test_cli import run
+
+FIXED_AFFINE = np.array([[0, 0, -1.5, 80], [2, 0, 0, -90], [0, 1, 0, 40], [0, 0, 0, 1]], float)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """fixed.nii.gz (32 x 32 x 1 slice) and moving.nii.gz: the same anatomy shifted 2 pixels along axis 0,
+    in twice the voxel size along axis 1 (32 x 16 x 1), with its own affine."""
+    rng = np.random.default_rng(0)
+    labels = phantom_labels((36, 32), rng)
+    image = phantom_image(labels, rng)
+    write_nifti(tmp_path / "fixed.nii.gz", image[2:34, :, None], FIXED_AFFINE)
+    moving_affine = FIXED_AFFINE @ np.diag([1.0, 2.0, 1.0, 1.0])
+    write_nifti(tmp_path / "moving.nii.gz", image[4:36, ::2, None], moving_affine)  # 2 rows on, every 2nd column
+    return tmp_path
+
+
+def test_moving_is_resampled_onto_the_fixed_grid(pair):
+    moving, fixed, affine, header = cli._on_fixed_grid(pair / "moving.nii.gz", pair / "fixed.nii.gz")
+    assert moving.shape == fixed.shape == (32, 32)
+    np.testing.assert_array_equal(affine, FIXED_AFFINE)
+    assert header.get_data_shape() == (32, 32, 1)
+    # Same world positions: on the columns both grids share, the fixed anatomy 2 rows further on.
+    np.testing.assert_allclose(moving[:-2, ::2], fixed[2:, ::2], atol=1e-6)
+
+
+def register(pair, capsys, *options):
+    """Runs `cifl register --intensity ncc` on the pair; returns (status, stdout, displacement)."""
+    status, stdout, _ = run(capsys, "register", "--moving", pair / "moving.nii.gz", "--fixed", pair / "fixed.nii.gz",
+                            "--moved", pair / "moved.nii.gz", "--warp", pair / "warp.nii.gz", "--intensity", "ncc",
+                            *options)
+    return status, stdout, data.load_nifti(pair / "warp.nii.gz")[0] if status == 0 else None
+
+
+def test_register_without_a_model_writes_on_the_fixed_grid(pair, capsys):
+    status, stdout, displacement = register(pair, capsys, "--levels", "1", "--steps", 2)
+    assert status == 0 and "moved image written" in stdout and "folded voxels: 0.000%" in stdout
+    moved, warp = nib.load(pair / "moved.nii.gz"), nib.load(pair / "warp.nii.gz")
+    fixed = nib.load(pair / "fixed.nii.gz")
+    assert moved.shape == fixed.shape and displacement.shape == (32, 32, 2)
+    for image in (moved, warp):
+        np.testing.assert_array_equal(image.affine, fixed.affine)
+    assert moved.header.get_xyzt_units() == fixed.header.get_xyzt_units()
+    moving, _, _, _ = cli._on_fixed_grid(pair / "moving.nii.gz", pair / "fixed.nii.gz")
+    expected = models.warp(moving[None, ..., None], displacement[None])[0, ..., 0]
+    np.testing.assert_allclose(np.asarray(moved.dataobj)[..., 0], expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_register_without_a_model_undoes_the_shift(pair, capsys):
+    status, _, displacement = register(pair, capsys, "--levels", "2,1", "--steps", 30)
+    inside = np.asarray(nib.load(pair / "fixed.nii.gz").dataobj)[..., 0] > 0
+    assert status == 0 and metrics.folding_fraction(displacement) == 0
+    assert np.median(displacement[inside][:, 0]) < -1  # the moving anatomy lies 2 rows further on
+
+
+def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, capsys):
+    status, _, _ = run(capsys, "features", pair / "fixed.nii.gz", pair / "f.nii.gz", "--pretrained", "0.1",
+                       "--max-memory", "300K")
+    features, _, _ = data.load_nifti(pair / "f.nii.gz")
+    image, _, _ = data.load_nifti(pair / "fixed.nii.gz")
+    expected = cifl_tf.pretrained(0.1)(data.normalize(image)[None, ..., None])[0]
+    assert status == 0
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--moving", "VOLUME", "--fixed", "VOLUME"], r"no pretrained 3D encoder ships yet"),
+    (["--moving", "VOLUME", "--fixed", "VOLUME", "--pretrained", "0.1"], r"encoder .* is 2D but the images are 3D"),
+    (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
+    (["--intensity", "ncc", "--steps", "0"], r"steps must be a positive integer, got 0"),
+    (["--intensity", "ncc", "--levels", "1,2"], r"levels must be decreasing positive integer pooling factors"),
+    (["--model", "MISSING", "--affine", None], r"--affine is a stage of instance optimisation"),
+    (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
+    (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),
+])
+def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, capsys, argv, message):
+    write_nifti(pair / "volume.nii.gz", np.ones((8, 8, 8), np.float32))
+    (pair / "out").mkdir()
+    names = {"VOLUME": pair / "volume.nii.gz", "MISSING": pair / "missing.nii.gz",
+             "NOFOLDER": pair / "nowhere" / "moved.nii.gz"}
+    options = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz",
+               "--moved": pair / "out" / "moved.nii.gz", "--warp": pair / "out" / "warp.nii.gz"}
+    options.update(zip(argv[::2], [names.get(value, value) for value in argv[1::2]]))
+    status, _, err = run(capsys, "register", *[item for option in options.items() for item in option
+                                               if item is not None])  # None: the option is a flag
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("cifl register: error: ") and re.search(message, err), err
+    assert list((pair / "out").iterdir()) == []

@@ -1,0 +1,181 @@
+"""register_pair: instance optimisation recovers known smooth warps, in 2D and 3D, with every kind of features."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cifl_tf
+import voxelmorph as vxm
+from cifl_tf import instance, metrics, models
+from conftest import phantom_image, phantom_labels
+
+T2_MEANS = (0.0, 0.5, 0.45, 0.3, 0.9)  # CSF bright, as in the IXI fixture
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf_tests")
+class EdgeDescriptor(tf.keras.layers.Layer):
+    """A weightless descriptor like MIND: |forward differences| along each axis, l2-normalised (K = ndim)."""
+
+    def __init__(self, ndim=2, **kwargs):
+        super().__init__(**kwargs)
+        self.ndim, self.channels = ndim, ndim
+
+    def call(self, images):
+        padded = tf.pad(images, [[0, 0]] + [[1, 1]] * self.ndim + [[0, 0]], mode="SYMMETRIC")
+
+        def shifted(axis, offset):  # the image moved by offset pixels along axis
+            return padded[(slice(None),) + tuple(slice(1 + offset * (a == axis), 1 + offset * (a == axis) + n)
+                                                 for a, n in enumerate(images.shape[1:-1]))]
+
+        edges = [tf.abs(shifted(axis, 1) - shifted(axis, -1)) for axis in range(self.ndim)]
+        return tf.math.l2_normalize(tf.concat(edges, -1) + 1e-3, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "ndim": self.ndim}
+
+
+def warped_pair(shape, seed=0, std=1.5):
+    """(moving image, fixed T1, fixed T2-like, moving labels, fixed labels): the moving anatomy is the
+    fixed one under a smooth random deformation of about `std` pixels."""
+    rng = np.random.default_rng(seed)
+    labels = phantom_labels(shape, rng)
+    t1 = np.clip(phantom_image(labels, rng) / 0.4, 0, 1)
+    t2 = phantom_image(labels, rng, means=T2_MEANS)
+    ndim, factor = len(shape), -(-shape[0] // 3)  # a 3^ndim grid of random vectors, upsampled
+    coarse = rng.normal(0, std / factor, (3,) * ndim + (ndim,)).astype(np.float32)
+    field = instance.resample_field(coarse, factor, 1, shape)
+    moving = models.warp(t1[None, ..., None], field[None])[0, ..., 0]
+    moving_labels = models.warp(labels[None, ..., None].astype(np.float32), field[None], "nearest")[0, ..., 0]
+    return moving, t1, t2, np.rint(moving_labels).astype(int), labels
+
+
+def dice_after(displacement, moving_labels, fixed_labels):
+    moved = models.warp(moving_labels[None, ..., None].astype(np.float32), displacement[None], "nearest")
+    return metrics.mean_dice(np.rint(moved[0, ..., 0]).astype(int), fixed_labels)
+
+
+FAST = dict(steps=40, verbose=0)
+CASES = {  # shape, fixed contrast, encoder, similarity, levels, Dice gain over the identity at least
+    "2d-intensity-ncc": ((32, 32), "t1", None, None, (2, 1), 0.15),
+    "2d-intensity-mi": ((32, 32), "t2", None, "mi", (1,), 0.03),
+    "2d-pretrained-t2": ((64, 64), "t2", "pretrained", None, (1,), 0.05),
+    "2d-descriptor-t2": ((32, 32), "t2", EdgeDescriptor(2), None, (1,), 0.01),
+    "3d-intensity-ncc": ((16, 16, 16), "t1", None, None, (1,), 0.1),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_register_pair_recovers_a_smooth_warp_without_folding(case):
+    shape, contrast, encoder, similarity, levels, gain = CASES[case]
+    moving, t1, t2, moving_labels, fixed_labels = warped_pair(shape)
+    displacement = cifl_tf.register_pair(moving, t1 if contrast == "t1" else t2, encoder, similarity,
+                                         levels=levels, **FAST)
+    assert displacement.shape == (*shape, len(shape)) and displacement.dtype == np.float32
+    before = dice_after(np.zeros_like(displacement), moving_labels, fixed_labels)
+    assert dice_after(displacement, moving_labels, fixed_labels) > before + gain
+    assert metrics.folding_fraction(displacement) == 0
+
+
+def test_moved_features_encoded_and_a_cifl_encoder():
+    moving, t1, _, moving_labels, fixed_labels = warped_pair((32, 32))
+    encoder = cifl_tf.pretrained(0.01)
+    displacement = cifl_tf.register_pair(moving, t1, encoder, moved_features="encoded", levels=(1,), **FAST)
+    before = dice_after(np.zeros_like(displacement), moving_labels, fixed_labels)
+    assert dice_after(displacement, moving_labels, fixed_labels) > before + 0.05
+    assert not encoder.trainable
+
+
+@pytest.mark.parametrize("factor, to_factor, size", [(2, 1, 8), (4, 1, 10), (4, 2, 9), (3, 1, 7)])
+def test_resample_field_is_exact_for_linear_fields_away_from_the_border(factor, to_factor, size):
+    # A displacement linear in full-resolution coordinates, u(x) = 0.3 x + 1 pixels along axis 0 and
+    # -0.2 x along axis 1, expressed in voxels of each pooled grid ('SAME' pooling: centres as below).
+    def centres(f):
+        count = -(-size // f)
+        return f * np.arange(count) + (f - 1) / 2 - (count * f - size) // 2
+
+    def field(f):
+        x, y = np.meshgrid(centres(f), centres(f), indexing="ij")
+        return np.stack([0.3 * x + 1, -0.2 * y], -1) / f
+
+    resampled = instance.resample_field(field(factor).astype(np.float32), factor, to_factor, (size, size))
+    expected = field(to_factor)
+    inside = (centres(to_factor) >= centres(factor)[0]) & (centres(to_factor) <= centres(factor)[-1])
+    assert resampled.shape == expected.shape
+    np.testing.assert_allclose(resampled[inside][:, inside], expected[inside][:, inside], atol=1e-5)
+
+
+def test_instance_model_saves_and_loads(tmp_path):
+    model = instance.instance_model((8, 10), 1, int_steps=3)
+    velocity = np.random.default_rng(0).normal(0, 1, (8, 10, 2)).astype(np.float32)
+    model.get_layer("velocity").set_weights([velocity])
+    model.save(tmp_path / "instance.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "instance.keras", safe_mode=True)
+    image = np.random.default_rng(1).random((1, 8, 10, 1)).astype(np.float32)
+    for a, b in zip(model(image), loaded(image)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(instance.displacement(loaded), instance.displacement(model), atol=1e-6)
+
+
+GOOD = np.full((16, 16), 0.5, np.float32)
+
+
+@pytest.mark.parametrize("moving, fixed, kwargs, error, message", [
+    (GOOD, np.full((16, 18), 0.5), {}, ValueError, r"moving \(16, 16\) and fixed \(16, 18\) differ in shape"),
+    (np.zeros(16), np.zeros(16), {}, ValueError, r"moving must be a 2D or 3D array"),
+    (GOOD, np.where(np.eye(16) > 0, np.nan, 0.5), {}, ValueError, r"fixed holds 16 NaN/Inf values"),
+    (GOOD * 4, GOOD, {}, ValueError, r"moving intensities must lie in \[0, 1\].*got \[2, 2\]"),
+    (np.zeros((8, 8, 8)), np.zeros((8, 8, 8)), {}, ValueError, r"no pretrained 3D encoder ships yet"),
+    (GOOD, GOOD, dict(encoder=EdgeDescriptor(3)), ValueError, r"is 3D but the images are 2D"),
+    (GOOD, GOOD, dict(encoder="mind"), TypeError, r"expected a Keras layer with ndim"),
+    (GOOD, GOOD, dict(similarity="cc"), ValueError, r"similarity must be one of \('mse', 'ncc', 'mi'\)"),
+    (GOOD, GOOD, dict(similarity="mi"), ValueError, r"'mi' compares intensities; use it with encoder=None"),
+    (GOOD, GOOD, dict(levels=(1, 2)), ValueError, r"levels must be decreasing .* got \(1, 2\)"),
+    (GOOD, GOOD, dict(steps=0), ValueError, r"steps must be a positive integer, got 0"),
+    (GOOD, GOOD, dict(reg_weight=-1.0), ValueError, r"reg_weight must be a non-negative number, got -1.0"),
+    (GOOD, GOOD, dict(moved_features="both"), ValueError, r"moved_features must be one of"),
+    (GOOD, GOOD, dict(learning_rate=0), ValueError, r"learning_rate must be a positive number, got 0"),
+    (GOOD, GOOD, dict(affine="yes"), TypeError, r"affine must be True or False, got 'yes'"),
+])
+def test_register_pair_rejects_bad_inputs(moving, fixed, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cifl_tf.register_pair(moving, fixed, **{"verbose": 0, **kwargs})
+
+
+@pytest.mark.parametrize("factor, shape", [(1, (9, 12)), (2, (16, 20)), (4, (18, 13))])
+def test_affine_displacement_maps_coarse_points_as_the_coarse_transform_does(factor, shape):
+    matrix = np.array([[1.05, 0.1, 0.7], [-0.08, 0.95, -1.2]], np.float32)
+    grid = [-(-n // factor) for n in shape]
+    coarse = vxm.utils.affine_to_dense_shift(matrix, grid, shift_center=True).numpy()
+    full = instance.affine_displacement(matrix, factor, shape)
+    # Coarse voxel centres in full-resolution coordinates ('SAME' pooling), where both must agree:
+    # a coarse displacement of d coarse voxels is factor * d full-resolution voxels.
+    centres = [factor * np.arange(g) + (factor - 1) / 2 - (g * factor - n) // 2 for g, n in zip(grid, shape)]
+    points = np.stack(np.meshgrid(*centres, indexing="ij"), -1)
+    expected = factor * coarse
+    for index in np.ndindex(*grid):
+        point = points[index]
+        if np.all(point == np.round(point)) and np.all(point >= 0) and np.all(point < shape):
+            np.testing.assert_allclose(full[tuple(point.astype(int))], expected[index], atol=1e-4)
+
+
+def test_affine_stage_recovers_a_shift_and_scaling():
+    rng = np.random.default_rng(3)
+    labels = phantom_labels((48, 48), rng)
+    image = np.clip(phantom_image(labels, rng) / 0.4, 0, 1)
+    truth = instance.affine_displacement(np.array([[1.08, 0, 2.5], [0, 0.95, -2]], np.float32), 1, (48, 48))
+    moving = models.warp(image[None, ..., None], -truth[None])[0, ..., 0]
+    moving_labels = np.rint(models.warp(labels[None, ..., None].astype(np.float32), -truth[None], "nearest")[0, ..., 0])
+    displacement = cifl_tf.register_pair(moving, image, None, affine=True, levels=(2,), steps=60, verbose=0)
+    before = dice_after(np.zeros_like(displacement), moving_labels.astype(int), labels)
+    assert dice_after(displacement, moving_labels.astype(int), labels) > before + 0.15
+    assert metrics.folding_fraction(displacement) == 0
+
+
+def test_affine_model_saves_and_loads(tmp_path):
+    model = instance.affine_model((8, 10), 1)
+    model.get_layer("affine").set_weights([np.array([[0.5, -0.2, 1.0], [0.1, 0.3, -0.5]], np.float32)])
+    model.save(tmp_path / "affine.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "affine.keras", safe_mode=True,
+                                        custom_objects={"SpatialTransformer": vxm.layers.SpatialTransformer})
+    image = np.random.default_rng(1).random((1, 8, 10, 1)).astype(np.float32)
+    assert np.abs(model(image) - image).max() > 0.01  # not the identity
+    np.testing.assert_allclose(loaded(image), model(image), atol=1e-6)

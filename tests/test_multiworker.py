@@ -1,0 +1,93 @@
+"""train_encoder(strategy="multiworker"): two worker processes on 127.0.0.1 train one encoder."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cifl_tf import load_encoder
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+IMAGE = np.random.default_rng(0).uniform(size=(1, 32, 32, 1)).astype(np.float32)
+
+# Each worker prints its encoder's features of IMAGE, to compare the workers' weights.
+WORKER = """
+import json, sys
+import numpy as np
+import cifl_tf
+encoder = cifl_tf.train_encoder(shape=(32, 32), steps=4, steps_per_epoch=2, batch_size=2, channels=4, features=8,
+                                max_offset=4, seed=0, out_dir=sys.argv[1], resume=sys.argv[2:] == ["resume"],
+                                strategy="multiworker", verbose=0)
+image = np.random.default_rng(0).uniform(size=(1, 32, 32, 1)).astype(np.float32)
+print(json.dumps(encoder(image).numpy().tolist()))
+"""
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(out_dir, *args, count=2):
+    """Starts the `count` worker processes of one cluster on 127.0.0.1 (worker 0 is the chief)."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(count)]}
+    workers = []
+    for index in range(count):
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                   "TF_CPP_MIN_LOG_LEVEL": "3",
+                   "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen([sys.executable, "-c", WORKER, str(out_dir), *args], env=environ,
+                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return workers
+
+
+def run_workers(out_dir, *args, count=2):
+    """Runs the workers of one cluster to their end; returns each one's printed features."""
+    workers = start_workers(out_dir, *args, count=count)
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    errors = "\n".join(f"worker {i}: {err[-2000:]}" for i, (_, err) in enumerate(outputs))
+    assert [worker.returncode for worker in workers] == [0] * count, errors
+    return [np.array(json.loads(out.strip().splitlines()[-1])) for out, _ in outputs]
+
+
+def test_two_workers_train_one_encoder(tmp_path):
+    chief, other = run_workers(tmp_path / "run")
+    np.testing.assert_array_equal(chief, other)
+    np.testing.assert_allclose(load_encoder(str(tmp_path / "run"))(IMAGE), chief, atol=1e-6)
+    assert sorted(os.listdir(tmp_path / "run")) == ["backup", "encoder.json", "encoder.weights.h5", "log.csv",
+                                                     "result.json", "settings.json", "tensorboard"]
+
+
+def test_multiworker_needs_a_cluster(monkeypatch):
+    from cifl_tf.training import multi_worker_strategy
+    for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="strategy 'multiworker' needs a cluster: set TF_CONFIG"):
+        multi_worker_strategy()
+
+
+@pytest.mark.slow
+def test_resume_after_a_worker_dies(tmp_path):
+    through = run_workers(tmp_path / "through")[0]
+    run = tmp_path / "run"
+    chief, other = start_workers(run)
+    while chief.poll() is None and not (run / "backup" / "checkpoint").is_file():
+        time.sleep(0.05)
+    other.send_signal(signal.SIGKILL)  # the chief then fails or waits for it: the job is restarted
+    chief.send_signal(signal.SIGKILL)
+    for worker in (chief, other):
+        worker.communicate()
+    resumed, _ = run_workers(run, "resume")
+    np.testing.assert_allclose(resumed, through, atol=1e-5)
+    np.testing.assert_allclose(load_encoder(str(run))(IMAGE), through, atol=1e-5)

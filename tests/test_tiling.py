@@ -1,0 +1,90 @@
+"""Tiled inference: equal to untiled inference, tile sizes from a memory budget, receptive fields."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cifl_tf
+from cifl_tf import evaluate, tiling
+
+
+@pytest.fixture(scope="module")
+def encoder_3d():
+    return cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_receptive_radius_of_eight_3x3_convolutions_is_8(ndim, encoder_3d):
+    encoder = cifl_tf.pretrained() if ndim == 2 else encoder_3d
+    assert tiling.receptive_radius(encoder) == 8
+
+
+def test_receptive_radius_counts_kernel_size_and_dilation():
+    class Dilated(cifl_tf.CIFLEncoder):  # eight 3x3 convolutions with dilation 2: 16 pixels
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            for conv in self.convs:
+                conv.dilation_rate = (2, 2)
+
+    assert tiling.receptive_radius(Dilated(channels=2, features=2)) == 16
+
+
+class MinusImageMean(tf.keras.layers.Layer):
+    """Each pixel minus the image's mean: every output looks at the whole image, which tiles cannot do."""
+    ndim, channels = 2, 1
+
+    def call(self, images):
+        return images - tf.reduce_mean(images, axis=(1, 2), keepdims=True)
+
+
+def test_a_layer_that_looks_at_the_whole_image_cannot_be_tiled():
+    with pytest.raises(ValueError, match="reaches more than 32 pixels; it cannot be tiled"):
+        tiling.receptive_radius(MinusImageMean())
+
+
+@pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((19, 23, 17), 20)])
+def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
+    encoder = cifl_tf.pretrained() if len(shape) == 2 else encoder_3d
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    budget = tiling.bytes_per_pixel(encoder) * budget_side ** len(shape)
+    core = tiling.tile_shape(shape, 8, tiling.bytes_per_pixel(encoder), budget)
+    assert all(size % c for size, c in zip(shape, core))  # tiles do not divide the shape
+    tiled = tiling.tiled_features(encoder, image, max_memory=budget)
+    np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, radius, budget, expected", [
+    ((100, 100), 8, 4 * 40 ** 2, (20, 20)),        # extended side 40 -> core 24 -> 5 equal tiles of 20
+    ((50, 30), 2, 4 * 12 ** 2, (8, 8)),            # core 8: 7 tiles of 8 (50), 4 of 8 (30)
+    ((50, 30), 2, 4 * 12 ** 2 - 1, (7, 6)),        # a byte less: extended side 11, core 7: 8 tiles of 7, 5 of 6
+    ((37, 53), 8, 4 * 30 ** 2, (13, 14)),          # core 14: 3 tiles of 13, 4 of 14
+    ((64, 64, 64), 8, 4 * 48 ** 3, (32, 32, 32)),  # extended side 48 -> core 32
+    ((10, 10, 10), 1, 4 * 1000 ** 3, (10, 10, 10)),  # the whole image fits
+])
+def test_tile_shape_from_budget(shape, radius, budget, expected):
+    assert tiling.tile_shape(shape, radius, 4, budget) == expected
+
+
+def test_budget_too_small_names_the_bytes():
+    with pytest.raises(ValueError, match="max_memory 100 bytes is too small"):
+        tiling.tile_shape((64, 64), 8, 4, 100)
+    with pytest.raises(ValueError, match="max_memory must be a positive integer"):
+        tiling.tile_shape((64, 64), 8, 4, 0.5)
+
+
+def test_tiled_features_rejects_wrong_dimensions_and_non_layers():
+    with pytest.raises(ValueError, match="is 2D but the image has shape"):
+        tiling.tiled_features(cifl_tf.pretrained(), np.zeros((8, 8, 8)))
+    with pytest.raises(TypeError, match="expected a Keras layer with ndim"):
+        tiling.tiled_features(lambda x: x, np.zeros((8, 8)))
+
+
+def test_segment_with_a_tiled_encoder_equals_the_whole_model():
+    encoder = cifl_tf.CIFLEncoder(channels=3, features=4)
+    model = cifl_tf.segmentation_model((32, 32), 3, encoder, nb_features=4, nb_levels=2)
+    images = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    budget = tiling.bytes_per_pixel(encoder) * 20 ** 2  # tiles of 4 x 4 pixels and their halo
+    probabilities = model.predict(images[..., np.newaxis], verbose=0)
+    confident = np.sort(probabilities, axis=-1)[..., -1] - np.sort(probabilities, axis=-1)[..., -2] > 1e-4
+    assert confident.mean() > 0.9  # pixels whose label float rounding cannot flip
+    tiled = evaluate.segment(model, images, max_memory=budget)
+    np.testing.assert_array_equal(tiled[confident], evaluate.segment(model, images)[confident])
