@@ -16,7 +16,7 @@ class StopOnNonFinite(tf.keras.callbacks.Callback):
     """Raises NonFiniteLossError when the batch loss is NaN/Inf, or the weights are at an epoch end.
 
     The error propagates out of ``fit`` at once, so no ``on_epoch_end`` or ``on_train_end`` runs
-    after it: ModelCheckpoint, BackupAndRestore and ``checkpoints.EpochCheckpoint`` keep the last
+    after it: ModelCheckpoint, BackupAndRestore and ``checkpoint.EpochCheckpoint`` keep the last
     good epoch. Put it first in the callbacks list, so that it also checks the weights of the
     finishing epoch before the checkpoint callbacks save them (a finite last loss can still be
     followed by an update that makes the weights NaN).

@@ -1,40 +1,66 @@
-"""Exact resume of a ``model.fit`` run: weights, optimizer state and finished epochs, saved together.
+"""Training runs that a kill (even SIGKILL) sets back by at most the unfinished epoch.
+
+* ``EpochCheckpoint``: a Keras callback that saves the weights, the optimizer state and the number of
+  finished epochs at every epoch end, and restores them before ``fit`` resumes.
+* ``epoch_batches``: batches of arrays in an order that is a pure function of (seed, epoch, step), so
+  that a resumed run sees the same batches as one that ran through (``models.pair_batches`` does the
+  same for registration pairs, ``synth.contrast_pairs(start=)`` for train_encoder).
+* ``prepare_run`` / ``read_settings``: the settings.json of a run folder, written for a new run and
+  checked on resume, with the checkpoint the resumed run will read.
 
 Keras's ``BackupAndRestore`` saves the same state, but tells the restored epoch only to ``fit``
 itself (through private attributes, once fit has started with the input pipeline already built),
-while a run on a synthetic stream must know it before: the stream restarts at that epoch's first
+while a run on a seeded stream must know it before: the stream restarts at that epoch's first
 batch. ``EpochCheckpoint`` restores before ``fit`` and passes the epoch as ``initial_epoch``.
 """
+import os
 import tempfile
 
+import numpy as np
 import tensorflow as tf
+
+from .data import first_line, read_json, write_json
+
+SETTINGS_FILE = "settings.json"
 
 
 class EpochCheckpoint(tf.keras.callbacks.Callback):
     """Saves the model, its optimizer and the number of finished epochs at the end of each epoch.
 
     The saves go through ``tf.train.CheckpointManager``, which records a new checkpoint only once it
-    is fully written: a run killed at any point leaves the previous one intact. Under a multi-worker
-    strategy every worker saves (TF's multi-worker pattern), but only the chief into `directory`;
-    the others write to a temporary folder, removed when training ends. All workers restore
-    from `directory`, which must therefore be on a file system they share.
+    is fully written: a run killed at any point, even during a save, leaves the previous one in force.
+    Checkpoint ``ckpt-N`` holds N finished epochs. Under a multi-worker strategy every worker saves
+    (TF's multi-worker pattern), but only the chief into `directory`; the others write to a temporary
+    folder, removed when training ends. All workers restore from `directory`, which must therefore be
+    on a file system they share. Use::
+
+        checkpoint = EpochCheckpoint(folder, model)
+        first_epoch = checkpoint.restore()  # 0 when the folder holds no checkpoint yet
+        model.fit(..., initial_epoch=first_epoch, callbacks=[..., checkpoint])
 
     Args:
         directory: folder of the checkpoints.
-        model: a compiled, built model (call it once on a batch first).
+        model: a compiled, built model (called once, or made from an Input).
+        max_to_keep: checkpoints kept; older ones are deleted once a newer one is in force.
     """
 
-    def __init__(self, directory, model):
+    def __init__(self, directory, model, max_to_keep=2):
         super().__init__()
-        self.directory = directory
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError(f"EpochCheckpoint: compile {getattr(model, 'name', model)!r} first: "
+                             f"its optimizer state is part of the checkpoint")
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"EpochCheckpoint: max_to_keep must be a positive integer, got {max_to_keep!r}")
+        self.directory = os.fspath(directory)
         strategy = model.distribute_strategy  # the one the model was made under
         self.is_chief = strategy.extended.should_checkpoint
         with strategy.scope():
-            model.optimizer.build(model.trainable_variables)  # so that its state restores at once
+            # Its moments exist only after the first step; made now, they are restored with the rest.
+            model.optimizer.build(model.trainable_variables)
             self.epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epochs=self.epochs)
-        write_to = directory if self.is_chief else tempfile.mkdtemp(prefix="cifl-worker-checkpoint-")
-        self._manager = tf.train.CheckpointManager(self._checkpoint, write_to, max_to_keep=1)
+        write_to = self.directory if self.is_chief else tempfile.mkdtemp(prefix="cifl-worker-checkpoint-")
+        self._manager = tf.train.CheckpointManager(self._checkpoint, write_to, max_to_keep)
 
     def restore(self):
         """Loads the last checkpoint in `directory`, if any; returns the number of finished epochs."""
@@ -45,8 +71,110 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.assign(epoch + 1)
-        self._manager.save()
+        self._manager.save(checkpoint_number=epoch + 1)
 
     def on_train_end(self, logs=None):
         if not self.is_chief:
             tf.io.gfile.rmtree(self._manager.directory)
+
+
+def check_checkpoint(directory):
+    """ValueError naming the checkpoint when the latest one in `directory` is unreadable (none: fine)."""
+    checkpoint = tf.train.latest_checkpoint(directory)
+    if checkpoint is None:
+        return
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)  # reading checks each tensor's checksum
+    except (tf.errors.OpError, IndexError) as error:  # IndexError: a data file cut short
+        raise ValueError(f"{checkpoint}: damaged checkpoint, cannot resume ({first_line(error)})") from None
+
+
+def epoch_batches(arrays, batch_size, seed, first_epoch=0):
+    """Endless batches of `arrays`: epoch e is a permutation drawn from (seed, e) alone, cut into batches.
+
+    Args:
+        arrays: a tuple of arrays with the same first size N, e.g. (images (N, *shape, 1), labels).
+        batch_size: items per batch; an epoch's last batch holds the remainder.
+        seed: integer seed of the permutations.
+        first_epoch: the epoch the stream starts at (a resumed run's ``initial_epoch``).
+
+    Returns: tf.data.Dataset of tuples of (<= batch_size, ...) batches, ceil(N / batch_size) of them
+    per epoch: ``fit(dataset, steps_per_epoch=ceil(N / batch_size))``.
+    """
+    if not isinstance(arrays, tuple) or not arrays or len({len(a) for a in arrays}) != 1 or not len(arrays[0]):
+        raise ValueError(f"epoch_batches: arrays must be a tuple of non-empty arrays of one length, got "
+                         f"lengths {[len(a) for a in arrays] if isinstance(arrays, tuple) else arrays!r}")
+    for name, value, least in (("batch_size", batch_size, 1), ("first_epoch", first_epoch, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"epoch_batches: {name} must be an integer >= {least}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"epoch_batches: seed must be an integer, got {seed!r}")
+    count = len(arrays[0])
+    tensors = tuple(tf.constant(a) for a in arrays)
+
+    def epoch_order(epoch):
+        keys = tf.random.stateless_uniform([count], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(batch_size)
+
+    dataset = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_order)
+    dataset = dataset.map(lambda indices: tuple(tf.gather(t, indices) for t in tensors))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def read_settings(out_dir, fields=None):
+    """The settings.json of the run in `out_dir`, a dict.
+
+    Args:
+        fields: optional {name: (check(value) -> bool, what it must be)}: the file must hold exactly
+            these fields, each passing its check.
+
+    Raises: FileNotFoundError when there is no settings.json; ValueError naming it when it is not
+    JSON or not an object, lacks or adds fields, or holds a value that fails its check.
+    """
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found, so there is no run to resume")
+    settings = read_json(path)
+    if not isinstance(settings, dict) or (fields is not None and set(settings) != set(fields)):
+        keys = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
+        expected = "an object" if fields is None else f"an object with the fields {sorted(fields)}"
+        raise ValueError(f"{path}: expected {expected}, got {keys}")
+    for name, (valid, what) in (fields or {}).items():
+        if not valid(settings[name]):
+            raise ValueError(f"{path}: {name} must be {what}, got {settings[name]!r}")
+    return settings
+
+
+def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields=None):
+    """Makes `out_dir` for a new run (writing its settings.json), or checks it on resume.
+
+    Args:
+        settings: JSON-able dict of the run's settings, as settings.json holds them (lists, not tuples).
+        resume: continue the run in `out_dir`: its settings.json (checked by ``read_settings(out_dir,
+            fields)``) must hold the same settings, and the latest checkpoint in `checkpoint_dir`
+            (a folder inside `out_dir`) must be readable.
+        finished_file: the file a finished run has written (name inside `out_dir`).
+
+    Raises: FileExistsError for a run that has finished, or a new run in a folder that holds one;
+    FileNotFoundError on resume without a run; ValueError on resume of a run with other settings,
+    a broken settings.json or a damaged checkpoint.
+    """
+    settings_path = os.path.join(out_dir, SETTINGS_FILE)
+    finished = os.path.join(out_dir, finished_file)
+    if os.path.exists(finished):
+        raise FileExistsError(f"{finished}: already exists, the run in {out_dir} has finished; "
+                              f"choose another output folder")
+    if not resume:
+        if os.path.exists(settings_path):
+            raise FileExistsError(f"{out_dir}: already holds a training run: pass --resume (resume=True) to "
+                                  f"continue it, or choose another output folder")
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(settings_path, settings)
+        return
+    saved = read_settings(out_dir, fields)
+    changed = sorted(key for key in {*settings, *saved} if saved.get(key) != settings.get(key))
+    if changed:
+        raise ValueError(f"{settings_path}: settings {changed} differ from those given; resume with the same ones")
+    check_checkpoint(os.path.join(out_dir, checkpoint_dir))

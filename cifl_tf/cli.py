@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import voxelmorph as vxm
 
-from . import checkpoints, data, models, tiling
+from . import checkpoint, data, models, tiling
 from .callbacks import StopOnNonFinite
 from .descriptors import MIND, VARIANTS
 from .encoder import PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
@@ -297,12 +297,12 @@ def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
     dataset from that epoch on, a pure function of --seed and the step, so that a resumed run trains
     on the same batches as one that ran through.
     """
-    checkpoints.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE)
-    checkpoint = checkpoints.EpochCheckpoint(os.path.join(args.out, "checkpoints"))
-    first_epoch = checkpoint.restore(model)
+    checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints")
+    saver = checkpoint.EpochCheckpoint(os.path.join(args.out, "checkpoints"), model)
+    first_epoch = saver.restore()
     log = tf.keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv"), append=args.resume)
     model.fit(batches(first_epoch), initial_epoch=first_epoch, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-              callbacks=[StopOnNonFinite(), log, checkpoint], verbose=1, **fit_kwargs)
+              callbacks=[StopOnNonFinite(), log, saver], verbose=1, **fit_kwargs)
     print(f"model written to {models.save_model(model, args.out)}")
 
 
@@ -320,7 +320,7 @@ def _train_seg(args):
         return part.images[..., np.newaxis], tf.keras.utils.to_categorical(part.labels, nb_labels)
 
     images_labels = arrays(train)
-    _train_run(args, model, lambda first: checkpoints.epoch_batches(images_labels, args.batch_size, args.seed, first),
+    _train_run(args, model, lambda first: checkpoint.epoch_batches(images_labels, args.batch_size, args.seed, first),
                math.ceil(len(train) / args.batch_size), validation_data=arrays(val) if len(val) else None)
 
 

@@ -18,9 +18,9 @@ import time
 
 import tensorflow as tf
 
+from . import checkpoint
 from .callbacks import StopOnNonFinite
-from .checkpoint import EpochCheckpoint
-from .data import first_line, read_json, write_atomically, write_json
+from .data import write_atomically, write_json
 from .encoder import CIFLEncoder, encoder_model, save_encoder
 from .losses import contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
@@ -154,54 +154,9 @@ def _synth_arguments():
 
 
 def read_settings(out_dir):
-    """The train_encoder arguments stored in `out_dir`/settings.json, checked field by field.
-
-    Raises: FileNotFoundError when there is no settings.json; ValueError naming it when it is not
-    JSON, lacks or adds fields, or holds a value of the wrong type or range.
-    """
-    path = os.path.join(out_dir, "settings.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"resume: {path!r} not found, so there is no run to continue")
-    settings = read_json(path)
-    if not isinstance(settings, dict) or set(settings) != set(SETTINGS):
-        keys = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
-        raise ValueError(f"{path}: expected an object with the fields {sorted(SETTINGS)}, got {keys}")
-    for name, (valid, what) in SETTINGS.items():
-        if not valid(settings[name]):
-            raise ValueError(f"{path}: {name} must be {what}, got {settings[name]!r}")
-    return settings
-
-
-def _check_backup(backup_dir):
-    """ValueError naming the checkpoint when the backup that a resumed fit restores is unreadable."""
-    checkpoint = tf.train.latest_checkpoint(backup_dir)
-    if checkpoint is None:
-        return
-    try:
-        reader = tf.train.load_checkpoint(checkpoint)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)  # reading checks each tensor's checksum
-    except (tf.errors.OpError, IndexError) as error:  # IndexError: a data file cut short
-        raise ValueError(f"{checkpoint}: damaged checkpoint, cannot resume ({first_line(error)})") from None
-
-
-def _prepare_out_dir(out_dir, settings, resume):
-    """Checks that `out_dir` is new, or on resume that it holds an unfinished run of `settings`."""
-    settings_path = os.path.join(out_dir, "settings.json")
-    if not resume:
-        if os.path.exists(settings_path):
-            raise FileExistsError(f"{out_dir!r} already holds a training run: pass resume=True "
-                                  f"(--resume) to continue it, or choose another output folder")
-        os.makedirs(out_dir, exist_ok=True)
-        write_json(settings_path, settings)
-        return
-    saved = read_settings(out_dir)
-    if os.path.exists(os.path.join(out_dir, "result.json")):
-        raise ValueError(f"resume: the run in {out_dir!r} has already finished")
-    changed = sorted(k for k in settings if saved.get(k) != settings[k])
-    if changed:
-        raise ValueError(f"resume: settings {changed} differ from those of the run in {out_dir!r}")
-    _check_backup(os.path.join(out_dir, "backup"))
+    """The train_encoder arguments stored in `out_dir`/settings.json, checked field by field
+    (``checkpoint.read_settings`` with SETTINGS)."""
+    return checkpoint.read_settings(out_dir, SETTINGS)
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32,
@@ -250,7 +205,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     if out_dir is not None and chief:
-        _prepare_out_dir(out_dir, settings, resume)
+        checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS)
 
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
@@ -262,9 +217,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
 
     callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0  # first: it must see NaN weights before a save
     if out_dir is not None:
-        checkpoint = EpochCheckpoint(os.path.join(out_dir, "backup"), model)
+        backup = checkpoint.EpochCheckpoint(os.path.join(out_dir, "backup"), model)
         if resume:
-            initial_epoch = checkpoint.restore()
+            initial_epoch = backup.restore()
         if chief:
             weights = os.path.join(out_dir, "encoder.weights.h5")
             if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
@@ -278,7 +233,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                 tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
                 tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
             ]
-        callbacks.append(checkpoint)  # last: an epoch counts as done once it is logged and saved
+        callbacks.append(backup)  # last: an epoch counts as done once it is logged and saved
 
     # The stream starts at the first batch of the first epoch to train.
     first_batch = initial_epoch * steps_per_epoch

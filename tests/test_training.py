@@ -84,10 +84,11 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
 
 
 @pytest.mark.parametrize("run, kwargs, error, message", [
-    ("trained", {}, FileExistsError, "already holds a training run"),
-    ("trained", dict(resume=True), ValueError, "has already finished"),
+    ("interrupted", {}, FileExistsError, "already holds a training run"),
+    ("trained", {}, FileExistsError, "result.json: already exists, the run .* has finished"),
+    ("trained", dict(resume=True), FileExistsError, "result.json: already exists, the run .* has finished"),
     ("interrupted", dict(resume=True, channels=8), ValueError, r"settings \['channels'\] differ"),
-    ("new", dict(resume=True), FileNotFoundError, "no run to continue"),
+    ("new", dict(resume=True), FileNotFoundError, "no run to resume"),
     (None, dict(resume=True), ValueError, "resume needs out_dir"),
     (None, dict(steps=0), ValueError, "steps must be a positive integer, got 0"),
     (None, dict(max_offset=32), ValueError, "max_offset 32 must be smaller than the crop shape"),

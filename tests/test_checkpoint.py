@@ -7,14 +7,14 @@ import pytest
 
 import cifl_tf  # noqa: F401  (selects the Keras 2 API)
 import tensorflow as tf
-from cifl_tf import checkpoints, models
+from cifl_tf import checkpoint, models
 
 ITEMS = 7
 
 
 def batches(first_epoch=0, count=6, batch_size=3, seed=0):
     """The first `count` index batches of epoch_batches over ITEMS items, as lists."""
-    dataset = checkpoints.epoch_batches((np.arange(ITEMS), np.arange(ITEMS) * 10.0), batch_size, seed, first_epoch)
+    dataset = checkpoint.epoch_batches((np.arange(ITEMS), np.arange(ITEMS) * 10.0), batch_size, seed, first_epoch)
     out = []
     for indices, tens in dataset.take(count):
         np.testing.assert_array_equal(tens.numpy(), indices.numpy() * 10.0)  # the arrays stay paired
@@ -59,7 +59,7 @@ def test_pair_batches_resume_at_a_step_with_the_same_pairs():
 ])
 def test_epoch_batches_reject_bad_arguments(arrays, batch_size, seed, first_epoch, error, message):
     with pytest.raises(error, match=message):
-        checkpoints.epoch_batches(arrays, batch_size, seed, first_epoch)
+        checkpoint.epoch_batches(arrays, batch_size, seed, first_epoch)
 
 
 class Interrupt(Exception):
@@ -83,10 +83,10 @@ def tiny_run(folder, epochs, interrupt_at=None):
     y = x @ np.array([[1.0], [-2.0], [0.5]], np.float32)
     model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(4, "relu"), tf.keras.layers.Dense(1)])
     model.compile(tf.keras.optimizers.Adam(0.05), "mse")
-    checkpoint = checkpoints.EpochCheckpoint(folder)
-    first = checkpoint.restore(model)
-    callbacks = [checkpoint] + ([] if interrupt_at is None else [InterruptAt(interrupt_at)])
-    model.fit(checkpoints.epoch_batches((x, y), 4, seed=0, first_epoch=first), steps_per_epoch=3,
+    saver = checkpoint.EpochCheckpoint(folder, model)
+    first = saver.restore()
+    callbacks = [saver] + ([] if interrupt_at is None else [InterruptAt(interrupt_at)])
+    model.fit(checkpoint.epoch_batches((x, y), 4, seed=0, first_epoch=first), steps_per_epoch=3,
               initial_epoch=first, epochs=epochs, callbacks=callbacks, verbose=0)
     return first, model
 
@@ -107,31 +107,48 @@ def test_a_run_resumed_from_the_epoch_checkpoint_ends_as_one_that_ran_through(tm
 def test_restore_without_a_checkpoint_starts_at_epoch_zero_and_needs_a_compiled_model(tmp_path):
     model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)], name="tiny")
     with pytest.raises(ValueError, match="compile 'tiny' first"):
-        checkpoints.EpochCheckpoint(tmp_path / "none").restore(model)
+        checkpoint.EpochCheckpoint(tmp_path / "none", model)
     model.compile("adam", "mse")
-    assert checkpoints.EpochCheckpoint(tmp_path / "none").restore(model) == 0
+    with pytest.raises(ValueError, match="max_to_keep must be a positive integer, got 0"):
+        checkpoint.EpochCheckpoint(tmp_path / "none", model, max_to_keep=0)
+    assert checkpoint.EpochCheckpoint(tmp_path / "none", model).restore() == 0
+
+
+def prepare(run, settings, resume):
+    checkpoint.prepare_run(run, settings, resume, finished_file="model.keras", checkpoint_dir="checkpoints")
 
 
 def test_prepare_run_writes_settings_and_checks_them_on_resume(tmp_path):
     run = tmp_path / "run"
-    checkpoints.prepare_run(run, {"seed": 0, "split": [2, 1, 1]}, resume=False, finished_file="model.keras")
+    prepare(run, {"seed": 0, "split": [2, 1, 1]}, resume=False)
     assert json.loads((run / "settings.json").read_text()) == {"seed": 0, "split": [2, 1, 1]}
-    checkpoints.prepare_run(run, {"seed": 0, "split": [2, 1, 1]}, resume=True, finished_file="model.keras")
+    prepare(run, {"seed": 0, "split": [2, 1, 1]}, resume=True)
     with pytest.raises(FileExistsError, match="already holds a training run: pass --resume"):
-        checkpoints.prepare_run(run, {"seed": 0}, resume=False, finished_file="model.keras")
+        prepare(run, {"seed": 0}, resume=False)
     with pytest.raises(ValueError, match=r"settings \['seed', 'split'\] differ"):
-        checkpoints.prepare_run(run, {"seed": 1}, resume=True, finished_file="model.keras")
+        prepare(run, {"seed": 1}, resume=True)
     with pytest.raises(FileNotFoundError, match="no run to resume"):
-        checkpoints.prepare_run(tmp_path / "other", {}, resume=True, finished_file="model.keras")
+        prepare(tmp_path / "other", {}, resume=True)
     (run / "model.keras").write_text("finished")
     with pytest.raises(FileExistsError, match="model.keras: already exists, the run .* has finished"):
-        checkpoints.prepare_run(run, {"seed": 0, "split": [2, 1, 1]}, resume=True, finished_file="model.keras")
+        prepare(run, {"seed": 0, "split": [2, 1, 1]}, resume=True)
 
 
-def test_write_json_leaves_the_previous_file_when_writing_fails(tmp_path):
-    path = tmp_path / "result.json"
-    checkpoints.write_json(path, {"dice": 0.5})
-    with pytest.raises(TypeError):
-        checkpoints.write_json(path, {"dice": object()})  # fails halfway through the write
-    assert json.loads(path.read_text()) == {"dice": 0.5}
-    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+FIELDS = {"seed": (lambda v: isinstance(v, int), "an integer")}
+
+
+@pytest.mark.parametrize("content, fields, message", [
+    ('[{"seed": 0}]', None, r"expected an object, got list"),
+    ('{"seed": 0, "x": 1}', FIELDS, r"expected an object with the fields \['seed'\], got \['seed', 'x'\]"),
+    ('{"seed": "0"}', FIELDS, r"seed must be an integer, got '0'"),
+    ('{"seed": 0', None, "not valid JSON"),
+])
+def test_read_settings_names_the_file_and_the_problem(tmp_path, content, fields, message):
+    (tmp_path / "settings.json").write_text(content)
+    with pytest.raises(ValueError, match=r"settings\.json: " + message):
+        checkpoint.read_settings(tmp_path, fields)
+
+
+def test_read_settings_checks_the_fields(tmp_path):
+    (tmp_path / "settings.json").write_text('{"seed": 3}')
+    assert checkpoint.read_settings(tmp_path, FIELDS) == {"seed": 3} == checkpoint.read_settings(tmp_path)
