@@ -8,8 +8,9 @@ run beside them and must give the same results as a plain float32 file.
 
 Tables: BAD_NIFTI (named kinds of damage) and FUZZED_NIFTI (systematic cuts, bit flips, header
 codes) of images and label maps, BAD_MODELS, BAD_ENCODERS, BAD_OUTPUT_FILES / BAD_OUTPUT_FOLDERS and
-BAD_RUNS (train-encoder --resume). A new sub-command that reads files is one more row in IMAGE_ROLES,
-MODEL_ROLES, ENCODER_ROLES or OUTPUT_ROLES.
+BAD_RUNS (--resume of every training command, RESUME_ROLES) and BAD_ENCODER_SETTINGS (train-encoder's
+own fields). A new sub-command that reads files is one more row in IMAGE_ROLES,
+MODEL_ROLES, ENCODER_ROLES, OUTPUT_ROLES or RESUME_ROLES.
 """
 import gzip
 import json
@@ -536,10 +537,53 @@ def test_unwritable_output_fails_before_any_work(good, tmp_path, capsys, role, b
     assert_fails_cleanly(capsys, tmp_path, argv, path, problem)
 
 
-# ---- train-encoder --resume on a broken run folder ---------------------------------------------------
+# ---- --resume of a training command on a broken run folder ------------------------------------------
+
+TRAIN_RESUME = {"train-seg": TINY_TRAIN, "train-reg": ["--steps-per-epoch", "1", *TINY_TRAIN]}
+
+
+@pytest.fixture(scope="session")
+def stopped_runs(good, tmp_path_factory):
+    """Factory: command -> a fresh copy of a train-seg or train-reg run stopped after its checkpoint
+    (model.keras removed), and the argv that resumes it."""
+    import shutil
+
+    runs = {}
+    for command, argv in TRAIN_RESUME.items():
+        folder = tmp_path_factory.mktemp(command)
+        argv = [command, "--data", _pair_list(folder, good), "--out", folder / "run", *argv]
+        assert cli.main([str(arg) for arg in argv]) == 0
+        (folder / "run" / models.MODEL_FILE).unlink()
+        runs[command] = folder, argv
+
+    def copy(command):
+        folder, argv = runs[command]
+        copied = shutil.copytree(folder, tmp_path_factory.mktemp("resume") / command)
+        moved = {str(folder / "pairs.csv"): str(copied / "pairs.csv"), str(folder / "run"): str(copied / "run")}
+        settings = json.loads((copied / "run" / "settings.json").read_text())  # the run as if started here
+        (copied / "run" / "settings.json").write_text(json.dumps({k: moved.get(v, v) if isinstance(v, str) else v
+                                                                  for k, v in settings.items()}))
+        return copied / "run", [moved.get(str(arg), arg) for arg in argv] + ["--resume"]
+    return copy
+
+
+@pytest.mark.parametrize("command", TRAIN_RESUME)
+def test_the_stopped_runs_resume_when_intact(stopped_runs, command):
+    """The baseline of the broken-run cases below: the copied run, undamaged, resumes and finishes."""
+    run_dir, argv = stopped_runs(command)
+    assert cli.main([str(arg) for arg in argv]) == 0
+    assert (run_dir / models.MODEL_FILE).is_file()
+
+
+RESUME_ROLES = {  # command -> the run's checkpoint folder
+    "train-encoder": "backup",
+    "train-seg": "checkpoints",
+    "train-reg": "checkpoints",
+}
+
 
 def _settings(edit):
-    def build(run):
+    def build(run, checkpoints):
         path = run / "settings.json"
         settings = json.loads(path.read_text())
         content = edit(settings)
@@ -550,26 +594,35 @@ def _settings(edit):
 
 
 def _checkpoint(suffix, edit):
-    """Edits one file of the backup checkpoint; the message names the checkpoint (its files' prefix)."""
-    def build(run):
-        prefix = pathlib.Path(tf.train.latest_checkpoint(str(run / "backup")))
+    """Edits one file of the latest checkpoint; the message names the checkpoint (its files' prefix)."""
+    def build(run, checkpoints):
+        prefix = pathlib.Path(tf.train.latest_checkpoint(str(run / checkpoints)))
         path = prefix.with_name(prefix.name + suffix)
         path.write_bytes(edit(path.read_bytes()))
         return prefix
     return build
 
 
-def _settings_folder(run):
+def _settings_folder(run, checkpoints):
     (run / "settings.json").unlink()
     return _folder(run / "settings.json")
 
 
-BAD_RUNS = {  # name -> (builder(run folder) -> the file named, problem)
+BAD_RUNS = {  # name -> (builder(run folder, its checkpoint folder) -> the file named, problem): every command
     "settings empty": (_settings(lambda s: ""), "not valid JSON"),
     "settings not JSON": (_settings(lambda s: "{\"steps\": 3"), "not valid JSON"),
     "settings binary": (_settings(lambda s: b"\xff\xfe{"), "not valid JSON"),
-    "settings a list": (_settings(lambda s: [s]), "expected an object with the fields"),
-    "settings unknown field": (_settings(lambda s: {**s, "bogus": 1}), "expected an object with the fields"),
+    "settings a list": (_settings(lambda s: [s]), "expected an object"),
+    "settings unknown field": (_settings(lambda s: {**s, "bogus": 1}),
+                               r"expected an object with the fields|settings \['bogus'\] differ"),
+    "settings a folder": (_settings_folder, "is a directory"),
+    "checkpoint data truncated": (_checkpoint(".data-00000-of-00001", lambda b: b[:len(b) // 2]),
+                                  "damaged checkpoint"),
+    "checkpoint data flipped": (_checkpoint(".data-00000-of-00001", lambda b: bytes(255 - x for x in b)),
+                                "damaged checkpoint"),
+    "checkpoint index truncated": (_checkpoint(".index", lambda b: b[:len(b) // 2]), "damaged checkpoint"),
+}
+BAD_ENCODER_SETTINGS = {  # name -> (builder, problem): train-encoder checks each field of its settings.json
     "settings missing field": (_settings(lambda s: {k: v for k, v in s.items() if k != "steps"}),
                                "expected an object with the fields"),
     "shape text": (_settings(lambda s: {**s, "shape": "32x32"}), "shape must be a list of 2 or 3 positive"),
@@ -584,21 +637,22 @@ BAD_RUNS = {  # name -> (builder(run folder) -> the file named, problem)
     "seed negative": (_settings(lambda s: {**s, "seed": -1}), "seed must be null or a non-negative integer"),
     "unknown synthesis argument": (_settings(lambda s: {**s, "synth_kwargs": {"bogus": 1}}),
                                    "synth_kwargs must be an object of"),
-    "settings a folder": (_settings_folder, "is a directory"),
-    "checkpoint data truncated": (_checkpoint(".data-00000-of-00001", lambda b: b[:len(b) // 2]),
-                                  "damaged checkpoint"),
-    "checkpoint data flipped": (_checkpoint(".data-00000-of-00001", lambda b: bytes(255 - x for x in b)),
-                                "damaged checkpoint"),
-    "checkpoint index truncated": (_checkpoint(".index", lambda b: b[:len(b) // 2]), "damaged checkpoint"),
 }
+RESUME_CASES = [(command, bad) for command in RESUME_ROLES for bad in BAD_RUNS] + \
+               [("train-encoder", bad) for bad in BAD_ENCODER_SETTINGS]
 
 
-@pytest.mark.parametrize("bad", sorted(BAD_RUNS))
-def test_resume_of_a_broken_run_fails_with_one_line_naming_the_file(interrupted_run, capsys, bad):
-    run_dir = interrupted_run()
-    build, problem = BAD_RUNS[bad]
-    named = build(run_dir)
-    assert_fails_cleanly(capsys, run_dir, ["train-encoder", "--resume", "--out", run_dir], named, problem)
+@pytest.mark.parametrize("command, bad", RESUME_CASES)
+def test_resume_of_a_broken_run_fails_with_one_line_naming_the_file(interrupted_run, stopped_runs, capsys,
+                                                                   command, bad):
+    if command == "train-encoder":
+        run_dir = interrupted_run()
+        argv = ["train-encoder", "--resume", "--out", run_dir]
+    else:
+        run_dir, argv = stopped_runs(command)
+    build, problem = {**BAD_RUNS, **BAD_ENCODER_SETTINGS}[bad]
+    named = build(run_dir, RESUME_ROLES[command])
+    assert_fails_cleanly(capsys, run_dir, argv, named, problem)
 
 
 # ---- valid variants of the same files: read as the plain float32 file, same results -----------------
