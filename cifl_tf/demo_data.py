@@ -74,8 +74,8 @@ def _spin_echo(tr, te):
 
 TISSUE_MEANS = {"t2": _spin_echo(tr=4000, te=100), "pd": _spin_echo(tr=4000, te=15)}  # CSF, GM, WM
 
-_WARP_SCALE = 32  # px between independent velocity values: smooth, anatomy-scale deformations
-_BIAS_SCALE = 64  # px: bias fields vary over the whole head
+_WARP_SCALE = 32  # mm between independent velocity values: smooth, anatomy-scale deformations
+_BIAS_SCALE = 64  # mm: bias fields vary over the whole head
 _INTEGRATION_STEPS = 7  # scaling and squaring, as vxm.layers.VecInt
 _MARGIN_MM = 6  # around the brain in the 3D volumes, room for the deformations
 
@@ -152,7 +152,7 @@ def _smooth_fields(rng, count, shape, scale):
     ``draw_perlin`` makes noise). Spline upsampling is linear and separable, so it is applied as one
     (size, coarse size) matrix per axis, which is fast whatever the scale.
     """
-    fields = rng.standard_normal((count, *(size // scale + 2 for size in shape)), dtype=np.float32)
+    fields = rng.standard_normal((count, *(int(size / scale) + 2 for size in shape)), dtype=np.float32)
     for axis, size in enumerate(shape, start=1):
         coarse = fields.shape[axis]
         upsample = ndi.zoom(np.eye(coarse, dtype=np.float32), (size / coarse, 1), order=3)
@@ -169,10 +169,10 @@ def _resample(images, displacement, order):
                      for image, shift in zip(images, displacement)])
 
 
-def _random_diffeomorphism(rng, count, shape, std):
-    """(count, ndim, *shape) displacements: a smooth velocity field of SD ``std`` px, integrated."""
+def _random_diffeomorphism(rng, count, shape, std, scale):
+    """(count, ndim, *shape) displacements: a velocity field of SD ``std`` px, smooth over ``scale`` px, integrated."""
     ndim = len(shape)
-    velocity = std * _smooth_fields(rng, ndim * count, shape, _WARP_SCALE).reshape(count, ndim, *shape)
+    velocity = std * _smooth_fields(rng, ndim * count, shape, scale).reshape(count, ndim, *shape)
     displacement = velocity / 2 ** _INTEGRATION_STEPS
     for _ in range(_INTEGRATION_STEPS):  # phi_2t = phi_t o phi_t
         displacement = displacement + np.stack(
@@ -186,9 +186,9 @@ def _unit_max(images):
     return images / np.maximum(peak, np.finfo(np.float32).tiny)
 
 
-def _acquire(rng, clean, mask, bias_std, noise_std):
+def _acquire(rng, clean, mask, bias_std, noise_std, voxel_size):
     """One acquisition of (N, *shape) clean renders: smooth bias field, noise, background 0, max 1."""
-    bias = np.exp(bias_std * _smooth_fields(rng, len(clean), clean.shape[1:], _BIAS_SCALE))
+    bias = np.exp(bias_std * _smooth_fields(rng, len(clean), clean.shape[1:], _BIAS_SCALE / voxel_size))
     noisy = clean * bias + noise_std * rng.standard_normal(clean.shape, dtype=np.float32)
     return _unit_max(np.clip(noisy, 0, None) * mask).astype(np.float32)
 
@@ -240,7 +240,7 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
 
     rng = np.random.default_rng(seed)
     slices = slice_index + rng.integers(-slice_jitter, slice_jitter + 1, n_subjects)
-    return _subjects(rng, *_coronal_slices(slices, tuple(shape)), **rendering)
+    return _subjects(rng, *_coronal_slices(slices, tuple(shape)), voxel_size=1, **rendering)
 
 
 def demo_volumes(n_subjects=2, seed=0, voxel_size=3, warp_std=2.0, intensity_jitter=0.03, bias_std=0.05,
@@ -256,7 +256,8 @@ def demo_volumes(n_subjects=2, seed=0, voxel_size=3, warp_std=2.0, intensity_jit
         n_subjects: N, the number of subjects.
         seed: integer; the same seed gives the same subjects. None draws new ones every call.
         voxel_size: integer edge of the voxels in mm (the template's 1 mm voxels averaged in blocks).
-        warp_std: SD in voxels of the random velocity field (0: no deformation).
+        warp_std: SD in mm of the random velocity field (0: no deformation); like the smoothness of
+            the deformations and bias fields, the same length in mm as in ``demo_dataset``.
         intensity_jitter, bias_std, noise_std: as for ``demo_dataset``.
 
     Returns: a ``DemoDataset``: ``labels`` (N, X, Y, Z) int32 in 0..3, ``images[contrast]``
@@ -269,7 +270,7 @@ def demo_volumes(n_subjects=2, seed=0, voxel_size=3, warp_std=2.0, intensity_jit
     rendering = _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std)
     rng = np.random.default_rng(seed)
     volumes = np.repeat(_coarse_brain(voxel_size)[:, np.newaxis], n_subjects, axis=1)
-    return _subjects(rng, *volumes, **rendering)
+    return _subjects(rng, *volumes, voxel_size=voxel_size, **rendering)
 
 
 def _coarse_brain(voxel_size):
@@ -295,13 +296,14 @@ def _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std):
     return rendering
 
 
-def _subjects(rng, t1, gm, wm, warp_std, intensity_jitter, bias_std, noise_std):
-    """Subjects from (N, *shape) template T1, GM and WM in [0, 1]: labels, deformation, every contrast."""
+def _subjects(rng, t1, gm, wm, voxel_size, warp_std, intensity_jitter, bias_std, noise_std):
+    """Subjects from (N, *shape) template T1, GM and WM in [0, 1] on voxels of ``voxel_size`` mm: labels,
+    deformation, every contrast. Lengths (warp_std, the smoothness of warps and bias fields) are in mm."""
     n_subjects, shape = len(t1), t1.shape[1:]
     brain = t1 > 0
     labels = np.where(brain, np.argmax(_tissues(brain, gm, wm), axis=1) + 1, 0).astype(np.float32)
 
-    displacement = _random_diffeomorphism(rng, n_subjects, shape, warp_std)
+    displacement = _random_diffeomorphism(rng, n_subjects, shape, warp_std / voxel_size, _WARP_SCALE / voxel_size)
     labels = _resample(labels, displacement, order=0).astype(np.int32)
     brain = labels > 0
     t1, gm, wm = (_resample(image, displacement, order=1) * brain for image in (t1, gm, wm))
@@ -311,7 +313,8 @@ def _subjects(rng, t1, gm, wm, warp_std, intensity_jitter, bias_std, noise_std):
         gains = rng.uniform(1 - intensity_jitter, 1 + intensity_jitter, (n_subjects, 3))
         return np.einsum("nk...,nk->n...", tissues, means * gains)
 
-    acquire = functools.partial(_acquire, rng, mask=brain, bias_std=bias_std, noise_std=noise_std)
+    acquire = functools.partial(_acquire, rng, mask=brain, bias_std=bias_std, noise_std=noise_std,
+                                voxel_size=voxel_size)
     images = {"t1": acquire(t1 * render(np.ones(3)))}  # the template T1 times per-tissue gains
     images["t1_inverted"] = _unit_max(np.stack([invert(x, m) for x, m in zip(images["t1"], brain)]))
     images.update((contrast, acquire(render(TISSUE_MEANS[contrast]))) for contrast in ("t2", "pd"))
