@@ -22,7 +22,7 @@ from .models import warp
 
 TARGETS = ("t1", "t2", "pd")
 UNREGISTERED = "unregistered"
-SIZES = {"demo": dict(voxel_size=3, levels=(4, 2, 1), steps=30),
+SIZES = {"demo": dict(voxel_size=3, levels=(4, 2, 1), steps=20),
          "quick": dict(voxel_size=8, levels=(1,), steps=2)}
 NO_ENCODER_NOTE = "CIFL: no 3D encoder ships yet; `cifl demo --3d --encoder RUN` adds a row for a 3D encoder"
 
