@@ -20,6 +20,10 @@ orientation of its ``slice_norm.nii.gz``), the world origin (anterior commissure
 Template slice 131 is y = -3 mm, the level of the OASIS mid-coronal slice. ``plt.imshow(x.T)`` shows
 a slice the usual (radiological) way.
 
+Volumes (``demo_volumes``): the template's own RAS grid, cropped to the brain with a 6 mm margin and
+averaged over blocks of ``voxel_size``^3 mm (3 mm: 53x65x54 voxels). Deformations and bias fields keep
+their lengths in mm, so a 3D subject is deformed as much as a 2D one.
+
 Subjects. Per subject, the slice index is jittered by up to ``slice_jitter`` and then the slice is
 deformed by a random diffeomorphism: a smooth random velocity field integrated by scaling and squaring
 (the scheme of ``vxm.layers.VecInt``), applied with the same field to the label map (nearest
