@@ -72,6 +72,7 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
     if encoder is not None and getattr(encoder, "ndim", None) != 3:
         raise ValueError(f"the 3D demo needs a 3D encoder, got {getattr(encoder, 'ndim', None)}D "
                          f"{getattr(encoder, 'name', encoder)!r}")
+    os.makedirs(out_dir, exist_ok=True)  # an unusable folder fails now, not after the registrations
     start = time.perf_counter()
     gflops = matmul_gflops()
     sizes = SIZES["quick" if quick else "demo"]
@@ -101,7 +102,6 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
         f"wall time {seconds:.0f} s on {os.cpu_count()} CPUs; tf.matmul 2048^2 float32 in this run: {gflops:.1f} GFLOP/s"]
     text = "\n".join([_table(results, title), *notes])
     print("\n" + text)
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write("```\n" + text + "\n```\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:

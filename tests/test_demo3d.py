@@ -116,3 +116,11 @@ def test_3d_demo_refuses_a_2d_encoder(tmp_path, capsys):
                      "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a 3D encoder, got 2D" in err and not (tmp_path / "out").exists()
+
+
+def test_3d_demo_refuses_an_unusable_output_folder_before_working(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo3d, "matmul_gflops", lambda: pytest.fail("the demo started before checking --out"))
+    (tmp_path / "file").write_text("")
+    assert cli.main(["demo", "--3d", "--quick", "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "file") in err
