@@ -387,9 +387,18 @@ def _add_train_args(p, epochs, batch_size, learning_rate):
 
 
 def _demo(args):
-    from .demo import run_demo  # the demo data needs nilearn, an optional dependency
+    # the demo data needs nilearn, an optional dependency: imported only here
+    if args.three_d:
+        from .demo3d import run_demo_3d
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+        encoder = load_encoder(args.encoder) if args.encoder else None
+        run_demo_3d(args.out or "cifl-demo-3d", quick=args.quick, seed=args.seed, encoder=encoder)
+        return
+    if args.encoder:
+        raise ValueError(f"--encoder {args.encoder}: only the 3D demo (--3d) takes an encoder")
+    from .demo import run_demo
+
+    run_demo(args.out or "cifl-demo", quick=args.quick, seed=args.seed)
 
 
 def _parser():
@@ -398,9 +407,13 @@ def _parser():
 
     p = commands.add_parser("demo", help="the main job: baseline vs CIFL on demo brains in unseen contrasts, "
                                          "offline, in minutes (tables and figures)")
-    p.add_argument("--out", default="cifl-demo", help="output folder (default: cifl-demo)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 8 subjects, single epochs")
+    p.add_argument("--out", default=None, help="output folder (default: cifl-demo, or cifl-demo-3d with --3d)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 subjects, single epochs (3D: tiny volumes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--3d", dest="three_d", action="store_true",
+                   help="3D volumes registered without training across T1, T2-like and PD-like, in minutes")
+    p.add_argument("--encoder", default=None,
+                   help="with --3d: a 3D CIFL encoder (weights file or train-encoder run folder) to compare")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train-encoder", help="train a CIFL encoder on synthetic shapes")

@@ -1,4 +1,4 @@
-"""Embedded demo data: labelled 2D brain slices in four contrasts, built offline from the MNI template.
+"""Embedded demo data: labelled 2D brain slices or 3D volumes in four contrasts, built offline from the MNI template.
 
 Source. The nilearn wheel ships the ICBM 2009a nonlinear symmetric MNI152 template (Fonov et al.,
 NeuroImage 2011) at 1 mm: a brain-masked T1 and grey- and white-matter probability maps,
@@ -19,6 +19,10 @@ pixels, (160, 192) by default, axis 0 running right -> left and axis 1 superior 
 orientation of its ``slice_norm.nii.gz``), the world origin (anterior commissure) at the centre.
 Template slice 131 is y = -3 mm, the level of the OASIS mid-coronal slice. ``plt.imshow(x.T)`` shows
 a slice the usual (radiological) way.
+
+Volumes (``demo_volumes``): the template's own RAS grid, cropped to the brain with a 6 mm margin and
+averaged over blocks of ``voxel_size``^3 mm (3 mm: 53x65x54 voxels). Deformations and bias fields keep
+their lengths in mm, so a 3D subject is deformed as much as a 2D one.
 
 Subjects. Per subject, the slice index is jittered by up to ``slice_jitter`` and then the slice is
 deformed by a random diffeomorphism: a smooth random velocity field integrated by scaling and squaring
@@ -74,18 +78,20 @@ def _spin_echo(tr, te):
 
 TISSUE_MEANS = {"t2": _spin_echo(tr=4000, te=100), "pd": _spin_echo(tr=4000, te=15)}  # CSF, GM, WM
 
-_WARP_SCALE = 32  # px between independent velocity values: smooth, anatomy-scale deformations
-_BIAS_SCALE = 64  # px: bias fields vary over the whole head
+_WARP_SCALE = 32  # mm between independent velocity values: smooth, anatomy-scale deformations
+_BIAS_SCALE = 64  # mm: bias fields vary over the whole head
 _INTEGRATION_STEPS = 7  # scaling and squaring, as vxm.layers.VecInt
+_MARGIN_MM = 6  # around the brain in the 3D volumes, room for the deformations
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoDataset:
-    """N labelled subjects, one coronal slice each, in every contrast of ``CONTRASTS``.
+    """N labelled subjects, a coronal slice (``demo_dataset``) or a volume (``demo_volumes``) each, in
+    every contrast of ``CONTRASTS``.
 
     Attributes:
-        labels: (N, H, W) int32, indices into ``LABEL_NAMES`` (0 background, 1 CSF, 2 GM, 3 WM).
-        images: dict contrast -> (N, H, W) float32 in [0, 1], exactly 0 where ``labels == 0``.
+        labels: (N, *shape) int32, indices into ``LABEL_NAMES`` (0 background, 1 CSF, 2 GM, 3 WM).
+        images: dict contrast -> (N, *shape) float32 in [0, 1], exactly 0 where ``labels == 0``.
         subjects: N subject names.
     """
     labels: np.ndarray
@@ -93,7 +99,7 @@ class DemoDataset:
     subjects: tuple
 
     def inputs(self, contrast):
-        """The images of one contrast in the layout the models take: (N, H, W, 1) float32."""
+        """The images of one contrast in the layout the models take: (N, *shape, 1) float32."""
         if contrast not in self.images:
             raise ValueError(f"contrast must be one of {tuple(self.images)}, got {contrast!r}")
         return self.images[contrast][..., np.newaxis]
@@ -139,50 +145,54 @@ def _coronal_slices(slices, shape):
 
 
 def _tissues(brain, gm, wm):
-    """(N, 3, H, W) probabilities of CSF, GM and WM: CSF is the rest of the brain, 0 outside it."""
+    """(N, 3, *shape) probabilities of CSF, GM and WM: CSF is the rest of the brain, 0 outside it."""
     return np.stack([np.clip(1 - gm - wm, 0, 1), gm, wm], axis=1) * brain[:, np.newaxis]
 
 
 def _smooth_fields(rng, count, shape, scale):
-    """(count, H, W) random fields, each of zero mean and unit SD, smooth over ``scale`` pixels.
+    """(count, *shape) random fields, each of zero mean and unit SD, smooth over ``scale`` pixels.
 
     White noise on a grid ``scale`` times coarser, upsampled by cubic splines (the way neurite's
     ``draw_perlin`` makes noise). Spline upsampling is linear and separable, so it is applied as one
-    (H, h) and one (W, w) matrix, which is fast whatever the scale.
+    (size, coarse size) matrix per axis, which is fast whatever the scale.
     """
-    coarse = rng.standard_normal((count, *(size // scale + 2 for size in shape)), dtype=np.float32)
-    rows, cols = (ndi.zoom(np.eye(c, dtype=np.float32), (size / c, 1), order=3)
-                  for size, c in zip(shape, coarse.shape[1:]))
-    fields = rows @ coarse @ cols.T
-    fields -= fields.mean(axis=(1, 2), keepdims=True)
-    return fields / fields.std(axis=(1, 2), keepdims=True)
+    fields = rng.standard_normal((count, *(int(size / scale) + 2 for size in shape)), dtype=np.float32)
+    for axis, size in enumerate(shape, start=1):
+        coarse = fields.shape[axis]
+        upsample = ndi.zoom(np.eye(coarse, dtype=np.float32), (size / coarse, 1), order=3)
+        fields = np.moveaxis(np.tensordot(fields, upsample, axes=([axis], [1])), -1, axis)
+    axes = tuple(range(1, fields.ndim))
+    fields -= fields.mean(axis=axes, keepdims=True)
+    return fields / fields.std(axis=axes, keepdims=True)
 
 
 def _resample(images, displacement, order):
-    """``images`` (N, H, W) sampled at x + displacement(x), with (N, 2, H, W) displacements in pixels."""
-    rows, cols = np.indices(images.shape[1:], dtype=np.float32)
-    return np.stack([ndi.map_coordinates(image, (rows + d_row, cols + d_col), order=order, mode="nearest")
-                     for image, (d_row, d_col) in zip(images, displacement)])
+    """``images`` (N, *shape) sampled at x + displacement(x), with (N, ndim, *shape) displacements in pixels."""
+    grid = np.indices(images.shape[1:], dtype=np.float32)
+    return np.stack([ndi.map_coordinates(image, grid + shift, order=order, mode="nearest")
+                     for image, shift in zip(images, displacement)])
 
 
-def _random_diffeomorphism(rng, count, shape, std):
-    """(count, 2, H, W) displacements: a smooth velocity field of SD ``std`` px, integrated."""
-    velocity = std * _smooth_fields(rng, 2 * count, shape, _WARP_SCALE).reshape(count, 2, *shape)
+def _random_diffeomorphism(rng, count, shape, std, scale):
+    """(count, ndim, *shape) displacements: a velocity field of SD ``std`` px, smooth over ``scale`` px, integrated."""
+    ndim = len(shape)
+    velocity = std * _smooth_fields(rng, ndim * count, shape, scale).reshape(count, ndim, *shape)
     displacement = velocity / 2 ** _INTEGRATION_STEPS
     for _ in range(_INTEGRATION_STEPS):  # phi_2t = phi_t o phi_t
         displacement = displacement + np.stack(
-            [_resample(displacement[:, axis], displacement, order=1) for axis in range(2)], axis=1)
+            [_resample(displacement[:, axis], displacement, order=1) for axis in range(ndim)], axis=1)
     return displacement
 
 
 def _unit_max(images):
-    """Each (H, W) image of (N, H, W) divided by its maximum."""
-    return images / np.maximum(images.max(axis=(1, 2), keepdims=True), np.finfo(np.float32).tiny)
+    """Each image of (N, *shape) divided by its maximum."""
+    peak = images.max(axis=tuple(range(1, images.ndim)), keepdims=True)
+    return images / np.maximum(peak, np.finfo(np.float32).tiny)
 
 
-def _acquire(rng, clean, mask, bias_std, noise_std):
-    """One acquisition of (N, H, W) clean renders: smooth bias field, noise, background 0, max 1."""
-    bias = np.exp(bias_std * _smooth_fields(rng, len(clean), clean.shape[1:], _BIAS_SCALE))
+def _acquire(rng, clean, mask, bias_std, noise_std, voxel_size):
+    """One acquisition of (N, *shape) clean renders: smooth bias field, noise, background 0, max 1."""
+    bias = np.exp(bias_std * _smooth_fields(rng, len(clean), clean.shape[1:], _BIAS_SCALE / voxel_size))
     noisy = clean * bias + noise_std * rng.standard_normal(clean.shape, dtype=np.float32)
     return _unit_max(np.clip(noisy, 0, None) * mask).astype(np.float32)
 
@@ -225,25 +235,79 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
     Raises: ModuleNotFoundError without nilearn, FileNotFoundError when its template files are missing.
     """
     _check_int("n_subjects", n_subjects, 1)
-    if seed is not None:
-        _check_int("seed", seed, 0)
     if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape)):
         raise ValueError(f"shape must be (H, W), two positive integers, got {shape!r}")
     _check_int("slice_jitter", slice_jitter, 0)
-    for name, value, high in (("warp_std", warp_std, np.inf), ("intensity_jitter", intensity_jitter, 1),
-                              ("bias_std", bias_std, np.inf), ("noise_std", noise_std, np.inf)):
-        _check_number(name, value, 0, high)
+    rendering = _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std)
     depth = _template()[0].shape[2]
     _check_int("slice_index", slice_index, slice_jitter, depth - 1 - slice_jitter)
 
     rng = np.random.default_rng(seed)
-    shape = tuple(shape)
     slices = slice_index + rng.integers(-slice_jitter, slice_jitter + 1, n_subjects)
-    t1, gm, wm = _coronal_slices(slices, shape)
+    return _subjects(rng, *_coronal_slices(slices, tuple(shape)), voxel_size=1, **rendering)
+
+
+def demo_volumes(n_subjects=2, seed=0, voxel_size=3, warp_std=2.0, intensity_jitter=0.03, bias_std=0.05,
+                 noise_std=0.02):
+    """Labelled 3D demo subjects: the whole MNI template brain, coarsened, deformed and rendered.
+
+    The same subjects as ``demo_dataset`` builds (labels, random diffeomorphisms, contrasts, bias and
+    noise: see the module doc), on the template's RAS grid (axis 0 left -> right, 1 posterior ->
+    anterior, 2 inferior -> superior) cropped to the brain with a margin and averaged over blocks of
+    ``voxel_size``^3 mm, e.g. 49x61x52 voxels of 3 mm.
+
+    Args:
+        n_subjects: N, the number of subjects.
+        seed: integer; the same seed gives the same subjects. None draws new ones every call.
+        voxel_size: integer edge of the voxels in mm (the template's 1 mm voxels averaged in blocks).
+        warp_std: SD in mm of the random velocity field (0: no deformation); like the smoothness of
+            the deformations and bias fields, the same length in mm as in ``demo_dataset``.
+        intensity_jitter, bias_std, noise_std: as for ``demo_dataset``.
+
+    Returns: a ``DemoDataset``: ``labels`` (N, X, Y, Z) int32 in 0..3, ``images[contrast]``
+    (N, X, Y, Z) float32 in [0, 1]; ``inputs(contrast)`` gives (N, X, Y, Z, 1).
+
+    Raises: ModuleNotFoundError without nilearn, FileNotFoundError when its template files are missing.
+    """
+    _check_int("n_subjects", n_subjects, 1)
+    _check_int("voxel_size", voxel_size, 1, 16)
+    rendering = _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std)
+    rng = np.random.default_rng(seed)
+    volumes = np.repeat(_coarse_brain(voxel_size)[:, np.newaxis], n_subjects, axis=1)
+    return _subjects(rng, *volumes, voxel_size=voxel_size, **rendering)
+
+
+def _coarse_brain(voxel_size):
+    """(T1, GM, WM), each (X, Y, Z) float32 in [0, 1]: the template cropped to the brain and block-averaged."""
+    volumes = _template()[0]
+    inside = np.argwhere(volumes[0] > 0)
+    low = np.maximum(inside.min(axis=0) - _MARGIN_MM, 0)
+    size = -(-(inside.max(axis=0) + 1 + _MARGIN_MM - low) // voxel_size)  # in coarse voxels, rounded up
+    padded = np.zeros((3, *(size * voxel_size)), np.float32)
+    crop = volumes[:, low[0]:, low[1]:, low[2]:][:, :padded.shape[1], :padded.shape[2], :padded.shape[3]]
+    padded[:, :crop.shape[1], :crop.shape[2], :crop.shape[3]] = crop / np.float32(255)
+    blocks = padded.reshape(3, size[0], voxel_size, size[1], voxel_size, size[2], voxel_size)
+    return blocks.mean(axis=(2, 4, 6))
+
+
+def _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std):
+    """The validated keyword arguments of ``_subjects``."""
+    if seed is not None:
+        _check_int("seed", seed, 0)
+    rendering = dict(warp_std=warp_std, intensity_jitter=intensity_jitter, bias_std=bias_std, noise_std=noise_std)
+    for name, high in (("warp_std", np.inf), ("intensity_jitter", 1), ("bias_std", np.inf), ("noise_std", np.inf)):
+        _check_number(name, rendering[name], 0, high)
+    return rendering
+
+
+def _subjects(rng, t1, gm, wm, voxel_size, warp_std, intensity_jitter, bias_std, noise_std):
+    """Subjects from (N, *shape) template T1, GM and WM in [0, 1] on voxels of ``voxel_size`` mm: labels,
+    deformation, every contrast. Lengths (warp_std, the smoothness of warps and bias fields) are in mm."""
+    n_subjects, shape = len(t1), t1.shape[1:]
     brain = t1 > 0
     labels = np.where(brain, np.argmax(_tissues(brain, gm, wm), axis=1) + 1, 0).astype(np.float32)
 
-    displacement = _random_diffeomorphism(rng, n_subjects, shape, warp_std)
+    displacement = _random_diffeomorphism(rng, n_subjects, shape, warp_std / voxel_size, _WARP_SCALE / voxel_size)
     labels = _resample(labels, displacement, order=0).astype(np.int32)
     brain = labels > 0
     t1, gm, wm = (_resample(image, displacement, order=1) * brain for image in (t1, gm, wm))
@@ -251,9 +315,10 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
 
     def render(means):  # partial-volume blend of per-subject tissue intensities (N, 3)
         gains = rng.uniform(1 - intensity_jitter, 1 + intensity_jitter, (n_subjects, 3))
-        return np.einsum("nkhw,nk->nhw", tissues, means * gains)
+        return np.einsum("nk...,nk->n...", tissues, means * gains)
 
-    acquire = functools.partial(_acquire, rng, mask=brain, bias_std=bias_std, noise_std=noise_std)
+    acquire = functools.partial(_acquire, rng, mask=brain, bias_std=bias_std, noise_std=noise_std,
+                                voxel_size=voxel_size)
     images = {"t1": acquire(t1 * render(np.ones(3)))}  # the template T1 times per-tissue gains
     images["t1_inverted"] = _unit_max(np.stack([invert(x, m) for x, m in zip(images["t1"], brain)]))
     images.update((contrast, acquire(render(TISSUE_MEANS[contrast]))) for contrast in ("t2", "pd"))

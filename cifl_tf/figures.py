@@ -1,4 +1,4 @@
-"""Figures (matplotlib, PNG): paper Figure 2, example segmentations and registrations, training curves.
+"""Figures (matplotlib, PNG): paper Figure 2, example segmentations and registrations (2D and 3D), training curves.
 
 Slices are (H, W) arrays in the OASIS layout (axis 0 right -> left, axis 1 superior -> inferior), shown
 transposed so that the brain stands upright.
@@ -107,11 +107,40 @@ def registrations(moving, fixed, moved, path, fixed_labels=None, moved_labels=No
     for axis, (name, image, labels) in zip(axes[0], panels):
         _show(axis, image, name)
         if fixed_labels is not None and name != "moving":
-            axis.contour(np.asarray(fixed_labels).T, levels=np.unique(fixed_labels)[:-1] + 0.5,
-                         colors="yellow", linewidths=0.5)
+            _contours(axis, fixed_labels, "yellow")
         if labels is not None:
-            axis.contour(np.asarray(labels).T, levels=np.unique(labels)[:-1] + 0.5, colors="red",
-                         linewidths=0.5)
+            _contours(axis, labels, "red")
+    figure.suptitle(f"{title + ': ' if title else ''}yellow, fixed labels; red, moved labels", fontsize=10)
+    return _save(figure, path)
+
+
+def _contours(axis, labels, colour):
+    """The borders between the labels of an (H, W) label map, over a slice that _show drew."""
+    axis.contour(np.asarray(labels).T, levels=np.unique(labels)[:-1] + 0.5, colors=colour, linewidths=0.5)
+
+
+def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, title=None):
+    """3D registrations: the central sagittal, coronal and axial slices of the fixed and each moved volume.
+
+    Args:
+        fixed, fixed_labels: (X, Y, Z) volume and label map on a RAS grid (axis 0 left -> right,
+            1 posterior -> anterior, 2 inferior -> superior).
+        moved, moved_labels: {method: (X, Y, Z) moved volume}, {method: (X, Y, Z) moved label map}.
+        title: figure title; the contour colours are named after it.
+
+    Returns: the PNG path. Rows: fixed, then each method; yellow contours: fixed labels, red: moved labels.
+    """
+    centre = [n // 2 for n in np.shape(fixed)]
+    cuts = {"sagittal": (centre[0], slice(None), slice(None)), "coronal": (slice(None), centre[1], slice(None)),
+            "axial": (slice(None), slice(None), centre[2])}
+    rows = [("fixed", fixed, None)] + [(name, volume, moved_labels[name]) for name, volume in moved.items()]
+    figure, axes = plt.subplots(len(rows), len(cuts), figsize=(2.2 * len(cuts), 2.2 * len(rows)), squeeze=False)
+    for row, (name, volume, labels) in enumerate(rows):
+        for axis, (view, cut) in zip(axes[row], cuts.items()):
+            _show(axis, np.asarray(volume)[cut], f"{name}, {view}", origin="lower")  # superior / anterior up
+            _contours(axis, np.asarray(fixed_labels)[cut], "yellow")
+            if labels is not None:
+                _contours(axis, np.asarray(labels)[cut], "red")
     figure.suptitle(f"{title + ': ' if title else ''}yellow, fixed labels; red, moved labels", fontsize=10)
     return _save(figure, path)
 

@@ -1,0 +1,126 @@
+"""`cifl demo --3d`: the 3D demo subjects, the orthogonal-slice figure, the run and its one-line errors."""
+import json
+import re
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import cifl_tf
+from cifl_tf import cli, demo3d, demo_data, figures
+
+CSF, GM, WM = 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return demo_data.demo_volumes(n_subjects=2, seed=0, voxel_size=8)
+
+
+def test_volumes_layout(volumes):
+    shape = volumes.labels.shape[1:]
+    assert volumes.labels.shape == (2, *shape) and volumes.labels.dtype == np.int32 and len(shape) == 3
+    assert volumes.inputs("t2").shape == (2, *shape, 1)
+    for labels in volumes.labels:
+        assert set(np.unique(labels)) == {0, CSF, GM, WM}
+    for image in volumes.images.values():
+        assert image.shape == (2, *shape) and image.dtype == np.float32
+        assert np.allclose(image.max(axis=(1, 2, 3)), 1) and np.all(image[volumes.labels == 0] == 0)
+
+
+def test_voxel_size_coarsens_the_whole_brain():
+    """The template brain (145x181x155 mm) with 6 mm margins (none below: the brain stem reaches the
+    template's edge) is cut into voxel_size mm blocks."""
+    for voxel_size in (4, 8):
+        expected = [-(-extent // voxel_size) for extent in (145 + 12, 181 + 12, 155 + 6)]
+        assert list(demo_data.demo_volumes(n_subjects=1, voxel_size=voxel_size).labels.shape[1:]) == expected
+
+
+@pytest.mark.parametrize("contrast, dark_to_bright", [("t1", (CSF, GM, WM)), ("t2", (WM, GM, CSF))])
+def test_volumes_tissue_ordering(volumes, contrast, dark_to_bright):
+    means = [volumes.images[contrast][volumes.labels == label].mean() for label in dark_to_bright]
+    assert np.all(np.diff(means) > 0.05), means
+
+
+def test_volumes_seeded_and_deformed(volumes):
+    again = demo_data.demo_volumes(n_subjects=2, seed=0, voxel_size=8)
+    np.testing.assert_array_equal(again.labels, volumes.labels)
+    np.testing.assert_array_equal(again.images["pd"], volumes.images["pd"])
+    assert np.mean(volumes.labels[0] != volumes.labels[1]) > 0.01  # each subject has its own deformation
+    still = demo_data.demo_volumes(n_subjects=2, seed=0, voxel_size=8, warp_std=0)
+    np.testing.assert_array_equal(still.labels[0], still.labels[1])
+
+
+@pytest.mark.parametrize("name, value", [("voxel_size", 0), ("voxel_size", 2.5), ("n_subjects", 0), ("warp_std", -1.0)])
+def test_volumes_bad_arguments_are_named(name, value):
+    with pytest.raises(ValueError, match=f"{name}.*{re.escape(repr(value))}"):
+        demo_data.demo_volumes(**{"voxel_size": 8, name: value})
+
+
+def test_orthogonal_registrations_draws_a_row_per_volume(volumes, tmp_path):
+    fixed, labels = volumes.images["t2"][1], volumes.labels
+    moved = {"A": volumes.images["t1"][0], "B": volumes.images["t1"][0]}
+    path = figures.orthogonal_registrations(fixed, labels[1], moved, {"A": labels[0], "B": labels[0]},
+                                            str(tmp_path / "f.png"), title="t")
+    one = figures.orthogonal_registrations(fixed, labels[1], {}, {}, str(tmp_path / "g.png"))
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width == 660 and height == 3 * 220 and matplotlib.image.imread(one).shape[0] == 220
+
+
+def test_methods_compare_cifl_only_when_an_encoder_is_given():
+    assert list(demo3d.methods()) == ["MIND", "NCC", "MI"]
+    encoder = cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3)
+    compared = demo3d.methods(encoder)
+    assert list(compared) == ["CIFL", "MIND", "NCC", "MI"] and compared["CIFL"] == (encoder, None)
+    assert compared["MI"] == (None, "mi") and compared["MIND"][0].ndim == 3
+
+
+def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path, monkeypatch, capsys):
+    # One target and the CIFL row keep it short; the slow test below runs every method and target.
+    monkeypatch.setattr(demo3d, "TARGETS", ("t2",))
+    compared = demo3d.methods
+    monkeypatch.setattr(demo3d, "methods", lambda encoder=None: {"CIFL": compared(encoder)["CIFL"]})
+    cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), str(tmp_path / "enc.weights.h5"))
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--3d", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert demo3d.NO_ENCODER_NOTE not in printed and "GFLOP/s" in printed and "wall time" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["registrations_3d_t2.png", "results.json", "table.md"]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["results"]) == ["unregistered", "CIFL"]
+    scores = results["results"]["CIFL"]["t2"]
+    assert set(scores["dice"]) == {"CSF", "GM", "WM"} and 0 < scores["mean_dice"] <= 1
+    assert 0 <= scores["folding"] <= 1 and scores["seconds"] > 0 and results["matmul_gflops"] > 0
+    assert results["results"]["unregistered"]["t2"]["folding"] == 0
+    table = (out / "table.md").read_text()
+    assert re.search(r"\nCIFL +t2 +(0\.\d{3} +){4}", table) and "GFLOP/s" in table
+
+
+@pytest.mark.slow
+def test_quick_3d_demo_compares_every_method_on_every_contrast(tmp_path, capsys):
+    results = demo3d.run_demo_3d(str(tmp_path), quick=True, verbose=0)
+    assert list(results) == ["unregistered", "MIND", "NCC", "MI"]
+    assert all(list(targets) == ["t1", "t2", "pd"] for targets in results.values())
+    assert demo3d.NO_ENCODER_NOTE in capsys.readouterr().out
+
+
+def test_demo_encoder_needs_3d(tmp_path, capsys):
+    assert cli.main(["demo", "--encoder", "run", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--encoder run" in err and "--3d" in err
+
+
+def test_3d_demo_refuses_a_2d_encoder(tmp_path, capsys):
+    cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=2), str(tmp_path / "enc.weights.h5"))
+    assert cli.main(["demo", "--3d", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
+                     "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a 3D encoder, got 2D" in err and not (tmp_path / "out").exists()
+
+
+def test_3d_demo_refuses_an_unusable_output_folder_before_working(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo3d, "matmul_gflops", lambda: pytest.fail("the demo started before checking --out"))
+    (tmp_path / "file").write_text("")
+    assert cli.main(["demo", "--3d", "--quick", "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "file") in err
