@@ -14,8 +14,8 @@ import numpy as np
 
 import cifl_tf
 from cifl_tf import data, metrics, models
+from cifl_tf.machine import matmul_gflops
 from register_3d import SAMPLE
-from train_step import matmul_gflops
 
 
 def main():

@@ -21,7 +21,7 @@ import numpy as np
 
 import cifl_tf
 from cifl_tf import data, instance, metrics, models, tiling
-from train_step import matmul_gflops
+from cifl_tf.machine import matmul_gflops
 
 SAMPLE = os.environ.get("CIFL_OASIS_SAMPLE", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                           "oasis-sample"))

@@ -11,7 +11,8 @@ import time
 import numpy as np
 
 import cifl_tf
-from train_step import cpu_flags, matmul
+from cifl_tf.machine import cpu_flags
+from train_step import matmul
 
 
 def seconds(function):

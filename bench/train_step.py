@@ -22,6 +22,7 @@ import numpy as np
 import cifl_tf
 import tensorflow as tf
 from cifl_tf.encoder import NUM_CONVS
+from cifl_tf.machine import cpu_flags
 from cifl_tf.training import SiameseCIFL, offset_views
 
 DEFAULTS = {k: p.default for k, p in inspect.signature(cifl_tf.train_encoder).parameters.items()}
@@ -65,16 +66,6 @@ def alternating_seconds(functions, rounds, repeats):
                 function()
             times[name].append(((time.perf_counter() - wall) / repeats, (time.process_time() - cpu) / repeats))
     return {name: np.array(pairs).T for name, pairs in times.items()}
-
-
-def cpu_flags():
-    """The vector-instruction flags of this machine's CPU (AVX2, AVX-512, AMX...), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    return " ".join(sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma")))) or "none"
 
 
 def spread(values):

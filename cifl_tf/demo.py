@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import demo_data, experiments, figures
+from . import demo_data, experiments, figures, machine
 from .encoder import PRETRAINED_DIR, PRETRAINED_TAU_GAMMAS, pretrained
 from .evaluate import segment
 from .models import warp
@@ -56,15 +56,17 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
     tables = [_task_table("Segmentation Dice (trained on T1)", seg, demo_data.CONTRASTS),
               _task_table("Registration Dice (trained on T1 pairs)", reg, list(reg_tests))]
     seconds = time.time() - start
+    gflops = machine.matmul_gflops()  # the machine's speed in this run, to compare wall times by
     text = "\n\n".join(tables) + f"\n\n{n_subjects} demo subjects ({len(train)} train, {len(test)} test), " \
-                                 f"{seconds:.0f} s"
+                                 f"wall time {seconds:.0f} s on {os.cpu_count()} CPUs; tf.matmul 2048^2 float32 " \
+                                 f"in this run: {gflops:.1f} GFLOP/s; CPU flags: {machine.cpu_flags()}"
     print("\n" + text)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write("```\n" + text + "\n```\n")
     summary = {task: {name: {t: s.summary() for t, s in tests.items()} for name, tests in results.items()}
                for task, results in (("segmentation", seg), ("registration", reg))}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"seconds": seconds, "subjects": n_subjects, **summary}, f, indent=2, default=float)
+        json.dump({"seconds": seconds, "matmul_gflops": gflops, "subjects": n_subjects, **summary}, f, indent=2, default=float)
 
     _figures(out_dir, data, test, seg_models, reg_models)
     print(f"results and figures written to {out_dir}/")

@@ -10,14 +10,13 @@ the share of folded voxels, seconds per registration; "unregistered" is the Dice
 import json
 import os
 import time
-import timeit
 
 import numpy as np
-import tensorflow as tf
 
 from . import demo_data, figures, metrics
 from .descriptors import MIND
 from .instance import register_pair
+from .machine import matmul_gflops
 from .models import warp
 
 TARGETS = ("t1", "t2", "pd")
@@ -31,14 +30,6 @@ def methods(encoder=None):
     """{name: (encoder, similarity)} as register_pair takes them; CIFL first when a 3D encoder is given."""
     compared = {"MIND": (MIND(ndim=3), None), "NCC": (None, "ncc"), "MI": (None, "mi")}
     return compared if encoder is None else {"CIFL": (encoder, None), **compared}
-
-
-def matmul_gflops(n=2048, repeats=10):
-    """GFLOP/s of a float32 n x n tf.matmul: the speed of this machine in this run, to compare timings by."""
-    a = tf.random.normal((n, n))
-    product = tf.function(lambda: tf.linalg.matmul(a, a)[0, 0])
-    product().numpy()  # tracing
-    return 2 * n ** 3 * repeats / timeit.timeit(lambda: product().numpy(), number=repeats) / 1e9
 
 
 def _scores(moved_labels, fixed_labels, displacement, seconds):
