@@ -185,11 +185,11 @@ def main(argv=None):
     try:
         pairs, notes = benchmark_pairs(args.subjects, args.data)
         compared = describers(args.encoder)
-    except (ValueError, OSError) as error:  # bad data or arguments: one line, no traceback
+        for offset in (16, 0) if args.offset_ablation else ():
+            compared[f"max_offset={offset}, {args.offset_ablation} steps"] = train_encoder(
+                steps=args.offset_ablation, max_offset=offset, seed=0, verbose=2)
+    except (ValueError, OSError, ImportError) as error:  # bad data, arguments, no nilearn: one line
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    for offset in (16, 0) if args.offset_ablation else ():
-        compared[f"max_offset={offset}, {args.offset_ablation} steps"] = train_encoder(
-            steps=args.offset_ablation, max_offset=offset, seed=0, verbose=2)
     results = {name: {pair: score(describe, *images) for pair, images in pairs.items()}
                for name, describe in compared.items()}
     text = markdown(results, notes)

@@ -132,8 +132,8 @@ def _bytes(text):
         value = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected bytes such as 1073741824 or 1G, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
+    if not 1 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of bytes, at least one, got {text!r}")
     return int(value)
 
 
@@ -465,9 +465,9 @@ def _parser():
     method.add_argument("--intensity", choices=("ncc", "mi"), default=None,
                         help="no features: the intensities, compared by local NCC or mutual information")
     p.add_argument("--levels", type=_levels, default=(4, 2, 1),
-                   help="resolution levels, as pooling factors from coarse to fine (default 4,2,1)")
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps per resolution level")
-    p.add_argument("--affine", action="store_true", help="fit an affine transform first")
+                   help="without --model: resolution levels, as pooling factors from coarse to fine (default 4,2,1)")
+    p.add_argument("--steps", type=int, default=100, help="without --model: optimisation steps per resolution level")
+    p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
     _add_memory_arg(p)
     p.set_defaults(run=_register)
 

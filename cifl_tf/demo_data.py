@@ -254,7 +254,7 @@ def demo_volumes(n_subjects=2, seed=0, voxel_size=3, warp_std=2.0, intensity_jit
     The same subjects as ``demo_dataset`` builds (labels, random diffeomorphisms, contrasts, bias and
     noise: see the module doc), on the template's RAS grid (axis 0 left -> right, 1 posterior ->
     anterior, 2 inferior -> superior) cropped to the brain with a margin and averaged over blocks of
-    ``voxel_size``^3 mm, e.g. 49x61x52 voxels of 3 mm.
+    ``voxel_size``^3 mm, e.g. 53x65x54 voxels of 3 mm.
 
     Args:
         n_subjects: N, the number of subjects.

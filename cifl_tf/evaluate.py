@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from . import metrics, tiling
+from .descriptors import MIND
 from .encoder import CIFLEncoder
 from .models import RegistrationModel, SegmentationModel, warp
 
@@ -97,7 +98,7 @@ def segment(model, images, batch_size=8, verbose=0, max_memory=None):
     if not isinstance(model, SegmentationModel):
         raise TypeError(f"segment: expected a SegmentationModel, got {type(model).__name__}")
     images = _images(images, model.inshape, "images")
-    encoder = next((layer for layer in model.layers if isinstance(layer, CIFLEncoder)), None)
+    encoder = next((layer for layer in model.layers if isinstance(layer, (CIFLEncoder, MIND))), None)
     if max_memory is None or encoder is None:
         probabilities = model.predict(images, batch_size=batch_size, verbose=verbose)
     else:

@@ -205,7 +205,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         affine: first fit an affine transform (`steps` steps on the coarsest level's grid); the
             deformable levels then start from the affinely moved image.
         moved_features: "warped" (warp the moving features) or "encoded" (encode the moved image).
-        max_memory: bytes per tile of encoder inference (tiling.tiled_features).
+        max_memory: bytes per tile of encoder inference (tiling.tiled_features; moved_features="warped" only:
+            "encoded" encodes whole images).
         verbose: 1 shows a progress bar per level, 0 nothing.
 
     Returns: (*spatial, ndim) float32 displacement in voxels: moved(x) = moving(x + displacement(x)),

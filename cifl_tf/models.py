@@ -25,6 +25,7 @@ from ._compat import vxm_layers
 from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
+from .synth import stream_seed
 from .transform import BATCHED_LAYERS, spatial_transform
 
 KL = tf.keras.layers
@@ -353,7 +354,7 @@ def pair_batches(images, batch_size=1, seed=None, first_step=0):
         raise ValueError(f"registration training needs at least 2 images to pair, got {len(images)}")
     if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or first_step < 0:
         raise ValueError(f"first_step must be a non-negative integer, got {first_step!r}")
-    seed = np.random.default_rng().integers(2 ** 31) if seed is None else seed
+    seed = stream_seed(seed)
     count, stack = len(images), tf.constant(images)
 
     def draw(step):
