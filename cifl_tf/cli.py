@@ -19,7 +19,7 @@ import voxelmorph as vxm
 from . import checkpoint, data, models, tiling
 from .callbacks import StopOnNonFinite
 from .descriptors import MIND, VARIANTS
-from .encoder import PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
+from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .instance import register_pair
 from .metrics import folding_fraction
@@ -52,7 +52,8 @@ def _train_encoder(args):
         if len(shape) != args.dim:
             raise ValueError(f"--shape {'x'.join(map(str, shape))} does not have --dim {args.dim} sizes")
         settings = dict(shape=shape, steps=args.steps, batch_size=args.batch_size,
-                        channels=args.channels, features=args.features, tau_alpha=args.tau_alpha,
+                        channels=args.channels, features=args.features, architecture=args.architecture,
+                        tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
                         learning_rate=args.learning_rate, seed=args.seed,
                         steps_per_epoch=args.steps_per_epoch)
@@ -425,6 +426,8 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--channels", type=int, default=DEFAULTS["channels"], help="output channels C")
     p.add_argument("--features", type=int, default=DEFAULTS["features"], help="hidden width")
+    p.add_argument("--architecture", choices=ARCHITECTURES, default=DEFAULTS["architecture"],
+                   help="paper: the paper's eight convolutions; context: plus dilated context (sees 77 pixels)")
     p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
     p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
     p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])

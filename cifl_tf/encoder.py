@@ -1,6 +1,10 @@
 """The CIFL encoder f_theta (paper Sec. 2): eight 3x3 convolutions and an l2 normalisation.
 
     x (B, *spatial, 1)  ->  r = f_theta(x) (B, *spatial, C),  ||r[b, p, :]||_2 = 1 at every pixel p.
+
+The paper's eight convolutions see 17 pixels across: inside a large region of uniform intensity
+every pixel looks the same. `architecture="context"` keeps that full-resolution path and adds
+context to it: residual dilated convolutions before the last one widen the view to 77 pixels.
 """
 import json
 import os
@@ -12,6 +16,8 @@ from .data import first_line, read_json, write_atomically, write_json
 KL = tf.keras.layers
 
 NUM_CONVS = 8  # paper Sec. 2: "eight convolutional layers each with kernel size 3"
+CONTEXT_DILATIONS = (2, 4, 8, 16)
+ARCHITECTURES = ("paper", "context")
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
@@ -34,23 +40,31 @@ class CIFLEncoder(KL.Layer):
         features: filters of each of the seven hidden convolutions.
         ndim: 2 (images (B, H, W, 1)) or 3 (volumes (B, D, H, W, 1)).
         activation: the non-linearity between convolutions (none after the last).
+        architecture: "paper", the eight convolutions of the paper, or "context", which adds a
+            residual dilated 3x3 convolution per CONTEXT_DILATIONS after the seventh, so that each
+            pixel's features also describe its surroundings up to 38 pixels away.
 
     Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
     """
 
-    def __init__(self, channels=16, features=32, ndim=2, activation="relu", **kwargs):
+    def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", **kwargs):
         super().__init__(**kwargs)
         for name, value in (("channels", channels), ("features", features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CIFLEncoder: {name} must be a positive integer, got {value!r}")
         if ndim not in (2, 3):
             raise ValueError(f"CIFLEncoder: ndim must be 2 or 3, got {ndim!r}")
-        self.channels, self.features, self.ndim = channels, features, ndim
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"CIFLEncoder: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        self.channels, self.features, self.ndim, self.architecture = channels, features, ndim, architecture
         self.activation = tf.keras.activations.get(activation)
         self._activation_name = activation
         conv = KL.Conv2D if ndim == 2 else KL.Conv3D
         widths = [features] * (NUM_CONVS - 1) + [channels]
         self.convs = [conv(width, 3, padding="same", name=f"conv_{i}") for i, width in enumerate(widths)]
+        dilations = CONTEXT_DILATIONS if architecture == "context" else ()
+        self.context = [conv(features, 3, padding="same", dilation_rate=rate, name=f"context_{i}")
+                        for i, rate in enumerate(dilations)]
         self.normalize = L2Normalize(name="l2_normalize")
 
     def build(self, input_shape):
@@ -59,7 +73,7 @@ class CIFLEncoder(KL.Layer):
                 f"CIFLEncoder(ndim={self.ndim}) expects inputs of rank {self.ndim + 2} "
                 f"(batch, spatial..., channels), got shape {tuple(input_shape)}")
         shape = tf.TensorShape(input_shape)
-        for conv in self.convs:
+        for conv in self.convs[:-1] + self.context + self.convs[-1:]:
             with tf.name_scope(conv.name):  # unique weight names: the .h5 model format needs them
                 conv.build(shape)
             shape = conv.compute_output_shape(shape)
@@ -69,6 +83,8 @@ class CIFLEncoder(KL.Layer):
         x = images
         for conv in self.convs[:-1]:
             x = self.activation(conv(x))
+        for conv in self.context:
+            x = x + self.activation(conv(x))  # residual: the local features stay, context is added
         return self.normalize(self.convs[-1](x))
 
     def compute_output_shape(self, input_shape):
@@ -76,7 +92,7 @@ class CIFLEncoder(KL.Layer):
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "features": self.features,
-                "ndim": self.ndim, "activation": self._activation_name}
+                "ndim": self.ndim, "activation": self._activation_name, "architecture": self.architecture}
 
 
 def encoder_model(encoder, name="cifl_encoder_model"):

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 DEFAULT_MAX_MEMORY = 2 ** 30  # bytes of activations per tile: 1 GiB
-_PROBE_RADIUS = 32  # the largest receptive field receptive_radius measures
+_PROBE_RADIUS = 40  # the largest receptive field receptive_radius measures
 # Live float32 activations per pixel while a layer runs: the input and output of one convolution
 # and its non-linearity, each as wide as the widest layer. Checked: the paper's 3D encoder on one
 # 96^3 tile raises the peak RSS by 0.35 GB, this estimate 0.34 GB.
@@ -30,7 +30,7 @@ def receptive_radius(layer):
         layer: Keras layer (B, *spatial, 1) -> (B, *spatial, C) with an ``ndim`` attribute.
 
     Returns: int, the largest distance along any axis (8 for eight 3x3 convolutions).
-    Raises: ValueError if it exceeds 32 pixels or reaches across the whole image.
+    Raises: ValueError if it exceeds 40 pixels or reaches across the whole image.
     """
     ndim = check_layer(layer)
     size = 2 * _PROBE_RADIUS + 3

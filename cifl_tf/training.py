@@ -21,7 +21,7 @@ import tensorflow as tf
 from . import checkpoint
 from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
-from .encoder import CIFLEncoder, encoder_model, save_encoder
+from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, save_encoder
 from .losses import contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
 
@@ -140,6 +140,7 @@ SETTINGS = {
               "a list of 2 or 3 positive integers"),
     **{name: (_count, "a positive integer")
        for name in ("steps", "batch_size", "channels", "features", "steps_per_epoch")},
+    "architecture": (lambda v: v in ARCHITECTURES, f"one of {ARCHITECTURES}"),
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
     "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
@@ -159,7 +160,7 @@ def read_settings(out_dir):
     return checkpoint.read_settings(out_dir, SETTINGS)
 
 
-def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32,
+def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
                   tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, max_offset=16, learning_rate=1e-3,
                   seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
                   synth_kwargs=None, callbacks=(), verbose=1):
@@ -168,7 +169,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     Args:
         shape: spatial shape of the training crops, 2D or 3D (sets the encoder's ndim).
         steps, batch_size: optimisation steps and pairs per step (global batch under a strategy).
-        channels, features: the encoder's C and hidden width.
+        channels, features, architecture: the encoder's C, hidden width and architecture (CIFLEncoder).
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
         max_offset: largest origin of each view inside the render, so that the views' relative offset
             lies in [-max_offset, max_offset] per axis (method page 3b); 0 gives voxel-aligned views.
@@ -198,7 +199,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError("resume needs out_dir, the folder of the run to continue")
     steps_per_epoch = min(steps_per_epoch, steps)  # else a short run would train a whole epoch
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
-                    features=features, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
+                    features=features, architecture=architecture, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
                     max_offset=max_offset, learning_rate=learning_rate, seed=seed,
                     steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
@@ -210,7 +211,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
     with strategy.scope():
-        encoder = CIFLEncoder(channels=channels, features=features, ndim=len(shape), name="cifl_encoder")
+        encoder = CIFLEncoder(channels=channels, features=features, ndim=len(shape), architecture=architecture,
+                              name="cifl_encoder")
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
         model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
         model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights

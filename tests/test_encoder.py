@@ -6,16 +6,18 @@ import pytest
 
 import tensorflow as tf
 from cifl_tf import CIFLEncoder, L2Normalize, encoder_model, load_encoder, save_encoder
+from cifl_tf.encoder import CONTEXT_DILATIONS
 
 
 def images(shape, seed=0):
     return np.random.default_rng(seed).uniform(size=(*shape, 1)).astype(np.float32)
 
 
-@pytest.fixture(params=[(2, (2, 16, 12)), (3, (1, 8, 10, 6))], ids=["2d", "3d"])
+@pytest.fixture(params=[(2, (2, 16, 12), "paper"), (3, (1, 8, 10, 6), "paper"), (2, (2, 16, 12), "context"),
+                        (3, (1, 8, 10, 6), "context")], ids=["2d", "3d", "2d-context", "3d-context"])
 def encoder_and_images(request):
-    ndim, shape = request.param
-    return CIFLEncoder(channels=5, features=8, ndim=ndim), images(shape)
+    ndim, shape, architecture = request.param
+    return CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture), images(shape)
 
 
 def test_features_are_unit_vectors_per_pixel(encoder_and_images):
@@ -93,6 +95,7 @@ def test_load_encoder_errors(tmp_path, remove, config, error, message):
     (dict(features=-8), "features must be a positive integer, got -8"),
     (dict(ndim=1), "ndim must be 2 or 3, got 1"),
     (dict(ndim=4), "ndim must be 2 or 3, got 4"),
+    (dict(architecture="unet"), r"architecture must be one of \('paper', 'context'\), got 'unet'"),
 ])
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -103,3 +106,18 @@ def test_bad_arguments_raise(kwargs, message):
 def test_wrong_input_rank_raises(ndim, shape):
     with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects inputs of rank {ndim + 2}"):
         CIFLEncoder(channels=2, features=4, ndim=ndim)(np.zeros(shape, np.float32))
+
+
+def test_context_architecture_is_the_paper_path_plus_residual_dilated_convolutions():
+    paper = CIFLEncoder(channels=3, features=4, architecture="paper")
+    context = CIFLEncoder(channels=3, features=4, architecture="context")
+    x = images((1, 40, 40))
+    paper(x), context(x)
+    assert [conv.dilation_rate for conv in context.context] == [(rate, rate) for rate in CONTEXT_DILATIONS]
+    for mine, theirs in zip(context.convs, paper.convs):
+        mine.set_weights(theirs.get_weights())
+    assert not np.allclose(context(x), paper(x), atol=1e-3)
+    # With the context convolutions at zero, the residual block passes the local features on unchanged.
+    for conv in context.context:
+        conv.set_weights([np.zeros_like(w) for w in conv.get_weights()])
+    np.testing.assert_allclose(context(x), paper(x), atol=1e-6)

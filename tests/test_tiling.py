@@ -18,6 +18,12 @@ def test_receptive_radius_of_eight_3x3_convolutions_is_8(ndim, encoder_3d):
     assert tiling.receptive_radius(encoder) == 8
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_receptive_radius_of_the_context_architecture(ndim):
+    encoder = cifl_tf.CIFLEncoder(channels=2, features=2, ndim=ndim, architecture="context")
+    assert tiling.receptive_radius(encoder) == 8 + sum(cifl_tf.encoder.CONTEXT_DILATIONS)
+
+
 def test_receptive_radius_counts_kernel_size_and_dilation():
     class Dilated(cifl_tf.CIFLEncoder):  # eight 3x3 convolutions with dilation 2: 16 pixels
         def __init__(self, **kwargs):
@@ -37,7 +43,7 @@ class MinusImageMean(tf.keras.layers.Layer):
 
 
 def test_a_layer_that_looks_at_the_whole_image_cannot_be_tiled():
-    with pytest.raises(ValueError, match="reaches more than 32 pixels; it cannot be tiled"):
+    with pytest.raises(ValueError, match="reaches more than 40 pixels; it cannot be tiled"):
         tiling.receptive_radius(MinusImageMean())
 
 
