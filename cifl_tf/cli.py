@@ -75,13 +75,17 @@ def encoder_from_args(args, ndim):
     return load_encoder(args.encoder) if args.encoder else None
 
 
-def _add_encoder_args(p, required, default="none, the raw-intensity baseline"):
-    """Adds --encoder and --pretrained as a mutually exclusive group, and returns the group."""
-    group = p.add_mutually_exclusive_group(required=required)
-    group.add_argument("--encoder", default=None, help="CIFL encoder: weights file or train-encoder run folder"
-                       + ("" if required else f" (default: {default})"))
+_RECOMMENDED = "the recommended shipped encoder for the image's dimension, 2D or 3D (cifl_tf.pretrained(ndim=...))"
+
+
+def _add_encoder_args(p, default="none, the raw-intensity baseline"):
+    """Adds --encoder, --pretrained and --descriptor as a mutually exclusive group, and returns the group."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--encoder", default=None,
+                       help=f"CIFL encoder: weights file or train-encoder run folder (default: {default})")
     group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
-                       help=f"the shipped 2D encoder trained with tau_gamma TAU, one of {PRETRAINED_TAU_GAMMAS}")
+                       help=f"the shipped 2D encoder of the paper's sweep trained with tau_gamma TAU, one of "
+                            f"{PRETRAINED_TAU_GAMMAS}")
     group.add_argument("--descriptor", choices=VARIANTS, default=None,
                        help="a hand-made descriptor instead of an encoder: mind (MIND, Heinrich et al. 2012) or "
                             "ssc (MIND-SSC, Heinrich et al. 2013)")
@@ -166,7 +170,9 @@ def _normalized_batch(image):
 def _features(args):
     _nifti_output(args.output)
     image, affine, header = data.load_nifti(args.input)
-    encoder = encoder_from_args(args, image.ndim)
+    if image.ndim not in (2, 3):
+        raise data.DataError(f"{args.input}: features need a 2D or 3D image, got shape {header.get_data_shape()}")
+    encoder = encoder_from_args(args, image.ndim) or pretrained(ndim=image.ndim)
     if encoder.ndim != image.ndim:
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
                              f"the encoder takes {encoder.ndim}")
@@ -379,7 +385,7 @@ def _add_train_args(p, epochs, batch_size, learning_rate):
                    help="output folder: model.keras, log.csv, settings.json and checkpoints/ (for --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last finished epoch (same arguments)")
-    _add_encoder_args(p, required=False)
+    _add_encoder_args(p)
     p.add_argument("--dim", type=int, choices=(2, 3), default=2)
     p.add_argument("--contrast", default="t1", help="training images: t1, inverted, or an IXI contrast name")
     p.add_argument("--epochs", type=int, default=epochs)
@@ -442,10 +448,11 @@ def _parser():
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     p.set_defaults(run=_train_encoder)
 
-    p = commands.add_parser("features", help="CIFL feature image of a 2D slice or 3D volume (NIfTI)")
+    p = commands.add_parser("features", help="CIFL feature image of a 2D slice or 3D volume (NIfTI), by default "
+                                             "with the recommended shipped encoder")
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output C-channel feature image, .nii or .nii.gz")
-    _add_encoder_args(p, required=True)
+    _add_encoder_args(p, default=_RECOMMENDED)
     _add_memory_arg(p)
     p.set_defaults(run=_features)
 
@@ -462,7 +469,7 @@ def _parser():
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
     p.add_argument("--warp", default=None, help="output: the displacement field in voxels (*spatial, ndim)")
-    method = _add_encoder_args(p, required=False, default="--pretrained, the recommended shipped encoder")
+    method = _add_encoder_args(p, default=f"without --model, {_RECOMMENDED}")
     method.add_argument("--model", default=None, help="model.keras from train-reg (or its run folder) instead of "
                                                       "instance optimisation")
     method.add_argument("--intensity", choices=("ncc", "mi"), default=None,

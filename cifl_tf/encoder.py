@@ -147,19 +147,42 @@ def _config_path(weights_path):
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
+RECOMMENDED = {2: "recommended_2d", 3: "recommended_3d"}  # ndim -> the general-purpose encoder's file stem
 
 
 def pretrained_info():
-    """How each shipped encoder was made: {tau_gamma (str): command, steps, seed, final loss, seconds}."""
+    """How each shipped encoder was made, keyed by its name: the tau_gamma of the sweep ("1", "0.1",
+    "0.01") or a RECOMMENDED name ("recommended_2d", "recommended_3d").
+
+    Returns: {name: {"command", "steps", "seed", "final_loss", "wall_seconds", "settings" (train_encoder's
+    arguments), "machine"}}; the recommended encoders' entries also name the git "commit" they were trained at.
+    """
     with open(os.path.join(PRETRAINED_DIR, "encoders.json")) as f:
         return json.load(f)
 
 
-def pretrained(tau_gamma=0.1, trainable=False):
-    """A shipped 2D CIFLEncoder trained on synthetic shapes with the given tau_gamma, read offline.
+def pretrained(tau_gamma=None, ndim=2, trainable=False):
+    """A shipped CIFLEncoder trained on synthetic shapes only, read offline.
 
-    Returns a frozen encoder (unless `trainable`): (B, H, W, 1) -> (B, H, W, C); images in [0, 1].
+    Args:
+        tau_gamma: None for the recommended general-purpose encoder of `ndim`, or one of
+            PRETRAINED_TAU_GAMMAS for that 2D encoder of the paper's sweep (the paper's architecture).
+        ndim: 2 or 3.
+        trainable: False (the default) freezes the encoder.
+
+    Returns: a CIFLEncoder (B, *spatial, 1) -> (B, *spatial, C), spatial of `ndim` axes; images in [0, 1].
+    Raises: ValueError for another ndim or tau_gamma, or a tau_gamma with ndim 3 (only the recommended 3D
+        encoder ships).
     """
-    if tau_gamma not in PRETRAINED_TAU_GAMMAS:
-        raise ValueError(f"pretrained: tau_gamma must be one of {PRETRAINED_TAU_GAMMAS}, got {tau_gamma!r}")
-    return load_encoder(os.path.join(PRETRAINED_DIR, f"tau_gamma_{tau_gamma:g}.weights.h5"), trainable)
+    if ndim not in (2, 3):
+        raise ValueError(f"pretrained: ndim must be 2 or 3, got {ndim!r}")
+    if tau_gamma is None:
+        name = RECOMMENDED[ndim]
+    elif ndim != 2:
+        raise ValueError(f"pretrained: tau_gamma={tau_gamma!r} with ndim={ndim!r}: the tau_gamma sweep is 2D; "
+                         f"in 3D only the recommended encoder ships (tau_gamma=None)")
+    elif tau_gamma not in PRETRAINED_TAU_GAMMAS:
+        raise ValueError(f"pretrained: tau_gamma must be None or one of {PRETRAINED_TAU_GAMMAS}, got {tau_gamma!r}")
+    else:
+        name = f"tau_gamma_{tau_gamma:g}"
+    return load_encoder(os.path.join(PRETRAINED_DIR, f"{name}.weights.h5"), trainable)

@@ -191,9 +191,10 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
 
     Args:
         moving, fixed: (*spatial) arrays of one shape, 2D or 3D, finite, intensities in [0, 1].
-        encoder: "pretrained" (the shipped encoder of the images' ndim; 2D only for now), a
-            Keras layer (B, *spatial, 1) -> (B, *spatial, C) with ``ndim`` and ``channels``
-            attributes (a CIFLEncoder, a MIND descriptor), or None for the intensities.
+        encoder: "pretrained" (``pretrained(ndim=moving.ndim)``: the recommended shipped encoder of
+            the images' ndim, 2D or 3D), a Keras layer (B, *spatial, 1) -> (B, *spatial, C) with
+            ``ndim`` and ``channels`` attributes (a CIFLEncoder, a MIND descriptor), or None for the
+            intensities.
         similarity: "mse", "ncc" (local 9^ndim windows) or "mi" (mutual information, intensities
             only); default "ncc" for intensities, "mse" for features.
         reg_weight: weight of the smoothness term; default REG_WEIGHTS[similarity].
@@ -281,10 +282,7 @@ def _check_images(moving, fixed):
 
 def _check_encoder(encoder, ndim):
     if isinstance(encoder, str) and encoder == "pretrained":
-        if ndim != 2:
-            raise ValueError(f"register_pair: no pretrained {ndim}D encoder ships yet; pass encoder=None "
-                             f"(intensities), a descriptor such as MIND, or a {ndim}D CIFLEncoder")
-        return pretrained()
+        return pretrained(ndim=ndim)
     if encoder is None:
         return None
     tiling.check_layer(encoder)

@@ -14,7 +14,7 @@ def encoder_3d():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_receptive_radius_of_eight_3x3_convolutions_is_8(ndim, encoder_3d):
-    encoder = cifl_tf.pretrained() if ndim == 2 else encoder_3d
+    encoder = cifl_tf.pretrained(0.1) if ndim == 2 else encoder_3d
     assert tiling.receptive_radius(encoder) == 8
 
 
@@ -49,7 +49,7 @@ def test_a_layer_that_looks_at_the_whole_image_cannot_be_tiled():
 
 @pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((19, 23, 17), 20)])
 def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
-    encoder = cifl_tf.pretrained() if len(shape) == 2 else encoder_3d
+    encoder = cifl_tf.pretrained(0.1) if len(shape) == 2 else encoder_3d
     image = np.random.default_rng(0).random(shape).astype(np.float32)
     budget = tiling.bytes_per_pixel(encoder) * budget_side ** len(shape)
     core = tiling.tile_shape(shape, 8, tiling.bytes_per_pixel(encoder), budget)

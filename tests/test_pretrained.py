@@ -1,0 +1,70 @@
+"""The shipped encoders: pretrained() per ndim and tau_gamma, its errors, and their provenance (encoders.json)."""
+import csv
+import os
+import re
+
+import numpy as np
+import pytest
+
+import cifl_tf
+from cifl_tf.encoder import PRETRAINED_DIR, PRETRAINED_TAU_GAMMAS, RECOMMENDED, pretrained_info
+
+SWEEP_KEYS = ("1", "0.1", "0.01")
+RECOMMENDED_FIELDS = {"command", "steps", "seed", "final_loss", "wall_seconds", "settings", "machine", "commit"}
+
+
+@pytest.mark.parametrize("kwargs, key, shape", [
+    ({}, "recommended_2d", (1, 24, 20, 1)),
+    (dict(ndim=3), "recommended_3d", (1, 12, 10, 8, 1)),
+    (dict(tau_gamma=0.1), "0.1", (1, 24, 20, 1)),
+    (dict(tau_gamma=1.0, ndim=2), "1", (1, 24, 20, 1)),
+])
+def test_pretrained_is_the_frozen_encoder_that_encoders_json_describes(kwargs, key, shape):
+    encoder = cifl_tf.pretrained(**kwargs)
+    settings = pretrained_info()[key]["settings"]
+    assert isinstance(encoder, cifl_tf.CIFLEncoder) and not encoder.trainable
+    assert (encoder.ndim, encoder.channels, encoder.features, encoder.architecture) == (
+        len(settings["shape"]), settings["channels"], settings["features"], settings.get("architecture", "paper"))
+    features = encoder(np.random.default_rng(0).random(shape, np.float32)).numpy()
+    assert features.shape == (*shape[:-1], settings["channels"])
+    np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)
+
+
+def test_pretrained_positional_tau_gamma_and_trainable():
+    by_position, by_name = cifl_tf.pretrained(0.01), cifl_tf.pretrained(tau_gamma=0.01, trainable=True)
+    assert by_name.trainable and by_position.get_config() == by_name.get_config()
+    for a, b in zip(by_position.get_weights(), by_name.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ndim=1), r"ndim must be 2 or 3, got 1"),
+    (dict(ndim="3"), r"ndim must be 2 or 3, got '3'"),
+    (dict(tau_gamma=0.1, ndim=4), r"ndim must be 2 or 3, got 4"),
+    (dict(tau_gamma=0.5), r"tau_gamma must be None or one of \(1.0, 0.1, 0.01\), got 0.5"),
+    (dict(tau_gamma=0.1, ndim=3), r"tau_gamma=0.1 with ndim=3: .* in 3D only the recommended encoder ships"),
+])
+def test_pretrained_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cifl_tf.pretrained(**kwargs)
+
+
+def test_encoders_json_has_the_sweep_and_the_recommended_encoders():
+    info = pretrained_info()
+    assert sorted(info) == sorted((*SWEEP_KEYS, *RECOMMENDED.values()))
+    assert [float(key) for key in SWEEP_KEYS] == list(PRETRAINED_TAU_GAMMAS)
+    for name in RECOMMENDED.values():
+        entry = info[name]
+        assert set(entry) == RECOMMENDED_FIELDS, name
+        assert re.fullmatch(r"[0-9a-f]{7,40}", entry["commit"]), name
+        assert entry["steps"] == entry["settings"]["steps"] and entry["seed"] == entry["settings"]["seed"], name
+
+
+@pytest.mark.parametrize("key", [*SWEEP_KEYS, *RECOMMENDED.values()])
+def test_each_entry_has_its_files_and_the_final_loss_of_its_log(key):
+    stem = os.path.join(PRETRAINED_DIR, key if key in RECOMMENDED.values() else f"tau_gamma_{key}")
+    for suffix in (".weights.h5", ".json"):
+        assert os.path.isfile(stem + suffix), stem + suffix
+    with open(stem + ".log.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["loss"]) == pytest.approx(pretrained_info()[key]["final_loss"], rel=1e-6)
