@@ -464,7 +464,8 @@ def _parser():
     p.set_defaults(run=_segment)
 
     p = commands.add_parser("register", help="register a moving image to a fixed image: instance optimisation "
-                                             "(no training), or a trained model with --model")
+                                             "(no training; by default on the features of the recommended shipped "
+                                             "encoder), or a trained model with --model")
     p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz (resampled onto the fixed grid)")
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
