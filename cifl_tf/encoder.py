@@ -147,12 +147,12 @@ def _config_path(weights_path):
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
-RECOMMENDED = {2: "recommended_2d", 3: "recommended_3d"}  # ndim -> the general-purpose encoder's file stem
+PRETRAINED_RECOMMENDED = {2: "recommended_2d", 3: "recommended_3d"}  # ndim -> general-purpose encoder's name
 
 
 def pretrained_info():
     """How each shipped encoder was made, keyed by its name: the tau_gamma of the sweep ("1", "0.1",
-    "0.01") or a RECOMMENDED name ("recommended_2d", "recommended_3d").
+    "0.01") or a PRETRAINED_RECOMMENDED name ("recommended_2d", "recommended_3d").
 
     Returns: {name: {"command", "steps", "seed", "final_loss", "wall_seconds", "settings" (train_encoder's
     arguments), "machine"}}; the recommended encoders' entries also name the git "commit" they were trained at.
@@ -177,7 +177,7 @@ def pretrained(tau_gamma=None, ndim=2, trainable=False):
     if ndim not in (2, 3):
         raise ValueError(f"pretrained: ndim must be 2 or 3, got {ndim!r}")
     if tau_gamma is None:
-        name = RECOMMENDED[ndim]
+        name = PRETRAINED_RECOMMENDED[ndim]
     elif ndim != 2:
         raise ValueError(f"pretrained: tau_gamma={tau_gamma!r} with ndim={ndim!r}: the tau_gamma sweep is 2D; "
                          f"in 3D only the recommended encoder ships (tau_gamma=None)")

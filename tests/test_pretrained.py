@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cifl_tf
-from cifl_tf.encoder import PRETRAINED_DIR, PRETRAINED_TAU_GAMMAS, RECOMMENDED, pretrained_info
+from cifl_tf.encoder import PRETRAINED_DIR, PRETRAINED_RECOMMENDED, PRETRAINED_TAU_GAMMAS, pretrained_info
 
 SWEEP_KEYS = ("1", "0.1", "0.01")
 RECOMMENDED_FIELDS = {"command", "steps", "seed", "final_loss", "wall_seconds", "settings", "machine", "commit"}
@@ -52,18 +52,19 @@ def test_pretrained_rejects_bad_arguments(kwargs, message):
 
 def test_encoders_json_has_the_sweep_and_the_recommended_encoders():
     info = pretrained_info()
-    assert sorted(info) == sorted((*SWEEP_KEYS, *RECOMMENDED.values()))
+    assert sorted(info) == sorted((*SWEEP_KEYS, *PRETRAINED_RECOMMENDED.values()))
     assert [float(key) for key in SWEEP_KEYS] == list(PRETRAINED_TAU_GAMMAS)
-    for name in RECOMMENDED.values():
+    for name in PRETRAINED_RECOMMENDED.values():
         entry = info[name]
         assert set(entry) == RECOMMENDED_FIELDS, name
         assert re.fullmatch(r"[0-9a-f]{7,40}", entry["commit"]), name
         assert entry["steps"] == entry["settings"]["steps"] and entry["seed"] == entry["settings"]["seed"], name
 
 
-@pytest.mark.parametrize("key", [*SWEEP_KEYS, *RECOMMENDED.values()])
+@pytest.mark.parametrize("key", [*SWEEP_KEYS, *PRETRAINED_RECOMMENDED.values()])
 def test_each_entry_has_its_files_and_the_final_loss_of_its_log(key):
-    stem = os.path.join(PRETRAINED_DIR, key if key in RECOMMENDED.values() else f"tau_gamma_{key}")
+    recommended = key in PRETRAINED_RECOMMENDED.values()
+    stem = os.path.join(PRETRAINED_DIR, key if recommended else f"tau_gamma_{key}")
     for suffix in (".weights.h5", ".json"):
         assert os.path.isfile(stem + suffix), stem + suffix
     with open(stem + ".log.csv") as f:
