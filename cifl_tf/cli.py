@@ -44,6 +44,16 @@ def _shape(text):
     return shape
 
 
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"tie_prob\": 0.5}}', got {text!r}")
+    return value
+
+
 def _train_encoder(args):
     if args.resume:  # the run goes on with the settings it was started with
         settings = read_settings(args.out)
@@ -56,7 +66,7 @@ def _train_encoder(args):
                         tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
                         learning_rate=args.learning_rate, seed=args.seed,
-                        steps_per_epoch=args.steps_per_epoch)
+                        steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 
@@ -440,6 +450,8 @@ def _parser():
     p.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"],
                    help="random offset between the two views (0: voxel-aligned, the paper's ablation)")
     p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
+    p.add_argument("--synth", type=_json_object, default={}, metavar="JSON",
+                   help='synthesis arguments of cifl_tf.synth.ShapesSynth, e.g. \'{"tie_prob": 0.5}\'')
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",

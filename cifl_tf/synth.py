@@ -30,7 +30,8 @@ RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(ne.models.la
                    if name in ("mean_min", "mean_max", "std_min", "std_max", "zero_background", "bias_res",
                                "bias_std", "bias_modulate", "blur_std", "blur_modulate", "normalize",
                                "gamma_std", "dc_offset")}
-_RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset")
+_RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset", "tie", "partner",
+                 "jitter")
 
 
 def _positive_ints(name, values):
@@ -104,6 +105,10 @@ class ShapesSynth:
         label_std: upper bound on each scale's noise SD (drawn per sample).
         warp_std: upper bound on the SD of the random velocity field (in pixels); 0 disables the warp.
         warp_scales: Perlin scales of that velocity field.
+        tie_prob: chance that a label's mean intensity, in one render, is tied to another label's mean
+            plus a jitter of at most `tie_jitter` (of 255): tissues nearly equal in one contrast and not
+            in the other, as GM and WM are in PD, so that the features must not rest on strong edges alone.
+        tie_jitter: largest difference of a tied label's mean from its partner's.
         seed: integer for reproducible draws; None draws differently every time.
         **render_kwargs: the intensity arguments of ``ne.models.labels_to_image``, with its
             defaults (RENDER_DEFAULTS): mean_min, mean_max, std_min, std_max, zero_background,
@@ -112,7 +117,7 @@ class ShapesSynth:
     """
 
     def __init__(self, shape, num_labels=16, label_scales=(8, 16, 32, 64), label_std=1.0,
-                 warp_std=2.0, warp_scales=(16, 32), seed=None, **render_kwargs):
+                 warp_std=2.0, warp_scales=(16, 32), tie_prob=0.0, tie_jitter=10.0, seed=None, **render_kwargs):
         self.shape = _positive_ints("shape", shape)
         if len(self.shape) not in (2, 3):
             raise ValueError(f"shape must be 2D or 3D, got {self.shape!r}")
@@ -120,7 +125,9 @@ class ShapesSynth:
             raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
         self.label_scales = _positive_ints("label_scales", label_scales)
         self.warp_scales = _positive_ints("warp_scales", warp_scales)
-        for name, value in (("label_std", label_std), ("warp_std", warp_std)):
+        if isinstance(tie_prob, bool) or not isinstance(tie_prob, (int, float)) or not 0 <= tie_prob <= 1:
+            raise ValueError(f"tie_prob must be a number in [0, 1], got {tie_prob!r}")
+        for name, value in (("label_std", label_std), ("warp_std", warp_std), ("tie_jitter", tie_jitter)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         unknown = sorted(set(render_kwargs) - set(RENDER_DEFAULTS))
@@ -128,6 +135,7 @@ class ShapesSynth:
             raise ValueError(f"ShapesSynth does not take {unknown}: of labels_to_image's arguments it takes "
                              f"the intensity ones {sorted(RENDER_DEFAULTS)}; the two renders stay voxel-aligned")
         self.num_labels, self.label_std, self.warp_std = num_labels, label_std, warp_std
+        self.tie_prob, self.tie_jitter = tie_prob, tie_jitter
         self.seed = stream_seed(seed)
         self.render_args = {**RENDER_DEFAULTS, **render_kwargs}
 
@@ -155,6 +163,8 @@ class ShapesSynth:
         low_std = [0] + [5] * (num - 1) if args["std_min"] is None else args["std_min"]
         high_std = [25] * num if args["std_max"] is None else args["std_max"]
         mean = _uniform(keys["mean"], (batch_size, num), np.float32(low_mean), np.float32(high_mean))
+        if self.tie_prob > 0:
+            mean = self._tie(keys, mean)
         std = _uniform(keys["std"], (batch_size, num), np.float32(low_std), np.float32(high_std))
         image = (tf.random.stateless_normal(labels.shape, keys["noise"]) * tf.gather(std, labels, batch_dims=1)
                  + tf.gather(mean, labels, batch_dims=1))
@@ -179,6 +189,17 @@ class ShapesSynth:
         if args["dc_offset"] > 0:
             image += _uniform(keys["dc_offset"], per_image, 0, args["dc_offset"])
         return image
+
+    def _tie(self, keys, mean):
+        """`mean` (B, J) with each foreground label, at chance tie_prob, moved to within tie_jitter of a
+        random other label's mean (the background keeps its own)."""
+        shape = mean.shape
+        tied = tf.random.stateless_uniform(shape, keys["tie"]) < self.tie_prob
+        tied = tf.logical_and(tied, tf.range(shape[1]) > 0)
+        partner = tf.random.stateless_uniform(shape, keys["partner"], 1, shape[1], dtype=tf.int32)
+        near = tf.gather(mean, partner, batch_dims=1) + _uniform(keys["jitter"], shape, -self.tie_jitter,
+                                                                 self.tie_jitter)
+        return tf.where(tied, near, mean)
 
     def __call__(self, index, batch_size):
         """Batch `index` of the stream: label maps (B, *shape, 1) and their two renders x1, x2, each

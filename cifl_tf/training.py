@@ -197,6 +197,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
+    CIFLEncoder(channels=channels, features=features, ndim=len(shape), architecture=architecture)
+    ShapesSynth(shape, **(synth_kwargs or {}))  # both check their arguments before anything is written
     steps_per_epoch = min(steps_per_epoch, steps)  # else a short run would train a whole epoch
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
                     features=features, architecture=architecture, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
