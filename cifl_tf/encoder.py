@@ -87,6 +87,12 @@ class CIFLEncoder(KL.Layer):
             x = x + self.activation(conv(x))  # residual: the local features stay, context is added
         return self.normalize(self.convs[-1](x))
 
+    @property
+    def receptive_radius(self):
+        """Pixels, along each axis, that the output at a pixel sees on either side: 8 for the paper's
+        eight 3x3 convolutions, 38 with context (tiling needs it; measuring it would miss dead ReLUs)."""
+        return sum(conv.dilation_rate[0] * (conv.kernel_size[0] // 2) for conv in self.convs + self.context)
+
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
 

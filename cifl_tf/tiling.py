@@ -21,10 +21,16 @@ _LIVE_ACTIVATIONS = 3
 
 
 def receptive_radius(layer):
-    """How far, in pixels, the layer's output at a pixel looks into its input (its receptive field).
+    """How far, in pixels, the layer's output at a pixel looks into its input (its receptive field):
+    the layer's own ``receptive_radius`` where it states one (CIFLEncoder), else `measured_radius`."""
+    stated = getattr(layer, "receptive_radius", None)
+    return measured_radius(layer) if stated is None else stated
 
-    Measured on the layer itself, so that it holds for any layer (CIFLEncoder, MIND, ...): the
-    pixels of a random input on which the output at the centre has a nonzero gradient.
+
+def measured_radius(layer):
+    """The receptive radius measured on the layer itself, so that it holds for any layer (MIND, ...):
+    the pixels of a random input on which the output at the centre has a nonzero gradient. A ReLU
+    that is off at every probed path hides pixels, so layers with ReLUs had better state theirs.
 
     Args:
         layer: Keras layer (B, *spatial, 1) -> (B, *spatial, C) with an ``ndim`` attribute.
@@ -50,7 +56,7 @@ def receptive_radius(layer):
     reached = np.argwhere(centre_gradient(image).numpy()[0, ..., 0] != 0)
     radius = int(np.abs(reached - size // 2).max()) if len(reached) else 0
     if radius > _PROBE_RADIUS:
-        raise ValueError(f"receptive_radius: the receptive field of {layer.name} reaches more than "
+        raise ValueError(f"measured_radius: the receptive field of {layer.name} reaches more than "
                          f"{_PROBE_RADIUS} pixels; it cannot be tiled")
     return radius
 
