@@ -31,8 +31,8 @@ RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(ne.models.la
                    if name in ("mean_min", "mean_max", "std_min", "std_max", "zero_background", "bias_res",
                                "bias_std", "bias_modulate", "blur_std", "blur_modulate", "normalize",
                                "gamma_std", "dc_offset")}
-# Voxels of the grid that integrates the warp per cell of its finest Perlin scale (ShapesSynth.displacement).
-VELOCITY_CELL = 8
+# Grid voxels per cell of the finest Perlin scale of a field that _coarse_grid keeps.
+CELL_VOXELS = 4
 _RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset")
 
 
@@ -77,6 +77,18 @@ def _resize(images, shape):
         columns = tf.compat.v1.image.resize(columns, (size, 1), align_corners=True)
         images = tf.reshape(columns, (*dims[:axis], size, *dims[axis + 1:]))
     return images
+
+
+def _coarse_grid(shape, scales):
+    """The spatial shape, corners aligned with `shape`'s, on which noise of Perlin `scales` is
+    computed before one linear upsampling: such noise is linear across cells of min(scales) voxels,
+    and CELL_VOXELS grid voxels per cell resolve it (the difference shows at kinks between cells)."""
+    return tuple((np.array(shape) - 1) // max(1, min(scales) // CELL_VOXELS) + 1)
+
+
+def _spacing(shape, grid):
+    """(ndim,) float32: voxels of `shape` per voxel of `grid`, whose corners are shape's."""
+    return np.float32(np.maximum(np.array(shape) - 1, 1) / np.maximum(np.array(grid) - 1, 1))
 
 
 def _perlin(key, batch_size, shape, scales, min_std, max_std, grid=None):
@@ -145,29 +157,33 @@ class ShapesSynth:
         self.render_args = {**RENDER_DEFAULTS, **render_kwargs}
 
     def label_map(self, key, batch_size):
-        """Random-shape label maps drawn from `key`, (B, *shape, 1) int32 in [0, num_labels)."""
+        """Random-shape label maps drawn from `key`, (B, *shape, 1) int32 in [0, num_labels).
+
+        The noise is warped on a coarser grid (_coarse_grid of label_scales) and upsampled once.
+        """
         keys = _split(key, ("labels", "warp"))
+        grid = _coarse_grid(self.shape, self.label_scales)
         noise = _perlin(keys["labels"], batch_size, (*self.shape, self.num_labels), self.label_scales,
-                        0, self.label_std)
+                        0, self.label_std, grid=grid)
         if self.warp_std > 0:
-            noise = spatial_transform(noise, self.displacement(keys["warp"], batch_size))
+            noise = spatial_transform(noise, self.displacement(keys["warp"], batch_size, grid))
+        noise = _resize(noise, self.shape)
         return tf.argmax(noise, axis=-1, output_type=tf.int32)[..., tf.newaxis]
 
-    def displacement(self, key, batch_size):
-        """The random smooth warps drawn from `key`, (B, *shape, ndim) in voxels: Perlin velocity fields
-        (warp_scales, SD up to warp_std) integrated by scaling and squaring in 5 steps.
+    def displacement(self, key, batch_size, grid=None):
+        """The random smooth warps drawn from `key`: Perlin velocity fields (warp_scales, SD up to
+        warp_std voxels) integrated by scaling and squaring in 5 steps, (B, *grid, ndim) in voxels of
+        `grid` (a spatial shape whose corners are `shape`'s; default `shape`).
 
-        As VxmDense does with int_downsize, the field is integrated on a coarser grid and upsampled:
-        the velocity is piecewise linear over cells of min(warp_scales) voxels, which a grid of
-        VELOCITY_CELL voxels per cell resolves, at a fraction of the interpolations.
+        As VxmDense does with int_downsize, the field is integrated on a coarser grid (_coarse_grid
+        of warp_scales) and upsampled.
         """
-        shape = np.array(self.shape)
-        coarse = (shape - 1) // max(1, min(self.warp_scales) // VELOCITY_CELL) + 1
-        spacing = np.maximum(shape - 1, 1) / np.maximum(coarse - 1, 1)  # voxels per coarse voxel, per axis
+        grid = self.shape if grid is None else grid
+        coarse = _coarse_grid(self.shape, self.warp_scales)
         velocity = _perlin(key, batch_size, (*self.shape, len(self.shape)), self.warp_scales, 0, self.warp_std,
                            grid=coarse)
-        displacement = integrate_velocity(velocity / np.float32(spacing), steps=5)
-        return _resize(displacement, self.shape) * np.float32(spacing)
+        displacement = integrate_velocity(velocity / _spacing(self.shape, coarse), steps=5)
+        return _resize(displacement, grid) * (_spacing(self.shape, coarse) / _spacing(self.shape, grid))
 
     def render(self, key, labels):
         """One random contrast of label maps (B, *shape, 1), drawn from `key` as labels_to_image
