@@ -15,10 +15,9 @@ a key folded from (seed, k), and reuses neurite's deterministic parts (separable
 min-max normalisation) and voxelmorph's integration and transform, batched (cifl_tf.transform).
 Batches can then be made in parallel, for a whole batch at once, and a stream can start at any batch.
 
-Speed: a training step spends under 5% of its time here (bench/train_step.py). Perlin noise is
-upsampled with tf.image's native linear resize rather than neurite's gathers, and the label noise
-is warped, and the velocity integrated, on coarser grids (CELL_VOXELS per cell of the finest noise
-scale), then upsampled, as VxmDense integrates at int_downsize.
+Speed: Perlin noise is upsampled with tf.image's native linear resize rather than neurite's
+gathers, and the warp is integrated on a coarser grid (CELL_VOXELS per cell of its finest noise
+scale) and upsampled, as VxmDense integrates at int_downsize.
 """
 import inspect
 import sys
@@ -36,8 +35,8 @@ RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(ne.models.la
                    if name in ("mean_min", "mean_max", "std_min", "std_max", "zero_background", "bias_res",
                                "bias_std", "bias_modulate", "blur_std", "blur_modulate", "normalize",
                                "gamma_std", "dc_offset")}
-# Grid voxels per cell of the finest Perlin scale of a field that _coarse_grid keeps.
-CELL_VOXELS = 4
+# Grid voxels per cell of the finest Perlin scale of the velocity field that _coarse_grid keeps.
+CELL_VOXELS = 8
 _RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset")
 
 
@@ -85,9 +84,10 @@ def _resize(images, shape):
 
 
 def _coarse_grid(shape, scales):
-    """The spatial shape, corners aligned with `shape`'s, on which noise of Perlin `scales` is
-    computed before one linear upsampling: such noise is linear across cells of min(scales) voxels,
-    and CELL_VOXELS grid voxels per cell resolve it (the difference shows at kinks between cells)."""
+    """The spatial shape, corners aligned with `shape`'s, on which a field of Perlin `scales` is
+    integrated before one linear upsampling: such a field is linear across cells of min(scales)
+    voxels, and CELL_VOXELS grid voxels per cell resolve it. Not for the label noise: on a grid of
+    4 voxels per cell, its label maps had 6-8% fewer regions (their kinks between cells matter)."""
     return tuple((np.array(shape) - 1) // max(1, min(scales) // CELL_VOXELS) + 1)
 
 
@@ -162,33 +162,27 @@ class ShapesSynth:
         self.render_args = {**RENDER_DEFAULTS, **render_kwargs}
 
     def label_map(self, key, batch_size):
-        """Random-shape label maps drawn from `key`, (B, *shape, 1) int32 in [0, num_labels).
-
-        The noise is warped on a coarser grid (_coarse_grid of label_scales) and upsampled once.
-        """
+        """Random-shape label maps drawn from `key`, (B, *shape, 1) int32 in [0, num_labels)."""
         keys = _split(key, ("labels", "warp"))
-        grid = _coarse_grid(self.shape, self.label_scales)
         noise = _perlin(keys["labels"], batch_size, (*self.shape, self.num_labels), self.label_scales,
-                        0, self.label_std, grid=grid)
+                        0, self.label_std)
         if self.warp_std > 0:
-            noise = spatial_transform(noise, self.displacement(keys["warp"], batch_size, grid))
+            noise = spatial_transform(noise, self.displacement(keys["warp"], batch_size))
         # top_k(1) is argmax (ties go to the lower index) at half the cost of tf.argmax's reduction here.
-        return tf.math.top_k(_resize(noise, self.shape), 1).indices
+        return tf.math.top_k(noise, 1).indices
 
-    def displacement(self, key, batch_size, grid=None):
-        """The random smooth warps drawn from `key`: Perlin velocity fields (warp_scales, SD up to
-        warp_std voxels) integrated by scaling and squaring in 5 steps, (B, *grid, ndim) in voxels of
-        `grid` (a spatial shape whose corners are `shape`'s; default `shape`).
+    def displacement(self, key, batch_size):
+        """The random smooth warps drawn from `key`, (B, *shape, ndim) in voxels: Perlin velocity fields
+        (warp_scales, SD up to warp_std) integrated by scaling and squaring in 5 steps.
 
-        As VxmDense does with int_downsize, the field is integrated on a coarser grid (_coarse_grid
-        of warp_scales) and upsampled.
+        As VxmDense does with int_downsize, the field is integrated on a coarser grid (_coarse_grid)
+        and upsampled.
         """
-        grid = self.shape if grid is None else grid
         coarse = _coarse_grid(self.shape, self.warp_scales)
+        spacing = _spacing(self.shape, coarse)
         velocity = _perlin(key, batch_size, (*self.shape, len(self.shape)), self.warp_scales, 0, self.warp_std,
                            grid=coarse)
-        displacement = integrate_velocity(velocity / _spacing(self.shape, coarse), steps=5)
-        return _resize(displacement, grid) * (_spacing(self.shape, coarse) / _spacing(self.shape, grid))
+        return _resize(integrate_velocity(velocity / spacing, steps=5), self.shape) * spacing
 
     def render(self, key, labels):
         """One random contrast of label maps (B, *shape, 1), drawn from `key` as labels_to_image
