@@ -36,7 +36,7 @@ RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(ne.models.la
                                "bias_std", "bias_modulate", "blur_std", "blur_modulate", "normalize",
                                "gamma_std", "dc_offset")}
 # Grid voxels per cell of the finest Perlin scale of the velocity field that _coarse_grid keeps.
-CELL_VOXELS = 8
+CELL_VOXELS = 4
 _RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset")
 
 

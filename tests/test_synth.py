@@ -176,10 +176,10 @@ def test_resize_is_linear_interpolation_with_aligned_corners(small, big):
 
 
 @pytest.mark.parametrize("shape, scales, grid", [
-    ((112, 112), (16, 32), (56, 56)),             # 2 voxels per grid voxel
-    ((40, 41, 40), (32, 64), (10, 11, 10)),       # 4: corners aligned, (41 - 1) / 4 + 1
-    ((32, 32), (2, 4, 8), (32, 32)),              # up to CELL_VOXELS per cell: full resolution
-    ((1, 9), (16,), (1, 5)),
+    ((112, 112), (16, 32), (28, 28)),             # 4 voxels per grid voxel
+    ((40, 41, 40), (8, 64), (20, 21, 20)),        # 2: corners aligned, (41 - 1) / 2 + 1
+    ((32, 32), (2, 4), (32, 32)),                 # under CELL_VOXELS per cell: full resolution
+    ((1, 9), (16,), (1, 3)),
 ])
 def test_coarse_grid_keeps_cell_voxels_per_finest_cell(shape, scales, grid):
     from cifl_tf.synth import _coarse_grid, _spacing
