@@ -158,3 +158,48 @@ def test_perlin_noise_scales_and_sds():
     np.testing.assert_allclose(coarse, np.broadcast_to(coarse[:, :1, :1], coarse.shape), atol=1e-6)
     modulated = _perlin(key, 64, (16, 16, 1), (1,), 0, 2).numpy().std(axis=(1, 2, 3))  # per-sample SD ~ U(0, 2)
     assert modulated.min() < 0.3 and 1.7 < modulated.max() < 2.2
+
+
+@pytest.mark.parametrize("small, big", [((3, 4), (32, 30)), ((2, 3, 4), (9, 16, 7)), ((1, 5), (4, 9)), ((6, 6), (6, 6))])
+def test_resize_is_linear_interpolation_with_aligned_corners(small, big):
+    import neurite as ne
+    from cifl_tf.synth import _resize
+
+    images = np.random.default_rng(0).standard_normal((2, *small, 3)).astype(np.float32)
+    expected = images
+    for axis, (n, m) in enumerate(zip(small, big), start=1):  # 1D linear interpolation, x_new = linspace(0, n - 1, m)
+        expected = np.apply_along_axis(lambda v: np.interp(np.linspace(0, n - 1, m), np.arange(n), v), axis, expected)
+    resized = _resize(tf.constant(images), big).numpy()
+    np.testing.assert_allclose(resized, expected, rtol=1e-5, atol=1e-5)
+    neurites = [ne.utils.resize(tf.constant(image), [m / n for m, n in zip(big, small)]).numpy() for image in images]
+    np.testing.assert_allclose(resized, neurites, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, scales, grid", [
+    ((112, 112), (16, 32), (28, 28)),             # 4 voxels per grid voxel
+    ((40, 41, 40), (8, 64), (20, 21, 20)),        # 2: corners aligned, (41 - 1) / 2 + 1
+    ((32, 32), (2, 4), (32, 32)),                 # under CELL_VOXELS per cell: full resolution
+    ((1, 9), (16,), (1, 3)),
+])
+def test_coarse_grid_keeps_cell_voxels_per_finest_cell(shape, scales, grid):
+    from cifl_tf.synth import _coarse_grid, _spacing
+
+    assert _coarse_grid(shape, scales) == grid
+    np.testing.assert_allclose(_spacing(shape, grid), [max(s - 1, 1) / max(g - 1, 1) for s, g in zip(shape, grid)])
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (24, 24, 24)], ids=["2d", "3d"])
+def test_coarse_grids_draw_what_full_resolution_draws(shape, monkeypatch):
+    """The warp integrated on a coarse grid and upsampled agrees with the same draws integrated at full
+    resolution (CELL_VOXELS so large that the grid is the full one), and so do the label maps it warps."""
+    from cifl_tf import synth
+
+    synthesiser = ShapesSynth(shape, seed=0)
+    key = batch_key(0, 0, 0)
+    coarse = synthesiser.displacement(key, 4).numpy(), synthesiser.label_map(key, 4).numpy()
+    monkeypatch.setattr(synth, "CELL_VOXELS", 10 ** 6)
+    displacement, labels = synthesiser.displacement(key, 4).numpy(), synthesiser.label_map(key, 4).numpy()
+    size = np.sqrt(np.mean(displacement ** 2))
+    assert size > 0.5
+    assert np.sqrt(np.mean((coarse[0] - displacement) ** 2)) < 0.06 * size
+    assert np.mean(coarse[1] == labels) > 0.97
