@@ -18,7 +18,7 @@ import tensorflow as tf
 from . import data
 from .data import write_json
 from .descriptors import MIND
-from .encoder import PRETRAINED_TAU_GAMMAS, pretrained, pretrained_info
+from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
 from .training import train_encoder
@@ -88,7 +88,8 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
         _announce(f"segmentation, {name}", verbose)
         tf.keras.utils.set_random_seed(seed)
         model = segmentation_model(images.shape[1:-1], nb_labels, encoder, **unet_kwargs)
-        model.fit(images, onehot, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
+        model.head().fit(_encoded(encoder, images), onehot, epochs=epochs, batch_size=batch_size, shuffle=True,
+                         verbose=verbose)
         results[name] = {contrast: evaluate_segmentation(model, _channel_last(x), y)
                          for contrast, (x, y) in tests.items()}
         trained[name] = model
@@ -113,8 +114,8 @@ def registration_row(train_images, tests, methods, epochs=10, steps_per_epoch=10
         _announce(f"registration, {name}", verbose)
         tf.keras.utils.set_random_seed(seed)
         model = registration_model(images.shape[1:-1], encoder, **vxm_kwargs)
-        model.fit(pair_batches(images, batch_size, seed), epochs=epochs, steps_per_epoch=steps_per_epoch,
-                  verbose=verbose)
+        model.head().fit(pair_batches(_encoded(encoder, images), batch_size, seed), epochs=epochs,
+                         steps_per_epoch=steps_per_epoch, verbose=verbose)
         results[name] = {test: evaluate_registration(model, *(_channel_last(a) for a in pairs[:2]), *pairs[2:])
                          for test, pairs in tests.items()}
         trained[name] = model
@@ -387,6 +388,15 @@ def _split_arg(text):
 def _channel_last(images):
     images = np.asarray(images, np.float32)
     return images if images.shape[-1] == 1 and images.ndim >= 4 else images[..., np.newaxis]
+
+
+def _encoded(encoder, images, batch_size=8):
+    """The frozen encoder's features of images (N, *shape, 1) -> (N, *shape, C), computed once, so that the
+    models train on them (``head``) instead of encoding every image again in every epoch; the images
+    themselves without an encoder."""
+    if encoder is None:
+        return images
+    return encoder_model(encoder).predict(images, batch_size=batch_size, verbose=0)
 
 
 def _announce(what, verbose):
