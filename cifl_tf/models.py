@@ -285,8 +285,8 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
 
     def head(self):
         """The network after the encoder, compiled as this model is: [moving features, fixed features],
-        each (B, *inshape, F), -> [moved features, field], with this model's loss; F is the encoder's channels
-        (1 without one). It shares this model's weights and optimizer, so fitting it on features encoded
+        each (B, *inshape, F), -> [moved features, field, loss], the loss also added as this model adds it;
+        F is the encoder's channels (1 without one). It shares this model's weights and optimizer, so fitting it on features encoded
         once (the encoder is frozen) trains this model."""
         sources = [self.references.source, self.references.target]
         # Keras gives a model built from intermediate tensors Inputs of its own, and the loss is kept
