@@ -73,6 +73,8 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
                      **unet_kwargs):
     """Trains ``segmentation_model`` per method on `train` and scores it on each test contrast.
 
+    The frozen encoder encodes the training images once; the model's ``head`` trains on those features.
+
     Args:
         train: (images (N, H, W[, 1]) in [0, 1], labels (N, H, W) int) of the training contrast.
         tests: {contrast: (images, labels)} of the test subjects.
@@ -99,6 +101,8 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
 def registration_row(train_images, tests, methods, epochs=10, steps_per_epoch=100, batch_size=4, seed=0,
                      verbose=1, **vxm_kwargs):
     """Trains ``registration_model`` per method on T1 pairs and scores each test pairing.
+
+    The frozen encoder encodes the training images once; the model's ``head`` trains on pairs of those features.
 
     Args:
         train_images: (N, H, W[, 1]) T1 images in [0, 1]; random pairs of them train the model.
@@ -128,8 +132,8 @@ def cross_subject_pairs(moving, fixed, moving_labels, fixed_labels):
 
 
 # Sizes of a run: subjects of demo data, segmentation epochs, registration epochs x steps and learning rate,
-# encoder steps with --train-encoders. "paper" applies to a data folder, "demo" without one (`cifl demo`
-# fits in 10 minutes on 2 CPU cores), "quick" is a smoke run.
+# encoder steps with --train-encoders. "paper" applies to a data folder, "demo" without one (`cifl demo`'s
+# budget: 6 minutes on 2 CPU cores), "quick" is a smoke run.
 SIZES = {
     "paper": dict(subjects=None, seg_epochs=50, reg_epochs=20, reg_steps=100, reg_learning_rate=1e-4,
                   encoder_steps=3000),
