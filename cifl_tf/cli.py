@@ -430,7 +430,8 @@ def _parser():
     p.add_argument("--3d", dest="three_d", action="store_true",
                    help="3D volumes registered without training across T1, T2-like and PD-like, in minutes")
     p.add_argument("--encoder", default=None,
-                   help="with --3d: a 3D CIFL encoder (weights file or train-encoder run folder) to compare")
+                   help="with --3d: the 3D CIFL encoder to compare (weights file or train-encoder run folder) "
+                        "instead of the recommended shipped one")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train-encoder", help="train a CIFL encoder on synthetic shapes")

@@ -1,8 +1,9 @@
 """`cifl demo`: CIFL against the intensity baseline on demo brains, offline, in minutes on a CPU.
 
-With the MIND descriptor and the shipped encoders (one per tau_gamma), it trains a UNet and a VxmDense
-per method (and on raw intensities, the baseline) on T1 slices of the MNI-based demo dataset (``demo_data``), scores them on T1 and on the contrasts they
-never saw (inverted T1, T2-like, PD-like), prints the tables and writes results and figures.
+It trains a UNet and a VxmDense per method on T1 slices of the MNI-based demo dataset (``demo_data``): on raw
+intensities (the baseline), on the MIND descriptor, on the paper's encoder (tau_gamma=0.1) and on the
+recommended encoder (``pretrained()``); it scores them on T1 and on the contrasts they never saw (inverted T1,
+T2-like, PD-like), prints the tables and writes results and figures.
 """
 import json
 import os
@@ -11,10 +12,17 @@ import time
 import numpy as np
 
 from . import demo_data, experiments, figures, machine
-from .encoder import PRETRAINED_DIR, PRETRAINED_TAU_GAMMAS, pretrained
+from .encoder import pretrained, pretrained_log
 from .evaluate import segment
 from .models import warp
 
+PAPER_CIFL, CIFL = "CIFL (paper, tau_gamma=0.1)", "CIFL"
+ENCODERS = {PAPER_CIFL: dict(tau_gamma=0.1), CIFL: {}}  # column -> the shipped encoder's `pretrained` arguments
+
+
+def methods():
+    """The compared methods, {name: frozen encoder or None}: the baseline, MIND, then ENCODERS."""
+    return {**experiments.methods(tau_gammas=()), **{name: pretrained(**which) for name, which in ENCODERS.items()}}
 
 
 def _task_table(title, results, tests):
@@ -39,17 +47,17 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
     train = np.arange(n_subjects // 2)
     test = np.arange(len(train), n_subjects)
     labels = data.labels
-    methods = experiments.methods()
+    compared = methods()
 
     seg, seg_models = experiments.segmentation_row(
         (data.inputs("t1")[train], labels[train]),
         {c: (data.inputs(c)[test], labels[test]) for c in demo_data.CONTRASTS},
-        nb_labels=len(demo_data.LABEL_NAMES), methods=methods, epochs=sizes["seg_epochs"], seed=seed, verbose=verbose)
+        nb_labels=len(demo_data.LABEL_NAMES), methods=compared, epochs=sizes["seg_epochs"], seed=seed, verbose=verbose)
     reg_tests = {f"t1->{c}": experiments.cross_subject_pairs(data.inputs("t1")[test], data.inputs(c)[test],
                                                              labels[test], labels[test])
                  for c in demo_data.CONTRASTS}
     reg, reg_models = experiments.registration_row(
-        data.inputs("t1")[train], reg_tests, methods, epochs=sizes["reg_epochs"], steps_per_epoch=sizes["reg_steps"],
+        data.inputs("t1")[train], reg_tests, compared, epochs=sizes["reg_epochs"], steps_per_epoch=sizes["reg_steps"],
         learning_rate=sizes["reg_learning_rate"],
         seed=seed, verbose=verbose)
 
@@ -68,17 +76,18 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"seconds": seconds, "matmul_gflops": gflops, "subjects": n_subjects, **summary}, f, indent=2, default=float)
 
-    _figures(out_dir, data, test, seg_models, reg_models)
+    _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL])
     print(f"results and figures written to {out_dir}/")
     return {"segmentation": seg, "registration": reg}
 
 
-def _figures(out_dir, data, test, seg_models, reg_models):
-    """Figure 2, one example test subject segmented and registered by each method, training curves."""
+def _figures(out_dir, data, test, seg_models, reg_models, encoder):
+    """Figure 2 (the features of `encoder`), one example test subject segmented and registered by each
+    method, the training curves of the shipped encoders compared."""
     first, second = test[0], test[1]
-    figures.feature_channels(pretrained(0.1), {c: data.images[c][first] for c in demo_data.CONTRASTS},
+    figures.feature_channels(encoder, {c: data.images[c][first] for c in demo_data.CONTRASTS},
                              os.path.join(out_dir, "figure2.png"),
-                             title="CIFL features (tau_gamma=0.1) of one slice in four contrasts")
+                             title="CIFL features (the recommended encoder) of one slice in four contrasts")
     predictions = {name: {c: segment(model, data.inputs(c)[first:first + 1])[0] for c in demo_data.CONTRASTS}
                    for name, model in seg_models.items()}
     figures.segmentations({c: data.images[c][first] for c in demo_data.CONTRASTS}, data.labels[first],
@@ -92,5 +101,5 @@ def _figures(out_dir, data, test, seg_models, reg_models):
                           title="T1 moving onto T2 fixed, trained on T1 pairs only",
                           moved_labels={name: warp(data.labels[second:second + 1, ..., None].astype(np.float32),
                                                    field, "nearest")[0, ..., 0] for name, field in fields.items()})
-    figures.training_curves({experiments.method_name(t): os.path.join(PRETRAINED_DIR, f"tau_gamma_{t:g}.log.csv")
-                             for t in PRETRAINED_TAU_GAMMAS}, os.path.join(out_dir, "encoder_training.png"))
+    figures.training_curves({name: pretrained_log(**which) for name, which in ENCODERS.items()},
+                            os.path.join(out_dir, "encoder_training.png"))

@@ -180,15 +180,24 @@ def pretrained(tau_gamma=None, ndim=2, trainable=False):
     Raises: ValueError for another ndim or tau_gamma, or a tau_gamma with ndim 3 (only the recommended 3D
         encoder ships).
     """
+    return load_encoder(os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.weights.h5"), trainable)
+
+
+def pretrained_log(tau_gamma=None, ndim=2):
+    """The path of a shipped encoder's training log (Keras CSVLogger: epoch, loss), for `pretrained`'s
+    arguments."""
+    return os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.log.csv")
+
+
+def _pretrained_name(tau_gamma, ndim):
+    """The file name root of the shipped encoder `pretrained(tau_gamma, ndim)`; ValueError for none."""
     if ndim not in (2, 3):
         raise ValueError(f"pretrained: ndim must be 2 or 3, got {ndim!r}")
     if tau_gamma is None:
-        name = PRETRAINED_RECOMMENDED[ndim]
-    elif ndim != 2:
+        return PRETRAINED_RECOMMENDED[ndim]
+    if ndim != 2:
         raise ValueError(f"pretrained: tau_gamma={tau_gamma!r} with ndim={ndim!r}: the tau_gamma sweep is 2D; "
                          f"in 3D only the recommended encoder ships (tau_gamma=None)")
-    elif tau_gamma not in PRETRAINED_TAU_GAMMAS:
+    if tau_gamma not in PRETRAINED_TAU_GAMMAS:
         raise ValueError(f"pretrained: tau_gamma must be None or one of {PRETRAINED_TAU_GAMMAS}, got {tau_gamma!r}")
-    else:
-        name = f"tau_gamma_{tau_gamma:g}"
-    return load_encoder(os.path.join(PRETRAINED_DIR, f"{name}.weights.h5"), trainable)
+    return f"tau_gamma_{tau_gamma:g}"

@@ -18,7 +18,7 @@ import tensorflow as tf
 from . import data
 from .data import write_json
 from .descriptors import MIND
-from .encoder import PRETRAINED_TAU_GAMMAS, pretrained, pretrained_info
+from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
 from .training import train_encoder
@@ -73,6 +73,8 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
                      **unet_kwargs):
     """Trains ``segmentation_model`` per method on `train` and scores it on each test contrast.
 
+    The frozen encoder encodes the training images once; the model's ``head`` trains on those features.
+
     Args:
         train: (images (N, H, W[, 1]) in [0, 1], labels (N, H, W) int) of the training contrast.
         tests: {contrast: (images, labels)} of the test subjects.
@@ -88,7 +90,8 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
         _announce(f"segmentation, {name}", verbose)
         tf.keras.utils.set_random_seed(seed)
         model = segmentation_model(images.shape[1:-1], nb_labels, encoder, **unet_kwargs)
-        model.fit(images, onehot, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
+        model.head().fit(_encoded(encoder, images), onehot, epochs=epochs, batch_size=batch_size, shuffle=True,
+                         verbose=verbose)
         results[name] = {contrast: evaluate_segmentation(model, _channel_last(x), y)
                          for contrast, (x, y) in tests.items()}
         trained[name] = model
@@ -98,6 +101,8 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
 def registration_row(train_images, tests, methods, epochs=10, steps_per_epoch=100, batch_size=4, seed=0,
                      verbose=1, **vxm_kwargs):
     """Trains ``registration_model`` per method on T1 pairs and scores each test pairing.
+
+    The frozen encoder encodes the training images once; the model's ``head`` trains on pairs of those features.
 
     Args:
         train_images: (N, H, W[, 1]) T1 images in [0, 1]; random pairs of them train the model.
@@ -113,8 +118,8 @@ def registration_row(train_images, tests, methods, epochs=10, steps_per_epoch=10
         _announce(f"registration, {name}", verbose)
         tf.keras.utils.set_random_seed(seed)
         model = registration_model(images.shape[1:-1], encoder, **vxm_kwargs)
-        model.fit(pair_batches(images, batch_size, seed), epochs=epochs, steps_per_epoch=steps_per_epoch,
-                  verbose=verbose)
+        model.head().fit(pair_batches(_encoded(encoder, images), batch_size, seed), epochs=epochs,
+                         steps_per_epoch=steps_per_epoch, verbose=verbose)
         results[name] = {test: evaluate_registration(model, *(_channel_last(a) for a in pairs[:2]), *pairs[2:])
                          for test, pairs in tests.items()}
         trained[name] = model
@@ -127,8 +132,8 @@ def cross_subject_pairs(moving, fixed, moving_labels, fixed_labels):
 
 
 # Sizes of a run: subjects of demo data, segmentation epochs, registration epochs x steps and learning rate,
-# encoder steps with --train-encoders. "paper" applies to a data folder, "demo" without one (`cifl demo`
-# fits in 10 minutes on 2 CPU cores), "quick" is a smoke run.
+# encoder steps with --train-encoders. "paper" applies to a data folder, "demo" without one (`cifl demo`'s
+# budget: 6 minutes on 2 CPU cores), "quick" is a smoke run.
 SIZES = {
     "paper": dict(subjects=None, seg_epochs=50, reg_epochs=20, reg_steps=100, reg_learning_rate=1e-4,
                   encoder_steps=3000),
@@ -387,6 +392,15 @@ def _split_arg(text):
 def _channel_last(images):
     images = np.asarray(images, np.float32)
     return images if images.shape[-1] == 1 and images.ndim >= 4 else images[..., np.newaxis]
+
+
+def _encoded(encoder, images, batch_size=8):
+    """The frozen encoder's features of images (N, *shape, 1) -> (N, *shape, C), computed once, so that the
+    models train on them (``head``) instead of encoding every image again in every epoch; the images
+    themselves without an encoder."""
+    if encoder is None:
+        return images
+    return encoder_model(encoder).predict(images, batch_size=batch_size, verbose=0)
 
 
 def _announce(what, verbose):

@@ -154,6 +154,14 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
         self._cifl_config = dict(inshape=list(inshape), nb_labels=int(nb_labels), encoder=_serialize(encoder),
                                  name=name, **unet_kwargs)
 
+    def head(self):
+        """The UNet after the encoder, compiled as this model is: features (B, *inshape, F) -> softmax
+        (B, *inshape, nb_labels), F the encoder's channels (1 without one). It shares this model's weights
+        and optimizer, so fitting it on features encoded once (the encoder is frozen) trains this model."""
+        unet = self.get_layer(f"{self.name}_unet")
+        unet.compile(optimizer=self.optimizer, loss=self.loss)
+        return unet
+
 
 def segmentation_model(inshape, nb_labels, encoder=None, loss="dice", learning_rate=1e-3, **unet_kwargs):
     """A compiled SegmentationModel, so that ``model.fit(images, one_hot_labels)`` trains it.
@@ -268,11 +276,25 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         field = self.outputs[-1]
         loss = RegistrationLoss(similarity, reg_weight, loss_mult=inshape[0] / field.shape[1],
                                 name="registration_loss")
-        self.add_loss(loss([self.references.target, self.references.y_source, field]))
+        self.references.loss = loss([self.references.target, self.references.y_source, field])
+        self.add_loss(self.references.loss)
         self.references.registration_model = self.get_registration_model()
         self.inshape = inshape
         self._cifl_config = dict(inshape=list(inshape), encoder=_serialize(encoder), similarity=similarity,
                                  reg_weight=reg_weight, name=name, **vxm_kwargs)
+
+    def head(self):
+        """The network after the encoder, compiled as this model is: [moving features, fixed features],
+        each (B, *inshape, F), -> [moved features, field, loss], the loss also added as this model adds it;
+        F is the encoder's channels (1 without one). It shares this model's weights and optimizer, so fitting it on features encoded
+        once (the encoder is frozen) trains this model."""
+        sources = [self.references.source, self.references.target]
+        # Keras gives a model built from intermediate tensors Inputs of its own, and the loss is kept
+        # as an output so that it moves onto them too.
+        head = tf.keras.Model(sources, [*self.outputs, self.references.loss], name=f"{self.name}_head")
+        head.add_loss(head.outputs[-1])
+        head.compile(optimizer=self.optimizer)
+        return head
 
     def register(self, moving, fixed, batch_size=8, verbose=0):
         """The displacement that warps `moving` onto `fixed`, at full resolution.

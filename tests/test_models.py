@@ -111,6 +111,27 @@ def test_stacked_encoder_weights_do_not_change_during_fit(encoder, tiny, kind):
     assert any(not np.array_equal(b, a.numpy()) for b, a in zip(others, model.trainable_weights))
 
 
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
+def test_fitting_the_head_on_encoded_features_trains_the_model_as_fitting_it_on_images(encoder, kind):
+    images, labels = blobs(4)
+    features = encoder(images).numpy()
+    trained = []
+    for fitted, inputs in (("model", images), ("head", features)):
+        tf.keras.utils.set_random_seed(0)
+        model = _tiny_model(kind, encoder)
+        initial = [w.numpy().copy() for w in model.trainable_weights]
+        target = model if fitted == "model" else model.head()
+        if kind == "segmentation":
+            target.fit(inputs, tf.keras.utils.to_categorical(labels, 3), batch_size=2, epochs=2, shuffle=False, verbose=0)
+        else:
+            target.fit([inputs, inputs[::-1]], batch_size=2, epochs=2, shuffle=False, verbose=0)
+        assert any(not np.array_equal(a, b.numpy()) for a, b in zip(initial, model.trainable_weights))
+        trained.append(model)
+    for by_model, by_head in zip(*(m.trainable_weights for m in trained)):
+        np.testing.assert_allclose(by_head.numpy(), by_model.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_outputs(trained[1], images), _outputs(trained[0], images), rtol=1e-4, atol=1e-5)
+
+
 def test_encoder_from_a_saved_file_is_frozen_and_keeps_its_weights(encoder, tmp_path):
     cifl_tf.save_encoder(encoder, str(tmp_path / "encoder.weights.h5"))
     loaded = cifl_tf.load_encoder(str(tmp_path / "encoder.weights.h5"))

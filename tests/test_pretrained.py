@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import cifl_tf
-from cifl_tf.encoder import PRETRAINED_DIR, PRETRAINED_RECOMMENDED, PRETRAINED_TAU_GAMMAS, pretrained_info
+from cifl_tf.encoder import (PRETRAINED_DIR, PRETRAINED_RECOMMENDED, PRETRAINED_TAU_GAMMAS, pretrained_info,
+                             pretrained_log)
 
 SWEEP_KEYS = ("1", "0.1", "0.01")
 RECOMMENDED_FIELDS = {"command", "steps", "seed", "final_loss", "wall_seconds", "settings", "machine", "commit"}
@@ -45,9 +46,16 @@ def test_pretrained_positional_tau_gamma_and_trainable():
     (dict(tau_gamma=0.5), r"tau_gamma must be None or one of \(1.0, 0.1, 0.01\), got 0.5"),
     (dict(tau_gamma=0.1, ndim=3), r"tau_gamma=0.1 with ndim=3: .* in 3D only the recommended encoder ships"),
 ])
-def test_pretrained_rejects_bad_arguments(kwargs, message):
+@pytest.mark.parametrize("function", [cifl_tf.pretrained, pretrained_log])
+def test_pretrained_rejects_bad_arguments(function, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        cifl_tf.pretrained(**kwargs)
+        function(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, stem", [({}, "recommended_2d"), (dict(ndim=3), "recommended_3d"),
+                                          (dict(tau_gamma=0.1), "tau_gamma_0.1"), (dict(tau_gamma=1.0), "tau_gamma_1")])
+def test_pretrained_log_is_the_training_log_beside_the_weights(kwargs, stem):
+    assert pretrained_log(**kwargs) == os.path.join(PRETRAINED_DIR, stem + ".log.csv")
 
 
 def test_encoders_json_has_the_sweep_and_the_recommended_encoders():
