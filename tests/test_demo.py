@@ -1,5 +1,4 @@
 """`cifl demo`: the whole job end to end at smoke size, its outputs, and its one-line errors."""
-import functools
 import json
 import sys
 
@@ -8,16 +7,11 @@ from cifl_tf import cli, demo_data, experiments
 FIGURES = ["encoder_training.png", "figure2.png", "registrations.png", "segmentations.png"]
 
 
-def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys):
+def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys, tiny_networks):
     compared = experiments.methods
-    # The baseline, MIND and one shipped encoder, each with a tiny UNet and VxmDense, keep the smoke run
-    # short (building and tracing the networks is most of it); the demo compares all five at full width.
+    # The baseline, MIND and one shipped encoder, with tiny networks, keep the smoke run short; the demo
+    # compares all five at full width.
     monkeypatch.setattr(experiments, "methods", lambda: compared(tau_gammas=(0.1,)))
-    monkeypatch.setattr(experiments, "segmentation_row",
-                        functools.partial(experiments.segmentation_row, nb_features=4, nb_levels=2))
-    monkeypatch.setattr(experiments, "registration_row",
-                        functools.partial(experiments.registration_row, nb_unet_features=[[4, 4], [4, 4]],
-                                          int_steps=0))
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Segmentation Dice (trained on T1)" in out and "Registration Dice (trained on T1 pairs)" in out
