@@ -10,7 +10,9 @@ Tables: BAD_NIFTI (named kinds of damage) and FUZZED_NIFTI (systematic cuts, bit
 codes) of images and label maps, BAD_MODELS, BAD_ENCODERS, BAD_OUTPUT_FILES / BAD_OUTPUT_FOLDERS and
 BAD_RUNS (--resume of every training command, RESUME_ROLES) and BAD_ENCODER_SETTINGS (train-encoder's
 own fields). A new sub-command that reads files is one more row in IMAGE_ROLES,
-MODEL_ROLES, ENCODER_ROLES, OUTPUT_ROLES or RESUME_ROLES.
+MODEL_ROLES, ENCODER_ROLES, OUTPUT_ROLES or RESUME_ROLES. Where cases repeat one kind of failure (one
+message), the default run keeps one of each kind (`cases`; SAMPLE for the sub-commands that load a model
+before the image); `-m slow` runs every case.
 """
 import gzip
 import json
