@@ -1,4 +1,5 @@
 """Shared pytest fixtures. Test data is generated here; the real OASIS sample is read in place."""
+import functools
 import os
 import pathlib
 
@@ -86,6 +87,19 @@ def ixi_tiny(tmp_path):
     """A fresh tiny IXI-style folder (3 subjects, 12x14x10 volumes)."""
     make_ixi(tmp_path / "ixi")
     return tmp_path / "ixi"
+
+
+@pytest.fixture
+def tiny_networks(monkeypatch):
+    """Makes the Table 1 row runners (so `cifl demo` and the experiments/ scripts) train tiny UNets and
+    VxmDense models: building and tracing the full-width networks is most of a smoke run."""
+    from cifl_tf import experiments
+
+    monkeypatch.setattr(experiments, "segmentation_row",
+                        functools.partial(experiments.segmentation_row, nb_features=4, nb_levels=2))
+    monkeypatch.setattr(experiments, "registration_row",
+                        functools.partial(experiments.registration_row, nb_unet_features=[[4, 4], [4, 4]],
+                                          int_steps=0))
 
 
 # A train_encoder run stopped by an exception after the first of its three epochs: the state that

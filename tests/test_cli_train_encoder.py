@@ -1,5 +1,7 @@
 """`cifl train-encoder`: trains, resumes, and reports user errors as one line with exit status 2."""
+import contextlib
 import csv
+import io
 import json
 import os
 import pathlib
@@ -18,22 +20,19 @@ from cifl_tf import cli, load_encoder
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGE = np.random.default_rng(0).uniform(size=(1, 32, 32, 1)).astype(np.float32)
 
-TRAIN = ["train-encoder", "--dim", "2", "--shape", "32x32", "--steps", "4", "--steps-per-epoch", "2",
-         "--batch-size", "2", "--features", "8"]
-
 
 def epochs(run):
     with open(run / "log.csv") as f:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def test_trains_an_encoder(tmp_path, capsys):
-    assert cli.main([*TRAIN, "--channels", "4", "--out", str(tmp_path / "run")]) == 0
-    assert str(tmp_path / "run" / "encoder.weights.h5") in capsys.readouterr().out
-    config = load_encoder(str(tmp_path / "run")).get_config()
+def test_trains_an_encoder(uninterrupted):
+    run, printed, _ = uninterrupted
+    assert str(run / "encoder.weights.h5") in printed
+    config = load_encoder(str(run)).get_config()
     assert (config["channels"], config["features"], config["ndim"]) == (4, 8, 2)
-    assert epochs(tmp_path / "run") == [0, 1]
-    assert json.loads((tmp_path / "run" / "settings.json").read_text())["shape"] == [32, 32]
+    assert epochs(run) == [0, 1, 2]
+    assert json.loads((run / "settings.json").read_text())["shape"] == [32, 32]
 
 
 def test_resume_continues_an_unfinished_run(interrupted_run):
@@ -109,9 +108,11 @@ def finish(run):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """A KILLABLE run that went through, in this process: (run folder, what it printed, its features of IMAGE)."""
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert cli.main([*KILLABLE, "--out", str(run)]) == 0
-    return load_encoder(str(run))(IMAGE).numpy()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert cli.main([*KILLABLE, "--out", str(run)]) == 0
+    return run, printed.getvalue(), load_encoder(str(run))(IMAGE).numpy()
 
 
 def test_killed_after_an_epoch_resumes_exactly(tmp_path, uninterrupted):
@@ -119,7 +120,7 @@ def test_killed_after_an_epoch_resumes_exactly(tmp_path, uninterrupted):
     kill_when(start_cifl(*KILLABLE, "--out", str(run)), lambda: (run / "backup" / "checkpoint").is_file())
     assert finish(run) == 1
     assert set(epochs(run)) == {0, 1, 2}
-    np.testing.assert_allclose(load_encoder(str(run))(IMAGE), uninterrupted, atol=1e-5)
+    np.testing.assert_allclose(load_encoder(str(run))(IMAGE), uninterrupted[2], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -137,4 +138,4 @@ def test_killed_at_random_points_resumes_exactly(tmp_path, uninterrupted, trial)
         assert cli.main([*KILLABLE, "--out", str(run)]) == 0
     elif not (run / "result.json").is_file():
         finish(run)
-    np.testing.assert_allclose(load_encoder(str(run))(IMAGE), uninterrupted, atol=1e-5)
+    np.testing.assert_allclose(load_encoder(str(run))(IMAGE), uninterrupted[2], atol=1e-5)

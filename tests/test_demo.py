@@ -24,7 +24,7 @@ def test_demo_compares_the_baseline_mind_the_papers_and_the_recommended_encoder(
             np.testing.assert_array_equal(a, b)
 
 
-def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys):
+def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys, tiny_networks):
     compared = demo.methods()
     # The baseline and the recommended encoder (figure 2 shows its features) keep the smoke run short.
     monkeypatch.setattr(demo, "methods", lambda: {name: compared[name] for name in ("baseline", "CIFL")})
