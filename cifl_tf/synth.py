@@ -232,12 +232,13 @@ class ShapesSynth:
         return image
 
     def _tie(self, keys, mean):
-        """`mean` (B, J) with each foreground label, at chance tie_prob, moved to within tie_jitter of a
-        random other label's mean (the background keeps its own)."""
+        """`mean` (B, J) with each foreground label, at chance tie_prob, moved to within tie_jitter of the
+        mean of another label drawn at random (the background keeps its own)."""
         shape = mean.shape
         tied = tf.random.stateless_uniform(shape, keys["tie"]) < self.tie_prob
         tied = tf.logical_and(tied, tf.range(shape[1]) > 0)
-        partner = tf.random.stateless_uniform(shape, keys["partner"], 1, shape[1], dtype=tf.int32)
+        step = tf.random.stateless_uniform(shape, keys["partner"], 1, shape[1], dtype=tf.int32)
+        partner = (tf.range(shape[1]) + step) % shape[1]  # any label but itself
         near = tf.gather(mean, partner, batch_dims=1) + _uniform(keys["jitter"], shape, -self.tie_jitter,
                                                                  self.tie_jitter)
         return tf.where(tied, near, mean)

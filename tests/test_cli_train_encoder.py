@@ -54,6 +54,9 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--shape", "32x32x32", "--out", "{empty}"], "does not have --dim 2 sizes"),
     (["--steps", "0", "--out", "{empty}"], "steps must be a positive integer, got 0"),
     (["--strategy", "multiworker", "--out", "{empty}"], "strategy 'multiworker' needs a cluster"),
+    (["--synth", '{{"tie_prob": 2}}', "--out", "{empty}"], "tie_prob must be a number in [0, 1], got 2"),
+    (["--synth", '{{"one_hot": true}}', "--out", "{empty}"], "ShapesSynth does not take ['one_hot']"),
+    (["--architecture", "paper", "--features", "0", "--out", "{empty}"], "features must be a positive integer"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
@@ -65,6 +68,23 @@ def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cifl train-encoder: error: ") and message in err
     assert "Traceback" not in err
+    assert not (tmp_path / "empty").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("synth", ["[1]", "{tie_prob: 1}"])
+def test_synth_must_be_a_json_object(synth, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train-encoder", "--synth", synth, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "--synth" in capsys.readouterr().err
+
+
+def test_synth_arguments_reach_the_run_settings(tmp_path):
+    argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context",
+            "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}', "--out", str(tmp_path / "run")]
+    assert cli.main(["train-encoder", *argv]) == 0
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert settings["synth_kwargs"] == {"tie_prob": 0.5, "label_scales": [4, 8]}
+    assert settings["architecture"] == "context"
 
 
 @pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")

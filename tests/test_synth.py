@@ -122,6 +122,8 @@ def test_warp_deforms_the_label_map():
     (dict(shape=(32, 32), one_hot=True), "ShapesSynth does not take ['one_hot']"),
     (dict(shape=(32, 32), seeds={}, in_shape=(8, 8)), "ShapesSynth does not take ['in_shape', 'seeds']"),
     (dict(shape=(32, 32), seed=1.5), "seed must be an integer or None, got 1.5"),
+    (dict(shape=(32, 32), tie_prob=1.5), "tie_prob must be a number in [0, 1], got 1.5"),
+    (dict(shape=(32, 32), tie_jitter=-2), "tie_jitter must be a non-negative number, got -2"),
 ])
 def test_bad_synth_arguments_raise(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
@@ -137,6 +139,22 @@ def test_bad_synth_arguments_raise(kwargs, message):
 def test_bad_stream_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         contrast_pairs((32, 32), **kwargs)
+
+
+@pytest.mark.parametrize("tie_prob, tie_jitter", [(0.0, 5.0), (0.5, 5.0), (1.0, 0.0), (1.0, 20.0)])
+def test_tied_labels_take_a_partners_mean_within_the_jitter(tie_prob, tie_jitter):
+    synth = ShapesSynth((8, 8), num_labels=6, tie_prob=tie_prob, tie_jitter=tie_jitter, seed=0)
+    keys = {name: tf.constant([3, i], tf.int64) for i, name in enumerate(("tie", "partner", "jitter"))}
+    drawn = np.random.default_rng(0).uniform(25, 225, (500, 6)).astype(np.float32)
+    tied = synth._tie(keys, tf.constant(drawn)).numpy()
+    np.testing.assert_array_equal(tied[:, 0], drawn[:, 0])  # the background keeps its own mean
+    moved = tied[:, 1:] != drawn[:, 1:]  # all tied ones: a partner's draw is never exactly one's own
+    assert abs(moved.mean() - tie_prob) < 0.06
+    # A moved mean lies within tie_jitter of another label's draw.
+    others = np.abs(tied[:, 1:, None] - drawn[:, None, :])
+    others[:, np.arange(5), np.arange(1, 6)] = np.inf
+    assert np.all(others.min(axis=-1)[moved] <= tie_jitter + 1e-4)
+    np.testing.assert_array_equal(tied[~np.pad(moved, ((0, 0), (1, 0)))], drawn[~np.pad(moved, ((0, 0), (1, 0)))])
 
 
 @pytest.mark.parametrize("sigmas, width", [((0.7, 1.3), 7), ((2.0, 0.5, 1.0), 13), ((1e-3, 1.0), 7)])
