@@ -85,7 +85,7 @@ def encoder_from_args(args, ndim):
     return load_encoder(args.encoder) if args.encoder else None
 
 
-_RECOMMENDED = "the recommended shipped encoder for the image's dimension, 2D or 3D (cifl_tf.pretrained(ndim=...))"
+_RECOMMENDED = "the recommended shipped encoder, cifl_tf.pretrained() (2D images; none ships for 3D yet)"
 
 
 def _add_encoder_args(p, default="none, the raw-intensity baseline"):
@@ -181,7 +181,7 @@ def _features(args):
     _nifti_output(args.output)
     image, affine, header = data.load_nifti(args.input)
     if image.ndim not in (2, 3):
-        raise data.DataError(f"{args.input}: features need a 2D or 3D image, got shape {header.get_data_shape()}")
+        raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, features need 2 or 3")
     encoder = encoder_from_args(args, image.ndim) or pretrained(ndim=image.ndim)
     if encoder.ndim != image.ndim:
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
@@ -430,8 +430,7 @@ def _parser():
     p.add_argument("--3d", dest="three_d", action="store_true",
                    help="3D volumes registered without training across T1, T2-like and PD-like, in minutes")
     p.add_argument("--encoder", default=None,
-                   help="with --3d: the 3D CIFL encoder to compare (weights file or train-encoder run folder) "
-                        "instead of the recommended shipped one")
+                   help="with --3d: a 3D CIFL encoder (weights file or train-encoder run folder) to compare")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train-encoder", help="train a CIFL encoder on synthetic shapes")

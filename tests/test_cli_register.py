@@ -77,6 +77,7 @@ def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, ca
 
 @pytest.mark.parametrize("argv, message", [
     (["--moving", "VOLUME", "--fixed", "VOLUME", "--pretrained", "0.1"], r"encoder .* is 2D but the images are 3D"),
+    (["--moving", "VOLUME", "--fixed", "VOLUME"], r"no pretrained 3D encoder ships yet"),
     (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
     (["--intensity", "ncc", "--steps", "0"], r"steps must be a positive integer, got 0"),
     (["--intensity", "ncc", "--levels", "1,2"], r"levels must be decreasing positive integer pooling factors"),
