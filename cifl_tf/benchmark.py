@@ -146,10 +146,10 @@ def benchmark_pairs(subjects=8, oasis=None, seed=0):
 
 
 def describers(encoders=()):
-    """{name: describer}: intensities, MIND, MIND-SSC, the shipped encoders and encoders read from `encoders`
-    (run folders or weights files, named by their path)."""
+    """{name: describer}: intensities, MIND, MIND-SSC, the shipped encoders (the paper's sweep and the
+    recommended one) and encoders read from `encoders` (run folders or weights files, named by their path)."""
     return {"intensity": intensity_features, "MIND": MIND(), "MIND-SSC": MIND(variant="ssc"),
-            **{method_name(tau): pretrained(tau) for tau in PRETRAINED_TAU_GAMMAS},
+            **{method_name(tau): pretrained(tau) for tau in PRETRAINED_TAU_GAMMAS}, "recommended": pretrained(),
             **{path: load_encoder(path) for path in encoders}}
 
 

@@ -116,7 +116,7 @@ def test_script_scores_every_describer_and_writes_tables(oasis_tiny, tmp_path, c
     results = benchmark.main(["--subjects", "1", "--data", str(oasis_tiny),
                               "--encoder", str(tmp_path / "enc.weights.h5"), "--out", str(tmp_path / "out")])
     assert list(results) == ["intensity", "MIND", "MIND-SSC", "tau_gamma=1", "tau_gamma=0.1", "tau_gamma=0.01",
-                             str(tmp_path / "enc.weights.h5")]
+                             "recommended", str(tmp_path / "enc.weights.h5")]
     assert all(len(scores) == 7 for scores in results.values())
     saved = json.loads((tmp_path / "out" / "invariance.json").read_text())
     assert saved["results"] == json.loads(json.dumps(results)) and saved["notes"] == []
