@@ -123,12 +123,13 @@ def epoch_batches(arrays, batch_size, seed, first_epoch=0):
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def read_settings(out_dir, fields=None):
+def read_settings(out_dir, fields=None, defaults=None):
     """The settings.json of the run in `out_dir`, a dict.
 
     Args:
         fields: optional {name: (check(value) -> bool, what it must be)}: the file must hold exactly
             these fields, each passing its check.
+        defaults: optional {name: value} for fields that runs of earlier versions did not write.
 
     Raises: FileNotFoundError when there is no settings.json; ValueError naming it when it is not
     JSON or not an object, lacks or adds fields, or holds a value that fails its check.
@@ -137,6 +138,8 @@ def read_settings(out_dir, fields=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found, so there is no run to resume")
     settings = read_json(path)
+    if isinstance(settings, dict):
+        settings = {**(defaults or {}), **settings}
     if not isinstance(settings, dict) or (fields is not None and set(settings) != set(fields)):
         keys = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
         expected = "an object" if fields is None else f"an object with the fields {sorted(fields)}"
@@ -147,13 +150,13 @@ def read_settings(out_dir, fields=None):
     return settings
 
 
-def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields=None):
+def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields=None, defaults=None):
     """Makes `out_dir` for a new run (writing its settings.json), or checks it on resume.
 
     Args:
         settings: JSON-able dict of the run's settings, as settings.json holds them (lists, not tuples).
         resume: continue the run in `out_dir`: its settings.json (checked by ``read_settings(out_dir,
-            fields)``) must hold the same settings, and the latest checkpoint in `checkpoint_dir`
+            fields, defaults)``) must hold the same settings, and the latest checkpoint in `checkpoint_dir`
             (a folder inside `out_dir`) must be readable.
         finished_file: the file a finished run has written (name inside `out_dir`).
 
@@ -173,7 +176,7 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
         os.makedirs(out_dir, exist_ok=True)
         write_json(settings_path, settings)
         return
-    saved = read_settings(out_dir, fields)
+    saved = read_settings(out_dir, fields, defaults)
     changed = sorted(key for key in {*settings, *saved} if saved.get(key) != settings.get(key))
     if changed:
         raise ValueError(f"{settings_path}: settings {changed} differ from those given; resume with the same ones")

@@ -42,6 +42,8 @@ _RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", 
 
 
 def _positive_ints(name, values):
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise ValueError(f"{name} must be positive integers, got {values!r}")
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
                          for v in values):
@@ -135,9 +137,10 @@ class ShapesSynth:
         label_std: upper bound on each scale's noise SD (drawn per sample).
         warp_std: upper bound on the SD of the random velocity field (in pixels); 0 disables the warp.
         warp_scales: Perlin scales of that velocity field.
-        tie_prob: chance that a label's mean intensity, in one render, is tied to another label's mean
-            plus a jitter of at most `tie_jitter` (of 255): tissues nearly equal in one contrast and not
-            in the other, as GM and WM are in PD, so that the features must not rest on strong edges alone.
+        tie_prob: chance that a label's mean intensity is tied to another label's mean plus a jitter of
+            at most `tie_jitter` (of 255), drawn for each render independently: tissues nearly equal in
+            one contrast and apart in the other, as GM and WM are in PD and T1, so that the features
+            must not rest on strong edges alone.
         tie_jitter: largest difference of a tied label's mean from its partner's.
         seed: integer for reproducible draws; None draws differently every time.
         **render_kwargs: the intensity arguments of ``ne.models.labels_to_image``, with its
@@ -158,7 +161,7 @@ class ShapesSynth:
         if isinstance(tie_prob, bool) or not isinstance(tie_prob, (int, float)) or not 0 <= tie_prob <= 1:
             raise ValueError(f"tie_prob must be a number in [0, 1], got {tie_prob!r}")
         for name, value in (("label_std", label_std), ("warp_std", warp_std), ("tie_jitter", tie_jitter)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < np.inf:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         unknown = sorted(set(render_kwargs) - set(RENDER_DEFAULTS))
         if unknown:

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 DEFAULT_MAX_MEMORY = 2 ** 30  # bytes of activations per tile: 1 GiB
-_PROBE_RADIUS = 40  # the largest receptive field receptive_radius measures
+_PROBE_RADIUS = 40  # the largest receptive field measured_radius measures
 # Live float32 activations per pixel while a layer runs: the input and output of one convolution
 # and its non-linearity, each as wide as the widest layer. Checked: the paper's 3D encoder on one
 # 96^3 tile raises the peak RSS by 0.35 GB, this estimate 0.34 GB.

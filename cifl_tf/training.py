@@ -149,6 +149,10 @@ SETTINGS = {
 }
 
 
+# Fields that runs of earlier versions did not write, with the value those runs used.
+SETTING_DEFAULTS = {"architecture": "paper"}
+
+
 def _synth_arguments():
     """The names synth_kwargs may hold: ShapesSynth's own and the labels_to_image intensity arguments it takes."""
     return {*inspect.signature(ShapesSynth).parameters, *RENDER_DEFAULTS} - {"shape", "seed", "render_kwargs"}
@@ -157,7 +161,7 @@ def _synth_arguments():
 def read_settings(out_dir):
     """The train_encoder arguments stored in `out_dir`/settings.json, checked field by field
     (``checkpoint.read_settings`` with SETTINGS)."""
-    return checkpoint.read_settings(out_dir, SETTINGS)
+    return checkpoint.read_settings(out_dir, SETTINGS, SETTING_DEFAULTS)
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
@@ -198,6 +202,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
     CIFLEncoder(channels=channels, features=features, ndim=len(shape), architecture=architecture)
+    unknown = sorted(set(synth_kwargs or {}) - _synth_arguments())
+    if unknown:
+        raise ValueError(f"synth_kwargs: ShapesSynth does not take {unknown}; it takes {sorted(_synth_arguments())}")
     ShapesSynth(shape, **(synth_kwargs or {}))  # both check their arguments before anything is written
     steps_per_epoch = min(steps_per_epoch, steps)  # else a short run would train a whole epoch
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
@@ -208,7 +215,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     if out_dir is not None and chief:
-        checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS)
+        checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS)
 
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)

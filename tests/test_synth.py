@@ -154,7 +154,6 @@ def test_tied_labels_take_a_partners_mean_within_the_jitter(tie_prob, tie_jitter
     others = np.abs(tied[:, 1:, None] - drawn[:, None, :])
     others[:, np.arange(5), np.arange(1, 6)] = np.inf
     assert np.all(others.min(axis=-1)[moved] <= tie_jitter + 1e-4)
-    np.testing.assert_array_equal(tied[~np.pad(moved, ((0, 0), (1, 0)))], drawn[~np.pad(moved, ((0, 0), (1, 0)))])
 
 
 @pytest.mark.parametrize("sigmas, width", [((0.7, 1.3), 7), ((2.0, 0.5, 1.0), 13), ((1e-3, 1.0), 7)])

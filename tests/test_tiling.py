@@ -63,6 +63,15 @@ def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
     np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
 
 
+def test_the_recommended_encoder_tiles_with_its_38_pixel_halo():
+    encoder = cifl_tf.pretrained()
+    image = np.random.default_rng(1).random((97, 90)).astype(np.float32)
+    budget = tiling.bytes_per_pixel(encoder) * 100 ** 2  # extended tiles of 100 pixels: cores of 24
+    assert tiling.tile_shape(image.shape, 38, tiling.bytes_per_pixel(encoder), budget) == (20, 23)
+    tiled = tiling.tiled_features(encoder, image, max_memory=budget)
+    np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("shape, radius, budget, expected", [
     ((100, 100), 8, 4 * 40 ** 2, (20, 20)),        # extended side 40 -> core 24 -> 5 equal tiles of 20
     ((50, 30), 2, 4 * 12 ** 2, (8, 8)),            # core 8: 7 tiles of 8 (50), 4 of 8 (30)

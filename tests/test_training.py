@@ -13,7 +13,7 @@ import pytest
 import cifl_tf
 import tensorflow as tf
 from cifl_tf import load_encoder, train_encoder
-from cifl_tf.training import align_views, offset_views
+from cifl_tf.training import align_views, offset_views, read_settings
 from conftest import INTERRUPTED_RUN, Interrupted
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -94,6 +94,9 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     (None, dict(max_offset=32), ValueError, "max_offset 32 must be smaller than the crop shape"),
     (None, dict(max_offset=-1), ValueError, "max_offset must be a non-negative integer, got -1"),
     (None, dict(strategy="tpu"), ValueError, "strategy must be one of"),
+    (None, dict(synth_kwargs={"seed": 3}), ValueError, r"ShapesSynth does not take \['seed'\]"),
+    (None, dict(synth_kwargs={"label_scales": 5}), ValueError, "label_scales must be positive integers, got 5"),
+    (None, dict(synth_kwargs={"tie_jitter": float("inf")}), ValueError, "tie_jitter must be a non-negative number"),
 ])
 def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
     out_dir = {"trained": lambda: request.getfixturevalue("trained")[1],
@@ -139,6 +142,19 @@ def test_resume_continues_an_interrupted_run(interrupted_run):
     with open(os.path.join(run, "result.json")) as f:
         assert math.isfinite(json.load(f)["final_loss"])
     np.testing.assert_array_equal(load_encoder(run)(IMAGE), encoder(IMAGE))
+
+
+def test_a_run_from_before_the_architecture_option_resumes_as_paper(interrupted_run):
+    run = str(interrupted_run())
+    path = os.path.join(run, "settings.json")
+    with open(path) as f:
+        settings = json.load(f)
+    assert settings.pop("architecture") == "paper"
+    with open(path, "w") as f:
+        json.dump(settings, f)
+    assert read_settings(run)["architecture"] == "paper"
+    train_encoder(**INTERRUPTED_RUN, out_dir=run, resume=True, verbose=0)
+    assert [epoch for epoch, _ in log_rows(run)] == [0, 1, 2]
 
 
 MIRRORED = """
