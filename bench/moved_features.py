@@ -14,7 +14,7 @@ import numpy as np
 
 import cifl_tf
 from cifl_tf import data, metrics, models
-from cifl_tf.machine import matmul_gflops
+from cifl_tf.machine import describe, matmul_gflops
 from register_3d import SAMPLE
 
 
@@ -34,7 +34,7 @@ def main():
         print(f"{mode:8s} seg4 Dice {dice:.3f}, folded {100 * metrics.folding_fraction(displacement):.3f}%, "
               f"{seconds:.1f} s")
     print(f"identity seg4 Dice {metrics.mean_dice(slices.labels[0], slices.labels[1]):.3f}; "
-          f"tf.matmul 2048^2 float32: {matmul_gflops():.1f} GFLOP/s")
+          f"tf.matmul 2048^2 float32: {matmul_gflops():.1f} GFLOP/s; {describe()}")
 
 
 if __name__ == "__main__":

@@ -13,18 +13,14 @@ optionally contrast-inverted. Prints, in one run:
     python bench/register_3d.py [--levels 8,4] [--steps 100] [--max-memory 1G]
 """
 import argparse
-import os
 import resource
 import time
 
 import numpy as np
 
 import cifl_tf
-from cifl_tf import data, instance, metrics, models, tiling
-from cifl_tf.machine import matmul_gflops
-
-SAMPLE = os.environ.get("CIFL_OASIS_SAMPLE", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                          "oasis-sample"))
+from cifl_tf import benchmark, data, instance, metrics, models, tiling
+from cifl_tf.machine import describe, matmul_gflops
 
 
 def peak_rss_gb():
@@ -40,7 +36,7 @@ def smooth_deformation(shape, std, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=SAMPLE, help="neurite-oasis folder with a subject's aligned_norm")
+    parser.add_argument("--data", default=benchmark.oasis_sample(), help="neurite-oasis folder with a subject's aligned_norm")
     parser.add_argument("--levels", default="8,4", help="pooling factors, coarse to fine")
     parser.add_argument("--steps", type=int, default=100, help="steps per level")
     parser.add_argument("--similarity", choices=("ncc", "mi"), default="ncc")
@@ -82,7 +78,7 @@ def main():
     print(f"register_pair:                    {register_s:.1f} s, peak RSS so far {register_gb:.2f} GB")
     print(f"seg4 Dice: identity {dice(np.zeros_like(displacement)):.3f} -> registered {dice(displacement):.3f}; "
           f"folded voxels {100 * metrics.folding_fraction(displacement):.4f}%")
-    print(f"peak RSS {peak_rss_gb():.2f} GB; tf.matmul 2048^2 float32: {matmul_gflops():.1f} GFLOP/s")
+    print(f"peak RSS {peak_rss_gb():.2f} GB; tf.matmul 2048^2 float32: {matmul_gflops():.1f} GFLOP/s; {describe()}")
 
 
 if __name__ == "__main__":

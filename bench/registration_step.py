@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 import cifl_tf
-from cifl_tf.machine import cpu_flags
+from cifl_tf.machine import describe
 from train_step import matmul
 
 
@@ -38,7 +38,7 @@ def main():
     step = np.median([seconds(lambda: model.train_on_batch(pair)) for _ in range(args.steps)], axis=0)
     peak = reference_flops / np.array(seconds(reference)) / 1e9
 
-    print(f"CPU flags: {cpu_flags()}")
+    print(describe())
     print(f"registration_model{shape}, batch {args.batch_size} pairs")
     print(f"first train step (tracing):  {first[0]:.2f} s wall, {first[1]:.2f} s CPU")
     print(f"next train steps (median):   {step[0]:.3f} s wall, {step[1]:.3f} s CPU")

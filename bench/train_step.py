@@ -22,7 +22,7 @@ import numpy as np
 import cifl_tf
 import tensorflow as tf
 from cifl_tf.encoder import NUM_CONVS
-from cifl_tf.machine import cpu_flags
+from cifl_tf.machine import describe
 from cifl_tf.training import SiameseCIFL, offset_views
 
 DEFAULTS = {k: p.default for k, p in inspect.signature(cifl_tf.train_encoder).parameters.items()}
@@ -103,8 +103,8 @@ def main():
 
     rate = {name: work / times[name] / 1e9 for name, work in (("step", flops), ("matmul", reference_flops))}
     ratio = rate["step"] / rate["matmul"]  # per round, wall and CPU
-    print(f"CPU: {os.cpu_count()} logical cores; flags {cpu_flags()}")
-    print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}, "
+    print(f"CPU: {os.cpu_count()} logical cores; {describe()}")
+    print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}, "
           f"threads: intra {tf.config.threading.get_intra_op_parallelism_threads() or 'all'}, "
           f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'all'}, XLA {args.jit_compile}")
     print(f"shape {shape}, batch {args.batch_size} pairs, features {args.features}, C {args.channels}, "

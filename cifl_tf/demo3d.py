@@ -16,7 +16,7 @@ import numpy as np
 from . import demo_data, figures, metrics
 from .descriptors import MIND
 from .instance import register_pair
-from .machine import matmul_gflops
+from .machine import describe, matmul_gflops
 from .models import warp
 
 TARGETS = ("t1", "t2", "pd")
@@ -90,7 +90,7 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
              f"{sizes['steps']} steps each): T1 of subject 0 -> subject 1, {grid} voxels of {sizes['voxel_size']} mm")
     seconds = time.perf_counter() - start
     notes = ([] if encoder is not None else [NO_ENCODER_NOTE]) + [
-        f"wall time {seconds:.0f} s on {os.cpu_count()} CPUs; tf.matmul 2048^2 float32 in this run: {gflops:.1f} GFLOP/s"]
+        f"wall time {seconds:.0f} s on {os.cpu_count()} CPUs; tf.matmul 2048^2 float32 in this run: {gflops:.1f} GFLOP/s; {describe()}"]
     text = "\n".join([_table(results, title), *notes])
     print("\n" + text)
     with open(os.path.join(out_dir, "table.md"), "w") as f:

@@ -6,6 +6,7 @@ wall time means little without the machine's own float32 matmul rate and vector 
 import timeit
 
 import tensorflow as tf
+from tensorflow.python.util import _pywrap_util_port
 
 
 def matmul_gflops(n=2048, repeats=10):
@@ -25,3 +26,14 @@ def cpu_flags():
         return "unknown (no /proc/cpuinfo)"
     return " ".join(sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma")))) or "none"
 
+
+
+def onednn_enabled():
+    """Whether TensorFlow runs its oneDNN kernels in this process (cifl_tf._compat asks for them; TF
+    decides at import, from TF_ENABLE_ONEDNN_OPTS and the CPU)."""
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def describe():
+    """One line for beside a timing: the CPU's vector flags and whether oneDNN is on."""
+    return f"CPU flags: {cpu_flags()}; oneDNN {'on' if onednn_enabled() else 'off'}"

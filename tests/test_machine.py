@@ -1,5 +1,8 @@
 """The machine-speed reference printed beside timings."""
 import builtins
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -22,3 +25,19 @@ def test_cpu_flags_lists_the_vector_flags(tmp_path, monkeypatch, cpuinfo, expect
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path, *a, **k))
     assert machine.cpu_flags() == expected
+
+
+def test_onednn_is_on_by_default_and_off_when_the_user_says_so():
+    """cifl_tf asks for oneDNN, which TF leaves off on AVX2-only CPUs (4x slower convolutions there);
+    a user's TF_ENABLE_ONEDNN_OPTS is kept. Fresh interpreters: TF reads it once, at import."""
+    code = "import cifl_tf; from cifl_tf import machine; print(machine.onednn_enabled(), machine.describe())"
+    environ = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    outputs = {}
+    for value in (None, "0"):
+        env = environ if value is None else {**environ, "TF_ENABLE_ONEDNN_OPTS": value}
+        result = subprocess.run([sys.executable, "-c", code], env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[value] = result.stdout.strip().splitlines()[-1]
+    assert outputs[None].startswith("True ") and outputs[None].endswith("oneDNN on")
+    assert outputs["0"].startswith("False ") and outputs["0"].endswith("oneDNN off")
