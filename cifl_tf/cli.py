@@ -44,6 +44,16 @@ def _shape(text):
     return shape
 
 
+def _dilations(text):
+    try:
+        dilations = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"dilations must look like 2,4,8, got {text!r}") from None
+    if min(dilations) < 1:
+        raise argparse.ArgumentTypeError(f"dilations must be positive integers, got {text!r}")
+    return dilations
+
+
 def _json_object(text):
     try:
         value = json.loads(text)
@@ -63,6 +73,7 @@ def _train_encoder(args):
             raise ValueError(f"--shape {'x'.join(map(str, shape))} does not have --dim {args.dim} sizes")
         settings = dict(shape=shape, steps=args.steps, batch_size=args.batch_size,
                         channels=args.channels, features=args.features, architecture=args.architecture,
+                        dilations=args.dilations,
                         tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
                         learning_rate=args.learning_rate, seed=args.seed,
@@ -444,6 +455,8 @@ def _parser():
     p.add_argument("--features", type=int, default=DEFAULTS["features"], help="hidden width")
     p.add_argument("--architecture", choices=ARCHITECTURES, default=DEFAULTS["architecture"],
                    help="paper: the paper's eight convolutions; context: plus dilated context (sees 77 pixels)")
+    p.add_argument("--dilations", type=_dilations, default=DEFAULTS["dilations"],
+                   help="with --architecture context: its dilation rates, e.g. 2,4 (default 2,4,8,16)")
     p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
     p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
     p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])

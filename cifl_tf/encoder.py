@@ -4,7 +4,8 @@
 
 The paper's eight convolutions see 17 pixels across: inside a large region of uniform intensity
 every pixel looks the same. `architecture="context"` keeps that full-resolution path and adds
-context to it: residual dilated convolutions before the last one widen the view to 77 pixels.
+context to it: residual dilated convolutions before the last one widen the view (to 77 pixels with the
+default dilations 2, 4, 8 and 16).
 """
 import json
 import os
@@ -41,13 +42,18 @@ class CIFLEncoder(KL.Layer):
         ndim: 2 (images (B, H, W, 1)) or 3 (volumes (B, D, H, W, 1)).
         activation: the non-linearity between convolutions (none after the last).
         architecture: "paper", the eight convolutions of the paper, or "context", which adds a
-            residual dilated 3x3 convolution per CONTEXT_DILATIONS after the seventh, so that each
-            pixel's features also describe its surroundings up to 38 pixels away.
+            residual dilated 3x3 convolution per dilation after the seventh, so that each pixel's
+            features also describe its surroundings (up to 38 pixels away with CONTEXT_DILATIONS).
+        dilations: with "context", the context convolutions' dilation rates (default CONTEXT_DILATIONS).
+            Training crops should be wider than the receptive field (2 * receptive_radius + 1): where
+            every pixel sees the crop's zero padding, features that ignore the image are cheap (method
+            page 3b), as a 3D encoder with the default dilations learned on 48^3 crops.
 
     Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
     """
 
-    def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", **kwargs):
+    def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", dilations=None,
+                 **kwargs):
         super().__init__(**kwargs)
         for name, value in (("channels", channels), ("features", features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -56,15 +62,23 @@ class CIFLEncoder(KL.Layer):
             raise ValueError(f"CIFLEncoder: ndim must be 2 or 3, got {ndim!r}")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"CIFLEncoder: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if dilations is not None and architecture != "context":
+            raise ValueError(f"CIFLEncoder: dilations are those of the context architecture; "
+                             f"architecture {architecture!r} takes none, got {dilations!r}")
+        if architecture == "context":
+            dilations = CONTEXT_DILATIONS if dilations is None else dilations
+            if not isinstance(dilations, (list, tuple)) or not dilations or any(
+                    isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
+                raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
         self.channels, self.features, self.ndim, self.architecture = channels, features, ndim, architecture
+        self.dilations = tuple(dilations) if architecture == "context" else ()
         self.activation = tf.keras.activations.get(activation)
         self._activation_name = activation
         conv = KL.Conv2D if ndim == 2 else KL.Conv3D
         widths = [features] * (NUM_CONVS - 1) + [channels]
         self.convs = [conv(width, 3, padding="same", name=f"conv_{i}") for i, width in enumerate(widths)]
-        dilations = CONTEXT_DILATIONS if architecture == "context" else ()
         self.context = [conv(features, 3, padding="same", dilation_rate=rate, name=f"context_{i}")
-                        for i, rate in enumerate(dilations)]
+                        for i, rate in enumerate(self.dilations)]
         self.normalize = L2Normalize(name="l2_normalize")
 
     def build(self, input_shape):
@@ -90,7 +104,8 @@ class CIFLEncoder(KL.Layer):
     @property
     def receptive_radius(self):
         """Pixels, along each axis, that the output at a pixel sees on either side: 8 for the paper's
-        eight 3x3 convolutions, 38 with context (tiling needs it; measuring it would miss dead ReLUs)."""
+        eight 3x3 convolutions, 8 plus the dilations' sum with context (38 by default; tiling needs it,
+        and measuring it would miss dead ReLUs)."""
         return sum(conv.dilation_rate[0] * (conv.kernel_size[0] // 2) for conv in self.convs + self.context)
 
     def compute_output_shape(self, input_shape):
@@ -98,7 +113,8 @@ class CIFLEncoder(KL.Layer):
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "features": self.features,
-                "ndim": self.ndim, "activation": self._activation_name, "architecture": self.architecture}
+                "ndim": self.ndim, "activation": self._activation_name, "architecture": self.architecture,
+                "dilations": list(self.dilations) if self.architecture == "context" else None}
 
 
 def encoder_model(encoder, name="cifl_encoder_model"):

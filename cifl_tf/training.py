@@ -141,6 +141,8 @@ SETTINGS = {
     **{name: (_count, "a positive integer")
        for name in ("steps", "batch_size", "channels", "features", "steps_per_epoch")},
     "architecture": (lambda v: v in ARCHITECTURES, f"one of {ARCHITECTURES}"),
+    "dilations": (lambda v: v is None or isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
+                  "null or a list of positive integers"),
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
     "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
@@ -150,7 +152,7 @@ SETTINGS = {
 
 
 # Fields that runs of earlier versions did not write, with the value those runs used.
-SETTING_DEFAULTS = {"architecture": "paper"}
+SETTING_DEFAULTS = {"architecture": "paper", "dilations": None}
 
 
 def _synth_arguments():
@@ -165,7 +167,7 @@ def read_settings(out_dir):
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
-                  tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, max_offset=16, learning_rate=1e-3,
+                  dilations=None, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, max_offset=16, learning_rate=1e-3,
                   seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
                   synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
@@ -173,7 +175,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     Args:
         shape: spatial shape of the training crops, 2D or 3D (sets the encoder's ndim).
         steps, batch_size: optimisation steps and pairs per step (global batch under a strategy).
-        channels, features, architecture: the encoder's C, hidden width and architecture (CIFLEncoder).
+        channels, features, architecture, dilations: the encoder's C, hidden width, architecture and
+            context dilations (CIFLEncoder).
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
         max_offset: largest origin of each view inside the render, so that the views' relative offset
             lies in [-max_offset, max_offset] per axis (method page 3b); 0 gives voxel-aligned views.
@@ -201,14 +204,14 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
-    CIFLEncoder(channels=channels, features=features, ndim=len(shape), architecture=architecture)
+    CIFLEncoder(channels=channels, features=features, ndim=len(shape), architecture=architecture, dilations=dilations)
     unknown = sorted(set(synth_kwargs or {}) - _synth_arguments())
     if unknown:
         raise ValueError(f"synth_kwargs: ShapesSynth does not take {unknown}; it takes {sorted(_synth_arguments())}")
     ShapesSynth(shape, **(synth_kwargs or {}))  # both check their arguments before anything is written
     steps_per_epoch = min(steps_per_epoch, steps)  # else a short run would train a whole epoch
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
-                    features=features, architecture=architecture, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
+                    features=features, architecture=architecture, dilations=dilations, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
                     max_offset=max_offset, learning_rate=learning_rate, seed=seed,
                     steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
@@ -221,7 +224,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         tf.keras.utils.set_random_seed(seed)
     with strategy.scope():
         encoder = CIFLEncoder(channels=channels, features=features, ndim=len(shape), architecture=architecture,
-                              name="cifl_encoder")
+                              dilations=dilations, name="cifl_encoder")
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
         model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
         model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights

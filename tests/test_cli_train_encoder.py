@@ -57,6 +57,7 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--synth", '{{"tie_prob": 2}}', "--out", "{empty}"], "tie_prob must be a number in [0, 1], got 2"),
     (["--synth", '{{"one_hot": true}}', "--out", "{empty}"], "ShapesSynth does not take ['one_hot']"),
     (["--architecture", "paper", "--features", "0", "--out", "{empty}"], "features must be a positive integer"),
+    (["--dilations", "2,4", "--out", "{empty}"], "architecture 'paper' takes none, got [2, 4]"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
@@ -78,13 +79,20 @@ def test_synth_must_be_a_json_object(synth, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--synth" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dilations", ["2,x", "2,0", ""])
+def test_dilations_must_be_positive_integers(dilations, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train-encoder", "--architecture", "context", "--dilations", dilations, "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "--dilations" in capsys.readouterr().err
+
+
 def test_synth_arguments_reach_the_run_settings(tmp_path):
-    argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context",
+    argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
             "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}', "--out", str(tmp_path / "run")]
     assert cli.main(["train-encoder", *argv]) == 0
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert settings["synth_kwargs"] == {"tie_prob": 0.5, "label_scales": [4, 8]}
-    assert settings["architecture"] == "context"
+    assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
 
 
 @pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")

@@ -96,6 +96,10 @@ def test_load_encoder_errors(tmp_path, remove, config, error, message):
     (dict(ndim=1), "ndim must be 2 or 3, got 1"),
     (dict(ndim=4), "ndim must be 2 or 3, got 4"),
     (dict(architecture="unet"), r"architecture must be one of \('paper', 'context'\), got 'unet'"),
+    (dict(dilations=(2, 4)), r"architecture 'paper' takes none, got \(2, 4\)"),
+    (dict(architecture="context", dilations=()), r"dilations must be positive integers such as \(2, 4\), got \(\)"),
+    (dict(architecture="context", dilations=(2, 0)), r"dilations must be positive integers .*got \(2, 0\)"),
+    (dict(architecture="context", dilations=4), r"dilations must be positive integers .*got 4"),
 ])
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -106,6 +110,24 @@ def test_bad_arguments_raise(kwargs, message):
 def test_wrong_input_rank_raises(ndim, shape):
     with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects inputs of rank {ndim + 2}"):
         CIFLEncoder(channels=2, features=4, ndim=ndim)(np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize("dilations, expected", [(None, CONTEXT_DILATIONS), ((2, 4), (2, 4)), ([3], (3,))])
+def test_context_dilations_set_the_context_convolutions_and_survive_the_config(dilations, expected):
+    encoder = CIFLEncoder(channels=3, features=4, ndim=3, architecture="context", dilations=dilations)
+    encoder(images((1, 6, 6, 6)))
+    assert [conv.dilation_rate for conv in encoder.context] == [(rate,) * 3 for rate in expected]
+    assert encoder.receptive_radius == 8 + sum(expected)
+    config = encoder.get_config()
+    assert config["dilations"] == list(expected)
+    assert CIFLEncoder.from_config(config).dilations == expected
+    assert CIFLEncoder(architecture="paper").get_config()["dilations"] is None
+
+
+def test_a_config_from_before_dilations_gets_the_default_ones():
+    config = CIFLEncoder(architecture="context").get_config()
+    del config["dilations"]
+    assert CIFLEncoder.from_config(config).dilations == CONTEXT_DILATIONS
 
 
 def test_context_architecture_is_the_paper_path_plus_residual_dilated_convolutions():

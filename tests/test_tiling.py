@@ -19,10 +19,11 @@ def test_receptive_radius_of_eight_3x3_convolutions_is_8(ndim, encoder_3d):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("architecture, radius", [("paper", 8), ("context", 8 + 2 + 4 + 8 + 16)])
-def test_the_encoders_stated_radius_is_the_measured_one(ndim, architecture, radius):
+@pytest.mark.parametrize("architecture, dilations, radius", [
+    ("paper", None, 8), ("context", None, 8 + 2 + 4 + 8 + 16), ("context", (2, 4), 8 + 2 + 4)])
+def test_the_encoders_stated_radius_is_the_measured_one(ndim, architecture, dilations, radius):
     tf.keras.utils.set_random_seed(0)  # a ReLU off at every probed path would hide pixels from the probe
-    encoder = cifl_tf.CIFLEncoder(channels=4, features=8, ndim=ndim, architecture=architecture)
+    encoder = cifl_tf.CIFLEncoder(channels=4, features=8, ndim=ndim, architecture=architecture, dilations=dilations)
     assert encoder.receptive_radius == radius
     assert tiling.measured_radius(encoder) == radius
 
