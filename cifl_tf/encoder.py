@@ -170,8 +170,9 @@ def _config_path(weights_path):
 PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
 PRETRAINED_RECOMMENDED = {2: "recommended_2d"}  # ndim -> general-purpose encoder's name
-# Why no 3D encoder ships: the first one trained (1000 steps of 32^3 crops) registered T1 to the 3D demo's
-# T2-like and PD-like volumes worse than leaving them unregistered (Dice 0.38 and 0.44 against 0.60).
+# Why no 3D encoder ships: every one trained so far (paper architecture on 32^3 crops, context with dilations
+# 2, 4 on 48^3) registered T1 to the 3D demo's T2-like and PD-like volumes worse than leaving them unregistered
+# (Dice 0.38-0.51 against 0.60) and than MIND (0.63 and 0.54); README, "Shipped encoders".
 NO_3D_ENCODER = ("no pretrained 3D encoder ships yet (the 3D encoders trained so far register across contrasts "
                  "worse than MIND); use the MIND descriptor (descriptors.MIND(ndim=3), --descriptor mind), "
                  "intensities, or a 3D encoder of your own (cifl train-encoder --dim 3)")
