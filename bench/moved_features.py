@@ -13,14 +13,13 @@ import time
 import numpy as np
 
 import cifl_tf
-from cifl_tf import data, metrics, models
+from cifl_tf import benchmark, data, metrics, models
 from cifl_tf.machine import describe, matmul_gflops
-from register_3d import SAMPLE
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=SAMPLE, help="neurite-oasis folder with two subjects' slices")
+    parser.add_argument("--data", default=benchmark.oasis_sample(), help="neurite-oasis folder with two subjects' slices")
     parser.add_argument("--steps", type=int, default=100, help="steps per level")
     args = parser.parse_args()
     slices = data.load_oasis(args.data, dim=2)
