@@ -7,11 +7,6 @@ Keras 2 API (``tf_keras``). Two things stand between them and TF 2.21 on Python 
 * ``tensorflow.keras`` resolves to Keras 3 unless ``TF_USE_LEGACY_KERAS=1`` is set before
   ``tensorflow`` is imported.
 
-One setting is a default, not a patch: TF turns on its oneDNN kernels by itself only on CPUs with
-AVX-512 VNNI, BF16 or AMX. On an AVX2-only CPU (AMD EPYC, tf.matmul 90 GFLOP/s) a 3D encoder training
-step ran 4.2x slower without them (1.17 s against 0.28 s), so ``TF_ENABLE_ONEDNN_OPTS`` defaults to 1;
-a value the user set is kept, and it has no effect if TensorFlow was imported first.
-
 A third patch is scoped: ``vxm_layers`` lets voxelmorph's networks build other layers (they look theirs up
 on ``vxm.layers`` and take no option to use others).
 """
@@ -23,7 +18,6 @@ import os
 import sys
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 if not hasattr(inspect, "getargspec"):
     ArgSpec = collections.namedtuple("ArgSpec", "args varargs keywords defaults")

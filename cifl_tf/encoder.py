@@ -62,16 +62,16 @@ class CIFLEncoder(KL.Layer):
             raise ValueError(f"CIFLEncoder: ndim must be 2 or 3, got {ndim!r}")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"CIFLEncoder: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-        if dilations is not None and architecture != "context":
+        if architecture == "paper" and dilations is not None:
             raise ValueError(f"CIFLEncoder: dilations are those of the context architecture; "
-                             f"architecture {architecture!r} takes none, got {dilations!r}")
-        if architecture == "context":
-            dilations = CONTEXT_DILATIONS if dilations is None else dilations
-            if not isinstance(dilations, (list, tuple)) or not dilations or any(
-                    isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
-                raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
+                             f"architecture 'paper' takes none, got {dilations!r}")
+        if architecture == "context" and dilations is None:
+            dilations = CONTEXT_DILATIONS
+        if architecture == "context" and (not isinstance(dilations, (list, tuple)) or not dilations or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations)):
+            raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
         self.channels, self.features, self.ndim, self.architecture = channels, features, ndim, architecture
-        self.dilations = tuple(dilations) if architecture == "context" else ()
+        self.dilations = tuple(dilations or ())
         self.activation = tf.keras.activations.get(activation)
         self._activation_name = activation
         conv = KL.Conv2D if ndim == 2 else KL.Conv3D
