@@ -3,14 +3,13 @@
 The fixed image is the OASIS sample's 3D T1 (aligned_norm, 160x192x224, with its seg4 label map); the
 moving image is the same volume under a known smooth random deformation (about --warp-std voxels),
 optionally contrast-inverted. Prints, in one run:
-  * seconds of tiled feature extraction with a 3D CIFLEncoder of the paper's size (random weights: the
-    cost is that of any trained encoder) under --max-memory;
-  * seconds of register_pair with intensity NCC (or --similarity mi), its Dice on seg4 before and after,
-    the folded-voxel share;
+  * seconds of tiled feature extraction with the shipped 3D encoder (pretrained(ndim=3)) under --max-memory;
+  * seconds of register_pair with intensity NCC (or --method mi, the shipped CIFL features, MIND), its
+    Dice on seg4 before and after, the folded-voxel share;
   * peak RSS of the process after each phase (the last includes the Dice evaluation's full-size warps),
     and the GFLOP/s of a plain tf.matmul measured in the same run.
 
-    python bench/register_3d.py [--levels 8,4] [--steps 100] [--max-memory 1G]
+    python bench/register_3d.py [--levels 8,4] [--steps 100] [--method ncc|mi|cifl|mind] [--max-memory 1G]
 """
 import argparse
 import resource
@@ -20,6 +19,7 @@ import numpy as np
 
 import cifl_tf
 from cifl_tf import benchmark, data, instance, metrics, models, tiling
+from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
 
 
@@ -39,8 +39,9 @@ def main():
     parser.add_argument("--data", default=benchmark.oasis_sample(), help="neurite-oasis folder with a subject's aligned_norm")
     parser.add_argument("--levels", default="8,4", help="pooling factors, coarse to fine")
     parser.add_argument("--steps", type=int, default=100, help="steps per level")
-    parser.add_argument("--similarity", choices=("ncc", "mi"), default="ncc")
-    parser.add_argument("--invert", action="store_true", help="register T1 to inverted T1 (use with mi)")
+    parser.add_argument("--method", choices=("ncc", "mi", "cifl", "mind"), default="ncc",
+                        help="intensity NCC or MI, the shipped 3D CIFL features, or MIND")
+    parser.add_argument("--invert", action="store_true", help="register T1 to inverted T1 (not with ncc)")
     parser.add_argument("--warp-std", type=float, default=3.0)
     parser.add_argument("--max-memory", type=int, default=tiling.DEFAULT_MAX_MEMORY)
     args = parser.parse_args()
@@ -55,7 +56,7 @@ def main():
     if args.invert:
         fixed = data.invert(fixed)
 
-    encoder = cifl_tf.CIFLEncoder(ndim=3)
+    encoder = cifl_tf.pretrained(ndim=3)
     start = time.perf_counter()
     features = tiling.tiled_features(encoder, fixed, args.max_memory)
     features_s = time.perf_counter() - start
@@ -63,7 +64,9 @@ def main():
     features_gb = peak_rss_gb()
 
     start = time.perf_counter()
-    displacement = cifl_tf.register_pair(moving, fixed, encoder=None, similarity=args.similarity, levels=levels,
+    features = {"cifl": encoder, "mind": MIND(ndim=3)}.get(args.method)
+    similarity = args.method if features is None else None
+    displacement = cifl_tf.register_pair(moving, fixed, encoder=features, similarity=similarity, levels=levels,
                                          steps=args.steps, max_memory=args.max_memory)
     register_s = time.perf_counter() - start
     register_gb = peak_rss_gb()
@@ -72,10 +75,10 @@ def main():
         moved = models.warp(moving_labels[None, ..., None].astype(np.float32), field[None], "nearest")[0, ..., 0]
         return metrics.mean_dice(np.rint(moved).astype(np.int32), fixed_labels)
 
-    print(f"shape {fixed.shape}, levels {levels}, {args.steps} steps per level, {args.similarity}"
+    print(f"shape {fixed.shape}, levels {levels}, {args.steps} steps per level, {args.method}"
           f"{', T1 -> inverted T1' if args.invert else ''}, max_memory {args.max_memory} bytes")
-    print(f"features (3D CIFLEncoder, tiled): {features_s:.1f} s, peak RSS so far {features_gb:.2f} GB")
-    print(f"register_pair:                    {register_s:.1f} s, peak RSS so far {register_gb:.2f} GB")
+    print(f"features (pretrained(ndim=3), tiled): {features_s:.1f} s, peak RSS so far {features_gb:.2f} GB")
+    print(f"register_pair:                        {register_s:.1f} s, peak RSS so far {register_gb:.2f} GB")
     print(f"seg4 Dice: identity {dice(np.zeros_like(displacement)):.3f} -> registered {dice(displacement):.3f}; "
           f"folded voxels {100 * metrics.folding_fraction(displacement):.4f}%")
     print(f"peak RSS {peak_rss_gb():.2f} GB; tf.matmul 2048^2 float32: {matmul_gflops():.1f} GFLOP/s; {describe()}")

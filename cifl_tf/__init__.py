@@ -6,5 +6,6 @@ from .instance import register_pair
 from .losses import ContrastiveLoss, contrastive_loss
 from .models import registration_model, segmentation_model
 from .training import train_encoder
+from .triplanar import Triplanar
 
 __version__ = "0.1.0"

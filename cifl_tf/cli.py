@@ -87,16 +87,18 @@ def _train_encoder(args):
 def encoder_from_args(args, ndim):
     """What --encoder, --pretrained or --descriptor (`_add_encoder_args`) chose for ndim-D images.
 
-    Returns a frozen CIFLEncoder, a descriptors.MIND of that ndim, or None for the intensity baseline.
+    Returns a frozen CIFLEncoder (for 3D images with --pretrained, a Triplanar of one), a descriptors.MIND
+    of that ndim, or None for the intensity baseline.
     """
     if args.descriptor is not None:
         return MIND(ndim, variant=args.descriptor)
     if args.pretrained is not None:
-        return pretrained(args.pretrained)
+        return pretrained(args.pretrained, ndim=ndim)
     return load_encoder(args.encoder) if args.encoder else None
 
 
-_RECOMMENDED = "the recommended shipped encoder, cifl_tf.pretrained() (2D images; none ships for 3D yet)"
+_RECOMMENDED = ("the recommended shipped encoder, cifl_tf.pretrained(ndim=...) (for 3D images the tri-planar "
+                "features of a shipped 2D encoder)")
 
 
 def _add_encoder_args(p, default="none, the raw-intensity baseline"):
@@ -106,7 +108,7 @@ def _add_encoder_args(p, default="none, the raw-intensity baseline"):
                        help=f"CIFL encoder: weights file or train-encoder run folder (default: {default})")
     group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
                        help=f"the shipped 2D encoder of the paper's sweep trained with tau_gamma TAU, one of "
-                            f"{PRETRAINED_TAU_GAMMAS}")
+                            f"{PRETRAINED_TAU_GAMMAS} (for 3D images, its tri-planar features)")
     group.add_argument("--descriptor", choices=VARIANTS, default=None,
                        help="a hand-made descriptor instead of an encoder: mind (MIND, Heinrich et al. 2012) or "
                             "ssc (MIND-SSC, Heinrich et al. 2013)")
@@ -441,7 +443,8 @@ def _parser():
     p.add_argument("--3d", dest="three_d", action="store_true",
                    help="3D volumes registered without training across T1, T2-like and PD-like, in minutes")
     p.add_argument("--encoder", default=None,
-                   help="with --3d: a 3D CIFL encoder (weights file or train-encoder run folder) to compare")
+                   help="with --3d: a 3D CIFL encoder (weights file or train-encoder run folder) instead of the "
+                   "shipped one")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train-encoder", help="train a CIFL encoder on synthetic shapes")

@@ -13,6 +13,7 @@ import os
 import tensorflow as tf
 
 from .data import first_line, read_json, write_atomically, write_json
+from .triplanar import Triplanar
 
 KL = tf.keras.layers
 
@@ -137,7 +138,7 @@ def load_encoder(path, trainable=False):
 
     `path` is the weights file or the folder of a training run (holding encoder.weights.h5).
     Raises: FileNotFoundError for a missing file; ValueError naming the file for a config that is not
-        a valid CIFLEncoder's, or weights that do not load into it (damaged, or of other shapes).
+        a valid CIFLEncoder's (or Triplanar's), or weights that do not load into it (damaged, or of other shapes).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -147,8 +148,8 @@ def load_encoder(path, trainable=False):
         if not os.path.isfile(required):
             raise FileNotFoundError(f"load_encoder: no such file {required!r}")
     config = read_json(config_path)
-    if not isinstance(config, dict) or config.get("registered_name") != "cifl_tf>CIFLEncoder":
-        raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder")
+    if not isinstance(config, dict) or config.get("registered_name") not in ("cifl_tf>CIFLEncoder", "cifl_tf>Triplanar"):
+        raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder (or a Triplanar of one)")
     try:
         encoder = tf.keras.utils.deserialize_keras_object(config)
     except (ValueError, TypeError, KeyError) as error:
@@ -170,12 +171,11 @@ def _config_path(weights_path):
 PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
 PRETRAINED_RECOMMENDED = {2: "recommended_2d"}  # ndim -> general-purpose encoder's name
-# Why no 3D encoder ships: every one trained so far (paper architecture on 32^3 crops, context with dilations
-# 2, 4 on 48^3) registered T1 to the 3D demo's T2-like and PD-like volumes worse than leaving them unregistered
-# (Dice 0.38-0.51 against 0.60) and than MIND (0.63 and 0.54); README, "Shipped encoders".
-NO_3D_ENCODER = ("no pretrained 3D encoder ships yet (the 3D encoders trained so far register across contrasts "
-                 "worse than MIND); use the MIND descriptor (descriptors.MIND(ndim=3), --descriptor mind), "
-                 "intensities, or a 3D encoder of your own (cifl train-encoder --dim 3)")
+# 3D encoders are the tri-planar features of the 2D ones (triplanar.Triplanar), by default of this one: the 3D
+# encoders trained on 32^3 crops so far registered T1 to the 3D demo's T2-like and PD-like volumes worse than
+# leaving them unregistered, and of the shipped 2D encoders, this one's tri-planar features registered them
+# best (README, "Shipped encoders").
+PRETRAINED_3D_TAU_GAMMA = 1.0
 
 
 def pretrained_info():
@@ -195,13 +195,16 @@ def pretrained(tau_gamma=None, ndim=2, trainable=False):
     Args:
         tau_gamma: None for the recommended general-purpose encoder of `ndim`, or one of
             PRETRAINED_TAU_GAMMAS for that 2D encoder of the paper's sweep (the paper's architecture).
-        ndim: 2 or 3.
+        ndim: 2, or 3 for the tri-planar features of a 2D encoder (Triplanar; with tau_gamma None, of
+            the one of PRETRAINED_3D_TAU_GAMMA).
         trainable: False (the default) freezes the encoder.
 
-    Returns: a CIFLEncoder (B, *spatial, 1) -> (B, *spatial, C), spatial of `ndim` axes; images in [0, 1].
-    Raises: ValueError for another ndim or tau_gamma, and for ndim 3 (NO_3D_ENCODER).
+    Returns: a CIFLEncoder (B, H, W, 1) -> (B, H, W, C), or with ndim 3 a Triplanar of one,
+    (B, X, Y, Z, 1) -> (B, X, Y, Z, 3C); images in [0, 1].
+    Raises: ValueError for another ndim or tau_gamma.
     """
-    return load_encoder(os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.weights.h5"), trainable)
+    encoder = load_encoder(os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.weights.h5"), trainable)
+    return encoder if ndim == 2 else Triplanar(encoder, trainable=trainable)
 
 
 def pretrained_log(tau_gamma=None, ndim=2):
@@ -214,8 +217,8 @@ def _pretrained_name(tau_gamma, ndim):
     """The file name root of the shipped encoder `pretrained(tau_gamma, ndim)`; ValueError for none."""
     if ndim not in (2, 3):
         raise ValueError(f"pretrained: ndim must be 2 or 3, got {ndim!r}")
-    if ndim not in PRETRAINED_RECOMMENDED:
-        raise ValueError(f"pretrained: {NO_3D_ENCODER}")
+    if tau_gamma is None and ndim == 3:
+        tau_gamma = PRETRAINED_3D_TAU_GAMMA
     if tau_gamma is None:
         return PRETRAINED_RECOMMENDED[ndim]
     if tau_gamma not in PRETRAINED_TAU_GAMMAS:

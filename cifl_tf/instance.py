@@ -192,7 +192,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     Args:
         moving, fixed: (*spatial) arrays of one shape, 2D or 3D, finite, intensities in [0, 1].
         encoder: "pretrained" (``pretrained(ndim=moving.ndim)``: the recommended shipped encoder of
-            the images' ndim; 2D only for now, see encoder.NO_3D_ENCODER), a Keras layer (B, *spatial, 1) -> (B, *spatial, C) with
+            the images' ndim), a Keras layer (B, *spatial, 1) -> (B, *spatial, C) with
             ``ndim`` and ``channels`` attributes (a CIFLEncoder, a MIND descriptor), or None for the
             intensities.
         similarity: "mse", "ncc" (local 9^ndim windows) or "mi" (mutual information, intensities

@@ -90,12 +90,13 @@ def test_features_without_an_encoder_use_the_recommended_one(tmp_path, capsys):
     np.testing.assert_array_equal(affine, AFFINE)
 
 
-def test_features_of_a_volume_without_an_encoder_say_what_to_use(tmp_path, capsys):
-    slice_file(tmp_path / "in.nii.gz", (8, 10, 6))
-    status, _, err = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz")
-    assert status == 2 and len(err.strip().splitlines()) == 1
-    assert "no pretrained 3D encoder ships yet" in err and "--descriptor mind" in err
-    assert not (tmp_path / "f.nii.gz").exists()
+def test_features_of_a_volume_default_to_the_shipped_3d_encoder(tmp_path, capsys):
+    image = slice_file(tmp_path / "in.nii.gz", (8, 10, 6))
+    status, _, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz")
+    features, _, _ = data.load_nifti(tmp_path / "f.nii.gz")
+    expected = cifl_tf.pretrained(ndim=3)(data.normalize(image)[None, ..., None])[0]
+    assert status == 0 and features.shape == expected.shape == (8, 10, 6, expected.shape[-1])
+    np.testing.assert_allclose(features, expected, atol=1e-5)
 
 
 def test_features_of_a_4d_image_name_the_file(tmp_path, capsys):

@@ -76,8 +76,7 @@ def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, ca
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--moving", "VOLUME", "--fixed", "VOLUME", "--pretrained", "0.1"], r"encoder .* is 2D but the images are 3D"),
-    (["--moving", "VOLUME", "--fixed", "VOLUME"], r"no pretrained 3D encoder ships yet"),
+    (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D"], r"encoder .* is 2D but the images are 3D"),
     (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
     (["--intensity", "ncc", "--steps", "0"], r"steps must be a positive integer, got 0"),
     (["--intensity", "ncc", "--levels", "1,2"], r"levels must be decreasing positive integer pooling factors"),
@@ -89,7 +88,8 @@ def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, capsys, argv
     write_nifti(pair / "volume.nii.gz", np.ones((8, 8, 8), np.float32))
     (pair / "out").mkdir()
     names = {"VOLUME": pair / "volume.nii.gz", "MISSING": pair / "missing.nii.gz",
-             "NOFOLDER": pair / "nowhere" / "moved.nii.gz"}
+             "NOFOLDER": pair / "nowhere" / "moved.nii.gz",
+             "ENCODER_2D": cifl_tf.encoder.PRETRAINED_DIR + "/tau_gamma_0.1.weights.h5"}
     options = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz",
                "--moved": pair / "out" / "moved.nii.gz", "--warp": pair / "out" / "warp.nii.gz"}
     options.update(zip(argv[::2], [names.get(value, value) for value in argv[1::2]]))

@@ -60,6 +60,7 @@ CASES = {  # shape, fixed contrast, encoder, similarity, levels, Dice gain over 
     "2d-pretrained-t2": ((64, 64), "t2", "pretrained", None, (1,), 0.05),
     "2d-descriptor-t2": ((32, 32), "t2", EdgeDescriptor(2), None, (1,), 0.01),
     "3d-intensity-ncc": ((16, 16, 16), "t1", None, None, (1,), 0.1),
+    "3d-pretrained-t2": ((32, 32, 32), "t2", "pretrained", None, (1,), 0.02),
 }
 
 
@@ -121,7 +122,6 @@ GOOD = np.full((16, 16), 0.5, np.float32)
 @pytest.mark.parametrize("moving, fixed, kwargs, error, message", [
     (GOOD, np.full((16, 18), 0.5), {}, ValueError, r"moving \(16, 16\) and fixed \(16, 18\) differ in shape"),
     (np.zeros(16), np.zeros(16), {}, ValueError, r"moving must be a 2D or 3D array"),
-    (np.zeros((8, 8, 8)), np.zeros((8, 8, 8)), {}, ValueError, r"no pretrained 3D encoder ships yet"),
     (GOOD, np.where(np.eye(16) > 0, np.nan, 0.5), {}, ValueError, r"fixed holds 16 NaN/Inf values"),
     (GOOD * 4, GOOD, {}, ValueError, r"moving intensities must lie in \[0, 1\].*got \[2, 2\]"),
     (GOOD, GOOD, dict(encoder=EdgeDescriptor(3)), ValueError, r"is 3D but the images are 2D"),

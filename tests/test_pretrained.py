@@ -43,8 +43,7 @@ def test_pretrained_positional_tau_gamma_and_trainable():
     (dict(ndim="3"), r"ndim must be 2 or 3, got '3'"),
     (dict(tau_gamma=0.1, ndim=4), r"ndim must be 2 or 3, got 4"),
     (dict(tau_gamma=0.5), r"tau_gamma must be None or one of \(1.0, 0.1, 0.01\), got 0.5"),
-    (dict(ndim=3), r"no pretrained 3D encoder ships yet .*descriptors\.MIND\(ndim=3\)"),
-    (dict(tau_gamma=0.1, ndim=3), r"no pretrained 3D encoder ships yet"),
+    (dict(tau_gamma=0.5, ndim=3), r"tau_gamma must be None or one of"),
 ])
 @pytest.mark.parametrize("function", [cifl_tf.pretrained, pretrained_log])
 def test_pretrained_rejects_bad_arguments(function, kwargs, message):
@@ -52,7 +51,9 @@ def test_pretrained_rejects_bad_arguments(function, kwargs, message):
         function(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, stem", [({}, "recommended_2d"), (dict(tau_gamma=0.1), "tau_gamma_0.1"), (dict(tau_gamma=1.0), "tau_gamma_1")])
+@pytest.mark.parametrize("kwargs, stem", [({}, "recommended_2d"), (dict(tau_gamma=0.1), "tau_gamma_0.1"),
+                                          (dict(tau_gamma=1.0), "tau_gamma_1"), (dict(ndim=3), "tau_gamma_1"),
+                                          (dict(tau_gamma=0.01, ndim=3), "tau_gamma_0.01")])
 def test_pretrained_log_is_the_training_log_beside_the_weights(kwargs, stem):
     assert pretrained_log(**kwargs) == os.path.join(PRETRAINED_DIR, stem + ".log.csv")
 

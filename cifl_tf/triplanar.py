@@ -1,0 +1,58 @@
+"""A 2D encoder made 3D: the encoder applied to the slices of a volume along each of its three axes.
+
+    x (B, X, Y, Z, 1)  ->  l2-normalise(concat over axes a of f(the slices of x across axis a)) (B, X, Y, Z, 3C)
+
+Each voxel gets the 2D encoder's features of the three orthogonal slices through it (tri-planar), so
+each voxel still has a unit-length feature vector, as CIFL features do. Why 2D encoders: on the 3D demo
+(T1 registered by ``register_pair`` to T1, T2-like and PD-like volumes) the tri-planar features of
+the shipped 2D encoders registered across contrasts as well as MIND, while the 3D encoders trained so
+far on 32^3 synthetic crops did not; README, "Shipped encoders".
+"""
+import tensorflow as tf
+
+from .tiling import receptive_radius
+
+KL = tf.keras.layers
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class Triplanar(KL.Layer):
+    """A 2D encoder applied slice by slice along each axis of a volume, the three feature images concatenated.
+
+    Args:
+        encoder: a 2D encoder layer (B, H, W, 1) -> (B, H, W, C) with ``ndim`` 2 and ``channels`` C
+            attributes (a CIFLEncoder, a MIND descriptor), or its Keras config.
+
+    Call: volumes (B, X, Y, Z, 1) -> (B, X, Y, Z, 3C), unit length along the last axis; channels
+    [a C : (a + 1) C] are the encoder's features of the slices across axis a.
+    """
+
+    def __init__(self, encoder, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(encoder, dict):
+            encoder = tf.keras.utils.deserialize_keras_object(encoder)
+        if not isinstance(encoder, KL.Layer) or getattr(encoder, "ndim", None) != 2 or not hasattr(encoder, "channels"):
+            raise ValueError(f"Triplanar: encoder must be a 2D encoder layer with ndim 2 and channels attributes, "
+                             f"got {getattr(encoder, 'name', encoder)!r} (ndim {getattr(encoder, 'ndim', None)})")
+        self.encoder = encoder
+        self.ndim, self.channels = 3, 3 * encoder.channels
+        # in-plane, the 2D encoder's reach; across the slices, none
+        self.receptive_radius = receptive_radius(encoder)
+
+    def call(self, volumes):
+        shape = tf.shape(volumes)
+        features = []
+        for axis in (1, 2, 3):
+            others = [a for a in (1, 2, 3) if a != axis]
+            slices = tf.transpose(volumes, [0, axis, *others, 4])  # (B, N_axis, H, W, 1)
+            encoded = self.encoder(tf.reshape(slices, [-1, shape[others[0]], shape[others[1]], 1]))
+            encoded = tf.reshape(encoded, [shape[0], shape[axis], shape[others[0]], shape[others[1]], -1])
+            back = [0] + [1 + [axis, *others].index(a) for a in (1, 2, 3)] + [4]
+            features.append(tf.transpose(encoded, back))
+        return tf.math.l2_normalize(tf.concat(features, axis=-1), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
+
+    def get_config(self):
+        return {**super().get_config(), "encoder": tf.keras.utils.serialize_keras_object(self.encoder)}

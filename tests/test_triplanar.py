@@ -1,0 +1,71 @@
+"""cifl_tf.triplanar: a 2D encoder applied to the slices along each axis of a volume."""
+import numpy as np
+import pytest
+
+import cifl_tf
+from cifl_tf import CIFLEncoder, Triplanar, load_encoder, save_encoder, tiling
+from cifl_tf.descriptors import MIND
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    encoder = CIFLEncoder(channels=3, features=4)
+    encoder.build((None, None, None, 1))
+    return encoder
+
+
+def slice_features(encoder, volume, axis):
+    """The 2D encoder's features of each slice of `volume` (X, Y, Z) across `axis`, stacked back: (X, Y, Z, C)."""
+    slices = np.moveaxis(volume, axis, 0)[..., np.newaxis]
+    return np.moveaxis(encoder(slices).numpy(), 0, axis)
+
+
+def test_channels_are_the_l2_normalised_features_of_the_slices_across_each_axis(encoder):
+    volume = np.random.default_rng(0).random((5, 6, 7), np.float32)
+    stacked = np.concatenate([slice_features(encoder, volume, axis) for axis in range(3)], axis=-1)
+    expected = stacked / np.linalg.norm(stacked, axis=-1, keepdims=True)
+    triplanar = Triplanar(encoder)
+    np.testing.assert_allclose(triplanar(volume[None, ..., None])[0], expected, atol=1e-5)
+    assert (triplanar.ndim, triplanar.channels, triplanar.receptive_radius) == (3, 9, encoder.receptive_radius)
+
+
+def test_a_descriptor_without_weights_works_too():
+    mind = MIND(ndim=2)
+    features = Triplanar(mind)(np.random.default_rng(1).random((1, 6, 5, 4, 1), np.float32)).numpy()
+    assert features.shape == (1, 6, 5, 4, 3 * mind.channels)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)
+
+
+def test_saves_and_loads_with_the_same_outputs(encoder, tmp_path):
+    triplanar = Triplanar(encoder)
+    volume = np.random.default_rng(2).random((1, 6, 7, 8, 1), np.float32)
+    save_encoder(triplanar, str(tmp_path / "tri.weights.h5"))
+    loaded = load_encoder(str(tmp_path / "tri.weights.h5"))
+    assert isinstance(loaded, Triplanar) and not loaded.trainable
+    assert loaded.encoder.get_config() == {**encoder.get_config(), "trainable": False}
+    np.testing.assert_allclose(loaded(volume), triplanar(volume), atol=1e-6)
+
+
+def test_tiled_features_equal_untiled(encoder):
+    volume = np.random.default_rng(3).random((20, 18, 16), np.float32)
+    triplanar = Triplanar(encoder)
+    small = tiling.bytes_per_pixel(triplanar) * (2 * triplanar.receptive_radius + 6) ** 3
+    np.testing.assert_allclose(tiling.tiled_features(triplanar, volume, small),
+                               triplanar(volume[None, ..., None])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (CIFLEncoder(channels=2, features=4, ndim=3), r"must be a 2D encoder layer .*\(ndim 3\)"),
+    ("encoder", r"must be a 2D encoder layer .*got 'encoder' \(ndim None\)"),
+])
+def test_rejects_what_is_not_a_2d_encoder(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Triplanar(bad)
+
+
+def test_pretrained_3d_is_the_triplanar_of_a_shipped_2d_encoder():
+    default, swept = cifl_tf.pretrained(ndim=3), cifl_tf.pretrained(0.1, ndim=3, trainable=True)
+    assert isinstance(default, Triplanar) and not default.trainable and swept.trainable
+    for triplanar, tau_gamma in ((default, cifl_tf.encoder.PRETRAINED_3D_TAU_GAMMA), (swept, 0.1)):
+        for ours, shipped in zip(triplanar.encoder.get_weights(), cifl_tf.pretrained(tau_gamma).get_weights()):
+            np.testing.assert_array_equal(ours, shipped)
