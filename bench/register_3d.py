@@ -64,9 +64,9 @@ def main():
     features_gb = peak_rss_gb()
 
     start = time.perf_counter()
-    features = {"cifl": encoder, "mind": MIND(ndim=3)}.get(args.method)
-    similarity = args.method if features is None else None
-    displacement = cifl_tf.register_pair(moving, fixed, encoder=features, similarity=similarity, levels=levels,
+    method_encoder = {"cifl": encoder, "mind": MIND(ndim=3)}.get(args.method)
+    similarity = args.method if method_encoder is None else None
+    displacement = cifl_tf.register_pair(moving, fixed, encoder=method_encoder, similarity=similarity, levels=levels,
                                          steps=args.steps, max_memory=args.max_memory)
     register_s = time.perf_counter() - start
     register_gb = peak_rss_gb()

@@ -87,7 +87,7 @@ def _train_encoder(args):
 def encoder_from_args(args, ndim):
     """What --encoder, --pretrained or --descriptor (`_add_encoder_args`) chose for ndim-D images.
 
-    Returns a frozen CIFLEncoder (for 3D images with --pretrained, a Triplanar of one), a descriptors.MIND
+    Returns a frozen CIFLEncoder or Triplanar (--pretrained on 3D images, or a saved one), a descriptors.MIND
     of that ndim, or None for the intensity baseline.
     """
     if args.descriptor is not None:
@@ -108,7 +108,7 @@ def _add_encoder_args(p, default="none, the raw-intensity baseline"):
                        help=f"CIFL encoder: weights file or train-encoder run folder (default: {default})")
     group.add_argument("--pretrained", type=float, choices=PRETRAINED_TAU_GAMMAS, default=None, metavar="TAU",
                        help=f"the shipped 2D encoder of the paper's sweep trained with tau_gamma TAU, one of "
-                            f"{PRETRAINED_TAU_GAMMAS} (for 3D images, its tri-planar features)")
+                            f"{PRETRAINED_TAU_GAMMAS} (for 3D images in features and register, its tri-planar features)")
     group.add_argument("--descriptor", choices=VARIANTS, default=None,
                        help="a hand-made descriptor instead of an encoder: mind (MIND, Heinrich et al. 2012) or "
                             "ssc (MIND-SSC, Heinrich et al. 2013)")

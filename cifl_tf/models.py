@@ -27,6 +27,7 @@ from .descriptors import MIND
 from .encoder import CIFLEncoder
 from .synth import stream_seed
 from .transform import BATCHED_LAYERS, spatial_transform
+from .triplanar import Triplanar
 
 KL = tf.keras.layers
 
@@ -60,6 +61,9 @@ def _check_encoder(encoder, inshape):
     """Freezes and returns the encoder (or None); its ndim must match the input shape."""
     if encoder is None:
         return None
+    if isinstance(encoder, Triplanar):
+        raise ValueError("a Triplanar encoder (pretrained(ndim=3), --pretrained on 3D data) gives features for "
+                         "register_pair and `cifl features` only; UNet and VxmDense take a CIFLEncoder or MIND")
     if not isinstance(encoder, (CIFLEncoder, MIND)):
         raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder, a cifl_tf.descriptors.MIND or None, "
                         f"got {type(encoder).__name__}")

@@ -4,9 +4,10 @@
 
 Each voxel gets the 2D encoder's features of the three orthogonal slices through it (tri-planar), so
 each voxel still has a unit-length feature vector, as CIFL features do. Why 2D encoders: on the 3D demo
-(T1 registered by ``register_pair`` to T1, T2-like and PD-like volumes) the tri-planar features of
-the shipped 2D encoders registered across contrasts as well as MIND, while the 3D encoders trained so
-far on 32^3 synthetic crops did not; README, "Shipped encoders".
+(T1 registered by ``register_pair`` to T1, T2-like and PD-like volumes) the tri-planar features of the
+shipped tau_gamma = 1 encoder registered across contrasts about as well as MIND, while the 3D encoders
+trained so far on 32^3 synthetic crops did worse than no registration; README, "Shipped encoders".
+They are for feature extraction and ``register_pair``; UNet and VxmDense models take 2D or 3D CIFLEncoders.
 """
 import tensorflow as tf
 
@@ -36,8 +37,12 @@ class Triplanar(KL.Layer):
                              f"got {getattr(encoder, 'name', encoder)!r} (ndim {getattr(encoder, 'ndim', None)})")
         self.encoder = encoder
         self.ndim, self.channels = 3, 3 * encoder.channels
-        # in-plane, the 2D encoder's reach; across the slices, none
-        self.receptive_radius = receptive_radius(encoder)
+
+    @property
+    def receptive_radius(self):
+        """In-plane, the 2D encoder's reach; across the slices, none. (A property: for a descriptor it is
+        measured, which is not worth doing on every build.)"""
+        return receptive_radius(self.encoder)
 
     def call(self, volumes):
         shape = tf.shape(volumes)
@@ -46,7 +51,8 @@ class Triplanar(KL.Layer):
             others = [a for a in (1, 2, 3) if a != axis]
             slices = tf.transpose(volumes, [0, axis, *others, 4])  # (B, N_axis, H, W, 1)
             encoded = self.encoder(tf.reshape(slices, [-1, shape[others[0]], shape[others[1]], 1]))
-            encoded = tf.reshape(encoded, [shape[0], shape[axis], shape[others[0]], shape[others[1]], -1])
+            encoded = tf.reshape(encoded, [shape[0], shape[axis], shape[others[0]], shape[others[1]],
+                                           self.encoder.channels])
             back = [0] + [1 + [axis, *others].index(a) for a in (1, 2, 3)] + [4]
             features.append(tf.transpose(encoded, back))
         return tf.math.l2_normalize(tf.concat(features, axis=-1), axis=-1)

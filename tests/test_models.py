@@ -257,6 +257,8 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.segmentation_model((16, 16, 16), 3, e), ValueError, r"encoder is 2D but inshape \(16, 16, 16\)"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, "encoder"), TypeError,
      "CIFLEncoder, a cifl_tf.descriptors.MIND or None, got str"),
+    (lambda e: cifl_tf.registration_model((16, 16, 16), cifl_tf.Triplanar(e), **TINY_VXM), ValueError,
+     r"a Triplanar encoder .* gives features for register_pair and `cifl features` only"),
     (lambda e: cifl_tf.registration_model(SHAPE, MIND(ndim=3), **TINY_VXM), ValueError,
      r"encoder is 3D but inshape \(32, 32\) is 2D"),
     (lambda e: cifl_tf.registration_model(SHAPE, similarity="mi"), ValueError, "similarity must be.*'mi'"),

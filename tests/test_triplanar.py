@@ -67,5 +67,6 @@ def test_pretrained_3d_is_the_triplanar_of_a_shipped_2d_encoder():
     default, swept = cifl_tf.pretrained(ndim=3), cifl_tf.pretrained(0.1, ndim=3, trainable=True)
     assert isinstance(default, Triplanar) and not default.trainable and swept.trainable
     for triplanar, tau_gamma in ((default, cifl_tf.encoder.PRETRAINED_3D_TAU_GAMMA), (swept, 0.1)):
-        for ours, shipped in zip(triplanar.encoder.get_weights(), cifl_tf.pretrained(tau_gamma).get_weights()):
+        for ours, shipped in zip(triplanar.encoder.get_weights(), cifl_tf.pretrained(tau_gamma).get_weights(),
+                                 strict=True):
             np.testing.assert_array_equal(ours, shipped)
