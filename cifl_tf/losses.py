@@ -6,8 +6,13 @@ For one sample, with u_c, v_c the c-th channel images of views 1 and 2 and s the
                  / (sum_c exp(s(u_c, v_c) / tau_b) + sum_c sum_{c' != c} exp(s(u_c, u_c') / tau_g)) )
 
 computed as a difference of log-sum-exps, so that it stays finite for small temperatures.
+
+Also here: ``NCC``, voxelmorph's local normalised cross-correlation for registration, made fast on CPUs.
 """
+import numpy as np
 import tensorflow as tf
+
+import voxelmorph as vxm
 
 
 def _check_temperatures(**taus):
@@ -71,3 +76,59 @@ class ContrastiveLoss(tf.keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "tau_alpha": self.tau_alpha, "tau_beta": self.tau_beta,
                 "tau_gamma": self.tau_gamma}
+
+
+class NCC(vxm.losses.NCC):
+    """voxelmorph's local normalised cross-correlation: the arguments and values of ``vxm.losses.NCC``.
+
+    Only the window sums differ: voxelmorph convolves with a ones kernel of 9^ndim taps, here they are
+    differences of cumulative sums along each axis, in float64. On 2 AVX2 cores without oneDNN, the loss
+    and its gradient took 5.5 s on a 53x65x54 volume with the 3D convolution, 0.22 s with the cumulative
+    sums; and the sums are exact where the float32 convolution's were off by 1.3e-4 (``bench/ncc.py``).
+
+    Call ``loss(y_true, y_pred)`` with (B, *spatial, F) images: -(B,) mean local squared correlation
+    (the sums also run over the F channels, as voxelmorph's do).
+    """
+
+    def ncc(self, Ii, Ji):
+        Ii = tf.convert_to_tensor(Ii)
+        ndims = Ii.shape.rank - 2
+        if ndims not in (1, 2, 3):
+            raise ValueError(f"NCC: images need shape (B, *spatial, F) with 1 to 3 spatial axes, got {Ii.shape}")
+        win = [9] * ndims if self.win is None else self.win if isinstance(self.win, list) else [self.win] * ndims
+        Ji = tf.cast(Ji, Ii.dtype)
+        maps = tf.concat([tf.reduce_sum(m, -1, keepdims=True) for m in (Ii, Ji, Ii * Ii, Ji * Ji, Ii * Ji)], -1)
+        I_sum, J_sum, I2_sum, J2_sum, IJ_sum = tf.unstack(tf.cast(window_sums(maps, win), Ii.dtype), axis=-1)
+        # voxelmorph's formula from here on
+        win_size = np.prod(win) * Ii.shape[-1]
+        u_I, u_J = I_sum / win_size, J_sum / win_size
+        cross = tf.maximum(IJ_sum - u_J * I_sum - u_I * J_sum + u_I * u_J * win_size, self.eps)
+        I_var = tf.maximum(I2_sum - 2 * u_I * I_sum + u_I * u_I * win_size, self.eps)
+        J_var = tf.maximum(J2_sum - 2 * u_J * J_sum + u_J * u_J * win_size, self.eps)
+        if self.signed:
+            cc = cross / tf.sqrt(I_var * J_var + self.eps)
+        else:
+            cc = (cross / I_var) * (cross / J_var)
+        return cc[..., tf.newaxis]
+
+
+def window_sums(images, window):
+    """Sums over the window centred on each voxel, zeros outside (a ones-kernel 'SAME' convolution).
+
+    Args:
+        images: (B, *spatial, F).
+        window: one size per spatial axis; an even size reaches one voxel further after the centre.
+
+    Returns: (B, *spatial, F) float64, each channel summed on its own.
+    """
+    sums = tf.cast(images, tf.float64)
+    for axis, size in enumerate(window, start=1):
+        padding = [[0, 0]] * images.shape.rank
+        padding[axis] = [(size - 1) // 2 + 1, size // 2]  # one more zero before: cumulative[0] = 0
+        cumulative = tf.cumsum(tf.pad(sums, padding), axis=axis)
+        length = images.shape[axis]
+        ahead = [slice(None)] * images.shape.rank
+        behind = list(ahead)
+        ahead[axis], behind[axis] = slice(size, size + length), slice(0, length)
+        sums = cumulative[tuple(ahead)] - cumulative[tuple(behind)]
+    return sums

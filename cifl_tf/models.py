@@ -25,7 +25,9 @@ from ._compat import vxm_layers
 from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
+from .losses import NCC
 from .synth import stream_seed
+from .training import compile_for_fit
 from .transform import BATCHED_LAYERS, spatial_transform
 from .triplanar import Triplanar
 
@@ -163,7 +165,7 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
         (B, *inshape, nb_labels), F the encoder's channels (1 without one). It shares this model's weights
         and optimizer, so fitting it on features encoded once (the encoder is frozen) trains this model."""
         unet = self.get_layer(f"{self.name}_unet")
-        unet.compile(optimizer=self.optimizer, loss=self.loss)
+        compile_for_fit(unet, optimizer=self.optimizer, loss=self.loss)
         return unet
 
 
@@ -180,7 +182,7 @@ def segmentation_model(inshape, nb_labels, encoder=None, loss="dice", learning_r
     if loss not in SEG_LOSSES:
         raise ValueError(f"loss must be one of {sorted(SEG_LOSSES)}, got {loss!r}")
     model = SegmentationModel(inshape, nb_labels, encoder, **unet_kwargs)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate), loss=SEG_LOSSES[loss]())
+    compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate), loss=SEG_LOSSES[loss]())
     return model
 
 
@@ -203,7 +205,7 @@ class RegistrationLoss(KL.Layer):
     Output: the scalar loss. Also logs the metrics "similarity" and "smoothness".
 
     Args:
-        similarity: "mse" (vxm.losses.MSE) or "ncc" (vxm.losses.NCC, local 9^ndim windows).
+        similarity: "mse" (vxm.losses.MSE) or "ncc" (vxm.losses.NCC, local 9^ndim windows, as losses.NCC sums them).
         reg_weight: weight of the smoothness term; None: REG_WEIGHTS[similarity], voxelmorph's
             recommendation for images in [0, 1] (0.01 for MSE, 1 for NCC).
         loss_mult: factor of the gradient loss, the resolution ratio of the field (as voxelmorph
@@ -220,7 +222,7 @@ class RegistrationLoss(KL.Layer):
         if self.similarity == "mse":
             similar = vxm.losses.MSE().loss(fixed, moved)
         else:
-            similar = tf.reduce_mean(vxm.losses.NCC().loss(fixed, moved))
+            similar = tf.reduce_mean(NCC().loss(fixed, moved))
         smooth = tf.reduce_mean(vxm.losses.Grad("l2", loss_mult=self.loss_mult).loss(None, field))
         self.add_metric(similar, name="similarity")
         self.add_metric(smooth, name="smoothness")
@@ -297,7 +299,7 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         # as an output so that it moves onto them too.
         head = tf.keras.Model(sources, [*self.outputs, self.references.loss], name=f"{self.name}_head")
         head.add_loss(head.outputs[-1])
-        head.compile(optimizer=self.optimizer)
+        compile_for_fit(head, optimizer=self.optimizer)
         return head
 
     def register(self, moving, fixed, batch_size=8, verbose=0):
@@ -340,7 +342,7 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     Returns: RegistrationModel; ``model.register(moving, fixed)`` -> (B, *inshape, ndim) displacement.
     """
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, **vxm_kwargs)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate))
     return model
 
 

@@ -85,6 +85,20 @@ def test_moved_features_encoded_and_a_cifl_encoder():
     assert not encoder.trainable
 
 
+def test_a_registration_that_reuses_the_compiled_models_of_earlier_ones_gives_the_same_result():
+    moving, t1, t2, _, _ = warped_pair((24, 24))
+    encoder = cifl_tf.pretrained(0.01)
+    weights = encoder.get_weights()
+    kwargs = dict(encoder=encoder, moved_features="encoded", affine=True, levels=(2, 1), steps=5, verbose=0)
+    first = cifl_tf.register_pair(moving, t1, **kwargs)
+    cifl_tf.register_pair(t2, moving, **kwargs)  # leaves other weights and optimizer state in the kept models
+    hits = instance._compiled.cache_info().hits
+    np.testing.assert_allclose(cifl_tf.register_pair(moving, t1, **kwargs), first, atol=1e-5)
+    assert instance._compiled.cache_info().hits == hits + 3  # the affine stage and both levels
+    for before, after in zip(weights, encoder.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+
+
 @pytest.mark.parametrize("factor, to_factor, size", [(2, 1, 8), (4, 1, 10), (4, 2, 9), (3, 1, 7)])
 def test_resample_field_is_exact_for_linear_fields_away_from_the_border(factor, to_factor, size):
     # A displacement linear in full-resolution coordinates, u(x) = 0.3 x + 1 pixels along axis 0 and

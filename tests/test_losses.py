@@ -4,6 +4,7 @@ import pytest
 
 import cifl_tf
 import tensorflow as tf
+import voxelmorph as vxm
 from cifl_tf import ContrastiveLoss, contrastive_loss
 
 
@@ -113,3 +114,66 @@ def test_contrastive_loss_config_round_trip():
     assert ContrastiveLoss.from_config(loss.get_config()).get_config() == loss.get_config()
     f1, f2 = features((2, 6, 6, 3), seed=10)
     assert restored(f1, f2).numpy() == loss(f1, f2).numpy() == cifl_tf.contrastive_loss(f1, f2, 0.5, 2.0, 0.01)
+
+
+def local_ncc_reference(fixed, moved, window, eps=1e-5, signed=False):
+    """voxelmorph's local NCC map straight from its formula: explicit zero-padded windows, float64."""
+    fixed, moved = np.asarray(fixed, np.float64), np.asarray(moved, np.float64)
+    spatial = fixed.shape[1:-1]
+    before = [(w - 1) // 2 for w in window]
+    pad = [(0, 0)] + [(b, w - 1 - b) for b, w in zip(before, window)] + [(0, 0)]
+    padded = {name: np.pad(image, pad) for name, image in
+              (("I", fixed), ("J", moved), ("I2", fixed ** 2), ("J2", moved ** 2), ("IJ", fixed * moved))}
+    n = np.prod(window) * fixed.shape[-1]
+    cc = np.zeros(fixed.shape[:-1])
+    for b in range(fixed.shape[0]):
+        for voxel in np.ndindex(*spatial):
+            box = (b, *(slice(v, v + w) for v, w in zip(voxel, window)))
+            s = {name: image[box].sum() for name, image in padded.items()}
+            mean_i, mean_j = s["I"] / n, s["J"] / n
+            cross = max(s["IJ"] - mean_j * s["I"] - mean_i * s["J"] + mean_i * mean_j * n, eps)
+            var_i = max(s["I2"] - 2 * mean_i * s["I"] + mean_i ** 2 * n, eps)
+            var_j = max(s["J2"] - 2 * mean_j * s["J"] + mean_j ** 2 * n, eps)
+            cc[(b, *voxel)] = cross / np.sqrt(var_i * var_j + eps) if signed else cross ** 2 / (var_i * var_j)
+    return cc[..., np.newaxis]
+
+
+# (shape (B, *spatial, F), win, signed): voxelmorph's default 9^ndim window, odd and even windows, channels.
+NCC_CASES = [
+    ((2, 12, 11, 1), None, False),
+    ((1, 10, 9, 8, 1), None, False),
+    ((2, 9, 10, 3), 5, False),
+    ((1, 7, 8, 6, 2), [3, 4, 5], True),
+    ((1, 13, 2), 4, False),
+]
+
+
+@pytest.mark.parametrize("shape, win, signed", NCC_CASES)
+def test_ncc_matches_the_formula_and_voxelmorph(shape, win, signed):
+    rng = np.random.default_rng(len(shape))
+    fixed = rng.uniform(size=shape).astype(np.float32)
+    moved = (0.5 * fixed + rng.uniform(size=shape)).astype(np.float32)  # correlated, with noise
+    window = [9] * (len(shape) - 2) if win is None else win if isinstance(win, list) else [win] * (len(shape) - 2)
+    ours = cifl_tf.losses.NCC(win=win, signed=signed)
+    np.testing.assert_allclose(ours.ncc(tf.constant(fixed), tf.constant(moved)),
+                               local_ncc_reference(fixed, moved, window, signed=signed), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.loss(fixed, moved),
+                               vxm.losses.NCC(win=win, signed=signed).loss(tf.constant(fixed), tf.constant(moved)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_ncc_gradient_matches_voxelmorph():
+    rng = np.random.default_rng(0)
+    fixed = tf.constant(rng.uniform(size=(1, 10, 11, 9, 1)).astype(np.float32))
+    moved = tf.Variable(rng.uniform(size=(1, 10, 11, 9, 1)).astype(np.float32))
+    gradients = []
+    for loss in (cifl_tf.losses.NCC().loss, vxm.losses.NCC().loss):
+        with tf.GradientTape() as tape:
+            value = loss(fixed, moved)
+        gradients.append(tape.gradient(value, moved).numpy())
+    np.testing.assert_allclose(gradients[0], gradients[1], rtol=1e-3, atol=1e-6)
+
+
+def test_ncc_rejects_images_without_spatial_axes():
+    with pytest.raises(ValueError, match=r"NCC: images need shape \(B, \*spatial, F\)"):
+        cifl_tf.losses.NCC().loss(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32))
