@@ -193,3 +193,25 @@ def test_a_run_shorter_than_an_epoch_trains_only_its_steps():
     train_encoder(shape=(32, 32), steps=3, steps_per_epoch=100, batch_size=2, channels=4, features=4,
                   max_offset=4, seed=0, callbacks=[CountBatches()], verbose=0)
     assert CountBatches.batches == 3
+
+
+def _tiny_seg():
+    images = np.random.default_rng(0).uniform(size=(2, 16, 16, 1)).astype(np.float32)
+    labels = tf.keras.utils.to_categorical(np.arange(2 * 16 * 16).reshape(2, 16, 16) % 2, 2)
+    return cifl_tf.models.segmentation_model((16, 16), 2, nb_features=4, nb_levels=2), (images, labels)
+
+
+def _tiny_reg():
+    images = np.random.default_rng(0).uniform(size=(2, 16, 16, 1)).astype(np.float32)
+    return cifl_tf.models.registration_model((16, 16), nb_unet_features=[[4], [4, 4]]), ([images, images[::-1]],)
+
+
+@pytest.mark.parametrize("make", [_tiny_seg, _tiny_reg], ids=["unet", "vxmdense"])
+def test_models_compiled_for_fit_trace_their_train_step_once(make):
+    # A first trace that makes variables (optimizer slots, loss metrics) makes tf.function trace again.
+    model, data = make()
+    model.fit(*data, batch_size=2, epochs=1, verbose=0)
+    assert model.train_function.experimental_get_tracing_count() == 1
+    head = model.head()  # without an encoder, the head takes the images
+    head.fit(*data, batch_size=2, epochs=1, verbose=0)
+    assert head.train_function.experimental_get_tracing_count() == 1
