@@ -192,6 +192,11 @@ def _pool(image, factor):
     return tf.nn.avg_pool(image[np.newaxis], factor, factor, "SAME")[0].numpy()
 
 
+def _pyramid(features, levels):
+    """{factor: features (*shape, F) average-pooled by factor} for each level; factor 1 keeps them as they are."""
+    return {factor: features if factor == 1 else _pool(features, factor) for factor in levels}
+
+
 def _centres(size, factor):
     """Full-resolution coordinates of the voxel centres of a grid pooled by `factor` ('SAME' padding)."""
     count = -(-size // factor)
@@ -234,7 +239,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         learning_rate: of Adam, in voxels of the level's grid per step.
         int_steps: scaling-and-squaring steps of the velocity integration.
         affine: first fit an affine transform (`steps` steps on the coarsest level's grid); the
-            deformable levels then start from the affinely moved image.
+            deformable levels then start from the affinely moved image (its pooled features warped).
         moved_features: "warped" (warp the moving features) or "encoded" (encode the moved image).
         max_memory: bytes per tile of encoder inference (tiling.tiled_features; moved_features="warped" only:
             "encoded" encodes whole images).
@@ -261,22 +266,28 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         raise ValueError(f"register_pair: moved_features must be one of {MOVED_FEATURES}, got {moved_features!r}")
 
     encoded = encoder is not None and moved_features == "encoded"
-    if encoder is None or encoded:
-        sources, targets = moving[..., np.newaxis], fixed[..., np.newaxis]
-    else:
-        sources, targets = (tiling.tiled_features(encoder, image, max_memory) for image in (moving, fixed))
+
+    def describe(image):
+        if encoder is None or encoded:
+            return image[..., np.newaxis]
+        return tiling.tiled_features(encoder, image, max_memory)
+
+    # Pooled for every level as soon as they are made, so that one image's full-resolution features are
+    # held at a time (1.3 GB for 48 channels at 160x192x224).
+    sources, targets = (_pyramid(describe(image), levels) for image in (moving, fixed))
     shape, ndim = moving.shape, moving.ndim
     after = encoder if encoded else None
     settings = dict(encoder=after, similarity=similarity, reg_weight=reg_weight, learning_rate=learning_rate)
     if affine:
-        source, target = _pool(sources, levels[0]), _pool(targets, levels[0])
+        source, target = sources[levels[0]], targets[levels[0]]
         model = _fresh(_compiled("affine", source.shape[:-1], source.shape[-1], **settings))
         _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
         initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
-        sources = models.warp(sources[np.newaxis], initial[np.newaxis])[0]
+        sources = {factor: models.warp(source[np.newaxis], resample_field(initial, 1, factor, shape)[np.newaxis])[0]
+                   for factor, source in sources.items()}
     velocity, previous = None, None
     for factor in levels:
-        source, target = _pool(sources, factor), _pool(targets, factor)
+        source, target = sources[factor], targets[factor]
         if encoded:
             target = encoder(target[np.newaxis]).numpy()[0]
         model = _fresh(_compiled("deformable", source.shape[:-1], source.shape[-1], int_steps=int_steps, **settings),
