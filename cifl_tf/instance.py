@@ -145,10 +145,12 @@ def affine_displacement(matrix, factor, shape):
     return vxm.utils.affine_to_dense_shift(full, shape, shift_center=True).numpy()
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled(kind, grid, channels, encoder, similarity, reg_weight, learning_rate, int_steps=None):
+@functools.lru_cache(maxsize=8)
+def _compiled(kind, grid, channels, encoder, similarity, learning_rate, reg_weight=None, int_steps=None):
     """The compiled affine_model or instance_model of a level, kept for the next registration with the same
-    grid and settings: tracing its train step takes seconds (7 s for a 3D level on 2 cores), reusing it none."""
+    grid and settings: tracing its train step takes seconds (7 s for a 3D level on 2 cores), reusing it none.
+    Each keeps its field and Adam's two copies of it (250 MB at 160x192x224); ``_compiled.cache_clear()``
+    frees them."""
     loss, optimizer = _similarity_loss(similarity), tf.keras.optimizers.Adam(learning_rate)
     if kind == "affine":
         model = affine_model(grid, channels, encoder)
@@ -272,26 +274,28 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             return image[..., np.newaxis]
         return tiling.tiled_features(encoder, image, max_memory)
 
-    # Pooled for every level as soon as they are made, so that one image's full-resolution features are
-    # held at a time (1.3 GB for 48 channels at 160x192x224).
+    # Pooled for every level as soon as they are made: without level 1, no full-resolution features are
+    # kept, and only one image's are held at a time (1.3 GB for 48 channels at 160x192x224).
     sources, targets = (_pyramid(describe(image), levels) for image in (moving, fixed))
     shape, ndim = moving.shape, moving.ndim
     after = encoder if encoded else None
-    settings = dict(encoder=after, similarity=similarity, reg_weight=reg_weight, learning_rate=learning_rate)
+    settings = dict(encoder=after, similarity=similarity, learning_rate=learning_rate)
     if affine:
         source, target = sources[levels[0]], targets[levels[0]]
         model = _fresh(_compiled("affine", source.shape[:-1], source.shape[-1], **settings))
         _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
         initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
-        sources = {factor: models.warp(source[np.newaxis], resample_field(initial, 1, factor, shape)[np.newaxis])[0]
+        sources = {factor: models.warp(source[np.newaxis], (initial if factor == 1 else
+                                                            resample_field(initial, 1, factor, shape))[np.newaxis])[0]
                    for factor, source in sources.items()}
     velocity, previous = None, None
     for factor in levels:
         source, target = sources[factor], targets[factor]
         if encoded:
             target = encoder(target[np.newaxis]).numpy()[0]
-        model = _fresh(_compiled("deformable", source.shape[:-1], source.shape[-1], int_steps=int_steps, **settings),
-                       None if velocity is None else [resample_field(velocity, previous, factor, shape)])
+        model = _compiled("deformable", source.shape[:-1], source.shape[-1], reg_weight=reg_weight,
+                          int_steps=int_steps, **settings)
+        model = _fresh(model, None if velocity is None else [resample_field(velocity, previous, factor, shape)])
         _fit(model, source, [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
         velocity, previous = model.get_layer("velocity").get_weights()[0], factor
     field = displacement(model)
@@ -319,12 +323,20 @@ def _check_images(moving, fixed):
 
 def _check_encoder(encoder, ndim):
     if isinstance(encoder, str) and encoder == "pretrained":
-        return pretrained(ndim=ndim)
+        return _shipped(ndim)
     if encoder is None:
         return None
     tiling.check_layer(encoder)
     if encoder.ndim != ndim:
         raise ValueError(f"register_pair: encoder {encoder.name} is {encoder.ndim}D but the images are {ndim}D")
+    encoder.trainable = False
+    return encoder
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped(ndim):
+    """pretrained(ndim=ndim), frozen, loaded once: the same layer each time keeps its traced graphs in use."""
+    encoder = pretrained(ndim=ndim)
     encoder.trainable = False
     return encoder
 

@@ -86,21 +86,25 @@ class NCC(vxm.losses.NCC):
     and its gradient took 5.5 s on a 53x65x54 volume with the 3D convolution, 0.22 s with the cumulative
     sums; and the sums are exact where the float32 convolution's were off by 1.3e-4 (``bench/ncc.py``).
 
-    Call ``loss(y_true, y_pred)`` with (B, *spatial, F) images: -(B,) mean local squared correlation
-    (the sums also run over the F channels, as voxelmorph's do).
+    Call ``loss(y_true, y_pred)`` with (B, *spatial, F) images: -(B,) mean local squared correlation, or
+    signed correlation with ``signed=True`` (the sums also run over the F channels, as voxelmorph's do).
     """
 
     def ncc(self, Ii, Ji):
-        Ii = tf.convert_to_tensor(Ii)
-        ndims = Ii.shape.rank - 2
+        Ji = tf.convert_to_tensor(Ji)
+        Ii = tf.cast(Ii, Ji.dtype)  # y_true to y_pred's dtype, as Keras losses do
+        ndims = Ji.shape.rank - 2
         if ndims not in (1, 2, 3):
-            raise ValueError(f"NCC: images need shape (B, *spatial, F) with 1 to 3 spatial axes, got {Ii.shape}")
-        win = [9] * ndims if self.win is None else self.win if isinstance(self.win, list) else [self.win] * ndims
-        Ji = tf.cast(Ji, Ii.dtype)
+            raise ValueError(f"NCC: images need shape (B, *spatial, F) with 1 to 3 spatial axes, got {Ji.shape}")
+        win = [9] * ndims if self.win is None else list(self.win) if isinstance(self.win, (list, tuple)) \
+            else [self.win] * ndims
+        if len(win) != ndims or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in win):
+            raise ValueError(f"NCC: win must be a positive integer or one per spatial axis ({ndims}), "
+                             f"got {self.win!r}")
         maps = tf.concat([tf.reduce_sum(m, -1, keepdims=True) for m in (Ii, Ji, Ii * Ii, Ji * Ji, Ii * Ji)], -1)
-        I_sum, J_sum, I2_sum, J2_sum, IJ_sum = tf.unstack(tf.cast(window_sums(maps, win), Ii.dtype), axis=-1)
+        I_sum, J_sum, I2_sum, J2_sum, IJ_sum = tf.unstack(tf.cast(window_sums(maps, win), Ji.dtype), axis=-1)
         # voxelmorph's formula from here on
-        win_size = np.prod(win) * Ii.shape[-1]
+        win_size = np.prod(win) * Ji.shape[-1]
         u_I, u_J = I_sum / win_size, J_sum / win_size
         cross = tf.maximum(IJ_sum - u_J * I_sum - u_I * J_sum + u_I * u_J * win_size, self.eps)
         I_var = tf.maximum(I2_sum - 2 * u_I * I_sum + u_I * u_I * win_size, self.eps)
@@ -122,13 +126,14 @@ def window_sums(images, window):
     Returns: (B, *spatial, F) float64, each channel summed on its own.
     """
     sums = tf.cast(images, tf.float64)
+    if len(window) != sums.shape.rank - 2:
+        raise ValueError(f"window_sums: {len(window)} window sizes for images of shape {sums.shape}")
     for axis, size in enumerate(window, start=1):
-        padding = [[0, 0]] * images.shape.rank
+        padding = [[0, 0]] * sums.shape.rank
         padding[axis] = [(size - 1) // 2 + 1, size // 2]  # one more zero before: cumulative[0] = 0
         cumulative = tf.cumsum(tf.pad(sums, padding), axis=axis)
-        length = images.shape[axis]
-        ahead = [slice(None)] * images.shape.rank
+        ahead = [slice(None)] * sums.shape.rank
         behind = list(ahead)
-        ahead[axis], behind[axis] = slice(size, size + length), slice(0, length)
+        ahead[axis], behind[axis] = slice(size, None), slice(None, -size)
         sums = cumulative[tuple(ahead)] - cumulative[tuple(behind)]
     return sums

@@ -174,6 +174,19 @@ def test_ncc_gradient_matches_voxelmorph():
     np.testing.assert_allclose(gradients[0], gradients[1], rtol=1e-3, atol=1e-6)
 
 
-def test_ncc_rejects_images_without_spatial_axes():
-    with pytest.raises(ValueError, match=r"NCC: images need shape \(B, \*spatial, F\)"):
-        cifl_tf.losses.NCC().loss(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32))
+@pytest.mark.parametrize("win, shape, message", [
+    (None, (2, 3), r"NCC: images need shape \(B, \*spatial, F\)"),
+    ([9, 9], (1, 6, 6, 6, 1), r"one per spatial axis \(3\), got \[9, 9\]"),
+    (0, (1, 6, 6, 1), r"got 0"),
+    (True, (1, 6, 6, 1), r"got True"),
+    ((3, 2.5), (1, 6, 6, 1), r"got \(3, 2.5\)"),
+])
+def test_ncc_rejects_bad_images_and_windows(win, shape, message):
+    with pytest.raises(ValueError, match=message):
+        cifl_tf.losses.NCC(win=win).loss(np.ones(shape, np.float32), np.ones(shape, np.float32))
+
+
+def test_ncc_takes_a_tuple_window_as_a_list():
+    fixed, moved = (np.random.default_rng(seed).uniform(size=(1, 8, 7, 1)).astype(np.float32) for seed in (0, 1))
+    np.testing.assert_allclose(cifl_tf.losses.NCC(win=(3, 5)).loss(fixed, moved),
+                               cifl_tf.losses.NCC(win=[3, 5]).loss(fixed, moved))

@@ -215,3 +215,9 @@ def test_models_compiled_for_fit_trace_their_train_step_once(make):
     head = model.head()  # without an encoder, the head takes the images
     head.fit(*data, batch_size=2, epochs=1, verbose=0)
     assert head.train_function.experimental_get_tracing_count() == 1
+
+
+def test_compile_for_fit_asks_for_a_built_model():
+    model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4))
+    with pytest.raises(ValueError, match="compile_for_fit: build .* first"):
+        cifl_tf.training.compile_for_fit(model, optimizer="adam")
