@@ -213,8 +213,11 @@ def resample_field(field, factor, to_factor, shape):
         factor, to_factor: pooling factors of both grids, relative to the full-resolution `shape`.
         shape: the full-resolution spatial shape.
 
-    Returns: (*to_grid, ndim) float32 in voxels of the new grid (linear interpolation, border clamped).
+    Returns: (*to_grid, ndim) float32 in voxels of the new grid (linear interpolation, border clamped);
+    the field itself when both grids are one.
     """
+    if factor == to_factor:
+        return np.asarray(field, np.float32)
     axes = [(_centres(n, to_factor) - _centres(n, factor)[0]) / factor for n in shape]
     points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)
     resampled = ne.utils.interpn(tf.constant(field, tf.float32), tf.constant(points))
@@ -285,8 +288,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         model = _fresh(_compiled("affine", source.shape[:-1], source.shape[-1], **settings))
         _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
         initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
-        sources = {factor: models.warp(source[np.newaxis], (initial if factor == 1 else
-                                                            resample_field(initial, 1, factor, shape))[np.newaxis])[0]
+        sources = {factor: models.warp(source[np.newaxis], resample_field(initial, 1, factor, shape)[np.newaxis])[0]
                    for factor, source in sources.items()}
     velocity, previous = None, None
     for factor in levels:
@@ -299,7 +301,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         _fit(model, source, [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
         velocity, previous = model.get_layer("velocity").get_weights()[0], factor
     field = displacement(model)
-    field = field if previous == 1 else resample_field(field, previous, 1, shape)
+    field = resample_field(field, previous, 1, shape)
     # moving(x + field(x) + initial(x + field(x))): the affine applied first, then the deformation
     return field + models.warp(initial[np.newaxis], field[np.newaxis])[0] if affine else field
 
