@@ -82,9 +82,10 @@ class NCC(vxm.losses.NCC):
     """voxelmorph's local normalised cross-correlation: the arguments and values of ``vxm.losses.NCC``.
 
     Only the window sums differ: voxelmorph convolves with a ones kernel of 9^ndim taps, here they are
-    differences of cumulative sums along each axis, in float64. On 2 AVX2 cores without oneDNN, the loss
-    and its gradient took 5.5 s on a 53x65x54 volume with the 3D convolution, 0.22 s with the cumulative
-    sums; and the sums are exact where the float32 convolution's were off by 1.3e-4 (``bench/ncc.py``).
+    differences of cumulative sums along each axis, in float64. On 2 AVX2 cores without oneDNN (tf.matmul
+    at 99 GFLOP/s), the loss and its gradient took 6.2 s on a 53x65x54 volume with the 3D convolution,
+    0.20 s with the cumulative sums; and the sums are exact where the float32 convolution's were off by
+    1.3e-4 (``bench/ncc.py``).
 
     Call ``loss(y_true, y_pred)`` with (B, *spatial, F) images: -(B,) mean local squared correlation, or
     signed correlation with ``signed=True`` (the sums also run over the F channels, as voxelmorph's do).
