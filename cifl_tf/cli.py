@@ -418,17 +418,17 @@ def _add_train_args(p, epochs, batch_size, learning_rate):
 
 def _demo(args):
     # the demo data needs nilearn, an optional dependency: imported only here
+    encoder = load_encoder(args.encoder) if args.encoder else None
     if args.three_d:
         from .demo3d import run_demo_3d
 
-        encoder = load_encoder(args.encoder) if args.encoder else None
         run_demo_3d(args.out or "cifl-demo-3d", quick=args.quick, seed=args.seed, encoder=encoder)
         return
-    if args.encoder:
-        raise ValueError(f"--encoder {args.encoder}: only the 3D demo (--3d) takes an encoder")
     from .demo import run_demo
 
-    run_demo(args.out or "cifl-demo", quick=args.quick, seed=args.seed)
+    log = os.path.join(args.encoder, "log.csv") if args.encoder and os.path.isdir(args.encoder) else None
+    run_demo(args.out or "cifl-demo", quick=args.quick, seed=args.seed, encoder=encoder,
+             encoder_log=log if log and os.path.isfile(log) else None)
 
 
 def _parser():
@@ -443,8 +443,8 @@ def _parser():
     p.add_argument("--3d", dest="three_d", action="store_true",
                    help="3D volumes registered without training across T1, T2-like and PD-like, in minutes")
     p.add_argument("--encoder", default=None,
-                   help="with --3d: a 3D CIFL encoder (weights file or train-encoder run folder) instead of the "
-                   "shipped one")
+                   help="an encoder of your own (weights file or train-encoder run folder) in the CIFL column "
+                   "instead of the recommended shipped one: 2D, or 3D with --3d")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train-encoder", help="train a CIFL encoder on synthetic shapes")

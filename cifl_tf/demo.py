@@ -2,7 +2,7 @@
 
 It trains a UNet and a VxmDense per method on T1 slices of the MNI-based demo dataset (``demo_data``): on raw
 intensities (the baseline), on the MIND descriptor, on the paper's encoder (tau_gamma=0.1) and on the
-recommended encoder (``pretrained()``); it scores them on T1 and on the contrasts they never saw (inverted T1,
+recommended encoder (``pretrained()``, or one of your own: ``run_demo(encoder=...)``); it scores them on T1 and on the contrasts they never saw (inverted T1,
 T2-like, PD-like), prints the tables and writes results and figures.
 """
 import json
@@ -17,12 +17,19 @@ from .evaluate import segment
 from .models import warp
 
 PAPER_CIFL, CIFL = "CIFL (paper, tau_gamma=0.1)", "CIFL"
-ENCODERS = {PAPER_CIFL: dict(tau_gamma=0.1), CIFL: {}}  # column -> the shipped encoder's `pretrained` arguments
 
 
-def methods():
-    """The compared methods, {name: frozen encoder or None}: the baseline, MIND, then ENCODERS."""
-    return {**experiments.methods(tau_gammas=()), **{name: pretrained(**which) for name, which in ENCODERS.items()}}
+def methods(encoder=None):
+    """The compared methods, {name: frozen encoder or None}: the baseline, MIND, the paper's architecture
+    (`pretrained(0.1)`) and CIFL: `encoder`, by default the recommended shipped one (`pretrained()`)."""
+    return {**experiments.methods(tau_gammas=()), PAPER_CIFL: pretrained(tau_gamma=0.1),
+            CIFL: pretrained() if encoder is None else encoder}
+
+
+def training_logs(encoder=None, encoder_log=None):
+    """{column: CSV training log} of the compared encoders that have one, for encoder_training.png."""
+    logs = {PAPER_CIFL: pretrained_log(0.1), CIFL: pretrained_log() if encoder is None else encoder_log}
+    return {name: log for name, log in logs.items() if log is not None}
 
 
 def _task_table(title, results, tests):
@@ -33,12 +40,24 @@ def _task_table(title, results, tests):
     return "\n".join(lines)
 
 
-def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
+def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log=None, verbose=1):
     """Runs the demo; returns {"segmentation": {method: {contrast: Scores}}, "registration": ...}.
 
-    Writes into out_dir: results.json, table.md, and the figures figure2.png, segmentations.png,
-    registrations.png and encoder_training.png.
+    Args:
+        out_dir: folder for results.json, table.md, and the figures figure2.png, segmentations.png,
+            registrations.png and encoder_training.png.
+        quick: a smoke run (8 subjects, single epochs).
+        seed: of the demo subjects and of the models' initialisation.
+        encoder: a frozen 2D encoder for the CIFL column (such as `load_encoder(RUN)`, to measure an
+            encoder of your own downstream); None: the recommended shipped one.
+        encoder_log: the training log (CSV with epoch, loss) of `encoder`, drawn in encoder_training.png
+            beside the paper encoder's; None leaves it out. Only with `encoder`.
     """
+    if encoder is not None and getattr(encoder, "ndim", None) != 2:
+        raise ValueError(f"the 2D demo needs a 2D encoder, got {getattr(encoder, 'ndim', None)}D "
+                         f"{getattr(encoder, 'name', encoder)!r}")
+    if encoder_log is not None and encoder is None:
+        raise ValueError(f"encoder_log {encoder_log!r} is the log of a given encoder, but no encoder was given")
     start = time.time()
     sizes = experiments.SIZES["quick" if quick else "demo"]
     n_subjects = sizes["subjects"]
@@ -47,7 +66,7 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
     train = np.arange(n_subjects // 2)
     test = np.arange(len(train), n_subjects)
     labels = data.labels
-    compared = methods()
+    compared = methods(encoder)
 
     seg, seg_models = experiments.segmentation_row(
         (data.inputs("t1")[train], labels[train]),
@@ -76,18 +95,18 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, verbose=1):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"seconds": seconds, "matmul_gflops": gflops, "subjects": n_subjects, **summary}, f, indent=2, default=float)
 
-    _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL])
+    _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL], training_logs(encoder, encoder_log))
     print(f"results and figures written to {out_dir}/")
     return {"segmentation": seg, "registration": reg}
 
 
-def _figures(out_dir, data, test, seg_models, reg_models, encoder):
+def _figures(out_dir, data, test, seg_models, reg_models, encoder, training_logs):
     """Figure 2 (the features of `encoder`), one example test subject segmented and registered by each
-    method, the training curves of the shipped encoders compared."""
+    method, the training curves of the compared encoders ({name: CSV log})."""
     first, second = test[0], test[1]
     figures.feature_channels(encoder, {c: data.images[c][first] for c in demo_data.CONTRASTS},
                              os.path.join(out_dir, "figure2.png"),
-                             title="CIFL features (the recommended encoder) of one slice in four contrasts")
+                             title="CIFL features of one slice in four contrasts")
     predictions = {name: {c: segment(model, data.inputs(c)[first:first + 1])[0] for c in demo_data.CONTRASTS}
                    for name, model in seg_models.items()}
     figures.segmentations({c: data.images[c][first] for c in demo_data.CONTRASTS}, data.labels[first],
@@ -101,5 +120,4 @@ def _figures(out_dir, data, test, seg_models, reg_models, encoder):
                           title="T1 moving onto T2 fixed, trained on T1 pairs only",
                           moved_labels={name: warp(data.labels[second:second + 1, ..., None].astype(np.float32),
                                                    field, "nearest")[0, ..., 0] for name, field in fields.items()})
-    figures.training_curves({name: pretrained_log(**which) for name, which in ENCODERS.items()},
-                            os.path.join(out_dir, "encoder_training.png"))
+    figures.training_curves(training_logs, os.path.join(out_dir, "encoder_training.png"))

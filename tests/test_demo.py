@@ -3,11 +3,12 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 import cifl_tf
 from cifl_tf import cli, demo, demo_data, figures
 from cifl_tf.descriptors import MIND
-from cifl_tf.encoder import pretrained_log
+from cifl_tf.encoder import load_encoder, pretrained_log, save_encoder
 
 FIGURES = ["encoder_training.png", "figure2.png", "registrations.png", "segmentations.png"]
 COLUMNS = ["baseline", "MIND", "CIFL (paper, tau_gamma=0.1)", "CIFL"]
@@ -24,10 +25,43 @@ def test_demo_compares_the_baseline_mind_the_papers_and_the_recommended_encoder(
             np.testing.assert_array_equal(a, b)
 
 
-def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys, tiny_networks):
-    compared = demo.methods()
-    # The baseline and the recommended encoder (figure 2 shows its features) keep the smoke run short.
-    monkeypatch.setattr(demo, "methods", lambda: {name: compared[name] for name in ("baseline", "CIFL")})
+def test_a_given_encoder_takes_the_cifl_column():
+    encoder = cifl_tf.CIFLEncoder(channels=4, features=4)
+    compared = demo.methods(encoder)
+    assert list(compared) == COLUMNS and compared["CIFL"] is encoder
+
+
+@pytest.mark.parametrize("given, log, expected", [
+    (False, None, {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1), "CIFL": pretrained_log()}),
+    (True, "run/log.csv", {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1), "CIFL": "run/log.csv"}),
+    (True, None, {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1)}),
+], ids=["shipped", "given-with-log", "given-without-log"])
+def test_training_curves_show_the_compared_encoders_that_have_a_log(given, log, expected):
+    encoder = cifl_tf.CIFLEncoder(channels=4, features=4) if given else None
+    assert demo.training_logs(encoder, log) == expected
+
+
+@pytest.mark.parametrize("encoder, log, message", [
+    (cifl_tf.CIFLEncoder(channels=4, features=4, ndim=3), None, "needs a 2D encoder, got 3D"),
+    (MIND(ndim=3), None, "needs a 2D encoder, got 3D"),
+    (None, "run/log.csv", "but no encoder was given"),
+], ids=["3d-encoder", "3d-descriptor", "log-without-encoder"])
+def test_demo_refuses_a_3d_encoder_and_a_log_without_one(tmp_path, encoder, log, message):
+    with pytest.raises(ValueError, match=message):
+        demo.run_demo(str(tmp_path), quick=True, encoder=encoder, encoder_log=log)
+    assert not any(tmp_path.iterdir())
+
+
+def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys,
+                                                                         tiny_networks):
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    save_encoder(cifl_tf.CIFLEncoder(channels=4, features=4), str(run / "encoder.weights.h5"))
+    (run / "log.csv").write_text("epoch,loss\n0,3.0\n1,2.5\n")
+    methods = demo.methods
+    # The baseline and the given encoder (figure 2 shows its features) keep the smoke run short.
+    monkeypatch.setattr(demo, "methods", lambda encoder: {name: method for name, method in methods(encoder).items()
+                                                          if name in ("baseline", "CIFL")})
     drawn = {}  # the first argument of each figure function below
 
     def recorded(draw):
@@ -38,14 +72,14 @@ def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, cap
 
     for name in ("feature_channels", "training_curves"):
         monkeypatch.setattr(figures, name, recorded(getattr(figures, name)))
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    assert drawn["feature_channels"] is compared["CIFL"]
-    assert drawn["training_curves"] == {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1), "CIFL": pretrained_log()}
-    out = capsys.readouterr().out
-    assert "Segmentation Dice (trained on T1)" in out and "Registration Dice (trained on T1 pairs)" in out
-    assert "8 demo subjects (4 train, 4 test)" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FIGURES + ["results.json", "table.md"])
-    results = json.loads((tmp_path / "results.json").read_text())
+    assert cli.main(["demo", "--quick", "--encoder", str(run), "--out", str(out)]) == 0
+    assert drawn["feature_channels"].get_config() == load_encoder(str(run)).get_config()
+    assert drawn["training_curves"] == {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1), "CIFL": str(run / "log.csv")}
+    printed = capsys.readouterr().out
+    assert "Segmentation Dice (trained on T1)" in printed and "Registration Dice (trained on T1 pairs)" in printed
+    assert "8 demo subjects (4 train, 4 test)" in printed
+    assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES + ["results.json", "table.md"])
+    results = json.loads((out / "results.json").read_text())
     assert list(results["segmentation"]) == list(results["registration"]) == ["baseline", "CIFL"]
     assert list(results["segmentation"]["baseline"]) == ["t1", "t1_inverted", "t2", "pd"]
     assert list(results["registration"]["baseline"]) == ["t1->t1", "t1->t1_inverted", "t1->t2", "t1->pd"]
@@ -54,7 +88,7 @@ def test_quick_demo_writes_tables_results_and_figures(tmp_path, monkeypatch, cap
 def test_demo_without_nilearn_is_one_line_saying_what_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "nilearn", None)  # as if nilearn were not installed
     demo_data._template.cache_clear()  # an earlier test may have read the template already
-    monkeypatch.setattr(demo, "methods", lambda: {"baseline": None})
+    monkeypatch.setattr(demo, "methods", lambda encoder: {"baseline": None})
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install nilearn" in err
