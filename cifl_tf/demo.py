@@ -2,8 +2,9 @@
 
 It trains a UNet and a VxmDense per method on T1 slices of the MNI-based demo dataset (``demo_data``): on raw
 intensities (the baseline), on the MIND descriptor, on the paper's encoder (tau_gamma=0.1) and on the
-recommended encoder (``pretrained()``, or one of your own: ``run_demo(encoder=...)``); it scores them on T1 and on the contrasts they never saw (inverted T1,
-T2-like, PD-like), prints the tables and writes results and figures.
+recommended encoder (``pretrained()``, or one of your own: ``run_demo(encoder=...)``); it scores them on T1
+and on the contrasts they never saw (inverted T1, T2-like, PD-like), prints the tables and writes results and
+figures.
 """
 import json
 import os
