@@ -426,9 +426,9 @@ def _demo(args):
         return
     from .demo import run_demo
 
-    log = os.path.join(args.encoder, "log.csv") if args.encoder and os.path.isdir(args.encoder) else None
+    log = os.path.join(args.encoder or "", "log.csv")  # a run folder's training log
     run_demo(args.out or "cifl-demo", quick=args.quick, seed=args.seed, encoder=encoder,
-             encoder_log=log if log and os.path.isfile(log) else None)
+             encoder_log=log if args.encoder and os.path.isfile(log) else None)
 
 
 def _parser():

@@ -106,10 +106,12 @@ def test_quick_3d_demo_compares_every_method_on_every_contrast(tmp_path, capsys)
     assert all(list(targets) == ["t1", "t2", "pd"] for targets in results.values())
 
 
-def test_demo_encoder_needs_3d(tmp_path, capsys):
-    assert cli.main(["demo", "--encoder", "run", "--out", str(tmp_path)]) == 2
+def test_2d_demo_refuses_a_3d_encoder(tmp_path, capsys):
+    cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), str(tmp_path / "enc.weights.h5"))
+    assert cli.main(["demo", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
+                     "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--encoder run" in err and "--3d" in err
+    assert err.count("\n") == 1 and "needs a 2D encoder, got 3D" in err and not (tmp_path / "out").exists()
 
 
 def test_3d_demo_refuses_a_2d_encoder(tmp_path, capsys):
