@@ -417,8 +417,8 @@ def _add_train_args(p, epochs, batch_size, learning_rate):
 
 
 def _demo(args):
-    # the demo data needs nilearn, an optional dependency: imported only here
     encoder = load_encoder(args.encoder) if args.encoder else None
+    # the demo data needs nilearn, an optional dependency: imported only here
     if args.three_d:
         from .demo3d import run_demo_3d
 
