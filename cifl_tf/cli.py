@@ -73,7 +73,7 @@ def _train_encoder(args):
             raise ValueError(f"--shape {'x'.join(map(str, shape))} does not have --dim {args.dim} sizes")
         settings = dict(shape=shape, steps=args.steps, batch_size=args.batch_size,
                         channels=args.channels, features=args.features, architecture=args.architecture,
-                        dilations=args.dilations,
+                        dilations=args.dilations, inversion_invariant=args.inversion_invariant,
                         tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
                         learning_rate=args.learning_rate, seed=args.seed,
@@ -460,6 +460,8 @@ def _parser():
                    help="paper: the paper's eight convolutions; context: plus dilated context (sees 77 pixels)")
     p.add_argument("--dilations", type=_dilations, default=DEFAULTS["dilations"],
                    help="with --architecture context: its dilation rates, e.g. 2,4 (default 2,4,8,16)")
+    p.add_argument("--inversion-invariant", action="store_true",
+                   help="features of an image and of its inversion 1 - x equal by construction (CIFLEncoder)")
     p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
     p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
     p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])

@@ -5,7 +5,8 @@
 The paper's eight convolutions see 17 pixels across: inside a large region of uniform intensity
 every pixel looks the same. `architecture="context"` keeps that full-resolution path and adds
 context to it: residual dilated convolutions before the last one widen the view (to 77 pixels with the
-default dilations 2, 4, 8 and 16).
+default dilations 2, 4, 8 and 16). `inversion_invariant=True` makes the features of an image and of
+its inversion 1 - x equal by construction, as MIND's are.
 """
 import json
 import os
@@ -49,12 +50,17 @@ class CIFLEncoder(KL.Layer):
             Training crops should be wider than the receptive field (2 * receptive_radius + 1): where
             every pixel sees the crop's zero padding, features that ignore the image are cheap (method
             page 3b), as a 3D encoder with the default dilations learned on 48^3 crops.
+        inversion_invariant: the first convolution, without bias, sees x - 1/2 and is followed by its
+            absolute value instead of the activation, so that x and its inversion 1 - x (which maps
+            x - 1/2 to its negative, zero padding included) have the same features. The views of a
+            training pair draw their intensities independently, so the sign of an edge carries no
+            information the loss rewards; this removes it exactly instead of by learning.
 
     Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
     """
 
     def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", dilations=None,
-                 **kwargs):
+                 inversion_invariant=False, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("channels", channels), ("features", features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -71,13 +77,17 @@ class CIFLEncoder(KL.Layer):
         if architecture == "context" and (not isinstance(dilations, (list, tuple)) or not dilations or any(
                 isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations)):
             raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
+        if not isinstance(inversion_invariant, bool):
+            raise TypeError(f"CIFLEncoder: inversion_invariant must be True or False, got {inversion_invariant!r}")
         self.channels, self.features, self.ndim, self.architecture = channels, features, ndim, architecture
         self.dilations = tuple(dilations or ())
+        self.inversion_invariant = inversion_invariant
         self.activation = tf.keras.activations.get(activation)
         self._activation_name = activation
         conv = KL.Conv2D if ndim == 2 else KL.Conv3D
         widths = [features] * (NUM_CONVS - 1) + [channels]
-        self.convs = [conv(width, 3, padding="same", name=f"conv_{i}") for i, width in enumerate(widths)]
+        self.convs = [conv(width, 3, padding="same", use_bias=i > 0 or not inversion_invariant, name=f"conv_{i}")
+                      for i, width in enumerate(widths)]
         self.context = [conv(features, 3, padding="same", dilation_rate=rate, name=f"context_{i}")
                         for i, rate in enumerate(self.dilations)]
         self.normalize = L2Normalize(name="l2_normalize")
@@ -95,8 +105,11 @@ class CIFLEncoder(KL.Layer):
         super().build(input_shape)
 
     def call(self, images):
-        x = images
-        for conv in self.convs[:-1]:
+        if self.inversion_invariant:
+            x = tf.abs(self.convs[0](images - 0.5))
+        else:
+            x = self.activation(self.convs[0](images))
+        for conv in self.convs[1:-1]:
             x = self.activation(conv(x))
         for conv in self.context:
             x = x + self.activation(conv(x))  # residual: the local features stay, context is added
@@ -115,7 +128,8 @@ class CIFLEncoder(KL.Layer):
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "features": self.features,
                 "ndim": self.ndim, "activation": self._activation_name, "architecture": self.architecture,
-                "dilations": list(self.dilations) if self.architecture == "context" else None}
+                "dilations": list(self.dilations) if self.architecture == "context" else None,
+                "inversion_invariant": self.inversion_invariant}
 
 
 def encoder_model(encoder, name="cifl_encoder_model"):

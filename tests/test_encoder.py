@@ -6,18 +6,21 @@ import pytest
 
 import tensorflow as tf
 from cifl_tf import CIFLEncoder, L2Normalize, encoder_model, load_encoder, save_encoder
-from cifl_tf.encoder import CONTEXT_DILATIONS
+from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS
 
 
 def images(shape, seed=0):
     return np.random.default_rng(seed).uniform(size=(*shape, 1)).astype(np.float32)
 
 
-@pytest.fixture(params=[(2, (2, 16, 12), "paper"), (3, (1, 8, 10, 6), "paper"), (2, (2, 16, 12), "context"),
-                        (3, (1, 8, 10, 6), "context")], ids=["2d", "3d", "2d-context", "3d-context"])
+@pytest.fixture(params=[(2, (2, 16, 12), "paper", False), (3, (1, 8, 10, 6), "paper", False),
+                        (2, (2, 16, 12), "context", False), (3, (1, 8, 10, 6), "context", False),
+                        (2, (2, 16, 12), "context", True)],
+                ids=["2d", "3d", "2d-context", "3d-context", "2d-context-inversion-invariant"])
 def encoder_and_images(request):
-    ndim, shape, architecture = request.param
-    return CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture), images(shape)
+    ndim, shape, architecture, inversion_invariant = request.param
+    return CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture,
+                       inversion_invariant=inversion_invariant), images(shape)
 
 
 def test_features_are_unit_vectors_per_pixel(encoder_and_images):
@@ -106,6 +109,12 @@ def test_bad_arguments_raise(kwargs, message):
         CIFLEncoder(**kwargs)
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_inversion_invariant_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=f"inversion_invariant must be True or False, got {value!r}"):
+        CIFLEncoder(inversion_invariant=value)
+
+
 @pytest.mark.parametrize("ndim, shape", [(2, (1, 8, 8, 8, 1)), (2, (8, 8, 1)), (3, (1, 8, 8, 1))])
 def test_wrong_input_rank_raises(ndim, shape):
     with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects inputs of rank {ndim + 2}"):
@@ -143,3 +152,16 @@ def test_context_architecture_is_the_paper_path_plus_residual_dilated_convolutio
     for conv in context.context:
         conv.set_weights([np.zeros_like(w) for w in conv.get_weights()])
     np.testing.assert_allclose(context(x), paper(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("ndim, shape", [(2, (2, 16, 12)), (3, (1, 8, 10, 6))])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_inversion_invariant_features_of_an_image_and_of_its_inversion_are_equal(ndim, shape, architecture):
+    x = images(shape)
+    tf.keras.utils.set_random_seed(0)
+    invariant = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture, inversion_invariant=True)
+    np.testing.assert_allclose(invariant(1 - x), invariant(x), atol=1e-5)
+    assert not invariant.convs[0].use_bias  # a bias inside the absolute value would break the symmetry
+    plain = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture)
+    assert not np.allclose(plain(1 - x), plain(x), atol=1e-2)  # the plain encoder's features are not
+

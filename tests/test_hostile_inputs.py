@@ -665,6 +665,8 @@ BAD_ENCODER_SETTINGS = {  # name -> (builder, problem): train-encoder checks eac
     "learning rate text": (_settings(lambda s: {**s, "learning_rate": "fast"}),
                            "learning_rate must be a positive number"),
     "seed negative": (_settings(lambda s: {**s, "seed": -1}), "seed must be null or a non-negative integer"),
+    "inversion invariant text": (_settings(lambda s: {**s, "inversion_invariant": "yes"}),
+                                 "inversion_invariant must be true or false"),
     "unknown synthesis argument": (_settings(lambda s: {**s, "synth_kwargs": {"bogus": 1}}),
                                    "synth_kwargs must be an object of"),
 }

@@ -144,15 +144,16 @@ def test_resume_continues_an_interrupted_run(interrupted_run):
     np.testing.assert_array_equal(load_encoder(run)(IMAGE), encoder(IMAGE))
 
 
-def test_a_run_from_before_the_architecture_and_dilations_options_resumes_as_paper(interrupted_run):
+def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted_run):
     run = str(interrupted_run())
     path = os.path.join(run, "settings.json")
     with open(path) as f:
         settings = json.load(f)
-    assert settings.pop("architecture") == "paper" and settings.pop("dilations") is None
+    old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant")}
+    assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False}
     with open(path, "w") as f:
         json.dump(settings, f)
-    assert read_settings(run)["architecture"] == "paper" and read_settings(run)["dilations"] is None
+    assert {name: read_settings(run)[name] for name in old} == old
     train_encoder(**INTERRUPTED_RUN, out_dir=run, resume=True, verbose=0)
     assert [epoch for epoch, _ in log_rows(run)] == [0, 1, 2]
 
