@@ -164,4 +164,3 @@ def test_inversion_invariant_features_of_an_image_and_of_its_inversion_are_equal
     assert not invariant.convs[0].use_bias  # a bias inside the absolute value would break the symmetry
     plain = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture)
     assert not np.allclose(plain(1 - x), plain(x), atol=1e-2)  # the plain encoder's features are not
-

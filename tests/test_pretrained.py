@@ -31,6 +31,12 @@ def test_pretrained_is_the_frozen_encoder_that_encoders_json_describes(kwargs, k
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)
 
 
+def test_the_recommended_encoder_gives_an_image_and_its_inversion_the_same_features():
+    image = np.random.default_rng(0).random((1, 40, 36, 1), np.float32)
+    encoder = cifl_tf.pretrained()
+    np.testing.assert_allclose(encoder(1 - image), encoder(image), atol=1e-5)
+
+
 def test_pretrained_positional_tau_gamma_and_trainable():
     by_position, by_name = cifl_tf.pretrained(0.01), cifl_tf.pretrained(tau_gamma=0.01, trainable=True)
     assert by_name.trainable and not by_position.trainable
