@@ -74,7 +74,7 @@ def _train_encoder(args):
         settings = dict(shape=shape, steps=args.steps, batch_size=args.batch_size,
                         channels=args.channels, features=args.features, architecture=args.architecture,
                         dilations=args.dilations, inversion_invariant=args.inversion_invariant,
-                        tau_alpha=args.tau_alpha,
+                        local_normalization=args.local_normalization, tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
                         learning_rate=args.learning_rate, seed=args.seed,
                         steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
@@ -462,6 +462,8 @@ def _parser():
                    help="with --architecture context: its dilation rates, e.g. 2,4 (default 2,4,8,16)")
     p.add_argument("--inversion-invariant", action="store_true",
                    help="features of an image and of its inversion 1 - x equal by construction (CIFLEncoder)")
+    p.add_argument("--local-normalization", type=float, default=None, metavar="SIGMA",
+                   help="show the encoder local contrast, in a Gaussian window of SD SIGMA pixels (LocalNormalize)")
     p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
     p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
     p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])

@@ -6,10 +6,15 @@ The paper's eight convolutions see 17 pixels across: inside a large region of un
 every pixel looks the same. `architecture="context"` keeps that full-resolution path and adds
 context to it: residual dilated convolutions before the last one widen the view (to 77 pixels with the
 default dilations 2, 4, 8 and 16). `inversion_invariant=True` makes the features of an image and of
-its inversion 1 - x equal by construction, as MIND's are.
+its inversion 1 - x equal by construction, as MIND's are. `local_normalization=sigma` shows the convolutions
+the image's local contrast (`LocalNormalize`) instead of its intensities, so that a faint edge between two
+tissues of nearly equal intensity (grey and white matter in PD) looks like a strong one.
 """
 import json
+import math
 import os
+
+import numpy as np
 
 import tensorflow as tf
 
@@ -35,6 +40,56 @@ class L2Normalize(KL.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class LocalNormalize(KL.Layer):
+    """Local contrast normalisation: each pixel's intensity relative to the mean and SD of its surroundings,
+
+        z = (x - m) / sqrt(v + epsilon^2),  m = G * x,  v = G * x^2 - m^2,
+
+    G a Gaussian window of SD `sigma` pixels truncated at ceil(3 sigma), renormalised where it passes the image
+    border (so that the border is not read as a dark edge). z is unchanged by x -> a x + b for a > 0 where the
+    local SD is well above epsilon, and changes sign for a < 0, so 1 - x gives -z. epsilon, in intensity units
+    (images in [0, 1]), is the contrast below which differences count as noise, not as edges.
+
+    Call: (B, *spatial, 1) -> (B, *spatial, 1); 2D or 3D.
+    """
+
+    def __init__(self, sigma=2.0, epsilon=0.01, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("sigma", sigma), ("epsilon", epsilon)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"LocalNormalize: {name} must be a positive number, got {value!r}")
+        self.sigma, self.epsilon = float(sigma), float(epsilon)
+        self.radius = math.ceil(3 * self.sigma)
+
+    def build(self, input_shape):
+        if len(input_shape) not in (4, 5) or input_shape[-1] != 1:
+            raise ValueError(f"LocalNormalize expects single-channel 2D or 3D inputs (batch, spatial..., 1), "
+                             f"got shape {tuple(input_shape)}")
+        super().build(input_shape)
+
+    def _window_means(self, maps):
+        """G * maps for each of the C channels of maps (B, *spatial, C), by one 1D Gaussian per axis."""
+        ndim, channels = maps.shape.rank - 2, maps.shape[-1]
+        taps = np.arange(-self.radius, self.radius + 1)
+        gauss = np.exp(-taps ** 2 / (2 * self.sigma ** 2))
+        identity = np.eye(channels)
+        for axis in range(ndim):
+            kernel = gauss.reshape([-1 if i == axis else 1 for i in range(ndim)])[..., None, None] * identity
+            maps = tf.nn.convolution(maps, kernel.astype(np.float32), padding="SAME")
+        return maps
+
+    def call(self, images):
+        images = tf.cast(images, tf.float32)
+        sums = self._window_means(tf.concat([images, tf.square(images), tf.ones_like(images)], axis=-1))
+        mean, mean_square = sums[..., :1] / sums[..., 2:], sums[..., 1:2] / sums[..., 2:]
+        variance = tf.maximum(mean_square - tf.square(mean), 0.)
+        return (images - mean) * tf.math.rsqrt(variance + self.epsilon ** 2)
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma, "epsilon": self.epsilon}
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class CIFLEncoder(KL.Layer):
     """Contrast invariant feature learner f_theta, a reusable Keras layer.
 
@@ -55,12 +110,15 @@ class CIFLEncoder(KL.Layer):
             x - 1/2 to its negative, zero padding included) have the same features. The views of a
             training pair draw their intensities independently, so the sign of an edge carries no
             information the loss rewards; this removes it exactly instead of by learning.
+        local_normalization: None, or the `sigma` in pixels of a LocalNormalize in front of the first
+            convolution, which then sees local contrast instead of intensities (centred already, so an
+            inversion-invariant first layer takes it as it is).
 
     Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
     """
 
     def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", dilations=None,
-                 inversion_invariant=False, **kwargs):
+                 inversion_invariant=False, local_normalization=None, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("channels", channels), ("features", features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -79,9 +137,16 @@ class CIFLEncoder(KL.Layer):
             raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
         if not isinstance(inversion_invariant, bool):
             raise TypeError(f"CIFLEncoder: inversion_invariant must be True or False, got {inversion_invariant!r}")
+        if local_normalization is not None and (isinstance(local_normalization, bool) or not isinstance(
+                local_normalization, (int, float)) or not 0 < local_normalization < math.inf):
+            raise ValueError(f"CIFLEncoder: local_normalization must be None or a positive sigma in pixels, "
+                             f"got {local_normalization!r}")
         self.channels, self.features, self.ndim, self.architecture = channels, features, ndim, architecture
         self.dilations = tuple(dilations or ())
         self.inversion_invariant = inversion_invariant
+        self.local_normalization = None if local_normalization is None else float(local_normalization)
+        self.local_normalize = (None if local_normalization is None
+                                else LocalNormalize(local_normalization, name="local_normalize"))
         self.activation = tf.keras.activations.get(activation)
         self._activation_name = activation
         conv = KL.Conv2D if ndim == 2 else KL.Conv3D
@@ -105,10 +170,12 @@ class CIFLEncoder(KL.Layer):
         super().build(input_shape)
 
     def call(self, images):
-        if self.inversion_invariant:
-            x = tf.abs(self.convs[0](images - 0.5))
+        if self.local_normalize is not None:
+            x = self.local_normalize(images)
         else:
-            x = self.activation(self.convs[0](images))
+            x = images - 0.5 if self.inversion_invariant else images  # 1 - x is then -(x - 1/2)
+        x = self.convs[0](x)
+        x = tf.abs(x) if self.inversion_invariant else self.activation(x)
         for conv in self.convs[1:-1]:
             x = self.activation(conv(x))
         for conv in self.context:
@@ -118,9 +185,10 @@ class CIFLEncoder(KL.Layer):
     @property
     def receptive_radius(self):
         """Pixels, along each axis, that the output at a pixel sees on either side: 8 for the paper's
-        eight 3x3 convolutions, 8 plus the dilations' sum with context (38 by default; tiling needs it,
-        and measuring it would miss dead ReLUs)."""
-        return sum(conv.dilation_rate[0] * (conv.kernel_size[0] // 2) for conv in self.convs + self.context)
+        eight 3x3 convolutions, 8 plus the dilations' sum with context (38 by default), plus the window's
+        ceil(3 sigma) with local_normalization (tiling needs it, and measuring it would miss dead ReLUs)."""
+        window = 0 if self.local_normalize is None else self.local_normalize.radius
+        return window + sum(conv.dilation_rate[0] * (conv.kernel_size[0] // 2) for conv in self.convs + self.context)
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
@@ -129,7 +197,7 @@ class CIFLEncoder(KL.Layer):
         return {**super().get_config(), "channels": self.channels, "features": self.features,
                 "ndim": self.ndim, "activation": self._activation_name, "architecture": self.architecture,
                 "dilations": list(self.dilations) if self.architecture == "context" else None,
-                "inversion_invariant": self.inversion_invariant}
+                "inversion_invariant": self.inversion_invariant, "local_normalization": self.local_normalization}
 
 
 def encoder_model(encoder, name="cifl_encoder_model"):

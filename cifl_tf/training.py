@@ -169,6 +169,7 @@ SETTINGS = {
     "dilations": (lambda v: v is None or isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
                   "null or a list of positive integers"),
     "inversion_invariant": (lambda v: isinstance(v, bool), "true or false"),
+    "local_normalization": (lambda v: v is None or _positive(v), "null or a positive number"),
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
     "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
@@ -178,7 +179,8 @@ SETTINGS = {
 
 
 # Fields that runs of earlier versions did not write, with the value those runs used.
-SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False}
+SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
+                    "local_normalization": None}
 
 
 def _synth_arguments():
@@ -193,16 +195,17 @@ def read_settings(out_dir):
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
-                  dilations=None, inversion_invariant=False, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1,
-                  max_offset=16, learning_rate=1e-3, seed=None, out_dir=None, resume=False, strategy=None,
+                  dilations=None, inversion_invariant=False, local_normalization=None, tau_alpha=1.0, tau_beta=1.0,
+                  tau_gamma=0.1, max_offset=16, learning_rate=1e-3, seed=None, out_dir=None, resume=False, strategy=None,
                   steps_per_epoch=100, synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
 
     Args:
         shape: spatial shape of the training crops, 2D or 3D (sets the encoder's ndim).
         steps, batch_size: optimisation steps and pairs per step (global batch under a strategy).
-        channels, features, architecture, dilations, inversion_invariant: the encoder's C, hidden width,
-            architecture, context dilations and first layer (CIFLEncoder).
+        channels, features, architecture, dilations, inversion_invariant, local_normalization: the
+            encoder's C, hidden width, architecture, context dilations, first layer and input
+            normalisation (CIFLEncoder).
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
         max_offset: largest origin of each view inside the render, so that the views' relative offset
             lies in [-max_offset, max_offset] per axis (method page 3b); 0 gives voxel-aligned views.
@@ -231,7 +234,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
     encoder_args = dict(channels=channels, features=features, ndim=len(shape), architecture=architecture,
-                        dilations=dilations, inversion_invariant=inversion_invariant)
+                        dilations=dilations, inversion_invariant=inversion_invariant,
+                        local_normalization=local_normalization)
     CIFLEncoder(**encoder_args)
     unknown = sorted(set(synth_kwargs or {}) - _synth_arguments())
     if unknown:
@@ -240,7 +244,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     steps_per_epoch = min(steps_per_epoch, steps)  # else a short run would train a whole epoch
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
                     features=features, architecture=architecture, dilations=dilations,
-                    inversion_invariant=inversion_invariant, tau_alpha=tau_alpha, tau_beta=tau_beta,
+                    inversion_invariant=inversion_invariant, local_normalization=local_normalization,
+                    tau_alpha=tau_alpha, tau_beta=tau_beta,
                     tau_gamma=tau_gamma, max_offset=max_offset, learning_rate=learning_rate, seed=seed,
                     steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)

@@ -58,6 +58,7 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--synth", '{{"one_hot": true}}', "--out", "{empty}"], "ShapesSynth does not take ['one_hot']"),
     (["--architecture", "paper", "--features", "0", "--out", "{empty}"], "features must be a positive integer"),
     (["--dilations", "2,4", "--out", "{empty}"], "architecture 'paper' takes none, got [2, 4]"),
+    (["--local-normalization", "-1", "--out", "{empty}"], "local_normalization must be None or a positive sigma"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
@@ -88,13 +89,14 @@ def test_dilations_must_be_positive_integers(dilations, tmp_path, capsys):
 
 def test_synth_arguments_reach_the_run_settings(tmp_path):
     argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
-            "--inversion-invariant", "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
+            "--inversion-invariant", "--local-normalization", "1.5", "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
     assert cli.main(["train-encoder", *argv]) == 0
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert settings["synth_kwargs"] == {"tie_prob": 0.5, "label_scales": [4, 8]}
     assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
     assert settings["inversion_invariant"] is True and load_encoder(tmp_path / "run").inversion_invariant
+    assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
 
 
 @pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")

@@ -1,26 +1,28 @@
 """cifl_tf.encoder: the CIFL encoder layer, its serialisation and save_encoder / load_encoder."""
 import json
+import math
 
 import numpy as np
 import pytest
 
 import tensorflow as tf
 from cifl_tf import CIFLEncoder, L2Normalize, encoder_model, load_encoder, save_encoder
-from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS
+from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize
 
 
 def images(shape, seed=0):
     return np.random.default_rng(seed).uniform(size=(*shape, 1)).astype(np.float32)
 
 
-@pytest.fixture(params=[(2, (2, 16, 12), "paper", False), (3, (1, 8, 10, 6), "paper", False),
-                        (2, (2, 16, 12), "context", False), (3, (1, 8, 10, 6), "context", False),
-                        (2, (2, 16, 12), "context", True)],
-                ids=["2d", "3d", "2d-context", "3d-context", "2d-context-inversion-invariant"])
+@pytest.fixture(params=[(2, (2, 16, 12), "paper", False, None), (3, (1, 8, 10, 6), "paper", False, None),
+                        (2, (2, 16, 12), "context", False, None), (3, (1, 8, 10, 6), "context", False, None),
+                        (2, (2, 16, 12), "context", True, None), (3, (1, 8, 10, 6), "paper", True, 1.5)],
+                ids=["2d", "3d", "2d-context", "3d-context", "2d-context-inversion-invariant",
+                     "3d-inversion-invariant-local-normalization"])
 def encoder_and_images(request):
-    ndim, shape, architecture, inversion_invariant = request.param
+    ndim, shape, architecture, inversion_invariant, local_normalization = request.param
     return CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture,
-                       inversion_invariant=inversion_invariant), images(shape)
+                       inversion_invariant=inversion_invariant, local_normalization=local_normalization), images(shape)
 
 
 def test_features_are_unit_vectors_per_pixel(encoder_and_images):
@@ -49,6 +51,7 @@ def test_config_round_trip_gives_same_outputs(encoder_and_images):
 def test_registered_for_serialisation():
     assert tf.keras.utils.get_registered_object("cifl_tf>CIFLEncoder") is CIFLEncoder
     assert tf.keras.utils.get_registered_object("cifl_tf>L2Normalize") is L2Normalize
+    assert tf.keras.utils.get_registered_object("cifl_tf>LocalNormalize") is LocalNormalize
 
 
 @pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
@@ -156,11 +159,87 @@ def test_context_architecture_is_the_paper_path_plus_residual_dilated_convolutio
 
 @pytest.mark.parametrize("ndim, shape", [(2, (2, 16, 12)), (3, (1, 8, 10, 6))])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_inversion_invariant_features_of_an_image_and_of_its_inversion_are_equal(ndim, shape, architecture):
+@pytest.mark.parametrize("local_normalization", [None, 1.5])
+def test_inversion_invariant_features_of_an_image_and_of_its_inversion_are_equal(ndim, shape, architecture,
+                                                                                  local_normalization):
     x = images(shape)
     tf.keras.utils.set_random_seed(0)
-    invariant = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture, inversion_invariant=True)
+    invariant = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture, inversion_invariant=True,
+                            local_normalization=local_normalization)
     np.testing.assert_allclose(invariant(1 - x), invariant(x), atol=1e-5)
     assert not invariant.convs[0].use_bias  # a bias inside the absolute value would break the symmetry
-    plain = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture)
+    plain = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture,
+                        local_normalization=local_normalization)
     assert not np.allclose(plain(1 - x), plain(x), atol=1e-2)  # the plain encoder's features are not
+
+
+def local_normalize_reference(image, sigma, epsilon):
+    """LocalNormalize of one (*spatial) image, straight from its formula: Gaussian weights over the window's
+    offsets that stay inside the image, normalised to sum 1 at every pixel."""
+    radius = math.ceil(3 * sigma)
+    out = np.empty_like(image, dtype=np.float64)
+    for p in np.ndindex(image.shape):
+        lows = [max(0, c - radius) for c in p]
+        window = image[tuple(slice(low, c + radius + 1) for low, c in zip(lows, p))].astype(np.float64)
+        offsets = np.meshgrid(*[np.arange(low, low + n) - c for low, n, c in zip(lows, window.shape, p)],
+                              indexing="ij")
+        weights = np.exp(-sum(o ** 2 for o in offsets) / (2 * sigma ** 2))
+        weights /= weights.sum()
+        mean = (weights * window).sum()
+        variance = (weights * window ** 2).sum() - mean ** 2
+        out[p] = (image[p] - mean) / np.sqrt(variance + epsilon ** 2)
+    return out
+
+
+@pytest.mark.parametrize("shape, sigma, epsilon", [
+    ((12, 9), 1.0, 0.01),      # 2D, window of 7 inside the image and cut by its borders
+    ((12, 9), 2.0, 0.01),      # window of 13, wider than the image
+    ((10, 11), 0.7, 0.1),      # ceil(2.1) = 3: a fractional sigma; a large epsilon
+    ((6, 7, 5), 1.5, 0.01),    # 3D
+])
+def test_local_normalize_matches_its_formula(shape, sigma, epsilon):
+    image = np.random.default_rng(3).uniform(size=(2, *shape)).astype(np.float32)
+    image[1] *= 0.05  # a faint image: epsilon matters
+    out = LocalNormalize(sigma, epsilon)(image[..., np.newaxis]).numpy()[..., 0]
+    expected = np.stack([local_normalize_reference(i, sigma, epsilon) for i in image])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gain, offset", [(0.1, 0.3), (3.0, -1.0), (-1.0, 1.0), (-0.2, 0.5)])
+def test_local_normalize_follows_the_sign_of_the_contrast_but_not_its_size(gain, offset):
+    x = images((1, 20, 17))
+    normalize = LocalNormalize(sigma=1.5, epsilon=1e-5)
+    np.testing.assert_allclose(normalize(gain * x + offset), np.sign(gain) * normalize(x), atol=2e-3)
+
+
+def test_local_normalization_gives_the_encoder_a_faint_edge_as_a_strong_one():
+    edge = np.zeros((1, 24, 24, 1), np.float32)
+    edge[:, :, 12:] = 1
+    faint = 0.4 + 0.1 * edge  # a contrast 10 times smaller (10 times the epsilon), on another level
+    tf.keras.utils.set_random_seed(0)
+    normalized = CIFLEncoder(channels=5, features=8, local_normalization=2.0)
+    plain = CIFLEncoder(channels=5, features=8)
+    change = {name: np.abs(encoder(faint) - encoder(edge)).mean() for name, encoder in
+              (("normalized", normalized), ("plain", plain))}
+    assert change["normalized"] < 0.2 * change["plain"], change
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sigma=0), "sigma must be a positive number, got 0"), (dict(sigma=-1.0), "sigma must be a positive number"),
+    (dict(sigma="2"), "sigma must be a positive number, got '2'"), (dict(sigma=True), "sigma must be a positive number, got True"),
+    (dict(epsilon=0.0), "epsilon must be a positive number, got 0.0"), (dict(sigma=float("inf")), "sigma must be a positive number, got inf"),
+])
+def test_local_normalize_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=f"LocalNormalize: {message}"):
+        LocalNormalize(**kwargs)
+
+
+@pytest.mark.parametrize("value", [0, -2.0, "2", True])
+def test_encoder_local_normalization_must_be_none_or_positive(value):
+    with pytest.raises(ValueError, match=f"local_normalization must be None or a positive sigma in pixels, got {value!r}"):
+        CIFLEncoder(local_normalization=value)
+
+
+def test_local_normalize_takes_single_channel_images():
+    with pytest.raises(ValueError, match=r"single-channel 2D or 3D inputs .* got shape \(1, 8, 8, 2\)"):
+        LocalNormalize()(np.zeros((1, 8, 8, 2), np.float32))

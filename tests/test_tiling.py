@@ -19,11 +19,13 @@ def test_receptive_radius_of_eight_3x3_convolutions_is_8(ndim, encoder_3d):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("architecture, dilations, radius", [
-    ("paper", None, 8), ("context", None, 8 + 2 + 4 + 8 + 16), ("context", (2, 4), 8 + 2 + 4)])
-def test_the_encoders_stated_radius_is_the_measured_one(ndim, architecture, dilations, radius):
+@pytest.mark.parametrize("architecture, dilations, local_normalization, radius", [
+    ("paper", None, None, 8), ("context", None, None, 8 + 2 + 4 + 8 + 16), ("context", (2, 4), None, 8 + 2 + 4),
+    ("paper", None, 1.2, 8 + 4), ("context", (2, 4), 2.0, 8 + 2 + 4 + 6)])  # the window's ceil(3 sigma)
+def test_the_encoders_stated_radius_is_the_measured_one(ndim, architecture, dilations, local_normalization, radius):
     tf.keras.utils.set_random_seed(0)  # a ReLU off at every probed path would hide pixels from the probe
-    encoder = cifl_tf.CIFLEncoder(channels=4, features=8, ndim=ndim, architecture=architecture, dilations=dilations)
+    encoder = cifl_tf.CIFLEncoder(channels=4, features=8, ndim=ndim, architecture=architecture, dilations=dilations,
+                                  local_normalization=local_normalization)
     assert encoder.receptive_radius == radius
     assert tiling.measured_radius(encoder) == radius
 
@@ -60,6 +62,16 @@ def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
     budget = tiling.bytes_per_pixel(encoder) * budget_side ** len(shape)
     core = tiling.tile_shape(shape, 8, tiling.bytes_per_pixel(encoder), budget)
     assert all(size % c for size, c in zip(shape, core))  # tiles do not divide the shape
+    tiled = tiling.tiled_features(encoder, image, max_memory=budget)
+    np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
+
+
+def test_a_locally_normalized_encoder_tiles_with_its_window_in_the_halo():
+    tf.keras.utils.set_random_seed(0)
+    encoder = cifl_tf.CIFLEncoder(channels=3, features=4, local_normalization=2.0)  # radius 8 + 6
+    image = np.random.default_rng(2).random((45, 38)).astype(np.float32)
+    budget = tiling.bytes_per_pixel(encoder) * 40 ** 2
+    assert tiling.tile_shape(image.shape, 14, tiling.bytes_per_pixel(encoder), budget) != image.shape
     tiled = tiling.tiled_features(encoder, image, max_memory=budget)
     np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
 

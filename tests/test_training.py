@@ -149,8 +149,10 @@ def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted
     path = os.path.join(run, "settings.json")
     with open(path) as f:
         settings = json.load(f)
-    old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant")}
-    assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False}
+    old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
+                                                 "local_normalization")}
+    assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
+                   "local_normalization": None}
     with open(path, "w") as f:
         json.dump(settings, f)
     assert {name: read_settings(run)[name] for name in old} == old
