@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import voxelmorph as vxm
 
-from . import checkpoint, data, models, tiling
+from . import checkpoint, data, machine, models, tiling
 from .callbacks import StopOnNonFinite
 from .descriptors import MIND, VARIANTS
 from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
@@ -548,8 +548,24 @@ def _parser():
     return parser
 
 
+def relaunch_demo_with_onednn(argv):
+    """Runs `cifl demo` (argv: its arguments) again in this process's place with TensorFlow's oneDNN kernels on,
+    unless they are on already or TF_ENABLE_ONEDNN_OPTS is set. TensorFlow decides at import, and without AVX-512
+    VNNI, BF16 or AMX it leaves them off, though on an AVX2-only CPU they train the demo's models much faster
+    (README). The trainers keep TensorFlow's default: under load, oneDNN made a resumed run differ from one that
+    went through (machine.onednn_enabled)."""
+    if "TF_ENABLE_ONEDNN_OPTS" in os.environ or machine.onednn_enabled():
+        return
+    print("cifl demo: restarting with TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1; set it to 0 to keep "
+          "them off)", file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", "cifl_tf.cli", *argv],
+              {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if argv is None and args.command == "demo":  # the console command, not a call from Python
+        relaunch_demo_with_onednn(sys.argv[1:])
     try:
         args.run(args)
     except (ValueError, OSError, ImportError) as error:

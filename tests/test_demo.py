@@ -1,12 +1,15 @@
 """`cifl demo`: the whole job end to end at smoke size, its outputs, and its one-line errors."""
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 import cifl_tf
-from cifl_tf import cli, demo, demo_data, figures
+from cifl_tf import cli, demo, demo_data, figures, machine
 from cifl_tf.descriptors import MIND
 from cifl_tf.encoder import load_encoder, pretrained_log, save_encoder
 
@@ -92,3 +95,36 @@ def test_demo_without_nilearn_is_one_line_saying_what_to_install(tmp_path, monke
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install nilearn" in err
+
+
+@pytest.mark.parametrize("variable, onednn_on, restarts", [
+    (None, False, True),    # TensorFlow left oneDNN off (an AVX2-only CPU): the demo turns it on
+    (None, True, False),    # on already (AVX-512 VNNI, BF16 or AMX)
+    ("0", False, False),    # the user's choice stands
+    ("1", True, False),
+])
+def test_the_console_demo_restarts_with_onednn_unless_it_is_on_or_chosen(monkeypatch, variable, onednn_on, restarts):
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    if variable is not None:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", variable)
+    monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+    cli.relaunch_demo_with_onednn(["demo", "--quick"])
+    if not restarts:
+        assert calls == []
+        return
+    [(program, argv, environment)] = calls
+    assert program == sys.executable and argv == [sys.executable, "-m", "cifl_tf.cli", "demo", "--quick"]
+    assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
+
+
+@pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")
+@pytest.mark.skipif("TF_ENABLE_ONEDNN_OPTS" in os.environ, reason="this environment chooses oneDNN for every process")
+def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(tmp_path):
+    save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), str(tmp_path / "enc.weights.h5"))
+    # a 3D encoder stops the 2D demo with a one-line error at once, in the restarted process
+    result = subprocess.run(["cifl", "demo", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and "cifl demo: error: the 2D demo needs a 2D encoder" in result.stderr
+    assert ("restarting with TensorFlow's oneDNN kernels on" in result.stderr) == (not machine.onednn_enabled())
