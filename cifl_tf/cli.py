@@ -551,9 +551,9 @@ def _parser():
 def relaunch_demo_with_onednn(argv):
     """Runs `cifl demo` (argv: its arguments) again in this process's place with TensorFlow's oneDNN kernels on,
     unless they are on already or TF_ENABLE_ONEDNN_OPTS is set. TensorFlow decides at import, and without AVX-512
-    VNNI, BF16 or AMX it leaves them off, though on an AVX2-only CPU they train the demo's models much faster
-    (README). The trainers keep TensorFlow's default: under load, oneDNN made a resumed run differ from one that
-    went through (machine.onednn_enabled)."""
+    VNNI, BF16 or AMX it leaves them off, though on an AVX2-only CPU they made the 3D demo 1.7-1.9x and the 2D one
+    1.2-1.4x faster (README). The trainers keep TensorFlow's default: under load, oneDNN made a resumed run differ
+    from one that went through (machine.onednn_enabled)."""
     if "TF_ENABLE_ONEDNN_OPTS" in os.environ or machine.onednn_enabled():
         return
     print("cifl demo: restarting with TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1; set it to 0 to keep "

@@ -196,8 +196,8 @@ def read_settings(out_dir):
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
                   dilations=None, inversion_invariant=False, local_normalization=None, tau_alpha=1.0, tau_beta=1.0,
-                  tau_gamma=0.1, max_offset=16, learning_rate=1e-3, seed=None, out_dir=None, resume=False, strategy=None,
-                  steps_per_epoch=100, synth_kwargs=None, callbacks=(), verbose=1):
+                  tau_gamma=0.1, max_offset=16, learning_rate=1e-3, seed=None, out_dir=None, resume=False,
+                  strategy=None, steps_per_epoch=100, synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
 
     Args:

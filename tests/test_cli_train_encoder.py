@@ -89,7 +89,8 @@ def test_dilations_must_be_positive_integers(dilations, tmp_path, capsys):
 
 def test_synth_arguments_reach_the_run_settings(tmp_path):
     argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
-            "--inversion-invariant", "--local-normalization", "1.5", "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
+            "--inversion-invariant", "--local-normalization", "1.5",
+            "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
     assert cli.main(["train-encoder", *argv]) == 0
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())

@@ -225,9 +225,12 @@ def test_local_normalization_gives_the_encoder_a_faint_edge_as_a_strong_one():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(sigma=0), "sigma must be a positive number, got 0"), (dict(sigma=-1.0), "sigma must be a positive number"),
-    (dict(sigma="2"), "sigma must be a positive number, got '2'"), (dict(sigma=True), "sigma must be a positive number, got True"),
-    (dict(epsilon=0.0), "epsilon must be a positive number, got 0.0"), (dict(sigma=float("inf")), "sigma must be a positive number, got inf"),
+    (dict(sigma=0), "sigma must be a positive number, got 0"),
+    (dict(sigma=-1.0), "sigma must be a positive number, got -1.0"),
+    (dict(sigma="2"), "sigma must be a positive number, got '2'"),
+    (dict(sigma=True), "sigma must be a positive number, got True"),
+    (dict(sigma=float("inf")), "sigma must be a positive number, got inf"),
+    (dict(epsilon=0.0), "epsilon must be a positive number, got 0.0"),
 ])
 def test_local_normalize_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=f"LocalNormalize: {message}"):
@@ -236,7 +239,8 @@ def test_local_normalize_bad_arguments_raise(kwargs, message):
 
 @pytest.mark.parametrize("value", [0, -2.0, "2", True])
 def test_encoder_local_normalization_must_be_none_or_positive(value):
-    with pytest.raises(ValueError, match=f"local_normalization must be None or a positive sigma in pixels, got {value!r}"):
+    message = f"local_normalization must be None or a positive sigma in pixels, got {value!r}"
+    with pytest.raises(ValueError, match=message):
         CIFLEncoder(local_normalization=value)
 
 
