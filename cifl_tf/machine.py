@@ -27,14 +27,14 @@ def cpu_flags():
     return " ".join(sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma")))) or "none"
 
 
-
 def onednn_enabled():
     """Whether TensorFlow runs its oneDNN kernels in this process. TF decides at import: on by itself only
     on CPUs with AVX-512 VNNI, BF16 or AMX, else when TF_ENABLE_ONEDNN_OPTS=1.
 
     Measured on an AVX2-only AMD EPYC: an encoder training step 1.9x faster with them (bench/train_step.py),
     but under load from another process a seeded run resumed after a kill no longer matched one that went
-    through (features up to 0.056 apart; tests/test_cli_train_encoder.py), so cifl_tf does not turn them on."""
+    through (features up to 0.056 apart; tests/test_cli_train_encoder.py), so training keeps TF's choice;
+    only `cifl demo` turns them on (cli.relaunch_demo_with_onednn)."""
     return bool(_pywrap_util_port.IsMklEnabled())
 
 

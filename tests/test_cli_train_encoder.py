@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -98,13 +97,6 @@ def test_synth_arguments_reach_the_run_settings(tmp_path):
     assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
     assert settings["inversion_invariant"] is True and load_encoder(tmp_path / "run").inversion_invariant
     assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
-
-
-@pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")
-def test_console_script(tmp_path):
-    result = subprocess.run(["cifl", "train-encoder", "--out", str(tmp_path), "--shape", "32x"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "--shape" in result.stderr
 
 
 # ---- SIGKILL anywhere, then --resume: the same weights as a run that went through ----
