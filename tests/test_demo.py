@@ -123,7 +123,7 @@ def test_the_console_demo_restarts_with_onednn_unless_it_is_on_or_chosen(monkeyp
 def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(tmp_path):
     """Also the test of the `cifl` console script itself."""
     save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), str(tmp_path / "enc.weights.h5"))
-    # a 3D encoder stops the 2D demo with a one-line error at once, in the restarted process
+    # a 3D encoder stops the 2D demo with a one-line error at once (in the restarted process, if it restarts)
     result = subprocess.run(["cifl", "demo", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2 and "cifl demo: error: the 2D demo needs a 2D encoder" in result.stderr
