@@ -1,4 +1,6 @@
 """register_pair: instance optimisation recovers known smooth warps, in 2D and 3D, with every kind of features."""
+import itertools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -99,23 +101,71 @@ def test_a_registration_that_reuses_the_compiled_models_of_earlier_ones_gives_th
         np.testing.assert_array_equal(before, after)
 
 
+def centres(size, factor):
+    """Full-resolution coordinates of the voxel centres of a grid pooled by factor ('SAME' padding)."""
+    count = -(-size // factor)
+    return factor * np.arange(count) + (factor - 1) / 2 - (count * factor - size) // 2
+
+
 @pytest.mark.parametrize("factor, to_factor, size", [(2, 1, 8), (4, 1, 10), (4, 2, 9), (3, 1, 7), (2, 2, 8)])
 def test_resample_field_is_exact_for_linear_fields_away_from_the_border(factor, to_factor, size):
     # A displacement linear in full-resolution coordinates, u(x) = 0.3 x + 1 pixels along axis 0 and
     # -0.2 x along axis 1, expressed in voxels of each pooled grid ('SAME' pooling: centres as below).
-    def centres(f):
-        count = -(-size // f)
-        return f * np.arange(count) + (f - 1) / 2 - (count * f - size) // 2
-
     def field(f):
-        x, y = np.meshgrid(centres(f), centres(f), indexing="ij")
+        x, y = np.meshgrid(centres(size, f), centres(size, f), indexing="ij")
         return np.stack([0.3 * x + 1, -0.2 * y], -1) / f
 
     resampled = instance.resample_field(field(factor).astype(np.float32), factor, to_factor, (size, size))
     expected = field(to_factor)
-    inside = (centres(to_factor) >= centres(factor)[0]) & (centres(to_factor) <= centres(factor)[-1])
+    new, old = centres(size, to_factor), centres(size, factor)
+    inside = (new >= old[0]) & (new <= old[-1])
     assert resampled.shape == expected.shape
     np.testing.assert_allclose(resampled[inside][:, inside], expected[inside][:, inside], atol=1e-5)
+
+
+def multilinear(field, points):
+    """NumPy reference: field (*grid, K) at points (*out, ndim) in grid voxels, clamped to the grid, as the
+    sum over the 2^ndim corners of the cell of each point, each weighted by the product of its 1D weights."""
+    grid = np.array(field.shape[:-1])
+    points = np.clip(points, 0, grid - 1)
+    below = np.floor(points).astype(int)
+    result = 0
+    for corner in itertools.product((0, 1), repeat=len(grid)):
+        index = np.minimum(below + corner, grid - 1)
+        weight = np.prod(np.where(corner, points - below, 1 - (points - below)), axis=-1, keepdims=True)
+        result = result + weight * field[tuple(np.moveaxis(index, -1, 0))]
+    return result
+
+
+@pytest.mark.parametrize("factor, to_factor, shape", [
+    (4, 1, (10, 7)), (2, 1, (9, 8)), (3, 2, (11, 6)), (4, 1, (9, 6, 7)), (2, 1, (5, 8, 6)), (8, 4, (20, 13, 9)),
+])
+def test_resample_field_interpolates_multilinearly(factor, to_factor, shape):
+    """Random fields, so the border and every cell count: the value at each new centre (in voxels of the old
+    grid), clamped to the old grid, interpolated multilinearly and rescaled to voxels of the new grid."""
+    grid = [-(-n // factor) for n in shape]
+    field = np.random.default_rng(0).normal(0, 2, (*grid, len(shape))).astype(np.float32)
+
+    axes = [(centres(n, to_factor) - centres(n, factor)[0]) / factor for n in shape]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    expected = multilinear(field.astype(np.float64), points) * factor / to_factor
+    np.testing.assert_allclose(instance.resample_field(field, factor, to_factor, shape), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((5, 6, 7), 3), ((6, 4, 9), 2)])
+def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):
+    """Output voxel i averages the input voxels in [i f - p, (i + 1) f - p) that lie inside the image,
+    with p = (ceil(n / f) f - n) // 2 per axis; and equals tf.nn.avg_pool's 'SAME'."""
+    image = np.random.default_rng(0).normal(size=(*shape, 3)).astype(np.float32)
+    counts = [-(-n // factor) for n in shape]
+    expected = np.empty((*counts, 3))
+    for index in itertools.product(*map(range, counts)):
+        block = tuple(slice(max(i * factor - (c * factor - n) // 2, 0), (i + 1) * factor - (c * factor - n) // 2)
+                      for i, c, n in zip(index, counts, shape))
+        expected[index] = image[block].reshape(-1, 3).mean(axis=0)
+    pooled = instance.pool(image, factor)
+    np.testing.assert_allclose(pooled, expected, atol=1e-6)
+    np.testing.assert_allclose(pooled, tf.nn.avg_pool(image[np.newaxis], factor, factor, "SAME")[0], atol=1e-6)
 
 
 def test_instance_model_saves_and_loads(tmp_path):
