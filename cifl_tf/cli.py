@@ -23,7 +23,7 @@ from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrai
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .instance import register_pair
 from .metrics import folding_fraction
-from .training import read_settings, train_encoder
+from .training import LEARNING_RATE_DECAYS, read_settings, train_encoder
 
 
 def _defaults(function):
@@ -76,8 +76,8 @@ def _train_encoder(args):
                         dilations=args.dilations, inversion_invariant=args.inversion_invariant,
                         local_normalization=args.local_normalization, tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
-                        learning_rate=args.learning_rate, seed=args.seed,
-                        steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
+                        learning_rate=args.learning_rate, learning_rate_decay=args.learning_rate_decay,
+                        seed=args.seed, steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 
@@ -470,6 +470,8 @@ def _parser():
     p.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"],
                    help="random offset between the two views (0: voxel-aligned, the paper's ablation)")
     p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
+    p.add_argument("--learning-rate-decay", choices=LEARNING_RATE_DECAYS, default=DEFAULTS["learning_rate_decay"],
+                   help="cosine: from --learning-rate down to 0 at the last step")
     p.add_argument("--synth", type=_json_object, default={}, metavar="JSON",
                    help='synthesis arguments of cifl_tf.synth.ShapesSynth, e.g. \'{"tie_prob": 0.5}\'')
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])

@@ -65,6 +65,7 @@ def multi_worker_strategy():
                      "workers as the tasks of a SLURM job step (srun)")
 
 
+LEARNING_RATE_DECAYS = ("constant", "cosine")
 STRATEGIES = {
     "default": tf.distribute.get_strategy,
     "mirrored": tf.distribute.MirroredStrategy,
@@ -78,6 +79,8 @@ def offset_views(pairs, shape, max_offset, seed=None, start=0):
     Args:
         pairs: dataset of (x1, x2), each (B, *big, 1) with big = shape + max_offset per axis.
         shape: spatial shape of the crops.
+        learning_rate, learning_rate_decay: Adam's learning rate at the first step, and "constant" or
+            "cosine" (down to 0 at the last step; learning_rate_schedule).
         max_offset: largest origin per axis; the views' relative offset is in [-max_offset, max_offset].
         seed: integer; the origins of batch k are a function of (seed, k). None: random every run.
         start: index of the first batch of `pairs` (as contrast_pairs' `start`).
@@ -172,6 +175,7 @@ SETTINGS = {
     "local_normalization": (lambda v: v is None or _positive(v), "null or a positive number"),
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
+    "learning_rate_decay": (lambda v: v in LEARNING_RATE_DECAYS, f"one of {LEARNING_RATE_DECAYS}"),
     "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
     "synth_kwargs": (lambda v: isinstance(v, dict) and set(v) <= _synth_arguments(),
                      "an object of ShapesSynth and labels_to_image arguments"),
@@ -180,7 +184,18 @@ SETTINGS = {
 
 # Fields that runs of earlier versions did not write, with the value those runs used.
 SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                    "local_normalization": None}
+                    "local_normalization": None, "learning_rate_decay": "constant"}
+
+
+def learning_rate_schedule(learning_rate, decay, steps):
+    """The optimizer's learning rate: `learning_rate` throughout ("constant"), or from `learning_rate` at
+    step 0 down to 0 at step `steps` along half a cosine ("cosine", Loshchilov & Hutter 2017), which lets
+    a long run settle where a constant rate keeps it hopping around its plateau."""
+    if decay not in LEARNING_RATE_DECAYS:
+        raise ValueError(f"learning_rate_decay must be one of {LEARNING_RATE_DECAYS}, got {decay!r}")
+    if decay == "constant":
+        return learning_rate
+    return tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
 
 
 def _synth_arguments():
@@ -196,7 +211,7 @@ def read_settings(out_dir):
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
                   dilations=None, inversion_invariant=False, local_normalization=None, tau_alpha=1.0, tau_beta=1.0,
-                  tau_gamma=0.1, max_offset=16, learning_rate=1e-3, seed=None, out_dir=None, resume=False,
+                  tau_gamma=0.1, max_offset=16, learning_rate=1e-3, learning_rate_decay="constant", seed=None, out_dir=None, resume=False,
                   strategy=None, steps_per_epoch=100, synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
 
@@ -207,6 +222,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             encoder's C, hidden width, architecture, context dilations, first layer and input
             normalisation (CIFLEncoder).
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
+        learning_rate, learning_rate_decay: Adam's learning rate at the first step, and "constant" or
+            "cosine" (down to 0 at the last step; learning_rate_schedule).
         max_offset: largest origin of each view inside the render, so that the views' relative offset
             lies in [-max_offset, max_offset] per axis (method page 3b); 0 gives voxel-aligned views.
         seed: integer for reproducible synthesis and initialisation.
@@ -237,6 +254,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                         dilations=dilations, inversion_invariant=inversion_invariant,
                         local_normalization=local_normalization)
     CIFLEncoder(**encoder_args)
+    learning_rate_schedule(learning_rate, learning_rate_decay, steps)
     unknown = sorted(set(synth_kwargs or {}) - _synth_arguments())
     if unknown:
         raise ValueError(f"synth_kwargs: ShapesSynth does not take {unknown}; it takes {sorted(_synth_arguments())}")
@@ -246,8 +264,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     features=features, architecture=architecture, dilations=dilations,
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
                     tau_alpha=tau_alpha, tau_beta=tau_beta,
-                    tau_gamma=tau_gamma, max_offset=max_offset, learning_rate=learning_rate, seed=seed,
-                    steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
+                    tau_gamma=tau_gamma, max_offset=max_offset, learning_rate=learning_rate,
+                    learning_rate_decay=learning_rate_decay, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
@@ -260,7 +278,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         encoder = CIFLEncoder(**encoder_args, name="cifl_encoder")
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
-        compile_for_fit(model, outputs, optimizer=tf.keras.optimizers.Adam(learning_rate))
+        compile_for_fit(model, outputs, optimizer=tf.keras.optimizers.Adam(
+            learning_rate_schedule(learning_rate, learning_rate_decay, steps)))
 
     callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0  # first: it must see NaN weights before a save
     if out_dir is not None:

@@ -88,7 +88,7 @@ def test_dilations_must_be_positive_integers(dilations, tmp_path, capsys):
 
 def test_synth_arguments_reach_the_run_settings(tmp_path):
     argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
-            "--inversion-invariant", "--local-normalization", "1.5",
+            "--inversion-invariant", "--local-normalization", "1.5", "--learning-rate-decay", "cosine",
             "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
     assert cli.main(["train-encoder", *argv]) == 0
@@ -97,6 +97,7 @@ def test_synth_arguments_reach_the_run_settings(tmp_path):
     assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
     assert settings["inversion_invariant"] is True and load_encoder(tmp_path / "run").inversion_invariant
     assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
+    assert settings["learning_rate_decay"] == "cosine"
 
 
 # ---- SIGKILL anywhere, then --resume: the same weights as a run that went through ----

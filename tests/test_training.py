@@ -13,7 +13,7 @@ import pytest
 import cifl_tf
 import tensorflow as tf
 from cifl_tf import load_encoder, train_encoder
-from cifl_tf.training import align_views, offset_views, read_settings
+from cifl_tf.training import align_views, learning_rate_schedule, offset_views, read_settings
 from conftest import INTERRUPTED_RUN, Interrupted
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -94,6 +94,8 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     (None, dict(max_offset=32), ValueError, "max_offset 32 must be smaller than the crop shape"),
     (None, dict(max_offset=-1), ValueError, "max_offset must be a non-negative integer, got -1"),
     (None, dict(strategy="tpu"), ValueError, "strategy must be one of"),
+    (None, dict(learning_rate_decay="linear"), ValueError,
+     r"learning_rate_decay must be one of \('constant', 'cosine'\), got 'linear'"),
     (None, dict(synth_kwargs={"seed": 3}), ValueError, r"ShapesSynth does not take \['seed'\]"),
     (None, dict(synth_kwargs={"label_scales": 5}), ValueError, "label_scales must be positive integers, got 5"),
     (None, dict(synth_kwargs={"tie_jitter": float("inf")}), ValueError, "tie_jitter must be a non-negative number"),
@@ -150,14 +152,56 @@ def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted
     with open(path) as f:
         settings = json.load(f)
     old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
-                                                 "local_normalization")}
+                                                 "local_normalization", "learning_rate_decay")}
     assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                   "local_normalization": None}
+                   "local_normalization": None, "learning_rate_decay": "constant"}
     with open(path, "w") as f:
         json.dump(settings, f)
     assert {name: read_settings(run)[name] for name in old} == old
     train_encoder(**INTERRUPTED_RUN, out_dir=run, resume=True, verbose=0)
     assert [epoch for epoch, _ in log_rows(run)] == [0, 1, 2]
+
+
+def cosine(learning_rate, step, steps):
+    return learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+@pytest.mark.parametrize("decay, step, steps", [
+    ("constant", 0, 10), ("constant", 7, 10),
+    ("cosine", 0, 10), ("cosine", 1, 10), ("cosine", 5, 10), ("cosine", 9, 10), ("cosine", 10, 10),
+    ("cosine", 12, 10),  # stays at 0 after the last step
+])
+def test_learning_rate_schedule_follows_the_formula(decay, step, steps):
+    rate = learning_rate_schedule(2e-3, decay, steps)
+    expected = 2e-3 if decay == "constant" else cosine(2e-3, step, steps)
+    np.testing.assert_allclose(float(rate(step)) if callable(rate) else rate, expected, rtol=1e-6, atol=1e-12)
+
+
+class RecordLearningRate(tf.keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rates.append(float(self.model.optimizer.learning_rate))  # the rate of the step just taken
+
+
+def test_a_cosine_run_decays_its_learning_rate_across_a_resume(tmp_path):
+    """4 steps in 2 epochs, interrupted after the first: the resumed epoch continues the schedule."""
+    run = dict(shape=(32, 32), steps=4, steps_per_epoch=2, batch_size=2, channels=4, features=4, max_offset=4,
+               learning_rate=1e-2, learning_rate_decay="cosine", seed=0, out_dir=str(tmp_path / "run"), verbose=0)
+
+    class InterruptAtSecondEpoch(RecordLearningRate):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise Interrupted
+
+    first, second = InterruptAtSecondEpoch(), RecordLearningRate()
+    with pytest.raises(Interrupted):
+        train_encoder(**run, callbacks=[first])
+    train_encoder(**run, resume=True, callbacks=[second])
+    np.testing.assert_allclose(first.rates + second.rates, [cosine(1e-2, step, 4) for step in range(4)], rtol=1e-6)
+    assert read_settings(run["out_dir"])["learning_rate_decay"] == "cosine"
 
 
 MIRRORED = """
