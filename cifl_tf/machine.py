@@ -34,7 +34,7 @@ def onednn_enabled():
     Measured on an AVX2-only AMD EPYC: an encoder training step 1.9x faster with them (bench/train_step.py),
     but under load from another process a seeded run resumed after a kill no longer matched one that went
     through (features up to 0.056 apart; tests/test_cli_train_encoder.py), so training keeps TF's choice;
-    only `cifl demo` turns them on (cli.relaunch_demo_with_onednn)."""
+    only `cifl demo` and `cifl register` turn them on (cli.relaunch_with_onednn)."""
     return bool(_pywrap_util_port.IsMklEnabled())
 
 

@@ -97,26 +97,52 @@ def test_demo_without_nilearn_is_one_line_saying_what_to_install(tmp_path, monke
     assert err.count("\n") == 1 and "pip install nilearn" in err
 
 
+@pytest.mark.parametrize("argv", [["demo", "--quick"], ["register", "--moving", "a.nii", "--fixed", "b.nii"]])
 @pytest.mark.parametrize("variable, onednn_on, restarts", [
-    (None, False, True),    # TensorFlow left oneDNN off (an AVX2-only CPU): the demo turns it on
+    (None, False, True),    # TensorFlow left oneDNN off (an AVX2-only CPU): the command turns it on
     (None, True, False),    # on already (AVX-512 VNNI, BF16 or AMX)
     ("0", False, False),    # the user's choice stands
     ("1", True, False),
 ])
-def test_the_console_demo_restarts_with_onednn_unless_it_is_on_or_chosen(monkeypatch, variable, onednn_on, restarts):
+def test_the_console_commands_restart_with_onednn_unless_it_is_on_or_chosen(monkeypatch, argv, variable, onednn_on,
+                                                                           restarts, capsys):
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     if variable is not None:
         monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", variable)
     monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
     calls = []
     monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
-    cli.relaunch_demo_with_onednn(["demo", "--quick"])
+    cli.relaunch_with_onednn(argv)
     if not restarts:
-        assert calls == []
+        assert calls == [] and capsys.readouterr().err == ""
         return
-    [(program, argv, environment)] = calls
-    assert program == sys.executable and argv == [sys.executable, "-m", "cifl_tf.cli", "demo", "--quick"]
+    [(program, arguments, environment)] = calls
+    assert program == sys.executable and arguments == [sys.executable, "-m", "cifl_tf.cli", *argv]
     assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    assert capsys.readouterr().err.startswith(f"cifl {argv[0]}: restarting with TensorFlow's oneDNN kernels on")
+
+
+@pytest.mark.parametrize("argv, restarts", [
+    (["demo", "--quick"], True),
+    (["register", "--moving", "a.nii", "--fixed", "b.nii", "--moved", "c.nii"], True),
+    (["train-encoder", "--out", "run"], False),  # a trainer keeps TensorFlow's choice (machine.onednn_enabled)
+])
+def test_only_the_console_commands_that_resume_nothing_restart(monkeypatch, argv, restarts):
+    class Restarted(Exception):
+        pass
+
+    def restart(arguments):
+        assert arguments == argv
+        raise Restarted
+
+    monkeypatch.setattr(sys, "argv", ["cifl", *argv])
+    monkeypatch.setattr(cli, "relaunch_with_onednn", restart)
+    monkeypatch.setattr(cli, "_train_encoder", lambda args: None)
+    if restarts:
+        with pytest.raises(Restarted):
+            cli.main()
+    else:
+        assert cli.main() == 0
 
 
 @pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")
