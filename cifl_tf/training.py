@@ -79,8 +79,6 @@ def offset_views(pairs, shape, max_offset, seed=None, start=0):
     Args:
         pairs: dataset of (x1, x2), each (B, *big, 1) with big = shape + max_offset per axis.
         shape: spatial shape of the crops.
-        learning_rate, learning_rate_decay: Adam's learning rate at the first step, and "constant" or
-            "cosine" (down to 0 at the last step; learning_rate_schedule).
         max_offset: largest origin per axis; the views' relative offset is in [-max_offset, max_offset].
         seed: integer; the origins of batch k are a function of (seed, k). None: random every run.
         start: index of the first batch of `pairs` (as contrast_pairs' `start`).
