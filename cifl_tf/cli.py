@@ -44,14 +44,17 @@ def _shape(text):
     return shape
 
 
-def _dilations(text):
-    try:
-        dilations = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"dilations must look like 2,4,8, got {text!r}") from None
-    if min(dilations) < 1:
-        raise argparse.ArgumentTypeError(f"dilations must be positive integers, got {text!r}")
-    return dilations
+def _positive_integers(name, example):
+    """An argparse type: comma-separated positive integers such as `example`, as a list."""
+    def parse(text):
+        try:
+            values = [int(s) for s in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must look like {example}, got {text!r}") from None
+        if min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {text!r}")
+        return values
+    return parse
 
 
 def _json_object(text):
@@ -75,7 +78,8 @@ def _train_encoder(args):
                         channels=args.channels, features=args.features, architecture=args.architecture,
                         dilations=args.dilations, inversion_invariant=args.inversion_invariant,
                         local_normalization=args.local_normalization, tau_alpha=args.tau_alpha,
-                        tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, max_offset=args.max_offset,
+                        tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, loss_scales=args.loss_scales,
+                        max_offset=args.max_offset,
                         learning_rate=args.learning_rate, learning_rate_decay=args.learning_rate_decay,
                         seed=args.seed, steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
@@ -458,7 +462,7 @@ def _parser():
     p.add_argument("--features", type=int, default=DEFAULTS["features"], help="hidden width")
     p.add_argument("--architecture", choices=ARCHITECTURES, default=DEFAULTS["architecture"],
                    help="paper: the paper's eight convolutions; context: plus dilated context (sees 77 pixels)")
-    p.add_argument("--dilations", type=_dilations, default=DEFAULTS["dilations"],
+    p.add_argument("--dilations", type=_positive_integers("dilations", "2,4,8"), default=DEFAULTS["dilations"],
                    help="with --architecture context: its dilation rates, e.g. 2,4 (default 2,4,8,16)")
     p.add_argument("--inversion-invariant", action="store_true",
                    help="features of an image and of its inversion 1 - x equal by construction (CIFLEncoder)")
@@ -467,6 +471,9 @@ def _parser():
     p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
     p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
     p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])
+    p.add_argument("--loss-scales", type=_positive_integers("loss scales", "1,2,4"),
+                   default=list(DEFAULTS["loss_scales"]),
+                   help="Eq. 1 averaged over the overlaps average-pooled by these factors (default 1: the paper's)")
     p.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"],
                    help="random offset between the two views (0: voxel-aligned, the paper's ablation)")
     p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])

@@ -58,6 +58,37 @@ def contrastive_loss(f1, f2, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, per_sam
     return losses if per_sample else tf.reduce_mean(losses)
 
 
+def check_scales(scales):
+    """`scales` as a tuple of distinct positive integers (pooling factors of multiscale_contrastive_loss)."""
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+        raise ValueError(f"scales must be a sequence of positive integers such as (1, 2, 4), got {scales!r}")
+    scales = tuple(scales)
+    if not scales or len(set(scales)) < len(scales) or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in scales):
+        raise ValueError(f"scales must be distinct positive integers such as (1, 2, 4), got {scales!r}")
+    return tuple(int(s) for s in scales)
+
+
+def multiscale_contrastive_loss(f1, f2, scales=(1,), tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1):
+    """Eq. 1 averaged over scales: at scale s, between both feature images average-pooled over s^ndim
+    blocks ('VALID' padding; s = 1 is Eq. 1 itself).
+
+    Eq. 1's cosines are dominated by where features change most, at edges; on pooled images what fills a
+    region weighs as much, so features must also agree across contrasts inside large uniform regions.
+
+    Args:
+        f1, f2: (B, *spatial, C) features of two aligned views; each spatial size at least max(scales).
+        scales: distinct positive integer pooling factors.
+
+    Returns: the batch mean, a scalar.
+    """
+    scales = check_scales(scales)
+    f1 = tf.convert_to_tensor(f1)
+    losses = [contrastive_loss(*(f if s == 1 else tf.nn.avg_pool(f, s, s, "VALID") for f in (f1, f2)),
+                               tau_alpha, tau_beta, tau_gamma) for s in scales]
+    return tf.add_n(losses) / len(scales)
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class ContrastiveLoss(tf.keras.losses.Loss):
     """Keras loss wrapper of `contrastive_loss`: ``loss(f1, f2)`` with f1 in the y_true slot.

@@ -24,7 +24,7 @@ from . import checkpoint
 from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
 from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, save_encoder
-from .losses import contrastive_loss
+from .losses import check_scales, multiscale_contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
 
 
@@ -118,25 +118,27 @@ def align_views(f1, f2, shift):
 
 
 class SiameseCIFL(tf.keras.Model):
-    """One encoder with shared weights applied to both views; adds Eq. 1 on their overlap.
+    """One encoder with shared weights applied to both views; adds Eq. 1 on their overlap, averaged over
+    `loss_scales` (losses.multiscale_contrastive_loss; (1,): Eq. 1 alone, as in the paper).
 
     Input: (v1, v2, shift) as made by `offset_views`. Output: the aligned feature images.
     Its only weighted layer is the encoder, so its .h5 weights load into `encoder_model`.
     """
 
-    def __init__(self, encoder, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, **kwargs):
+    def __init__(self, encoder, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.taus = (tau_alpha, tau_beta, tau_gamma)
+        self.loss_scales = check_scales(loss_scales)
 
     def get_config(self):
         return {"encoder": tf.keras.utils.serialize_keras_object(self.encoder),
-                **dict(zip(("tau_alpha", "tau_beta", "tau_gamma"), self.taus))}
+                **dict(zip(("tau_alpha", "tau_beta", "tau_gamma"), self.taus)), "loss_scales": self.loss_scales}
 
     def call(self, inputs):
         v1, v2, shift = inputs
         f1, f2 = align_views(self.encoder(v1), self.encoder(v2), shift)
-        self.add_loss(contrastive_loss(f1, f2, *self.taus))
+        self.add_loss(multiscale_contrastive_loss(f1, f2, self.loss_scales, *self.taus))
         return f1, f2
 
 
@@ -174,6 +176,8 @@ SETTINGS = {
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
     "learning_rate_decay": (lambda v: v in LEARNING_RATE_DECAYS, f"one of {LEARNING_RATE_DECAYS}"),
+    "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
+                    "a list of positive integers"),
     "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
     "synth_kwargs": (lambda v: isinstance(v, dict) and set(v) <= _synth_arguments(),
                      "an object of ShapesSynth and labels_to_image arguments"),
@@ -182,7 +186,7 @@ SETTINGS = {
 
 # Fields that runs of earlier versions did not write, with the value those runs used.
 SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                    "local_normalization": None, "learning_rate_decay": "constant"}
+                    "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1]}
 
 
 def learning_rate_schedule(learning_rate, decay, steps):
@@ -209,7 +213,8 @@ def read_settings(out_dir):
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
                   dilations=None, inversion_invariant=False, local_normalization=None, tau_alpha=1.0, tau_beta=1.0,
-                  tau_gamma=0.1, max_offset=16, learning_rate=1e-3, learning_rate_decay="constant", seed=None, out_dir=None, resume=False,
+                  tau_gamma=0.1, loss_scales=(1,), max_offset=16, learning_rate=1e-3, learning_rate_decay="constant",
+                  seed=None, out_dir=None, resume=False,
                   strategy=None, steps_per_epoch=100, synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
 
@@ -220,6 +225,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             encoder's C, hidden width, architecture, context dilations, first layer and input
             normalisation (CIFLEncoder).
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
+        loss_scales: Eq. 1 is averaged over the overlaps average-pooled by each of these factors
+            (losses.multiscale_contrastive_loss); (1,), the default, is the paper's loss.
         learning_rate, learning_rate_decay: Adam's learning rate at the first step, and "constant" or
             "cosine" (down to 0 at the last step; learning_rate_schedule).
         max_offset: largest origin of each view inside the render, so that the views' relative offset
@@ -248,6 +255,10 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
+    loss_scales = check_scales(loss_scales)
+    if max(loss_scales) > min(shape) - max_offset:
+        raise ValueError(f"loss_scales {loss_scales}: each must be at most the smallest overlap of the views, "
+                         f"{min(shape) - max_offset} pixels (crop shape {shape} minus max_offset {max_offset})")
     encoder_args = dict(channels=channels, features=features, ndim=len(shape), architecture=architecture,
                         dilations=dilations, inversion_invariant=inversion_invariant,
                         local_normalization=local_normalization)
@@ -262,7 +273,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     features=features, architecture=architecture, dilations=dilations,
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
                     tau_alpha=tau_alpha, tau_beta=tau_beta,
-                    tau_gamma=tau_gamma, max_offset=max_offset, learning_rate=learning_rate,
+                    tau_gamma=tau_gamma, loss_scales=loss_scales, max_offset=max_offset, learning_rate=learning_rate,
                     learning_rate_decay=learning_rate_decay, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
@@ -274,7 +285,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         tf.keras.utils.set_random_seed(seed)
     with strategy.scope():
         encoder = CIFLEncoder(**encoder_args, name="cifl_encoder")
-        model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, name="siamese_cifl")
+        model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
         compile_for_fit(model, outputs, optimizer=tf.keras.optimizers.Adam(
             learning_rate_schedule(learning_rate, learning_rate_decay, steps)))

@@ -79,16 +79,18 @@ def test_synth_must_be_a_json_object(synth, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--synth" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dilations", ["2,x", "2,0", ""])
-def test_dilations_must_be_positive_integers(dilations, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--dilations", "--loss-scales"])
+@pytest.mark.parametrize("values", ["2,x", "2,0", ""])
+def test_integer_lists_must_be_positive_integers(option, values, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train-encoder", "--architecture", "context", "--dilations", dilations, "--out", str(tmp_path / "r")])
-    assert exit_info.value.code == 2 and "--dilations" in capsys.readouterr().err
+        cli.main(["train-encoder", "--architecture", "context", option, values, "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and option in capsys.readouterr().err
 
 
 def test_synth_arguments_reach_the_run_settings(tmp_path):
     argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
             "--inversion-invariant", "--local-normalization", "1.5", "--learning-rate-decay", "cosine",
+            "--loss-scales", "1,2",
             "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
     assert cli.main(["train-encoder", *argv]) == 0
@@ -97,7 +99,7 @@ def test_synth_arguments_reach_the_run_settings(tmp_path):
     assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
     assert settings["inversion_invariant"] is True and load_encoder(tmp_path / "run").inversion_invariant
     assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
-    assert settings["learning_rate_decay"] == "cosine"
+    assert settings["learning_rate_decay"] == "cosine" and settings["loss_scales"] == [1, 2]
 
 
 # ---- SIGKILL anywhere, then --resume: the same weights as a run that went through ----

@@ -6,6 +6,7 @@ import cifl_tf
 import tensorflow as tf
 import voxelmorph as vxm
 from cifl_tf import ContrastiveLoss, contrastive_loss
+from cifl_tf.losses import multiscale_contrastive_loss
 
 
 def eq1_reference(f1, f2, tau_a, tau_b, tau_g):
@@ -51,6 +52,34 @@ def test_matches_reference(shape, taus, offset, seed):
     np.testing.assert_allclose(per_sample, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(contrastive_loss(f1, f2, *taus), expected.mean(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ContrastiveLoss(*taus)(f1, f2), expected.mean(), rtol=1e-5, atol=1e-5)
+
+
+def block_means(f, scale):
+    """f (B, *spatial, C) averaged over scale^ndim blocks, the incomplete ones at the far ends dropped."""
+    spatial = [n // scale for n in f.shape[1:-1]]
+    f = f[(slice(None), *(slice(0, n * scale) for n in spatial))]
+    blocks = f.reshape([f.shape[0]] + [x for n in spatial for x in (n, scale)] + [f.shape[-1]])
+    return blocks.mean(axis=tuple(range(2, 2 * len(spatial) + 1, 2)))
+
+
+@pytest.mark.parametrize("shape, scales, taus, seed", [
+    ((2, 8, 8, 4), (1,), (1.0, 1.0, 0.1), 0),
+    ((2, 8, 8, 4), (1, 2, 4), (1.0, 1.0, 0.1), 1),
+    ((3, 9, 7, 3), (2, 3), (1.0, 1.0, 1.0), 2),   # blocks that do not tile the image
+    ((2, 6, 8, 4, 2), (1, 2), (0.5, 2.0, 0.1), 3),
+    ((1, 12, 10, 5), (4,), (1.0, 1.0, 0.01), 4),
+])
+def test_multiscale_loss_is_the_mean_of_eq1_on_pooled_features(shape, scales, taus, seed):
+    f1, f2 = features(shape, seed, offset=1.0)
+    expected = np.mean([eq1_reference(block_means(f1, s), block_means(f2, s), *taus).mean() for s in scales])
+    np.testing.assert_allclose(multiscale_contrastive_loss(f1, f2, scales, *taus), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scales", [(), (0, 1), (1, 1), (1.5,), (True,), "12", 2])
+def test_multiscale_loss_refuses_bad_scales(scales):
+    f1, f2 = features((1, 8, 8, 2), seed=0)
+    with pytest.raises(ValueError, match=r"scales must be .*positive integers such as \(1, 2, 4\), got"):
+        multiscale_contrastive_loss(f1, f2, scales)
 
 
 @pytest.mark.parametrize("taus", [(1.0, 1.0, 0.1), (1.0, 1.0, 1.0), (0.5, 2.0, 0.01)])

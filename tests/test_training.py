@@ -94,6 +94,9 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     (None, dict(max_offset=32), ValueError, "max_offset 32 must be smaller than the crop shape"),
     (None, dict(max_offset=-1), ValueError, "max_offset must be a non-negative integer, got -1"),
     (None, dict(strategy="tpu"), ValueError, "strategy must be one of"),
+    (None, dict(loss_scales=(1, 29), max_offset=4), ValueError,
+     r"loss_scales \(1, 29\): each must be at most the smallest overlap of the views, 28 pixels"),
+    (None, dict(loss_scales=[0]), ValueError, r"scales must be distinct positive integers .* got \(0,\)"),
     (None, dict(learning_rate_decay="linear"), ValueError,
      r"learning_rate_decay must be one of \('constant', 'cosine'\), got 'linear'"),
     (None, dict(synth_kwargs={"seed": 3}), ValueError, r"ShapesSynth does not take \['seed'\]"),
@@ -152,9 +155,9 @@ def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted
     with open(path) as f:
         settings = json.load(f)
     old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
-                                                 "local_normalization", "learning_rate_decay")}
+                                                 "local_normalization", "learning_rate_decay", "loss_scales")}
     assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                   "local_normalization": None, "learning_rate_decay": "constant"}
+                   "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1]}
     with open(path, "w") as f:
         json.dump(settings, f)
     assert {name: read_settings(run)[name] for name in old} == old
