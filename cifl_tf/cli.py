@@ -79,9 +79,9 @@ def _train_encoder(args):
                         dilations=args.dilations, inversion_invariant=args.inversion_invariant,
                         local_normalization=args.local_normalization, tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, loss_scales=args.loss_scales,
-                        max_offset=args.max_offset,
-                        learning_rate=args.learning_rate, learning_rate_decay=args.learning_rate_decay,
-                        seed=args.seed, steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
+                        max_offset=args.max_offset, learning_rate=args.learning_rate,
+                        learning_rate_decay=args.learning_rate_decay, seed=args.seed,
+                        steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 

@@ -83,7 +83,6 @@ def multiscale_contrastive_loss(f1, f2, scales=(1,), tau_alpha=1.0, tau_beta=1.0
     Returns: the batch mean, a scalar.
     """
     scales = check_scales(scales)
-    f1 = tf.convert_to_tensor(f1)
     losses = [contrastive_loss(*(f if s == 1 else tf.nn.avg_pool(f, s, s, "VALID") for f in (f1, f2)),
                                tau_alpha, tau_beta, tau_gamma) for s in scales]
     return tf.add_n(losses) / len(scales)
