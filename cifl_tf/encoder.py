@@ -256,8 +256,7 @@ PRETRAINED_RECOMMENDED = {2: "recommended_2d"}  # ndim -> general-purpose encode
 # 3D encoders are the tri-planar features of the 2D ones (triplanar.Triplanar), by default of this one: the 3D
 # encoders trained on 32^3 crops so far registered T1 to the 3D demo's T2-like and PD-like volumes worse than
 # leaving them unregistered; the tri-planar features of this 2D encoder registered them about as well as MIND,
-# and better than those of the recommended_2d shipped before the current one on T1 and T2-like (README,
-# "Shipped encoders"; the current one's are not measured in 3D).
+# and better on T1 and T2-like than those of each recommended_2d shipped so far (README, "Shipped encoders").
 PRETRAINED_3D_TAU_GAMMA = 1.0
 
 
