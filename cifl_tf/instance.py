@@ -231,7 +231,7 @@ def resample_field(field, factor, to_factor, shape):
     if factor == to_factor:
         return field
     # Linear interpolation on a rectilinear grid is separable: one axis at a time, it needs little more
-    # memory than its result (neurite's interpn at every point of a 160x192x224 grid peaked at 2.2 GB).
+    # memory than its result (neurite's interpn at every point took 2.2 GB more to upsample a field to 224^3).
     for axis, size in enumerate(shape):
         points = np.clip((_centres(size, to_factor) - _centres(size, factor)[0]) / factor, 0, field.shape[axis] - 1)
         below = np.floor(points).astype(np.int64)

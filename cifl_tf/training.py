@@ -191,8 +191,8 @@ SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invar
 
 def learning_rate_schedule(learning_rate, decay, steps):
     """The optimizer's learning rate: `learning_rate` throughout ("constant"), or from `learning_rate` at
-    step 0 down to 0 at step `steps` along half a cosine ("cosine", Loshchilov & Hutter 2017), which lets
-    a long run settle where a constant rate keeps it hopping around its plateau."""
+    step 0 down to 0 at step `steps` along half a cosine ("cosine", Loshchilov & Hutter 2017; the shipped
+    recommended encoder's recipe, README)."""
     if decay not in LEARNING_RATE_DECAYS:
         raise ValueError(f"learning_rate_decay must be one of {LEARNING_RATE_DECAYS}, got {decay!r}")
     if decay == "constant":
@@ -263,7 +263,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                         dilations=dilations, inversion_invariant=inversion_invariant,
                         local_normalization=local_normalization)
     CIFLEncoder(**encoder_args)
-    learning_rate_schedule(learning_rate, learning_rate_decay, steps)
+    schedule = learning_rate_schedule(learning_rate, learning_rate_decay, steps)
     unknown = sorted(set(synth_kwargs or {}) - _synth_arguments())
     if unknown:
         raise ValueError(f"synth_kwargs: ShapesSynth does not take {unknown}; it takes {sorted(_synth_arguments())}")
@@ -287,8 +287,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         encoder = CIFLEncoder(**encoder_args, name="cifl_encoder")
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
-        compile_for_fit(model, outputs, optimizer=tf.keras.optimizers.Adam(
-            learning_rate_schedule(learning_rate, learning_rate_decay, steps)))
+        compile_for_fit(model, outputs, optimizer=tf.keras.optimizers.Adam(schedule))
 
     callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0  # first: it must see NaN weights before a save
     if out_dir is not None:
