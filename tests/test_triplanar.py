@@ -46,11 +46,14 @@ def test_saves_and_loads_with_the_same_outputs(encoder, tmp_path):
     np.testing.assert_allclose(loaded(volume), triplanar(volume), atol=1e-6)
 
 
-def test_tiled_features_equal_untiled(encoder):
-    volume = np.random.default_rng(3).random((20, 18, 16), np.float32)
+@pytest.mark.parametrize("slices_per_batch", [100, 3, 1, 0.5], ids=["all", "3", "1", "tiled-slices"])
+def test_tiled_features_equal_untiled(encoder, slices_per_batch):
+    """In batches of whole slices (any number, also not dividing the axis), or, the slices larger than
+    the budget, each in 2D tiles."""
+    volume = np.random.default_rng(3).random((40, 38, 6), np.float32)
     triplanar = Triplanar(encoder)
-    small = tiling.bytes_per_pixel(triplanar) * (2 * triplanar.receptive_radius + 6) ** 3
-    np.testing.assert_allclose(tiling.tiled_features(triplanar, volume, small),
+    largest_slice = 40 * 38 * tiling.bytes_per_pixel(encoder)
+    np.testing.assert_allclose(tiling.tiled_features(triplanar, volume, int(slices_per_batch * largest_slice)),
                                triplanar(volume[None, ..., None])[0], atol=1e-5)
 
 
