@@ -57,6 +57,12 @@ def test_tiled_features_equal_untiled(encoder, slices_per_batch):
                                triplanar(volume[None, ..., None])[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("max_memory", [0, 1.5e9, True])
+def test_tiled_features_refuse_a_bad_budget(encoder, max_memory):
+    with pytest.raises(ValueError, match=f"max_memory must be a positive integer number of bytes, got {max_memory}"):
+        tiling.tiled_features(Triplanar(encoder), np.zeros((4, 4, 4), np.float32), max_memory)
+
+
 @pytest.mark.parametrize("bad, message", [
     (CIFLEncoder(channels=2, features=4, ndim=3), r"must be a 2D encoder layer .*\(ndim 3\)"),
     ("encoder", r"must be a 2D encoder layer .*got 'encoder' \(ndim None\)"),
