@@ -52,7 +52,7 @@ def test_tiled_features_equal_untiled(encoder, slices_per_batch):
     the budget, each in 2D tiles."""
     volume = np.random.default_rng(3).random((40, 38, 6), np.float32)
     triplanar = Triplanar(encoder)
-    largest_slice = 40 * 38 * tiling.bytes_per_pixel(encoder)
+    largest_slice = 40 * 38 * tiling.bytes_per_pixel(triplanar)  # the per-pixel estimate its batches use
     np.testing.assert_allclose(tiling.tiled_features(triplanar, volume, int(slices_per_batch * largest_slice)),
                                triplanar(volume[None, ..., None])[0], atol=1e-5)
 
