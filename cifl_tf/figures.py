@@ -5,6 +5,7 @@ transposed so that the brain stands upright.
 """
 import csv
 import os
+import textwrap
 
 import matplotlib
 import matplotlib.patches
@@ -66,7 +67,8 @@ def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
 
 
 def segmentations(images, truth, predictions, path, label_names=None):
-    """Example segmentations: one test slice per contrast (columns), true labels, each method's labels.
+    """Example segmentations: one test slice per contrast (columns), true labels, each method's labels
+    (rows, named at the left).
 
     Args:
         images: {contrast: (H, W) image}.
@@ -80,9 +82,12 @@ def segmentations(images, truth, predictions, path, label_names=None):
                                 figsize=(1.8 * len(contrasts), 2.1 * (2 + len(methods)) + 0.4))
     for col, contrast in enumerate(contrasts):
         _show(axes[0, col], images[contrast], contrast)
-        _labels(axes[1, col], truth, "true labels", nb_labels)
+        _labels(axes[1, col], truth, nb_labels=nb_labels)
         for row, method in enumerate(methods):
-            _labels(axes[2 + row, col], predictions[method][contrast], method, nb_labels)
+            _labels(axes[2 + row, col], predictions[method][contrast], nb_labels=nb_labels)
+    # Row names at the left, wrapped: as panel titles, long method names ran into each other.
+    for row, name in enumerate(["true labels", *methods], start=1):
+        axes[row, 0].set_ylabel(textwrap.fill(name, 16), fontsize=9)
     colours = plt.get_cmap(LABEL_CMAP)(np.linspace(0, 1, max(nb_labels, 2)))
     names = label_names or [str(label) for label in range(nb_labels)]
     figure.legend(handles=[matplotlib.patches.Patch(color=colours[label], label=names[label])

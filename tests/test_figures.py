@@ -30,6 +30,27 @@ def test_segmentations_have_rows_for_images_truth_and_each_method(tmp_path):
     assert pixels(path) == (int(100 * (2.1 * 4 + 0.4)), 2 * 180)
 
 
+def test_segmentation_rows_are_named_at_the_left_and_no_text_overlaps(tmp_path, monkeypatch):
+    texts = {}
+
+    def record(figure, path, layout=True):
+        renderer = figure.canvas.get_renderer()
+        texts["row names"] = [axis.get_ylabel() for axis in figure.axes[::2]]  # column 0 of 2
+        texts["boxes"] = [text.get_window_extent(renderer) for axis in figure.axes
+                          for text in (axis.title, axis.yaxis.label) if text.get_text()]
+        return save(figure, path, layout)
+
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", record)
+    methods = ("baseline", "CIFL (paper, tau_gamma=0.1)", "CIFL (paper, tau_gamma=0.01)")
+    figures.segmentations({"t1": IMAGE, "t2": 1 - IMAGE}, LABELS, {m: {"t1": LABELS, "t2": LABELS} for m in methods},
+                          tmp_path / "seg.png")
+    assert texts["row names"] == ["", "true labels", "baseline", "CIFL (paper,\ntau_gamma=0.1)",
+                                  "CIFL (paper,\ntau_gamma=0.01)"]
+    boxes = texts["boxes"]
+    assert [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])] == []
+
+
 def test_registrations_show_moving_fixed_and_each_moved_image(tmp_path):
     path = figures.registrations(IMAGE, IMAGE.T, {"baseline": IMAGE, "cifl": IMAGE.T}, tmp_path / "reg.png",
                                  fixed_labels=LABELS.T, moved_labels={"cifl": LABELS.T}, title="T1 onto T2")
