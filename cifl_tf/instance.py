@@ -252,8 +252,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             the images' ndim), a Keras layer (B, *spatial, 1) -> (B, *spatial, C) with
             ``ndim`` and ``channels`` attributes (a CIFLEncoder, a MIND descriptor), or None for the
             intensities.
-        similarity: "mse", "ncc" (local 9^ndim windows) or "mi" (mutual information, intensities
-            only); default "ncc" for intensities, "mse" for features.
+        similarity: "ncc" (the default: local 9^ndim windows, each over all channels, as vxm.losses.NCC),
+            "mse" or "mi" (mutual information, intensities only).
         reg_weight: weight of the smoothness term; default REG_WEIGHTS[similarity].
         levels: pooling factors, coarse to fine, e.g. (4, 2, 1); the displacement of the last is
             upsampled to full resolution.
@@ -362,7 +362,7 @@ def _shipped(ndim):
 
 def _check_similarity(similarity, encoder):
     if similarity is None:
-        return "ncc" if encoder is None else "mse"
+        return "ncc"
     if similarity not in SIMILARITIES:
         raise ValueError(f"register_pair: similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if similarity == "mi" and encoder is not None:

@@ -60,7 +60,7 @@ CASES = {  # shape, fixed contrast, encoder, similarity, levels, Dice gain over 
     "2d-intensity-ncc": ((32, 32), "t1", None, None, (2, 1), 0.15),
     "2d-intensity-mi": ((32, 32), "t2", None, "mi", (1,), 0.03),
     "2d-pretrained-t2": ((64, 64), "t2", "pretrained", None, (1,), 0.05),
-    "2d-descriptor-t2": ((32, 32), "t2", EdgeDescriptor(2), None, (1,), 0.01),
+    "2d-descriptor-t2-mse": ((32, 32), "t2", EdgeDescriptor(2), "mse", (1,), 0.01),
     "3d-intensity-ncc": ((16, 16, 16), "t1", None, None, (1,), 0.1),
     "3d-pretrained-t2": ((32, 32, 32), "t2", "pretrained", None, (1,), 0.02),
 }
@@ -76,6 +76,14 @@ def test_register_pair_recovers_a_smooth_warp_without_folding(case):
     before = dice_after(np.zeros_like(displacement), moving_labels, fixed_labels)
     assert dice_after(displacement, moving_labels, fixed_labels) > before + gain
     assert metrics.folding_fraction(displacement) == 0
+
+
+def test_features_are_compared_by_ncc_unless_told_otherwise():
+    moving, _, t2, _, _ = warped_pair((16, 16))
+    kwargs = dict(encoder=EdgeDescriptor(2), levels=(1,), steps=5, verbose=0)
+    default = cifl_tf.register_pair(moving, t2, **kwargs)
+    np.testing.assert_allclose(default, cifl_tf.register_pair(moving, t2, similarity="ncc", **kwargs), atol=1e-6)
+    assert np.abs(default - cifl_tf.register_pair(moving, t2, similarity="mse", **kwargs)).max() > 1e-3
 
 
 def test_moved_features_encoded_and_a_cifl_encoder():
