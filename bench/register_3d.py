@@ -4,12 +4,13 @@ The fixed image is the OASIS sample's 3D T1 (aligned_norm, 160x192x224, with its
 moving image is the same volume under a known smooth random deformation (about --warp-std voxels),
 optionally contrast-inverted. Prints, in one run:
   * seconds of tiled feature extraction with the shipped 3D encoder (pretrained(ndim=3)) under --max-memory;
-  * seconds of register_pair with intensity NCC (or --method mi, the shipped CIFL features, MIND), its
-    Dice on seg4 before and after, the folded-voxel share;
+  * seconds of register_pair with intensity NCC (or --method mi, the shipped CIFL features, MIND; features
+    compared by --similarity), its Dice on seg4 before and after, the folded-voxel share;
   * peak RSS of the process after each phase (the last includes the Dice evaluation's full-size warps),
     and the GFLOP/s of a plain tf.matmul measured in the same run.
 
-    python bench/register_3d.py [--levels 8,4] [--steps 100] [--method ncc|mi|cifl|mind] [--max-memory 1G]
+    python bench/register_3d.py [--levels 8,4] [--steps 100] [--method ncc|mi|cifl|mind] [--similarity ncc|mse]
+                                [--invert] [--max-memory 1G]
 """
 import argparse
 import resource
@@ -41,6 +42,8 @@ def main():
     parser.add_argument("--steps", type=int, default=100, help="steps per level")
     parser.add_argument("--method", choices=("ncc", "mi", "cifl", "mind"), default="ncc",
                         help="intensity NCC or MI, the shipped 3D CIFL features, or MIND")
+    parser.add_argument("--similarity", choices=("ncc", "mse"), default="ncc",
+                        help="how cifl and mind features are compared (register_pair's default: ncc)")
     parser.add_argument("--invert", action="store_true", help="register T1 to inverted T1 (not with ncc)")
     parser.add_argument("--warp-std", type=float, default=3.0)
     parser.add_argument("--max-memory", type=int, default=tiling.DEFAULT_MAX_MEMORY)
@@ -65,7 +68,7 @@ def main():
 
     start = time.perf_counter()
     method_encoder = {"cifl": encoder, "mind": MIND(ndim=3)}.get(args.method)
-    similarity = args.method if method_encoder is None else None
+    similarity = args.method if method_encoder is None else args.similarity
     displacement = cifl_tf.register_pair(moving, fixed, encoder=method_encoder, similarity=similarity, levels=levels,
                                          steps=args.steps, max_memory=args.max_memory)
     register_s = time.perf_counter() - start
@@ -75,7 +78,8 @@ def main():
         moved = models.warp(moving_labels[None, ..., None].astype(np.float32), field[None], "nearest")[0, ..., 0]
         return metrics.mean_dice(np.rint(moved).astype(np.int32), fixed_labels)
 
-    print(f"shape {fixed.shape}, levels {levels}, {args.steps} steps per level, {args.method}"
+    compared = args.method if method_encoder is None else f"{args.method} ({args.similarity})"
+    print(f"shape {fixed.shape}, levels {levels}, {args.steps} steps per level, {compared}"
           f"{', T1 -> inverted T1' if args.invert else ''}, max_memory {args.max_memory} bytes")
     print(f"features (pretrained(ndim=3), tiled): {features_s:.1f} s, peak RSS so far {features_gb:.2f} GB")
     print(f"register_pair:                        {register_s:.1f} s, peak RSS so far {register_gb:.2f} GB")
