@@ -1,8 +1,8 @@
 """Benchmark: register_pair's similarities on real slices across contrasts (not a test).
 
 The OASIS sample's subject 1 T1 slice is registered to subject 2's slice in three contrasts: T1, inverted
-T1, and a PD-like render (each seg4 label moved to a PD-like mean, its T1 texture kept at 30%: grey and
-white matter nearly equal, CSF brightest). Each describer (the recommended shipped encoder, the paper's
+T1, and a render of its seg4 labels in which cortical grey and white matter are nearly equal, as in PD
+(``benchmark.near_equal_render``, the invariance benchmark's hard contrast). Each describer (the recommended shipped encoder, the paper's
 tau_gamma=1 encoder, MIND, the intensities) is fitted with each similarity it takes (features: MSE and NCC;
 intensities: NCC and MI). Prints a Markdown table of seg4 Dice (folded-voxel share) and the same-run
 tf.matmul GFLOP/s. register_pair runs with its defaults otherwise (levels 4, 2, 1 of 100 steps).
@@ -18,16 +18,7 @@ from cifl_tf import benchmark, data, metrics, models
 from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
 
-PD_LIKE = {1: 0.80, 2: 0.78, 3: 0.70, 4: 0.95}  # seg4: cortical GM, subcortical GM, WM, CSF
-
-
-def pd_like(image, labels, texture=0.3):
-    """`image` with each label's mean moved to PD_LIKE[label], deviations from it scaled by `texture`."""
-    render = np.zeros_like(image)
-    for label, mean in PD_LIKE.items():
-        inside = labels == label
-        render[inside] = mean + texture * (image[inside] - image[inside].mean())
-    return np.clip(render, 0, 1)
+GM_WM = (1, 3)  # seg4 cortical grey matter and white matter
 
 
 def main():
@@ -36,7 +27,8 @@ def main():
     args = parser.parse_args()
     slices = data.load_oasis(args.data, dim=2)
     moving, fixed, fixed_labels = slices.images[0], slices.images[1], slices.labels[1]
-    targets = {"T1": fixed, "inverted T1": data.invert(fixed), "PD-like": pd_like(fixed, fixed_labels)}
+    targets = {"T1": fixed, "inverted T1": data.invert(fixed),
+               "GM≈WM": benchmark.near_equal_render(fixed_labels[None], GM_WM)[0]}
     describers = {"recommended": (cifl_tf.pretrained(), ("mse", "ncc")),
                   "tau_gamma=1": (cifl_tf.pretrained(tau_gamma=1), ("mse", "ncc")),
                   "MIND": (MIND(ndim=2), ("mse", "ncc")), "intensities": (None, ("ncc", "mi"))}
