@@ -109,6 +109,26 @@ def test_a_registration_that_reuses_the_compiled_models_of_earlier_ones_gives_th
         np.testing.assert_array_equal(before, after)
 
 
+def test_an_xla_compiled_registration_gives_the_same_result():
+    moving, t1, _, _, _ = warped_pair((24, 24))
+    kwargs = dict(encoder=None, levels=(1,), steps=5, int_steps=1, verbose=0)  # XLA takes seconds to compile more
+    fields = {jit: cifl_tf.register_pair(moving, t1, jit_compile=jit, **kwargs) for jit in (False, True)}
+    assert np.abs(fields[False]).max() > 0.1  # it moved
+    np.testing.assert_allclose(fields[True], fields[False], atol=1e-3)  # voxels; XLA rounds differently
+
+
+@pytest.mark.parametrize("grid, steps, jit_compile, expected", [
+    ((40, 48, 56), 100, None, True),  # level 4 of a 160x192x224 volume: 10.8M voxel steps
+    ((20, 24, 28), 100, None, False),  # its level 8: 1.3M
+    ((128, 128), 128, None, True),  # exactly XLA_MIN_VOXEL_STEPS
+    ((128, 128), 127, None, False),
+    ((8, 8), 10, True, True),
+    ((64, 64, 64), 100, False, False),
+])
+def test_xla_is_used_where_its_compile_time_is_repaid_unless_told(grid, steps, jit_compile, expected):
+    assert instance.uses_xla(grid, steps, jit_compile) is expected
+
+
 def centres(size, factor):
     """Full-resolution coordinates of the voxel centres of a grid pooled by factor ('SAME' padding)."""
     count = -(-size // factor)
@@ -160,7 +180,7 @@ def test_resample_field_interpolates_multilinearly(factor, to_factor, shape):
     np.testing.assert_allclose(instance.resample_field(field, factor, to_factor, shape), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((5, 6, 7), 3), ((6, 4, 9), 2)])
+@pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((3, 10), 8), ((5, 6, 7), 3), ((6, 4, 9), 2)])
 def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):
     """Output voxel i averages the input voxels in [i f - p, (i + 1) f - p) that lie inside the image,
     with p = (ceil(n / f) f - n) // 2 per axis; and equals tf.nn.avg_pool's 'SAME'."""
@@ -206,6 +226,7 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(moved_features="both"), ValueError, r"moved_features must be one of"),
     (GOOD, GOOD, dict(learning_rate=0), ValueError, r"learning_rate must be a positive number, got 0"),
     (GOOD, GOOD, dict(affine="yes"), TypeError, r"affine must be True or False, got 'yes'"),
+    (GOOD, GOOD, dict(jit_compile=1), TypeError, r"jit_compile must be True, False or None, got 1"),
 ])
 def test_register_pair_rejects_bad_inputs(moving, fixed, kwargs, error, message):
     with pytest.raises(error, match=message):
