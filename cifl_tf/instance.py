@@ -7,7 +7,8 @@ velocity field, integrated by ``VecInt`` (scaling and squaring: diffeomorphic) a
     similarity(features of fixed, moved features of moving) + reg_weight * vxm.losses.Grad('l2')(velocity)
 
 coarse to fine: at each level the features are average-pooled by the level's factor and the velocity
-field of the previous level is upsampled to start from. With ``affine=True`` an affine transform
+field of the previous level is upsampled to start from; a level's step is compiled with XLA where its
+steps and voxels repay the compile time (``uses_xla``). With ``affine=True`` an affine transform
 (``AffineMatrix``) is fitted first on the coarsest grid, and the deformation is composed with it.
 
 Features are those of a CIFL encoder, of a descriptor layer such as MIND, or the intensities. By default

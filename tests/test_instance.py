@@ -180,7 +180,8 @@ def test_resample_field_interpolates_multilinearly(factor, to_factor, shape):
     np.testing.assert_allclose(instance.resample_field(field, factor, to_factor, shape), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((3, 10), 8), ((5, 6, 7), 3), ((6, 4, 9), 2)])
+@pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((3, 10), 8), ((5, 6, 7), 3),
+                                            ((6, 4, 9), 2)])
 def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):
     """Output voxel i averages the input voxels in [i f - p, (i + 1) f - p) that lie inside the image,
     with p = (ceil(n / f) f - n) // 2 per axis; and equals tf.nn.avg_pool's 'SAME'."""
