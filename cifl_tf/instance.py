@@ -42,6 +42,7 @@ MOVED_FEATURES = ("warped", "encoded")
 MI_BINS = 16
 # XLA (jit_compile) halves a step of a large level (0.41 -> 0.20 s at 40x48x56 with 48 channels on 2 cores)
 # but compiling takes about 4 s more than tracing, which only that many steps of that many voxels repay.
+# Measured with 48 channels; with fewer a step costs less, yet the 3D demo's intensity levels also gained.
 XLA_MIN_VOXEL_STEPS = 2 ** 21
 
 
@@ -153,7 +154,8 @@ def affine_displacement(matrix, factor, shape):
 def _compiled(kind, grid, channels, encoder, similarity, learning_rate, jit_compile, reg_weight=None,
               int_steps=None):
     """The compiled affine_model or instance_model of a level, kept for the next registration with the same
-    grid and settings: tracing its train step takes seconds (7 s for a 3D level on 2 cores), reusing it none.
+    grid and settings: tracing its train step takes seconds (7 s for a 3D level on 2 cores, about 4 s more with
+    XLA), reusing it none.
     Each keeps its field and Adam's two copies of it (250 MB at 160x192x224); ``_compiled.cache_clear()``
     frees them."""
     loss, optimizer = _similarity_loss(similarity), tf.keras.optimizers.Adam(learning_rate)
@@ -212,14 +214,15 @@ def pool(image, factor):
         whole = (size - start) // factor
         stop = start + whole * factor
         blocks = _along(image, axis, start, stop).reshape(*image.shape[:axis], whole, factor, *image.shape[axis + 1:])
-        parts = [blocks.sum(axis + 1)]
+        parts, counts = [blocks.sum(axis + 1)], [factor] * whole
         if start:
             parts.insert(0, _along(image, axis, 0, start).sum(axis, keepdims=True))
+            counts.insert(0, start)
         if stop < size:
             parts.append(_along(image, axis, stop, size).sum(axis, keepdims=True))
+            counts.append(size - stop)
         image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis)
-        counts = np.array([start] * bool(start) + [factor] * whole + [size - stop] * (stop < size), np.float32)
-        voxels = voxels * counts.reshape([-1 if a == axis else 1 for a in range(image.ndim)])
+        voxels = voxels * np.reshape(counts, [-1 if a == axis else 1 for a in range(image.ndim)]).astype(np.float32)
     image /= voxels
     return image
 
@@ -328,11 +331,11 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     shape, ndim = moving.shape, moving.ndim
     after = encoder if encoded else None
     settings = dict(encoder=after, similarity=similarity, learning_rate=learning_rate)
-    xla = functools.partial(uses_xla, steps=steps, jit_compile=jit_compile)
     if affine:
         source, target = sources[levels[0]], targets[levels[0]]
         grid = source.shape[:-1]
-        model = _fresh(_compiled("affine", grid, source.shape[-1], jit_compile=xla(grid), **settings))
+        model = _fresh(_compiled("affine", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
+                                 **settings))
         _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
         initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
         sources = {factor: models.warp(source[np.newaxis], resample_field(initial, 1, factor, shape)[np.newaxis])[0]
@@ -343,8 +346,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         if encoded:
             target = encoder(target[np.newaxis]).numpy()[0]
         grid = source.shape[:-1]
-        model = _compiled("deformable", grid, source.shape[-1], jit_compile=xla(grid), reg_weight=reg_weight,
-                          int_steps=int_steps, **settings)
+        model = _compiled("deformable", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
+                          reg_weight=reg_weight, int_steps=int_steps, **settings)
         model = _fresh(model, None if velocity is None else [resample_field(velocity, previous, factor, shape)])
         _fit(model, source, [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
         velocity, previous = model.get_layer("velocity").get_weights()[0], factor
@@ -357,7 +360,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
 def uses_xla(grid, steps, jit_compile=None):
     """Whether register_pair compiles the step of a level on `grid` with XLA: `jit_compile` if it is
     True or False; for None, where `steps` steps of the grid's voxels reach XLA_MIN_VOXEL_STEPS."""
-    return math.prod(grid) * steps >= XLA_MIN_VOXEL_STEPS if jit_compile is None else jit_compile
+    return bool(math.prod(grid) * steps >= XLA_MIN_VOXEL_STEPS) if jit_compile is None else jit_compile
 
 
 def _check_images(moving, fixed):

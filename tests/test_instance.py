@@ -109,10 +109,20 @@ def test_a_registration_that_reuses_the_compiled_models_of_earlier_ones_gives_th
         np.testing.assert_array_equal(before, after)
 
 
-def test_an_xla_compiled_registration_gives_the_same_result():
+def test_an_xla_compiled_registration_gives_the_same_result(monkeypatch):
+    compiled_with = []
+    compile_for_fit = instance.compile_for_fit
+
+    def recording(model, **kwargs):
+        compiled_with.append(kwargs["jit_compile"])
+        compile_for_fit(model, **kwargs)
+
+    monkeypatch.setattr(instance, "compile_for_fit", recording)
+    instance._compiled.cache_clear()  # so that both models are compiled here
     moving, t1, _, _, _ = warped_pair((24, 24))
-    kwargs = dict(encoder=None, levels=(1,), steps=5, int_steps=1, verbose=0)  # XLA takes seconds to compile more
+    kwargs = dict(encoder=None, levels=(1,), steps=5, int_steps=1, verbose=0)  # a small graph: XLA compiles it fast
     fields = {jit: cifl_tf.register_pair(moving, t1, jit_compile=jit, **kwargs) for jit in (False, True)}
+    assert compiled_with == [False, True]
     assert np.abs(fields[False]).max() > 0.1  # it moved
     np.testing.assert_allclose(fields[True], fields[False], atol=1e-3)  # voxels; XLA rounds differently
 
@@ -180,8 +190,8 @@ def test_resample_field_interpolates_multilinearly(factor, to_factor, shape):
     np.testing.assert_allclose(instance.resample_field(field, factor, to_factor, shape), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((3, 10), 8), ((5, 6, 7), 3),
-                                            ((6, 4, 9), 2)])
+@pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((3, 10), 8), ((7, 5), 8),
+                                            ((5, 6, 7), 3), ((6, 4, 9), 2), ((4, 5), 1)])
 def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):
     """Output voxel i averages the input voxels in [i f - p, (i + 1) f - p) that lie inside the image,
     with p = (ceil(n / f) f - n) // 2 per axis; and equals tf.nn.avg_pool's 'SAME'."""
@@ -192,7 +202,10 @@ def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):
         block = tuple(slice(max(i * factor - (c * factor - n) // 2, 0), (i + 1) * factor - (c * factor - n) // 2)
                       for i, c, n in zip(index, counts, shape))
         expected[index] = image[block].reshape(-1, 3).mean(axis=0)
+    original = image.copy()
     pooled = instance.pool(image, factor)
+    assert pooled.dtype == np.float32
+    np.testing.assert_array_equal(image, original)
     np.testing.assert_allclose(pooled, expected, atol=1e-6)
     np.testing.assert_allclose(pooled, tf.nn.avg_pool(image[np.newaxis], factor, factor, "SAME")[0], atol=1e-6)
 
