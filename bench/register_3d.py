@@ -9,7 +9,7 @@ optionally contrast-inverted. Prints, in one run:
   * peak RSS of the process after each phase (the last includes the Dice evaluation's full-size warps),
     and the GFLOP/s of a plain tf.matmul measured in the same run.
 
-    python bench/register_3d.py [--levels 8,4] [--steps 100] [--method ncc|mi|cifl|mind] [--similarity ncc|mse]
+    python bench/register_3d.py [--levels 16,8,4] [--steps 100] [--method ncc|mi|cifl|mind] [--similarity ncc|mse]
                                 [--invert] [--max-memory 1G]
 """
 import argparse
@@ -38,7 +38,8 @@ def smooth_deformation(shape, std, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=benchmark.oasis_sample(), help="neurite-oasis folder with a subject's aligned_norm")
-    parser.add_argument("--levels", default="8,4", help="pooling factors, coarse to fine")
+    parser.add_argument("--levels", default=None,
+                        help="pooling factors, coarse to fine (default: register_pair's, instance.default_levels)")
     parser.add_argument("--steps", type=int, default=100, help="steps per level")
     parser.add_argument("--method", choices=("ncc", "mi", "cifl", "mind"), default="ncc",
                         help="intensity NCC or MI, the shipped 3D CIFL features, or MIND")
@@ -48,7 +49,6 @@ def main():
     parser.add_argument("--warp-std", type=float, default=3.0)
     parser.add_argument("--max-memory", type=int, default=tiling.DEFAULT_MAX_MEMORY)
     args = parser.parse_args()
-    levels = tuple(int(f) for f in args.levels.split(","))
 
     volume = data.load_oasis(args.data, dim=3, subjects=["OASIS_OAS1_0001_MR1"])
     fixed, fixed_labels = volume.images[0], volume.labels[0]
@@ -58,6 +58,7 @@ def main():
                                         "nearest")[0, ..., 0]).astype(np.int32)
     if args.invert:
         fixed = data.invert(fixed)
+    levels = instance.default_levels(fixed.shape) if args.levels is None else tuple(map(int, args.levels.split(",")))
 
     encoder = cifl_tf.pretrained(ndim=3)
     start = time.perf_counter()

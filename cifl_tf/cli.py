@@ -516,8 +516,9 @@ def _parser():
                                                       "instance optimisation")
     method.add_argument("--intensity", choices=("ncc", "mi"), default=None,
                         help="no features: the intensities, compared by local NCC or mutual information")
-    p.add_argument("--levels", type=_levels, default=(4, 2, 1),
-                   help="without --model: resolution levels, as pooling factors from coarse to fine (default 4,2,1)")
+    p.add_argument("--levels", type=_levels, default=None,
+                   help="without --model: resolution levels, as pooling factors from coarse to fine (default: "
+                        "4,2,1, coarser for large images: register_pair's default_levels)")
     p.add_argument("--steps", type=int, default=100, help="without --model: optimisation steps per resolution level")
     p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
     _add_memory_arg(p)

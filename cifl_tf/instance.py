@@ -44,6 +44,10 @@ MI_BINS = 16
 # but compiling takes about 4 s more than tracing, which only that many steps of that many voxels repay.
 # Measured with 48 channels; with fewer a step costs less, yet the 3D demo's intensity levels also gained.
 XLA_MIN_VOXEL_STEPS = 2 ** 21
+# The finest default level has at most this many voxels: at 64^3 with 48 channels a step took 0.47 s on 2 cores
+# (XLA), at 80x96x112 (a 1 mm head pooled by 2) 1.7 s and 5.7 GB; full resolution has 8 times its voxels.
+# It keeps 2D images up to 512x512 and the 3D demo's 3 mm volumes at full resolution.
+MAX_FINE_VOXELS = 2 ** 18
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
@@ -268,7 +272,7 @@ def resample_field(field, factor, to_factor, shape):
     return field * np.float32(factor / to_factor)
 
 
-def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weight=None, levels=(4, 2, 1),
+def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weight=None, levels=None,
                   steps=100, learning_rate=0.1, int_steps=5, affine=False, moved_features="warped",
                   max_memory=tiling.DEFAULT_MAX_MEMORY, jit_compile=None, verbose=1):
     """The displacement that registers `moving` to `fixed`, by instance optimisation (no training).
@@ -283,7 +287,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             "mse" or "mi" (mutual information, intensities only).
         reg_weight: weight of the smoothness term; default REG_WEIGHTS[similarity].
         levels: pooling factors, coarse to fine, e.g. (4, 2, 1); the displacement of the last is
-            upsampled to full resolution.
+            upsampled to full resolution. None: `default_levels` of the images' shape ((4, 2, 1) up to
+            MAX_FINE_VOXELS voxels).
         steps: optimisation steps per level (one ``fit`` call each).
         learning_rate: of Adam, in voxels of the level's grid per step.
         int_steps: scaling-and-squaring steps of the velocity integration.
@@ -305,7 +310,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
     if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
         raise ValueError(f"register_pair: reg_weight must be a non-negative number, got {reg_weight!r}")
-    levels = _check_levels(levels)
+    levels = default_levels(moving.shape) if levels is None else _check_levels(levels)
     for name, value in (("steps", steps), ("int_steps", int_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
@@ -317,6 +322,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         raise ValueError(f"register_pair: moved_features must be one of {MOVED_FEATURES}, got {moved_features!r}")
     if jit_compile is not None and not isinstance(jit_compile, bool):
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
+    if verbose:
+        print(f"register_pair: levels {levels} (pooling factors), {steps} steps each", flush=True)
 
     encoded = encoder is not None and moved_features == "encoded"
 
@@ -355,6 +362,16 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     field = resample_field(field, previous, 1, shape)
     # moving(x + field(x) + initial(x + field(x))): the affine applied first, then the deformation
     return field + models.warp(initial[np.newaxis], field[np.newaxis])[0] if affine else field
+
+
+def default_levels(shape):
+    """register_pair's default levels for images of `shape`: (4 f, 2 f, f), where f is the smallest power of
+    two whose pooled grid has at most MAX_FINE_VOXELS voxels ((4, 2, 1) for 2D slices; (16, 8, 4) at
+    160x192x224)."""
+    finest = 1
+    while math.prod(-(-size // finest) for size in shape) > MAX_FINE_VOXELS:
+        finest *= 2
+    return 4 * finest, 2 * finest, finest
 
 
 def uses_xla(grid, steps, jit_compile=None):

@@ -139,6 +139,28 @@ def test_xla_is_used_where_its_compile_time_is_repaid_unless_told(grid, steps, j
     assert instance.uses_xla(grid, steps, jit_compile) is expected
 
 
+@pytest.mark.parametrize("shape, expected", [
+    ((160, 192), (4, 2, 1)),  # the demo's slices
+    ((512, 512), (4, 2, 1)),  # exactly MAX_FINE_VOXELS
+    ((513, 512), (8, 4, 2)),
+    ((53, 65, 54), (4, 2, 1)),  # the 3D demo's 3 mm volumes
+    ((160, 192, 224), (16, 8, 4)),  # a 1 mm head: level 2 would have 860k voxels
+    ((256, 256, 256), (16, 8, 4)),
+    ((257, 256, 256), (32, 16, 8)),  # pooled 'SAME': 65 x 64 x 64 voxels by 4
+])
+def test_default_levels_bound_the_finest_grid(shape, expected):
+    assert instance.default_levels(shape) == expected
+
+
+def test_register_pair_without_levels_uses_the_default_levels(monkeypatch):
+    grids = []
+    monkeypatch.setattr(instance, "MAX_FINE_VOXELS", 64)  # 24x24 pixels: the finest level pooled by 4 (6x6)
+    monkeypatch.setattr(instance, "_fit", lambda model, source, targets, steps, verbose: grids.append(source.shape))
+    moving, t1, _, _, _ = warped_pair((24, 24))
+    cifl_tf.register_pair(moving, t1, encoder=None, steps=1, verbose=0)
+    assert grids == [(2, 2, 1), (3, 3, 1), (6, 6, 1)]  # levels 16, 8, 4
+
+
 def centres(size, factor):
     """Full-resolution coordinates of the voxel centres of a grid pooled by factor ('SAME' padding)."""
     count = -(-size // factor)
