@@ -251,7 +251,7 @@ def _register(args):
         encoder = _registration_encoder(args, fixed.ndim)
         displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
                                      levels=args.levels, steps=args.steps, affine=args.affine,
-                                     max_memory=args.max_memory)
+                                     feature_scale=args.feature_scale, max_memory=args.max_memory)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
         data.save_nifti(args.warp, displacement, affine, header, channels=True)
@@ -521,6 +521,9 @@ def _parser():
                         "4,2,1, coarser for large images: register_pair's default_levels)")
     p.add_argument("--steps", type=int, default=100, help="without --model: optimisation steps per resolution level")
     p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
+    p.add_argument("--feature-scale", type=int, default=1,
+                   help="without --model: encode the images upsampled by this factor and average the features "
+                        "back (for images coarser than 1 mm; default 1)")
     _add_memory_arg(p)
     p.set_defaults(run=_register)
 

@@ -80,6 +80,7 @@ def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, ca
     (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
     (["--intensity", "ncc", "--steps", "0"], r"steps must be a positive integer, got 0"),
     (["--intensity", "ncc", "--levels", "1,2"], r"levels must be decreasing positive integer pooling factors"),
+    (["--intensity", "ncc", "--feature-scale", "2"], r"feature_scale 2 scales the features an encoder computes"),
     (["--model", "MISSING", "--affine", None], r"--affine is a stage of instance optimisation"),
     (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
     (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),

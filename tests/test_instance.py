@@ -232,6 +232,38 @@ def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):
     np.testing.assert_allclose(pooled, tf.nn.avg_pool(image[np.newaxis], factor, factor, "SAME")[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, factor", [((5, 7), 2), ((4, 6), 3), ((3, 4, 5), 2), ((6, 2), 4)])
+def test_upsample_interpolates_between_pixel_centres_and_pool_takes_ramps_back(shape, factor):
+    """Fine pixel k lies at (k + 1/2) / f - 1/2 pixels of the image (clamped to it), linear along each axis."""
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    expected = image.astype(np.float64)
+    for axis, n in enumerate(shape):
+        at = np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0, n - 1)
+        expected = np.apply_along_axis(lambda line: np.interp(at, np.arange(n), line), axis, expected)
+    upsampled = instance.upsample(image, factor)
+    assert upsampled.shape == tuple(n * factor for n in shape) and upsampled.dtype == np.float32
+    np.testing.assert_allclose(upsampled, expected, atol=1e-6)
+    ramp = sum((axis + 1.0) * index for axis, index in enumerate(np.indices(shape, np.float32)))
+    inside = tuple(slice(1, -1) for _ in shape)  # the border pixels' blocks hold clamped values
+    np.testing.assert_allclose(instance.pool(instance.upsample(ramp, factor)[..., None], factor)[..., 0][inside],
+                               ramp[inside], atol=1e-5)
+
+
+def test_feature_scale_encodes_upsampled_images_and_pools_their_features_back(monkeypatch):
+    fitted = []
+    monkeypatch.setattr(instance, "_fit", lambda model, source, targets, steps, verbose: fitted.append(
+        (source, targets[0])))
+    moving, t1, _, _, _ = warped_pair((24, 24))
+    descriptor = EdgeDescriptor(2)
+    field = cifl_tf.register_pair(moving, t1, descriptor, levels=(1,), steps=1, feature_scale=2, verbose=0)
+    assert field.shape == (24, 24, 2)
+    [(source, target)] = fitted
+    for image, features in ((moving, source), (t1, target)):
+        upsampled = descriptor(instance.upsample(image, 2)[None, ..., None])[0].numpy()
+        np.testing.assert_allclose(features, instance.pool(upsampled, 2), atol=1e-5)
+        assert not np.allclose(features, descriptor(image[None, ..., None])[0], atol=1e-2)  # not the unscaled ones
+
+
 def test_instance_model_saves_and_loads(tmp_path):
     model = instance.instance_model((8, 10), 1, int_steps=3)
     velocity = np.random.default_rng(0).normal(0, 1, (8, 10, 2)).astype(np.float32)
@@ -263,6 +295,11 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(learning_rate=0), ValueError, r"learning_rate must be a positive number, got 0"),
     (GOOD, GOOD, dict(affine="yes"), TypeError, r"affine must be True or False, got 'yes'"),
     (GOOD, GOOD, dict(jit_compile=1), TypeError, r"jit_compile must be True, False or None, got 1"),
+    (GOOD, GOOD, dict(feature_scale=0), ValueError, r"feature_scale must be a positive integer, got 0"),
+    (GOOD, GOOD, dict(feature_scale=2.0), ValueError, r"feature_scale must be a positive integer, got 2.0"),
+    (GOOD, GOOD, dict(encoder=None, feature_scale=2), ValueError, r"feature_scale 2 scales the features an encoder"),
+    (GOOD, GOOD, dict(encoder=EdgeDescriptor(2), moved_features="encoded", feature_scale=3), ValueError,
+     r"feature_scale 3 .* needs an encoder and moved_features='warped'"),
 ])
 def test_register_pair_rejects_bad_inputs(moving, fixed, kwargs, error, message):
     with pytest.raises(error, match=message):
