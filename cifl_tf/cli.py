@@ -240,6 +240,9 @@ def _register(args):
     if args.model:
         if args.affine:
             raise ValueError("--affine is a stage of instance optimisation; a --model registers in one pass")
+        if args.feature_scale != 1:
+            raise ValueError("--feature-scale is an option of instance optimisation; a --model takes the images as "
+                             "they are")
         model = models.load_model(args.model, "registration")
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, ndim=len(model.inshape))
         if fixed.shape != model.inshape:

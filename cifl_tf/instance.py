@@ -17,7 +17,8 @@ for each level, and the moved features are the moving features warped. ``"encode
 moving image and encodes it again in every step, at each level's resolution. On the 2D case of
 ``bench/moved_features.py`` "encoded" gave a better Dice (0.63 vs 0.58) in 1.2x the time, but in 3D an
 encoder pass per step (about 1 TFLOP forward and backward on a 80x96x112 grid) is far beyond the
-2-minute budget and cannot be tiled, so "warped" is the default.
+2-minute budget and cannot be tiled, so "warped" is the default. ``feature_scale`` encodes images
+upsampled and pools their features back, for images coarser than the encoder suits.
 """
 import functools
 import math
@@ -286,6 +287,8 @@ def resample_field(field, factor, to_factor, shape):
 def upsample(image, factor):
     """(*shape) image -> (*(shape * factor)), linearly interpolated between pixel centres (border clamped):
     each pixel becomes a block of factor^ndim pixels, which `pool` averages back."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueError(f"upsample: factor must be a positive integer, got {factor!r}")
     shape = tuple(size * factor for size in np.shape(image))
     return resample(np.asarray(image)[..., np.newaxis], factor, 1, shape)[..., 0]
 
@@ -323,7 +326,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             "encoded" encodes whole images).
         jit_compile: compile the optimisation step of each level with XLA (True), not (False), or where
             steps times the level's voxels reach XLA_MIN_VOXEL_STEPS (None): there it took half the time.
-        verbose: 1 shows a progress bar per level, 0 nothing.
+        verbose: 1 prints the levels and shows a progress bar per level (and the affine stage), 0 nothing.
 
     Returns: (*spatial, ndim) float32 displacement in voxels: moved(x) = moving(x + displacement(x)),
     as ``cifl_tf.models.warp`` applies it.
@@ -335,6 +338,10 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
         raise ValueError(f"register_pair: reg_weight must be a non-negative number, got {reg_weight!r}")
     levels = default_levels(moving.shape) if levels is None else _check_levels(levels)
+    for factor in levels:
+        if min(_grid(moving.shape, factor)) < 2:
+            raise ValueError(f"register_pair: level {factor} pools the {moving.shape} images to a "
+                             f"{_grid(moving.shape, factor)} grid; every axis needs at least 2 voxels")
     for name, value in (("steps", steps), ("int_steps", int_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
@@ -348,9 +355,12 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
     if isinstance(feature_scale, bool) or not isinstance(feature_scale, (int, np.integer)) or feature_scale < 1:
         raise ValueError(f"register_pair: feature_scale must be a positive integer, got {feature_scale!r}")
-    if feature_scale != 1 and (encoder is None or moved_features == "encoded"):
-        raise ValueError(f"register_pair: feature_scale {feature_scale} scales the features an encoder computes "
-                         f"once per image; it needs an encoder and moved_features='warped'")
+    if feature_scale != 1 and encoder is None:
+        raise ValueError(f"register_pair: feature_scale {feature_scale} scales an encoder's features; "
+                         f"intensities have none")
+    if feature_scale != 1 and moved_features == "encoded":
+        raise ValueError(f"register_pair: feature_scale {feature_scale} scales the features computed once per "
+                         f"image; it needs moved_features='warped'")
     if verbose:
         print(f"register_pair: levels {levels} (pooling factors), {steps} steps each", flush=True)
 
@@ -398,11 +408,17 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
 def default_levels(shape):
     """register_pair's default levels for images of `shape`: (4 f, 2 f, f), where f is the smallest power of
     two whose pooled grid has at most MAX_FINE_VOXELS voxels ((4, 2, 1) for 2D slices; (16, 8, 4) at
-    160x192x224)."""
+    160x192x224), without levels that would pool an axis to a single voxel."""
     finest = 1
-    while math.prod(-(-size // finest) for size in shape) > MAX_FINE_VOXELS:
+    # Every axis of every level keeps 2 voxels (thick-slice volumes), which Grad needs, over the voxel bound.
+    while math.prod(_grid(shape, finest)) > MAX_FINE_VOXELS and min(_grid(shape, 2 * finest)) >= 2:
         finest *= 2
-    return 4 * finest, 2 * finest, finest
+    return tuple(f for f in (4 * finest, 2 * finest) if min(_grid(shape, f)) >= 2) + (finest,)
+
+
+def _grid(shape, factor):
+    """The spatial shape of a grid pooled by `factor` ('SAME' padding)."""
+    return tuple(-(-size // factor) for size in shape)
 
 
 def uses_xla(grid, steps, jit_compile=None):

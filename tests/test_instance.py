@@ -147,6 +147,8 @@ def test_xla_is_used_where_its_compile_time_is_repaid_unless_told(grid, steps, j
     ((160, 192, 224), (16, 8, 4)),  # a 1 mm head: level 2 would have 860k voxels
     ((256, 256, 256), (16, 8, 4)),
     ((257, 256, 256), (32, 16, 8)),  # pooled 'SAME': 65 x 64 x 64 voxels by 4
+    ((512, 512, 16), (8, 4)),  # thick slices: by 16, one voxel across them
+    ((1024, 1024, 3), (2,)),  # over MAX_FINE_VOXELS rather than one voxel across the slices
 ])
 def test_default_levels_bound_the_finest_grid(shape, expected):
     assert instance.default_levels(shape) == expected
@@ -232,7 +234,7 @@ def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):
     np.testing.assert_allclose(pooled, tf.nn.avg_pool(image[np.newaxis], factor, factor, "SAME")[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, factor", [((5, 7), 2), ((4, 6), 3), ((3, 4, 5), 2), ((6, 2), 4)])
+@pytest.mark.parametrize("shape, factor", [((5, 7), 2), ((4, 6), 3), ((3, 4, 5), 2), ((6, 3), 4)])
 def test_upsample_interpolates_between_pixel_centres_and_pool_takes_ramps_back(shape, factor):
     """Fine pixel k lies at (k + 1/2) / f - 1/2 pixels of the image (clamped to it), linear along each axis."""
     image = np.random.default_rng(0).random(shape).astype(np.float32)
@@ -255,13 +257,14 @@ def test_feature_scale_encodes_upsampled_images_and_pools_their_features_back(mo
         (source, targets[0])))
     moving, t1, _, _, _ = warped_pair((24, 24))
     descriptor = EdgeDescriptor(2)
-    field = cifl_tf.register_pair(moving, t1, descriptor, levels=(1,), steps=1, feature_scale=2, verbose=0)
+    field = cifl_tf.register_pair(moving, t1, descriptor, levels=(2, 1), steps=1, feature_scale=2, verbose=0)
     assert field.shape == (24, 24, 2)
-    [(source, target)] = fitted
-    for image, features in ((moving, source), (t1, target)):
+    (coarse_source, coarse_target), (source, target) = fitted
+    for image, features, coarse in ((moving, source, coarse_source), (t1, target, coarse_target)):
         upsampled = descriptor(instance.upsample(image, 2)[None, ..., None])[0].numpy()
         np.testing.assert_allclose(features, instance.pool(upsampled, 2), atol=1e-5)
         assert not np.allclose(features, descriptor(image[None, ..., None])[0], atol=1e-2)  # not the unscaled ones
+        np.testing.assert_allclose(coarse, instance.pool(features, 2), atol=1e-5)  # the levels pool them further
 
 
 def test_instance_model_saves_and_loads(tmp_path):
@@ -297,9 +300,10 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(jit_compile=1), TypeError, r"jit_compile must be True, False or None, got 1"),
     (GOOD, GOOD, dict(feature_scale=0), ValueError, r"feature_scale must be a positive integer, got 0"),
     (GOOD, GOOD, dict(feature_scale=2.0), ValueError, r"feature_scale must be a positive integer, got 2.0"),
-    (GOOD, GOOD, dict(encoder=None, feature_scale=2), ValueError, r"feature_scale 2 scales the features an encoder"),
+    (GOOD, GOOD, dict(encoder=None, feature_scale=2), ValueError, r"feature_scale 2 scales an encoder's features"),
     (GOOD, GOOD, dict(encoder=EdgeDescriptor(2), moved_features="encoded", feature_scale=3), ValueError,
-     r"feature_scale 3 .* needs an encoder and moved_features='warped'"),
+     r"feature_scale 3 .* needs moved_features='warped'"),
+    (GOOD, GOOD, dict(levels=(16, 8)), ValueError, r"level 16 pools the \(16, 16\) images to a \(1, 1\) grid"),
 ])
 def test_register_pair_rejects_bad_inputs(moving, fixed, kwargs, error, message):
     with pytest.raises(error, match=message):
