@@ -314,7 +314,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         learning_rate: of Adam, in voxels of the level's grid per step.
         int_steps: scaling-and-squaring steps of the velocity integration.
         affine: first fit an affine transform (`steps` steps on the coarsest level's grid); the
-            deformable levels then start from the affinely moved image (its pooled features warped).
+            deformable levels then start from the affinely moved image, described and pooled anew.
         moved_features: "warped" (warp the moving features) or "encoded" (encode the moved image).
         feature_scale: encode each image upsampled by this integer factor (`upsample`) and average the
             features back onto its grid (`pool`); 1 encodes it as it is. Larger factors are for images
@@ -386,8 +386,9 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
                                  **settings))
         _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
         initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
-        sources = {factor: models.warp(source[np.newaxis], resample_field(initial, 1, factor, shape)[np.newaxis])[0]
-                   for factor, source in sources.items()}
+        # The affinely moved image described and pooled anew: warping the pooled features would blur them again.
+        moved = models.warp(moving[np.newaxis, ..., np.newaxis], initial[np.newaxis])[0, ..., 0]
+        sources = _pyramid(describe(np.asarray(moved)), levels)
     velocity, previous = None, None
     for factor in levels:
         source, target = sources[factor], targets[factor]

@@ -340,6 +340,23 @@ def test_affine_stage_recovers_a_shift_and_scaling():
     assert metrics.folding_fraction(displacement) == 0
 
 
+def test_the_levels_after_the_affine_stage_describe_the_affinely_moved_image_anew(monkeypatch):
+    """Not its pooled features warped, which blurred them twice: Dice 0.883 instead of 0.911 on the 3D bench."""
+    shift = np.zeros((24, 24, 2), np.float32)
+    shift[..., 0] = 1.5  # what the affine stage found
+    monkeypatch.setattr(instance, "affine_displacement", lambda matrix, factor, shape: shift)
+    fitted = []
+    monkeypatch.setattr(instance, "_fit", lambda model, source, targets, steps, verbose: fitted.append(source))
+    moving, t1, _, _, _ = warped_pair((24, 24))
+    descriptor = EdgeDescriptor(2)
+    field = cifl_tf.register_pair(moving, t1, descriptor, affine=True, levels=(2, 1), steps=1, verbose=0)
+    features = descriptor(models.warp(moving[None, ..., None], shift[None]))[0].numpy()
+    _, coarse, fine = fitted  # the affine stage, then the levels
+    np.testing.assert_allclose(fine, features, atol=1e-5)
+    np.testing.assert_allclose(coarse, instance.pool(features, 2), atol=1e-5)
+    np.testing.assert_allclose(field, shift, atol=1e-5)  # no deformation fitted: the affine displacement
+
+
 def test_affine_model_saves_and_loads(tmp_path):
     model = instance.affine_model((8, 10), 1)
     model.get_layer("affine").set_weights([np.array([[0.5, -0.2, 1.0], [0.1, 0.3, -0.5]], np.float32)])
