@@ -209,27 +209,43 @@ def pool(image, factor):
     first copies the image into a tensor (1.3 GB for 48 channels at 160x192x224). The whole blocks are
     summed as a reshaped view: 0.32 s for factor 8 on 48 channels at 160x192x224, where np.add.reduceat took 2.7 s.
     """
-    image = np.asarray(image, np.float32)
-    voxels = np.ones((1,) * image.ndim, np.float32)  # voxels of each block inside the image
-    for axis, size in enumerate(image.shape[:-1]):
-        # Blocks start at factor * k - p, p = (ceil(size / factor) * factor - size) // 2: a partial block
-        # [0, start) if p > 0, then whole blocks up to stop, then a partial block [stop, size) if voxels are left.
-        p = (-(-size // factor) * factor - size) // 2
-        start = min(factor - p, size) if p else 0
-        whole = (size - start) // factor
-        stop = start + whole * factor
-        blocks = _along(image, axis, start, stop).reshape(*image.shape[:axis], whole, factor, *image.shape[axis + 1:])
-        parts, counts = [blocks.sum(axis + 1)], [factor] * whole
-        if start:
-            parts.insert(0, _along(image, axis, 0, start).sum(axis, keepdims=True))
-            counts.insert(0, start)
-        if stop < size:
-            parts.append(_along(image, axis, stop, size).sum(axis, keepdims=True))
-            counts.append(size - stop)
-        image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis)
-        voxels = voxels * np.reshape(counts, [-1 if a == axis else 1 for a in range(image.ndim)]).astype(np.float32)
-    image /= voxels
+    return _pool_axes(np.asarray(image, np.float32), factor, range(np.ndim(image) - 1))
+
+
+def _pool_axes(image, factor, axes):
+    """`pool` along the given spatial axes only."""
+    for axis in axes:
+        sums, counts, _ = _block_sums(image, axis, factor, image.shape[axis])
+        image = sums / _along_axis(counts, axis, image.ndim)
     return image
+
+
+def _block_sums(image, axis, factor, size, first=0):
+    """Sums of the image's rows along `axis` over the blocks of `pool` (factor rows, centred on an axis of
+    `size` rows), where the image holds rows [first, first + image.shape[axis]) of that axis.
+
+    Returns: (sums, counts, block): one sum per block that the rows reach (float32, the axis shortened to
+    their number), the number of rows in each, and the index of the first of these blocks.
+    """
+    if factor == 1:
+        return image, np.ones(image.shape[axis], np.float32), first
+    length = image.shape[axis]
+    # Blocks start at factor * k - p, p = (ceil(size / factor) * factor - size) // 2: a partial block
+    # [0, start) if row `first` is not a block's first, then whole blocks up to stop, then what is left.
+    p = (-(-size // factor) * factor - size) // 2
+    start = min(-(first + p) % factor, length)
+    whole = (length - start) // factor
+    stop = start + whole * factor
+    blocks = _along(image, axis, start, stop).reshape(*image.shape[:axis], whole, factor, *image.shape[axis + 1:])
+    parts, counts = [blocks.sum(axis + 1)], [factor] * whole
+    if start:
+        parts.insert(0, _along(image, axis, 0, start).sum(axis, keepdims=True))
+        counts.insert(0, start)
+    if stop < length:
+        parts.append(_along(image, axis, stop, length).sum(axis, keepdims=True))
+        counts.append(length - stop)
+    sums = parts[0] if len(parts) == 1 else np.concatenate(parts, axis)
+    return sums, np.asarray(counts, np.float32), (first + p) // factor
 
 
 def _along(image, axis, start, stop):
@@ -237,9 +253,46 @@ def _along(image, axis, start, stop):
     return image[(slice(None),) * axis + (slice(start, stop),)]
 
 
-def _pyramid(features, levels):
-    """{factor: features (*shape, F) average-pooled by factor} for each level; factor 1 keeps them as they are."""
-    return {factor: features if factor == 1 else pool(features, factor) for factor in levels}
+def _along_axis(values, axis, ndim):
+    """1D values shaped to broadcast along `axis` of an ndim-dimensional array."""
+    return np.reshape(values, [-1 if a == axis else 1 for a in range(ndim)])
+
+
+def _pyramid(describe, image, levels, halo, row_bytes, max_memory):
+    """{factor: describe(image) average-pooled by factor (`pool`)} for each level, holding at most about
+    max_memory bytes of full-resolution features at a time.
+
+    Where the whole image's features would take more, the image is described in slabs along its first
+    axis, each extended by `halo` rows on both sides (the describer's reach, so that a slab's features
+    equal the whole image's there), and each slab's features are pooled and summed into the levels' blocks.
+    Slabs have about 4 halos of rows or more, so that the halos add at most about half the work.
+
+    Args:
+        describe: (*slab) image -> (*slab, C) features.
+        image: (*spatial).
+        levels: pooling factors.
+        halo: rows.
+        row_bytes: bytes of the features of one row (image.shape[1:]) of the image.
+        max_memory: bytes.
+    """
+    size = image.shape[0]
+    rows = size if row_bytes * size <= max_memory else max(max_memory // row_bytes, 4 * halo, 1)
+    rows = -(-size // -(-size // rows))  # equal slabs, no sliver at the end
+    sums, counts = {}, {}
+    for first in range(0, size, rows):
+        last = min(first + rows, size)
+        below, above = max(first - halo, 0), min(last + halo, size)
+        features = describe(image[below:above])[first - below:last - below]
+        for factor in levels:
+            part, count, block = _block_sums(_pool_axes(features, factor, range(1, image.ndim)), 0, factor, size, first)
+            if factor not in sums:
+                sums[factor] = np.zeros((-(-size // factor), *part.shape[1:]), np.float32)
+                counts[factor] = np.zeros(len(sums[factor]), np.float32)
+            sums[factor][block:block + len(part)] += part
+            counts[factor][block:block + len(part)] += count
+    for factor in levels:
+        sums[factor] /= _along_axis(counts[factor], 0, image.ndim + 1)  # in place: level 1 is full-size
+    return sums
 
 
 def _centres(size, factor):
@@ -322,8 +375,9 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             crops of synthetic shapes); the README compares factors on 2 mm and 3 mm brains. Costs
             feature_scale^ndim times the encoder's time and its features' memory. With an encoder and
             moved_features="warped" only.
-        max_memory: bytes per tile of encoder inference (tiling.tiled_features; moved_features="warped" only:
-            "encoded" encodes whole images).
+        max_memory: bytes per tile of encoder inference (tiling.tiled_features), and of each image's
+            full-resolution features held at a time while they are pooled for the levels (in slabs along the
+            first axis where they take more); moved_features="warped" only: "encoded" encodes whole images.
         jit_compile: compile the optimisation step of each level with XLA (True), not (False), or where
             steps times the level's voxels reach XLA_MIN_VOXEL_STEPS (None): there it took half the time.
         verbose: 1 prints the levels and shows a progress bar per level (and the affine stage), 0 nothing.
@@ -373,9 +427,19 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             return tiling.tiled_features(encoder, image, max_memory)
         return pool(tiling.tiled_features(encoder, upsample(image, feature_scale), max_memory), feature_scale)
 
-    # Pooled for every level as soon as they are made: without level 1, no full-resolution features are
-    # kept, and only one image's are held at a time (1.3 GB for 48 channels at 160x192x224).
-    sources, targets = (_pyramid(describe(image), levels) for image in (moving, fixed))
+    if encoder is None or encoded:
+        halo, channels = 0, 1
+    else:  # a feature reaches ceil(radius / scale) pixels, and one more through the linear upsampling
+        radius = tiling.receptive_radius(encoder)
+        halo, channels = (radius if feature_scale == 1 else -(-radius // feature_scale) + 1), encoder.channels
+    row_bytes = 4 * channels * int(np.prod(moving.shape[1:])) * feature_scale ** moving.ndim
+
+    def pyramid(image):
+        # Pooled for every level as they are made, slab by slab where they take more than max_memory: without
+        # level 1, no image's full-resolution features are held (1.3 GB for 48 channels at 160x192x224).
+        return _pyramid(describe, image, levels, halo, row_bytes, max_memory)
+
+    sources, targets = pyramid(moving), pyramid(fixed)
     shape, ndim = moving.shape, moving.ndim
     after = encoder if encoded else None
     settings = dict(encoder=after, similarity=similarity, learning_rate=learning_rate)
@@ -388,7 +452,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
         # The affinely moved image described and pooled anew: warping the pooled features would blur them again.
         moved = models.warp(moving[np.newaxis, ..., np.newaxis], initial[np.newaxis])[0, ..., 0]
-        sources = _pyramid(describe(np.asarray(moved)), levels)
+        sources = pyramid(np.asarray(moved))
     velocity, previous = None, None
     for factor in levels:
         source, target = sources[factor], targets[factor]

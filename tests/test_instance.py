@@ -7,7 +7,9 @@ import tensorflow as tf
 
 import cifl_tf
 import voxelmorph as vxm
-from cifl_tf import instance, metrics, models
+from cifl_tf import instance, metrics, models, tiling
+from cifl_tf.encoder import CIFLEncoder
+from cifl_tf.triplanar import Triplanar
 from conftest import phantom_image, phantom_labels
 
 T2_MEANS = (0.0, 0.5, 0.45, 0.3, 0.9)  # CSF bright, as in the IXI fixture
@@ -24,9 +26,9 @@ class EdgeDescriptor(tf.keras.layers.Layer):
     def call(self, images):
         padded = tf.pad(images, [[0, 0]] + [[1, 1]] * self.ndim + [[0, 0]], mode="SYMMETRIC")
 
-        def shifted(axis, offset):  # the image moved by offset pixels along axis
-            return padded[(slice(None),) + tuple(slice(1 + offset * (a == axis), 1 + offset * (a == axis) + n)
-                                                 for a, n in enumerate(images.shape[1:-1]))]
+        def shifted(axis, offset):  # the image moved by offset pixels along axis (sizes may be unknown in a graph)
+            return padded[(slice(None),) + tuple(slice(1 + offset, offset - 1 or None) if a == axis else slice(1, -1)
+                                                 for a in range(self.ndim))]
 
         edges = [tf.abs(shifted(axis, 1) - shifted(axis, -1)) for axis in range(self.ndim)]
         return tf.math.l2_normalize(tf.concat(edges, -1) + 1e-3, axis=-1)
@@ -265,6 +267,50 @@ def test_feature_scale_encodes_upsampled_images_and_pools_their_features_back(mo
         np.testing.assert_allclose(features, instance.pool(upsampled, 2), atol=1e-5)
         assert not np.allclose(features, descriptor(image[None, ..., None])[0], atol=1e-2)  # not the unscaled ones
         np.testing.assert_allclose(coarse, instance.pool(features, 2), atol=1e-5)  # the levels pool them further
+
+
+def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
+    """register_pair's (source, target) features of each level, without fitting; and the shapes described."""
+    fitted, described, tiled = [], [], tiling.tiled_features
+    monkeypatch.setattr(instance, "_fit", lambda model, source, targets, steps, verbose: fitted.append(
+        (source, targets[0])))
+    monkeypatch.setattr(tiling, "tiled_features", lambda layer, image, max_memory: described.append(
+        image.shape) or tiled(layer, image, max_memory))
+    cifl_tf.register_pair(moving, fixed, encoder, steps=1, verbose=0, **kwargs)
+    monkeypatch.undo()
+    return fitted, described
+
+
+@pytest.mark.parametrize("shape, make_encoder, feature_scale, max_memory, slabs", [
+    ((80, 24), lambda: CIFLEncoder(channels=4, features=4), 1, 14_000, 3),  # 27-row slabs, 8-row halos
+    ((40, 24), lambda: EdgeDescriptor(2), 2, 4_000, 5),  # 8-row slabs (4 halos), 2-row halos (1 pixel, 1 to upsample)
+    ((24, 8, 8), lambda: Triplanar(EdgeDescriptor(2)), 1, 6_000, 6),  # 4-row slabs, 1-row halos
+])
+def test_features_pooled_slab_by_slab_equal_the_whole_images(monkeypatch, shape, make_encoder, feature_scale,
+                                                              max_memory, slabs):
+    """Where one image's features exceed max_memory, they are made and pooled in slabs along the first
+    axis, each with a halo of the encoder's reach, and the levels get the same features."""
+    rng = np.random.default_rng(0)
+    moving, fixed = rng.random((2, *shape)).astype(np.float32)
+    encoder = make_encoder()
+    levels = dict(levels=(4, 2), feature_scale=feature_scale)
+    whole, described = fitted_levels(monkeypatch, moving, fixed, encoder, **levels)
+    assert len(described) == 2  # one call per image
+    sliced, described = fitted_levels(monkeypatch, moving, fixed, encoder, max_memory=max_memory, **levels)
+    assert len([s for s in described if len(s) == len(shape)]) == 2 * slabs
+    for level, level_sliced in zip(whole, sliced):
+        for features, features_sliced in zip(level, level_sliced):
+            np.testing.assert_allclose(features_sliced, features, atol=1e-5)
+
+
+def test_intensities_pooled_row_by_row_equal_pooled_whole(monkeypatch):
+    """Blocks that straddle slabs (sizes 22 and 17 pool to partial blocks at both ends) sum across them."""
+    rng = np.random.default_rng(0)
+    moving, fixed = rng.random((2, 22, 17)).astype(np.float32)
+    fitted, _ = fitted_levels(monkeypatch, moving, fixed, None, levels=(4, 3), max_memory=1)  # one row per slab
+    for (source, target), factor in zip(fitted, (4, 3)):
+        np.testing.assert_allclose(source, instance.pool(moving[..., None], factor), atol=1e-6)
+        np.testing.assert_allclose(target, instance.pool(fixed[..., None], factor), atol=1e-6)
 
 
 def test_instance_model_saves_and_loads(tmp_path):
