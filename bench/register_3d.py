@@ -1,8 +1,10 @@
 """Benchmark of instance registration of a 160x192x224 pair (not a test).
 
 The fixed image is the OASIS sample's 3D T1 (aligned_norm, 160x192x224, with its seg4 label map); the
-moving image is the same volume under a known smooth random deformation (about --warp-std voxels),
-optionally contrast-inverted. Prints, in one run:
+moving image is the same volume under a known smooth random deformation (about --warp-std voxels), with
+--affine also under an affine misalignment (MISALIGNMENT: 3-6% scalings, a 0.03 shear, a shift of 3-5
+voxels) that register_pair's affine stage then fits; the fixed image is optionally contrast-inverted.
+Prints, in one run:
   * seconds of tiled feature extraction with the shipped 3D encoder (pretrained(ndim=3)) under --max-memory;
   * seconds of register_pair with intensity NCC (or --method mi, the shipped CIFL features, MIND; features
     compared by --similarity), its Dice on seg4 before and after, the folded-voxel share;
@@ -10,7 +12,7 @@ optionally contrast-inverted. Prints, in one run:
     and the GFLOP/s of a plain tf.matmul measured in the same run.
 
     python bench/register_3d.py [--levels 16,8,4] [--steps 100] [--method ncc|mi|cifl|mind] [--similarity ncc|mse]
-                                [--invert] [--max-memory 1G]
+                                [--invert] [--affine] [--max-memory BYTES]
 """
 import argparse
 import resource
@@ -22,6 +24,10 @@ import cifl_tf
 from cifl_tf import benchmark, data, instance, metrics, models, tiling
 from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
+
+
+# moving(x) = fixed(A x + t), in voxels about the volume's centre (instance.affine_displacement's convention)
+MISALIGNMENT = np.array([[1.06, 0, 0, -5], [0, 0.97, 0.03, 3], [0, -0.03, 1.04, -4]], np.float32)
 
 
 def peak_rss_gb():
@@ -46,6 +52,8 @@ def main():
     parser.add_argument("--similarity", choices=("ncc", "mse"), default="ncc",
                         help="how cifl and mind features are compared (register_pair's default: ncc)")
     parser.add_argument("--invert", action="store_true", help="register T1 to inverted T1 (not with ncc)")
+    parser.add_argument("--affine", action="store_true",
+                        help="misalign the moving image affinely too (MISALIGNMENT), and fit an affine stage first")
     parser.add_argument("--warp-std", type=float, default=3.0)
     parser.add_argument("--max-memory", type=int, default=tiling.DEFAULT_MAX_MEMORY)
     args = parser.parse_args()
@@ -53,6 +61,8 @@ def main():
     volume = data.load_oasis(args.data, dim=3, subjects=["OASIS_OAS1_0001_MR1"])
     fixed, fixed_labels = volume.images[0], volume.labels[0]
     truth = smooth_deformation(fixed.shape, args.warp_std, seed=0)
+    if args.affine:  # the affine misalignment, then the deformation
+        truth = truth + models.warp(instance.affine_displacement(MISALIGNMENT, 1, fixed.shape)[None], truth[None])[0]
     moving = models.warp(fixed[None, ..., None], truth[None])[0, ..., 0]
     moving_labels = np.rint(models.warp(fixed_labels[None, ..., None].astype(np.float32), truth[None],
                                         "nearest")[0, ..., 0]).astype(np.int32)
@@ -71,7 +81,7 @@ def main():
     method_encoder = {"cifl": encoder, "mind": MIND(ndim=3)}.get(args.method)
     similarity = args.method if method_encoder is None else args.similarity
     displacement = cifl_tf.register_pair(moving, fixed, encoder=method_encoder, similarity=similarity, levels=levels,
-                                         steps=args.steps, max_memory=args.max_memory)
+                                         steps=args.steps, affine=args.affine, max_memory=args.max_memory)
     register_s = time.perf_counter() - start
     register_gb = peak_rss_gb()
 
@@ -81,7 +91,8 @@ def main():
 
     compared = args.method if method_encoder is None else f"{args.method} ({args.similarity})"
     print(f"shape {fixed.shape}, levels {levels}, {args.steps} steps per level, {compared}"
-          f"{', T1 -> inverted T1' if args.invert else ''}, max_memory {args.max_memory} bytes")
+          f"{', T1 -> inverted T1' if args.invert else ''}{', affine stage' if args.affine else ''}, "
+          f"max_memory {args.max_memory} bytes")
     print(f"features (pretrained(ndim=3), tiled): {features_s:.1f} s, peak RSS so far {features_gb:.2f} GB")
     print(f"register_pair:                        {register_s:.1f} s, peak RSS so far {register_gb:.2f} GB")
     print(f"seg4 Dice: identity {dice(np.zeros_like(displacement)):.3f} -> registered {dice(displacement):.3f}; "
