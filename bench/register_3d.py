@@ -2,7 +2,7 @@
 
 The fixed image is the OASIS sample's 3D T1 (aligned_norm, 160x192x224, with its seg4 label map); the
 moving image is the same volume under a known smooth random deformation (about --warp-std voxels), with
---affine also under an affine misalignment (MISALIGNMENT: 3-6% scalings, a 0.03 shear, a shift of 3-5
+--affine also under an affine misalignment (MISALIGNMENT: 3-6% scalings, a 1.7-degree rotation, a shift of 3-5
 voxels) that register_pair's affine stage then fits; the fixed image is optionally contrast-inverted.
 Prints, in one run:
   * seconds of tiled feature extraction with the shipped 3D encoder (pretrained(ndim=3)) under --max-memory;

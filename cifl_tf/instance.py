@@ -214,6 +214,8 @@ def pool(image, factor):
 
 def _pool_axes(image, factor, axes):
     """`pool` along the given spatial axes only."""
+    if factor == 1:
+        return image
     for axis in axes:
         sums, counts, _ = _block_sums(image, axis, factor, image.shape[axis])
         image = sums / _along_axis(counts, axis, image.ndim)
@@ -276,23 +278,32 @@ def _pyramid(describe, image, levels, halo, row_bytes, max_memory):
         max_memory: bytes.
     """
     size = image.shape[0]
-    rows = size if row_bytes * size <= max_memory else max(max_memory // row_bytes, 4 * halo, 1)
+    if row_bytes * size <= max_memory:  # one slab; level 1 keeps the features themselves
+        features = describe(image)
+        return {factor: features if factor == 1 else pool(features, factor) for factor in levels}
+    rows = max(max_memory // row_bytes, 4 * halo, 1)
     rows = -(-size // -(-size // rows))  # equal slabs, no sliver at the end
     sums, counts = {}, {}
     for first in range(0, size, rows):
         last = min(first + rows, size)
         below, above = max(first - halo, 0), min(last + halo, size)
-        features = describe(image[below:above])[first - below:last - below]
-        for factor in levels:
-            part, count, block = _block_sums(_pool_axes(features, factor, range(1, image.ndim)), 0, factor, size, first)
-            if factor not in sums:
-                sums[factor] = np.zeros((-(-size // factor), *part.shape[1:]), np.float32)
-                counts[factor] = np.zeros(len(sums[factor]), np.float32)
-            sums[factor][block:block + len(part)] += part
-            counts[factor][block:block + len(part)] += count
+        # One slab's features at a time: the call's argument is freed before the next slab is described.
+        _add_slab(sums, counts, describe(image[below:above])[first - below:last - below], first, size, levels)
     for factor in levels:
         sums[factor] /= _along_axis(counts[factor], 0, image.ndim + 1)  # in place: level 1 is full-size
     return sums
+
+
+def _add_slab(sums, counts, features, first, size, levels):
+    """Adds the block sums of a slab's features (rows [first, first + len(features)) of `size`) to each level's."""
+    for factor in levels:
+        part, count, block = _block_sums(_pool_axes(features, factor, range(1, features.ndim - 1)), 0, factor, size,
+                                         first)
+        if factor not in sums:
+            sums[factor] = np.zeros((-(-size // factor), *part.shape[1:]), np.float32)
+            counts[factor] = np.zeros(len(sums[factor]), np.float32)
+        sums[factor][block:block + len(part)] += part
+        counts[factor][block:block + len(part)] += count
 
 
 def _centres(size, factor):
@@ -373,8 +384,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             features back onto its grid (`pool`); 1 encodes it as it is. Larger factors are for images
             coarser than the encoder's training crops suit (the shipped encoders learned on 96x96-pixel
             crops of synthetic shapes); the README compares factors on 2 mm and 3 mm brains. Costs
-            feature_scale^ndim times the encoder's time and its features' memory. With an encoder and
-            moved_features="warped" only.
+            feature_scale^ndim times the encoder's time and its features' memory (within max_memory). With an
+            encoder and moved_features="warped" only.
         max_memory: bytes per tile of encoder inference (tiling.tiled_features), and of each image's
             full-resolution features held at a time while they are pooled for the levels (in slabs along the
             first axis where they take more); moved_features="warped" only: "encoded" encodes whole images.

@@ -282,9 +282,10 @@ def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
 
 
 @pytest.mark.parametrize("shape, make_encoder, feature_scale, max_memory, slabs", [
-    ((80, 24), lambda: CIFLEncoder(channels=4, features=4), 1, 14_000, 3),  # 27-row slabs, 8-row halos
-    ((40, 24), lambda: EdgeDescriptor(2), 2, 4_000, 5),  # 8-row slabs (4 halos), 2-row halos (1 pixel, 1 to upsample)
-    ((24, 8, 8), lambda: Triplanar(EdgeDescriptor(2)), 1, 6_000, 6),  # 4-row slabs, 1-row halos
+    # Sizes 102, 42 and 26 pool by 4 to blocks that start one row before the image: slabs cut blocks anywhere.
+    ((102, 64), lambda: CIFLEncoder(channels=4, features=4), 1, 40_000, 3),  # 34-row slabs, 8-row halos
+    ((42, 24), lambda: CIFLEncoder(channels=4, features=4), 2, 60_000, 2),  # 21 rows, 5-row halos (4, 1 to upsample)
+    ((26, 8, 8), lambda: Triplanar(EdgeDescriptor(2)), 1, 6_000, 7),  # 4-row slabs, 1-row halos
 ])
 def test_features_pooled_slab_by_slab_equal_the_whole_images(monkeypatch, shape, make_encoder, feature_scale,
                                                               max_memory, slabs):
@@ -303,11 +304,12 @@ def test_features_pooled_slab_by_slab_equal_the_whole_images(monkeypatch, shape,
             np.testing.assert_allclose(features_sliced, features, atol=1e-5)
 
 
-def test_intensities_pooled_row_by_row_equal_pooled_whole(monkeypatch):
+@pytest.mark.parametrize("max_memory", [1, 5 * 17 * 4])  # slabs of 1 and 5 rows
+def test_intensities_pooled_in_slabs_equal_pooled_whole(monkeypatch, max_memory):
     """Blocks that straddle slabs (sizes 22 and 17 pool to partial blocks at both ends) sum across them."""
     rng = np.random.default_rng(0)
     moving, fixed = rng.random((2, 22, 17)).astype(np.float32)
-    fitted, _ = fitted_levels(monkeypatch, moving, fixed, None, levels=(4, 3), max_memory=1)  # one row per slab
+    fitted, _ = fitted_levels(monkeypatch, moving, fixed, None, levels=(4, 3), max_memory=max_memory)
     for (source, target), factor in zip(fitted, (4, 3)):
         np.testing.assert_allclose(source, instance.pool(moving[..., None], factor), atol=1e-6)
         np.testing.assert_allclose(target, instance.pool(fixed[..., None], factor), atol=1e-6)
