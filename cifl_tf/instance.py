@@ -216,9 +216,11 @@ def _pool_axes(image, factor, axes):
     """`pool` along the given spatial axes only."""
     if factor == 1:
         return image
+    voxels = np.ones((1,) * image.ndim, np.float32)  # of each block, inside the image
     for axis in axes:
-        sums, counts, _ = _block_sums(image, axis, factor, image.shape[axis])
-        image = sums / _along_axis(counts, axis, image.ndim)
+        image, counts, _ = _block_sums(image, axis, factor, image.shape[axis])
+        voxels = voxels * _along_axis(counts, axis, image.ndim)
+    image /= voxels  # once, on the sums (a new array): dividing after each axis took 0.08-0.14 s more (factor 4)
     return image
 
 

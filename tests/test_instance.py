@@ -253,13 +253,22 @@ def test_upsample_interpolates_between_pixel_centres_and_pool_takes_ramps_back(s
                                ramp[inside], atol=1e-5)
 
 
-def test_feature_scale_encodes_upsampled_images_and_pools_their_features_back(monkeypatch):
-    fitted = []
+def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
+    """register_pair's (source, target) features of each level, without fitting; the shapes described; its result."""
+    fitted, described, tiled = [], [], tiling.tiled_features
     monkeypatch.setattr(instance, "_fit", lambda model, source, targets, steps, verbose: fitted.append(
         (source, targets[0])))
+    monkeypatch.setattr(tiling, "tiled_features", lambda layer, image, max_memory: described.append(
+        image.shape) or tiled(layer, image, max_memory))
+    field = cifl_tf.register_pair(moving, fixed, encoder, steps=1, verbose=0, **kwargs)
+    monkeypatch.undo()
+    return fitted, described, field
+
+
+def test_feature_scale_encodes_upsampled_images_and_pools_their_features_back(monkeypatch):
     moving, t1, _, _, _ = warped_pair((24, 24))
     descriptor = EdgeDescriptor(2)
-    field = cifl_tf.register_pair(moving, t1, descriptor, levels=(2, 1), steps=1, feature_scale=2, verbose=0)
+    fitted, _, field = fitted_levels(monkeypatch, moving, t1, descriptor, levels=(2, 1), feature_scale=2)
     assert field.shape == (24, 24, 2)
     (coarse_source, coarse_target), (source, target) = fitted
     for image, features, coarse in ((moving, source, coarse_source), (t1, target, coarse_target)):
@@ -267,18 +276,6 @@ def test_feature_scale_encodes_upsampled_images_and_pools_their_features_back(mo
         np.testing.assert_allclose(features, instance.pool(upsampled, 2), atol=1e-5)
         assert not np.allclose(features, descriptor(image[None, ..., None])[0], atol=1e-2)  # not the unscaled ones
         np.testing.assert_allclose(coarse, instance.pool(features, 2), atol=1e-5)  # the levels pool them further
-
-
-def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
-    """register_pair's (source, target) features of each level, without fitting; and the shapes described."""
-    fitted, described, tiled = [], [], tiling.tiled_features
-    monkeypatch.setattr(instance, "_fit", lambda model, source, targets, steps, verbose: fitted.append(
-        (source, targets[0])))
-    monkeypatch.setattr(tiling, "tiled_features", lambda layer, image, max_memory: described.append(
-        image.shape) or tiled(layer, image, max_memory))
-    cifl_tf.register_pair(moving, fixed, encoder, steps=1, verbose=0, **kwargs)
-    monkeypatch.undo()
-    return fitted, described
 
 
 @pytest.mark.parametrize("shape, make_encoder, feature_scale, max_memory, slabs", [
@@ -295,9 +292,9 @@ def test_features_pooled_slab_by_slab_equal_the_whole_images(monkeypatch, shape,
     moving, fixed = rng.random((2, *shape)).astype(np.float32)
     encoder = make_encoder()
     levels = dict(levels=(4, 2), feature_scale=feature_scale)
-    whole, described = fitted_levels(monkeypatch, moving, fixed, encoder, **levels)
+    whole, described, _ = fitted_levels(monkeypatch, moving, fixed, encoder, **levels)
     assert len(described) == 2  # one call per image
-    sliced, described = fitted_levels(monkeypatch, moving, fixed, encoder, max_memory=max_memory, **levels)
+    sliced, described, _ = fitted_levels(monkeypatch, moving, fixed, encoder, max_memory=max_memory, **levels)
     assert len([s for s in described if len(s) == len(shape)]) == 2 * slabs
     for level, level_sliced in zip(whole, sliced):
         for features, features_sliced in zip(level, level_sliced):
@@ -309,7 +306,7 @@ def test_intensities_pooled_in_slabs_equal_pooled_whole(monkeypatch, max_memory)
     """Blocks that straddle slabs (sizes 22 and 17 pool to partial blocks at both ends) sum across them."""
     rng = np.random.default_rng(0)
     moving, fixed = rng.random((2, 22, 17)).astype(np.float32)
-    fitted, _ = fitted_levels(monkeypatch, moving, fixed, None, levels=(4, 3), max_memory=max_memory)
+    fitted, _, _ = fitted_levels(monkeypatch, moving, fixed, None, levels=(4, 3), max_memory=max_memory)
     for (source, target), factor in zip(fitted, (4, 3)):
         np.testing.assert_allclose(source, instance.pool(moving[..., None], factor), atol=1e-6)
         np.testing.assert_allclose(target, instance.pool(fixed[..., None], factor), atol=1e-6)
@@ -394,13 +391,11 @@ def test_the_levels_after_the_affine_stage_describe_the_affinely_moved_image_ane
     shift = np.zeros((24, 24, 2), np.float32)
     shift[..., 0] = 1.5  # what the affine stage found
     monkeypatch.setattr(instance, "affine_displacement", lambda matrix, factor, shape: shift)
-    fitted = []
-    monkeypatch.setattr(instance, "_fit", lambda model, source, targets, steps, verbose: fitted.append(source))
     moving, t1, _, _, _ = warped_pair((24, 24))
     descriptor = EdgeDescriptor(2)
-    field = cifl_tf.register_pair(moving, t1, descriptor, affine=True, levels=(2, 1), steps=1, verbose=0)
+    fitted, _, field = fitted_levels(monkeypatch, moving, t1, descriptor, affine=True, levels=(2, 1))
     features = descriptor(models.warp(moving[None, ..., None], shift[None]))[0].numpy()
-    _, coarse, fine = fitted  # the affine stage, then the levels
+    _, (coarse, _), (fine, _) = fitted  # the affine stage, then the levels
     np.testing.assert_allclose(fine, features, atol=1e-5)
     np.testing.assert_allclose(coarse, instance.pool(features, 2), atol=1e-5)
     np.testing.assert_allclose(field, shift, atol=1e-5)  # no deformation fitted: the affine displacement
