@@ -73,7 +73,7 @@ class VelocityField(KL.Layer):
         return {**super().get_config(), "shape": list(self.shape)}
 
 
-def instance_model(grid, channels, int_steps=5, encoder=None):
+def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     """The model one level of register_pair fits (voxelmorph's InstanceDense without its downsampling).
 
     Args:
@@ -81,18 +81,45 @@ def instance_model(grid, channels, int_steps=5, encoder=None):
         channels: F, channels of the image or features that are warped.
         int_steps: scaling-and-squaring steps of vxm.layers.VecInt.
         encoder: None, or a layer applied to the moved image (moved_features="encoded").
+        initial: also take a fixed affine transform (register_pair's affine stage) that follows the fitted
+            deformation: the moving image is warped once, by both (ComposeAffine).
 
-    Call: moving (B, *grid, F) -> [moved (B, *grid, F or C), velocity (B, *grid, ndim)]. The
-    displacement is the velocity integrated by the layer "integrate" (see displacement()).
+    Call: moving (B, *grid, F) [, initial (B, ndim, ndim + 1): an affine matrix on the grid] -> [moved (B, *grid, F
+    or C), velocity (B, *grid, ndim)]. The deformation is the velocity integrated by the layer "integrate" (see
+    displacement()).
     """
     grid = tuple(grid)
-    moving = tf.keras.Input((*grid, channels), name="moving")
-    velocity = VelocityField((*grid, len(grid)), name="velocity")(moving)
+    inputs = [tf.keras.Input((*grid, channels), name="moving")]
+    velocity = VelocityField((*grid, len(grid)), name="velocity")(inputs[0])
     displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate")(velocity)
-    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, displacement])
+    if initial:
+        inputs.append(tf.keras.Input((len(grid), len(grid) + 1), name="initial"))
+        displacement = ComposeAffine(name="compose")([displacement, inputs[1]])
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([inputs[0], displacement])
     if encoder is not None:
         moved = encoder(moved)
-    return tf.keras.Model(moving, [moved, velocity], name="cifl_instance")
+    return tf.keras.Model(inputs if initial else inputs[0], [moved, velocity], name="cifl_instance")
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class ComposeAffine(KL.Layer):
+    """The displacement of a deformation u followed by an affine transform a(y) = (A - I)(y - m) + t (m: the
+    grid's centre; SpatialTransformer's matrices [A | t]): u(x) + a(x + u(x)) = A (x - m + u(x)) + t - (x - m).
+
+    Exact, with no interpolation of a warped field (``vxm.layers.ComposeTransform`` interpolates the affine
+    displacement at x + u(x), one batch item at a time).
+
+    Call: [u (B, *grid, ndim), matrices (B, ndim, ndim + 1)] -> (B, *grid, ndim).
+    """
+
+    def call(self, inputs):
+        deformation, matrices = inputs
+        grid = deformation.shape[1:-1]
+        centred = tf.stack(tf.meshgrid(*[tf.range(n, dtype=tf.float32) - (n - 1) / 2 for n in grid], indexing="ij"),
+                           -1)
+        linear, shift = matrices[:, :, :-1], matrices[:, tf.newaxis, :, -1]
+        moved = tf.einsum("b...j,bij->b...i", centred + deformation, linear)
+        return moved + tf.reshape(shift, [-1, *[1] * len(grid), len(grid)]) - centred
 
 
 def displacement(model):
@@ -141,23 +168,32 @@ def affine_model(grid, channels, encoder=None):
 
 
 def affine_displacement(matrix, factor, shape):
-    """The full-resolution displacement (*shape, ndim) of an affine matrix fitted on the grid pooled by `factor`.
+    """The full-resolution displacement (*shape, ndim) of an affine matrix fitted on the grid pooled by `factor`."""
+    return vxm.utils.affine_to_dense_shift(level_matrix(matrix, factor, shape), shape, shift_center=True).numpy()
 
-    SpatialTransformer maps a grid point x to A (x - m) + t + m (m: the grid's centre). A coarse point x_c
-    is the full-resolution point s x_c + c0; so, about the full grid's centre m_f, the transform is
-    A u + s t + (I - A)(p - m_f), where p is the coarse grid's centre in full-resolution coordinates.
+
+def level_matrix(matrix, factor, shape, to_factor=1):
+    """An affine matrix fitted on the grid pooled by `factor`: the matrix of the same transform on the grid pooled
+    by `to_factor` (1: full resolution), (ndim, ndim + 1) float32.
+
+    SpatialTransformer maps a grid point x to A (x - m) + t + m (m: the grid's centre). A point x_f of the
+    grid pooled by f is the full-resolution point f x_f + c_f, and that grid's centre is the full-resolution
+    point m + o_f; so, about the full grid's centre m, the transform is A u + f t + (I - A) o_f, and on the
+    grid pooled by g it is A (x_g - m_g) + (f t + (I - A)(o_f - o_g)) / g + m_g.
     """
     matrix = np.asarray(matrix, np.float32)
     linear = matrix[:, :-1]
-    offset = np.array([(_centres(n, factor)[0] + _centres(n, factor)[-1] - (n - 1)) / 2 for n in shape], np.float32)
-    translation = factor * matrix[:, -1] + (np.eye(len(shape)) - linear) @ offset
-    full = np.concatenate([linear, translation[:, np.newaxis]], axis=1).astype(np.float32)
-    return vxm.utils.affine_to_dense_shift(full, shape, shift_center=True).numpy()
+
+    def offset(f):  # o_f
+        return np.array([(_centres(n, f)[0] + _centres(n, f)[-1] - (n - 1)) / 2 for n in shape], np.float32)
+
+    translation = (factor * matrix[:, -1] + (np.eye(len(shape)) - linear) @ (offset(factor) - offset(to_factor)))
+    return np.concatenate([linear, translation[:, np.newaxis] / to_factor], axis=1).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled(kind, grid, channels, encoder, similarity, learning_rate, jit_compile, reg_weight=None,
-              int_steps=None):
+              int_steps=None, initial=False):
     """The compiled affine_model or instance_model of a level, kept for the next registration with the same
     grid and settings: tracing its train step takes seconds (7 s for a 3D level on 2 cores, about 4 s more with
     XLA), reusing it none.
@@ -168,7 +204,7 @@ def _compiled(kind, grid, channels, encoder, similarity, learning_rate, jit_comp
         model = affine_model(grid, channels, encoder)
         compile_for_fit(model, optimizer=optimizer, loss=loss, jit_compile=jit_compile)
     else:
-        model = instance_model(grid, channels, int_steps, encoder)
+        model = instance_model(grid, channels, int_steps, encoder, initial)
         compile_for_fit(model, optimizer=optimizer, loss=[loss, vxm.losses.Grad("l2").loss],
                         loss_weights=[1, reg_weight], jit_compile=jit_compile)
     return model
@@ -185,11 +221,12 @@ def _fresh(model, weights=None):
     return model
 
 
-def _fit(model, source, targets, steps, verbose):
-    """model.fit for `steps` optimisation steps on one (source, targets) pair, in one call."""
+def _fit(model, inputs, targets, steps, verbose):
+    """model.fit for `steps` optimisation steps on one (inputs, targets) pair of arrays without batch axes, in one
+    call."""
     if verbose:
-        print(f"{model.name}: grid {'x'.join(map(str, source.shape[:-1]))}")
-    pair = (source[np.newaxis], tuple(target[np.newaxis] for target in targets))
+        print(f"{model.name}: grid {'x'.join(map(str, inputs[0].shape[:-1]))}")
+    pair = tuple(tuple(array[np.newaxis] for array in arrays) for arrays in (inputs, targets))
     model.fit(tf.data.Dataset.from_tensors(pair).repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
 
 
@@ -379,8 +416,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         steps: optimisation steps per level (one ``fit`` call each).
         learning_rate: of Adam, in voxels of the level's grid per step.
         int_steps: scaling-and-squaring steps of the velocity integration.
-        affine: first fit an affine transform (`steps` steps on the coarsest level's grid); the
-            deformable levels then start from the affinely moved image, described and pooled anew.
+        affine: first fit an affine transform (`steps` steps on the coarsest level's grid); each deformable
+            level then fits the deformation that follows it, and warps the moving features once by both.
         moved_features: "warped" (warp the moving features) or "encoded" (encode the moved image).
         feature_scale: encode each image upsampled by this integer factor (`upsample`) and average the
             features back onto its grid (`pool`); 1 encodes it as it is. Larger factors are for images
@@ -456,16 +493,17 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     shape, ndim = moving.shape, moving.ndim
     after = encoder if encoded else None
     settings = dict(encoder=after, similarity=similarity, learning_rate=learning_rate)
+    initials = {}
     if affine:
         source, target = sources[levels[0]], targets[levels[0]]
         grid = source.shape[:-1]
         model = _fresh(_compiled("affine", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
                                  **settings))
-        _fit(model, source, [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
-        initial = affine_displacement(model.get_layer("affine")(source[np.newaxis])[0], levels[0], shape)
-        # The affinely moved image described and pooled anew: warping the pooled features would blur them again.
-        moved = models.warp(moving[np.newaxis, ..., np.newaxis], initial[np.newaxis])[0, ..., 0]
-        sources = pyramid(np.asarray(moved))
+        _fit(model, [source], [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
+        matrix = model.get_layer("affine")(source[np.newaxis])[0]
+        # Composed with the deformation in each level's model, so that the moving features, described once, are
+        # interpolated once: warping them by the affine transform first blurred them twice (README).
+        initials = {factor: level_matrix(matrix, levels[0], shape, factor) for factor in levels}
     velocity, previous = None, None
     for factor in levels:
         source, target = sources[factor], targets[factor]
@@ -473,14 +511,16 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             target = encoder(target[np.newaxis]).numpy()[0]
         grid = source.shape[:-1]
         model = _compiled("deformable", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
-                          reg_weight=reg_weight, int_steps=int_steps, **settings)
+                          reg_weight=reg_weight, int_steps=int_steps, initial=affine, **settings)
         model = _fresh(model, None if velocity is None else [resample_field(velocity, previous, factor, shape)])
-        _fit(model, source, [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
+        _fit(model, [source, initials[factor]] if affine else [source],
+             [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
         velocity, previous = model.get_layer("velocity").get_weights()[0], factor
     field = displacement(model)
     field = resample_field(field, previous, 1, shape)
-    # moving(x + field(x) + initial(x + field(x))): the affine applied first, then the deformation
-    return field + models.warp(initial[np.newaxis], field[np.newaxis])[0] if affine else field
+    if affine:  # moving(x + field(x) + a(x + field(x))): the image moved by the affine transform a, then deformed
+        return ComposeAffine()([field[np.newaxis], level_matrix(matrix, levels[0], shape)[np.newaxis]])[0].numpy()
+    return field
 
 
 def default_levels(shape):
