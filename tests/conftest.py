@@ -3,9 +3,14 @@ import functools
 import os
 import pathlib
 
-import nibabel as nib
-import numpy as np
-import pytest
+# The same kernels on every CPU, set before anything imports TensorFlow: TF turns its oneDNN kernels on by itself
+# on CPUs with AVX-512 VNNI (machine.onednn_enabled), and their float32 results depend on the batch shape (tiled
+# triplanar features 1.4e-5 from untiled ones) and, under load, on the run (machine.onednn_enabled's docstring).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OASIS_SAMPLE = pathlib.Path(os.environ.get("CIFL_OASIS_SAMPLE", REPO.parent / "shared" / "data" / "oasis-sample"))
