@@ -147,11 +147,17 @@ def test_only_the_console_commands_that_resume_nothing_restart(monkeypatch, argv
 
 @pytest.mark.skipif(shutil.which("cifl") is None, reason="the cifl console script is not installed")
 def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(tmp_path):
-    """Also the test of the `cifl` console script itself."""
+    """Also the test of the `cifl` console script itself, as a user runs it: without TF_ENABLE_ONEDNN_OPTS (which
+    conftest sets for the tests' own process)."""
     save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), str(tmp_path / "enc.weights.h5"))
+    environ = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    # TensorFlow's own choice on this CPU, in a process that has not set the variable either
+    tensorflow_choice = subprocess.run([sys.executable, "-c", "from cifl_tf import machine; "
+                                        "print(machine.onednn_enabled())"], env=environ, capture_output=True,
+                                       text=True, check=True).stdout.split()[-1]
     # a 3D encoder stops the 2D demo with a one-line error at once (in the restarted process, if it restarts)
     result = subprocess.run(["cifl", "demo", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+                             "--out", str(tmp_path / "out")], env=environ, capture_output=True, text=True)
     assert result.returncode == 2 and "cifl demo: error: the 2D demo needs a 2D encoder" in result.stderr
-    restarts = "TF_ENABLE_ONEDNN_OPTS" not in os.environ and not machine.onednn_enabled()
+    restarts = tensorflow_choice == "False"
     assert ("restarting with TensorFlow's oneDNN kernels on" in result.stderr) == restarts

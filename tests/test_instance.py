@@ -254,8 +254,8 @@ def test_upsample_interpolates_between_pixel_centres_and_pool_takes_ramps_back(s
 
 
 def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
-    """register_pair's (source, target[, initial displacement]) of each level, without fitting; the shapes
-    described; its result."""
+    """register_pair's (source, target[, affine matrix]) of each level, without fitting; the shapes described; its
+    result."""
     fitted, described, tiled = [], [], tiling.tiled_features
     monkeypatch.setattr(instance, "_fit", lambda model, inputs, targets, steps, verbose: fitted.append(
         (inputs[0], targets[0], *inputs[1:])))
@@ -413,7 +413,10 @@ def test_the_levels_after_the_affine_stage_warp_the_moving_features_once_by_both
     """Each level gets the moving image's own features and the affine matrix on its grid, not the affinely
     moved image described anew (a third encoder pass) nor its features warped twice (Dice 0.883 instead of 0.911
     on the bench volume under an affine misalignment and a deformation, intensity NCC; README)."""
+    converted = []
+
     def shifting(matrix, factor, shape, to_factor=1):  # what the affine stage found: a shift along axis 0
+        converted.append((factor, to_factor))
         return np.array([[1, 0, 1.5 / to_factor], [0, 1, 0]], np.float32)
 
     monkeypatch.setattr(instance, "level_matrix", shifting)
@@ -421,6 +424,7 @@ def test_the_levels_after_the_affine_stage_warp_the_moving_features_once_by_both
     descriptor = EdgeDescriptor(2)
     fitted, described, field = fitted_levels(monkeypatch, moving, t1, descriptor, affine=True, levels=(2, 1))
     assert len(described) == 2  # the moving and the fixed image, once each
+    assert converted == [(2, 2), (2, 1), (2, 1)]  # fitted on the coarsest grid: to each level's, and to full size
     features = descriptor(moving[None, ..., None])[0].numpy()
     (affine_source, _), (coarse, _, coarse_matrix), (fine, _, fine_matrix) = fitted  # the affine stage, the levels
     for source in (affine_source, coarse):
@@ -446,6 +450,14 @@ def test_compose_affine_is_the_deformation_followed_by_the_affine_transform(grid
         y = points + deformation[item]
         expected = deformation[item] + (y - centre) @ (linear - np.eye(ndim)).T + shift
         np.testing.assert_allclose(instance.ComposeAffine()([deformation, matrices])[item], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("grid", [(12, 10), (7, 8, 6)])
+def test_compose_affine_without_a_deformation_is_voxelmorphs_affine_displacement(grid):
+    ndim = len(grid)
+    matrix = (np.eye(ndim, ndim + 1) + np.random.default_rng(ndim).normal(0, 0.1, (ndim, ndim + 1))).astype(np.float32)
+    composed = instance.ComposeAffine()([np.zeros((1, *grid, ndim), np.float32), matrix[None]])[0]
+    np.testing.assert_allclose(composed, vxm.utils.affine_to_dense_shift(matrix, grid, shift_center=True), atol=1e-5)
 
 
 def test_a_level_after_the_affine_stage_warps_by_the_deformation_then_the_affine_transform(tmp_path):
