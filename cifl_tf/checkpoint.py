@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from .data import first_line, read_json, write_json
+from .synth import stream_options
 
 SETTINGS_FILE = "settings.json"
 
@@ -120,7 +121,7 @@ def epoch_batches(arrays, batch_size, seed, first_epoch=0):
 
     dataset = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_order)
     dataset = dataset.map(lambda indices: tuple(tf.gather(t, indices) for t in tensors))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(stream_options())
 
 
 def read_settings(out_dir, fields=None, defaults=None):

@@ -26,7 +26,7 @@ from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
 from .losses import NCC
-from .synth import stream_seed
+from .synth import stream_options, stream_seed
 from .training import compile_for_fit
 from .transform import BATCHED_LAYERS, spatial_transform
 from .triplanar import Triplanar
@@ -392,7 +392,7 @@ def pair_batches(images, batch_size=1, seed=None, first_step=0):
         return ((tf.gather(stack, moving), tf.gather(stack, fixed)),)  # fixed is never the moving image
 
     steps = tf.data.Dataset.range(first_step, np.iinfo(np.int64).max)
-    return steps.map(draw).prefetch(tf.data.AUTOTUNE)
+    return steps.map(draw).prefetch(tf.data.AUTOTUNE).with_options(stream_options())
 
 
 MODEL_KINDS = {"segmentation": SegmentationModel, "registration": RegistrationModel}
