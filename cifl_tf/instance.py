@@ -31,6 +31,7 @@ import voxelmorph as vxm
 from . import models, tiling, transform
 from .encoder import pretrained
 from .losses import NCC
+from .synth import stream_options
 from .training import compile_for_fit
 
 KL = tf.keras.layers
@@ -227,7 +228,8 @@ def _fit(model, inputs, targets, steps, verbose):
     if verbose:
         print(f"{model.name}: grid {'x'.join(map(str, inputs[0].shape[:-1]))}")
     pair = tuple(tuple(array[np.newaxis] for array in arrays) for arrays in (inputs, targets))
-    model.fit(tf.data.Dataset.from_tensors(pair).repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+    pairs = tf.data.Dataset.from_tensors(pair).repeat().with_options(stream_options())
+    model.fit(pairs, steps_per_epoch=steps, epochs=1, verbose=verbose)
 
 
 def _similarity_loss(similarity):

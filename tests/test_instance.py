@@ -487,3 +487,16 @@ def test_affine_model_saves_and_loads(tmp_path):
     image = np.random.default_rng(1).random((1, 8, 10, 1)).astype(np.float32)
     assert np.abs(model(image) - image).max() > 0.01  # not the identity
     np.testing.assert_allclose(loaded(image), model(image), atol=1e-6)
+
+
+def test_each_level_is_fitted_on_a_stream_without_the_autotuning_thread():
+    """Which kept the CPU idle for seconds when fit's iterator was freed (synth.stream_options)."""
+    class Recording:
+        name = "recording"
+
+        def fit(self, dataset, **kwargs):
+            self.autotune, self.steps = dataset.options().autotune.enabled, kwargs["steps_per_epoch"]
+
+    model = Recording()
+    instance._fit(model, [np.zeros((4, 4, 1), np.float32)], [np.zeros((4, 4, 1), np.float32)], 7, verbose=0)
+    assert model.autotune is False and model.steps == 7
