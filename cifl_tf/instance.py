@@ -28,7 +28,7 @@ import tensorflow as tf
 
 import voxelmorph as vxm
 
-from . import models, tiling, transform
+from . import tiling, transform
 from .encoder import pretrained
 from .losses import NCC
 from .synth import stream_options

@@ -256,10 +256,11 @@ class ShapesSynth:
 
 def stream_options():
     """tf.data options for the endless streams that ``fit`` reads (synthesis, registration pairs, epochs of
-    arrays, register_pair's levels): without the autotuning thread. Its rounds grow to many seconds apart, and the iterator that ``fit``
-    leaves behind waits for the current round when it is destroyed: after a 33 s ``train_encoder`` the CPU stood
-    idle 10.7 s before it returned, and after each 30 s VxmDense fit of ``cifl demo`` 12-14 s (TF 2.21). Parallel
-    maps then run one call per core; prefetch buffers keep their own tuning."""
+    arrays, register_pair's levels): without the autotuning thread. Its rounds grow to many seconds apart, and
+    the iterator that ``fit`` leaves behind waits for the current round when it is destroyed: after a 33 s
+    ``train_encoder`` the CPU stood idle 10.7 s before it returned, and after each 30 s VxmDense fit of ``cifl
+    demo`` 12-14 s (TF 2.21). Parallel maps then run one call per core (measured: as many at once as with
+    autotuning, on 2 cores); prefetch buffers keep their own tuning."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return options
