@@ -25,7 +25,7 @@ from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
 from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, save_encoder
 from .losses import check_scales, multiscale_contrastive_loss
-from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_options, stream_seed
+from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
 
 
 def compile_for_fit(model, outputs=None, **compile_kwargs):
@@ -315,7 +315,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     pairs = contrast_pairs(big, batch_size, seed=seed, start=first_batch, **(synth_kwargs or {}))
     views = offset_views(pairs, shape, max_offset, seed=seed, start=first_batch).prefetch(tf.data.AUTOTUNE)
     # Under a multi-worker strategy every worker makes each global batch and keeps its share of it.
-    options = stream_options()
+    options = tf.data.Options()  # contrast_pairs' stream_options are kept
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
 
     start = time.time()

@@ -9,6 +9,7 @@ import cifl_tf  # noqa: F401  (Keras 2 before tensorflow)
 import tensorflow as tf
 from cifl_tf import checkpoint, models
 from cifl_tf.synth import ShapesSynth, batch_key, contrast_pairs
+from cifl_tf.training import train_encoder
 
 FINE = dict(label_scales=(2, 4, 8))  # shapes small enough for 32x32 / 16^3 images
 
@@ -237,3 +238,10 @@ def test_coarse_grids_draw_what_full_resolution_draws(shape, monkeypatch):
 def test_endless_streams_run_without_the_autotuning_thread(make_stream):
     """Whose rounds, seconds apart late in a fit, kept the CPU idle for 11-14 s when fit's iterator was freed."""
     assert make_stream().options().autotune.enabled is False
+
+
+def test_the_encoder_training_stream_keeps_the_synthesis_stream_options(monkeypatch):
+    streams = []
+    monkeypatch.setattr(tf.keras.Model, "fit", lambda self, data, **kwargs: streams.append(data))
+    train_encoder(shape=(16, 16), steps=1, batch_size=1, channels=2, features=2, max_offset=2, seed=0, verbose=0)
+    assert streams[0].options().autotune.enabled is False
