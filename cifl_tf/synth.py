@@ -38,7 +38,7 @@ RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(ne.models.la
 # Grid voxels per cell of the finest Perlin scale of the velocity field that _coarse_grid keeps.
 CELL_VOXELS = 4
 _RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset", "tie", "partner",
-                 "jitter")
+                 "jitter", "low_contrast", "contrast_factor")
 
 
 def _positive_ints(name, values):
@@ -142,6 +142,11 @@ class ShapesSynth:
             one contrast and apart in the other, as GM and WM are in PD and T1, so that the features
             must not rest on strong edges alone.
         tie_jitter: largest difference of a tied label's mean from its partner's.
+        low_contrast_prob: chance, for each render, that the foreground labels' means are drawn
+            together towards their average by a factor drawn log-uniformly in [low_contrast_min, 1],
+            with the noise SDs kept: all tissues within a narrow band against a background apart, as
+            in PD, where the brain's tissues lie within 13% of each other (``demo_data``).
+        low_contrast_min: smallest such factor, in (0, 1].
         seed: integer for reproducible draws; None draws differently every time.
         **render_kwargs: the intensity arguments of ``ne.models.labels_to_image``, with its
             defaults (RENDER_DEFAULTS): mean_min, mean_max, std_min, std_max, zero_background,
@@ -150,7 +155,8 @@ class ShapesSynth:
     """
 
     def __init__(self, shape, num_labels=16, label_scales=(8, 16, 32, 64), label_std=1.0,
-                 warp_std=2.0, warp_scales=(16, 32), tie_prob=0.0, tie_jitter=10.0, seed=None, **render_kwargs):
+                 warp_std=2.0, warp_scales=(16, 32), tie_prob=0.0, tie_jitter=10.0, low_contrast_prob=0.0,
+                 low_contrast_min=0.1, seed=None, **render_kwargs):
         self.shape = _positive_ints("shape", shape)
         if len(self.shape) not in (2, 3):
             raise ValueError(f"shape must be 2D or 3D, got {self.shape!r}")
@@ -158,8 +164,12 @@ class ShapesSynth:
             raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
         self.label_scales = _positive_ints("label_scales", label_scales)
         self.warp_scales = _positive_ints("warp_scales", warp_scales)
-        if isinstance(tie_prob, bool) or not isinstance(tie_prob, (int, float)) or not 0 <= tie_prob <= 1:
-            raise ValueError(f"tie_prob must be a number in [0, 1], got {tie_prob!r}")
+        for name, value in (("tie_prob", tie_prob), ("low_contrast_prob", low_contrast_prob)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if isinstance(low_contrast_min, bool) or not isinstance(low_contrast_min, (int, float)) \
+                or not 0 < low_contrast_min <= 1:
+            raise ValueError(f"low_contrast_min must be a number in (0, 1], got {low_contrast_min!r}")
         for name, value in (("label_std", label_std), ("warp_std", warp_std), ("tie_jitter", tie_jitter)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < np.inf:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -169,6 +179,7 @@ class ShapesSynth:
                              f"the intensity ones {sorted(RENDER_DEFAULTS)}; the two renders stay voxel-aligned")
         self.num_labels, self.label_std, self.warp_std = num_labels, label_std, warp_std
         self.tie_prob, self.tie_jitter = tie_prob, tie_jitter
+        self.low_contrast_prob, self.low_contrast_min = low_contrast_prob, low_contrast_min
         self.seed = stream_seed(seed)
         self.render_args = {**RENDER_DEFAULTS, **render_kwargs}
 
@@ -209,6 +220,8 @@ class ShapesSynth:
         mean = _uniform(keys["mean"], (batch_size, num), np.float32(low_mean), np.float32(high_mean))
         if self.tie_prob > 0:
             mean = self._tie(keys, mean)
+        if self.low_contrast_prob > 0:
+            mean = self._low_contrast(keys, mean)
         std = _uniform(keys["std"], (batch_size, num), np.float32(low_std), np.float32(high_std))
         image = (tf.random.stateless_normal(labels.shape, keys["noise"]) * tf.gather(std, labels, batch_dims=1)
                  + tf.gather(mean, labels, batch_dims=1))
@@ -245,6 +258,17 @@ class ShapesSynth:
         near = tf.gather(mean, partner, batch_dims=1) + _uniform(keys["jitter"], shape, -self.tie_jitter,
                                                                  self.tie_jitter)
         return tf.where(tied, near, mean)
+
+    def _low_contrast(self, keys, mean):
+        """`mean` (B, J) with, at chance low_contrast_prob per image, the foreground labels' means m_j
+        moved to c + s (m_j - c), c their average and log s uniform in [log low_contrast_min, 0]."""
+        batch_size = mean.shape[0]
+        squeezed = tf.random.stateless_uniform((batch_size, 1), keys["low_contrast"]) < self.low_contrast_prob
+        log_factor = _uniform(keys["contrast_factor"], (batch_size, 1), np.float32(np.log(self.low_contrast_min)), 0.)
+        foreground = mean[:, 1:]
+        centre = tf.reduce_mean(foreground, axis=1, keepdims=True)
+        foreground = tf.where(squeezed, centre + tf.exp(log_factor) * (foreground - centre), foreground)
+        return tf.concat([mean[:, :1], foreground], axis=1)
 
     def __call__(self, index, batch_size):
         """Batch `index` of the stream: label maps (B, *shape, 1) and their two renders x1, x2, each

@@ -126,6 +126,9 @@ def test_warp_deforms_the_label_map():
     (dict(shape=(32, 32), seed=1.5), "seed must be an integer or None, got 1.5"),
     (dict(shape=(32, 32), tie_prob=1.5), "tie_prob must be a number in [0, 1], got 1.5"),
     (dict(shape=(32, 32), tie_jitter=-2), "tie_jitter must be a non-negative number, got -2"),
+    (dict(shape=(32, 32), low_contrast_prob=-0.1), "low_contrast_prob must be a number in [0, 1], got -0.1"),
+    (dict(shape=(32, 32), low_contrast_min=0), "low_contrast_min must be a number in (0, 1], got 0"),
+    (dict(shape=(32, 32), low_contrast_min=True), "low_contrast_min must be a number in (0, 1], got True"),
 ])
 def test_bad_synth_arguments_raise(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
@@ -156,6 +159,29 @@ def test_tied_labels_take_a_partners_mean_within_the_jitter(tie_prob, tie_jitter
     others = np.abs(tied[:, 1:, None] - drawn[:, None, :])
     others[:, np.arange(5), np.arange(1, 6)] = np.inf
     assert np.all(others.min(axis=-1)[moved] <= tie_jitter + 1e-4)
+
+
+@pytest.mark.parametrize("prob, smallest", [(0.0, 0.1), (0.5, 0.1), (1.0, 1.0), (1.0, 0.02)])
+def test_low_contrast_draws_the_foreground_means_together(prob, smallest):
+    synth = ShapesSynth((8, 8), num_labels=6, low_contrast_prob=prob, low_contrast_min=smallest, seed=0)
+    keys = {name: tf.constant([5, i], tf.int64) for i, name in enumerate(("low_contrast", "contrast_factor"))}
+    drawn = np.random.default_rng(0).uniform(25, 225, (500, 6)).astype(np.float32)
+    squeezed = synth._low_contrast(keys, tf.constant(drawn)).numpy()
+    np.testing.assert_array_equal(squeezed[:, 0], drawn[:, 0])  # the background keeps its own mean
+    # Written from the formula: m_j -> c + s (m_j - c), with c the foreground average, which stays.
+    centre = drawn[:, 1:].mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(squeezed[:, 1:].mean(axis=1, keepdims=True), centre, rtol=1e-5)
+    farthest = np.abs(drawn[:, 1:] - centre).argmax(axis=1)[:, None]
+    factor = (np.take_along_axis(squeezed[:, 1:] - centre, farthest, 1)
+              / np.take_along_axis(drawn[:, 1:] - centre, farthest, 1))
+    # One factor per image, for all its foreground labels.
+    np.testing.assert_allclose(squeezed[:, 1:], centre + factor * (drawn[:, 1:] - centre), atol=1e-3)
+    factor = factor[:, 0]
+    moved = ~np.isclose(factor, 1.0, rtol=1e-5)
+    assert abs(moved.mean() - prob * (smallest < 1)) < 0.06
+    assert np.all((factor >= smallest * (1 - 1e-4)) & (factor <= 1 + 1e-4))
+    if prob == 1.0 and smallest < 1:  # log-uniform: the median factor is the geometric mean
+        np.testing.assert_allclose(np.median(factor), np.sqrt(smallest), rtol=0.15)
 
 
 @pytest.mark.parametrize("sigmas, width", [((0.7, 1.3), 7), ((2.0, 0.5, 1.0), 13), ((1e-3, 1.0), 7)])
