@@ -41,6 +41,64 @@ def _task_table(title, results, tests):
     return "\n".join(lines)
 
 
+def _check_2d(encoder):
+    if encoder is not None and getattr(encoder, "ndim", None) != 2:
+        raise ValueError(f"the 2D demo needs a 2D encoder, got {getattr(encoder, 'ndim', None)}D "
+                         f"{getattr(encoder, 'name', encoder)!r}")
+
+
+def _demo_subjects(quick, seed):
+    """The demo's sizes, its dataset drawn from `seed`, and the indices of its training and test halves."""
+    sizes = experiments.SIZES["quick" if quick else "demo"]
+    n_subjects = sizes["subjects"]
+    data = demo_data.demo_dataset(n_subjects=n_subjects, seed=seed)
+    return sizes, data, np.arange(n_subjects // 2), np.arange(n_subjects // 2, n_subjects)
+
+
+def _segmentation_row(data, train, test, compared, epochs, seed, verbose):
+    """UNets trained `epochs` on the T1 of `train` from `seed`, scored on every contrast of `test`."""
+    return experiments.segmentation_row(
+        (data.inputs("t1")[train], data.labels[train]),
+        {c: (data.inputs(c)[test], data.labels[test]) for c in demo_data.CONTRASTS},
+        nb_labels=len(demo_data.LABEL_NAMES), methods=compared, epochs=epochs, seed=seed, verbose=verbose)
+
+
+def segmentation_seeds(seeds, encoder=None, quick=False, epochs=None, data_seed=0, verbose=0):
+    """The demo's segmentation row trained from each model seed of `seeds` on the same subjects (drawn from
+    `data_seed`): how much of a difference between two encoders' Dice is the UNet's initialisation.
+    `epochs` (default: the demo's) sets how long each UNet trains.
+
+    Returns: {method: {contrast: (len(seeds),) each seed's mean test Dice}}, methods as in `methods(encoder)`.
+    """
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in seeds):
+        raise ValueError(f"seeds must be one or more integers, got {seeds!r}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    _check_2d(encoder)
+    sizes, data, train, test = _demo_subjects(quick, data_seed)
+    epochs = sizes["seg_epochs"] if epochs is None else epochs
+    compared = methods(encoder)
+    spread = {name: {c: [] for c in demo_data.CONTRASTS} for name in compared}
+    for seed in seeds:
+        results, _ = _segmentation_row(data, train, test, compared, epochs, seed, verbose)
+        for name, tests in results.items():
+            for contrast, scores in tests.items():
+                spread[name][contrast].append(float(np.mean(scores.mean_dice)))
+    return {name: {c: np.array(v) for c, v in tests.items()} for name, tests in spread.items()}
+
+
+def seeds_table(spread, seeds):
+    """Markdown table of `segmentation_seeds`: mean ± SD over the seeds, and the lowest seed's Dice."""
+    lines = [f"Segmentation Dice (trained on T1), mean ± SD over model seeds {', '.join(map(str, seeds))} "
+             "[lowest seed]", "",
+             "| method | " + " | ".join(demo_data.CONTRASTS) + " |", "|---" * (len(demo_data.CONTRASTS) + 1) + "|"]
+    for name, tests in spread.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f} [{v.min():.3f}]"
+                                                 for v in tests.values()) + " |")
+    return "\n".join(lines)
+
+
 def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log=None, verbose=1):
     """Runs the demo; returns {"segmentation": {method: {contrast: Scores}}, "registration": ...}.
 
@@ -54,25 +112,17 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
         encoder_log: the training log (CSV with epoch, loss) of `encoder`, drawn in encoder_training.png
             beside the paper encoder's; None leaves it out. Only with `encoder`.
     """
-    if encoder is not None and getattr(encoder, "ndim", None) != 2:
-        raise ValueError(f"the 2D demo needs a 2D encoder, got {getattr(encoder, 'ndim', None)}D "
-                         f"{getattr(encoder, 'name', encoder)!r}")
+    _check_2d(encoder)
     if encoder_log is not None and encoder is None:
         raise ValueError(f"encoder_log {encoder_log!r} is the log of a given encoder, but no encoder was given")
     start = time.time()
-    sizes = experiments.SIZES["quick" if quick else "demo"]
-    n_subjects = sizes["subjects"]
+    sizes, data, train, test = _demo_subjects(quick, seed)
+    n_subjects = len(data.labels)
     os.makedirs(out_dir, exist_ok=True)
-    data = demo_data.demo_dataset(n_subjects=n_subjects, seed=seed)
-    train = np.arange(n_subjects // 2)
-    test = np.arange(len(train), n_subjects)
     labels = data.labels
     compared = methods(encoder)
 
-    seg, seg_models = experiments.segmentation_row(
-        (data.inputs("t1")[train], labels[train]),
-        {c: (data.inputs(c)[test], labels[test]) for c in demo_data.CONTRASTS},
-        nb_labels=len(demo_data.LABEL_NAMES), methods=compared, epochs=sizes["seg_epochs"], seed=seed, verbose=verbose)
+    seg, seg_models = _segmentation_row(data, train, test, compared, sizes["seg_epochs"], seed, verbose)
     reg_tests = {f"t1->{c}": experiments.cross_subject_pairs(data.inputs("t1")[test], data.inputs(c)[test],
                                                              labels[test], labels[test])
                  for c in demo_data.CONTRASTS}

@@ -1,6 +1,8 @@
 """`cifl demo`: the whole job end to end at smoke size, its outputs, and its one-line errors."""
 import json
 import os
+import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -13,8 +15,18 @@ from cifl_tf import cli, demo, demo_data, figures, machine
 from cifl_tf.descriptors import MIND
 from cifl_tf.encoder import load_encoder, pretrained_log, save_encoder
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ["encoder_training.png", "figure2.png", "registrations.png", "segmentations.png"]
 COLUMNS = ["baseline", "MIND", "CIFL (paper, tau_gamma=0.1)", "CIFL"]
+
+
+@pytest.fixture
+def baseline_and_cifl(monkeypatch):
+    """The demo's methods cut to the baseline and the CIFL column (figure 2 shows its features): smoke runs
+    stay short."""
+    methods = demo.methods
+    monkeypatch.setattr(demo, "methods", lambda encoder: {name: method for name, method in methods(encoder).items()
+                                                          if name in ("baseline", "CIFL")})
 
 
 def test_demo_compares_the_baseline_mind_the_papers_and_the_recommended_encoder():
@@ -56,15 +68,11 @@ def test_demo_refuses_a_3d_encoder_and_a_log_without_one(tmp_path, encoder, log,
 
 
 def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys,
-                                                                         tiny_networks):
+                                                                         tiny_networks, baseline_and_cifl):
     run, out = tmp_path / "run", tmp_path / "out"
     run.mkdir()
     save_encoder(cifl_tf.CIFLEncoder(channels=4, features=4), str(run / "encoder.weights.h5"))
     (run / "log.csv").write_text("epoch,loss\n0,3.0\n1,2.5\n")
-    methods = demo.methods
-    # The baseline and the given encoder (figure 2 shows its features) keep the smoke run short.
-    monkeypatch.setattr(demo, "methods", lambda encoder: {name: method for name, method in methods(encoder).items()
-                                                          if name in ("baseline", "CIFL")})
     drawn = {}  # the first argument of each figure function below
 
     def recorded(draw):
@@ -161,3 +169,68 @@ def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(t
     assert result.returncode == 2 and "cifl demo: error: the 2D demo needs a 2D encoder" in result.stderr
     restarts = tensorflow_choice == "False"
     assert ("restarting with TensorFlow's oneDNN kernels on" in result.stderr) == restarts
+
+
+def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(baseline_and_cifl, tiny_networks):
+    encoder = cifl_tf.CIFLEncoder(channels=4, features=4)
+    encoder(np.zeros((1, 8, 8, 1), np.float32))  # built here: its first call would draw its weights inside a row
+    spread = demo.segmentation_seeds([0, 1, 0], encoder=encoder, quick=True)
+    assert list(spread) == ["baseline", "CIFL"]
+    for tests in spread.values():
+        assert list(tests) == list(demo_data.CONTRASTS)
+        for dice in tests.values():
+            assert dice.shape == (3,) and np.all((dice >= 0) & (dice <= 1))
+            assert dice[0] == dice[2]  # a seed trains the same UNet on the same subjects
+    # Seeds 0 and 1 initialise differently: some Dice differ.
+    assert any(tests[c][0] != tests[c][1] for tests in spread.values() for c in tests)
+
+
+@pytest.mark.parametrize("seeds, encoder, message, epochs", [
+    ([], None, "seeds must be one or more integers, got []", None),
+    ([0, 1.5], None, "seeds must be one or more integers, got [0, 1.5]", None),
+    ([0], cifl_tf.CIFLEncoder(channels=4, features=4, ndim=3), "needs a 2D encoder, got 3D", None),
+    ([0], None, "epochs must be an integer >= 1, got 0", 0),
+    ([0], None, "epochs must be an integer >= 1, got 2.0", 2.0),
+])
+def test_segmentation_seeds_refuses(seeds, encoder, message, epochs):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        demo.segmentation_seeds(seeds, encoder=encoder, quick=True, epochs=epochs)
+
+
+def test_seeds_table_gives_mean_sd_and_the_lowest_seed():
+    spread = {"baseline": {c: np.array([0.7, 0.8, 0.9]) for c in demo_data.CONTRASTS},
+              "CIFL": {c: np.array([0.5, 0.5, 0.2]) for c in demo_data.CONTRASTS}}
+    lines = demo.seeds_table(spread, [0, 1, 2]).splitlines()
+    assert lines[0].startswith("Segmentation Dice (trained on T1), mean ± SD over model seeds 0, 1, 2")
+    assert lines[2] == "| method | t1 | t1_inverted | t2 | pd |"
+    assert lines[4] == "| baseline |" + " 0.800 ± 0.082 [0.700] |" * 4
+    assert lines[5] == "| CIFL |" + " 0.400 ± 0.141 [0.200] |" * 4
+
+
+def test_downstream_script_writes_the_table_and_each_seeds_dice(tmp_path, baseline_and_cifl, tiny_networks, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_encoder(cifl_tf.CIFLEncoder(channels=4, features=4), str(run / "encoder.weights.h5"))
+    script = runpy.run_path(os.path.join(ROOT, "experiments", "downstream.py"))
+    script["main"](["--quick", "--seeds", "3,4", "--epochs", "2", "--encoder", str(run),
+                    "--out", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "downstream_seeds.md").read_text()
+    assert "over model seeds 3, 4" in table and table in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "downstream_seeds.json").read_text())
+    assert saved["seeds"] == [3, 4] and saved["encoder"] == str(run) and saved["epochs"] == 2
+    assert list(saved["dice"]) == ["baseline", "CIFL"]
+    assert all(len(v) == 2 for tests in saved["dice"].values() for v in tests.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,a"], "--seeds must be integers separated by commas, got '0,a'"),
+    (["--encoder", "no/such/run"], "--encoder no/such/run: no such file or folder"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+])
+def test_downstream_script_reports_bad_arguments_in_one_line(tmp_path, capsys, argv, message):
+    script = runpy.run_path(os.path.join(ROOT, "experiments", "downstream.py"))
+    with pytest.raises(SystemExit) as stop:
+        script["main"](argv + ["--out", str(tmp_path / "out")])
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert stop.value.code == 2 and error == [f"downstream.py: error: {message}"]
+    assert not (tmp_path / "out").exists()
