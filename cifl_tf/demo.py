@@ -6,6 +6,7 @@ recommended encoder (``pretrained()``, or one of your own: ``run_demo(encoder=..
 and on the contrasts they never saw (inverted T1, T2-like, PD-like), prints the tables and writes results and
 figures.
 """
+import argparse
 import json
 import os
 import time
@@ -64,15 +65,15 @@ def _segmentation_row(data, train, test, compared, epochs, seed, verbose):
 
 
 def segmentation_seeds(seeds, encoder=None, quick=False, epochs=None, data_seed=0, verbose=0):
-    """The demo's segmentation row trained from each model seed of `seeds` on the same subjects (drawn from
-    `data_seed`): how much of a difference between two encoders' Dice is the UNet's initialisation.
-    `epochs` (default: the demo's) sets how long each UNet trains.
+    """The demo's segmentation row trained from each model seed of `seeds` (the UNets' initialisation and batch
+    order) on the same subjects, drawn from `data_seed`: how much of a difference between two encoders' Dice
+    the model seed alone makes. `epochs` (default: the demo's) sets how long each UNet trains.
 
     Returns: {method: {contrast: (len(seeds),) each seed's mean test Dice}}, methods as in `methods(encoder)`.
     """
-    seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in seeds):
-        raise ValueError(f"seeds must be one or more integers, got {seeds!r}")
+    if not isinstance(seeds, (list, tuple, np.ndarray)) or len(seeds) == 0 or any(
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2 ** 32 for s in seeds):
+        raise ValueError(f"seeds must be one or more integers in [0, 2^32), got {seeds!r}")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     _check_2d(encoder)
@@ -81,22 +82,61 @@ def segmentation_seeds(seeds, encoder=None, quick=False, epochs=None, data_seed=
     compared = methods(encoder)
     spread = {name: {c: [] for c in demo_data.CONTRASTS} for name in compared}
     for seed in seeds:
-        results, _ = _segmentation_row(data, train, test, compared, epochs, seed, verbose)
+        results, _ = _segmentation_row(data, train, test, compared, epochs, int(seed), verbose)
         for name, tests in results.items():
             for contrast, scores in tests.items():
-                spread[name][contrast].append(float(np.mean(scores.mean_dice)))
+                spread[name][contrast].append(scores.summary()["dice"][0])
     return {name: {c: np.array(v) for c, v in tests.items()} for name, tests in spread.items()}
 
 
 def seeds_table(spread, seeds):
-    """Markdown table of `segmentation_seeds`: mean ± SD over the seeds, and the lowest seed's Dice."""
+    """Markdown table of `segmentation_seeds`: mean ± SD over the seeds, and the lowest Dice of any seed."""
     lines = [f"Segmentation Dice (trained on T1), mean ± SD over model seeds {', '.join(map(str, seeds))} "
-             "[lowest seed]", "",
+             "[lowest over the seeds]", "",
              "| method | " + " | ".join(demo_data.CONTRASTS) + " |", "|---" * (len(demo_data.CONTRASTS) + 1) + "|"]
     for name, tests in spread.items():
         lines.append(f"| {name} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f} [{v.min():.3f}]"
                                                  for v in tests.values()) + " |")
     return "\n".join(lines)
+
+
+def seeds_main(argv=None):
+    """Command line of experiments/downstream.py: `segmentation_seeds`, printed and written as
+    downstream_seeds.md and downstream_seeds.json."""
+    from .cli import _output_folder
+    from .data import write_json
+    from .encoder import load_encoder
+
+    parser = argparse.ArgumentParser(description="The demo's segmentation row over several model seeds, for the "
+                                                 "shipped encoders and one of your own")
+    parser.add_argument("--encoder", default=None, help="a train-encoder run folder or weights file for the CIFL "
+                                                        "column (default: the recommended shipped encoder)")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="model seeds, e.g. 0,1,2 (default 0,1,2,3,4)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of each UNet (default: the demo's 25)")
+    parser.add_argument("--out", default="results", help="folder for downstream_seeds.md and .json")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and single epochs")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
+        _output_folder(args.out)
+        encoder = None if args.encoder is None else load_encoder(args.encoder)
+        epochs = experiments.SIZES["quick" if args.quick else "demo"]["seg_epochs"] if args.epochs is None \
+            else args.epochs
+        spread = segmentation_seeds(seeds, encoder=encoder, quick=args.quick, epochs=epochs, verbose=1)
+    except (ValueError, OSError, ImportError) as error:  # bad arguments, a missing encoder, no nilearn: one line
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    table = seeds_table(spread, seeds)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "downstream_seeds.md"), "w") as f:
+        f.write(table + "\n")
+    write_json(os.path.join(args.out, "downstream_seeds.json"),
+               {"seeds": seeds, "encoder": args.encoder, "epochs": epochs, "quick": args.quick, "data_seed": 0,
+                "dice": {name: {c: v.tolist() for c, v in tests.items()} for name, tests in spread.items()}})
+    return spread
 
 
 def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log=None, verbose=1):

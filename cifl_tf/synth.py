@@ -144,8 +144,8 @@ class ShapesSynth:
         tie_jitter: largest difference of a tied label's mean from its partner's.
         low_contrast_prob: chance, for each render, that the foreground labels' means are drawn
             together towards their average by a factor drawn log-uniformly in [low_contrast_min, 1],
-            with the noise SDs kept: all tissues within a narrow band against a background apart, as
-            in PD, where the brain's tissues lie within 13% of each other (``demo_data``).
+            with the noise SDs kept (the background's mean is drawn as before): all tissues within a
+            narrow band, as in PD, where the brain's tissues lie within 13% of each other (``demo_data``).
         low_contrast_min: smallest such factor, in (0, 1].
         seed: integer for reproducible draws; None draws differently every time.
         **render_kwargs: the intensity arguments of ``ne.models.labels_to_image``, with its

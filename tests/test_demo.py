@@ -171,23 +171,30 @@ def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(t
     assert ("restarting with TensorFlow's oneDNN kernels on" in result.stderr) == restarts
 
 
-def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(baseline_and_cifl, tiny_networks):
+def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(baseline_and_cifl, tiny_networks,
+                                                                          monkeypatch):
+    drawn, dataset = [], demo_data.demo_dataset
+    monkeypatch.setattr(demo_data, "demo_dataset", lambda **kwargs: drawn.append(kwargs) or dataset(**kwargs))
     encoder = cifl_tf.CIFLEncoder(channels=4, features=4)
     encoder(np.zeros((1, 8, 8, 1), np.float32))  # built here: its first call would draw its weights inside a row
-    spread = demo.segmentation_seeds([0, 1, 0], encoder=encoder, quick=True)
+    spread = demo.segmentation_seeds(np.array([0, 1, 0]), encoder=encoder, quick=True, data_seed=2)
+    assert drawn == [dict(n_subjects=8, seed=2)]  # one dataset, of the data seed, for every model seed
     assert list(spread) == ["baseline", "CIFL"]
     for tests in spread.values():
         assert list(tests) == list(demo_data.CONTRASTS)
         for dice in tests.values():
             assert dice.shape == (3,) and np.all((dice >= 0) & (dice <= 1))
-            assert dice[0] == dice[2]  # a seed trains the same UNet on the same subjects
+            assert dice[0] == dice[2]  # a seed trains the same UNet in the same batch order
     # Seeds 0 and 1 initialise differently: some Dice differ.
     assert any(tests[c][0] != tests[c][1] for tests in spread.values() for c in tests)
 
 
 @pytest.mark.parametrize("seeds, encoder, message, epochs", [
-    ([], None, "seeds must be one or more integers, got []", None),
-    ([0, 1.5], None, "seeds must be one or more integers, got [0, 1.5]", None),
+    ([], None, "seeds must be one or more integers in [0, 2^32), got []", None),
+    ([0, 1.5], None, "seeds must be one or more integers in [0, 2^32), got [0, 1.5]", None),
+    ([0, -1], None, "seeds must be one or more integers in [0, 2^32), got [0, -1]", None),
+    (3, None, "seeds must be one or more integers in [0, 2^32), got 3", None),
+    ("0,1", None, "seeds must be one or more integers in [0, 2^32), got '0,1'", None),
     ([0], cifl_tf.CIFLEncoder(channels=4, features=4, ndim=3), "needs a 2D encoder, got 3D", None),
     ([0], None, "epochs must be an integer >= 1, got 0", 0),
     ([0], None, "epochs must be an integer >= 1, got 2.0", 2.0),
@@ -197,7 +204,7 @@ def test_segmentation_seeds_refuses(seeds, encoder, message, epochs):
         demo.segmentation_seeds(seeds, encoder=encoder, quick=True, epochs=epochs)
 
 
-def test_seeds_table_gives_mean_sd_and_the_lowest_seed():
+def test_seeds_table_gives_mean_sd_and_the_lowest_dice():
     spread = {"baseline": {c: np.array([0.7, 0.8, 0.9]) for c in demo_data.CONTRASTS},
               "CIFL": {c: np.array([0.5, 0.5, 0.2]) for c in demo_data.CONTRASTS}}
     lines = demo.seeds_table(spread, [0, 1, 2]).splitlines()
@@ -207,30 +214,37 @@ def test_seeds_table_gives_mean_sd_and_the_lowest_seed():
     assert lines[5] == "| CIFL |" + " 0.400 ± 0.141 [0.200] |" * 4
 
 
-def test_downstream_script_writes_the_table_and_each_seeds_dice(tmp_path, baseline_and_cifl, tiny_networks, capsys):
+def test_seeds_command_writes_the_table_and_each_seeds_dice(tmp_path, baseline_and_cifl, tiny_networks, capsys):
     run = tmp_path / "run"
     run.mkdir()
     save_encoder(cifl_tf.CIFLEncoder(channels=4, features=4), str(run / "encoder.weights.h5"))
-    script = runpy.run_path(os.path.join(ROOT, "experiments", "downstream.py"))
-    script["main"](["--quick", "--seeds", "3,4", "--epochs", "2", "--encoder", str(run),
-                    "--out", str(tmp_path / "out")])
+    spread = demo.seeds_main(["--quick", "--seeds", "3,4", "--encoder", str(run), "--out", str(tmp_path / "out")])
     table = (tmp_path / "out" / "downstream_seeds.md").read_text()
-    assert "over model seeds 3, 4" in table and table in capsys.readouterr().out
+    assert table == demo.seeds_table(spread, [3, 4]) + "\n" and table in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "downstream_seeds.json").read_text())
-    assert saved["seeds"] == [3, 4] and saved["encoder"] == str(run) and saved["epochs"] == 2
-    assert list(saved["dice"]) == ["baseline", "CIFL"]
-    assert all(len(v) == 2 for tests in saved["dice"].values() for v in tests.values())
+    assert {k: saved[k] for k in ("seeds", "encoder", "epochs", "quick", "data_seed")} == dict(
+        seeds=[3, 4], encoder=str(run), epochs=1, quick=True, data_seed=0)  # the quick size's epochs
+    assert saved["dice"] == {name: {c: v.tolist() for c, v in tests.items()} for name, tests in spread.items()}
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0,a"], "--seeds must be integers separated by commas, got '0,a'"),
-    (["--encoder", "no/such/run"], "--encoder no/such/run: no such file or folder"),
-    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--seeds", "0,-1"], "seeds must be one or more integers in [0, 2^32), got [0, -1]"),
+    (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+    (["--encoder", "{tmp}/none"], "{tmp}/none"),
+    (["--encoder", "{tmp}"], "{tmp}/encoder.weights.h5"),  # a folder without an encoder
+    (["--encoder", "{tmp}/3d.weights.h5"], "needs a 2D encoder, got 3D"),
+    (["--out", "{tmp}/3d.weights.h5"], "is not a folder"),
 ])
-def test_downstream_script_reports_bad_arguments_in_one_line(tmp_path, capsys, argv, message):
-    script = runpy.run_path(os.path.join(ROOT, "experiments", "downstream.py"))
+def test_downstream_script_reports_bad_arguments_in_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    save_encoder(cifl_tf.CIFLEncoder(channels=4, features=4, ndim=3), str(tmp_path / "3d.weights.h5"))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in argv else []
+    script = os.path.join(ROOT, "experiments", "downstream.py")
+    monkeypatch.setattr(sys, "argv", [script, *argv, *out])
     with pytest.raises(SystemExit) as stop:
-        script["main"](argv + ["--out", str(tmp_path / "out")])
-    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert stop.value.code == 2 and error == [f"downstream.py: error: {message}"]
+        runpy.run_path(script, run_name="__main__")
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(error) == 1
+    assert error[0].startswith("downstream.py: error: ") and message.format(tmp=tmp_path) in error[0]
     assert not (tmp_path / "out").exists()

@@ -129,6 +129,7 @@ def test_warp_deforms_the_label_map():
     (dict(shape=(32, 32), low_contrast_prob=-0.1), "low_contrast_prob must be a number in [0, 1], got -0.1"),
     (dict(shape=(32, 32), low_contrast_min=0), "low_contrast_min must be a number in (0, 1], got 0"),
     (dict(shape=(32, 32), low_contrast_min=True), "low_contrast_min must be a number in (0, 1], got True"),
+    (dict(shape=(32, 32), low_contrast_min=2), "low_contrast_min must be a number in (0, 1], got 2"),
 ])
 def test_bad_synth_arguments_raise(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
@@ -182,6 +183,28 @@ def test_low_contrast_draws_the_foreground_means_together(prob, smallest):
     assert np.all((factor >= smallest * (1 - 1e-4)) & (factor <= 1 + 1e-4))
     if prob == 1.0 and smallest < 1:  # log-uniform: the median factor is the geometric mean
         np.testing.assert_allclose(np.median(factor), np.sqrt(smallest), rtol=0.15)
+
+
+def test_renders_draw_the_foreground_together_at_low_contrast():
+    plain = dict(normalize=False, blur_std=0, bias_std=0, gamma_std=0, dc_offset=0, std_min=[0] * 6, std_max=[0] * 6)
+    labels = np.repeat(np.arange(6), 24).reshape(1, 12, 12, 1)
+    key = tf.constant([7, 1], tf.int64)
+    spread = {}
+    for prob in (0.0, 1.0):
+        image = ShapesSynth((12, 12), num_labels=6, low_contrast_prob=prob, low_contrast_min=0.02, seed=0,
+                            **plain).render(key, tf.constant(labels, tf.int32)).numpy()
+        means = np.array([image[labels == j].mean() for j in range(1, 6)])
+        spread[prob] = means.max() - means.min()
+    # The same draws but for the factor: the foreground's spread shrinks by it, at most to 0.02 of itself.
+    assert 0.02 * spread[0.0] * (1 - 1e-4) <= spread[1.0] < 0.99 * spread[0.0]
+
+
+def test_adding_a_draw_keeps_the_keys_of_the_earlier_ones():
+    from cifl_tf.synth import _RENDER_DRAWS, _split
+    key = tf.constant([3, 9], tf.int64)
+    before, after = _split(key, _RENDER_DRAWS[:-2]), _split(key, _RENDER_DRAWS)
+    for name, value in before.items():  # seeded streams from before the low-contrast draws stay the same
+        np.testing.assert_array_equal(value, after[name])
 
 
 @pytest.mark.parametrize("sigmas, width", [((0.7, 1.3), 7), ((2.0, 0.5, 1.0), 13), ((1e-3, 1.0), 7)])
