@@ -264,7 +264,8 @@ class ShapesSynth:
         moved to c + s (m_j - c), c their average and log s uniform in [log low_contrast_min, 0]."""
         batch_size = mean.shape[0]
         squeezed = tf.random.stateless_uniform((batch_size, 1), keys["low_contrast"]) < self.low_contrast_prob
-        log_factor = _uniform(keys["contrast_factor"], (batch_size, 1), np.float32(np.log(self.low_contrast_min)), 0.)
+        log_smallest = np.float32(np.log(self.low_contrast_min))
+        log_factor = _uniform(keys["contrast_factor"], (batch_size, 1), log_smallest, 0.)
         foreground = mean[:, 1:]
         centre = tf.reduce_mean(foreground, axis=1, keepdims=True)
         foreground = tf.where(squeezed, centre + tf.exp(log_factor) * (foreground - centre), foreground)
