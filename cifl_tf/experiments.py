@@ -88,10 +88,10 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
     results, trained = {}, {}
     for name, encoder in methods.items():
         _announce(f"segmentation, {name}", verbose)
+        features = _encoded(encoder, images)  # before seeding: an encoder built here draws no model seed's numbers
         tf.keras.utils.set_random_seed(seed)
         model = segmentation_model(images.shape[1:-1], nb_labels, encoder, **unet_kwargs)
-        model.head().fit(_encoded(encoder, images), onehot, epochs=epochs, batch_size=batch_size, shuffle=True,
-                         verbose=verbose)
+        model.head().fit(features, onehot, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
         results[name] = {contrast: evaluate_segmentation(model, _channel_last(x), y)
                          for contrast, (x, y) in tests.items()}
         trained[name] = model
@@ -116,10 +116,11 @@ def registration_row(train_images, tests, methods, epochs=10, steps_per_epoch=10
     results, trained = {}, {}
     for name, encoder in methods.items():
         _announce(f"registration, {name}", verbose)
+        features = _encoded(encoder, images)  # before seeding, as in segmentation_row
         tf.keras.utils.set_random_seed(seed)
         model = registration_model(images.shape[1:-1], encoder, **vxm_kwargs)
-        model.head().fit(pair_batches(_encoded(encoder, images), batch_size, seed), epochs=epochs,
-                         steps_per_epoch=steps_per_epoch, verbose=verbose)
+        model.head().fit(pair_batches(features, batch_size, seed), epochs=epochs, steps_per_epoch=steps_per_epoch,
+                         verbose=verbose)
         results[name] = {test: evaluate_registration(model, *(_channel_last(a) for a in pairs[:2]), *pairs[2:])
                          for test, pairs in tests.items()}
         trained[name] = model

@@ -175,8 +175,7 @@ def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(baselin
                                                                           monkeypatch):
     drawn, dataset = [], demo_data.demo_dataset
     monkeypatch.setattr(demo_data, "demo_dataset", lambda **kwargs: drawn.append(kwargs) or dataset(**kwargs))
-    encoder = cifl_tf.CIFLEncoder(channels=4, features=4)
-    encoder(np.zeros((1, 8, 8, 1), np.float32))  # built here: its first call would draw its weights inside a row
+    encoder = cifl_tf.CIFLEncoder(channels=4, features=4)  # built in the first row, before its seed is set
     spread = demo.segmentation_seeds(np.array([0, 1, 0]), encoder=encoder, quick=True, data_seed=2)
     assert drawn == [dict(n_subjects=8, seed=2)]  # one dataset, of the data seed, for every model seed
     assert list(spread) == ["baseline", "CIFL"]
