@@ -48,9 +48,13 @@ def _check_2d(encoder):
                          f"{getattr(encoder, 'name', encoder)!r}")
 
 
+def _sizes(quick):
+    return experiments.SIZES["quick" if quick else "demo"]
+
+
 def _demo_subjects(quick, seed):
     """The demo's sizes, its dataset drawn from `seed`, and the indices of its training and test halves."""
-    sizes = experiments.SIZES["quick" if quick else "demo"]
+    sizes = _sizes(quick)
     n_subjects = sizes["subjects"]
     data = demo_data.demo_dataset(n_subjects=n_subjects, seed=seed)
     return sizes, data, np.arange(n_subjects // 2), np.arange(n_subjects // 2, n_subjects)
@@ -77,8 +81,8 @@ def segmentation_seeds(seeds, encoder=None, quick=False, epochs=None, data_seed=
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     _check_2d(encoder)
-    sizes, data, train, test = _demo_subjects(quick, data_seed)
-    epochs = sizes["seg_epochs"] if epochs is None else epochs
+    _, data, train, test = _demo_subjects(quick, data_seed)
+    epochs = _sizes(quick)["seg_epochs"] if epochs is None else epochs
     compared = methods(encoder)
     spread = {name: {c: [] for c in demo_data.CONTRASTS} for name in compared}
     for seed in seeds:
@@ -123,8 +127,7 @@ def seeds_main(argv=None):
             raise ValueError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
         _output_folder(args.out)
         encoder = None if args.encoder is None else load_encoder(args.encoder)
-        epochs = experiments.SIZES["quick" if args.quick else "demo"]["seg_epochs"] if args.epochs is None \
-            else args.epochs
+        epochs = _sizes(args.quick)["seg_epochs"] if args.epochs is None else args.epochs
         spread = segmentation_seeds(seeds, encoder=encoder, quick=args.quick, epochs=epochs, verbose=1)
     except (ValueError, OSError, ImportError) as error:  # bad arguments, a missing encoder, no nilearn: one line
         parser.exit(2, f"{parser.prog}: error: {error}\n")
