@@ -569,24 +569,10 @@ def _parser():
 ONEDNN_COMMANDS = ("demo", "register")
 
 
-def relaunch_with_onednn(argv):
-    """Runs `cifl` (argv: its arguments, an ONEDNN_COMMANDS command first) again in this process's place with
-    TensorFlow's oneDNN kernels on, unless they are on already or TF_ENABLE_ONEDNN_OPTS is set. TensorFlow decides
-    at import, and without AVX-512 VNNI, BF16 or AMX it leaves them off, though on an AVX2-only CPU they made the 3D
-    demo 1.7-1.9x, the 2D one 1.2-1.4x and a 3D registration 1.9x faster (README). The trainers keep TensorFlow's
-    default: under load, oneDNN made a resumed run differ from one that went through (machine.onednn_enabled)."""
-    if "TF_ENABLE_ONEDNN_OPTS" in os.environ or machine.onednn_enabled():
-        return
-    print(f"cifl {argv[0]}: restarting with TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1; set it to 0 to "
-          f"keep them off)", file=sys.stderr, flush=True)
-    os.execve(sys.executable, [sys.executable, "-m", "cifl_tf.cli", *argv],
-              {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})
-
-
 def main(argv=None):
     args = _parser().parse_args(argv)
     if argv is None and args.command in ONEDNN_COMMANDS:  # the console command, not a call from Python
-        relaunch_with_onednn(sys.argv[1:])
+        machine.relaunch_with_onednn(f"cifl {args.command}", ["-m", "cifl_tf.cli", *sys.argv[1:]])
     try:
         args.run(args)
     except (ValueError, OSError, ImportError) as error:

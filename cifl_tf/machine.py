@@ -3,6 +3,8 @@
 The same demo takes 9 minutes on one 2-core machine and 24 on another (AVX-512 against AVX2 only): a
 wall time means little without the machine's own float32 matmul rate and vector flags beside it.
 """
+import os
+import sys
 import timeit
 
 import tensorflow as tf
@@ -34,10 +36,23 @@ def onednn_enabled():
     Measured on an AVX2-only AMD EPYC: an encoder training step 1.9x faster with them (bench/train_step.py),
     but under load from another process a seeded run resumed after a kill no longer matched one that went
     through (features up to 0.056 apart; tests/test_cli_train_encoder.py), so training keeps TF's choice;
-    only `cifl demo` and `cifl register` turn them on (cli.relaunch_with_onednn)."""
+    only `cifl demo`, `cifl register` and experiments/downstream.py turn them on (relaunch_with_onednn)."""
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def describe():
     """One line for beside a timing: the CPU's vector flags and whether oneDNN is on."""
     return f"CPU flags: {cpu_flags()}; oneDNN {'on' if onednn_enabled() else 'off'}"
+
+
+def relaunch_with_onednn(name, arguments):
+    """Runs `python *arguments` again in this process's place with TensorFlow's oneDNN kernels on, unless they are
+    on already or TF_ENABLE_ONEDNN_OPTS is set; `name` (the command) heads the one line it prints. TensorFlow
+    decides at import, and without AVX-512 VNNI, BF16 or AMX it leaves them off, though on an AVX2-only CPU they
+    made the 3D demo 1.7-1.9x, the 2D one 1.2-1.4x and a 3D registration 1.9x faster (README). For commands that
+    resume nothing: the trainers keep TensorFlow's default (`onednn_enabled`)."""
+    if "TF_ENABLE_ONEDNN_OPTS" in os.environ or onednn_enabled():
+        return
+    print(f"{name}: restarting with TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1; set it to 0 to keep "
+          f"them off)", file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, *arguments], {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})

@@ -105,31 +105,6 @@ def test_demo_without_nilearn_is_one_line_saying_what_to_install(tmp_path, monke
     assert err.count("\n") == 1 and "pip install nilearn" in err
 
 
-@pytest.mark.parametrize("argv", [["demo", "--quick"], ["register", "--moving", "a.nii", "--fixed", "b.nii"]])
-@pytest.mark.parametrize("variable, onednn_on, restarts", [
-    (None, False, True),    # TensorFlow left oneDNN off (an AVX2-only CPU): the command turns it on
-    (None, True, False),    # on already (AVX-512 VNNI, BF16 or AMX)
-    ("0", False, False),    # the user's choice stands
-    ("1", True, False),
-])
-def test_the_console_commands_restart_with_onednn_unless_it_is_on_or_chosen(monkeypatch, argv, variable, onednn_on,
-                                                                           restarts, capsys):
-    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
-    if variable is not None:
-        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", variable)
-    monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
-    calls = []
-    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
-    cli.relaunch_with_onednn(argv)
-    if not restarts:
-        assert calls == [] and capsys.readouterr().err == ""
-        return
-    [(program, arguments, environment)] = calls
-    assert program == sys.executable and arguments == [sys.executable, "-m", "cifl_tf.cli", *argv]
-    assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
-    assert capsys.readouterr().err.startswith(f"cifl {argv[0]}: restarting with TensorFlow's oneDNN kernels on")
-
-
 @pytest.mark.parametrize("argv, restarts", [
     (["demo", "--quick"], True),
     (["register", "--moving", "a.nii", "--fixed", "b.nii", "--moved", "c.nii"], True),
@@ -139,12 +114,12 @@ def test_only_the_console_commands_that_resume_nothing_restart(monkeypatch, argv
     class Restarted(Exception):
         pass
 
-    def restart(arguments):
-        assert arguments == argv
+    def restart(name, arguments):
+        assert name == f"cifl {argv[0]}" and arguments == ["-m", "cifl_tf.cli", *argv]
         raise Restarted
 
     monkeypatch.setattr(sys, "argv", ["cifl", *argv])
-    monkeypatch.setattr(cli, "relaunch_with_onednn", restart)
+    monkeypatch.setattr(machine, "relaunch_with_onednn", restart)
     monkeypatch.setattr(cli, "_train_encoder", lambda args: None)
     if restarts:
         with pytest.raises(Restarted):
@@ -224,6 +199,16 @@ def test_seeds_command_writes_the_table_and_each_seeds_dice(tmp_path, baseline_a
     assert {k: saved[k] for k in ("seeds", "encoder", "epochs", "quick", "data_seed")} == dict(
         seeds=[3, 4], encoder=str(run), epochs=1, quick=True, data_seed=0)  # the quick size's epochs
     assert saved["dice"] == {name: {c: v.tolist() for c, v in tests.items()} for name, tests in spread.items()}
+
+
+def test_the_downstream_script_restarts_as_the_demo_does(monkeypatch):
+    script = os.path.join(ROOT, "experiments", "downstream.py")
+    monkeypatch.setattr(sys, "argv", [script, "--seeds", "1"])
+    monkeypatch.setattr(machine, "relaunch_with_onednn", lambda *args: calls.append(args) or sys.exit(0))
+    calls = []
+    with pytest.raises(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    assert calls == [("downstream.py", [script, "--seeds", "1"])]
 
 
 @pytest.mark.parametrize("argv, message", [

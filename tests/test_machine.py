@@ -38,3 +38,26 @@ def test_onednn_follows_tf_enable_onednn_opts():
     assert result.returncode == 0, result.stderr[-2000:]
     there = result.stdout.strip().splitlines()[-1]
     assert there.startswith(f"{not here} ") and there.endswith(f"oneDNN {'off' if here else 'on'}")
+
+
+@pytest.mark.parametrize("variable, onednn_on, restarts", [
+    (None, False, True),    # TensorFlow left oneDNN off (an AVX2-only CPU): the command turns it on
+    (None, True, False),    # on already (AVX-512 VNNI, BF16 or AMX)
+    ("0", False, False),    # the user's choice stands
+    ("1", True, False),
+])
+def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, capsys, variable, onednn_on, restarts):
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    if variable is not None:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", variable)
+    monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+    machine.relaunch_with_onednn("cifl demo", ["-m", "cifl_tf.cli", "demo", "--quick"])
+    if not restarts:
+        assert calls == [] and capsys.readouterr().err == ""
+        return
+    [(program, arguments, environment)] = calls
+    assert program == sys.executable and arguments == [sys.executable, "-m", "cifl_tf.cli", "demo", "--quick"]
+    assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    assert capsys.readouterr().err.startswith("cifl demo: restarting with TensorFlow's oneDNN kernels on")
