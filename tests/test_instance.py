@@ -97,6 +97,20 @@ def test_moved_features_encoded_and_a_cifl_encoder():
     assert not encoder.trainable
 
 
+@pytest.mark.parametrize("shape, feature_scale, default", [
+    ((24, 24), 1, "encoded"),
+    ((24, 24), 2, "warped"),  # features of upsampled images are described once
+    ((12, 12, 12), 1, "warped"),
+])
+def test_moved_features_default_to_encoded_in_2d_and_warped_in_3d(shape, feature_scale, default):
+    moving, t1, _, _, _ = warped_pair(shape)
+    kwargs = dict(encoder=EdgeDescriptor(len(shape)), levels=(2, 1), steps=5, feature_scale=feature_scale, verbose=0)
+    fields = {mode: cifl_tf.register_pair(moving, t1, moved_features=mode, **kwargs)
+              for mode in instance.MOVED_FEATURES if not (mode == "encoded" and feature_scale > 1)}
+    np.testing.assert_allclose(cifl_tf.register_pair(moving, t1, **kwargs), fields[default], atol=1e-6)
+    assert len(fields) == 1 or np.abs(fields["encoded"] - fields["warped"]).max() > 1e-3
+
+
 def test_a_registration_that_reuses_the_compiled_models_of_earlier_ones_gives_the_same_result():
     moving, t1, t2, _, _ = warped_pair((24, 24))
     encoder = cifl_tf.pretrained(0.01)
@@ -255,7 +269,8 @@ def test_upsample_interpolates_between_pixel_centres_and_pool_takes_ramps_back(s
 
 def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
     """register_pair's (source, target[, affine matrix]) of each level, without fitting; the shapes described; its
-    result."""
+    result. Of the moving features warped (2D images' default is to encode the moved image), unless told."""
+    kwargs = {"moved_features": "warped", **kwargs}
     fitted, described, tiled = [], [], tiling.tiled_features
     monkeypatch.setattr(instance, "_fit", lambda model, inputs, targets, steps, verbose: fitted.append(
         (inputs[0], targets[0], *inputs[1:])))
