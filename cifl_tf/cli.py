@@ -172,7 +172,8 @@ def _bytes(text):
 def _add_memory_arg(p):
     p.add_argument("--max-memory", type=_bytes, default=tiling.DEFAULT_MAX_MEMORY, metavar="BYTES",
                    help="memory for encoder activations: the image is encoded tile by tile within it; "
-                        "registration also holds about this much of an image's features at a time "
+                        "3D registration also holds about this much of an image's features at a time (2D "
+                        "registration encodes the moved image whole in every step) "
                         "(e.g. 512M; default 1G)")
 
 
