@@ -21,7 +21,7 @@ from .callbacks import StopOnNonFinite
 from .descriptors import MIND, VARIANTS
 from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
-from .instance import register_pair
+from .instance import MOVED_FEATURES, register_pair
 from .metrics import folding_fraction
 from .training import LEARNING_RATE_DECAYS, read_settings, train_encoder
 
@@ -172,8 +172,8 @@ def _bytes(text):
 def _add_memory_arg(p):
     p.add_argument("--max-memory", type=_bytes, default=tiling.DEFAULT_MAX_MEMORY, metavar="BYTES",
                    help="memory for encoder activations: the image is encoded tile by tile within it; "
-                        "3D registration also holds about this much of an image's features at a time (2D "
-                        "registration encodes the moved image whole in every step) "
+                        "registration with warped features (3D) also holds about this much of an image's "
+                        "features at a time (with encoded ones, the 2D default, it encodes whole images) "
                         "(e.g. 512M; default 1G)")
 
 
@@ -240,11 +240,10 @@ def _register(args):
     for path in filter(None, (args.moved, args.warp)):
         _nifti_output(path)
     if args.model:
-        if args.affine:
-            raise ValueError("--affine is a stage of instance optimisation; a --model registers in one pass")
-        if args.feature_scale != 1:
-            raise ValueError("--feature-scale is an option of instance optimisation; a --model takes the images as "
-                             "they are")
+        for option, given in (("--affine", args.affine), ("--feature-scale", args.feature_scale != 1),
+                              ("--moved-features", args.moved_features is not None)):
+            if given:
+                raise ValueError(f"{option} is an option of instance optimisation, not of a --model")
         model = models.load_model(args.model, "registration")
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, ndim=len(model.inshape))
         if fixed.shape != model.inshape:
@@ -256,7 +255,8 @@ def _register(args):
         encoder = _registration_encoder(args, fixed.ndim)
         displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
                                      levels=args.levels, steps=args.steps, affine=args.affine,
-                                     feature_scale=args.feature_scale, max_memory=args.max_memory)
+                                     moved_features=args.moved_features, feature_scale=args.feature_scale,
+                                     max_memory=args.max_memory)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
         data.save_nifti(args.warp, displacement, affine, header, channels=True)
@@ -526,9 +526,12 @@ def _parser():
                         "4,2,1, coarser for large images: register_pair's default_levels)")
     p.add_argument("--steps", type=int, default=100, help="without --model: optimisation steps per resolution level")
     p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
+    p.add_argument("--moved-features", choices=MOVED_FEATURES, default=None,
+                   help="without --model: warp the moving image's features, described once, or encode the moved "
+                        "image in every step (default: encoded for 2D images, warped for 3D and --feature-scale)")
     p.add_argument("--feature-scale", type=int, default=1,
                    help="without --model: encode the images upsampled by this factor and average the features "
-                        "back (for images coarser than 1 mm; default 1)")
+                        "back (for images coarser than 1 mm; default 1; warped features)")
     _add_memory_arg(p)
     p.set_defaults(run=_register)
 

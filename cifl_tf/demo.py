@@ -9,7 +9,6 @@ figures.
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -121,8 +120,6 @@ def seeds_main(argv=None):
     parser.add_argument("--out", default="results", help="folder for downstream_seeds.md and .json")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and single epochs")
     args = parser.parse_args(argv)
-    if argv is None:  # the script, as `cifl demo` runs: its rows compare with the demo's on any CPU
-        machine.relaunch_with_onednn(parser.prog, sys.argv)
     try:
         try:
             seeds = [int(s) for s in args.seeds.split(",")]

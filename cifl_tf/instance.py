@@ -14,10 +14,10 @@ steps and voxels repay the compile time (``uses_xla``). With ``affine=True`` an 
 Features are those of a CIFL encoder, of a descriptor layer such as MIND, or the intensities. With
 ``moved_features="warped"`` they are computed once per image, tile by tile (``cifl_tf.tiling``), pooled for
 each level, and the moved features are the moving features warped. ``"encoded"`` instead warps the moving
-image and encodes it again in every step, at each level's resolution: exact, as features that see 77 pixels
-around them do not move with a local deformation as the image does. The default is "encoded" for 2D images and
+image and encodes it again in every step, at each level's resolution: exact, as features that describe 77
+pixels across do not move with a local deformation as the image does. The default is "encoded" for 2D images and
 "warped" for 3D ones (``MOVED_FEATURES_DEFAULT``): on real 2D slices "encoded" registered 0.04-0.12 Dice better
-in about twice the time, but on the 3D demo it did worse, and in 3D an encoder pass per step (about 1 TFLOP
+in 1.8-3 times the time, but on the 3D demo it did worse, and in 3D an encoder pass per step (about 1 TFLOP
 forward and backward on a 80x96x112 grid) is far beyond the 2-minute budget and cannot be tiled.
 ``feature_scale`` encodes images upsampled and pools their features back, for images coarser than the encoder
 suits.
@@ -44,10 +44,11 @@ SIMILARITIES = ("mse", "ncc", "mi")
 REG_WEIGHTS = {"ncc": 1.0, "mse": 0.01, "mi": 0.01}
 MOVED_FEATURES = ("warped", "encoded")
 # register_pair's moved_features by the images' ndim. Measured with levels (4, 2, 1) of 100 steps (README,
-# "Registering a pair without training"): on the OASIS sample's slices, subject 1 -> 2 and 2 -> 1 in T1, inverted T1
-# and GM≈WM, "encoded" gave the recommended encoder 0.05-0.07 and MIND 0.04-0.12 more seg4 Dice; on 2D demo pairs
-# 0.04-0.06 more on T1 and T2-like and the same on PD-like. On the 3D demo (tri-planar features, 3 mm) it lost
-# 0.02-0.07, in two to three times the time.
+# "Registering a pair without training"): on the OASIS sample's slices (both directions; T1, inverted T1, GM≈WM and
+# not bias-corrected), "encoded" gave the recommended encoder 0.05-0.08 and MIND 0.04-0.12 more seg4 Dice; on 2D
+# demo pairs the recommended encoder 0.04-0.06 more on T1 and T2-like and 0.006 less on PD-like, MIND 0.02-0.03
+# more. On the 3D demo (tri-planar features, 3 mm) the recommended encoder lost 0.02-0.07 and MIND up to 0.015,
+# in 1.8-3 times the time.
 MOVED_FEATURES_DEFAULT = {2: "encoded", 3: "warped"}
 MI_BINS = 16
 # XLA (jit_compile) halves a step of a large level (0.41 -> 0.20 s at 40x48x56 with 48 channels on 2 cores)
@@ -427,7 +428,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         learning_rate: of Adam, in voxels of the level's grid per step.
         int_steps: scaling-and-squaring steps of the velocity integration.
         affine: first fit an affine transform (`steps` steps on the coarsest level's grid); each deformable
-            level then fits the deformation that follows it, and warps the moving features once by both.
+            level then fits the deformation that follows it, and warps the moving features (or image, with
+            "encoded") once by both.
         moved_features: "warped" (warp the moving features), "encoded" (encode the moved image in every
             step) or None: MOVED_FEATURES_DEFAULT of the images' ndim ("encoded" in 2D), "warped" with
             feature_scale > 1.
@@ -465,14 +467,14 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         raise ValueError(f"register_pair: learning_rate must be a positive number, got {learning_rate!r}")
     if not isinstance(affine, bool):
         raise TypeError(f"register_pair: affine must be True or False, got {affine!r}")
-    if moved_features is None:
-        moved_features = MOVED_FEATURES_DEFAULT[moving.ndim] if feature_scale == 1 else "warped"
-    if moved_features not in MOVED_FEATURES:
-        raise ValueError(f"register_pair: moved_features must be one of {MOVED_FEATURES}, got {moved_features!r}")
     if jit_compile is not None and not isinstance(jit_compile, bool):
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
     if isinstance(feature_scale, bool) or not isinstance(feature_scale, (int, np.integer)) or feature_scale < 1:
         raise ValueError(f"register_pair: feature_scale must be a positive integer, got {feature_scale!r}")
+    if moved_features is None:
+        moved_features = MOVED_FEATURES_DEFAULT[moving.ndim] if feature_scale == 1 else "warped"
+    if moved_features not in MOVED_FEATURES:
+        raise ValueError(f"register_pair: moved_features must be one of {MOVED_FEATURES}, got {moved_features!r}")
     if feature_scale != 1 and encoder is None:
         raise ValueError(f"register_pair: feature_scale {feature_scale} scales an encoder's features; "
                          f"intensities have none")

@@ -6,7 +6,13 @@ what a difference between two encoders has to exceed before it says anything (ci
     python experiments/downstream.py                          # seeds 0-4, the demo's methods
     python experiments/downstream.py --encoder runs/enc --seeds 0,1,2 --epochs 50 --out results
 """
+import os
+import sys
+
+from cifl_tf import machine
 from cifl_tf.demo import seeds_main
 
 if __name__ == "__main__":
+    # With oneDNN on where TensorFlow leaves it off, as `cifl demo` runs, so that the rows compare with the demo's.
+    machine.relaunch_with_onednn(os.path.basename(sys.argv[0]), sys.argv)
     seeds_main()

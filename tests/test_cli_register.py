@@ -57,6 +57,17 @@ def test_register_without_a_model_writes_on_the_fixed_grid(pair, capsys):
     np.testing.assert_allclose(np.asarray(moved.dataobj)[..., 0], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("options, moved_features", [([], None), (["--moved-features", "warped"], "warped"),
+                                                     (["--moved-features", "encoded"], "encoded")])
+def test_register_passes_moved_features_on(pair, capsys, monkeypatch, options, moved_features):
+    passed = []
+    monkeypatch.setattr(cli, "register_pair", lambda moving, fixed, encoder, **kwargs: passed.append(
+        kwargs["moved_features"]) or np.zeros((*fixed.shape, 2), np.float32))
+    status, _, _ = run(capsys, "register", "--moving", pair / "moving.nii.gz", "--fixed", pair / "fixed.nii.gz",
+                       "--moved", pair / "moved.nii.gz", *options)
+    assert status == 0 and passed == [moved_features]
+
+
 @pytest.mark.slow
 def test_register_without_a_model_undoes_the_shift(pair, capsys):
     status, _, displacement = register(pair, capsys, "--levels", "2,1", "--steps", 30)
@@ -82,7 +93,8 @@ def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, ca
     (["--intensity", "ncc", "--levels", "1,2"], r"levels must be decreasing positive integer pooling factors"),
     (["--intensity", "ncc", "--feature-scale", "2"], r"feature_scale 2 scales an encoder's features; intensities"),
     (["--model", "MISSING", "--feature-scale", "2"], r"--feature-scale is an option of instance optimisation"),
-    (["--model", "MISSING", "--affine", None], r"--affine is a stage of instance optimisation"),
+    (["--model", "MISSING", "--affine", None], r"--affine is an option of instance optimisation"),
+    (["--model", "MISSING", "--moved-features", "warped"], r"--moved-features is an option of instance optimisation"),
     (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
     (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),
 ])

@@ -44,7 +44,7 @@ def test_onednn_follows_tf_enable_onednn_opts():
     (None, False, True),    # TensorFlow left oneDNN off (an AVX2-only CPU): the command turns it on
     (None, True, False),    # on already (AVX-512 VNNI, BF16 or AMX)
     ("0", False, False),    # the user's choice stands
-    ("1", True, False),
+    ("1", False, False),
 ])
 def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, capsys, variable, onednn_on, restarts):
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
