@@ -14,8 +14,8 @@ steps and voxels repay the compile time (``uses_xla``). With ``affine=True`` an 
 Features are those of a CIFL encoder, of a descriptor layer such as MIND, or the intensities. With
 ``moved_features="warped"`` they are computed once per image, tile by tile (``cifl_tf.tiling``), pooled for
 each level, and the moved features are the moving features warped. ``"encoded"`` instead warps the moving
-image and encodes it again in every step, at each level's resolution: exact, as features that describe 77
-pixels across do not move with a local deformation as the image does. The default is "encoded" for 2D images and
+image and encodes it again in every step, at each level's resolution: the features of the moved image itself,
+not warped and pooled ones. The default is "encoded" for 2D images and
 "warped" for 3D ones (``MOVED_FEATURES_DEFAULT``): on real 2D slices "encoded" registered 0.04-0.12 Dice better
 in 1.8-3 times the time, but on the 3D demo it did worse, and in 3D an encoder pass per step (about 1 TFLOP
 forward and backward on a 80x96x112 grid) is far beyond the 2-minute budget and cannot be tiled.
