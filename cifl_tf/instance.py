@@ -15,10 +15,10 @@ Features are those of a CIFL encoder, of a descriptor layer such as MIND, or the
 ``moved_features="warped"`` they are computed once per image, tile by tile (``cifl_tf.tiling``), pooled for
 each level, and the moved features are the moving features warped. ``"encoded"`` instead warps the moving
 image and encodes it again in every step, at each level's resolution: the features of the moved image itself,
-not warped and pooled ones. The default is "encoded" for 2D images and
-"warped" for 3D ones (``MOVED_FEATURES_DEFAULT``): on real 2D slices "encoded" registered 0.04-0.12 Dice better
-in up to 3 times the time (``bench/moved_features.py``), but on the 3D demo it did worse, and in 3D an encoder pass per step (about 1 TFLOP
-forward and backward on a 80x96x112 grid) is far beyond the 2-minute budget and cannot be tiled.
+not warped and pooled ones. The default is "encoded" for 2D images and "warped" for 3D ones
+(``MOVED_FEATURES_DEFAULT``): on real 2D slices "encoded" registered 0.04-0.12 Dice better in up to 3 times the
+time (``bench/moved_features.py``), but on the 3D demo it did worse, and in 3D an encoder pass per step (about
+1 TFLOP forward and backward on a 80x96x112 grid) is far beyond the 2-minute budget and cannot be tiled.
 ``feature_scale`` encodes images upsampled and pools their features back, for images coarser than the encoder
 suits.
 """
@@ -47,8 +47,8 @@ MOVED_FEATURES = ("warped", "encoded")
 # "Registering a pair without training"): on the OASIS sample's slices (both directions; T1, inverted T1, GM≈WM and
 # not bias-corrected), "encoded" gave the recommended encoder 0.05-0.08 and MIND 0.04-0.12 more seg4 Dice; on 2D
 # demo pairs the recommended encoder 0.04-0.06 more on T1 and T2-like and 0.006 less on PD-like, MIND 0.02-0.03
-# more. On the 3D demo (tri-planar features, 3 mm) the recommended encoder lost 0.02-0.07 and MIND up to 0.015,
-# in 1.8-3 times the time.
+# more, in up to 3 times the time. On the 3D demo (tri-planar features, 3 mm) the recommended encoder lost
+# 0.02-0.07 and MIND up to 0.015, in 1.8-3 times the time.
 MOVED_FEATURES_DEFAULT = {2: "encoded", 3: "warped"}
 MI_BINS = 16
 # XLA (jit_compile) halves a step of a large level (0.41 -> 0.20 s at 40x48x56 with 48 channels on 2 cores)
