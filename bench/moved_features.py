@@ -17,12 +17,11 @@ import time
 import numpy as np
 
 import cifl_tf
-from cifl_tf import benchmark, data, demo_data, metrics, models
+from cifl_tf import benchmark, data, demo_data
 from cifl_tf.descriptors import MIND
 from cifl_tf.instance import MOVED_FEATURES
 from cifl_tf.machine import describe, matmul_gflops
 
-GM_WM = (1, 3)  # seg4 cortical grey matter and white matter
 DEMO_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7))
 
 
@@ -31,11 +30,9 @@ def oasis_cases(folder):
     slices = data.load_oasis(folder, dim=2)
     cases = {}
     for a, b in ((0, 1), (1, 0)):
-        fixed, labels = slices.images[b], slices.labels[b]
-        targets = {"T1": fixed, "inverted T1": data.invert(fixed),
-                   "GM≈WM": benchmark.near_equal_render(labels[None], GM_WM)[0]}
-        for contrast, target in targets.items():
-            cases[f"OASIS {a + 1} -> {b + 1}, {contrast}"] = [(slices.images[a], target, slices.labels[a], labels)]
+        for contrast, target in benchmark.slice_contrasts(slices.images[b], slices.labels[b]).items():
+            cases[f"OASIS {a + 1} -> {b + 1}, {contrast}"] = [(slices.images[a], target, slices.labels[a],
+                                                                slices.labels[b])]
     return cases
 
 
@@ -52,8 +49,7 @@ def registered_dice(pairs, encoder, moved_features, steps):
     dice, start = [], time.perf_counter()
     for moving, fixed, moving_labels, fixed_labels in pairs:
         field = cifl_tf.register_pair(moving, fixed, encoder, moved_features=moved_features, steps=steps, verbose=0)
-        moved = models.warp(moving_labels[None, ..., None].astype(np.float32), field[None], "nearest")[0, ..., 0]
-        dice.append(metrics.mean_dice(np.rint(moved).astype(np.int32), fixed_labels))
+        dice.append(benchmark.registered_dice(field, moving_labels, fixed_labels))
     return float(np.mean(dice)), time.perf_counter() - start
 
 

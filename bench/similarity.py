@@ -11,14 +11,10 @@ tf.matmul GFLOP/s. register_pair runs with its defaults otherwise (levels 4, 2, 
 """
 import argparse
 
-import numpy as np
-
 import cifl_tf
-from cifl_tf import benchmark, data, metrics, models
+from cifl_tf import benchmark, data, metrics
 from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
-
-GM_WM = (1, 3)  # seg4 cortical grey matter and white matter
 
 
 def main():
@@ -27,8 +23,7 @@ def main():
     args = parser.parse_args()
     slices = data.load_oasis(args.data, dim=2)
     moving, fixed, fixed_labels = slices.images[0], slices.images[1], slices.labels[1]
-    targets = {"T1": fixed, "inverted T1": data.invert(fixed),
-               "GM≈WM": benchmark.near_equal_render(fixed_labels[None], GM_WM)[0]}
+    targets = benchmark.slice_contrasts(fixed, fixed_labels)
     describers = {"recommended": (cifl_tf.pretrained(), ("mse", "ncc")),
                   "tau_gamma=1": (cifl_tf.pretrained(tau_gamma=1), ("mse", "ncc")),
                   "MIND": (MIND(ndim=2), ("mse", "ncc")), "intensities": (None, ("ncc", "mi"))}
@@ -39,8 +34,7 @@ def main():
             for target in targets.values():
                 displacement = cifl_tf.register_pair(moving, target, encoder=encoder, similarity=similarity,
                                                      verbose=0)
-                moved = models.warp(slices.labels[:1, ..., None].astype(np.float32), displacement[None], "nearest")
-                dice = metrics.mean_dice(np.rint(moved[0, ..., 0]).astype(np.int32), fixed_labels)
+                dice = benchmark.registered_dice(displacement, slices.labels[0], fixed_labels)
                 cells.append(f"{dice:.3f} ({100 * metrics.folding_fraction(displacement):.2f}%)")
             print(f"| {name} | {similarity} | {' | '.join(cells)} |", flush=True)
     print(f"\nseg4 Dice (folded %); unregistered {metrics.mean_dice(slices.labels[0], fixed_labels):.3f}; "

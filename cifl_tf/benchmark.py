@@ -23,7 +23,7 @@ import os
 import numpy as np
 import scipy.ndimage as ndi
 
-from . import data, metrics
+from . import data, metrics, models
 from .descriptors import MIND
 from .encoder import PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .experiments import method_name
@@ -112,6 +112,23 @@ def near_equal_render(labels, near, gap=0.05, blur=1.0, noise_std=0.02, seed=0):
         renders.append(np.clip(image, 0, None) * (label_map > 0))
     renders = np.asarray(renders, np.float32)
     return renders / renders.max(axis=(1, 2), keepdims=True)
+
+
+SEG4_GM_WM = (1, 3)  # seg4 cortical grey matter and white matter
+
+
+def slice_contrasts(image, seg4):
+    """A real T1 slice in the registration benches' contrasts (bench/similarity.py, bench/moved_features.py):
+    {"T1": image, "inverted T1", "GM≈WM": its seg4 labels rendered with cortical grey and white matter nearly
+    equal (`near_equal_render`), as in PD}, each (H, W)."""
+    return {"T1": image, "inverted T1": data.invert(image), "GM≈WM": near_equal_render(seg4[None], SEG4_GM_WM)[0]}
+
+
+def registered_dice(displacement, moving_labels, fixed_labels):
+    """Mean Dice of the moving label map warped by a register_pair displacement (nearest neighbour) against the
+    fixed one; label maps (*spatial), displacement (*spatial, ndim)."""
+    moved = models.warp(np.asarray(moving_labels, np.float32)[None, ..., None], displacement[None], "nearest")
+    return metrics.mean_dice(np.rint(moved[0, ..., 0]).astype(np.int32), fixed_labels)
 
 
 def benchmark_pairs(subjects=8, oasis=None, seed=0):

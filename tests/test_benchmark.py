@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cifl_tf
-from cifl_tf import benchmark
+from cifl_tf import benchmark, data
 from cifl_tf.descriptors import MIND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,3 +141,26 @@ def test_script_reports_a_missing_data_folder_in_one_line(tmp_path, monkeypatch,
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"invariance.py: error: {tmp_path / 'none'}")
+
+
+def test_slice_contrasts_are_the_slice_its_inversion_and_its_labels_with_gm_near_wm():
+    labels = np.zeros((24, 24), np.int32)
+    labels[4:20, 4:20], labels[8:16, 8:16], labels[10:14, 10:14] = 3, 1, 2
+    image = np.random.default_rng(0).uniform(0, 1, (24, 24)).astype(np.float32)
+    contrasts = benchmark.slice_contrasts(image, labels)
+    assert list(contrasts) == ["T1", "inverted T1", "GM≈WM"]
+    np.testing.assert_array_equal(contrasts["T1"], image)
+    np.testing.assert_array_equal(contrasts["inverted T1"], data.invert(image))  # max - x inside the brain
+    np.testing.assert_array_equal(contrasts["GM≈WM"], benchmark.near_equal_render(labels[None], (1, 3))[0])
+
+
+@pytest.mark.parametrize("shift, expected", [
+    (0, 2 * 48 / (64 + 64)),  # unregistered: each 8x8 square overlaps the other's by 6 columns
+    (2, 1.0),                 # the displacement that undoes the shift: moved(x) = moving(x + 2 columns)
+])
+def test_registered_dice_warps_the_moving_labels_by_the_displacement(shift, expected):
+    moving, fixed = np.zeros((16, 16), np.int32), np.zeros((16, 16), np.int32)
+    moving[4:12, 6:14], fixed[4:12, 4:12] = 1, 1
+    displacement = np.zeros((16, 16, 2), np.float32)
+    displacement[..., 1] = shift
+    np.testing.assert_allclose(benchmark.registered_dice(displacement, moving, fixed), expected)
