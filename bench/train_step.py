@@ -10,7 +10,10 @@ Measures, at 160x192 with a batch of 4 pairs and the default encoder:
   * seconds per batch of synthesis (contrast pairs + random-offset crops), and its share of a
     training step fed by the live synthetic stream.
 
-    python bench/train_step.py [--steps 20] [--features 32] [--channels 16] [--jit-compile]
+  Under a mixed precision policy (--precision mixed_bfloat16), the step is also compared with a tf.matmul
+  in the convolutions' 16-bit type.
+
+    python bench/train_step.py [--steps 20] [--features 32] [--channels 16] [--jit-compile] [--precision P]
 """
 import argparse
 import inspect
@@ -23,7 +26,7 @@ import cifl_tf
 import tensorflow as tf
 from cifl_tf.encoder import NUM_CONVS
 from cifl_tf.machine import describe
-from cifl_tf.training import SiameseCIFL, offset_views
+from cifl_tf.training import PRECISIONS, SiameseCIFL, adam, offset_views
 
 DEFAULTS = {k: p.default for k, p in inspect.signature(cifl_tf.train_encoder).parameters.items()}
 
@@ -43,9 +46,9 @@ def seconds_per_call(function, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def matmul(n=2048):
-    """A float32 n x n tf.matmul to call, and its FLOPs."""
-    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
+def matmul(n=2048, dtype=tf.float32):
+    """An n x n tf.matmul in `dtype` to call, and its FLOPs."""
+    a, b = tf.random.normal((n, n), dtype=dtype), tf.random.normal((n, n), dtype=dtype)
     function = tf.function(lambda: tf.linalg.matmul(a, b)[0, 0])
     return lambda: function().numpy(), 2 * n ** 3
 
@@ -82,6 +85,8 @@ def main():
     parser.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"])
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of step and matmul timing")
     parser.add_argument("--jit-compile", action="store_true", help="compile the step with XLA")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
+                        help="the encoder's Keras dtype policy (train_encoder's precision)")
     args = parser.parse_args()
     shape, offset = tuple(args.shape), args.max_offset
 
@@ -90,23 +95,30 @@ def main():
     stream = iter(views)
     synth_s = seconds_per_call(lambda: next(stream), args.steps)
 
-    encoder = cifl_tf.CIFLEncoder(channels=args.channels, features=args.features, ndim=len(shape))
+    encoder = cifl_tf.CIFLEncoder(channels=args.channels, features=args.features, ndim=len(shape),
+                                  dtype=args.precision)
     model = SiameseCIFL(encoder)
-    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), jit_compile=args.jit_compile)
+    model.compile(optimizer=adam(1e-3, args.precision), jit_compile=args.jit_compile)
     batch = next(stream)[0]
     flops = 3 * 2 * args.batch_size * conv_flops(shape, args.features, args.channels)
-    reference, reference_flops = matmul()
-    times = alternating_seconds({"step": lambda: model.train_on_batch(batch), "matmul": reference},
+    references = {"matmul": matmul()}
+    compute_dtype = tf.dtypes.as_dtype(encoder.compute_dtype)
+    if compute_dtype != tf.float32:
+        references["matmul16"] = matmul(dtype=compute_dtype)
+    times = alternating_seconds({"step": lambda: model.train_on_batch(batch),
+                                 **{name: function for name, (function, _) in references.items()}},
                                 args.rounds, max(1, args.steps // args.rounds))
     step_s = np.median(times["step"][0])
     live_s = seconds_per_call(lambda: model.train_on_batch(next(stream)[0]), args.steps)
 
-    rate = {name: work / times[name] / 1e9 for name, work in (("step", flops), ("matmul", reference_flops))}
+    works = {"step": flops, **{name: work for name, (_, work) in references.items()}}
+    rate = {name: work / times[name] / 1e9 for name, work in works.items()}
     ratio = rate["step"] / rate["matmul"]  # per round, wall and CPU
     print(f"CPU: {os.cpu_count()} logical cores; {describe()}")
     print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}, "
           f"threads: intra {tf.config.threading.get_intra_op_parallelism_threads() or 'all'}, "
-          f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'all'}, XLA {args.jit_compile}")
+          f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'all'}, XLA {args.jit_compile}, "
+          f"precision {args.precision}")
     print(f"shape {shape}, batch {args.batch_size} pairs, features {args.features}, C {args.channels}, "
           f"max_offset {offset}")
     print(f"train step (fixed data):     {step_s:.3f} s  -> {np.median(rate['step'][0]):.1f} GFLOP/s "
@@ -114,6 +126,10 @@ def main():
     print(f"tf.matmul 2048^2 float32:    {np.median(rate['matmul'][0]):.1f} GFLOP/s in the same rounds")
     print(f"step/matmul ratio, wall:     {spread(ratio[0])}")
     print(f"step/matmul ratio, CPU time: {spread(ratio[1])}")
+    if "matmul16" in rate:
+        ratio16 = rate["step"] / rate["matmul16"]
+        print(f"tf.matmul 2048^2 {compute_dtype.name}:   {np.median(rate['matmul16'][0]):.1f} GFLOP/s in the same rounds")
+        print(f"step/{compute_dtype.name} matmul, wall:  {spread(ratio16[0])}")
     print(f"synthesis alone:             {synth_s:.3f} s per batch")
     print(f"train step (live stream):    {live_s:.3f} s  -> synthesis share "
           f"{synth_s / (synth_s + step_s):.0%} of a step")

@@ -23,7 +23,7 @@ from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrai
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .instance import MOVED_FEATURES, register_pair
 from .metrics import folding_fraction
-from .training import LEARNING_RATE_DECAYS, read_settings, train_encoder
+from .training import LEARNING_RATE_DECAYS, PRECISIONS, read_settings, train_encoder
 
 
 def _defaults(function):
@@ -80,7 +80,7 @@ def _train_encoder(args):
                         local_normalization=args.local_normalization, tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, loss_scales=args.loss_scales,
                         max_offset=args.max_offset, learning_rate=args.learning_rate,
-                        learning_rate_decay=args.learning_rate_decay, seed=args.seed,
+                        learning_rate_decay=args.learning_rate_decay, precision=args.precision, seed=args.seed,
                         steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
@@ -484,6 +484,9 @@ def _parser():
     p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
     p.add_argument("--learning-rate-decay", choices=LEARNING_RATE_DECAYS, default=DEFAULTS["learning_rate_decay"],
                    help="cosine: from --learning-rate down to 0 at the last step")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
+                   help="the convolutions' Keras dtype policy: mixed_bfloat16 for CPUs with AVX512_BF16 or AMX, "
+                   "mixed_float16 for GPUs (the saved encoder computes in float32)")
     p.add_argument("--synth", type=_json_object, default={}, metavar="JSON",
                    help='synthesis arguments of cifl_tf.synth.ShapesSynth, e.g. \'{"tie_prob": 0.5}\'')
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])

@@ -113,13 +113,17 @@ class CIFLEncoder(KL.Layer):
         local_normalization: None, or the `sigma` in pixels of a LocalNormalize in front of the first
             convolution, which then sees local contrast instead of intensities (centred already, so an
             inversion-invariant first layer takes it as it is).
+        dtype: as for any Keras layer, also a mixed precision policy ("mixed_bfloat16", "mixed_float16"):
+            the convolutions then compute in 16 bits, while the weights, the normalisations and the
+            features stay float32.
 
     Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
     """
 
     def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", dilations=None,
                  inversion_invariant=False, local_normalization=None, **kwargs):
-        super().__init__(**kwargs)
+        # Inputs stay as given: each layer inside casts them to the precision it computes in.
+        super().__init__(**{"autocast": False, **kwargs})
         for name, value in (("channels", channels), ("features", features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CIFLEncoder: {name} must be a positive integer, got {value!r}")
@@ -145,17 +149,20 @@ class CIFLEncoder(KL.Layer):
         self.dilations = tuple(dilations or ())
         self.inversion_invariant = inversion_invariant
         self.local_normalization = None if local_normalization is None else float(local_normalization)
+        # The convolutions compute in the layer's dtype policy (float16 or bfloat16 under a mixed one);
+        # the normalisations and so the features at the variables' precision (float32).
+        exact = self.dtype_policy.variable_dtype
         self.local_normalize = (None if local_normalization is None
-                                else LocalNormalize(local_normalization, name="local_normalize"))
+                                else LocalNormalize(local_normalization, name="local_normalize", dtype=exact))
         self.activation = tf.keras.activations.get(activation)
         self._activation_name = activation
         conv = KL.Conv2D if ndim == 2 else KL.Conv3D
         widths = [features] * (NUM_CONVS - 1) + [channels]
-        self.convs = [conv(width, 3, padding="same", use_bias=i > 0 or not inversion_invariant, name=f"conv_{i}")
-                      for i, width in enumerate(widths)]
-        self.context = [conv(features, 3, padding="same", dilation_rate=rate, name=f"context_{i}")
-                        for i, rate in enumerate(self.dilations)]
-        self.normalize = L2Normalize(name="l2_normalize")
+        self.convs = [conv(width, 3, padding="same", use_bias=i > 0 or not inversion_invariant, name=f"conv_{i}",
+                           dtype=self.dtype_policy) for i, width in enumerate(widths)]
+        self.context = [conv(features, 3, padding="same", dilation_rate=rate, name=f"context_{i}",
+                             dtype=self.dtype_policy) for i, rate in enumerate(self.dilations)]
+        self.normalize = L2Normalize(name="l2_normalize", dtype=exact)
 
     def build(self, input_shape):
         if len(input_shape) != self.ndim + 2:
@@ -207,12 +214,15 @@ def encoder_model(encoder, name="cifl_encoder_model"):
 
 
 def save_encoder(encoder, path):
-    """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config.
+    """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config, with the
+    float32 dtype policy whatever policy the encoder trained under.
 
     Each file is replaced atomically, so that a run killed while saving keeps the previous one.
     """
+    config = tf.keras.utils.serialize_keras_object(encoder)
+    config["config"]["dtype"] = "float32"  # the weights are float32 under any policy: they load for exact inference
     write_atomically(path, encoder_model(encoder).save_weights)
-    write_json(_config_path(path), tf.keras.utils.serialize_keras_object(encoder))
+    write_json(_config_path(path), config)
 
 
 def load_encoder(path, trainable=False):

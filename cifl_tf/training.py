@@ -66,6 +66,9 @@ def multi_worker_strategy():
 
 
 LEARNING_RATE_DECAYS = ("constant", "cosine")
+# Keras dtype policies the encoder may train under: 16-bit convolutions run on the bfloat16 units of recent
+# CPUs (AVX512_BF16, AMX) and on the tensor cores of GPUs (README, "Tests and benchmarks").
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = {
     "default": tf.distribute.get_strategy,
     "mirrored": tf.distribute.MirroredStrategy,
@@ -79,6 +82,10 @@ def offset_views(pairs, shape, max_offset, seed=None, start=0):
     Args:
         pairs: dataset of (x1, x2), each (B, *big, 1) with big = shape + max_offset per axis.
         shape: spatial shape of the crops.
+        precision: the Keras dtype policy of the encoder's convolutions, one of PRECISIONS: "float32", or
+            "mixed_bfloat16" / "mixed_float16" (16-bit convolutions; weights, features and Eq. 1 stay
+            float32, and mixed_float16 scales the loss against underflow). The saved encoder computes
+            in float32.
         max_offset: largest origin per axis; the views' relative offset is in [-max_offset, max_offset].
         seed: integer; the origins of batch k are a function of (seed, k). None: random every run.
         start: index of the first batch of `pairs` (as contrast_pairs' `start`).
@@ -176,6 +183,7 @@ SETTINGS = {
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
     "learning_rate_decay": (lambda v: v in LEARNING_RATE_DECAYS, f"one of {LEARNING_RATE_DECAYS}"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
                     "a list of positive integers"),
     "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
@@ -186,7 +194,7 @@ SETTINGS = {
 
 # Fields that runs of earlier versions did not write, with the value those runs used.
 SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                    "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1]}
+                    "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1], "precision": "float32"}
 
 
 def learning_rate_schedule(learning_rate, decay, steps):
@@ -198,6 +206,13 @@ def learning_rate_schedule(learning_rate, decay, steps):
     if decay == "constant":
         return learning_rate
     return tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+
+
+def adam(learning_rate, precision="float32"):
+    """The encoder's optimizer: Adam, with dynamic loss scaling under "mixed_float16", whose gradients would
+    underflow (Keras's compile adds it for a model's own policy only, and the encoder's is its layer's)."""
+    optimizer = tf.keras.optimizers.Adam(learning_rate)
+    return tf.keras.mixed_precision.LossScaleOptimizer(optimizer) if precision == "mixed_float16" else optimizer
 
 
 def _synth_arguments():
@@ -214,8 +229,8 @@ def read_settings(out_dir):
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
                   dilations=None, inversion_invariant=False, local_normalization=None, tau_alpha=1.0, tau_beta=1.0,
                   tau_gamma=0.1, loss_scales=(1,), max_offset=16, learning_rate=1e-3, learning_rate_decay="constant",
-                  seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100, synth_kwargs=None,
-                  callbacks=(), verbose=1):
+                  precision="float32", seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
+                  synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
 
     Args:
@@ -229,6 +244,10 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             (losses.multiscale_contrastive_loss); (1,), the default, is the paper's loss.
         learning_rate, learning_rate_decay: Adam's learning rate at the first step, and "constant" or
             "cosine" (down to 0 at the last step; learning_rate_schedule).
+        precision: the Keras dtype policy of the encoder's convolutions, one of PRECISIONS: "float32", or
+            "mixed_bfloat16" / "mixed_float16" (16-bit convolutions; weights, features and Eq. 1 stay
+            float32, and mixed_float16 scales the loss against underflow). The saved encoder computes
+            in float32.
         max_offset: largest origin of each view inside the render, so that the views' relative offset
             lies in [-max_offset, max_offset] per axis (method page 3b); 0 gives voxel-aligned views.
         seed: integer for reproducible synthesis and initialisation.
@@ -255,6 +274,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     loss_scales = check_scales(loss_scales)
     if max(loss_scales) > min(shape) - max_offset:
         raise ValueError(f"loss_scales {loss_scales}: each must be at most the smallest overlap of the views, "
@@ -274,7 +295,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
                     tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma, loss_scales=loss_scales,
                     max_offset=max_offset, learning_rate=learning_rate, learning_rate_decay=learning_rate_decay,
-                    seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
+                    precision=precision, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
@@ -284,10 +305,10 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
     with strategy.scope():
-        encoder = CIFLEncoder(**encoder_args, name="cifl_encoder")
+        encoder = CIFLEncoder(**encoder_args, name="cifl_encoder", dtype=precision)
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
-        compile_for_fit(model, outputs, optimizer=tf.keras.optimizers.Adam(schedule))
+        compile_for_fit(model, outputs, optimizer=adam(schedule, precision))
 
     callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0  # first: it must see NaN weights before a save
     if out_dir is not None:

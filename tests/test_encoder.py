@@ -33,6 +33,24 @@ def test_features_are_unit_vectors_per_pixel(encoder_and_images):
     assert np.ptp(features, axis=tuple(range(1, x.ndim - 1))).min() > 0  # each channel varies over space
 
 
+@pytest.mark.parametrize("policy, compute_dtype", [("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float16")])
+def test_mixed_precision_convolves_in_16_bits_and_gives_the_float32_features(encoder_and_images, policy,
+                                                                            compute_dtype, tmp_path):
+    exact, x = encoder_and_images
+    reference = exact(x).numpy()
+    mixed = CIFLEncoder.from_config({**exact.get_config(), "dtype": policy})
+    mixed(x)
+    mixed.set_weights(exact.get_weights())
+    assert {layer.compute_dtype for layer in mixed.convs + mixed.context} == {compute_dtype}
+    assert {weight.dtype for weight in mixed.weights} == {tf.float32}
+    features = mixed(x).numpy()
+    assert features.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)
+    assert np.mean(np.sum(features * reference, axis=-1)) > 0.999  # cosine to the float32 features
+    save_encoder(mixed, str(tmp_path / "mixed.weights.h5"))  # saved for float32 inference
+    np.testing.assert_array_equal(load_encoder(tmp_path / "mixed.weights.h5")(x), reference)
+
+
 def test_l2_normalize_keeps_zero_vectors_zero():
     out = L2Normalize()(np.array([[[0.0, 0.0], [3.0, 4.0]]], np.float32)).numpy()
     np.testing.assert_allclose(out, [[[0.0, 0.0], [0.6, 0.8]]], rtol=1e-6)

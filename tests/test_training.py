@@ -99,6 +99,8 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     (None, dict(loss_scales=[0]), ValueError, r"scales must be distinct positive integers .* got \(0,\)"),
     (None, dict(learning_rate_decay="linear"), ValueError,
      r"learning_rate_decay must be one of \('constant', 'cosine'\), got 'linear'"),
+    (None, dict(precision="float16"), ValueError,
+     r"precision must be one of \('float32', 'mixed_bfloat16', 'mixed_float16'\), got 'float16'"),
     (None, dict(synth_kwargs={"seed": 3}), ValueError, r"ShapesSynth does not take \['seed'\]"),
     (None, dict(synth_kwargs={"label_scales": 5}), ValueError, "label_scales must be positive integers, got 5"),
     (None, dict(synth_kwargs={"tie_jitter": float("inf")}), ValueError, "tie_jitter must be a non-negative number"),
@@ -110,6 +112,27 @@ def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
     settings = {**INTERRUPTED_RUN, **kwargs} if run == "interrupted" else dict(shape=(32, 32), **kwargs)
     with pytest.raises(error, match=message):
         train_encoder(out_dir=out_dir, verbose=0, **settings)
+
+
+class RecordOptimizer(tf.keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.optimizer = self.model.optimizer
+
+
+@pytest.mark.parametrize("precision, compute_dtype, loss_scaled", [
+    ("mixed_bfloat16", "bfloat16", False), ("mixed_float16", "float16", True)])
+def test_mixed_precision_trains_16_bit_convolutions_and_saves_a_float32_encoder(tmp_path, precision, compute_dtype,
+                                                                                loss_scaled):
+    run, recorder = str(tmp_path / "run"), RecordOptimizer()
+    encoder = train_encoder(shape=(32, 32), steps=4, steps_per_epoch=2, batch_size=2, channels=4, features=8, seed=0,
+                            precision=precision, out_dir=run, callbacks=[recorder], verbose=0)
+    assert {conv.compute_dtype for conv in encoder.convs} == {compute_dtype}
+    assert isinstance(recorder.optimizer, tf.keras.mixed_precision.LossScaleOptimizer) == loss_scaled
+    assert all(np.isfinite(loss) for _, loss in log_rows(run)) and read_settings(run)["precision"] == precision
+    loaded = load_encoder(run)
+    assert loaded.dtype_policy.name == "float32" and {c.compute_dtype for c in loaded.convs} == {"float32"}
+    for mine, theirs in zip(encoder.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 class RecordEpochs(tf.keras.callbacks.Callback):
@@ -155,9 +178,11 @@ def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted
     with open(path) as f:
         settings = json.load(f)
     old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
-                                                 "local_normalization", "learning_rate_decay", "loss_scales")}
+                                                 "local_normalization", "learning_rate_decay", "loss_scales",
+                                                 "precision")}
     assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                   "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1]}
+                   "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1],
+                   "precision": "float32"}
     with open(path, "w") as f:
         json.dump(settings, f)
     assert {name: read_settings(run)[name] for name in old} == old
