@@ -128,7 +128,8 @@ def main():
     print(f"step/matmul ratio, CPU time: {spread(ratio[1])}")
     if "matmul16" in rate:
         ratio16 = rate["step"] / rate["matmul16"]
-        print(f"tf.matmul 2048^2 {compute_dtype.name}:   {np.median(rate['matmul16'][0]):.1f} GFLOP/s in the same rounds")
+        print(f"tf.matmul 2048^2 {compute_dtype.name}:   {np.median(rate['matmul16'][0]):.1f} GFLOP/s "
+              f"in the same rounds")
         print(f"step/{compute_dtype.name} matmul, wall:  {spread(ratio16[0])}")
     print(f"synthesis alone:             {synth_s:.3f} s per batch")
     print(f"train step (live stream):    {live_s:.3f} s  -> synthesis share "

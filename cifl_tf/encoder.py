@@ -115,14 +115,15 @@ class CIFLEncoder(KL.Layer):
             inversion-invariant first layer takes it as it is).
         dtype: as for any Keras layer, also a mixed precision policy ("mixed_bfloat16", "mixed_float16"):
             the convolutions then compute in 16 bits, while the weights, the normalisations and the
-            features stay float32.
+            features stay at the variables' dtype (float32).
 
     Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
     """
 
     def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", dilations=None,
                  inversion_invariant=False, local_normalization=None, **kwargs):
-        # Inputs stay as given: each layer inside casts them to the precision it computes in.
+        # Inputs stay as given, each layer inside casting them for itself: LocalNormalize and x - 1/2 see the
+        # float32 image under a mixed policy (bfloat16 would round x and 1 - x unequally, and flatten faint contrast).
         super().__init__(**{"autocast": False, **kwargs})
         for name, value in (("channels", channels), ("features", features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -215,12 +216,12 @@ def encoder_model(encoder, name="cifl_encoder_model"):
 
 def save_encoder(encoder, path):
     """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config, with the
-    float32 dtype policy whatever policy the encoder trained under.
+    dtype of its weights (float32 for an encoder trained under a mixed precision policy) as its policy.
 
     Each file is replaced atomically, so that a run killed while saving keeps the previous one.
     """
     config = tf.keras.utils.serialize_keras_object(encoder)
-    config["config"]["dtype"] = "float32"  # the weights are float32 under any policy: they load for exact inference
+    config["config"]["dtype"] = encoder.dtype_policy.variable_dtype  # a mixed policy's 16 bits were for training
     write_atomically(path, encoder_model(encoder).save_weights)
     write_json(_config_path(path), config)
 

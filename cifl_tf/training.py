@@ -66,8 +66,8 @@ def multi_worker_strategy():
 
 
 LEARNING_RATE_DECAYS = ("constant", "cosine")
-# Keras dtype policies the encoder may train under: 16-bit convolutions run on the bfloat16 units of recent
-# CPUs (AVX512_BF16, AMX) and on the tensor cores of GPUs (README, "Tests and benchmarks").
+# Keras dtype policies the encoder may train under: 16-bit convolutions run on the bfloat16 units of recent CPUs
+# (AVX512_BF16, AMX; through oneDNN) and on the tensor cores of GPUs (README, "Command line", --precision).
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = {
     "default": tf.distribute.get_strategy,
@@ -82,10 +82,6 @@ def offset_views(pairs, shape, max_offset, seed=None, start=0):
     Args:
         pairs: dataset of (x1, x2), each (B, *big, 1) with big = shape + max_offset per axis.
         shape: spatial shape of the crops.
-        precision: the Keras dtype policy of the encoder's convolutions, one of PRECISIONS: "float32", or
-            "mixed_bfloat16" / "mixed_float16" (16-bit convolutions; weights, features and Eq. 1 stay
-            float32, and mixed_float16 scales the loss against underflow). The saved encoder computes
-            in float32.
         max_offset: largest origin per axis; the views' relative offset is in [-max_offset, max_offset].
         seed: integer; the origins of batch k are a function of (seed, k). None: random every run.
         start: index of the first batch of `pairs` (as contrast_pairs' `start`).
@@ -194,7 +190,8 @@ SETTINGS = {
 
 # Fields that runs of earlier versions did not write, with the value those runs used.
 SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                    "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1], "precision": "float32"}
+                    "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1],
+                    "precision": "float32"}
 
 
 def learning_rate_schedule(learning_rate, decay, steps):
@@ -299,16 +296,16 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
-    if out_dir is not None and chief:
-        checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS)
-
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
     with strategy.scope():
         encoder = CIFLEncoder(**encoder_args, name="cifl_encoder", dtype=precision)
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
+        # Before the run folder is written: a strategy without loss scaling refuses mixed_float16 here.
         compile_for_fit(model, outputs, optimizer=adam(schedule, precision))
+    if out_dir is not None and chief:
+        checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS)
 
     callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0  # first: it must see NaN weights before a save
     if out_dir is not None:

@@ -671,6 +671,7 @@ BAD_ENCODER_SETTINGS = {  # name -> (builder, problem): train-encoder checks eac
                                  "local_normalization must be null or a positive number"),
     "unknown synthesis argument": (_settings(lambda s: {**s, "synth_kwargs": {"bogus": 1}}),
                                    "synth_kwargs must be an object of"),
+    "precision unknown": (_settings(lambda s: {**s, "precision": "float16"}), "precision must be one of"),
 }
 RESUME_CASES = [(command, bad) for command in RESUME_ROLES for bad in BAD_RUNS] + \
                [("train-encoder", bad) for bad in BAD_ENCODER_SETTINGS]

@@ -135,6 +135,25 @@ def test_mixed_precision_trains_16_bit_convolutions_and_saves_a_float32_encoder(
         np.testing.assert_array_equal(mine, theirs)
 
 
+class InterruptAtSecondEpoch(tf.keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise Interrupted
+
+
+def test_a_mixed_float16_run_resumes_with_its_loss_scale_to_the_weights_of_one_that_ran_through(tmp_path):
+    settings = {**INTERRUPTED_RUN, "precision": "mixed_float16"}
+    whole = train_encoder(**settings, out_dir=str(tmp_path / "whole"), verbose=0)
+    run = str(tmp_path / "resumed")
+    with pytest.raises(Interrupted):
+        train_encoder(**settings, out_dir=run, callbacks=[InterruptAtSecondEpoch()], verbose=0)
+    recorder = RecordOptimizer()
+    resumed = train_encoder(**settings, out_dir=run, resume=True, callbacks=[recorder], verbose=0)
+    assert int(recorder.optimizer.iterations) == INTERRUPTED_RUN["steps"]
+    for mine, theirs in zip(whole.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+
+
 class RecordEpochs(tf.keras.callbacks.Callback):
     """Records the epochs run and the encoder's output on IMAGE when the first one starts."""
 
