@@ -40,6 +40,13 @@ def onednn_enabled():
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
+def native_bfloat16():
+    """Whether TensorFlow's CPU kernels compute bfloat16 in hardware here: with oneDNN on, on a CPU with
+    AVX512_BF16 or AMX. Elsewhere they emulate it: an encoder training step in mixed_bfloat16 took 15.4 s
+    against 1.2 s in float32 with oneDNN off on an AVX-512 CPU, and 0.14 s against 0.51 s with it on (README)."""
+    return onednn_enabled() and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
+
+
 def describe():
     """One line for beside a timing: the CPU's vector flags and whether oneDNN is on."""
     return f"CPU flags: {cpu_flags()}; oneDNN {'on' if onednn_enabled() else 'off'}"

@@ -17,10 +17,11 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import tensorflow as tf
 
-from . import checkpoint
+from . import checkpoint, machine
 from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
 from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, save_encoder
@@ -273,6 +274,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError("resume needs out_dir, the folder of the run to continue")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "mixed_bfloat16" and not tf.config.list_physical_devices("GPU") and not machine.native_bfloat16():
+        warnings.warn(f"precision mixed_bfloat16 on a CPU whose bfloat16 TensorFlow emulates ({machine.describe()}): "
+                      f"training will be about 10x slower than in float32", stacklevel=2)
     loss_scales = check_scales(loss_scales)
     if max(loss_scales) > min(shape) - max_offset:
         raise ValueError(f"loss_scales {loss_scales}: each must be at most the smallest overlap of the views, "

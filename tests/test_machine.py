@@ -27,6 +27,16 @@ def test_cpu_flags_lists_the_vector_flags(tmp_path, monkeypatch, cpuinfo, expect
     assert machine.cpu_flags() == expected
 
 
+@pytest.mark.parametrize("onednn_on, flags, native", [
+    (True, "avx avx2 avx512_bf16 avx512f fma", True), (True, "amx_bf16 amx_tile avx2", True),
+    (True, "avx avx2 avx512_vnni avx512f fma", False), (False, "amx_bf16 avx512_bf16", False),
+    (True, "unknown (no /proc/cpuinfo)", False)])
+def test_native_bfloat16_needs_onednn_and_bfloat16_units(monkeypatch, onednn_on, flags, native):
+    monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
+    assert machine.native_bfloat16() is native
+
+
 def test_onednn_follows_tf_enable_onednn_opts():
     """What describe() says is what TF does. TF reads the variable once, at import: this process shows one
     state, a fresh interpreter with the variable set to the other shows the other."""

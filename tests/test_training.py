@@ -135,6 +135,13 @@ def test_mixed_precision_trains_16_bit_convolutions_and_saves_a_float32_encoder(
         np.testing.assert_array_equal(mine, theirs)
 
 
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
+def test_mixed_bfloat16_warns_where_the_cpu_emulates_bfloat16(monkeypatch, recwarn, native, warned):
+    monkeypatch.setattr(cifl_tf.machine, "native_bfloat16", lambda: native)
+    train_encoder(shape=(32, 32), steps=1, batch_size=1, channels=4, features=8, precision="mixed_bfloat16", verbose=0)
+    assert any("bfloat16 TensorFlow emulates" in str(w.message) for w in recwarn) == warned
+
+
 class InterruptAtSecondEpoch(tf.keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == 1:
