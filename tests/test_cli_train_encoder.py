@@ -87,6 +87,7 @@ def test_integer_lists_must_be_positive_integers(option, values, tmp_path, capsy
     assert exit_info.value.code == 2 and option in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:precision mixed_bfloat16 on a CPU")  # the suite runs oneDNN off
 def test_synth_arguments_reach_the_run_settings(tmp_path):
     argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
             "--inversion-invariant", "--local-normalization", "1.5", "--learning-rate-decay", "cosine",

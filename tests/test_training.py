@@ -119,6 +119,7 @@ class RecordOptimizer(tf.keras.callbacks.Callback):
         self.optimizer = self.model.optimizer
 
 
+@pytest.mark.filterwarnings("ignore:precision mixed_bfloat16 on a CPU")  # the suite runs oneDNN off
 @pytest.mark.parametrize("precision, compute_dtype, loss_scaled", [
     ("mixed_bfloat16", "bfloat16", False), ("mixed_float16", "float16", True)])
 def test_mixed_precision_trains_16_bit_convolutions_and_saves_a_float32_encoder(tmp_path, precision, compute_dtype,
