@@ -276,7 +276,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "mixed_bfloat16" and not tf.config.list_physical_devices("GPU") and not machine.native_bfloat16():
         warnings.warn(f"precision mixed_bfloat16 on a CPU whose bfloat16 TensorFlow emulates ({machine.describe()}): "
-                      f"training will be about 10x slower than in float32", stacklevel=2)
+                      f"training may be much slower than in float32 (13x with oneDNN off on an AVX-512 CPU)",
+                      stacklevel=2)
     loss_scales = check_scales(loss_scales)
     if max(loss_scales) > min(shape) - max_offset:
         raise ValueError(f"loss_scales {loss_scales}: each must be at most the smallest overlap of the views, "
@@ -306,7 +307,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         encoder = CIFLEncoder(**encoder_args, name="cifl_encoder", dtype=precision)
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
-        # Before the run folder is written: a strategy without loss scaling refuses mixed_float16 here.
+        # Before the run folder is written: a tf.distribute.Strategy given without loss scaling (none of
+        # STRATEGIES) refuses mixed_float16 here.
         compile_for_fit(model, outputs, optimizer=adam(schedule, precision))
     if out_dir is not None and chief:
         checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS)

@@ -118,12 +118,8 @@ class Interrupted(Exception):
     """Raised by a test callback to simulate a crash or kill during training."""
 
 
-@pytest.fixture(scope="session")
-def interrupted_run(tmp_path_factory):
-    """Factory: each call returns a fresh copy of one interrupted INTERRUPTED_RUN output folder."""
-    import shutil
-
-    import cifl_tf
+def interrupt_at_second_epoch():
+    """A Keras callback that raises Interrupted as the second epoch begins."""
     import tensorflow as tf
 
     class InterruptAtSecondEpoch(tf.keras.callbacks.Callback):
@@ -131,8 +127,18 @@ def interrupted_run(tmp_path_factory):
             if epoch == 1:
                 raise Interrupted
 
+    return InterruptAtSecondEpoch()
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tmp_path_factory):
+    """Factory: each call returns a fresh copy of one interrupted INTERRUPTED_RUN output folder."""
+    import shutil
+
+    import cifl_tf
+
     original = tmp_path_factory.mktemp("interrupted") / "run"
     with pytest.raises(Interrupted):
-        cifl_tf.train_encoder(**INTERRUPTED_RUN, out_dir=str(original), callbacks=[InterruptAtSecondEpoch()],
+        cifl_tf.train_encoder(**INTERRUPTED_RUN, out_dir=str(original), callbacks=[interrupt_at_second_epoch()],
                               verbose=0)
     return lambda: shutil.copytree(original, tmp_path_factory.mktemp("resume") / "run")
