@@ -150,9 +150,7 @@ class CIFLEncoder(KL.Layer):
         self.dilations = tuple(dilations or ())
         self.inversion_invariant = inversion_invariant
         self.local_normalization = None if local_normalization is None else float(local_normalization)
-        # The convolutions compute in the layer's dtype policy (float16 or bfloat16 under a mixed one);
-        # the normalisations and so the features at the variables' precision (float32).
-        exact = self.dtype_policy.variable_dtype
+        exact = self.dtype_policy.variable_dtype  # the normalisations' (see dtype above)
         self.local_normalize = (None if local_normalization is None
                                 else LocalNormalize(local_normalization, name="local_normalize", dtype=exact))
         self.activation = tf.keras.activations.get(activation)
