@@ -12,7 +12,7 @@ import pytest
 
 import cifl_tf
 import tensorflow as tf
-from cifl_tf import load_encoder, train_encoder
+from cifl_tf import load_encoder, train_encoder, training
 from cifl_tf.training import align_views, learning_rate_schedule, offset_views, read_settings
 from conftest import INTERRUPTED_RUN, Interrupted, interrupt_at_second_epoch
 
@@ -144,15 +144,22 @@ def test_mixed_bfloat16_warns_where_the_cpu_emulates_bfloat16(monkeypatch, recwa
     assert any("bfloat16 TensorFlow emulates" in str(w.message) for w in recwarn) == warned
 
 
-def test_a_mixed_float16_run_resumes_to_the_weights_of_one_that_ran_through(tmp_path):
+def test_a_mixed_float16_run_resumes_to_the_weights_of_one_that_ran_through(tmp_path, monkeypatch):
+    # From a scale of 1 every step is finite (from Keras's 2^15 every step of this run overflowed and was skipped,
+    # so no weight moved), and the scale doubles at each: a checkpoint without it would resume at another scale.
+    monkeypatch.setattr(training, "adam", lambda rate, precision: tf.keras.mixed_precision.LossScaleOptimizer(
+        tf.keras.optimizers.Adam(rate), initial_scale=1.0, dynamic_growth_steps=1))
     settings = {**INTERRUPTED_RUN, "precision": "mixed_float16"}
-    whole = train_encoder(**settings, out_dir=str(tmp_path / "whole"), verbose=0)
+    whole_recorder = RecordOptimizer()
+    whole = train_encoder(**settings, out_dir=str(tmp_path / "whole"), callbacks=[whole_recorder], verbose=0)
     run = str(tmp_path / "resumed")
     with pytest.raises(Interrupted):
         train_encoder(**settings, out_dir=run, callbacks=[interrupt_at_second_epoch()], verbose=0)
     recorder = RecordOptimizer()
     resumed = train_encoder(**settings, out_dir=run, resume=True, callbacks=[recorder], verbose=0)
     assert int(recorder.optimizer.iterations) == INTERRUPTED_RUN["steps"]
+    assert float(whole_recorder.optimizer.loss_scale) == 2.0 ** INTERRUPTED_RUN["steps"]
+    assert float(recorder.optimizer.loss_scale) == float(whole_recorder.optimizer.loss_scale)
     for mine, theirs in zip(whole.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(mine, theirs)
 
