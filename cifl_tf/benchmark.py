@@ -90,13 +90,13 @@ def near_equal_render(labels, near, gap=0.05, blur=1.0, noise_std=0.02, seed=0):
     background 0. Then partial-volume blur, Gaussian noise, background 0 and maximum 1, like the demo contrasts.
 
     Args:
-        labels: (N, H, W) integer label maps, 0 background.
+        labels: (N, *spatial) integer label maps (2D or 3D), 0 background.
         near: the two labels made nearly equal, e.g. (2, 3) for grey and white matter.
         gap: their difference in mean intensity (relative to the image maximum before noise).
         blur: SD in pixels of the Gaussian partial-volume blur.
         noise_std: SD of the Gaussian noise.
 
-    Returns: (N, H, W) float32 in [0, 1].
+    Returns: (N, *spatial) float32 in [0, 1].
     """
     labels = np.asarray(labels)
     if len(set(near)) != 2 or not set(near) <= set(np.unique(labels)) - {0}:
@@ -111,7 +111,7 @@ def near_equal_render(labels, near, gap=0.05, blur=1.0, noise_std=0.02, seed=0):
         image = ndi.gaussian_filter(means[label_map], blur) + rng.normal(0, noise_std, label_map.shape)
         renders.append(np.clip(image, 0, None) * (label_map > 0))
     renders = np.asarray(renders, np.float32)
-    return renders / renders.max(axis=(1, 2), keepdims=True)
+    return renders / renders.max(axis=tuple(range(1, renders.ndim)), keepdims=True)
 
 
 SEG4_GM_WM = (1, 3)  # seg4 cortical grey matter and white matter

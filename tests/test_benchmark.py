@@ -66,6 +66,17 @@ def test_near_equal_render_makes_the_chosen_tissues_nearly_equal():
     np.testing.assert_array_equal(images, benchmark.near_equal_render(labels, (2, 3), 0.05, noise_std=0.01, seed=1))
 
 
+def test_near_equal_render_renders_volumes():
+    labels = np.zeros((2, 32, 32, 32), np.int32)
+    labels[:, 2:30, 2:30, 2:30], labels[:, 10:22, 10:22, 10:22] = 1, 2  # with empty slices at the edges
+    images = benchmark.near_equal_render(labels, near=(1, 2), noise_std=0.01, seed=1)
+    assert images.shape == labels.shape and np.isfinite(images).all()
+    np.testing.assert_array_equal(images[labels == 0], 0)
+    np.testing.assert_allclose(images.max(axis=(1, 2, 3)), 1)
+    for image in images:
+        assert abs(image[6, 6, 6] - image[16, 16, 16]) < 0.1  # the two labels' interiors
+
+
 @pytest.mark.parametrize("near", [(2, 2), (0, 1), (1, 4)])
 def test_near_equal_render_needs_two_foreground_labels_of_the_maps(near):
     with pytest.raises(ValueError, match=rf"near must be two different foreground labels.*{near[0]}, {near[1]}"):
