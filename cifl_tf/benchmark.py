@@ -93,7 +93,7 @@ def near_equal_render(labels, near, gap=0.05, blur=1.0, noise_std=0.02, seed=0):
         labels: (N, *spatial) integer label maps (2D or 3D), 0 background.
         near: the two labels made nearly equal, e.g. (2, 3) for grey and white matter.
         gap: their difference in mean intensity (relative to the image maximum before noise).
-        blur: SD in pixels of the Gaussian partial-volume blur.
+        blur: SD in pixels (voxels) of the Gaussian partial-volume blur.
         noise_std: SD of the Gaussian noise.
 
     Returns: (N, *spatial) float32 in [0, 1].

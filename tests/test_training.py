@@ -145,8 +145,9 @@ def test_mixed_bfloat16_warns_where_the_cpu_emulates_bfloat16(monkeypatch, recwa
 
 
 def test_a_mixed_float16_run_resumes_to_the_weights_of_one_that_ran_through(tmp_path, monkeypatch):
-    # From a scale of 1 every step is finite (from Keras's 2^15 every step of this run overflowed and was skipped,
-    # so no weight moved), and the scale doubles at each: a checkpoint without it would resume at another scale.
+    # Keras's initial scale of 2^15 overflowed float16 at every step of this tiny run, so every step was skipped
+    # and no weight moved. From 1 the steps are finite and the scale doubles at each; scaling by powers of two is
+    # exact, so equal weights alone would not show a resume that lost the scale: the scale is compared too.
     monkeypatch.setattr(training, "adam", lambda rate, precision: tf.keras.mixed_precision.LossScaleOptimizer(
         tf.keras.optimizers.Adam(rate), initial_scale=1.0, dynamic_growth_steps=1))
     settings = {**INTERRUPTED_RUN, "precision": "mixed_float16"}
