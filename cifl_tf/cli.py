@@ -205,9 +205,11 @@ def _features(args):
     if encoder.ndim != image.ndim:
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
                              f"the encoder takes {encoder.ndim}")
-    features = tiling.tiled_features(encoder, data.normalize(image), args.max_memory)
-    data.save_nifti(args.output, features, affine, header, channels=True)
-    print(f"{features.shape[-1]}-channel features written to {args.output}")
+    image = data.normalize(image)
+    # Written straight into the file: features of a large volume need not fit in memory.
+    data.save_nifti_channels(args.output, image.shape + (encoder.channels,),
+                             lambda out: tiling.tiled_features(encoder, image, args.max_memory, out), affine, header)
+    print(f"{encoder.channels}-channel features written to {args.output}")
 
 
 def _segment(args):

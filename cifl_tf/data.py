@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import stat
 import uuid
 import zlib
@@ -197,11 +198,52 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
         channels: the last axis holds C values per pixel; stored as a NIfTI vector image
             (*spatial, 1..., 1, C), so that ``load_nifti`` gives back (*spatial, C).
     """
+    array = np.asarray(array)
+    array = array.astype(np.uint8) if array.dtype == bool else array  # NIfTI has no bool type
+    write_atomically(path, _nifti_image(path, array, affine, header, channels).to_filename)
+
+
+def save_nifti_channels(path, shape, fill, affine=None, header=None):
+    """Writes a float32 (*spatial, C) vector image as ``save_nifti(..., channels=True)`` does, the same
+    bytes, without holding it in memory: ``fill(out)`` fills ``out``, a writable (*spatial, C) float32
+    array mapped onto the voxels of the file on disk (numpy.memmap). For ``.nii.gz`` the file is written
+    uncompressed beside the output, then compressed into it. Atomic as save_nifti.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        shape: (*spatial, C), 1-3 spatial axes.
+        fill: callable taking ``out``.
+        affine, header: as for save_nifti.
+    """
+    image = _nifti_image(path, np.broadcast_to(np.float32(0), tuple(shape)), affine, header, channels=True)
+    image.header.set_slope_inter(1, 0)  # as nibabel writes float32 arrays: unscaled
+
+    def write(temporary):
+        raw = temporary[:-len(".gz")] if temporary.endswith(".gz") else temporary
+        try:
+            with open(raw, "wb") as file:
+                image.header.write_to(file)
+                file.truncate(image.header.get_data_offset() + image.dataobj.size * 4)
+            voxels = np.memmap(raw, image.header.get_data_dtype(), "r+", image.header.get_data_offset(),
+                               image.shape, order="F")
+            fill(voxels.reshape(shape, order="F"))  # a view: only singleton axes go
+            voxels.flush()
+            del voxels
+            if raw != temporary:
+                with open(raw, "rb") as source, nib.openers.Opener(temporary, "wb") as target:
+                    shutil.copyfileobj(source, target, 2 ** 24)
+        finally:
+            if raw != temporary and os.path.exists(raw):
+                os.remove(raw)
+
+    write_atomically(path, write)
+
+
+def _nifti_image(path, array, affine, header, channels):
+    """The Nifti1Image that save_nifti writes to `path`, after checking the path and shape."""
     path = os.fspath(path)
     if not path.endswith((".nii", ".nii.gz")):
         raise ValueError(f"save_nifti: path must end in .nii or .nii.gz, got {path!r}")
-    array = np.asarray(array)
-    array = array.astype(np.uint8) if array.dtype == bool else array  # NIfTI has no bool type
     if channels:
         spatial = array.shape[:-1]
         if not 1 <= len(spatial) <= 3:
@@ -215,7 +257,7 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
     image = nib.Nifti1Image(array, affine, header, dtype=array.dtype)
     if channels:
         image.header.set_intent("vector")
-    write_atomically(path, image.to_filename)
+    return image
 
 
 def read_json(path):

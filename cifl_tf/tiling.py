@@ -104,9 +104,9 @@ def check_max_memory(max_memory):
         raise ValueError(f"max_memory must be a positive integer number of bytes, got {max_memory!r}")
 
 
-def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY):
+def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
     """The layer's output on a whole image, computed tile by tile, or by the layer's own
-    ``tiled_features(image, max_memory)`` where it has one (Triplanar: whole slices, no halo).
+    ``tiled_features(image, max_memory, out)`` where it has one (Triplanar: whole slices, no halo).
 
     Equal to ``layer(image)`` (up to float rounding) for layers whose output depends only on the
     input within receptive_radius(layer) pixels.
@@ -116,19 +116,25 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY):
             attributes: a CIFLEncoder, a MIND descriptor, ...
         image: (*spatial) array, ndim == layer.ndim.
         max_memory: bytes of activations per tile (see tile_shape).
+        out: None, or a writable (*spatial, C) float32 array to fill instead of a new one (such as
+            data.save_nifti_channels's map of a file: features larger than memory).
 
-    Returns: (*spatial, C) float32.
+    Returns: (*spatial, C) float32, `out` if given.
     """
     image = np.asarray(image, np.float32)
     ndim = check_layer(layer)
     if image.ndim != ndim:
         raise ValueError(f"tiled_features: {layer.name} is {ndim}D but the image has shape {image.shape}")
     check_max_memory(max_memory)
+    shape = image.shape + (layer.channels,)
+    if out is not None and (getattr(out, "shape", None) != shape or getattr(out, "dtype", None) != np.float32):
+        raise ValueError(f"tiled_features: out must be a float32 array of shape {shape}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    features = np.empty(shape, np.float32) if out is None else out
     if hasattr(layer, "tiled_features"):
-        return layer.tiled_features(image, max_memory)
+        return layer.tiled_features(image, max_memory, features)
     radius = receptive_radius(layer)
     core = tile_shape(image.shape, radius, bytes_per_pixel(layer), max_memory)
-    features = np.empty(image.shape + (layer.channels,), np.float32)
     call = graph_call(layer)
     for start in itertools.product(*[range(0, size, step) for size, step in zip(image.shape, core)]):
         inner = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, core, image.shape))

@@ -58,31 +58,31 @@ class Triplanar(KL.Layer):
             features.append(tf.transpose(encoded, back))
         return tf.math.l2_normalize(tf.concat(features, axis=-1), axis=-1)
 
-    def tiled_features(self, volume, max_memory):
-        """``self(volume)`` of one volume (X, Y, Z) -> (X, Y, Z, 3C) float32, within max_memory bytes of
-        activations (per pixel as tiling.bytes_per_pixel(self), as for 3D tiles): the slices across each
-        axis are encoded whole, as many at a time as fit, and a slice larger than that in 2D tiles
-        (``tiling.tiled_features`` calls this). Whole slices need no halo; 3D tiles do, and the 2D encoder
+    def tiled_features(self, volume, max_memory, out):
+        """``self(volume)`` of one volume (X, Y, Z), written into `out` (X, Y, Z, 3C) float32, within
+        max_memory bytes of activations (per pixel as tiling.bytes_per_pixel(self), as for 3D tiles):
+        the slices across each axis are encoded whole, as many at a time as fit, and a slice larger than
+        that in 2D tiles (``tiling.tiled_features`` calls this). Whole slices need no halo; 3D tiles do, and the 2D encoder
         encoded it again in each (1.7 times the voxels of a 160x192x224 volume in 1 GiB tiles): the shipped
         3D features of such a volume took 17.2 s instead of 34.0 s on 2 cores (tf.matmul at 127 and 115 GFLOP/s).
         """
         volume = np.asarray(volume, np.float32)
         channels = self.encoder.channels
-        features = np.empty(volume.shape + (self.channels,), np.float32)
         call = tiling.graph_call(self.encoder)
         for axis in range(3):
             slices = np.moveaxis(volume, axis, 0)
-            encoded = np.moveaxis(features[..., axis * channels:(axis + 1) * channels], axis, 0)  # a view
+            encoded = np.moveaxis(out[..., axis * channels:(axis + 1) * channels], axis, 0)  # a view
             batch = max_memory // (tiling.bytes_per_pixel(self) * slices[0].size)
             if batch == 0:
                 for index, image in enumerate(slices):
-                    encoded[index] = tiling.tiled_features(self.encoder, image, max_memory)
+                    tiling.tiled_features(self.encoder, image, max_memory, encoded[index])
             else:
                 for start in range(0, len(slices), batch):
                     encoded[start:start + batch] = call(tf.constant(slices[start:start + batch, ..., np.newaxis]))
-        for chunk in features:  # l2-normalised in place, as call() does
+        slowest = int(np.argmax(out.strides[:-1]))  # chunks contiguous in memory, in C or Fortran order
+        for chunk in np.moveaxis(out, slowest, 0):  # l2-normalised in place, as call() does
             chunk /= np.sqrt(np.maximum(np.sum(np.square(chunk), axis=-1, keepdims=True), 1e-12))
-        return features
+        return out
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])

@@ -58,6 +58,43 @@ def test_multichannel_image_round_trips_as_vector_image(tmp_path, shape):
     assert header.get_intent()[0] == "vector"
 
 
+@pytest.mark.parametrize("name", ["features.nii", "features.nii.gz"])
+@pytest.mark.parametrize("shape", [(4, 5, 3), (4, 5, 6, 2)])
+def test_features_filled_in_the_file_are_the_bytes_save_nifti_writes(tmp_path, name, shape):
+    """Header from a scaled int16 image: its slope must not scale the float features."""
+    write_nifti(tmp_path / "image.nii.gz", np.ones(shape[:-1], np.int16), affine=np.diag([2.0, 3.0, 4.0, 1.0]))
+    _, affine, header = data.load_nifti(tmp_path / "image.nii.gz")
+    header.set_slope_inter(2.0, 1.0)
+    features = np.random.default_rng(1).random(shape).astype(np.float32)
+    (tmp_path / "expected").mkdir()
+    data.save_nifti(tmp_path / "expected" / name, features, affine, header, channels=True)
+    filled = []
+
+    def fill(out):
+        assert isinstance(out, np.memmap) and out.shape == shape and out.dtype == np.float32
+        out[...] = features
+        filled.append(True)
+
+    data.save_nifti_channels(tmp_path / name, shape, fill, affine, header)
+    assert filled and (tmp_path / name).read_bytes() == (tmp_path / "expected" / name).read_bytes()
+    assert sorted(os.listdir(tmp_path)) == sorted(["image.nii.gz", "expected", name])
+
+
+def test_a_failed_fill_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    path = tmp_path / "out.nii.gz"
+    data.save_nifti(path, np.zeros((3, 4, 2), np.float32), channels=True)
+    before = path.read_bytes()
+
+    def crash_midway(out):
+        out[0] = 1
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        data.save_nifti_channels(path, (3, 4, 2), crash_midway)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.nii.gz"]
+
+
 def test_slice_stored_as_h_w_1_loads_as_h_w(tmp_path):
     image = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
     write_nifti(tmp_path / "slice.nii.gz", image)

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 import cifl_tf
-from cifl_tf import evaluate, tiling
+from cifl_tf import Triplanar, evaluate, tiling
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,27 @@ def test_budget_too_small_names_the_bytes():
         tiling.tile_shape((64, 64), 8, 4, 100)
     with pytest.raises(ValueError, match="max_memory must be a positive integer"):
         tiling.tile_shape((64, 64), 8, 4, 0.5)
+
+
+@pytest.mark.parametrize("triplanar, budget_side", [(False, 20), (True, 10)], ids=["3d-tiles", "triplanar"])
+def test_tiled_features_fill_an_array_in_fortran_order_as_a_file_maps_it(triplanar, budget_side, encoder_3d):
+    """`out` laid out as data.save_nifti_channels maps a NIfTI file: what the CLI writes features into."""
+    encoder = Triplanar(cifl_tf.pretrained(0.1)) if triplanar else encoder_3d
+    image = np.random.default_rng(3).random((19, 23, 17)).astype(np.float32)
+    out = np.zeros((19, 23, 17, encoder.channels), np.float32, order="F")
+    budget = tiling.bytes_per_pixel(encoder) * budget_side ** 3  # several tiles; batches of 2-3 slices
+    assert tiling.tiled_features(encoder, image, budget, out) is out
+    np.testing.assert_allclose(out, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("out, problem", [
+    (np.zeros((8, 8, 16), np.float64), "float64 \\(8, 8, 16\\)"),
+    (np.zeros((8, 9, 16), np.float32), "float32 \\(8, 9, 16\\)"),
+    ([[0.0]], "list"),
+])
+def test_tiled_features_refuse_an_out_array_of_another_shape_or_type(out, problem):
+    with pytest.raises(ValueError, match=f"out must be a float32 array of shape \\(8, 8, 16\\), got {problem}"):
+        tiling.tiled_features(cifl_tf.pretrained(0.1), np.zeros((8, 8), np.float32), out=out)
 
 
 def test_tiled_features_rejects_wrong_dimensions_and_non_layers():
