@@ -215,6 +215,8 @@ def save_nifti_channels(path, shape, fill, affine=None, header=None):
         fill: callable taking ``out``.
         affine, header: as for save_nifti.
     """
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"save_nifti_channels: shape must be positive integers (*spatial, C), got {shape!r}")
     image = _nifti_image(path, np.broadcast_to(np.float32(0), tuple(shape)), affine, header, channels=True)
     image.header.set_slope_inter(1, 0)  # as nibabel writes float32 arrays: unscaled
 

@@ -95,6 +95,17 @@ def test_a_failed_fill_leaves_the_old_file_and_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["out.nii.gz"]
 
 
+@pytest.mark.parametrize("shape, problem", [
+    ((3, 0, 2), "shape must be positive integers \\(\\*spatial, C\\), got \\(3, 0, 2\\)"),
+    ((3, 4.0, 2), "shape must be positive integers"),
+    ((3, 4, 5, 6, 2), "channels=True needs \\(\\*spatial, C\\) with 1-3 spatial axes"),
+])
+def test_features_filled_in_the_file_refuse_a_bad_shape(tmp_path, shape, problem):
+    with pytest.raises(ValueError, match=problem):
+        data.save_nifti_channels(tmp_path / "out.nii.gz", shape, lambda out: None)
+    assert os.listdir(tmp_path) == []
+
+
 def test_slice_stored_as_h_w_1_loads_as_h_w(tmp_path):
     image = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
     write_nifti(tmp_path / "slice.nii.gz", image)
