@@ -206,8 +206,10 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
 def save_nifti_channels(path, shape, fill, affine=None, header=None):
     """Writes a float32 (*spatial, C) vector image as ``save_nifti(..., channels=True)`` does, the same
     bytes, without holding it in memory: ``fill(out)`` fills ``out``, a writable (*spatial, C) float32
-    array mapped onto the voxels of the file on disk (numpy.memmap). For ``.nii.gz`` the file is written
-    uncompressed beside the output, then compressed into it. Atomic as save_nifti.
+    array (in the header's byte order) mapped onto the voxels of the file on disk (numpy.memmap). The file's
+    space is reserved first, so that a full disk fails here rather than while ``fill`` writes. For
+    ``.nii.gz`` the file is written uncompressed beside the output, then compressed into it. Atomic as
+    save_nifti.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
@@ -215,19 +217,24 @@ def save_nifti_channels(path, shape, fill, affine=None, header=None):
         fill: callable taking ``out``.
         affine, header: as for save_nifti.
     """
-    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
-        raise ValueError(f"save_nifti_channels: shape must be positive integers (*spatial, C), got {shape!r}")
-    image = _nifti_image(path, np.broadcast_to(np.float32(0), tuple(shape)), affine, header, channels=True)
+    name = "save_nifti_channels"
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"{name}: shape must be a tuple of positive integers (*spatial, C), got {shape!r}")
+    if not callable(fill):
+        raise ValueError(f"{name}: fill must be a callable taking the array to fill, got {type(fill).__name__}")
+    image = _nifti_image(path, np.broadcast_to(np.float32(0), tuple(shape)), affine, header, True, name)
     image.header.set_slope_inter(1, 0)  # as nibabel writes float32 arrays: unscaled
+    dtype = image.header.get_data_dtype()
 
     def write(temporary):
         raw = temporary[:-len(".gz")] if temporary.endswith(".gz") else temporary
         try:
             with open(raw, "wb") as file:
-                image.header.write_to(file)
-                file.truncate(image.header.get_data_offset() + image.dataobj.size * 4)
-            voxels = np.memmap(raw, image.header.get_data_dtype(), "r+", image.header.get_data_offset(),
-                               image.shape, order="F")
+                image.header.write_to(file)  # sets the header's data offset
+                offset = image.header.get_data_offset()
+                os.posix_fallocate(file.fileno(), offset, image.dataobj.size * dtype.itemsize)
+            voxels = np.memmap(raw, dtype, "r+", offset, image.shape, order="F")
             fill(voxels.reshape(shape, order="F"))  # a view: only singleton axes go
             voxels.flush()
             del voxels
@@ -241,16 +248,16 @@ def save_nifti_channels(path, shape, fill, affine=None, header=None):
     write_atomically(path, write)
 
 
-def _nifti_image(path, array, affine, header, channels):
-    """The Nifti1Image that save_nifti writes to `path`, after checking the path and shape."""
+def _nifti_image(path, array, affine, header, channels, name="save_nifti"):
+    """The Nifti1Image that save_nifti writes to `path`, after checking the path and shape (errors
+    named after the public function `name`)."""
     path = os.fspath(path)
     if not path.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"save_nifti: path must end in .nii or .nii.gz, got {path!r}")
+        raise ValueError(f"{name}: path must end in .nii or .nii.gz, got {path!r}")
     if channels:
         spatial = array.shape[:-1]
         if not 1 <= len(spatial) <= 3:
-            raise ValueError(f"save_nifti: channels=True needs (*spatial, C) with 1-3 spatial axes, "
-                             f"got shape {array.shape}")
+            raise ValueError(f"{name}: needs (*spatial, C) with 1-3 spatial axes, got shape {array.shape}")
         array = array.reshape(spatial + (1,) * (3 - len(spatial)) + (1, array.shape[-1]))
     if not os.path.isdir(os.path.dirname(path) or "."):
         raise FileNotFoundError(f"{path}: no such folder to write to")

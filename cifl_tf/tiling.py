@@ -116,8 +116,8 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
             attributes: a CIFLEncoder, a MIND descriptor, ...
         image: (*spatial) array, ndim == layer.ndim.
         max_memory: bytes of activations per tile (see tile_shape).
-        out: None, or a writable (*spatial, C) float32 array to fill instead of a new one (such as
-            data.save_nifti_channels's map of a file: features larger than memory).
+        out: None, or a writable (*spatial, C) float32 array (of either byte order) to fill instead of a
+            new one (such as data.save_nifti_channels's map of a file: features larger than memory).
 
     Returns: (*spatial, C) float32, `out` if given.
     """
@@ -127,7 +127,8 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
         raise ValueError(f"tiled_features: {layer.name} is {ndim}D but the image has shape {image.shape}")
     check_max_memory(max_memory)
     shape = image.shape + (layer.channels,)
-    if out is not None and (getattr(out, "shape", None) != shape or getattr(out, "dtype", None) != np.float32):
+    if out is not None and (getattr(out, "shape", None) != shape
+                            or np.dtype(getattr(out, "dtype", None)).newbyteorder("=") != np.float32):
         raise ValueError(f"tiled_features: out must be a float32 array of shape {shape}, got "
                          f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
     features = np.empty(shape, np.float32) if out is None else out

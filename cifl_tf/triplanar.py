@@ -59,12 +59,13 @@ class Triplanar(KL.Layer):
         return tf.math.l2_normalize(tf.concat(features, axis=-1), axis=-1)
 
     def tiled_features(self, volume, max_memory, out):
-        """``self(volume)`` of one volume (X, Y, Z), written into `out` (X, Y, Z, 3C) float32, within
-        max_memory bytes of activations (per pixel as tiling.bytes_per_pixel(self), as for 3D tiles):
-        the slices across each axis are encoded whole, as many at a time as fit, and a slice larger than
-        that in 2D tiles (``tiling.tiled_features`` calls this). Whole slices need no halo; 3D tiles do, and the 2D encoder
-        encoded it again in each (1.7 times the voxels of a 160x192x224 volume in 1 GiB tiles): the shipped
-        3D features of such a volume took 17.2 s instead of 34.0 s on 2 cores (tf.matmul at 127 and 115 GFLOP/s).
+        """``self(volume)`` of one volume (X, Y, Z), written into `out`, a (X, Y, Z, 3C) float32 array, within
+        max_memory bytes of activations (per pixel as tiling.bytes_per_pixel(self), as for 3D tiles): the
+        slices across each axis are encoded whole, as many at a time as fit, and a slice larger than that in
+        2D tiles (``tiling.tiled_features`` calls this). Whole slices need no halo; 3D tiles do, and the 2D
+        encoder encoded it again in each (1.7 times the voxels of a 160x192x224 volume in 1 GiB tiles): the
+        shipped 3D features of such a volume took 17.2 s instead of 34.0 s on 2 cores (tf.matmul at 127 and
+        115 GFLOP/s).
         """
         volume = np.asarray(volume, np.float32)
         channels = self.encoder.channels
@@ -79,7 +80,7 @@ class Triplanar(KL.Layer):
             else:
                 for start in range(0, len(slices), batch):
                     encoded[start:start + batch] = call(tf.constant(slices[start:start + batch, ..., np.newaxis]))
-        slowest = int(np.argmax(out.strides[:-1]))  # chunks contiguous in memory, in C or Fortran order
+        slowest = int(np.argmax(out.strides[:-1]))  # chunks compact in memory, in C or Fortran order
         for chunk in np.moveaxis(out, slowest, 0):  # l2-normalised in place, as call() does
             chunk /= np.sqrt(np.maximum(np.sum(np.square(chunk), axis=-1, keepdims=True), 1e-12))
         return out

@@ -58,12 +58,15 @@ def test_multichannel_image_round_trips_as_vector_image(tmp_path, shape):
     assert header.get_intent()[0] == "vector"
 
 
+@pytest.mark.parametrize("byte_order", ["<", ">"])
 @pytest.mark.parametrize("name", ["features.nii", "features.nii.gz"])
 @pytest.mark.parametrize("shape", [(4, 5, 3), (4, 5, 6, 2)])
-def test_features_filled_in_the_file_are_the_bytes_save_nifti_writes(tmp_path, name, shape):
-    """Header from a scaled int16 image: its slope must not scale the float features."""
+def test_features_filled_in_the_file_are_the_bytes_save_nifti_writes(tmp_path, name, shape, byte_order):
+    """Header from a scaled int16 image, little- or big-endian: its slope must not scale the float
+    features, and its byte order is kept, as save_nifti keeps it."""
     write_nifti(tmp_path / "image.nii.gz", np.ones(shape[:-1], np.int16), affine=np.diag([2.0, 3.0, 4.0, 1.0]))
     _, affine, header = data.load_nifti(tmp_path / "image.nii.gz")
+    header = header.as_byteswapped(byte_order)
     header.set_slope_inter(2.0, 1.0)
     features = np.random.default_rng(1).random(shape).astype(np.float32)
     (tmp_path / "expected").mkdir()
@@ -71,7 +74,7 @@ def test_features_filled_in_the_file_are_the_bytes_save_nifti_writes(tmp_path, n
     filled = []
 
     def fill(out):
-        assert isinstance(out, np.memmap) and out.shape == shape and out.dtype == np.float32
+        assert isinstance(out, np.memmap) and out.shape == shape and out.dtype == np.dtype(byte_order + "f4")
         out[...] = features
         filled.append(True)
 
@@ -96,14 +99,20 @@ def test_a_failed_fill_leaves_the_old_file_and_no_temporary_file(tmp_path):
 
 
 @pytest.mark.parametrize("shape, problem", [
-    ((3, 0, 2), "shape must be positive integers \\(\\*spatial, C\\), got \\(3, 0, 2\\)"),
-    ((3, 4.0, 2), "shape must be positive integers"),
-    ((3, 4, 5, 6, 2), "channels=True needs \\(\\*spatial, C\\) with 1-3 spatial axes"),
+    ((3, 0, 2), "shape must be a tuple of positive integers \\(\\*spatial, C\\), got \\(3, 0, 2\\)"),
+    ((3, 4.0, 2), "shape must be a tuple of positive integers"),
+    (5, "shape must be a tuple of positive integers .* got 5"),
+    ((3, 4, 5, 6, 2), "save_nifti_channels: needs \\(\\*spatial, C\\) with 1-3 spatial axes"),
 ])
 def test_features_filled_in_the_file_refuse_a_bad_shape(tmp_path, shape, problem):
     with pytest.raises(ValueError, match=problem):
         data.save_nifti_channels(tmp_path / "out.nii.gz", shape, lambda out: None)
     assert os.listdir(tmp_path) == []
+
+
+def test_features_filled_in_the_file_refuse_a_fill_that_is_not_callable(tmp_path):
+    with pytest.raises(ValueError, match="fill must be a callable .* got ndarray"):
+        data.save_nifti_channels(tmp_path / "out.nii.gz", (3, 4, 2), np.zeros((3, 4, 2), np.float32))
 
 
 def test_slice_stored_as_h_w_1_loads_as_h_w(tmp_path):

@@ -105,13 +105,15 @@ def test_budget_too_small_names_the_bytes():
         tiling.tile_shape((64, 64), 8, 4, 0.5)
 
 
-@pytest.mark.parametrize("triplanar, budget_side", [(False, 20), (True, 10)], ids=["3d-tiles", "triplanar"])
-def test_tiled_features_fill_an_array_in_fortran_order_as_a_file_maps_it(triplanar, budget_side, encoder_3d):
-    """`out` laid out as data.save_nifti_channels maps a NIfTI file: what the CLI writes features into."""
+@pytest.mark.parametrize("triplanar, budget_side, dtype", [(False, 20, "<f4"), (True, 10, "<f4"), (True, 6, ">f4")],
+                         ids=["3d-tiles", "triplanar", "triplanar-2d-tiles-big-endian"])
+def test_tiled_features_fill_an_array_in_fortran_order_as_a_file_maps_it(triplanar, budget_side, dtype, encoder_3d):
+    """`out` laid out as data.save_nifti_channels maps a NIfTI file (in the byte order of the input's header):
+    what the CLI writes features into. Budgets of several 3D tiles; of 2-3 slices; of less than a slice (2D tiles)."""
     encoder = Triplanar(cifl_tf.pretrained(0.1)) if triplanar else encoder_3d
     image = np.random.default_rng(3).random((19, 23, 17)).astype(np.float32)
-    out = np.zeros((19, 23, 17, encoder.channels), np.float32, order="F")
-    budget = tiling.bytes_per_pixel(encoder) * budget_side ** 3  # several tiles; batches of 2-3 slices
+    out = np.zeros((19, 23, 17, encoder.channels), dtype, order="F")
+    budget = tiling.bytes_per_pixel(encoder) * budget_side ** 3
     assert tiling.tiled_features(encoder, image, budget, out) is out
     np.testing.assert_allclose(out, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
 
