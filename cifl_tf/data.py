@@ -207,7 +207,8 @@ def save_nifti_channels(path, shape, fill, affine=None, header=None):
     """Writes a float32 (*spatial, C) vector image as ``save_nifti(..., channels=True)`` does, the same
     bytes, without holding it in memory: ``fill(out)`` fills ``out``, a writable (*spatial, C) float32
     array (in the header's byte order) mapped onto the voxels of the file on disk (numpy.memmap). The file's
-    space is reserved first, so that a full disk fails here rather than while ``fill`` writes. For
+    space is reserved first where the OS can (posix_fallocate, not on macOS), so that a full disk fails
+    here rather than while ``fill`` writes. For
     ``.nii.gz`` the file is written uncompressed beside the output, then compressed into it. Atomic as
     save_nifti.
 
@@ -233,7 +234,11 @@ def save_nifti_channels(path, shape, fill, affine=None, header=None):
             with open(raw, "wb") as file:
                 image.header.write_to(file)  # sets the header's data offset
                 offset = image.header.get_data_offset()
-                os.posix_fallocate(file.fileno(), offset, image.dataobj.size * dtype.itemsize)
+                size = image.dataobj.size * dtype.itemsize
+                if hasattr(os, "posix_fallocate"):  # a full disk fails here, not (SIGBUS) while filling
+                    os.posix_fallocate(file.fileno(), offset, size)
+                else:  # macOS: a sparse file
+                    file.truncate(offset + size)
             voxels = np.memmap(raw, dtype, "r+", offset, image.shape, order="F")
             fill(voxels.reshape(shape, order="F"))  # a view: only singleton axes go
             voxels.flush()

@@ -58,12 +58,16 @@ def test_multichannel_image_round_trips_as_vector_image(tmp_path, shape):
     assert header.get_intent()[0] == "vector"
 
 
+@pytest.mark.parametrize("reserve", [True, False], ids=["posix_fallocate", "sparse"])
 @pytest.mark.parametrize("byte_order", ["<", ">"])
 @pytest.mark.parametrize("name", ["features.nii", "features.nii.gz"])
 @pytest.mark.parametrize("shape", [(4, 5, 3), (4, 5, 6, 2)])
-def test_features_filled_in_the_file_are_the_bytes_save_nifti_writes(tmp_path, name, shape, byte_order):
+def test_features_filled_in_the_file_are_the_bytes_save_nifti_writes(tmp_path, monkeypatch, name, shape, byte_order,
+                                                                     reserve):
     """Header from a scaled int16 image, little- or big-endian: its slope must not scale the float
-    features, and its byte order is kept, as save_nifti keeps it."""
+    features, and its byte order is kept, as save_nifti keeps it. With and without posix_fallocate (macOS)."""
+    if not reserve:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
     write_nifti(tmp_path / "image.nii.gz", np.ones(shape[:-1], np.int16), affine=np.diag([2.0, 3.0, 4.0, 1.0]))
     _, affine, header = data.load_nifti(tmp_path / "image.nii.gz")
     header = header.as_byteswapped(byte_order)
