@@ -11,7 +11,9 @@ training runs it (``train_on_batch``, timed until this version, took 0.52 s per 
     idle machine the two agree;
   * seconds per batch of synthesis (contrast pairs + random-offset crops) alone, as the throughput of its
     parallel pipeline, and its share of a step fed by the live synthetic stream, whose batches are made
-    while the previous steps run: (live step - fixed-data step) / live step.
+    while the previous steps run: (live step - fixed-data step) / live step, a difference of two timings
+    that moved by several points between runs, and synthesis CPU seconds per batch / live step CPU seconds,
+    which holds steadier on cores that the step keeps busy.
 
   Under a mixed precision policy (--precision mixed_bfloat16), the step is also compared with a tf.matmul
   in the convolutions' 16-bit type.
@@ -42,11 +44,12 @@ def conv_flops(shape, features, channels):
 
 
 def seconds_per_call(function, repeats):
-    function()  # warm-up: tracing, allocation
-    start = time.perf_counter()
+    """Wall and process CPU seconds per call of `function`, after one warm-up call (tracing, allocation)."""
+    function()
+    start = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         function()
-    return (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start[0]) / repeats, (time.process_time() - start[1]) / repeats
 
 
 def matmul(n=2048, dtype=tf.float32):
@@ -122,7 +125,7 @@ def main():
     big = tuple(s + offset for s in shape)
     views = offset_views(cifl_tf.synth.contrast_pairs(big, args.batch_size, seed=0), shape, offset)
     stream = iter(views)
-    synth_s = seconds_per_call(lambda: next(stream), args.steps)
+    synth_s, synth_cpu = seconds_per_call(lambda: next(stream), args.steps)
 
     encoder = cifl_tf.CIFLEncoder(channels=args.channels, features=args.features, ndim=len(shape),
                                   dtype=args.precision)
@@ -138,7 +141,7 @@ def main():
     times = fit_rounds(model, fixed, args.rounds, steps, {name: function for name, (function, _) in references.items()},
                        repeats=steps)
     step_s = np.median(times["step"][0])
-    live_s = np.median(fit_rounds(model, views, args.rounds, steps)["step"][0])
+    live_s, live_cpu = np.median(fit_rounds(model, views, args.rounds, steps)["step"], axis=1)
 
     works = {"step": flops, **{name: work for name, (_, work) in references.items()}}
     rate = {name: work / times[name] / 1e9 for name, work in works.items()}
@@ -160,9 +163,9 @@ def main():
         print(f"tf.matmul 2048^2 {compute_dtype.name}:   {np.median(rate['matmul16'][0]):.1f} GFLOP/s "
               f"in the same rounds")
         print(f"step/{compute_dtype.name} matmul, wall:  {spread(ratio16[0])}")
-    print(f"synthesis alone:             {synth_s:.3f} s per batch (pipeline throughput)")
+    print(f"synthesis alone:             {synth_s:.3f} s per batch (pipeline throughput), {synth_cpu:.3f} CPU s")
     print(f"train step (live stream):    {live_s:.3f} s  -> synthesis {max(live_s - step_s, 0) / live_s:.0%} "
-          f"of a step")
+          f"of a step by wall time, {synth_cpu / live_cpu:.1%} of its CPU time")
 
 
 if __name__ == "__main__":

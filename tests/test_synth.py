@@ -112,6 +112,23 @@ def test_warp_deforms_the_label_map():
     assert set(np.unique(warped)) <= set(np.unique(straight))
 
 
+@pytest.mark.parametrize("shape", [(24, 20), (10, 12, 8)], ids=["2d", "3d"])
+def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(shape):
+    """Method page section 1: J noise channels warped by a random smooth field, then argmax."""
+    from cifl_tf.synth import _perlin, _split
+
+    synth = ShapesSynth(shape, num_labels=5, label_scales=(2, 4), warp_std=3.0, warp_scales=(4,), seed=0)
+    key = batch_key(0, 2, 0)
+    keys = _split(key, ("labels", "warp"))
+    noise = _perlin(keys["labels"], 2, (*shape, 5), synth.label_scales, 0, synth.label_std).numpy()
+    displacement = synth.displacement(keys["warp"], 2).numpy()
+    assert np.abs(displacement).max() > 1
+    points = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), axis=-1) + displacement
+    nearest = np.clip(np.round(points), 0, np.array(shape) - 1).astype(int)
+    warped = np.stack([noise[b][tuple(np.moveaxis(nearest[b], -1, 0))] for b in range(2)])
+    np.testing.assert_array_equal(synth.label_map(key, 2).numpy()[..., 0], np.argmax(warped, axis=-1))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(shape=(32,)), "shape must be 2D or 3D, got (32,)"),
     (dict(shape=(4, 4, 4, 4)), "shape must be 2D or 3D, got (4, 4, 4, 4)"),
