@@ -1,7 +1,8 @@
 """Synthetic contrast pairs for CIFL training (paper Fig. 1, method page section 1).
 
 A label map of random shapes is drawn SynthMorph-style (Hoffmann et al. 2021): J channels of
-multi-scale Perlin noise, optionally warped (nearest neighbour) by one random smooth diffeomorphism, then argmax.
+multi-scale Perlin noise, optionally warped (nearest neighbour) by one random smooth diffeomorphism,
+then argmax.
 That one map is rendered twice with independent random intensities, noise, bias field, blur and
 gamma, as neurite's ``labels_to_image`` renders, giving two voxel-aligned images of the same
 anatomy in two contrasts. Everything runs in the TF graph of a ``tf.data`` pipeline.
