@@ -1,8 +1,8 @@
 """Synthetic contrast pairs for CIFL training (paper Fig. 1, method page section 1).
 
 A label map of random shapes is drawn SynthMorph-style (Hoffmann et al. 2021): J channels of
-multi-scale Perlin noise, optionally warped (nearest neighbour) by one random smooth diffeomorphism,
-then argmax.
+multi-scale Perlin noise, optionally warped (nearest neighbour) by one random smooth
+diffeomorphism, then argmax.
 That one map is rendered twice with independent random intensities, noise, bias field, blur and
 gamma, as neurite's ``labels_to_image`` renders, giving two voxel-aligned images of the same
 anatomy in two contrasts. Everything runs in the TF graph of a ``tf.data`` pipeline.
@@ -193,8 +193,7 @@ class ShapesSynth:
         labels = tf.math.top_k(noise, 1).indices
         if self.warp_std > 0:
             # The argmax of noise warped by nearest interpolation is the argmax warped: one channel gathered,
-            # not J. Against linear interpolation of the noise (the code before), 4% of the labels differ, at
-            # the shapes' borders, and 5% (2D) to 11% (3D) more connected regions remain (small fragments).
+            # not J (README, "Tests and benchmarks": what this changed against the noise warped linearly).
             labels = tf.cast(spatial_transform(tf.cast(labels, tf.float32),
                                                self.displacement(keys["warp"], batch_size), "nearest"), tf.int32)
         return labels

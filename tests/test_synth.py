@@ -123,7 +123,9 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     noise = _perlin(keys["labels"], 2, (*shape, 5), synth.label_scales, 0, synth.label_std).numpy()
     displacement = synth.displacement(keys["warp"], 2).numpy()
     assert np.abs(displacement).max() > 1
-    points = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), axis=-1) + displacement
+    # float32 sums, as the warp's, so that no point rounds the other way at .5.
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    points = np.stack(grid, axis=-1) + displacement
     nearest = np.clip(np.round(points), 0, np.array(shape) - 1).astype(int)
     warped = np.stack([noise[b][tuple(np.moveaxis(nearest[b], -1, 0))] for b in range(2)])
     np.testing.assert_array_equal(synth.label_map(key, 2).numpy()[..., 0], np.argmax(warped, axis=-1))
