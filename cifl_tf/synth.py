@@ -193,7 +193,7 @@ class ShapesSynth:
         labels = tf.math.top_k(noise, 1).indices
         if self.warp_std > 0:
             # The argmax of noise warped by nearest interpolation is the argmax warped: one channel gathered,
-            # not J (README, "Tests and benchmarks": what this changed against the noise warped linearly).
+            # not J (docs/benchmarks.md: what this changed against the noise warped linearly).
             labels = tf.cast(spatial_transform(tf.cast(labels, tf.float32),
                                                self.displacement(keys["warp"], batch_size), "nearest"), tf.int32)
         return labels
