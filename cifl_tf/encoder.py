@@ -262,10 +262,10 @@ def _config_path(weights_path):
 PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
 PRETRAINED_RECOMMENDED = {2: "recommended_2d"}  # ndim -> general-purpose encoder's name
-# 3D encoders are the tri-planar features of the 2D ones (triplanar.Triplanar), by default of this one: the 3D
-# encoders trained on 32^3 crops so far registered T1 to the 3D demo's T2-like and PD-like volumes worse than
-# leaving them unregistered; the tri-planar features of this 2D encoder registered them about as well as MIND,
-# and better on T1 and T2-like than those of each recommended_2d shipped so far (README, "Shipped encoders").
+# 3D encoders are the tri-planar features of the 2D ones (triplanar.Triplanar), by default of this one: the
+# 3D-trained encoders measured so far registered the 3D demo and a real volume no better overall, and the
+# tri-planar features of this 2D encoder better on T1 and T2-like than those of each recommended_2d shipped
+# so far (docs/levers.md, "3D-trained encoders against tri-planar features").
 PRETRAINED_3D_TAU_GAMMA = 1.0
 
 

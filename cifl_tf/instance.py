@@ -43,8 +43,8 @@ SIMILARITIES = ("mse", "ncc", "mi")
 # (1, 0.01); for MI, the weight that registered best on the 2D phantoms of tests/test_instance.py.
 REG_WEIGHTS = {"ncc": 1.0, "mse": 0.01, "mi": 0.01}
 MOVED_FEATURES = ("warped", "encoded")
-# register_pair's moved_features by the images' ndim. Measured with levels (4, 2, 1) of 100 steps (README,
-# "Registering a pair without training"): on the OASIS sample's slices (both directions; T1, inverted T1, GM≈WM and
+# register_pair's moved_features by the images' ndim. Measured with levels (4, 2, 1) of 100 steps (docs/registration.md;
+# the table is in the README, "Registering a pair without training"): on the OASIS sample's slices (both directions; T1, inverted T1, GM≈WM and
 # not bias-corrected), "encoded" gave the recommended encoder 0.05-0.08 and MIND 0.04-0.12 more seg4 Dice; on 2D
 # demo pairs the recommended encoder 0.04-0.06 more on T1 and T2-like and 0.006 less on PD-like, MIND 0.02-0.03
 # more, in up to 3 times the time. On the 3D demo (tri-planar features, 3 mm) the recommended encoder lost
@@ -436,7 +436,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         feature_scale: encode each image upsampled by this integer factor (`upsample`) and average the
             features back onto its grid (`pool`); 1 encodes it as it is. Larger factors are for images
             coarser than the encoder's training crops suit (the shipped encoders learned on 96x96-pixel
-            crops of synthetic shapes); the README compares factors on 2 mm and 3 mm brains. Costs
+            crops of synthetic shapes); docs/registration.md compares factors on 2 mm and 3 mm brains. Costs
             feature_scale^ndim times the encoder's time and its features' memory (within max_memory). With an
             encoder and moved_features="warped" only.
         max_memory: bytes per tile of encoder inference (tiling.tiled_features), and of each image's
@@ -518,7 +518,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         _fit(model, [source], [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
         matrix = model.get_layer("affine")(source[np.newaxis])[0]
         # Composed with the deformation in each level's model, so that the moving features, described once, are
-        # interpolated once: warping them by the affine transform first blurred them twice (README).
+        # interpolated once: warping them by the affine transform first blurred them twice (docs/registration.md).
         initials = {factor: level_matrix(matrix, levels[0], shape, factor) for factor in levels}
     velocity, previous = None, None
     for factor in levels:

@@ -5,8 +5,8 @@
 Each voxel gets the 2D encoder's features of the three orthogonal slices through it (tri-planar), so
 each voxel still has a unit-length feature vector, as CIFL features do. Why 2D encoders: on the 3D demo
 (T1 registered by ``register_pair`` to T1, T2-like and PD-like volumes) the tri-planar features of the
-shipped tau_gamma = 1 encoder registered across contrasts about as well as MIND, while the 3D encoders
-trained so far on 32^3 synthetic crops did worse than no registration; README, "Shipped encoders".
+shipped tau_gamma = 1 encoder registered across contrasts about as well as MIND, and the 3D-trained encoders
+measured so far no better overall (docs/levers.md, "3D-trained encoders against tri-planar features").
 They are for feature extraction and ``register_pair``; UNet and VxmDense models take 2D or 3D CIFLEncoders.
 """
 import numpy as np

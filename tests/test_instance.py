@@ -428,7 +428,7 @@ def test_affine_stage_recovers_a_shift_and_scaling():
 def test_the_levels_after_the_affine_stage_warp_the_moving_features_once_by_both_transforms(monkeypatch):
     """Each level gets the moving image's own features and the affine matrix on its grid, not the affinely
     moved image described anew (a third encoder pass) nor its features warped twice (Dice 0.883 instead of 0.911
-    on the bench volume under an affine misalignment and a deformation, intensity NCC; README)."""
+    on the bench volume under an affine misalignment and a deformation, intensity NCC; docs/registration.md)."""
     converted = []
 
     def shifting(matrix, factor, shape, to_factor=1):  # what the affine stage found: a shift along axis 0
