@@ -18,7 +18,7 @@ training runs it (``train_on_batch``, timed until this version, took 0.52 s per 
   Under a mixed precision policy (--precision mixed_bfloat16), the step is also compared with a tf.matmul
   in the convolutions' 16-bit type.
 
-    python bench/train_step.py [--steps 40] [--features 32] [--channels 16] [--jit-compile] [--precision P]
+    python bench/train_step.py [--steps 40] [--features 32] [--channels 16] [--jit-compile] [--precision P] [--no-bias]
 """
 import argparse
 import inspect
@@ -119,6 +119,7 @@ def main():
     parser.add_argument("--jit-compile", action="store_true", help="compile the step with XLA")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
                         help="the encoder's Keras dtype policy (train_encoder's precision)")
+    parser.add_argument("--no-bias", action="store_true", help="convolutions without bias (CIFLEncoder use_bias)")
     args = parser.parse_args()
     shape, offset = tuple(args.shape), args.max_offset
 
@@ -128,7 +129,7 @@ def main():
     synth_s, synth_cpu = seconds_per_call(lambda: next(stream), args.steps)
 
     encoder = cifl_tf.CIFLEncoder(channels=args.channels, features=args.features, ndim=len(shape),
-                                  dtype=args.precision)
+                                  use_bias=not args.no_bias, dtype=args.precision)
     model = SiameseCIFL(encoder)
     model.compile(optimizer=adam(1e-3, args.precision), jit_compile=args.jit_compile)
     fixed = tf.data.Dataset.from_tensors(next(stream)).repeat()
@@ -152,7 +153,7 @@ def main():
           f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'all'}, XLA {args.jit_compile}, "
           f"precision {args.precision}")
     print(f"shape {shape}, batch {args.batch_size} pairs, features {args.features}, C {args.channels}, "
-          f"max_offset {offset}")
+          f"max_offset {offset}, biases {not args.no_bias}")
     print(f"train step (fixed data):     {step_s:.3f} s  -> {np.median(rate['step'][0]):.1f} GFLOP/s "
           f"({flops / 1e9:.1f} GFLOP per step)")
     print(f"tf.matmul 2048^2 float32:    {np.median(rate['matmul'][0]):.1f} GFLOP/s in the same rounds")

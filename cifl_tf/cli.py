@@ -77,7 +77,8 @@ def _train_encoder(args):
         settings = dict(shape=shape, steps=args.steps, batch_size=args.batch_size,
                         channels=args.channels, features=args.features, architecture=args.architecture,
                         dilations=args.dilations, inversion_invariant=args.inversion_invariant,
-                        local_normalization=args.local_normalization, tau_alpha=args.tau_alpha,
+                        local_normalization=args.local_normalization, use_bias=not args.no_bias,
+                        tau_alpha=args.tau_alpha,
                         tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, loss_scales=args.loss_scales,
                         max_offset=args.max_offset, learning_rate=args.learning_rate,
                         learning_rate_decay=args.learning_rate_decay, precision=args.precision, seed=args.seed,
@@ -475,6 +476,8 @@ def _parser():
                    help="features of an image and of its inversion 1 - x equal by construction (CIFLEncoder)")
     p.add_argument("--local-normalization", type=float, default=None, metavar="SIGMA",
                    help="show the encoder local contrast, in a Gaussian window of SD SIGMA pixels (LocalNormalize)")
+    p.add_argument("--no-bias", action="store_true",
+                   help="convolutions without bias: features that ignore the contrast of each patch (CIFLEncoder)")
     p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
     p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
     p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])

@@ -113,6 +113,11 @@ class CIFLEncoder(KL.Layer):
         local_normalization: None, or the `sigma` in pixels of a LocalNormalize in front of the first
             convolution, which then sees local contrast instead of intensities (centred already, so an
             inversion-invariant first layer takes it as it is).
+        use_bias: False drops every convolution's bias. ReLU (and the absolute value) is then positively
+            homogeneous, so the features, l2-normalised, of k * y equal those of y for every k > 0, y being
+            what the first convolution sees (x, or x - 1/2 with inversion_invariant; with both, every k != 0):
+            a pixel's features ignore the contrast of the patch it sees, so a faint edge (grey against white
+            matter in PD) is described as a strong one is, where a bias would set a threshold on contrast.
         dtype: as for any Keras layer, also a mixed precision policy ("mixed_bfloat16", "mixed_float16"):
             the convolutions then compute in 16 bits, while the weights, the normalisations and the
             features stay at the variables' dtype (float32).
@@ -121,7 +126,7 @@ class CIFLEncoder(KL.Layer):
     """
 
     def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", dilations=None,
-                 inversion_invariant=False, local_normalization=None, **kwargs):
+                 inversion_invariant=False, local_normalization=None, use_bias=True, **kwargs):
         # Inputs stay as given, each layer inside casting them for itself: LocalNormalize and x - 1/2 see the
         # float32 image under a mixed policy (bfloat16 would round x and 1 - x unequally, and flatten faint contrast).
         super().__init__(**{"autocast": False, **kwargs})
@@ -140,15 +145,16 @@ class CIFLEncoder(KL.Layer):
         if architecture == "context" and (not isinstance(dilations, (list, tuple)) or not dilations or any(
                 isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations)):
             raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
-        if not isinstance(inversion_invariant, bool):
-            raise TypeError(f"CIFLEncoder: inversion_invariant must be True or False, got {inversion_invariant!r}")
+        for name, value in (("inversion_invariant", inversion_invariant), ("use_bias", use_bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"CIFLEncoder: {name} must be True or False, got {value!r}")
         if local_normalization is not None and (isinstance(local_normalization, bool) or not isinstance(
                 local_normalization, (int, float)) or not 0 < local_normalization < math.inf):
             raise ValueError(f"CIFLEncoder: local_normalization must be None or a positive sigma in pixels, "
                              f"got {local_normalization!r}")
         self.channels, self.features, self.ndim, self.architecture = channels, features, ndim, architecture
         self.dilations = tuple(dilations or ())
-        self.inversion_invariant = inversion_invariant
+        self.inversion_invariant, self.use_bias = inversion_invariant, use_bias
         self.local_normalization = None if local_normalization is None else float(local_normalization)
         exact = self.dtype_policy.variable_dtype  # the normalisations' (see dtype above)
         self.local_normalize = (None if local_normalization is None
@@ -157,9 +163,9 @@ class CIFLEncoder(KL.Layer):
         self._activation_name = activation
         conv = KL.Conv2D if ndim == 2 else KL.Conv3D
         widths = [features] * (NUM_CONVS - 1) + [channels]
-        self.convs = [conv(width, 3, padding="same", use_bias=i > 0 or not inversion_invariant, name=f"conv_{i}",
-                           dtype=self.dtype_policy) for i, width in enumerate(widths)]
-        self.context = [conv(features, 3, padding="same", dilation_rate=rate, name=f"context_{i}",
+        self.convs = [conv(width, 3, padding="same", use_bias=use_bias and (i > 0 or not inversion_invariant),
+                           name=f"conv_{i}", dtype=self.dtype_policy) for i, width in enumerate(widths)]
+        self.context = [conv(features, 3, padding="same", dilation_rate=rate, use_bias=use_bias, name=f"context_{i}",
                              dtype=self.dtype_policy) for i, rate in enumerate(self.dilations)]
         self.normalize = L2Normalize(name="l2_normalize", dtype=exact)
 
@@ -203,7 +209,8 @@ class CIFLEncoder(KL.Layer):
         return {**super().get_config(), "channels": self.channels, "features": self.features,
                 "ndim": self.ndim, "activation": self._activation_name, "architecture": self.architecture,
                 "dilations": list(self.dilations) if self.architecture == "context" else None,
-                "inversion_invariant": self.inversion_invariant, "local_normalization": self.local_normalization}
+                "inversion_invariant": self.inversion_invariant, "local_normalization": self.local_normalization,
+                "use_bias": self.use_bias}
 
 
 def encoder_model(encoder, name="cifl_encoder_model"):

@@ -175,7 +175,7 @@ SETTINGS = {
     "architecture": (lambda v: v in ARCHITECTURES, f"one of {ARCHITECTURES}"),
     "dilations": (lambda v: v is None or isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
                   "null or a list of positive integers"),
-    "inversion_invariant": (lambda v: isinstance(v, bool), "true or false"),
+    **{name: (lambda v: isinstance(v, bool), "true or false") for name in ("inversion_invariant", "use_bias")},
     "local_normalization": (lambda v: v is None or _positive(v), "null or a positive number"),
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
@@ -191,8 +191,8 @@ SETTINGS = {
 
 # Fields that runs of earlier versions did not write, with the value those runs used.
 SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                    "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1],
-                    "precision": "float32"}
+                    "local_normalization": None, "use_bias": True, "learning_rate_decay": "constant",
+                    "loss_scales": [1], "precision": "float32"}
 
 
 def learning_rate_schedule(learning_rate, decay, steps):
@@ -225,7 +225,8 @@ def read_settings(out_dir):
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
-                  dilations=None, inversion_invariant=False, local_normalization=None, tau_alpha=1.0, tau_beta=1.0,
+                  dilations=None, inversion_invariant=False, local_normalization=None, use_bias=True, tau_alpha=1.0,
+                  tau_beta=1.0,
                   tau_gamma=0.1, loss_scales=(1,), max_offset=16, learning_rate=1e-3, learning_rate_decay="constant",
                   precision="float32", seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
                   synth_kwargs=None, callbacks=(), verbose=1):
@@ -234,9 +235,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     Args:
         shape: spatial shape of the training crops, 2D or 3D (sets the encoder's ndim).
         steps, batch_size: optimisation steps and pairs per step (global batch under a strategy).
-        channels, features, architecture, dilations, inversion_invariant, local_normalization: the
-            encoder's C, hidden width, architecture, context dilations, first layer and input
-            normalisation (CIFLEncoder).
+        channels, features, architecture, dilations, inversion_invariant, local_normalization, use_bias: the
+            encoder's C, hidden width, architecture, context dilations, first layer, input normalisation and
+            biases (CIFLEncoder).
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
         loss_scales: Eq. 1 is averaged over the overlaps average-pooled by each of these factors
             (losses.multiscale_contrastive_loss); (1,), the default, is the paper's loss.
@@ -284,7 +285,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                          f"{min(shape) - max_offset} pixels (crop shape {shape} minus max_offset {max_offset})")
     encoder_args = dict(channels=channels, features=features, ndim=len(shape), architecture=architecture,
                         dilations=dilations, inversion_invariant=inversion_invariant,
-                        local_normalization=local_normalization)
+                        local_normalization=local_normalization, use_bias=use_bias)
     CIFLEncoder(**encoder_args)
     schedule = learning_rate_schedule(learning_rate, learning_rate_decay, steps)
     unknown = sorted(set(synth_kwargs or {}) - _synth_arguments())
@@ -295,7 +296,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
                     features=features, architecture=architecture, dilations=dilations,
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
-                    tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma, loss_scales=loss_scales,
+                    use_bias=use_bias, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
+                    loss_scales=loss_scales,
                     max_offset=max_offset, learning_rate=learning_rate, learning_rate_decay=learning_rate_decay,
                     precision=precision, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)

@@ -90,7 +90,7 @@ def test_integer_lists_must_be_positive_integers(option, values, tmp_path, capsy
 @pytest.mark.filterwarnings("ignore:precision mixed_bfloat16 on a CPU")  # the suite runs oneDNN off
 def test_synth_arguments_reach_the_run_settings(tmp_path):
     argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
-            "--inversion-invariant", "--local-normalization", "1.5", "--learning-rate-decay", "cosine",
+            "--inversion-invariant", "--local-normalization", "1.5", "--no-bias", "--learning-rate-decay", "cosine",
             "--loss-scales", "1,2", "--precision", "mixed_bfloat16",
             "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
@@ -100,6 +100,7 @@ def test_synth_arguments_reach_the_run_settings(tmp_path):
     assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
     assert settings["inversion_invariant"] is True and load_encoder(tmp_path / "run").inversion_invariant
     assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
+    assert settings["use_bias"] is False and not load_encoder(tmp_path / "run").use_bias
     assert settings["learning_rate_decay"] == "cosine" and settings["loss_scales"] == [1, 2]
     assert settings["precision"] == "mixed_bfloat16"
 

@@ -14,15 +14,17 @@ def images(shape, seed=0):
     return np.random.default_rng(seed).uniform(size=(*shape, 1)).astype(np.float32)
 
 
-@pytest.fixture(params=[(2, (2, 16, 12), "paper", False, None), (3, (1, 8, 10, 6), "paper", False, None),
-                        (2, (2, 16, 12), "context", False, None), (3, (1, 8, 10, 6), "context", False, None),
-                        (2, (2, 16, 12), "context", True, None), (3, (1, 8, 10, 6), "paper", True, 1.5)],
+@pytest.fixture(params=[(2, (2, 16, 12), "paper", False, None, True), (3, (1, 8, 10, 6), "paper", False, None, True),
+                        (2, (2, 16, 12), "context", False, None, True), (3, (1, 8, 10, 6), "context", False, None, True),
+                        (2, (2, 16, 12), "context", True, None, True), (3, (1, 8, 10, 6), "paper", True, 1.5, True),
+                        (2, (2, 16, 12), "context", True, None, False)],
                 ids=["2d", "3d", "2d-context", "3d-context", "2d-context-inversion-invariant",
-                     "3d-inversion-invariant-local-normalization"])
+                     "3d-inversion-invariant-local-normalization", "2d-context-inversion-invariant-no-bias"])
 def encoder_and_images(request):
-    ndim, shape, architecture, inversion_invariant, local_normalization = request.param
+    ndim, shape, architecture, inversion_invariant, local_normalization, use_bias = request.param
     return CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture,
-                       inversion_invariant=inversion_invariant, local_normalization=local_normalization), images(shape)
+                       inversion_invariant=inversion_invariant, local_normalization=local_normalization,
+                       use_bias=use_bias), images(shape)
 
 
 def test_features_are_unit_vectors_per_pixel(encoder_and_images):
@@ -131,10 +133,11 @@ def test_bad_arguments_raise(kwargs, message):
         CIFLEncoder(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["inversion_invariant", "use_bias"])
 @pytest.mark.parametrize("value", ["yes", 1, None])
-def test_inversion_invariant_must_be_a_bool(value):
-    with pytest.raises(TypeError, match=f"inversion_invariant must be True or False, got {value!r}"):
-        CIFLEncoder(inversion_invariant=value)
+def test_switches_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got {value!r}"):
+        CIFLEncoder(**{name: value})
 
 
 @pytest.mark.parametrize("ndim, shape", [(2, (1, 8, 8, 8, 1)), (2, (8, 8, 1)), (3, (1, 8, 8, 1))])
@@ -191,6 +194,30 @@ def test_inversion_invariant_features_of_an_image_and_of_its_inversion_are_equal
     plain = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture,
                         local_normalization=local_normalization)
     assert not np.allclose(plain(1 - x), plain(x), atol=1e-2)  # the plain encoder's features are not
+
+
+@pytest.mark.parametrize("ndim, shape", [(2, (2, 16, 12)), (3, (1, 8, 10, 6))])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("inversion_invariant, centre, gains", [
+    (False, 0.0, [0.1, 3.0]),            # k * x
+    (True, 0.5, [0.1, 3.0, -0.4, -2.0]),  # 1/2 + k (x - 1/2): a negative k also inverts
+])
+def test_without_bias_the_features_ignore_the_contrast_of_the_image(ndim, shape, architecture, inversion_invariant,
+                                                                   centre, gains):
+    x = images(shape)
+    tf.keras.utils.set_random_seed(0)
+    unbiased = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture,
+                           inversion_invariant=inversion_invariant, use_bias=False)
+    for gain in gains:
+        np.testing.assert_allclose(unbiased(centre + gain * (x - centre)), unbiased(x), atol=1e-5)
+    assert not any(layer.use_bias for layer in unbiased.convs + unbiased.context)
+    tf.keras.utils.set_random_seed(0)
+    biased = CIFLEncoder(channels=5, features=8, ndim=ndim, architecture=architecture,
+                         inversion_invariant=inversion_invariant)
+    for layer in biased.convs + biased.context:  # Keras starts biases at 0, where the two would agree
+        layer.bias_initializer = tf.keras.initializers.RandomUniform(-0.5, 0.5)
+    # Biases set thresholds on contrast: a faint image's features are mostly theirs, a bright one's its own.
+    assert np.abs(biased(centre + 0.1 * (x - centre)) - biased(centre + 10 * (x - centre))).max() > 0.1
 
 
 def local_normalize_reference(image, sigma, epsilon):

@@ -24,9 +24,9 @@ def test_pretrained_is_the_frozen_encoder_that_encoders_json_describes(kwargs, k
     settings = pretrained_info()[key]["settings"]
     assert isinstance(encoder, cifl_tf.CIFLEncoder) and not encoder.trainable
     assert (encoder.ndim, encoder.channels, encoder.features, encoder.architecture, encoder.inversion_invariant,
-            encoder.local_normalization) == (
+            encoder.local_normalization, encoder.use_bias) == (
         len(settings["shape"]), settings["channels"], settings["features"], settings["architecture"],
-        settings["inversion_invariant"], settings["local_normalization"])
+        settings["inversion_invariant"], settings["local_normalization"], settings.get("use_bias", True))
     features = encoder(np.random.default_rng(0).random(shape, np.float32)).numpy()
     assert features.shape == (*shape[:-1], settings["channels"])
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)

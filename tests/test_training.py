@@ -213,11 +213,11 @@ def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted
     with open(path) as f:
         settings = json.load(f)
     old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
-                                                 "local_normalization", "learning_rate_decay", "loss_scales",
-                                                 "precision")}
+                                                 "local_normalization", "use_bias", "learning_rate_decay",
+                                                 "loss_scales", "precision")}
     assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                   "local_normalization": None, "learning_rate_decay": "constant", "loss_scales": [1],
-                   "precision": "float32"}
+                   "local_normalization": None, "use_bias": True, "learning_rate_decay": "constant",
+                   "loss_scales": [1], "precision": "float32"}
     with open(path, "w") as f:
         json.dump(settings, f)
     assert {name: read_settings(run)[name] for name in old} == old
