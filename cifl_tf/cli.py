@@ -78,8 +78,8 @@ def _train_encoder(args):
                         channels=args.channels, features=args.features, architecture=args.architecture,
                         dilations=args.dilations, inversion_invariant=args.inversion_invariant,
                         local_normalization=args.local_normalization, use_bias=not args.no_bias,
-                        tau_alpha=args.tau_alpha,
-                        tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, loss_scales=args.loss_scales,
+                        tau_alpha=args.tau_alpha, tau_beta=args.tau_beta, tau_gamma=args.tau_gamma,
+                        loss_scales=args.loss_scales,
                         max_offset=args.max_offset, learning_rate=args.learning_rate,
                         learning_rate_decay=args.learning_rate_decay, precision=args.precision, seed=args.seed,
                         steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
@@ -477,7 +477,8 @@ def _parser():
     p.add_argument("--local-normalization", type=float, default=None, metavar="SIGMA",
                    help="show the encoder local contrast, in a Gaussian window of SD SIGMA pixels (LocalNormalize)")
     p.add_argument("--no-bias", action="store_true",
-                   help="convolutions without bias: features that ignore the contrast of each patch (CIFLEncoder)")
+                   help="convolutions without bias: features unchanged when the image is scaled about 0 "
+                        "(about 1/2 with --inversion-invariant; CIFLEncoder use_bias)")
     p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
     p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
     p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])

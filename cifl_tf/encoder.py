@@ -8,7 +8,8 @@ context to it: residual dilated convolutions before the last one widen the view 
 default dilations 2, 4, 8 and 16). `inversion_invariant=True` makes the features of an image and of
 its inversion 1 - x equal by construction, as MIND's are. `local_normalization=sigma` shows the convolutions
 the image's local contrast (`LocalNormalize`) instead of its intensities, so that a faint edge between two
-tissues of nearly equal intensity (grey and white matter in PD) looks like a strong one.
+tissues of nearly equal intensity (grey and white matter in PD) looks like a strong one. `use_bias=False` makes
+the features the same when the image is scaled about 0 (about 1/2 with inversion_invariant).
 """
 import json
 import math
@@ -113,16 +114,19 @@ class CIFLEncoder(KL.Layer):
         local_normalization: None, or the `sigma` in pixels of a LocalNormalize in front of the first
             convolution, which then sees local contrast instead of intensities (centred already, so an
             inversion-invariant first layer takes it as it is).
-        use_bias: False drops every convolution's bias. ReLU (and the absolute value) is then positively
-            homogeneous, so the features, l2-normalised, of k * y equal those of y for every k > 0, y being
-            what the first convolution sees (x, or x - 1/2 with inversion_invariant; with both, every k != 0):
-            a pixel's features ignore the contrast of the patch it sees, so a faint edge (grey against white
-            matter in PD) is described as a strong one is, where a bias would set a threshold on contrast.
+        use_bias: False drops every convolution's bias. With a positively homogeneous activation (ReLU, the
+            default) the network then is too, so the l2-normalised features of k * y equal those of y for every
+            k > 0, y being what the first convolution sees: x, x - 1/2 with inversion_invariant (then for every
+            k != 0), or LocalNormalize(x). The features are thus unchanged when the image is scaled about 0 (about
+            1/2 with inversion_invariant; with local_normalization, nearly, as its epsilon is not scaled), where
+            biases set thresholds on contrast; up to rounding under a 16-bit policy. A pixel whose receptive field
+            sees y = 0 only gets the zero vector. Measured as a lever in docs/levers.md; not the shipped encoders'.
         dtype: as for any Keras layer, also a mixed precision policy ("mixed_bfloat16", "mixed_float16"):
             the convolutions then compute in 16 bits, while the weights, the normalisations and the
             features stay at the variables' dtype (float32).
 
-    Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel.
+    Call: (B, *spatial, 1) -> (B, *spatial, C), l2-normalised across C at every pixel (without biases, zero
+    where a pixel's receptive field sees y = 0 only).
     """
 
     def __init__(self, channels=16, features=32, ndim=2, activation="relu", architecture="paper", dilations=None,

@@ -43,9 +43,9 @@ SIMILARITIES = ("mse", "ncc", "mi")
 # (1, 0.01); for MI, the weight that registered best on the 2D phantoms of tests/test_instance.py.
 REG_WEIGHTS = {"ncc": 1.0, "mse": 0.01, "mi": 0.01}
 MOVED_FEATURES = ("warped", "encoded")
-# register_pair's moved_features by the images' ndim. Measured with levels (4, 2, 1) of 100 steps (docs/registration.md;
-# the table is in the README, "Registering a pair without training"): on the OASIS sample's slices (both directions; T1, inverted T1, GM≈WM and
-# not bias-corrected), "encoded" gave the recommended encoder 0.05-0.08 and MIND 0.04-0.12 more seg4 Dice; on 2D
+# register_pair's moved_features by the images' ndim. Measured with levels (4, 2, 1) of 100 steps (README,
+# "Registering a pair without training", and docs/registration.md): on the OASIS sample's slices (both
+# directions; T1, inverted T1, GM≈WM and not bias-corrected), "encoded" gave the recommended encoder 0.05-0.08 and MIND 0.04-0.12 more seg4 Dice; on 2D
 # demo pairs the recommended encoder 0.04-0.06 more on T1 and T2-like and 0.006 less on PD-like, MIND 0.02-0.03
 # more, in up to 3 times the time. On the 3D demo (tri-planar features, 3 mm) the recommended encoder lost
 # 0.02-0.07 and MIND up to 0.015, in 1.8-3 times the time.

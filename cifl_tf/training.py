@@ -225,9 +225,9 @@ def read_settings(out_dir):
 
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
-                  dilations=None, inversion_invariant=False, local_normalization=None, use_bias=True, tau_alpha=1.0,
-                  tau_beta=1.0,
-                  tau_gamma=0.1, loss_scales=(1,), max_offset=16, learning_rate=1e-3, learning_rate_decay="constant",
+                  dilations=None, inversion_invariant=False, local_normalization=None, use_bias=True,
+                  tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), max_offset=16, learning_rate=1e-3,
+                  learning_rate_decay="constant",
                   precision="float32", seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
                   synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
@@ -297,8 +297,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     features=features, architecture=architecture, dilations=dilations,
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
                     use_bias=use_bias, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
-                    loss_scales=loss_scales,
-                    max_offset=max_offset, learning_rate=learning_rate, learning_rate_decay=learning_rate_decay,
+                    loss_scales=loss_scales, max_offset=max_offset, learning_rate=learning_rate, learning_rate_decay=learning_rate_decay,
                     precision=precision, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)

@@ -14,9 +14,12 @@ def images(shape, seed=0):
     return np.random.default_rng(seed).uniform(size=(*shape, 1)).astype(np.float32)
 
 
-@pytest.fixture(params=[(2, (2, 16, 12), "paper", False, None, True), (3, (1, 8, 10, 6), "paper", False, None, True),
-                        (2, (2, 16, 12), "context", False, None, True), (3, (1, 8, 10, 6), "context", False, None, True),
-                        (2, (2, 16, 12), "context", True, None, True), (3, (1, 8, 10, 6), "paper", True, 1.5, True),
+@pytest.fixture(params=[(2, (2, 16, 12), "paper", False, None, True),
+                        (3, (1, 8, 10, 6), "paper", False, None, True),
+                        (2, (2, 16, 12), "context", False, None, True),
+                        (3, (1, 8, 10, 6), "context", False, None, True),
+                        (2, (2, 16, 12), "context", True, None, True),
+                        (3, (1, 8, 10, 6), "paper", True, 1.5, True),
                         (2, (2, 16, 12), "context", True, None, False)],
                 ids=["2d", "3d", "2d-context", "3d-context", "2d-context-inversion-invariant",
                      "3d-inversion-invariant-local-normalization", "2d-context-inversion-invariant-no-bias"])
@@ -162,6 +165,20 @@ def test_a_config_from_before_dilations_gets_the_default_ones():
     config = CIFLEncoder(architecture="context").get_config()
     del config["dilations"]
     assert CIFLEncoder.from_config(config).dilations == CONTEXT_DILATIONS
+
+
+def test_a_config_from_before_use_bias_gets_biases_and_their_weights_load(tmp_path):
+    biased = CIFLEncoder(channels=3, features=4)
+    x = images((1, 12, 12))
+    reference = biased(x).numpy()
+    save_encoder(biased, str(tmp_path / "old.weights.h5"))
+    config_path = tmp_path / "old.json"
+    config = json.loads(config_path.read_text())
+    del config["config"]["use_bias"]
+    config_path.write_text(json.dumps(config))
+    loaded = load_encoder(tmp_path / "old.weights.h5")
+    assert loaded.use_bias and all(layer.use_bias for layer in loaded.convs)
+    np.testing.assert_array_equal(loaded(x), reference)
 
 
 def test_context_architecture_is_the_paper_path_plus_residual_dilated_convolutions():
