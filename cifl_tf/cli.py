@@ -79,7 +79,7 @@ def _train_encoder(args):
                         dilations=args.dilations, inversion_invariant=args.inversion_invariant,
                         local_normalization=args.local_normalization, use_bias=not args.no_bias,
                         tau_alpha=args.tau_alpha, tau_beta=args.tau_beta, tau_gamma=args.tau_gamma,
-                        loss_scales=args.loss_scales,
+                        loss_scales=args.loss_scales, pixel_contrast=args.pixel_contrast,
                         max_offset=args.max_offset, learning_rate=args.learning_rate,
                         learning_rate_decay=args.learning_rate_decay, precision=args.precision, seed=args.seed,
                         steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
@@ -485,6 +485,8 @@ def _parser():
     p.add_argument("--loss-scales", type=_positive_integers("loss scales", "1,2,4"),
                    default=list(DEFAULTS["loss_scales"]),
                    help="Eq. 1 averaged over the overlaps average-pooled by these factors (default 1: the paper's)")
+    p.add_argument("--pixel-contrast", type=float, default=DEFAULTS["pixel_contrast"], metavar="WEIGHT",
+                   help="add WEIGHT times InfoNCE over a grid of pixels to Eq. 1 (default 0: Eq. 1 alone)")
     p.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"],
                    help="random offset between the two views (0: voxel-aligned, the paper's ablation)")
     p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])

@@ -7,6 +7,9 @@ For one sample, with u_c, v_c the c-th channel images of views 1 and 2 and s the
 
 computed as a difference of log-sum-exps, so that it stays finite for small temperatures.
 
+Beside it, optionally, ``pixel_contrastive_loss``: InfoNCE over pixels (each pixel's feature should be
+closer to its own counterpart in the other view than to other pixels'), as dense contrastive learners use it.
+
 Also here: ``NCC``, voxelmorph's local normalised cross-correlation for registration, made fast on CPUs.
 """
 import numpy as np
@@ -86,6 +89,42 @@ def multiscale_contrastive_loss(f1, f2, scales=(1,), tau_alpha=1.0, tau_beta=1.0
     losses = [contrastive_loss(*(f if s == 1 else tf.nn.avg_pool(f, s, s, "VALID") for f in (f1, f2)),
                                tau_alpha, tau_beta, tau_gamma) for s in scales]
     return tf.add_n(losses) / len(scales)
+
+
+def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1):
+    """InfoNCE (van den Oord et al. 2018) over the pixels of a grid, as dense contrastive learning uses it
+    (e.g. anatomix, Dey et al. 2024): for each grid pixel p of view 1, the positive is p in view 2 and the
+    negatives are the other grid pixels of view 2,
+
+        loss_p = -log( exp(f1_p . f2_p / T) / sum_q exp(f1_p . f2_q / T) ),
+
+    averaged over p, in both directions (views swapped) and over the batch. The grid takes every `stride`-th
+    pixel along each axis from the first, so that no negative is a near neighbour of its positive; features
+    are dot products of the given vectors (cosines for the l2-normalised features of an encoder).
+
+    Args:
+        f1, f2: aligned features of two views, (B, *spatial, C) with matching shapes.
+        stride: positive integer, the grid's spacing in pixels.
+        temperature: T > 0.
+
+    Returns: the batch mean, a scalar.
+    """
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"pixel_contrastive_loss: stride must be a positive integer, got {stride!r}")
+    _check_temperatures(temperature=temperature)
+    f1 = tf.convert_to_tensor(f1)
+    f2 = tf.cast(f2, f1.dtype)
+    if f1.shape.rank is not None and f1.shape.rank < 3:
+        raise ValueError(f"pixel_contrastive_loss: features need shape (B, *spatial, C), got {f1.shape}")
+    if not f1.shape.is_compatible_with(f2.shape):
+        raise ValueError(f"pixel_contrastive_loss: f1 {f1.shape} and f2 {f2.shape} differ in shape")
+    grid = (slice(None),) + (slice(None, None, stride),) * (f1.shape.rank - 2)
+    batch, channels = tf.shape(f1)[0], f1.shape[-1]
+    p1, p2 = (tf.reshape(f[grid], (batch, -1, channels)) for f in (f1, f2))
+    logits = tf.linalg.matmul(p1, p2, transpose_b=True) / temperature          # (B, N, N): rows view 1
+    positives = tf.linalg.diag_part(logits)
+    losses = (tf.reduce_logsumexp(logits, axis=2) - positives + tf.reduce_logsumexp(logits, axis=1) - positives) / 2
+    return tf.reduce_mean(losses)
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")

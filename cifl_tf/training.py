@@ -25,7 +25,7 @@ from . import checkpoint, machine
 from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
 from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, save_encoder
-from .losses import check_scales, multiscale_contrastive_loss
+from .losses import check_scales, multiscale_contrastive_loss, pixel_contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
 
 
@@ -123,26 +123,35 @@ def align_views(f1, f2, shift):
 
 class SiameseCIFL(tf.keras.Model):
     """One encoder with shared weights applied to both views; adds Eq. 1 on their overlap, averaged over
-    `loss_scales` (losses.multiscale_contrastive_loss; (1,): Eq. 1 alone, as in the paper).
+    `loss_scales` (losses.multiscale_contrastive_loss; (1,): Eq. 1 alone, as in the paper), plus, with
+    `pixel_contrast` > 0, that weight times losses.pixel_contrastive_loss on the overlap.
 
     Input: (v1, v2, shift) as made by `offset_views`. Output: the aligned feature images.
     Its only weighted layer is the encoder, so its .h5 weights load into `encoder_model`.
     """
 
-    def __init__(self, encoder, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), **kwargs):
+    def __init__(self, encoder, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), pixel_contrast=0.0,
+                 **kwargs):
         super().__init__(**kwargs)
+        if not _non_negative(pixel_contrast):
+            raise ValueError(f"pixel_contrast must be a non-negative number, got {pixel_contrast!r}")
         self.encoder = encoder
         self.taus = (tau_alpha, tau_beta, tau_gamma)
         self.loss_scales = check_scales(loss_scales)
+        self.pixel_contrast = pixel_contrast
 
     def get_config(self):
         return {"encoder": tf.keras.utils.serialize_keras_object(self.encoder),
-                **dict(zip(("tau_alpha", "tau_beta", "tau_gamma"), self.taus)), "loss_scales": self.loss_scales}
+                **dict(zip(("tau_alpha", "tau_beta", "tau_gamma"), self.taus)), "loss_scales": self.loss_scales,
+                "pixel_contrast": self.pixel_contrast}
 
     def call(self, inputs):
         v1, v2, shift = inputs
         f1, f2 = align_views(self.encoder(v1), self.encoder(v2), shift)
-        self.add_loss(multiscale_contrastive_loss(f1, f2, self.loss_scales, *self.taus))
+        loss = multiscale_contrastive_loss(f1, f2, self.loss_scales, *self.taus)
+        if self.pixel_contrast > 0:
+            loss += self.pixel_contrast * pixel_contrastive_loss(f1, f2)
+        self.add_loss(loss)
         return f1, f2
 
 
@@ -162,6 +171,10 @@ def _count(value, smallest=1):
     return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
 
 
+def _non_negative(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
 def _positive(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
@@ -178,6 +191,7 @@ SETTINGS = {
     **{name: (lambda v: isinstance(v, bool), "true or false") for name in ("inversion_invariant", "use_bias")},
     "local_normalization": (lambda v: v is None or _positive(v), "null or a positive number"),
     "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
+    "pixel_contrast": (_non_negative, "a non-negative number"),
     **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
     "learning_rate_decay": (lambda v: v in LEARNING_RATE_DECAYS, f"one of {LEARNING_RATE_DECAYS}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
@@ -192,7 +206,7 @@ SETTINGS = {
 # Fields that runs of earlier versions did not write, with the value those runs used.
 SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
                     "local_normalization": None, "use_bias": True, "learning_rate_decay": "constant",
-                    "loss_scales": [1], "precision": "float32"}
+                    "loss_scales": [1], "pixel_contrast": 0.0, "precision": "float32"}
 
 
 def learning_rate_schedule(learning_rate, decay, steps):
@@ -226,8 +240,8 @@ def read_settings(out_dir):
 
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
                   dilations=None, inversion_invariant=False, local_normalization=None, use_bias=True,
-                  tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), max_offset=16, learning_rate=1e-3,
-                  learning_rate_decay="constant",
+                  tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), pixel_contrast=0.0, max_offset=16,
+                  learning_rate=1e-3, learning_rate_decay="constant",
                   precision="float32", seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
                   synth_kwargs=None, callbacks=(), verbose=1):
     """Trains a CIFLEncoder on synthetic contrast pairs with ``model.fit`` (paper Sec. 2).
@@ -241,6 +255,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
         loss_scales: Eq. 1 is averaged over the overlaps average-pooled by each of these factors
             (losses.multiscale_contrastive_loss); (1,), the default, is the paper's loss.
+        pixel_contrast: weight of losses.pixel_contrastive_loss (InfoNCE over a grid of pixels of the
+            overlap) added to Eq. 1; 0, the default, adds nothing (docs/levers.md: what it gave).
         learning_rate, learning_rate_decay: Adam's learning rate at the first step, and "constant" or
             "cosine" (down to 0 at the last step; learning_rate_schedule).
         precision: the Keras dtype policy of the encoder's convolutions, one of PRECISIONS: "float32", or
@@ -297,8 +313,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     features=features, architecture=architecture, dilations=dilations,
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
                     use_bias=use_bias, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
-                    loss_scales=loss_scales, max_offset=max_offset, learning_rate=learning_rate, learning_rate_decay=learning_rate_decay,
-                    precision=precision, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
+                    loss_scales=loss_scales, pixel_contrast=pixel_contrast, max_offset=max_offset,
+                    learning_rate=learning_rate, learning_rate_decay=learning_rate_decay, precision=precision, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
@@ -306,7 +322,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         tf.keras.utils.set_random_seed(seed)
     with strategy.scope():
         encoder = CIFLEncoder(**encoder_args, name="cifl_encoder", dtype=precision)
-        model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, name="siamese_cifl")
+        model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, pixel_contrast, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
         # Before the run folder is written: a tf.distribute.Strategy given without loss scaling (none of
         # STRATEGIES) refuses mixed_float16 here.

@@ -91,7 +91,7 @@ def test_integer_lists_must_be_positive_integers(option, values, tmp_path, capsy
 def test_synth_arguments_reach_the_run_settings(tmp_path):
     argv = ["--shape", "32x32", "--steps", "1", "--max-offset", "4", "--architecture", "context", "--dilations", "2,4",
             "--inversion-invariant", "--local-normalization", "1.5", "--no-bias", "--learning-rate-decay", "cosine",
-            "--loss-scales", "1,2", "--precision", "mixed_bfloat16",
+            "--loss-scales", "1,2", "--pixel-contrast", "0.3", "--precision", "mixed_bfloat16",
             "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
     assert cli.main(["train-encoder", *argv]) == 0
@@ -102,6 +102,7 @@ def test_synth_arguments_reach_the_run_settings(tmp_path):
     assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
     assert settings["use_bias"] is False and not load_encoder(tmp_path / "run").use_bias
     assert settings["learning_rate_decay"] == "cosine" and settings["loss_scales"] == [1, 2]
+    assert settings["pixel_contrast"] == 0.3
     assert settings["precision"] == "mixed_bfloat16"
 
 

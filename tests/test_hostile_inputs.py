@@ -668,6 +668,8 @@ BAD_ENCODER_SETTINGS = {  # name -> (builder, problem): train-encoder checks eac
     "inversion invariant text": (_settings(lambda s: {**s, "inversion_invariant": "yes"}),
                                  "inversion_invariant must be true or false"),
     "use bias number": (_settings(lambda s: {**s, "use_bias": 0}), "use_bias must be true or false"),
+    "pixel contrast negative": (_settings(lambda s: {**s, "pixel_contrast": -1}),
+                                "pixel_contrast must be a non-negative number"),
     "local normalization zero": (_settings(lambda s: {**s, "local_normalization": 0}),
                                  "local_normalization must be null or a positive number"),
     "unknown synthesis argument": (_settings(lambda s: {**s, "synth_kwargs": {"bogus": 1}}),

@@ -6,7 +6,7 @@ import cifl_tf
 import tensorflow as tf
 import voxelmorph as vxm
 from cifl_tf import ContrastiveLoss, contrastive_loss
-from cifl_tf.losses import multiscale_contrastive_loss
+from cifl_tf.losses import multiscale_contrastive_loss, pixel_contrastive_loss
 
 
 def eq1_reference(f1, f2, tau_a, tau_b, tau_g):
@@ -80,6 +80,58 @@ def test_multiscale_loss_refuses_bad_scales(scales):
     f1, f2 = features((1, 8, 8, 2), seed=0)
     with pytest.raises(ValueError, match=r"scales must be .*positive integers such as \(1, 2, 4\), got"):
         multiscale_contrastive_loss(f1, f2, scales)
+
+
+def pixel_nce_reference(f1, f2, stride, temperature):
+    """InfoNCE over the grid pixels, straight from the formula: loops over samples, pixels and directions, float64."""
+    losses = []
+    for x1, x2 in zip(np.asarray(f1, np.float64), np.asarray(f2, np.float64)):
+        grid = tuple(slice(None, None, stride) for _ in range(x1.ndim - 1))
+        a, b = x1[grid].reshape(-1, x1.shape[-1]), x2[grid].reshape(-1, x2.shape[-1])
+        for query, keys in ((a, b), (b, a)):
+            for p in range(len(query)):
+                scores = np.exp(keys @ query[p] / temperature)
+                losses.append(-np.log(scores[p] / scores.sum()))
+    return np.mean(losses)
+
+
+@pytest.mark.parametrize("shape, stride, temperature, seed", [
+    ((2, 8, 8, 4), 1, 1.0, 0),
+    ((2, 9, 7, 3), 2, 0.5, 1),     # grids that do not tile the image
+    ((3, 10, 10, 5), 3, 1.0, 2),
+    ((2, 6, 5, 4, 2), 2, 0.8, 3),  # 3D
+    ((1, 4, 4, 3), 5, 1.0, 4),     # one grid pixel: its own positive only, loss 0
+])
+def test_pixel_contrastive_loss_matches_reference(shape, stride, temperature, seed):
+    f1, f2 = features(shape, seed)
+    f1 /= np.linalg.norm(f1, axis=-1, keepdims=True)  # the encoder's unit vectors
+    f2 /= np.linalg.norm(f2, axis=-1, keepdims=True)
+    np.testing.assert_allclose(pixel_contrastive_loss(f1, f2, stride, temperature),
+                               pixel_nce_reference(f1, f2, stride, temperature), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stride=0), "stride must be a positive integer, got 0"),
+    (dict(stride=1.5), "stride must be a positive integer, got 1.5"),
+    (dict(temperature=0), "temperature must be a positive number, got 0"),
+])
+def test_pixel_contrastive_loss_refuses_bad_arguments(kwargs, message):
+    f1, f2 = features((1, 8, 8, 2), seed=0)
+    with pytest.raises(ValueError, match=message):
+        pixel_contrastive_loss(f1, f2, **kwargs)
+
+
+def test_pixel_contrastive_loss_refuses_features_of_other_shapes():
+    f1, _ = features((1, 8, 8, 2), seed=0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pixel_contrastive_loss(f1, f1[:, :4])
+
+
+def test_matching_pixels_lower_the_pixel_contrastive_loss():
+    f1, f2 = features((2, 10, 10, 8), seed=7)
+    f1 /= np.linalg.norm(f1, axis=-1, keepdims=True)
+    shuffled = np.random.default_rng(0).permutation(f1.reshape(2, -1, 8), axis=1).reshape(f1.shape)
+    assert pixel_contrastive_loss(f1, f1, 1) < pixel_contrastive_loss(f1, shuffled, 1)
 
 
 @pytest.mark.parametrize("taus", [(1.0, 1.0, 0.1), (1.0, 1.0, 1.0), (0.5, 2.0, 0.01)])

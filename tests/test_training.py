@@ -13,6 +13,7 @@ import pytest
 import cifl_tf
 import tensorflow as tf
 from cifl_tf import load_encoder, train_encoder, training
+from cifl_tf.losses import contrastive_loss, pixel_contrastive_loss
 from cifl_tf.training import align_views, learning_rate_schedule, offset_views, read_settings
 from conftest import INTERRUPTED_RUN, Interrupted, interrupt_at_second_epoch
 
@@ -97,6 +98,7 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     (None, dict(loss_scales=(1, 29), max_offset=4), ValueError,
      r"loss_scales \(1, 29\): each must be at most the smallest overlap of the views, 28 pixels"),
     (None, dict(loss_scales=[0]), ValueError, r"scales must be distinct positive integers .* got \(0,\)"),
+    (None, dict(pixel_contrast=-0.1), ValueError, "pixel_contrast must be a non-negative number, got -0.1"),
     (None, dict(learning_rate_decay="linear"), ValueError,
      r"learning_rate_decay must be one of \('constant', 'cosine'\), got 'linear'"),
     (None, dict(precision="float16"), ValueError,
@@ -214,10 +216,10 @@ def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted
         settings = json.load(f)
     old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
                                                  "local_normalization", "use_bias", "learning_rate_decay",
-                                                 "loss_scales", "precision")}
+                                                 "loss_scales", "pixel_contrast", "precision")}
     assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
                    "local_normalization": None, "use_bias": True, "learning_rate_decay": "constant",
-                   "loss_scales": [1], "precision": "float32"}
+                   "loss_scales": [1], "pixel_contrast": 0.0, "precision": "float32"}
     with open(path, "w") as f:
         json.dump(settings, f)
     assert {name: read_settings(run)[name] for name in old} == old
@@ -325,6 +327,26 @@ def test_models_compiled_for_fit_trace_their_train_step_once(make):
     head = model.head()  # without an encoder, the head takes the images
     head.fit(*data, batch_size=2, epochs=1, verbose=0)
     assert head.train_function.experimental_get_tracing_count() == 1
+
+
+def test_the_siamese_model_adds_the_weighted_pixel_contrastive_loss_to_eq1():
+    tf.keras.utils.set_random_seed(0)
+    encoder = cifl_tf.CIFLEncoder(channels=3, features=4)
+    v1, v2 = (np.random.default_rng(seed).uniform(size=(2, 24, 24, 1)).astype(np.float32) for seed in (0, 1))
+    shift = np.array([[2, -3]] * 2, np.int32)
+    plain, weighted = (cifl_tf.training.SiameseCIFL(encoder, pixel_contrast=weight) for weight in (0.0, 0.3))
+    f1, f2 = plain((v1, v2, shift))
+    weighted((v1, v2, shift))
+    expected = contrastive_loss(f1, f2) + 0.3 * pixel_contrastive_loss(f1, f2)
+    np.testing.assert_allclose(plain.losses[0], contrastive_loss(f1, f2), rtol=1e-6)
+    np.testing.assert_allclose(weighted.losses[0], expected, rtol=1e-6)
+    assert weighted.get_config()["pixel_contrast"] == 0.3
+
+
+@pytest.mark.parametrize("weight", [-1, float("inf"), True, "0.3"])
+def test_the_siamese_model_refuses_a_bad_pixel_contrast(weight):
+    with pytest.raises(ValueError, match=f"pixel_contrast must be a non-negative number, got {weight!r}"):
+        cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4), pixel_contrast=weight)
 
 
 def test_compile_for_fit_asks_for_a_built_model():
