@@ -91,7 +91,7 @@ def multiscale_contrastive_loss(f1, f2, scales=(1,), tau_alpha=1.0, tau_beta=1.0
     return tf.add_n(losses) / len(scales)
 
 
-def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1):
+def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1, max_pixels=1024):
     """InfoNCE (van den Oord et al. 2018) over the pixels of a grid, as dense contrastive learning uses it
     (e.g. anatomix, Dey et al. 2024): for each grid pixel p of view 1, the positive is p in view 2 and the
     negatives are the other grid pixels of view 2,
@@ -99,18 +99,22 @@ def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1):
         loss_p = -log( exp(f1_p . f2_p / T) / sum_q exp(f1_p . f2_q / T) ),
 
     averaged over p, in both directions (views swapped) and over the batch. The grid takes every `stride`-th
-    pixel along each axis from the first, so that no negative is a near neighbour of its positive; features
-    are dot products of the given vectors (cosines for the l2-normalised features of an encoder).
+    pixel along each axis from the first, so that every negative lies at least `stride` pixels from its
+    positive; of a grid of more than `max_pixels` pixels (in 3D), every k-th in row-major order, k the smallest
+    that leaves at most `max_pixels` (the logits are N x N per sample). Similarities are dot products of the
+    given vectors (cosines for the l2-normalised features of an encoder). One grid pixel gives 0.
 
     Args:
         f1, f2: aligned features of two views, (B, *spatial, C) with matching shapes.
         stride: positive integer, the grid's spacing in pixels.
         temperature: T > 0.
+        max_pixels: positive integer, the most grid pixels compared.
 
     Returns: the batch mean, a scalar.
     """
-    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise ValueError(f"pixel_contrastive_loss: stride must be a positive integer, got {stride!r}")
+    for name, value in (("stride", stride), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"pixel_contrastive_loss: {name} must be a positive integer, got {value!r}")
     _check_temperatures(temperature=temperature)
     f1 = tf.convert_to_tensor(f1)
     f2 = tf.cast(f2, f1.dtype)
@@ -118,9 +122,14 @@ def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1):
         raise ValueError(f"pixel_contrastive_loss: features need shape (B, *spatial, C), got {f1.shape}")
     if not f1.shape.is_compatible_with(f2.shape):
         raise ValueError(f"pixel_contrastive_loss: f1 {f1.shape} and f2 {f2.shape} differ in shape")
+    channels = f1.shape[-1]
+    if channels is None:
+        raise ValueError("pixel_contrastive_loss: the channel dimension C must be known")
     grid = (slice(None),) + (slice(None, None, stride),) * (f1.shape.rank - 2)
-    batch, channels = tf.shape(f1)[0], f1.shape[-1]
+    batch = tf.shape(f1)[0]
     p1, p2 = (tf.reshape(f[grid], (batch, -1, channels)) for f in (f1, f2))
+    every = (tf.shape(p1)[1] + max_pixels - 1) // max_pixels
+    p1, p2 = p1[:, ::every], p2[:, ::every]
     logits = tf.linalg.matmul(p1, p2, transpose_b=True) / temperature          # (B, N, N): rows view 1
     positives = tf.linalg.diag_part(logits)
     losses = (tf.reduce_logsumexp(logits, axis=2) - positives + tf.reduce_logsumexp(logits, axis=1) - positives) / 2

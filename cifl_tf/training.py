@@ -314,7 +314,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
                     use_bias=use_bias, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
                     loss_scales=loss_scales, pixel_contrast=pixel_contrast, max_offset=max_offset,
-                    learning_rate=learning_rate, learning_rate_decay=learning_rate_decay, precision=precision, seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
+                    learning_rate=learning_rate, learning_rate_decay=learning_rate_decay, precision=precision,
+                    seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes

@@ -82,12 +82,14 @@ def test_multiscale_loss_refuses_bad_scales(scales):
         multiscale_contrastive_loss(f1, f2, scales)
 
 
-def pixel_nce_reference(f1, f2, stride, temperature):
+def pixel_nce_reference(f1, f2, stride, temperature, max_pixels=1024):
     """InfoNCE over the grid pixels, straight from the formula: loops over samples, pixels and directions, float64."""
     losses = []
     for x1, x2 in zip(np.asarray(f1, np.float64), np.asarray(f2, np.float64)):
         grid = tuple(slice(None, None, stride) for _ in range(x1.ndim - 1))
         a, b = x1[grid].reshape(-1, x1.shape[-1]), x2[grid].reshape(-1, x2.shape[-1])
+        every = int(np.ceil(len(a) / max_pixels))
+        a, b = a[::every], b[::every]
         for query, keys in ((a, b), (b, a)):
             for p in range(len(query)):
                 scores = np.exp(keys @ query[p] / temperature)
@@ -95,25 +97,28 @@ def pixel_nce_reference(f1, f2, stride, temperature):
     return np.mean(losses)
 
 
-@pytest.mark.parametrize("shape, stride, temperature, seed", [
-    ((2, 8, 8, 4), 1, 1.0, 0),
-    ((2, 9, 7, 3), 2, 0.5, 1),     # grids that do not tile the image
-    ((3, 10, 10, 5), 3, 1.0, 2),
-    ((2, 6, 5, 4, 2), 2, 0.8, 3),  # 3D
-    ((1, 4, 4, 3), 5, 1.0, 4),     # one grid pixel: its own positive only, loss 0
+@pytest.mark.parametrize("shape, stride, temperature, max_pixels, seed", [
+    ((2, 8, 8, 4), 1, 1.0, 1024, 0),
+    ((2, 9, 7, 3), 2, 0.5, 1024, 1),     # grids that do not tile the image
+    ((3, 10, 10, 5), 3, 0.1, 1024, 2),
+    ((2, 6, 5, 4, 2), 2, 0.8, 1024, 3),  # 3D
+    ((1, 4, 4, 3), 5, 1.0, 1024, 4),     # one grid pixel: its own positive only, loss 0
+    ((2, 9, 9, 4), 1, 0.01, 1024, 5),
+    ((2, 7, 6, 5, 3), 1, 0.5, 50, 6),    # 210 grid pixels, every 5th kept
 ])
-def test_pixel_contrastive_loss_matches_reference(shape, stride, temperature, seed):
+def test_pixel_contrastive_loss_matches_reference(shape, stride, temperature, max_pixels, seed):
     f1, f2 = features(shape, seed)
     f1 /= np.linalg.norm(f1, axis=-1, keepdims=True)  # the encoder's unit vectors
     f2 /= np.linalg.norm(f2, axis=-1, keepdims=True)
-    np.testing.assert_allclose(pixel_contrastive_loss(f1, f2, stride, temperature),
-                               pixel_nce_reference(f1, f2, stride, temperature), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pixel_contrastive_loss(f1, f2, stride, temperature, max_pixels),
+                               pixel_nce_reference(f1, f2, stride, temperature, max_pixels), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(stride=0), "stride must be a positive integer, got 0"),
     (dict(stride=1.5), "stride must be a positive integer, got 1.5"),
     (dict(temperature=0), "temperature must be a positive number, got 0"),
+    (dict(max_pixels=0), "max_pixels must be a positive integer, got 0"),
 ])
 def test_pixel_contrastive_loss_refuses_bad_arguments(kwargs, message):
     f1, f2 = features((1, 8, 8, 2), seed=0)

@@ -89,6 +89,7 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     ("trained", {}, FileExistsError, "result.json: already exists, the run .* has finished"),
     ("trained", dict(resume=True), FileExistsError, "result.json: already exists, the run .* has finished"),
     ("interrupted", dict(resume=True, channels=8), ValueError, r"settings \['channels'\] differ"),
+    ("interrupted", dict(resume=True, pixel_contrast=0.5), ValueError, r"settings \['pixel_contrast'\] differ"),
     ("new", dict(resume=True), FileNotFoundError, "no run to resume"),
     (None, dict(resume=True), ValueError, "resume needs out_dir"),
     (None, dict(steps=0), ValueError, "steps must be a positive integer, got 0"),
