@@ -58,6 +58,7 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--architecture", "paper", "--features", "0", "--out", "{empty}"], "features must be a positive integer"),
     (["--dilations", "2,4", "--out", "{empty}"], "architecture 'paper' takes none, got [2, 4]"),
     (["--local-normalization", "-1", "--out", "{empty}"], "local_normalization must be None or a positive sigma"),
+    (["--pixel-contrast", "-1", "--out", "{empty}"], "pixel_contrast must be a non-negative number, got -1.0"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
