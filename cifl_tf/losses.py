@@ -24,6 +24,21 @@ def _check_temperatures(**taus):
             raise ValueError(f"{name} must be a positive number, got {tau!r}")
 
 
+def _feature_pair(f1, f2, caller):
+    """f1 and f2 (cast to f1's dtype) as tensors checked to be two (B, *spatial, C) feature images of one shape,
+    and C, which must be known."""
+    f1 = tf.convert_to_tensor(f1)
+    f2 = tf.cast(f2, f1.dtype)
+    if f1.shape.rank is not None and f1.shape.rank < 3:
+        raise ValueError(f"{caller}: features need shape (B, *spatial, C), got {f1.shape}")
+    if not f1.shape.is_compatible_with(f2.shape):
+        raise ValueError(f"{caller}: f1 {f1.shape} and f2 {f2.shape} differ in shape")
+    channels = f1.shape[-1]
+    if channels is None:
+        raise ValueError(f"{caller}: the channel dimension C must be known")
+    return f1, f2, channels
+
+
 def contrastive_loss(f1, f2, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, per_sample=False):
     """Paper Eq. 1 between the feature images of two views of the same anatomy.
 
@@ -35,15 +50,7 @@ def contrastive_loss(f1, f2, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, per_sam
     Returns: the batch mean (a scalar), or (B,) with per_sample=True.
     """
     _check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
-    f1 = tf.convert_to_tensor(f1)
-    f2 = tf.cast(f2, f1.dtype)
-    if f1.shape.rank is not None and f1.shape.rank < 3:
-        raise ValueError(f"contrastive_loss: features need shape (B, *spatial, C), got {f1.shape}")
-    if not f1.shape.is_compatible_with(f2.shape):
-        raise ValueError(f"contrastive_loss: f1 {f1.shape} and f2 {f2.shape} differ in shape")
-    channels = f1.shape[-1]
-    if channels is None:
-        raise ValueError("contrastive_loss: the channel dimension C must be known")
+    f1, f2, channels = _feature_pair(f1, f2, "contrastive_loss")
 
     # Channel images as unit vectors over pixels: (B, C, N).
     batch = tf.shape(f1)[0]
@@ -116,15 +123,7 @@ def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1, max_pixels=1024):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"pixel_contrastive_loss: {name} must be a positive integer, got {value!r}")
     _check_temperatures(temperature=temperature)
-    f1 = tf.convert_to_tensor(f1)
-    f2 = tf.cast(f2, f1.dtype)
-    if f1.shape.rank is not None and f1.shape.rank < 3:
-        raise ValueError(f"pixel_contrastive_loss: features need shape (B, *spatial, C), got {f1.shape}")
-    if not f1.shape.is_compatible_with(f2.shape):
-        raise ValueError(f"pixel_contrastive_loss: f1 {f1.shape} and f2 {f2.shape} differ in shape")
-    channels = f1.shape[-1]
-    if channels is None:
-        raise ValueError("pixel_contrastive_loss: the channel dimension C must be known")
+    f1, f2, channels = _feature_pair(f1, f2, "pixel_contrastive_loss")
     grid = (slice(None),) + (slice(None, None, stride),) * (f1.shape.rank - 2)
     batch = tf.shape(f1)[0]
     p1, p2 = (tf.reshape(f[grid], (batch, -1, channels)) for f in (f1, f2))
