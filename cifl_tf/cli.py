@@ -67,22 +67,32 @@ def _json_object(text):
     return value
 
 
+def _encoder_settings(args):
+    """train_encoder's settings from the train-encoder arguments, as settings.json holds them."""
+    shape = args.shape or (96,) * args.dim
+    if len(shape) != args.dim:
+        raise ValueError(f"--shape {'x'.join(map(str, shape))} does not have --dim {args.dim} sizes")
+    return json.loads(json.dumps(dict(
+        shape=shape, steps=args.steps, batch_size=args.batch_size, channels=args.channels, features=args.features,
+        architecture=args.architecture, dilations=args.dilations, inversion_invariant=args.inversion_invariant,
+        local_normalization=args.local_normalization, use_bias=not args.no_bias, tau_alpha=args.tau_alpha,
+        tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, loss_scales=args.loss_scales,
+        pixel_contrast=args.pixel_contrast, max_offset=args.max_offset, learning_rate=args.learning_rate,
+        learning_rate_decay=args.learning_rate_decay, precision=args.precision, seed=args.seed,
+        steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)))
+
+
 def _train_encoder(args):
-    if args.resume:  # the run goes on with the settings it was started with
-        settings = read_settings(args.out)
-    else:
-        shape = args.shape or (96,) * args.dim
-        if len(shape) != args.dim:
-            raise ValueError(f"--shape {'x'.join(map(str, shape))} does not have --dim {args.dim} sizes")
-        settings = dict(shape=shape, steps=args.steps, batch_size=args.batch_size,
-                        channels=args.channels, features=args.features, architecture=args.architecture,
-                        dilations=args.dilations, inversion_invariant=args.inversion_invariant,
-                        local_normalization=args.local_normalization, use_bias=not args.no_bias,
-                        tau_alpha=args.tau_alpha, tau_beta=args.tau_beta, tau_gamma=args.tau_gamma,
-                        loss_scales=args.loss_scales, pixel_contrast=args.pixel_contrast,
-                        max_offset=args.max_offset, learning_rate=args.learning_rate,
-                        learning_rate_decay=args.learning_rate_decay, precision=args.precision, seed=args.seed,
-                        steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)
+    settings = _encoder_settings(args)
+    if args.resume:  # the run goes on with the settings it was started with; repeating them is allowed
+        saved = read_settings(args.out)
+        defaults = _encoder_settings(_parser().parse_args(["train-encoder", "--out", args.out]))
+        conflicts = [f"{key} {saved.get(key)!r} (given {value!r})" for key, value in settings.items()
+                     if value != defaults[key] and value != saved.get(key)]
+        if conflicts:  # ignoring them silently would leave e.g. a longer --steps believed but not trained
+            raise ValueError(f"--resume continues the run in {args.out} with its settings.json, which holds "
+                             f"{', '.join(conflicts)}: leave those options out, or start a new run")
+        settings = saved
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 
@@ -502,7 +512,8 @@ def _parser():
     p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
                    help="multiworker: tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG or "
                    "of the SLURM job step; --out must be a folder all workers share")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out with the settings it was started with")
     p.set_defaults(run=_train_encoder)
 
     p = commands.add_parser("features", help="CIFL feature image of a 2D slice or 3D volume (NIfTI), by default "

@@ -34,10 +34,30 @@ def test_trains_an_encoder(uninterrupted):
     assert json.loads((run / "settings.json").read_text())["shape"] == [32, 32]
 
 
-def test_resume_continues_an_unfinished_run(interrupted_run):
+# INTERRUPTED_RUN's settings as options, all given or some (the rest are the defaults)
+SAME_SETTINGS = ["--shape", "32x32", "--steps", "3", "--steps-per-epoch", "1", "--batch-size", "2", "--channels", "4",
+                 "--features", "8", "--max-offset", "0", "--seed", "1", "--synth", '{"label_scales": [2, 4, 8]}']
+
+
+@pytest.mark.parametrize("repeated", [[], SAME_SETTINGS, ["--seed", "1", "--dim", "2"]])
+def test_resume_continues_an_unfinished_run(interrupted_run, repeated):
     run = interrupted_run()  # stopped after epoch 0 of 3; --resume takes the run's own settings
-    assert cli.main(["train-encoder", "--resume", "--out", str(run)]) == 0
+    assert cli.main(["train-encoder", *repeated, "--resume", "--out", str(run)]) == 0
     assert epochs(run) == [0, 1, 2] and (run / "result.json").is_file()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--steps", "9"], "steps 3 (given 9)"),
+    (["--seed", "1", "--channels", "5", "--no-bias"], "channels 4 (given 5), use_bias True (given False)"),
+    (["--synth", '{"label_scales": [2, 4]}'], "synth_kwargs {'label_scales': [2, 4, 8]} (given {'label_scales': [2, 4]})"),
+])
+def test_resume_refuses_other_settings_than_the_runs(interrupted_run, capsys, argv, named):
+    run = interrupted_run()
+    before = (run / "log.csv").read_text()
+    assert cli.main(["train-encoder", *argv, "--resume", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"settings.json, which holds {named}: leave those options out" in err
+    assert (run / "log.csv").read_text() == before and not (run / "result.json").exists()
 
 
 @pytest.mark.parametrize("shape", ["32x", "32", "32x32x32x32", "0x32", "axb"])
