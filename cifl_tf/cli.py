@@ -23,7 +23,7 @@ from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrai
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .instance import MOVED_FEATURES, register_pair
 from .metrics import folding_fraction
-from .training import LEARNING_RATE_DECAYS, PRECISIONS, read_settings, train_encoder
+from .training import LEARNING_RATE_DECAYS, PRECISIONS, SETTINGS, read_settings, train_encoder
 
 
 def _defaults(function):
@@ -67,32 +67,37 @@ def _json_object(text):
     return value
 
 
-def _encoder_settings(args):
-    """train_encoder's settings from the train-encoder arguments, as settings.json holds them."""
-    shape = args.shape or (96,) * args.dim
-    if len(shape) != args.dim:
-        raise ValueError(f"--shape {'x'.join(map(str, shape))} does not have --dim {args.dim} sizes")
-    return json.loads(json.dumps(dict(
-        shape=shape, steps=args.steps, batch_size=args.batch_size, channels=args.channels, features=args.features,
-        architecture=args.architecture, dilations=args.dilations, inversion_invariant=args.inversion_invariant,
-        local_normalization=args.local_normalization, use_bias=not args.no_bias, tau_alpha=args.tau_alpha,
-        tau_beta=args.tau_beta, tau_gamma=args.tau_gamma, loss_scales=args.loss_scales,
-        pixel_contrast=args.pixel_contrast, max_offset=args.max_offset, learning_rate=args.learning_rate,
-        learning_rate_decay=args.learning_rate_decay, precision=args.precision, seed=args.seed,
-        steps_per_epoch=args.steps_per_epoch, synth_kwargs=args.synth)))
+# settings.json keys whose train-encoder option is not named after them
+_OPTION_OF_SETTING = {"use_bias": "--no-bias", "synth_kwargs": "--synth"}
+
+
+def _given_settings(args):
+    """The training settings given as train-encoder options, as settings.json holds them. Options left out
+    are None (their defaults are train_encoder's), so that --resume tells a repeated setting from a default."""
+    given = {key: getattr(args, key) for key in SETTINGS if key not in _OPTION_OF_SETTING}
+    given.update(use_bias=False if args.no_bias else None, synth_kwargs=args.synth)
+    return json.loads(json.dumps({key: value for key, value in given.items() if value is not None}))
 
 
 def _train_encoder(args):
-    settings = _encoder_settings(args)
-    if args.resume:  # the run goes on with the settings it was started with; repeating them is allowed
-        saved = read_settings(args.out)
-        defaults = _encoder_settings(_parser().parse_args(["train-encoder", "--out", args.out]))
-        conflicts = [f"{key} {saved.get(key)!r} (given {value!r})" for key, value in settings.items()
-                     if value != defaults[key] and value != saved.get(key)]
-        if conflicts:  # ignoring them silently would leave e.g. a longer --steps believed but not trained
-            raise ValueError(f"--resume continues the run in {args.out} with its settings.json, which holds "
-                             f"{', '.join(conflicts)}: leave those options out, or start a new run")
-        settings = saved
+    given = _given_settings(args)
+    dim = args.dim or 2
+    if len(given.get("shape", [96] * dim)) != dim:
+        raise ValueError(f"--shape {'x'.join(map(str, given['shape']))} does not have --dim {dim} sizes")
+    if not args.resume:
+        settings = {key: DEFAULTS[key] for key in SETTINGS} | {"shape": [96] * dim} | given
+    else:  # the run goes on with the settings it was started with; options may only repeat them
+        settings = read_settings(args.out)
+        if "steps_per_epoch" in given:  # train_encoder stores it at most steps
+            given["steps_per_epoch"] = min(given["steps_per_epoch"], given.get("steps", settings["steps"]))
+        conflicts = [f"{_OPTION_OF_SETTING.get(key, '--' + key.replace('_', '-'))}"
+                     f"{'' if isinstance(value, bool) else ' ' + str(value)} differs from its {key} {settings[key]}"
+                     for key, value in given.items() if value != settings[key]]
+        if args.dim is not None and "shape" not in given and args.dim != len(settings["shape"]):
+            conflicts.append(f"--dim {args.dim} differs from its shape {settings['shape']}")
+        if conflicts:  # ignoring them would leave e.g. a longer --steps believed but not trained
+            raise ValueError(f"--resume continues the run in {args.out} with its settings.json: "
+                             f"{'; '.join(conflicts)}; leave those options out, or start a new run")
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
     print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 
@@ -470,44 +475,43 @@ def _parser():
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train-encoder", help="train a CIFL encoder on synthetic shapes")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=2)
-    p.add_argument("--shape", type=_shape, default=None, help="crop size, e.g. 96x96 (default 96^dim)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--steps-per-epoch", type=int, default=DEFAULTS["steps_per_epoch"],
+    p.add_argument("--dim", type=int, choices=(2, 3), help="2 (default) or 3")
+    p.add_argument("--shape", type=_shape, help="crop size, e.g. 96x96 (default 96^dim)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--steps-per-epoch", type=int,
                    help="steps between checkpoints")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--channels", type=int, default=DEFAULTS["channels"], help="output channels C")
-    p.add_argument("--features", type=int, default=DEFAULTS["features"], help="hidden width")
-    p.add_argument("--architecture", choices=ARCHITECTURES, default=DEFAULTS["architecture"],
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--channels", type=int, help="output channels C")
+    p.add_argument("--features", type=int, help="hidden width")
+    p.add_argument("--architecture", choices=ARCHITECTURES,
                    help="paper: the paper's eight convolutions; context: plus dilated context (sees 77 pixels)")
-    p.add_argument("--dilations", type=_positive_integers("dilations", "2,4,8"), default=DEFAULTS["dilations"],
+    p.add_argument("--dilations", type=_positive_integers("dilations", "2,4,8"),
                    help="with --architecture context: its dilation rates, e.g. 2,4 (default 2,4,8,16)")
-    p.add_argument("--inversion-invariant", action="store_true",
+    p.add_argument("--inversion-invariant", action="store_true", default=None,
                    help="features of an image and of its inversion 1 - x equal by construction (CIFLEncoder)")
-    p.add_argument("--local-normalization", type=float, default=None, metavar="SIGMA",
+    p.add_argument("--local-normalization", type=float, metavar="SIGMA",
                    help="show the encoder local contrast, in a Gaussian window of SD SIGMA pixels (LocalNormalize)")
-    p.add_argument("--no-bias", action="store_true",
+    p.add_argument("--no-bias", action="store_true", default=None,
                    help="convolutions without bias: features unchanged when the image is scaled about 0 "
                         "(about 1/2 with --inversion-invariant; CIFLEncoder use_bias)")
-    p.add_argument("--tau-alpha", type=float, default=DEFAULTS["tau_alpha"])
-    p.add_argument("--tau-beta", type=float, default=DEFAULTS["tau_beta"])
-    p.add_argument("--tau-gamma", type=float, default=DEFAULTS["tau_gamma"])
+    p.add_argument("--tau-alpha", type=float)
+    p.add_argument("--tau-beta", type=float)
+    p.add_argument("--tau-gamma", type=float)
     p.add_argument("--loss-scales", type=_positive_integers("loss scales", "1,2,4"),
-                   default=list(DEFAULTS["loss_scales"]),
                    help="Eq. 1 averaged over the overlaps average-pooled by these factors (default 1: the paper's)")
-    p.add_argument("--pixel-contrast", type=float, default=DEFAULTS["pixel_contrast"], metavar="WEIGHT",
+    p.add_argument("--pixel-contrast", type=float, metavar="WEIGHT",
                    help="add WEIGHT times InfoNCE over a grid of pixels to Eq. 1 (default 0: Eq. 1 alone)")
-    p.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"],
+    p.add_argument("--max-offset", type=int,
                    help="random offset between the two views (0: voxel-aligned, the paper's ablation)")
-    p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
-    p.add_argument("--learning-rate-decay", choices=LEARNING_RATE_DECAYS, default=DEFAULTS["learning_rate_decay"],
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--learning-rate-decay", choices=LEARNING_RATE_DECAYS,
                    help="cosine: from --learning-rate down to 0 at the last step")
-    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="the convolutions' Keras dtype policy: mixed_bfloat16 for CPUs with AVX512_BF16 or AMX, "
                    "mixed_float16 for GPUs (the saved encoder computes in float32)")
-    p.add_argument("--synth", type=_json_object, default={}, metavar="JSON",
+    p.add_argument("--synth", type=_json_object, metavar="JSON",
                    help='synthesis arguments of cifl_tf.synth.ShapesSynth, e.g. \'{"tie_prob": 0.5}\'')
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
                    help="multiworker: tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG or "

@@ -34,29 +34,49 @@ def test_trains_an_encoder(uninterrupted):
     assert json.loads((run / "settings.json").read_text())["shape"] == [32, 32]
 
 
-# INTERRUPTED_RUN's settings as options, all given or some (the rest are the defaults)
-SAME_SETTINGS = ["--shape", "32x32", "--steps", "3", "--steps-per-epoch", "1", "--batch-size", "2", "--channels", "4",
-                 "--features", "8", "--max-offset", "0", "--seed", "1", "--synth", '{"label_scales": [2, 4, 8]}']
-
-
-@pytest.mark.parametrize("repeated", [[], SAME_SETTINGS, ["--seed", "1", "--dim", "2"]])
-def test_resume_continues_an_unfinished_run(interrupted_run, repeated):
+def test_resume_continues_an_unfinished_run(interrupted_run):
     run = interrupted_run()  # stopped after epoch 0 of 3; --resume takes the run's own settings
-    assert cli.main(["train-encoder", *repeated, "--resume", "--out", str(run)]) == 0
+    assert cli.main(["train-encoder", "--resume", "--out", str(run)]) == 0
     assert epochs(run) == [0, 1, 2] and (run / "result.json").is_file()
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--steps", "9"], "steps 3 (given 9)"),
-    (["--seed", "1", "--channels", "5", "--no-bias"], "channels 4 (given 5), use_bias True (given False)"),
-    (["--synth", '{"label_scales": [2, 4]}'], "synth_kwargs {'label_scales': [2, 4, 8]} (given {'label_scales': [2, 4]})"),
+# INTERRUPTED_RUN's settings as options, with --steps-per-epoch as a user may give it (train_encoder stores at
+# most --steps) and settings given at their defaults
+SAME_SETTINGS = ["--dim", "2", "--shape", "32x32", "--steps", "3", "--steps-per-epoch", "1", "--batch-size", "2",
+                 "--channels", "4", "--features", "8", "--max-offset", "0", "--seed", "1",
+                 "--synth", '{"label_scales": [2, 4, 8]}', "--architecture", "paper", "--tau-gamma", "0.1"]
+
+
+@pytest.mark.parametrize("repeated, saved_changes", [
+    (SAME_SETTINGS, {}),
+    (["--dim", "2"], {}),
+    (["--steps", "3", "--steps-per-epoch", "5"], {"steps_per_epoch": 3}),  # a run of one epoch, as started
 ])
-def test_resume_refuses_other_settings_than_the_runs(interrupted_run, capsys, argv, named):
+def test_resume_takes_options_that_repeat_the_runs_settings(interrupted_run, monkeypatch, repeated, saved_changes):
+    run, trained = interrupted_run(), []
+    settings = json.loads((run / "settings.json").read_text())
+    (run / "settings.json").write_text(json.dumps(dict(settings, **saved_changes)))
+    monkeypatch.setattr(cli, "train_encoder", lambda **settings: trained.append(settings))
+    assert cli.main(["train-encoder", *repeated, "--resume", "--out", str(run)]) == 0
+    saved = json.loads((run / "settings.json").read_text())
+    assert trained == [dict(saved, out_dir=str(run), resume=True, strategy="default")]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--steps", "9"], "--steps 9 differs from its steps 3"),
+    (["--max-offset", "16"], "--max-offset 16 differs from its max_offset 0"),       # given at its default
+    (["--seed", "1", "--channels", "5", "--no-bias"],
+     "--channels 5 differs from its channels 4; --no-bias differs from its use_bias True"),
+    (["--synth", '{"label_scales": [2, 4]}'], "--synth {'label_scales': [2, 4]} differs from its synth_kwargs"),
+    (["--steps-per-epoch", "2"], "--steps-per-epoch 2 differs from its steps_per_epoch 1"),
+    (["--dim", "3"], "--dim 3 differs from its shape [32, 32]"),
+])
+def test_resume_refuses_options_that_differ_from_the_runs_settings(interrupted_run, capsys, argv, named):
     run = interrupted_run()
     before = (run / "log.csv").read_text()
     assert cli.main(["train-encoder", *argv, "--resume", "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"settings.json, which holds {named}: leave those options out" in err
+    assert err.count("\n") == 1 and f"with its settings.json: {named}" in err and "leave those options out" in err
     assert (run / "log.csv").read_text() == before and not (run / "result.json").exists()
 
 
