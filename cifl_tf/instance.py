@@ -45,10 +45,11 @@ REG_WEIGHTS = {"ncc": 1.0, "mse": 0.01, "mi": 0.01}
 MOVED_FEATURES = ("warped", "encoded")
 # register_pair's moved_features by the images' ndim. Measured with levels (4, 2, 1) of 100 steps (README,
 # "Registering a pair without training", and docs/registration.md): on the OASIS sample's slices (both
-# directions; T1, inverted T1, GM≈WM and not bias-corrected), "encoded" gave the recommended encoder 0.05-0.08 and MIND 0.04-0.12 more seg4 Dice; on 2D
-# demo pairs the recommended encoder 0.04-0.06 more on T1 and T2-like and 0.006 less on PD-like, MIND 0.02-0.03
-# more, in up to 3 times the time. On the 3D demo (tri-planar features, 3 mm) the recommended encoder lost
-# 0.02-0.07 and MIND up to 0.015, in 1.8-3 times the time.
+# directions; T1, inverted T1, GM≈WM), "encoded" gave the recommended encoder 0.01-0.09 and MIND 0.04-0.12 more
+# seg4 Dice; on 2D demo pairs the recommended encoder 0.03-0.06 more on T1 and T2-like and 0.003 less on PD-like,
+# MIND 0.02-0.03 more, in up to 2.5 times the time (the encoder shipped before: 0.05-0.08, also on slices not
+# bias-corrected; 0.04-0.06 and 0.006 less; 3 times). On the 3D demo (tri-planar features, 3 mm) the recommended
+# encoder lost 0.02-0.07 and MIND up to 0.015, in 1.8-3 times the time.
 MOVED_FEATURES_DEFAULT = {2: "encoded", 3: "warped"}
 MI_BINS = 16
 # XLA (jit_compile) halves a step of a large level (0.41 -> 0.20 s at 40x48x56 with 48 channels on 2 cores)
