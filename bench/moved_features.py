@@ -2,7 +2,8 @@
 
 "warped": the moving image's features are computed once and warped in every step (the 3D default);
 "encoded": the moved image is encoded again in every step, at each level's resolution (the 2D default).
-Each is run with the recommended shipped encoder and with MIND, register_pair's defaults otherwise, on
+Each is run with the recommended shipped encoder, with MIND and with both (``FeatureStack``), register_pair's
+defaults otherwise, on
   * the OASIS sample's slices, subject 1 -> 2 and 2 -> 1, the fixed slice in T1, inverted T1 and a render of
     its seg4 labels in which cortical grey and white matter are nearly equal (``benchmark.near_equal_render``);
   * with --demo, four pairs of 2D demo subjects, T1 of one to another's T1, T2-like and PD-like render.
@@ -61,7 +62,8 @@ def main():
     parser.add_argument("--steps", type=int, default=100, help="steps per level")
     args = parser.parse_args()
     cases = {**oasis_cases(args.data), **(demo_cases() if args.demo else {})}
-    describers = {"recommended": cifl_tf.pretrained(), "MIND": MIND(ndim=2)}
+    describers = {"recommended": cifl_tf.pretrained(), "MIND": MIND(ndim=2),
+                  "recommended + MIND": cifl_tf.FeatureStack([cifl_tf.pretrained(), MIND(ndim=2)])}
     # One describer and mode over all cases, so that the cases reuse its compiled level models (register_pair
     # keeps 8): the first case's seconds include tracing them.
     results = {}

@@ -5,6 +5,7 @@ from .encoder import CIFLEncoder, L2Normalize, encoder_model, load_encoder, pret
 from .instance import register_pair
 from .losses import ContrastiveLoss, contrastive_loss
 from .models import registration_model, segmentation_model
+from .stack import FeatureStack
 from .training import train_encoder
 from .triplanar import Triplanar
 

@@ -23,6 +23,7 @@ from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrai
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .instance import MOVED_FEATURES, register_pair
 from .metrics import folding_fraction
+from .stack import FeatureStack
 from .training import LEARNING_RATE_DECAYS, PRECISIONS, SETTINGS, read_settings, train_encoder
 
 
@@ -107,14 +108,36 @@ def _train_encoder(args):
 def encoder_from_args(args, ndim):
     """What --encoder, --pretrained or --descriptor (`_add_encoder_args`) chose for ndim-D images.
 
-    Returns a frozen CIFLEncoder or Triplanar (--pretrained on 3D images, or a saved one), a descriptors.MIND
-    of that ndim, or None for the intensity baseline.
+    Returns a frozen CIFLEncoder or Triplanar (--pretrained on 3D images, or a saved one), a saved FeatureStack,
+    a descriptors.MIND of that ndim, or None for the intensity baseline.
     """
     if args.descriptor is not None:
         return MIND(ndim, variant=args.descriptor)
     if args.pretrained is not None:
         return pretrained(args.pretrained, ndim=ndim)
     return load_encoder(args.encoder) if args.encoder else None
+
+
+def _stacked(args, encoder, ndim):
+    """`encoder` (None: the recommended shipped one) with --stack-descriptor's descriptor beside it, a
+    FeatureStack; without --stack-descriptor, `encoder` as it is."""
+    if args.stack_descriptor is None:
+        return encoder
+    for option, given in (("--descriptor", args.descriptor),
+                          ("a saved FeatureStack", isinstance(encoder, FeatureStack))):
+        if given:
+            raise ValueError(f"--stack-descriptor stacks a descriptor beside a CIFL encoder, not beside {option}")
+    encoder = encoder or pretrained(ndim=ndim)
+    # the encoder's ndim, so that a 2D encoder on a volume is refused as it is without --stack-descriptor
+    return FeatureStack([encoder, MIND(encoder.ndim, variant=args.stack_descriptor)])
+
+
+def _add_stack_arg(p):
+    p.add_argument("--stack-descriptor", choices=VARIANTS, default=None,
+                   help="a hand-made descriptor (mind or ssc) beside the encoder, their features concatenated and "
+                        "l2-normalised together (cifl_tf.FeatureStack); for registration the recommended encoder "
+                        "with mind did better than the encoder alone, and than MIND in most cases "
+                        "(docs/registration.md)")
 
 
 _RECOMMENDED = ("the recommended shipped encoder, cifl_tf.pretrained(ndim=...) (for 3D images the tri-planar "
@@ -217,7 +240,7 @@ def _features(args):
     image, affine, header = data.load_nifti(args.input)
     if image.ndim not in (2, 3):
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, features need 2 or 3")
-    encoder = encoder_from_args(args, image.ndim) or pretrained(ndim=image.ndim)
+    encoder = _stacked(args, encoder_from_args(args, image.ndim), image.ndim) or pretrained(ndim=image.ndim)
     if encoder.ndim != image.ndim:
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
                              f"the encoder takes {encoder.ndim}")
@@ -259,7 +282,8 @@ def _register(args):
         _nifti_output(path)
     if args.model:
         for option, given in (("--affine", args.affine), ("--feature-scale", args.feature_scale != 1),
-                              ("--moved-features", args.moved_features is not None)):
+                              ("--moved-features", args.moved_features is not None),
+                              ("--stack-descriptor", args.stack_descriptor is not None)):
             if given:
                 raise ValueError(f"{option} is an option of instance optimisation, not of a --model")
         model = models.load_model(args.model, "registration")
@@ -284,10 +308,13 @@ def _register(args):
 
 
 def _registration_encoder(args, ndim):
-    """register_pair's encoder: the chosen encoder or descriptor, None for --intensity, else "pretrained"."""
+    """register_pair's encoder: the chosen encoder or descriptor (with --stack-descriptor's beside it), None for
+    --intensity, else "pretrained"."""
+    if args.intensity and args.stack_descriptor:
+        raise ValueError("--stack-descriptor stacks a descriptor beside a CIFL encoder, not beside --intensity")
     if args.intensity:
         return None
-    return encoder_from_args(args, ndim) or "pretrained"
+    return _stacked(args, encoder_from_args(args, ndim), ndim) or "pretrained"
 
 
 # ---- downstream: training and evaluation on a data folder ----
@@ -525,6 +552,7 @@ def _parser():
     p.add_argument("input", help="input image, .nii or .nii.gz")
     p.add_argument("output", help="output C-channel feature image, .nii or .nii.gz")
     _add_encoder_args(p, default=_RECOMMENDED)
+    _add_stack_arg(p)
     _add_memory_arg(p)
     p.set_defaults(run=_features)
 
@@ -558,6 +586,7 @@ def _parser():
     p.add_argument("--feature-scale", type=int, default=1,
                    help="without --model: encode the images upsampled by this factor and average the features "
                         "back (for images coarser than 1 mm; default 1; warped features)")
+    _add_stack_arg(p)
     _add_memory_arg(p)
     p.set_defaults(run=_register)
 

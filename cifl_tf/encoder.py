@@ -235,12 +235,16 @@ def save_encoder(encoder, path):
     write_json(_config_path(path), config)
 
 
+_SAVED_LAYERS = ("cifl_tf>CIFLEncoder", "cifl_tf>Triplanar", "cifl_tf>FeatureStack")
+
+
 def load_encoder(path, trainable=False):
     """Reads an encoder written by save_encoder (or `cifl train-encoder`); frozen unless told.
 
     `path` is the weights file or the folder of a training run (holding encoder.weights.h5).
     Raises: FileNotFoundError for a missing file; ValueError naming the file for a config that is not
-        a valid CIFLEncoder's (or Triplanar's), or weights that do not load into it (damaged, or of other shapes).
+        a valid CIFLEncoder's (or Triplanar's or FeatureStack's), or weights that do not load into it (damaged,
+        or of other shapes).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -250,12 +254,14 @@ def load_encoder(path, trainable=False):
         if not os.path.isfile(required):
             raise FileNotFoundError(f"load_encoder: no such file {required!r}")
     config = read_json(config_path)
-    if not isinstance(config, dict) or config.get("registered_name") not in ("cifl_tf>CIFLEncoder", "cifl_tf>Triplanar"):
-        raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder (or a Triplanar of one)")
+    if not isinstance(config, dict) or config.get("registered_name") not in _SAVED_LAYERS:
+        raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder (or a Triplanar or "
+                         f"FeatureStack)")
     try:
         encoder = tf.keras.utils.deserialize_keras_object(config)
     except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"{config_path}: not a valid CIFLEncoder config ({first_line(error)})") from None
+        kind = config["registered_name"].split(">")[1]
+        raise ValueError(f"{config_path}: not a valid {kind} config ({first_line(error)})") from None
     try:
         encoder_model(encoder).load_weights(path)
     except (ValueError, OSError) as error:

@@ -26,6 +26,7 @@ from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
 from .losses import NCC
+from .stack import FeatureStack
 from .synth import stream_options, stream_seed
 from .training import compile_for_fit
 from .transform import BATCHED_LAYERS, spatial_transform
@@ -63,9 +64,10 @@ def _check_encoder(encoder, inshape):
     """Freezes and returns the encoder (or None); its ndim must match the input shape."""
     if encoder is None:
         return None
-    if isinstance(encoder, Triplanar):
-        raise ValueError("a Triplanar encoder (pretrained(ndim=3), --pretrained on 3D data) gives features for "
-                         "register_pair and `cifl features` only; UNet and VxmDense take a CIFLEncoder or MIND")
+    if isinstance(encoder, (Triplanar, FeatureStack)):  # the models' save and load are built for one describer
+        raise ValueError("a Triplanar encoder (pretrained(ndim=3), --pretrained on 3D data) or a FeatureStack gives "
+                         "features for register_pair and `cifl features` only; UNet and VxmDense take a CIFLEncoder "
+                         "or MIND")
     if not isinstance(encoder, (CIFLEncoder, MIND)):
         raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder, a cifl_tf.descriptors.MIND or None, "
                         f"got {type(encoder).__name__}")

@@ -145,6 +145,15 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
     return features
 
 
+def l2_normalize_in_place(features):
+    """Puts each pixel's vector of `features` (*spatial, C) on the unit sphere in place, one chunk at a time
+    (no copy of a volume larger than memory); all-zero vectors stay zero. Returns `features`."""
+    slowest = int(np.argmax(features.strides[:-1]))  # chunks compact in memory, in C or Fortran order
+    for chunk in np.moveaxis(features, slowest, 0):
+        chunk /= np.sqrt(np.maximum(np.sum(np.square(chunk), axis=-1, keepdims=True), 1e-12))  # TF's epsilon
+    return features
+
+
 @functools.lru_cache(maxsize=8)
 def graph_call(layer):
     """The layer as a tf.function, kept for the layer's next image (it keeps the last 8 layers alive): as a

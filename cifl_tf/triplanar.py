@@ -80,10 +80,7 @@ class Triplanar(KL.Layer):
             else:
                 for start in range(0, len(slices), batch):
                     encoded[start:start + batch] = call(tf.constant(slices[start:start + batch, ..., np.newaxis]))
-        slowest = int(np.argmax(out.strides[:-1]))  # chunks compact in memory, in C or Fortran order
-        for chunk in np.moveaxis(out, slowest, 0):  # l2-normalised in place, as call() does
-            chunk /= np.sqrt(np.maximum(np.sum(np.square(chunk), axis=-1, keepdims=True), 1e-12))
-        return out
+        return tiling.l2_normalize_in_place(out)  # as call() does
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])

@@ -86,6 +86,53 @@ def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, ca
     np.testing.assert_allclose(features, expected, atol=1e-5)
 
 
+def saved_stack(folder):
+    path = str(folder / "stack.weights.h5")
+    cifl_tf.save_encoder(cifl_tf.FeatureStack([cifl_tf.pretrained(0.1), cifl_tf.descriptors.MIND()]), path)
+    return path
+
+
+@pytest.mark.parametrize("ndim, options, tau_gamma", [(2, [], None), (2, ["--pretrained", "0.1"], 0.1),
+                                                      (3, ["--pretrained", "0.1"], 0.1)])
+def test_register_stacks_the_descriptor_beside_the_chosen_encoder(pair, capsys, monkeypatch, ndim, options,
+                                                                  tau_gamma):
+    passed = []
+    monkeypatch.setattr(cli, "register_pair", lambda moving, fixed, encoder, **kwargs: passed.append(encoder)
+                        or np.zeros((*fixed.shape, ndim), np.float32))
+    images = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz"}
+    if ndim == 3:
+        write_nifti(pair / "volume.nii.gz", np.random.default_rng(0).random((8, 8, 8), np.float32))
+        images = {"--moving": pair / "volume.nii.gz", "--fixed": pair / "volume.nii.gz"}
+    status, _, _ = run(capsys, "register", *[item for option in images.items() for item in option],
+                       "--moved", pair / "moved.nii.gz", "--stack-descriptor", "ssc", *options)
+    (stack,) = passed
+    assert status == 0 and isinstance(stack, cifl_tf.FeatureStack) and stack.ndim == ndim
+    encoder, mind = stack.describers
+    assert isinstance(encoder, cifl_tf.Triplanar if ndim == 3 else cifl_tf.CIFLEncoder)
+    expected = cifl_tf.pretrained() if tau_gamma is None else cifl_tf.pretrained(tau_gamma)
+    for ours, shipped in zip(encoder.encoder.get_weights() if ndim == 3 else encoder.get_weights(),
+                             expected.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, shipped)
+    assert (mind.variant, mind.ndim) == ("ssc", ndim)
+
+
+def test_features_refuse_a_descriptor_stacked_beside_a_descriptor_in_one_line(pair, capsys):
+    status, _, err = run(capsys, "features", pair / "fixed.nii.gz", pair / "f.nii.gz", "--descriptor", "mind",
+                         "--stack-descriptor", "mind")
+    assert status == 2 and err.count("\n") == 1 and "not beside --descriptor" in err
+    assert not (pair / "f.nii.gz").exists()
+
+
+def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys):
+    status, stdout, _ = run(capsys, "features", pair / "fixed.nii.gz", pair / "f.nii.gz", "--pretrained", "0.1",
+                            "--stack-descriptor", "mind", "--max-memory", "300K")
+    features, _, _ = data.load_nifti(pair / "f.nii.gz")
+    image, _, _ = data.load_nifti(pair / "fixed.nii.gz")
+    stack = cifl_tf.FeatureStack([cifl_tf.pretrained(0.1), cifl_tf.descriptors.MIND(ndim=2)])
+    assert status == 0 and "20-channel features written" in stdout
+    np.testing.assert_allclose(features, stack(data.normalize(image)[None, ..., None])[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D"], r"encoder .* is 2D but the images are 3D"),
     (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
@@ -95,6 +142,14 @@ def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, ca
     (["--model", "MISSING", "--feature-scale", "2"], r"--feature-scale is an option of instance optimisation"),
     (["--model", "MISSING", "--affine", None], r"--affine is an option of instance optimisation"),
     (["--model", "MISSING", "--moved-features", "warped"], r"--moved-features is an option of instance optimisation"),
+    (["--model", "MISSING", "--stack-descriptor", "mind"], r"--stack-descriptor is an option of instance optimisation"),
+    (["--intensity", "ncc", "--stack-descriptor", "mind"], r"stacks a descriptor beside a CIFL encoder, not beside "
+                                                            r"--intensity"),
+    (["--descriptor", "mind", "--stack-descriptor", "ssc"], r"stacks a descriptor beside a CIFL encoder, not beside "
+                                                            r"--descriptor"),
+    (["--encoder", "STACK", "--stack-descriptor", "mind"], r"not beside a saved FeatureStack"),
+    (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D", "--stack-descriptor", "mind"],
+     r"encoder .* is 2D but the images are 3D"),
     (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
     (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),
 ])
@@ -103,7 +158,7 @@ def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, capsys, argv
     (pair / "out").mkdir()
     names = {"VOLUME": pair / "volume.nii.gz", "MISSING": pair / "missing.nii.gz",
              "NOFOLDER": pair / "nowhere" / "moved.nii.gz",
-             "ENCODER_2D": cifl_tf.encoder.PRETRAINED_DIR + "/tau_gamma_0.1.weights.h5"}
+             "ENCODER_2D": cifl_tf.encoder.PRETRAINED_DIR + "/tau_gamma_0.1.weights.h5", "STACK": saved_stack(pair)}
     options = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz",
                "--moved": pair / "out" / "moved.nii.gz", "--warp": pair / "out" / "warp.nii.gz"}
     options.update(zip(argv[::2], [names.get(value, value) for value in argv[1::2]]))

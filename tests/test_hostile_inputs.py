@@ -484,7 +484,7 @@ def _bad_encoder(config=None, weights=None, named="enc.json", problem=""):
     return lambda d, g: (_encoder_copy(d, g, config, weights), d / named, problem)
 
 
-NOT_ENCODER = "does not describe a CIFLEncoder \\(or a Triplanar of one\\)"
+NOT_ENCODER = "does not describe a CIFLEncoder \\(or a Triplanar or FeatureStack\\)"
 NO_WEIGHTS = "weights do not load into the encoder"
 BAD_ENCODERS = {
     "config of another class": _bad_encoder(lambda c: {**c, "registered_name": "cifl_tf>L2Normalize"},

@@ -259,6 +259,8 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      "CIFLEncoder, a cifl_tf.descriptors.MIND or None, got str"),
     (lambda e: cifl_tf.registration_model((16, 16, 16), cifl_tf.Triplanar(e), **TINY_VXM), ValueError,
      r"a Triplanar encoder .* gives features for register_pair and `cifl features` only"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, cifl_tf.FeatureStack([e, MIND()])), ValueError,
+     r"or a FeatureStack gives features for register_pair and `cifl features` only"),
     (lambda e: cifl_tf.registration_model(SHAPE, MIND(ndim=3), **TINY_VXM), ValueError,
      r"encoder is 3D but inshape \(32, 32\) is 2D"),
     (lambda e: cifl_tf.registration_model(SHAPE, similarity="mi"), ValueError, "similarity must be.*'mi'"),

@@ -1,0 +1,80 @@
+"""cifl_tf.stack: the features of several describers side by side, l2-normalised together."""
+import numpy as np
+import pytest
+
+import cifl_tf
+from cifl_tf import CIFLEncoder, FeatureStack, Triplanar, load_encoder, save_encoder, tiling
+from cifl_tf.descriptors import MIND
+from test_instance import dice_after, warped_pair
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    encoder = CIFLEncoder(channels=3, features=4)
+    encoder.build((None, None, None, 1))
+    return encoder
+
+
+def describers(encoder, ndim):
+    """The encoder (receptive radius 8) and a wider MIND (radius 1 + 9 in 2D), or both made 3D."""
+    return [encoder, MIND(ndim=2, sigma=3)] if ndim == 2 else [Triplanar(encoder), MIND(ndim=3, variant="ssc")]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_channels_are_the_describers_features_concatenated_and_l2_normalised(encoder, ndim):
+    parts = describers(encoder, ndim)
+    image = np.random.default_rng(ndim).random((2, *((24, 22) if ndim == 2 else (9, 8, 7)), 1), np.float32)
+    concatenated = np.concatenate([part(image).numpy() for part in parts], axis=-1)
+    expected = concatenated / np.linalg.norm(concatenated, axis=-1, keepdims=True)
+    stack = FeatureStack(parts)
+    np.testing.assert_allclose(stack(image), expected, atol=1e-6)
+    assert (stack.ndim, stack.channels) == (ndim, sum(part.channels for part in parts))
+    assert stack.receptive_radius == max(tiling.receptive_radius(part) for part in parts) == (10 if ndim == 2 else 8)
+
+
+@pytest.mark.parametrize("ndim, max_memory", [(2, 10 ** 9), (2, 200_000), (3, 10 ** 9), (3, 300_000)],
+                         ids=["2d-whole", "2d-tiles", "3d-whole", "3d-tiles"])
+def test_tiled_features_equal_untiled(encoder, ndim, max_memory):
+    """Each describer tiled its own way (a Triplanar by whole slices), then normalised together."""
+    stack = FeatureStack(describers(encoder, ndim))
+    image = np.random.default_rng(5).random((40, 36, 6)[:ndim] if ndim == 3 else (60, 52), np.float32)
+    np.testing.assert_allclose(tiling.tiled_features(stack, image, max_memory), stack(image[None, ..., None])[0],
+                               atol=1e-5)
+
+
+def test_saves_and_loads_with_the_same_outputs(encoder, tmp_path):
+    stack = FeatureStack([encoder, MIND(ndim=2, variant="ssc")])
+    image = np.random.default_rng(2).random((1, 12, 10, 1), np.float32)
+    path = str(tmp_path / "stack.weights.h5")
+    save_encoder(stack, path)
+    loaded = load_encoder(path)
+    assert isinstance(loaded, FeatureStack) and not loaded.trainable and loaded.trainable_weights == []
+    assert load_encoder(path, trainable=True).trainable_weights != []
+    assert [type(d) for d in loaded.describers] == [CIFLEncoder, MIND] and loaded.describers[1].variant == "ssc"
+    np.testing.assert_allclose(loaded(image), stack(image), atol=1e-6)
+    assert FeatureStack.from_config(stack.get_config()).get_config() == stack.get_config()
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ("MIND", ValueError, r"describers must be a list of two or more describer layers, got 'MIND'"),
+    (["ONE"], ValueError, r"describers must be a list of two or more describer layers"),
+    (["ENCODER", "a string"], TypeError, r"expected a Keras layer with ndim .* got str"),
+    (["ENCODER", "MIND3"], ValueError, r"describers must all be 2D or all 3D, got ndims \[2, 3\]"),
+])
+def test_rejects_what_is_not_two_describers_of_one_ndim(encoder, bad, error, message):
+    names = {"ONE": encoder, "ENCODER": encoder, "MIND3": MIND(ndim=3)}
+    bad = [names.get(item, item) for item in bad] if isinstance(bad, list) else bad
+    with pytest.raises(error, match=message):
+        FeatureStack(bad)
+
+
+@pytest.mark.parametrize("moved_features", ["encoded", "warped"])
+def test_register_pair_takes_a_stack(moved_features):
+    """The moved image encoded by both describers in every step (the 2D default), or their features of the
+    moving image warped (the 3D default: the stack's own tiled_features)."""
+    moving, _, t2, moving_labels, fixed_labels = warped_pair((64, 64))
+    stack = FeatureStack([cifl_tf.pretrained(), MIND(ndim=2)])
+    displacement = cifl_tf.register_pair(moving, t2, stack, levels=(1,), steps=40, moved_features=moved_features,
+                                         verbose=0)
+    before = dice_after(np.zeros_like(displacement), moving_labels, fixed_labels)
+    assert dice_after(displacement, moving_labels, fixed_labels) > before + 0.05
