@@ -3,7 +3,7 @@
 Two subjects of ``demo_data.demo_volumes`` (the MNI template, coarsened, each deformed by its own random
 diffeomorphism): the T1 of subject 0 is registered by ``register_pair`` (instance optimisation, coarse to
 fine) to the T1, T2-like and PD-like renders of subject 1, with the shipped 3D CIFL encoder (or a given
-one), the MIND descriptor, intensity NCC and intensity MI. Scores: Dice per label of the moved label map
+one), the same with MIND beside it (``FeatureStack``), the MIND descriptor, intensity NCC and intensity MI. Scores: Dice per label of the moved label map
 against the fixed one, the share of folded voxels, seconds per registration; "unregistered" is the Dice
 before registration.
 """
@@ -19,6 +19,7 @@ from .encoder import pretrained
 from .instance import register_pair
 from .machine import describe, matmul_gflops
 from .models import warp
+from .stack import FeatureStack
 
 TARGETS = ("t1", "t2", "pd")
 UNREGISTERED = "unregistered"
@@ -28,9 +29,10 @@ SIZES = {"demo": dict(voxel_size=3, levels=(4, 2, 1), steps=20),
 
 def methods(encoder=None):
     """{name: (encoder, similarity)} as register_pair takes them: CIFL (`encoder`, by default the shipped
-    3D encoder), MIND, intensity NCC and MI."""
-    return {"CIFL": (pretrained(ndim=3) if encoder is None else encoder, None), "MIND": (MIND(ndim=3), None),
-            "NCC": (None, "ncc"), "MI": (None, "mi")}
+    3D encoder), CIFL with MIND beside it, MIND, intensity NCC and MI."""
+    cifl = pretrained(ndim=3) if encoder is None else encoder
+    return {"CIFL": (cifl, None), "CIFL + MIND": (FeatureStack([cifl, MIND(ndim=3)]), None),
+            "MIND": (MIND(ndim=3), None), "NCC": (None, "ncc"), "MI": (None, "mi")}
 
 
 def _scores(moved_labels, fixed_labels, displacement, seconds):

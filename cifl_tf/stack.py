@@ -7,7 +7,7 @@ in ``register_pair`` and ``tiling.tiled_features``. Why: for registration the tw
 better than the encoder alone everywhere measured, and better than MIND alone in most cases. The recommended 2D
 encoder stacked with MIND, by ``register_pair``'s defaults, registered the OASIS sample's slices (both directions:
 T1, inverted T1, grey and white matter nearly equal) and four pairs of 2D demo subjects (T1 to T1, T2-like,
-PD-like) 0.02-0.04 Dice better than the encoder alone, and better than MIND but on the PD-like demo pairs
+PD-like) 0.016-0.044 Dice better than the encoder alone, and better than MIND but on the PD-like demo pairs
 (docs/registration.md, "Stacked features"). For segmentation it did not: a UNet on those stacked features
 segmented T1 0.05 worse than on the encoder's (docs/levers.md).
 """

@@ -106,7 +106,8 @@ def check_max_memory(max_memory):
 
 def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
     """The layer's output on a whole image, computed tile by tile, or by the layer's own
-    ``tiled_features(image, max_memory, out)`` where it has one (Triplanar: whole slices, no halo).
+    ``tiled_features(image, max_memory, out)`` where it has one (Triplanar: whole slices, no halo;
+    FeatureStack: each describer its own way).
 
     Equal to ``layer(image)`` (up to float rounding) for layers whose output depends only on the
     input within receptive_radius(layer) pixels.

@@ -8,6 +8,7 @@ import pytest
 
 import cifl_tf
 from cifl_tf import cli, demo3d, demo_data, figures
+from cifl_tf.descriptors import MIND
 
 CSF, GM, WM = 1, 2, 3
 
@@ -74,7 +75,9 @@ def test_methods_compare_the_shipped_3d_encoder_or_the_given_one():
         np.testing.assert_array_equal(ours, theirs)
     encoder = cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3)
     compared = demo3d.methods(encoder)
-    assert list(compared) == ["CIFL", "MIND", "NCC", "MI"] and compared["CIFL"] == (encoder, None)
+    assert list(compared) == ["CIFL", "CIFL + MIND", "MIND", "NCC", "MI"] and compared["CIFL"] == (encoder, None)
+    stack, similarity = compared["CIFL + MIND"]
+    assert stack.describers[0] is encoder and isinstance(stack.describers[1], MIND) and similarity is None
     assert compared["MI"] == (None, "mi") and compared["MIND"][0].ndim == 3
 
 
@@ -102,7 +105,7 @@ def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path
 @pytest.mark.slow
 def test_quick_3d_demo_compares_every_method_on_every_contrast(tmp_path, capsys):
     results = demo3d.run_demo_3d(str(tmp_path), quick=True, verbose=0)
-    assert list(results) == ["unregistered", "CIFL", "MIND", "NCC", "MI"]
+    assert list(results) == ["unregistered", "CIFL", "CIFL + MIND", "MIND", "NCC", "MI"]
     assert all(list(targets) == ["t1", "t2", "pd"] for targets in results.values())
 
 
