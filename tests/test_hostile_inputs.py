@@ -31,6 +31,7 @@ import pytest
 import cifl_tf
 import tensorflow as tf
 from cifl_tf import cli, data, models
+from cifl_tf.descriptors import MIND
 from conftest import REPO, phantom_image, phantom_labels
 
 SLICE = (16, 20)
@@ -480,6 +481,15 @@ def _encoder_copy(folder, good, config=None, weights=None):
     return folder / "enc.weights.h5"
 
 
+def _stacked_with(other):
+    """Edits an encoder's config into a FeatureStack's of that encoder and `other`, a layer."""
+    def edit(config):
+        stack = tf.keras.utils.serialize_keras_object(cifl_tf.FeatureStack([MIND(), MIND()]))
+        stack["config"]["describers"] = [config, tf.keras.utils.serialize_keras_object(other)]
+        return stack
+    return edit
+
+
 def _bad_encoder(config=None, weights=None, named="enc.json", problem=""):
     return lambda d, g: (_encoder_copy(d, g, config, weights), d / named, problem)
 
@@ -496,6 +506,9 @@ BAD_ENCODERS = {
     "config binary": _bad_encoder(lambda c: b"\xff\xfe{", problem="not valid JSON"),
     "bad argument": _bad_encoder(_arguments(channels=-1), problem="not a valid CIFLEncoder config"),
     "unknown argument": _bad_encoder(_arguments(bogus=1), problem="not a valid CIFLEncoder config"),
+    "stack of mixed ndims": _bad_encoder(_stacked_with(MIND(ndim=3)), problem="not a valid FeatureStack config"),
+    "stack of a non-describer": _bad_encoder(_stacked_with(tf.keras.layers.Dense(2)),
+                                             problem="not a valid FeatureStack config"),
     "weights of other shapes": _bad_encoder(_arguments(features=8), named="enc.weights.h5",
                                             problem=NO_WEIGHTS),
     "weights truncated": _bad_encoder(weights=lambda w: w[:len(w) // 2], named="enc.weights.h5", problem=NO_WEIGHTS),
@@ -515,8 +528,8 @@ ENCODER_ROLES = {
 
 
 # One of each message: not an encoder, not JSON, not a valid config, weights that do not load, a missing file.
-ENCODERS_DEFAULT = {"config of a Lambda", "config not JSON", "bad argument", "weights truncated", "config missing",
-                    "folder without weights"}
+ENCODERS_DEFAULT = {"config of a Lambda", "config not JSON", "bad argument", "stack of mixed ndims", "weights truncated",
+                    "config missing", "folder without weights"}
 
 
 @pytest.mark.parametrize("role, bad", cases([(role, bad) for role in sorted(ENCODER_ROLES)
