@@ -3,9 +3,9 @@
 Two subjects of ``demo_data.demo_volumes`` (the MNI template, coarsened, each deformed by its own random
 diffeomorphism): the T1 of subject 0 is registered by ``register_pair`` (instance optimisation, coarse to
 fine) to the T1, T2-like and PD-like renders of subject 1, with the shipped 3D CIFL encoder (or a given
-one), the same with MIND beside it (``FeatureStack``), the MIND descriptor, intensity NCC and intensity MI. Scores: Dice per label of the moved label map
-against the fixed one, the share of folded voxels, seconds per registration; "unregistered" is the Dice
-before registration.
+one), the same with MIND beside it (``FeatureStack``), the MIND descriptor, intensity NCC and intensity MI.
+Scores: Dice per label of the moved label map against the fixed one, the share of folded voxels, seconds per
+registration; "unregistered" is the Dice before registration.
 """
 import json
 import os

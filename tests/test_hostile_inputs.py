@@ -528,8 +528,8 @@ ENCODER_ROLES = {
 
 
 # One of each message: not an encoder, not JSON, not a valid config, weights that do not load, a missing file.
-ENCODERS_DEFAULT = {"config of a Lambda", "config not JSON", "bad argument", "stack of mixed ndims", "weights truncated",
-                    "config missing", "folder without weights"}
+ENCODERS_DEFAULT = {"config of a Lambda", "config not JSON", "bad argument", "stack of mixed ndims",
+                    "weights truncated", "config missing", "folder without weights"}
 
 
 @pytest.mark.parametrize("role, bad", cases([(role, bad) for role in sorted(ENCODER_ROLES)
