@@ -14,6 +14,7 @@ import cifl_tf
 from cifl_tf import cli, demo, demo_data, figures, machine
 from cifl_tf.descriptors import MIND
 from cifl_tf.encoder import load_encoder, pretrained_log, save_encoder
+from cifl_tf.evaluate import Scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ["encoder_training.png", "figure2.png", "registrations.png", "segmentations.png"]
@@ -85,7 +86,8 @@ def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_pa
         monkeypatch.setattr(figures, name, recorded(getattr(figures, name)))
     assert cli.main(["demo", "--quick", "--encoder", str(run), "--out", str(out)]) == 0
     assert drawn["feature_channels"].get_config() == load_encoder(str(run)).get_config()
-    assert drawn["training_curves"] == {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1), "CIFL": str(run / "log.csv")}
+    assert drawn["training_curves"] == {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1),
+                                        "CIFL": str(run / "log.csv")}
     printed = capsys.readouterr().out
     assert "Segmentation Dice (trained on T1)" in printed and "Registration Dice (trained on T1 pairs)" in printed
     assert "8 demo subjects (4 train, 4 test)" in printed
@@ -163,6 +165,22 @@ def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(baselin
     assert any(tests[c][0] != tests[c][1] for tests in spread.values() for c in tests)
 
 
+def test_segmentation_seeds_trains_on_the_given_contrast(monkeypatch):
+    trained_on = []
+
+    def row(train, tests, **kwargs):  # records the training images instead of training
+        trained_on.append(train[0])
+        scores = {c: Scores([1, 2, 3], np.full((len(x), 3), 0.5), np.full(len(x), 0.5)) for c, (x, _) in tests.items()}
+        return {name: scores for name in kwargs["methods"]}, {}
+
+    monkeypatch.setattr(demo.experiments, "segmentation_row", row)
+    monkeypatch.setattr(demo, "methods", lambda encoder: {"baseline": None})
+    spread = demo.segmentation_seeds([0], quick=True, train_contrast="pd")
+    data = demo_data.demo_dataset(n_subjects=8, seed=0)
+    np.testing.assert_array_equal(trained_on[0], data.inputs("pd")[:4])  # the training half, in PD
+    assert list(spread["baseline"]) == list(demo_data.CONTRASTS)  # still scored on every contrast
+
+
 @pytest.mark.parametrize("seeds, encoder, message, epochs", [
     ([], None, "seeds must be one or more integers in [0, 2^32), got []", None),
     ([0, 1.5], None, "seeds must be one or more integers in [0, 2^32), got [0, 1.5]", None),
@@ -178,6 +196,13 @@ def test_segmentation_seeds_refuses(seeds, encoder, message, epochs):
         demo.segmentation_seeds(seeds, encoder=encoder, quick=True, epochs=epochs)
 
 
+@pytest.mark.parametrize("contrast", ["T1", "t3", None])
+def test_segmentation_seeds_refuses_an_unknown_training_contrast(contrast):
+    message = f"train_contrast must be one of t1, t1_inverted, t2, pd, got {contrast!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        demo.segmentation_seeds([0], quick=True, train_contrast=contrast)
+
+
 def test_seeds_table_gives_mean_sd_and_the_lowest_dice():
     spread = {"baseline": {c: np.array([0.7, 0.8, 0.9]) for c in demo_data.CONTRASTS},
               "CIFL": {c: np.array([0.5, 0.5, 0.2]) for c in demo_data.CONTRASTS}}
@@ -186,18 +211,20 @@ def test_seeds_table_gives_mean_sd_and_the_lowest_dice():
     assert lines[2] == "| method | t1 | t1_inverted | t2 | pd |"
     assert lines[4] == "| baseline |" + " 0.800 ± 0.082 [0.700] |" * 4
     assert lines[5] == "| CIFL |" + " 0.400 ± 0.141 [0.200] |" * 4
+    assert demo.seeds_table(spread, [0], "pd").startswith("Segmentation Dice (trained on pd), mean ± SD")
 
 
 def test_seeds_command_writes_the_table_and_each_seeds_dice(tmp_path, baseline_and_cifl, tiny_networks, capsys):
     run = tmp_path / "run"
     run.mkdir()
     save_encoder(cifl_tf.CIFLEncoder(channels=4, features=4), str(run / "encoder.weights.h5"))
-    spread = demo.seeds_main(["--quick", "--seeds", "3,4", "--encoder", str(run), "--out", str(tmp_path / "out")])
+    spread = demo.seeds_main(["--quick", "--seeds", "3,4", "--encoder", str(run), "--train-contrast", "t2",
+                              "--out", str(tmp_path / "out")])
     table = (tmp_path / "out" / "downstream_seeds.md").read_text()
-    assert table == demo.seeds_table(spread, [3, 4]) + "\n" and table in capsys.readouterr().out
+    assert table == demo.seeds_table(spread, [3, 4], "t2") + "\n" and table in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "downstream_seeds.json").read_text())
-    assert {k: saved[k] for k in ("seeds", "encoder", "epochs", "quick", "data_seed")} == dict(
-        seeds=[3, 4], encoder=str(run), epochs=1, quick=True, data_seed=0)  # the quick size's epochs
+    assert {k: saved[k] for k in ("seeds", "encoder", "epochs", "quick", "data_seed", "train_contrast")} == dict(
+        seeds=[3, 4], encoder=str(run), epochs=1, quick=True, data_seed=0, train_contrast="t2")  # quick: 1 epoch
     assert saved["dice"] == {name: {c: v.tolist() for c, v in tests.items()} for name, tests in spread.items()}
 
 

@@ -93,7 +93,7 @@ def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path
     assert "GFLOP/s" in printed and "wall time" in printed
     assert sorted(p.name for p in out.iterdir()) == ["registrations_3d_t2.png", "results.json", "table.md"]
     results = json.loads((out / "results.json").read_text())
-    assert list(results["results"]) == ["unregistered", "CIFL"]
+    assert list(results["results"]) == ["unregistered", "CIFL", "NCC X -> X"]
     scores = results["results"]["CIFL"]["t2"]
     assert set(scores["dice"]) == {"CSF", "GM", "WM"} and 0 < scores["mean_dice"] <= 1
     assert 0 <= scores["folding"] <= 1 and scores["seconds"] > 0 and results["matmul_gflops"] > 0
@@ -102,10 +102,30 @@ def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path
     assert re.search(r"\nCIFL +t2 +(0\.\d{3} +){4}", table) and "GFLOP/s" in table
 
 
+def test_same_contrast_reference_registers_subject_0_in_the_fixed_contrast(tmp_path, monkeypatch):
+    calls = []
+
+    def register_pair(moving, fixed, encoder, similarity, **kwargs):  # records the call instead of registering
+        calls.append((moving, fixed, encoder, similarity))
+        return np.zeros((*moving.shape, 3), np.float32)
+
+    monkeypatch.setattr(demo3d, "register_pair", register_pair)
+    monkeypatch.setattr(demo3d, "methods", lambda encoder=None: {"MI": (None, "mi")})
+    results = demo3d.run_demo_3d(str(tmp_path), quick=True, verbose=0)
+    data = demo_data.demo_volumes(n_subjects=2, seed=0, voxel_size=8)
+    assert [call[2:] for call in calls] == [(None, "mi")] * 3 + [(None, "ncc")] * 3
+    movings = [data.images["t1"][0]] * 3 + [data.images[target][0] for target in demo3d.TARGETS]
+    for (moving, fixed, _, _), expected, target in zip(calls, movings, 2 * demo3d.TARGETS, strict=True):
+        np.testing.assert_array_equal(moving, expected)
+        np.testing.assert_array_equal(fixed, data.images[target][1])
+    for target in demo3d.TARGETS:  # zero fields leave subject 0's labels where they were
+        assert results["NCC X -> X"][target]["mean_dice"] == results["unregistered"][target]["mean_dice"]
+
+
 @pytest.mark.slow
 def test_quick_3d_demo_compares_every_method_on_every_contrast(tmp_path, capsys):
     results = demo3d.run_demo_3d(str(tmp_path), quick=True, verbose=0)
-    assert list(results) == ["unregistered", "CIFL", "CIFL + MIND", "MIND", "NCC", "MI"]
+    assert list(results) == ["unregistered", "CIFL", "CIFL + MIND", "MIND", "NCC", "MI", "NCC X -> X"]
     assert all(list(targets) == ["t1", "t2", "pd"] for targets in results.values())
 
 
