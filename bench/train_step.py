@@ -1,8 +1,9 @@
 """Benchmark of one CIFL encoder training step (not a test).
 
-Measures, at 160x192 with a batch of 4 pairs and the default encoder, each step run by ``model.fit``, as
-training runs it (``train_on_batch``, timed until this version, took 0.52 s per float32 step against 0.35 s in
-``fit`` on the same batch, in one run on 2 AVX-512 cores):
+Measures, at the shipped encoders' crop shape (96x96; --shape for others) with a batch of 4 pairs and the default
+encoder (--architecture context --inversion-invariant for the recommended one's layers), each step run by
+``model.fit``, as training runs it (``train_on_batch``, timed until an earlier version, took 0.52 s per float32 step
+against 0.35 s in ``fit`` on the same batch at 160x192, in one run on 2 AVX-512 cores):
   * seconds per training step on fixed data, and the GFLOP/s that achieves (convolution FLOPs,
     forward + backward = 3x forward, both views);
   * GFLOP/s of a plain float32 tf.matmul, timed in rounds alternating with epochs of the step, and
@@ -18,7 +19,8 @@ training runs it (``train_on_batch``, timed until this version, took 0.52 s per 
   Under a mixed precision policy (--precision mixed_bfloat16), the step is also compared with a tf.matmul
   in the convolutions' 16-bit type.
 
-    python bench/train_step.py [--steps 40] [--features 32] [--channels 16] [--jit-compile] [--precision P] [--no-bias]
+    python bench/train_step.py [--shape 96 96] [--steps 40] [--features 32] [--channels 16] [--architecture A]
+                               [--inversion-invariant] [--jit-compile] [--precision P] [--no-bias]
 """
 import argparse
 import inspect
@@ -29,18 +31,17 @@ import numpy as np
 
 import cifl_tf
 import tensorflow as tf
-from cifl_tf.encoder import NUM_CONVS
+from cifl_tf.encoder import ARCHITECTURES
 from cifl_tf.machine import describe
 from cifl_tf.training import PRECISIONS, SiameseCIFL, adam, offset_views
 
 DEFAULTS = {k: p.default for k, p in inspect.signature(cifl_tf.train_encoder).parameters.items()}
 
 
-def conv_flops(shape, features, channels):
-    """Multiply-adds x2 of the encoder's convolutions on one image of `shape`."""
-    widths = [1] + [features] * (NUM_CONVS - 1) + [channels]
-    kernel = 3 ** len(shape)
-    return 2 * np.prod(shape) * kernel * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+def conv_flops(encoder, shape):
+    """Multiply-adds x2 of a built encoder's convolutions on one image of `shape`: with "same" padding every
+    kernel weight meets every pixel once, whatever the convolution's dilation."""
+    return 2 * int(np.prod(shape)) * sum(int(np.prod(conv.kernel.shape)) for conv in encoder.convs + encoder.context)
 
 
 def seconds_per_call(function, repeats):
@@ -111,10 +112,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--shape", type=int, nargs=2, default=(160, 192))
+    parser.add_argument("--shape", type=int, nargs=2, default=tuple(DEFAULTS["shape"]),
+                        help="crop shape (default: train_encoder's, the shipped encoders' 96 96)")
     parser.add_argument("--features", type=int, default=DEFAULTS["features"])
     parser.add_argument("--channels", type=int, default=DEFAULTS["channels"])
     parser.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"])
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default=DEFAULTS["architecture"])
+    parser.add_argument("--inversion-invariant", action="store_true", help="CIFLEncoder inversion_invariant")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of step and matmul timing")
     parser.add_argument("--jit-compile", action="store_true", help="compile the step with XLA")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
@@ -129,11 +133,13 @@ def main():
     synth_s, synth_cpu = seconds_per_call(lambda: next(stream), args.steps)
 
     encoder = cifl_tf.CIFLEncoder(channels=args.channels, features=args.features, ndim=len(shape),
+                                  architecture=args.architecture, inversion_invariant=args.inversion_invariant,
                                   use_bias=not args.no_bias, dtype=args.precision)
+    encoder.build((1, *shape, 1))  # its kernels, which conv_flops counts
     model = SiameseCIFL(encoder)
     model.compile(optimizer=adam(1e-3, args.precision), jit_compile=args.jit_compile)
     fixed = tf.data.Dataset.from_tensors(next(stream)).repeat()
-    flops = 3 * 2 * args.batch_size * conv_flops(shape, args.features, args.channels)
+    flops = 3 * 2 * args.batch_size * conv_flops(encoder, shape)
     references = {"matmul": matmul()}
     compute_dtype = tf.dtypes.as_dtype(encoder.compute_dtype)
     if compute_dtype != tf.float32:
@@ -153,6 +159,7 @@ def main():
           f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'all'}, XLA {args.jit_compile}, "
           f"precision {args.precision}")
     print(f"shape {shape}, batch {args.batch_size} pairs, features {args.features}, C {args.channels}, "
+          f"architecture {args.architecture}, inversion invariant {args.inversion_invariant}, "
           f"max_offset {offset}, biases {not args.no_bias}")
     print(f"train step (fixed data):     {step_s:.3f} s  -> {np.median(rate['step'][0]):.1f} GFLOP/s "
           f"({flops / 1e9:.1f} GFLOP per step)")

@@ -7,7 +7,8 @@ one), the same with MIND beside it (``FeatureStack``), the MIND descriptor, inte
 Scores: Dice per label of the moved label map against the fixed one, the share of folded voxels, seconds per
 registration; "unregistered" is the Dice before registration, and "NCC X -> X" the reference the cross-contrast
 rows are measured against: subject 0 rendered in the fixed image's contrast, registered by intensity NCC, what
-that contrast allows without a contrast change.
+that contrast allows without a contrast change (its T1 row repeats the NCC row's registration, so that every row
+has every target).
 """
 import json
 import os
@@ -121,4 +122,5 @@ def _figures(out_dir, images, fixed_labels, moved):
         figures.orthogonal_registrations(
             images[target][1], fixed_labels, {name: image for name, (image, _) in by_method.items()},
             {name: labels for name, (_, labels) in by_method.items()},
-            os.path.join(out_dir, f"registrations_3d_{target}.png"), title=f"T1 moving onto {target} fixed")
+            os.path.join(out_dir, f"registrations_3d_{target}.png"),
+            title=f"T1 (last row: {target}) onto {target} fixed")

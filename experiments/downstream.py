@@ -5,6 +5,7 @@ what a difference between two encoders has to exceed before it says anything (ci
 
     python experiments/downstream.py                          # seeds 0-4, the demo's methods
     python experiments/downstream.py --encoder runs/enc --seeds 0,1,2 --epochs 50 --out results
+    python experiments/downstream.py --train-contrast pd --seeds 0,1,2   # PD-like's in-contrast reference
 """
 import os
 import sys

@@ -166,19 +166,24 @@ def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(baselin
 
 
 def test_segmentation_seeds_trains_on_the_given_contrast(monkeypatch):
-    trained_on = []
+    calls = []
 
-    def row(train, tests, **kwargs):  # records the training images instead of training
-        trained_on.append(train[0])
+    def row(train, tests, **kwargs):  # records the data instead of training
+        calls.append((train, tests))
         scores = {c: Scores([1, 2, 3], np.full((len(x), 3), 0.5), np.full(len(x), 0.5)) for c, (x, _) in tests.items()}
         return {name: scores for name in kwargs["methods"]}, {}
 
     monkeypatch.setattr(demo.experiments, "segmentation_row", row)
     monkeypatch.setattr(demo, "methods", lambda encoder: {"baseline": None})
-    spread = demo.segmentation_seeds([0], quick=True, train_contrast="pd")
+    demo.segmentation_seeds([0], quick=True, train_contrast="pd")
     data = demo_data.demo_dataset(n_subjects=8, seed=0)
-    np.testing.assert_array_equal(trained_on[0], data.inputs("pd")[:4])  # the training half, in PD
-    assert list(spread["baseline"]) == list(demo_data.CONTRASTS)  # still scored on every contrast
+    (images, labels), tests = calls[0]
+    np.testing.assert_array_equal(images, data.inputs("pd")[:4])  # the training half, in PD
+    np.testing.assert_array_equal(labels, data.labels[:4])
+    assert list(tests) == list(demo_data.CONTRASTS)  # the test half, in every contrast
+    for contrast, (test_images, test_labels) in tests.items():
+        np.testing.assert_array_equal(test_images, data.inputs(contrast)[4:])
+        np.testing.assert_array_equal(test_labels, data.labels[4:])
 
 
 @pytest.mark.parametrize("seeds, encoder, message, epochs", [
