@@ -90,6 +90,37 @@ class LocalNormalize(KL.Layer):
         return {**super().get_config(), "sigma": self.sigma, "epsilon": self.epsilon}
 
 
+def dilated(conv, x, rate):
+    """An undilated 3^ndim "same" convolution layer applied at dilation `rate`: the same output as the layer
+    built with dilation_rate=rate, computed as the undilated convolution of the rate^ndim interleaved
+    sub-images (pixels rate apart along each axis), each zero-padded at its end to a multiple of rate.
+    oneDNN's dilated kernels ran at 0.58-0.75 of the speed of its undilated ones (32 -> 32 channels at 96x96,
+    forward and backward, 2 cores); this way the context convolutions keep the undilated speed.
+
+    x: (B, *spatial, C) -> (B, *spatial, conv.filters).
+    """
+    if rate == 1:
+        return conv(x)
+    x = tf.convert_to_tensor(x)
+    ndim, static = len(x.shape) - 2, x.shape[:-1]
+    shape = tf.shape(x)
+    spatial = shape[1:-1]
+    blocks = -(-spatial // rate)  # sub-image size along each axis
+    extra = blocks * rate - spatial
+    x = tf.pad(x, tf.concat([[[0, 0]], tf.stack([tf.zeros_like(extra), extra], axis=1), [[0, 0]]], axis=0))
+    # (B, n_1, rate, n_2, rate, ..., C) -> (B, rate, rate, ..., n_1, n_2, ..., C): phases first, into the batch
+    split = tf.reshape(tf.stack([blocks, tf.fill([ndim], rate)], axis=1), [-1])
+    order = [0, *range(2, 2 * ndim + 1, 2), *range(1, 2 * ndim + 1, 2), 2 * ndim + 1]
+    phases = tf.transpose(tf.reshape(x, tf.concat([shape[:1], split, shape[-1:]], 0)), order)
+    y = conv(tf.reshape(phases, tf.concat([[-1], blocks, shape[-1:]], 0)))
+    phases_shape = tf.concat([shape[:1], tf.fill([ndim], rate), blocks, [conv.filters]], 0)
+    y = tf.transpose(tf.reshape(y, phases_shape), np.argsort(order))
+    y = tf.reshape(y, tf.concat([shape[:1], blocks * rate, [conv.filters]], 0))
+    y = tf.slice(y, tf.zeros([ndim + 2], tf.int32), tf.concat([[-1], spatial, [-1]], 0))
+    y.set_shape(static.concatenate([conv.filters]))  # the next layers check the static channel count
+    return y
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class CIFLEncoder(KL.Layer):
     """Contrast invariant feature learner f_theta, a reusable Keras layer.
@@ -169,8 +200,9 @@ class CIFLEncoder(KL.Layer):
         widths = [features] * (NUM_CONVS - 1) + [channels]
         self.convs = [conv(width, 3, padding="same", use_bias=use_bias and (i > 0 or not inversion_invariant),
                            name=f"conv_{i}", dtype=self.dtype_policy) for i, width in enumerate(widths)]
-        self.context = [conv(features, 3, padding="same", dilation_rate=rate, use_bias=use_bias, name=f"context_{i}",
-                             dtype=self.dtype_policy) for i, rate in enumerate(self.dilations)]
+        # Undilated: `dilated` applies each at its dilation rate, on interleaved sub-images (faster, same output).
+        self.context = [conv(features, 3, padding="same", use_bias=use_bias, name=f"context_{i}",
+                             dtype=self.dtype_policy) for i in range(len(self.dilations))]
         self.normalize = L2Normalize(name="l2_normalize", dtype=exact)
 
     def build(self, input_shape):
@@ -194,8 +226,8 @@ class CIFLEncoder(KL.Layer):
         x = tf.abs(x) if self.inversion_invariant else self.activation(x)
         for conv in self.convs[1:-1]:
             x = self.activation(conv(x))
-        for conv in self.context:
-            x = x + self.activation(conv(x))  # residual: the local features stay, context is added
+        for conv, rate in zip(self.context, self.dilations):
+            x = x + self.activation(dilated(conv, x, rate))  # residual: the local features stay, context is added
         return self.normalize(self.convs[-1](x))
 
     @property
@@ -204,7 +236,8 @@ class CIFLEncoder(KL.Layer):
         eight 3x3 convolutions, 8 plus the dilations' sum with context (38 by default), plus the window's
         ceil(3 sigma) with local_normalization (tiling needs it, and measuring it would miss dead ReLUs)."""
         window = 0 if self.local_normalize is None else self.local_normalize.radius
-        return window + sum(conv.dilation_rate[0] * (conv.kernel_size[0] // 2) for conv in self.convs + self.context)
+        rates = [conv.dilation_rate[0] for conv in self.convs] + list(self.dilations)  # `dilated` applies the latter
+        return window + sum(rate * (conv.kernel_size[0] // 2) for conv, rate in zip(self.convs + self.context, rates))
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])

@@ -7,7 +7,7 @@ import pytest
 
 import tensorflow as tf
 from cifl_tf import CIFLEncoder, L2Normalize, encoder_model, load_encoder, save_encoder
-from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize
+from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize, dilated
 
 
 def images(shape, seed=0):
@@ -153,12 +153,47 @@ def test_wrong_input_rank_raises(ndim, shape):
 def test_context_dilations_set_the_context_convolutions_and_survive_the_config(dilations, expected):
     encoder = CIFLEncoder(channels=3, features=4, ndim=3, architecture="context", dilations=dilations)
     encoder(images((1, 6, 6, 6)))
-    assert [conv.dilation_rate for conv in encoder.context] == [(rate,) * 3 for rate in expected]
+    assert encoder.dilations == expected and len(encoder.context) == len(expected)
     assert encoder.receptive_radius == 8 + sum(expected)
     config = encoder.get_config()
     assert config["dilations"] == list(expected)
     assert CIFLEncoder.from_config(config).dilations == expected
     assert CIFLEncoder(architecture="paper").get_config()["dilations"] is None
+
+
+@pytest.mark.parametrize("shape, rate", [
+    ((2, 37, 50, 3), 2), ((2, 37, 50, 3), 3), ((1, 96, 96, 3), 16), ((1, 5, 7, 3), 8),  # 2D, some not multiples
+    ((1, 11, 17, 9, 2), 2), ((1, 11, 17, 9, 2), 4), ((1, 8, 8, 8, 2), 1),  # 3D
+])
+def test_dilated_equals_the_convolution_built_with_that_dilation(shape, rate):
+    x = images(shape[:-1]) * np.linspace(1, 2, shape[-1], dtype=np.float32)
+    conv_class = tf.keras.layers.Conv2D if len(shape) == 4 else tf.keras.layers.Conv3D
+    undilated, reference = conv_class(4, 3, padding="same"), conv_class(4, 3, padding="same", dilation_rate=rate)
+    undilated.build(x.shape)
+    reference.build(x.shape)
+    weights = [np.random.default_rng(1).standard_normal(w.shape).astype(np.float32) for w in reference.weights]
+    undilated.set_weights(weights)
+    reference.set_weights(weights)
+    expected = reference(x).numpy()
+    np.testing.assert_allclose(dilated(undilated, x, rate), expected, atol=1e-5)
+    traced = tf.function(lambda t: dilated(undilated, t, rate),  # with unknown sizes, as in a functional model
+                         input_signature=[tf.TensorSpec((None,) * (len(shape) - 1) + (shape[-1],))])
+    np.testing.assert_allclose(traced(x), expected, atol=1e-5)
+
+
+def test_context_encoder_equals_its_layers_chained_with_dilated_convolutions():
+    encoder = CIFLEncoder(channels=3, features=4, architecture="context", dilations=(2, 5))
+    x = images((2, 23, 30))
+    encoder(x)
+    chain = x
+    for conv in encoder.convs[:-1]:
+        chain = tf.nn.relu(conv(chain))
+    for conv, rate in zip(encoder.context, (2, 5)):
+        reference = tf.keras.layers.Conv2D(4, 3, padding="same", dilation_rate=rate)
+        reference.build(chain.shape)
+        reference.set_weights(conv.get_weights())
+        chain = chain + tf.nn.relu(reference(chain))
+    np.testing.assert_allclose(encoder(x), tf.math.l2_normalize(encoder.convs[-1](chain), axis=-1), atol=1e-5)
 
 
 def test_a_config_from_before_dilations_gets_the_default_ones():
@@ -186,7 +221,7 @@ def test_context_architecture_is_the_paper_path_plus_residual_dilated_convolutio
     context = CIFLEncoder(channels=3, features=4, architecture="context")
     x = images((1, 40, 40))
     paper(x), context(x)
-    assert [conv.dilation_rate for conv in context.context] == [(rate, rate) for rate in CONTEXT_DILATIONS]
+    assert context.dilations == CONTEXT_DILATIONS and len(context.context) == len(CONTEXT_DILATIONS)
     for mine, theirs in zip(context.convs, paper.convs):
         mine.set_weights(theirs.get_weights())
     assert not np.allclose(context(x), paper(x), atol=1e-3)
