@@ -94,8 +94,9 @@ def dilated(conv, x, rate):
     """An undilated 3^ndim "same" convolution layer applied at dilation `rate`: the same output as the layer
     built with dilation_rate=rate, computed as the undilated convolution of the rate^ndim interleaved
     sub-images (pixels rate apart along each axis), each zero-padded at its end to a multiple of rate.
-    oneDNN's dilated kernels ran at 0.58-0.75 of the speed of its undilated ones (32 -> 32 channels at 96x96,
-    forward and backward, 2 cores); this way the context convolutions keep the undilated speed.
+    oneDNN's dilated kernels ran at 0.58-0.75 of the speed of its undilated ones (float32, 32 -> 32 channels at
+    96x96, forward and backward, 2 cores; docs/benchmarks.md); this way the context convolutions keep that speed.
+    The interleaved copies take one more activation's memory while the convolution runs.
 
     x: (B, *spatial, C) -> (B, *spatial, conv.filters).
     """
