@@ -93,10 +93,10 @@ class LocalNormalize(KL.Layer):
 def dilated(conv, x, rate):
     """An undilated 3^ndim "same" convolution layer applied at dilation `rate`: the same output as the layer
     built with dilation_rate=rate, computed as the undilated convolution of the rate^ndim interleaved
-    sub-images (pixels rate apart along each axis), each zero-padded at its end to a multiple of rate.
-    oneDNN's dilated kernels ran at 0.58-0.75 of the speed of its undilated ones (float32, 32 -> 32 channels at
-    96x96, forward and backward, 2 cores; docs/benchmarks.md); this way the context convolutions keep that speed.
-    The interleaved copies take one more activation's memory while the convolution runs.
+    sub-images (pixels rate apart along each axis; ``tf.space_to_batch``), each zero-padded at its end to a
+    multiple of rate. oneDNN's dilated kernels ran at 0.58-0.75 of the speed of its undilated ones (float32,
+    32 -> 32 channels at 96x96, forward and backward, 2 cores; docs/benchmarks.md); this way the context
+    convolutions keep that speed. The interleaved copies take one more activation's memory while it runs.
 
     x: (B, *spatial, C) -> (B, *spatial, conv.filters).
     """
@@ -104,20 +104,9 @@ def dilated(conv, x, rate):
         return conv(x)
     x = tf.convert_to_tensor(x)
     ndim, static = len(x.shape) - 2, x.shape[:-1]
-    shape = tf.shape(x)
-    spatial = shape[1:-1]
-    blocks = -(-spatial // rate)  # sub-image size along each axis
-    extra = blocks * rate - spatial
-    x = tf.pad(x, tf.concat([[[0, 0]], tf.stack([tf.zeros_like(extra), extra], axis=1), [[0, 0]]], axis=0))
-    # (B, n_1, rate, n_2, rate, ..., C) -> (B, rate, rate, ..., n_1, n_2, ..., C): phases first, into the batch
-    split = tf.reshape(tf.stack([blocks, tf.fill([ndim], rate)], axis=1), [-1])
-    order = [0, *range(2, 2 * ndim + 1, 2), *range(1, 2 * ndim + 1, 2), 2 * ndim + 1]
-    phases = tf.transpose(tf.reshape(x, tf.concat([shape[:1], split, shape[-1:]], 0)), order)
-    y = conv(tf.reshape(phases, tf.concat([[-1], blocks, shape[-1:]], 0)))
-    phases_shape = tf.concat([shape[:1], tf.fill([ndim], rate), blocks, [conv.filters]], 0)
-    y = tf.transpose(tf.reshape(y, phases_shape), np.argsort(order))
-    y = tf.reshape(y, tf.concat([shape[:1], blocks * rate, [conv.filters]], 0))
-    y = tf.slice(y, tf.zeros([ndim + 2], tf.int32), tf.concat([[-1], spatial, [-1]], 0))
+    spatial = tf.shape(x)[1:-1]
+    ends = tf.stack([tf.zeros_like(spatial), -spatial % rate], axis=1)  # zeros, as the "same" padding's
+    y = tf.batch_to_space(conv(tf.space_to_batch(x, [rate] * ndim, ends)), [rate] * ndim, ends)
     y.set_shape(static.concatenate([conv.filters]))  # the next layers check the static channel count
     return y
 
