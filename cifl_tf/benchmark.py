@@ -146,8 +146,8 @@ def benchmark_pairs(subjects=8, oasis=None, seed=0):
 
     demo = demo_data.demo_dataset(n_subjects=subjects, seed=seed)
     t1, brain = demo.images["t1"], demo.labels > 0
-    pairs = {f"demo T1 / {name}": (t1, demo.images[contrast], brain)
-             for contrast, name in zip(demo_data.CONTRASTS[1:], ("inverted T1", "T2-like", "PD-like"))}
+    pairs = {f"demo T1 / {demo_data.CONTRAST_NAMES[contrast]}": (t1, demo.images[contrast], brain)
+             for contrast in demo_data.CONTRASTS[1:]}
     notes = []
     if oasis is None and not os.path.isdir(oasis_sample()):
         notes.append(f"OASIS T1 / inverted T1 skipped: no OASIS sample at {oasis_sample()} (set "

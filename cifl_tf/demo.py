@@ -101,8 +101,7 @@ def segmentation_seeds(seeds, encoder=None, quick=False, epochs=None, data_seed=
 
 def seeds_table(spread, seeds, train_contrast="t1"):
     """Markdown table of `segmentation_seeds`: mean ± SD over the seeds, and the lowest Dice of any seed."""
-    trained_on = "T1" if train_contrast == "t1" else train_contrast
-    lines = [f"Segmentation Dice (trained on {trained_on}), mean ± SD over model seeds {', '.join(map(str, seeds))} "
+    lines = [f"Segmentation Dice (trained on {demo_data.CONTRAST_NAMES[train_contrast]}), mean ± SD over model seeds {', '.join(map(str, seeds))} "
              "[lowest over the seeds]", "",
              "| method | " + " | ".join(demo_data.CONTRASTS) + " |", "|---" * (len(demo_data.CONTRASTS) + 1) + "|"]
     for name, tests in spread.items():

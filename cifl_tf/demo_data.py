@@ -61,6 +61,7 @@ import scipy.ndimage as ndi
 from .data import invert
 
 CONTRASTS = ("t1", "t1_inverted", "t2", "pd")
+CONTRAST_NAMES = {"t1": "T1", "t1_inverted": "inverted T1", "t2": "T2-like", "pd": "PD-like"}  # for tables
 LABEL_NAMES = ("background", "CSF", "GM", "WM")
 
 _TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"

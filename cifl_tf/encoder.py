@@ -248,14 +248,29 @@ def encoder_model(encoder, name="cifl_encoder_model"):
 
 def save_encoder(encoder, path):
     """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config, with the
-    dtype of its weights (float32 for an encoder trained under a mixed precision policy) as its policy.
+    dtype of its weights (float32 for an encoder trained under a mixed precision policy) as the policy of each
+    of its layers, nested encoders' too (a Triplanar's or FeatureStack's).
 
     Each file is replaced atomically, so that a run killed while saving keeps the previous one.
     """
-    config = tf.keras.utils.serialize_keras_object(encoder)
-    config["config"]["dtype"] = encoder.dtype_policy.variable_dtype  # a mixed policy's 16 bits were for training
     write_atomically(path, encoder_model(encoder).save_weights)
-    write_json(_config_path(path), config)
+    write_json(_config_path(path), _variable_dtypes(tf.keras.utils.serialize_keras_object(encoder)))
+
+
+def _variable_dtypes(config):
+    """A layer config with each layer's dtype policy, nested layers' too, replaced by the dtype of its weights:
+    a mixed policy's 16 bits were for training."""
+    if isinstance(config, list):
+        return [_variable_dtypes(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    config = {key: _variable_dtypes(value) for key, value in config.items()}
+    policy = config.get("dtype")
+    if isinstance(policy, dict) and policy.get("class_name") == "Policy":
+        policy = policy["config"]["name"]
+    if isinstance(policy, str):
+        config["dtype"] = tf.keras.mixed_precision.Policy(policy).variable_dtype
+    return config
 
 
 _SAVED_LAYERS = ("cifl_tf>CIFLEncoder", "cifl_tf>Triplanar", "cifl_tf>FeatureStack")

@@ -216,7 +216,7 @@ def test_seeds_table_gives_mean_sd_and_the_lowest_dice():
     assert lines[2] == "| method | t1 | t1_inverted | t2 | pd |"
     assert lines[4] == "| baseline |" + " 0.800 ± 0.082 [0.700] |" * 4
     assert lines[5] == "| CIFL |" + " 0.400 ± 0.141 [0.200] |" * 4
-    assert demo.seeds_table(spread, [0], "pd").startswith("Segmentation Dice (trained on pd), mean ± SD")
+    assert demo.seeds_table(spread, [0], "pd").startswith("Segmentation Dice (trained on PD-like), mean ± SD")
 
 
 def test_seeds_command_writes_the_table_and_each_seeds_dice(tmp_path, baseline_and_cifl, tiny_networks, capsys):

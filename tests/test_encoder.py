@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import tensorflow as tf
-from cifl_tf import CIFLEncoder, L2Normalize, encoder_model, load_encoder, save_encoder
+from cifl_tf import CIFLEncoder, FeatureStack, L2Normalize, Triplanar, encoder_model, load_encoder, save_encoder
+from cifl_tf.descriptors import MIND
 from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize, dilated
 
 
@@ -55,6 +56,18 @@ def test_mixed_precision_convolves_in_16_bits_and_gives_the_float32_features(enc
     assert np.mean(np.sum(features * reference, axis=-1)) > 0.999  # cosine to the float32 features
     save_encoder(mixed, str(tmp_path / "mixed.weights.h5"))  # saved for float32 inference
     np.testing.assert_array_equal(load_encoder(tmp_path / "mixed.weights.h5")(x), reference)
+
+
+@pytest.mark.parametrize("wrap", [lambda e: Triplanar(e), lambda e: FeatureStack([e, MIND()])],
+                         ids=["triplanar", "feature-stack"])
+def test_an_encoder_trained_in_mixed_precision_loads_for_float32_inference_inside_another_layer(wrap, tmp_path):
+    mixed = CIFLEncoder(channels=5, features=8, dtype="mixed_bfloat16")
+    mixed(images((1, 24, 24)))
+    save_encoder(wrap(mixed), str(tmp_path / "wrapped.weights.h5"))
+    loaded = load_encoder(tmp_path / "wrapped.weights.h5")
+    layers = [loaded] + [module for module in loaded.submodules if isinstance(module, tf.keras.layers.Layer)]
+    assert sum(isinstance(layer, CIFLEncoder) for layer in layers) == 1
+    assert {layer.compute_dtype for layer in layers} == {"float32"}
 
 
 def test_l2_normalize_keeps_zero_vectors_zero():
