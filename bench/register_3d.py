@@ -6,13 +6,13 @@ moving image is the same volume under a known smooth random deformation (about -
 voxels) that register_pair's affine stage then fits; the fixed image is optionally contrast-inverted.
 Prints, in one run:
   * seconds of tiled feature extraction with the shipped 3D encoder (pretrained(ndim=3)) under --max-memory;
-  * seconds of register_pair with intensity NCC (or --method mi, the shipped CIFL features, MIND; features
-    compared by --similarity), its Dice on seg4 before and after, the folded-voxel share;
+  * seconds of register_pair with intensity NCC (or --method mi, the shipped CIFL features, MIND, or both as a
+    FeatureStack; features compared by --similarity), its Dice on seg4 before and after, the folded-voxel share;
   * peak RSS of the process after each phase (the last includes the Dice evaluation's full-size warps),
     and the GFLOP/s of a plain tf.matmul measured in the same run.
 
-    python bench/register_3d.py [--levels 16,8,4] [--steps 100] [--method ncc|mi|cifl|mind] [--similarity ncc|mse]
-                                [--invert] [--affine] [--max-memory BYTES]
+    python bench/register_3d.py [--levels 16,8,4] [--steps 100] [--method ncc|mi|cifl|mind|cifl+mind]
+                                [--similarity ncc|mse] [--invert] [--affine] [--max-memory BYTES]
 """
 import argparse
 import resource
@@ -47,8 +47,8 @@ def main():
     parser.add_argument("--levels", default=None,
                         help="pooling factors, coarse to fine (default: register_pair's, instance.default_levels)")
     parser.add_argument("--steps", type=int, default=100, help="steps per level")
-    parser.add_argument("--method", choices=("ncc", "mi", "cifl", "mind"), default="ncc",
-                        help="intensity NCC or MI, the shipped 3D CIFL features, or MIND")
+    parser.add_argument("--method", choices=("ncc", "mi", "cifl", "mind", "cifl+mind"), default="ncc",
+                        help="intensity NCC or MI, the shipped 3D CIFL features, MIND, or the two stacked")
     parser.add_argument("--similarity", choices=("ncc", "mse"), default="ncc",
                         help="how cifl and mind features are compared (register_pair's default: ncc)")
     parser.add_argument("--invert", action="store_true", help="register T1 to inverted T1 (not with ncc)")
@@ -78,7 +78,8 @@ def main():
     features_gb = peak_rss_gb()
 
     start = time.perf_counter()
-    method_encoder = {"cifl": encoder, "mind": MIND(ndim=3)}.get(args.method)
+    method_encoder = {"cifl": encoder, "mind": MIND(ndim=3),
+                      "cifl+mind": cifl_tf.FeatureStack([encoder, MIND(ndim=3)])}.get(args.method)
     similarity = args.method if method_encoder is None else args.similarity
     displacement = cifl_tf.register_pair(moving, fixed, encoder=method_encoder, similarity=similarity, levels=levels,
                                          steps=args.steps, affine=args.affine, max_memory=args.max_memory)
