@@ -79,7 +79,8 @@ def main():
 
     start = time.perf_counter()
     mind = MIND(ndim=3)
-    method_encoder = {"cifl": encoder, "mind": mind, "cifl+mind": cifl_tf.FeatureStack([encoder, mind])}.get(args.method)
+    method_encoder = {"cifl": encoder, "mind": mind,
+                      "cifl+mind": cifl_tf.FeatureStack([encoder, mind])}.get(args.method)
     similarity = args.method if method_encoder is None else args.similarity
     displacement = cifl_tf.register_pair(moving, fixed, encoder=method_encoder, similarity=similarity, levels=levels,
                                          steps=args.steps, affine=args.affine, max_memory=args.max_memory)
