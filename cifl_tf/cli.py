@@ -33,6 +33,7 @@ def _defaults(function):
 
 
 DEFAULTS = _defaults(train_encoder)
+REGISTER_DEFAULTS = _defaults(register_pair)
 
 
 def _shape(text):
@@ -281,7 +282,8 @@ def _register(args):
     for path in filter(None, (args.moved, args.warp)):
         _nifti_output(path)
     if args.model:
-        for option, given in (("--affine", args.affine), ("--feature-scale", args.feature_scale != 1),
+        for option, given in (("--levels", args.levels is not None), ("--steps", args.steps is not None),
+                              ("--affine", args.affine), ("--feature-scale", args.feature_scale != 1),
                               ("--moved-features", args.moved_features is not None),
                               ("--stack-descriptor", args.stack_descriptor is not None)):
             if given:
@@ -296,7 +298,8 @@ def _register(args):
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
         encoder = _registration_encoder(args, fixed.ndim)
         displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
-                                     levels=args.levels, steps=args.steps, affine=args.affine,
+                                     levels=args.levels, affine=args.affine,
+                                     steps=REGISTER_DEFAULTS["steps"] if args.steps is None else args.steps,
                                      moved_features=args.moved_features, feature_scale=args.feature_scale,
                                      max_memory=args.max_memory)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
@@ -578,7 +581,8 @@ def _parser():
     p.add_argument("--levels", type=_levels, default=None,
                    help="without --model: resolution levels, as pooling factors from coarse to fine (default: "
                         "4,2,1, coarser for large images: register_pair's default_levels)")
-    p.add_argument("--steps", type=int, default=100, help="without --model: optimisation steps per resolution level")
+    p.add_argument("--steps", type=int, default=None, help=f"without --model: optimisation steps per resolution "
+                                                           f"level (default {REGISTER_DEFAULTS['steps']})")
     p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
     p.add_argument("--moved-features", choices=MOVED_FEATURES, default=None,
                    help="without --model: warp the moving image's features, described once, or encode the moved "

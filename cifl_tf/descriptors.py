@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from .encoder import L2Normalize
+from .tiling import check_images
 
 KL = tf.keras.layers
 
@@ -52,6 +53,15 @@ def descriptor_pairs(ndim, variant, dilation=1):
             if sum((i - j) ** 2 for i, j in zip(a, b)) == 2 * dilation ** 2]
 
 
+def mirror_pad(images, margin, axis):
+    """`images` extended by `margin` voxels at both ends of `axis` by mirroring, the edge voxel repeated (tf.pad's
+    SYMMETRIC mode), the mirror images repeated where the axis has fewer than `margin` voxels (which tf.pad
+    refuses), as np.pad's "symmetric" mode does."""
+    size = images.shape[axis] or tf.shape(images)[axis]
+    period = tf.range(-margin, size + margin) % (2 * size)
+    return tf.gather(images, tf.minimum(period, 2 * size - 1 - period), axis=axis)
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class MIND(KL.Layer):
     """MIND or MIND-SSC descriptor (see the module doc), a Keras layer without weights.
@@ -71,11 +81,11 @@ class MIND(KL.Layer):
 
     def __init__(self, ndim=2, variant="mind", sigma=0.5, dilation=1, l2_normalize=True, **kwargs):
         super().__init__(**kwargs)
-        if ndim not in (2, 3) or isinstance(ndim, bool):
+        if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim not in (2, 3):
             raise ValueError(f"MIND: ndim must be 2 or 3, got {ndim!r}")
         if variant not in VARIANTS:
             raise ValueError(f"MIND: variant must be one of {VARIANTS}, got {variant!r}")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
             raise ValueError(f"MIND: sigma must be a positive number, got {sigma!r}")
         if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
             raise ValueError(f"MIND: dilation must be a positive integer, got {dilation!r}")
@@ -89,9 +99,7 @@ class MIND(KL.Layer):
         self.normalize = L2Normalize(name="l2_normalize") if l2_normalize else None
 
     def build(self, input_shape):
-        if len(input_shape) != self.ndim + 2 or input_shape[-1] != 1:
-            raise ValueError(f"MIND(ndim={self.ndim}) expects single-channel inputs of rank {self.ndim + 2} "
-                             f"(batch, spatial..., 1), got shape {tuple(input_shape)}")
+        check_images(f"MIND(ndim={self.ndim})", self.ndim, input_shape)
         super().build(input_shape)
 
     def _differences_kernel(self):
@@ -113,8 +121,9 @@ class MIND(KL.Layer):
 
     def call(self, images):
         margin = self.dilation + self.patch_radius
-        padded = tf.pad(tf.cast(images, tf.float32), [[0, 0]] + [[margin, margin]] * self.ndim + [[0, 0]],
-                        mode="SYMMETRIC")
+        padded = tf.cast(images, tf.float32)
+        for axis in range(1, self.ndim + 1):
+            padded = mirror_pad(padded, margin, axis)
         distances = tf.square(tf.nn.convolution(padded, self._differences_kernel(), padding="VALID"))
         for kernel in self._patch_kernels():  # separable Gaussian: the weighted patch sums D_p
             distances = tf.nn.convolution(distances, kernel, padding="VALID")

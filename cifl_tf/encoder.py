@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from .data import first_line, read_json, write_atomically, write_json
+from .tiling import check_images
 from .triplanar import Triplanar
 
 KL = tf.keras.layers
@@ -196,10 +197,7 @@ class CIFLEncoder(KL.Layer):
         self.normalize = L2Normalize(name="l2_normalize", dtype=exact)
 
     def build(self, input_shape):
-        if len(input_shape) != self.ndim + 2:
-            raise ValueError(
-                f"CIFLEncoder(ndim={self.ndim}) expects inputs of rank {self.ndim + 2} "
-                f"(batch, spatial..., channels), got shape {tuple(input_shape)}")
+        check_images(f"CIFLEncoder(ndim={self.ndim})", self.ndim, input_shape)
         shape = tf.TensorShape(input_shape)
         for conv in self.convs[:-1] + self.context + self.convs[-1:]:
             with tf.name_scope(conv.name):  # unique weight names: the .h5 model format needs them
@@ -208,6 +206,8 @@ class CIFLEncoder(KL.Layer):
         super().build(input_shape)
 
     def call(self, images):
+        if not images.dtype.is_floating:  # an integer image is not yet in [0, 1]
+            raise TypeError(f"{self.name}: images must be floating-point intensities in [0, 1], got {images.dtype.name}")
         if self.local_normalize is not None:
             x = self.local_normalize(images)
         else:
@@ -349,6 +349,8 @@ def pretrained(tau_gamma=None, ndim=2, trainable=False):
     (B, X, Y, Z, 1) -> (B, X, Y, Z, 3C); images in [0, 1].
     Raises: ValueError for another ndim or tau_gamma.
     """
+    if not isinstance(trainable, bool):
+        raise TypeError(f"pretrained: trainable must be True or False, got {trainable!r}")
     encoder = load_encoder(os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.weights.h5"), trainable)
     return encoder if ndim == 2 else Triplanar(encoder, trainable=trainable)
 
@@ -367,6 +369,6 @@ def _pretrained_name(tau_gamma, ndim):
         tau_gamma = PRETRAINED_3D_TAU_GAMMA
     if tau_gamma is None:
         return PRETRAINED_RECOMMENDED[ndim]
-    if tau_gamma not in PRETRAINED_TAU_GAMMAS:
+    if isinstance(tau_gamma, bool) or tau_gamma not in PRETRAINED_TAU_GAMMAS:
         raise ValueError(f"pretrained: tau_gamma must be None or one of {PRETRAINED_TAU_GAMMAS}, got {tau_gamma!r}")
     return f"tau_gamma_{tau_gamma:g}"

@@ -16,14 +16,16 @@ Features are those of a CIFL encoder, of a descriptor layer such as MIND, or the
 each level, and the moved features are the moving features warped. ``"encoded"`` instead warps the moving
 image and encodes it again in every step, at each level's resolution: the features of the moved image itself,
 not warped and pooled ones. The default is "encoded" for 2D images and "warped" for 3D ones
-(``MOVED_FEATURES_DEFAULT``): on real 2D slices "encoded" registered 0.04-0.12 Dice better in up to 3 times the
-time (``bench/moved_features.py``), but on the 3D demo it did worse, and in 3D an encoder pass per step (about
+(``MOVED_FEATURES_DEFAULT``): on real 2D slices "encoded" registered 0.01-0.09 Dice better with the recommended
+encoder and 0.04-0.12 with MIND, in up to 2.5 times the time (``bench/moved_features.py``), but on the 3D demo it did worse, and in 3D an encoder pass per step (about
 1 TFLOP forward and backward on a 80x96x112 grid) is far beyond the 2-minute budget and cannot be tiled.
 ``feature_scale`` encodes images upsampled and pools their features back, for images coarser than the encoder
 suits.
 """
+import contextlib
 import functools
 import math
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -454,7 +456,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     encoder = _check_encoder(encoder, moving.ndim)
     similarity = _check_similarity(similarity, encoder)
     reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
-    if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
+    if isinstance(reg_weight, bool) or not isinstance(reg_weight, numbers.Real) or not 0 <= reg_weight < math.inf:
         raise ValueError(f"register_pair: reg_weight must be a non-negative number, got {reg_weight!r}")
     levels = default_levels(moving.shape) if levels is None else _check_levels(levels)
     for factor in levels:
@@ -464,10 +466,12 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     for name, value in (("steps", steps), ("int_steps", int_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) \
+            or not 0 < learning_rate < math.inf:
         raise ValueError(f"register_pair: learning_rate must be a positive number, got {learning_rate!r}")
     if not isinstance(affine, bool):
         raise TypeError(f"register_pair: affine must be True or False, got {affine!r}")
+    tiling.check_max_memory(max_memory)
     if jit_compile is not None and not isinstance(jit_compile, bool):
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
     if isinstance(feature_scale, bool) or not isinstance(feature_scale, (int, np.integer)) or feature_scale < 1:
@@ -506,38 +510,39 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         # level 1, no image's full-resolution features are held (1.3 GB for 48 channels at 160x192x224).
         return _pyramid(describe, image, levels, halo, row_bytes, max_memory)
 
-    sources, targets = pyramid(moving), pyramid(fixed)
-    shape, ndim = moving.shape, moving.ndim
-    after = encoder if encoded else None
-    settings = dict(encoder=after, similarity=similarity, learning_rate=learning_rate)
-    initials = {}
-    if affine:
-        source, target = sources[levels[0]], targets[levels[0]]
-        grid = source.shape[:-1]
-        model = _fresh(_compiled("affine", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
-                                 **settings))
-        _fit(model, [source], [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
-        matrix = model.get_layer("affine")(source[np.newaxis])[0]
-        # Composed with the deformation in each level's model, so that the moving features, described once, are
-        # interpolated once: warping them by the affine transform first blurred them twice (docs/registration.md).
-        initials = {factor: level_matrix(matrix, levels[0], shape, factor) for factor in levels}
-    velocity, previous = None, None
-    for factor in levels:
-        source, target = sources[factor], targets[factor]
-        if encoded:
-            target = encoder(target[np.newaxis]).numpy()[0]
-        grid = source.shape[:-1]
-        model = _compiled("deformable", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
-                          reg_weight=reg_weight, int_steps=int_steps, initial=affine, **settings)
-        model = _fresh(model, None if velocity is None else [resample_field(velocity, previous, factor, shape)])
-        _fit(model, [source, initials[factor]] if affine else [source],
-             [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
-        velocity, previous = model.get_layer("velocity").get_weights()[0], factor
-    field = displacement(model)
-    field = resample_field(field, previous, 1, shape)
-    if affine:  # moving(x + field(x) + a(x + field(x))): the image moved by the affine transform a, then deformed
-        return ComposeAffine()([field[np.newaxis], level_matrix(matrix, levels[0], shape)[np.newaxis]])[0].numpy()
-    return field
+    with _frozen(encoder):  # its weights stay as they are while the field is fitted
+        sources, targets = pyramid(moving), pyramid(fixed)
+        shape, ndim = moving.shape, moving.ndim
+        after = encoder if encoded else None
+        settings = dict(encoder=after, similarity=similarity, learning_rate=learning_rate)
+        initials = {}
+        if affine:
+            source, target = sources[levels[0]], targets[levels[0]]
+            grid = source.shape[:-1]
+            model = _fresh(_compiled("affine", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
+                                     **settings))
+            _fit(model, [source], [encoder(target[np.newaxis])[0].numpy() if encoded else target], steps, verbose)
+            matrix = model.get_layer("affine")(source[np.newaxis])[0]
+            # Composed with the deformation in each level's model, so that the moving features, described once, are
+            # interpolated once: warping them by the affine transform first blurred them twice (docs/registration.md).
+            initials = {factor: level_matrix(matrix, levels[0], shape, factor) for factor in levels}
+        velocity, previous = None, None
+        for factor in levels:
+            source, target = sources[factor], targets[factor]
+            if encoded:
+                target = encoder(target[np.newaxis]).numpy()[0]
+            grid = source.shape[:-1]
+            model = _compiled("deformable", grid, source.shape[-1], jit_compile=uses_xla(grid, steps, jit_compile),
+                              reg_weight=reg_weight, int_steps=int_steps, initial=affine, **settings)
+            model = _fresh(model, None if velocity is None else [resample_field(velocity, previous, factor, shape)])
+            _fit(model, [source, initials[factor]] if affine else [source],
+                 [target, np.zeros((*source.shape[:-1], ndim), np.float32)], steps, verbose)
+            velocity, previous = model.get_layer("velocity").get_weights()[0], factor
+        field = displacement(model)
+        field = resample_field(field, previous, 1, shape)
+        if affine:  # moving(x + field(x) + a(x + field(x))): the image moved by the affine transform a, then deformed
+            return ComposeAffine()([field[np.newaxis], level_matrix(matrix, levels[0], shape)[np.newaxis]])[0].numpy()
+        return field
 
 
 def default_levels(shape):
@@ -568,6 +573,8 @@ def _check_images(moving, fixed):
         image = np.asarray(image, np.float32)
         if image.ndim not in (2, 3):
             raise ValueError(f"register_pair: {name} must be a 2D or 3D array (*spatial), got shape {image.shape}")
+        if image.size == 0:
+            raise ValueError(f"register_pair: {name} is empty, shape {image.shape}")
         if not np.isfinite(image).all():
             raise ValueError(f"register_pair: {name} holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
         if image.min() < 0 or image.max() > 1:
@@ -587,8 +594,21 @@ def _check_encoder(encoder, ndim):
     tiling.check_layer(encoder)
     if encoder.ndim != ndim:
         raise ValueError(f"register_pair: encoder {encoder.name} is {encoder.ndim}D but the images are {ndim}D")
-    encoder.trainable = False
     return encoder
+
+
+@contextlib.contextmanager
+def _frozen(layer):
+    """`layer` (or None) not trainable within the block, so that fitting the field leaves its weights as they
+    are; afterwards trainable as before (it may be the caller's own layer)."""
+    if layer is None:
+        yield
+        return
+    trainable, layer.trainable = layer.trainable, False
+    try:
+        yield
+    finally:
+        layer.trainable = trainable
 
 
 @functools.lru_cache(maxsize=None)

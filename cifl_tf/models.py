@@ -12,6 +12,8 @@ Both models save to and load from one ``.keras`` file, with Keras' own ``model.s
 which write atomically and reject files that do not hold one of these models.
 """
 import json
+import math
+import numbers
 import os
 import zipfile
 
@@ -193,7 +195,7 @@ def _registration_weight(similarity, reg_weight):
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
-    if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not reg_weight >= 0:
+    if isinstance(reg_weight, bool) or not isinstance(reg_weight, numbers.Real) or not 0 <= reg_weight < math.inf:
         raise ValueError(f"reg_weight must be a non-negative number, got {reg_weight!r}")
     return float(reg_weight)
 
@@ -321,6 +323,10 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
                                  f"got {images.shape}")
         if len(moving) != len(fixed):
             raise ValueError(f"register: {len(moving)} moving but {len(fixed)} fixed images")
+        for what, images in (("moving", moving), ("fixed", fixed)):
+            if not np.isfinite(images).all():
+                raise ValueError(f"register: the {what} images hold {np.count_nonzero(~np.isfinite(images))} "
+                                 f"NaN/Inf values")
         return self.references.registration_model.predict([moving, fixed], batch_size=batch_size,
                                                           verbose=verbose)
 

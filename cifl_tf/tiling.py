@@ -126,6 +126,8 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
     ndim = check_layer(layer)
     if image.ndim != ndim:
         raise ValueError(f"tiled_features: {layer.name} is {ndim}D but the image has shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"tiled_features: the image is empty, shape {image.shape}")
     check_max_memory(max_memory)
     shape = image.shape + (layer.channels,)
     if out is not None and (getattr(out, "shape", None) != shape
@@ -162,6 +164,13 @@ def graph_call(layer):
     96x112x96 volume took 8.5 s instead of 14.6 s eagerly on 2 cores. After a second tile shape, one
     trace with unknown sizes serves all (reduce_retracing)."""
     return tf.function(layer, reduce_retracing=True)
+
+
+def check_images(layer, ndim, input_shape):
+    """ValueError naming `layer` unless `input_shape` is that of single-channel images of `ndim` (B, *spatial, 1)."""
+    if len(input_shape) != ndim + 2 or input_shape[-1] != 1:
+        raise ValueError(f"{layer} expects single-channel inputs of rank {ndim + 2} (batch, spatial..., 1), "
+                         f"got shape {tuple(input_shape)}")
 
 
 def check_layer(layer):

@@ -45,6 +45,10 @@ class Triplanar(KL.Layer):
         measured, which is not worth doing on every build.)"""
         return tiling.receptive_radius(self.encoder)
 
+    def build(self, input_shape):
+        tiling.check_images(f"Triplanar({self.encoder.name})", 3, input_shape)
+        super().build(input_shape)
+
     def call(self, volumes):
         shape = tf.shape(volumes)
         features = []

@@ -141,6 +141,8 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--intensity", "ncc", "--feature-scale", "2"], r"feature_scale 2 scales an encoder's features; intensities"),
     (["--model", "MISSING", "--feature-scale", "2"], r"--feature-scale is an option of instance optimisation"),
     (["--model", "MISSING", "--affine", None], r"--affine is an option of instance optimisation"),
+    (["--model", "MISSING", "--levels", "2,1"], r"--levels is an option of instance optimisation"),
+    (["--model", "MISSING", "--steps", "5"], r"--steps is an option of instance optimisation"),
     (["--model", "MISSING", "--moved-features", "warped"], r"--moved-features is an option of instance optimisation"),
     (["--model", "MISSING", "--stack-descriptor", "mind"], r"--stack-descriptor is an option of instance optimisation"),
     (["--intensity", "ncc", "--stack-descriptor", "mind"], r"stacks a descriptor beside a CIFL encoder, not beside "
@@ -167,3 +169,16 @@ def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, capsys, argv
     assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("cifl register: error: ") and re.search(message, err), err
     assert list((pair / "out").iterdir()) == []
+
+
+def test_mind_describes_images_smaller_than_its_mirrored_margin(pair, capsys):
+    """MIND mirrors its input by 2 pixels beyond each border (dilation 1, sigma 0.5): a 2 x 5 image is mirrored
+    again, and register's coarsest default level of an 8 x 8 image (2 x 2) too."""
+    write_nifti(pair / "thin.nii.gz", np.random.default_rng(0).random((2, 5)).astype(np.float32))
+    status, stdout, _ = run(capsys, "features", pair / "thin.nii.gz", pair / "f.nii.gz", "--descriptor", "mind")
+    assert status == 0 and "4-channel features written" in stdout
+    for name in ("moving", "fixed"):
+        write_nifti(pair / f"{name}8.nii.gz", np.random.default_rng(len(name)).random((8, 8)).astype(np.float32))
+    status, _, err = run(capsys, "register", "--moving", pair / "moving8.nii.gz", "--fixed", pair / "fixed8.nii.gz",
+                         "--moved", pair / "moved8.nii.gz", "--descriptor", "mind", "--steps", "2")
+    assert status == 0 and (pair / "moved8.nii.gz").exists(), err

@@ -6,7 +6,7 @@ import pytest
 import scipy.ndimage as ndi
 
 import tensorflow as tf
-from cifl_tf.descriptors import MIND
+from cifl_tf.descriptors import MIND, mirror_pad
 
 # The compared offset pairs (a, b), channel by channel, as the module doc orders them.
 PAIRS = {
@@ -62,6 +62,8 @@ CASES = [  # ndim, variant, sigma, dilation, shape
     (2, "ssc", 0.8, 2, (12, 11)),
     (3, "mind", 0.5, 1, (7, 8, 6)),
     (3, "ssc", 0.5, 2, (7, 6, 8)),
+    (2, "mind", 0.8, 2, (2, 5)),  # the mirrored margin (5) is longer than an axis: mirrored again
+    (3, "ssc", 0.5, 1, (2, 3, 1)),
 ]
 
 
@@ -138,6 +140,8 @@ def test_model_saves_and_loads_in_safe_mode(tmp_path):
     (dict(ndim=4), ValueError, "ndim must be 2 or 3, got 4"),
     (dict(variant="mind-ssc"), ValueError, "variant must be one of ('mind', 'ssc'), got 'mind-ssc'"),
     (dict(sigma=0), ValueError, "sigma must be a positive number, got 0"),
+    (dict(sigma=float("inf")), ValueError, "sigma must be a positive number, got inf"),
+    (dict(ndim=2.0), ValueError, "ndim must be 2 or 3, got 2.0"),
     (dict(dilation=1.5), ValueError, "dilation must be a positive integer, got 1.5"),
     (dict(l2_normalize="yes"), TypeError, "l2_normalize must be True or False, got 'yes'"),
 ])
@@ -150,3 +154,12 @@ def test_arguments_are_checked(kwargs, error, message):
 def test_inputs_must_be_single_channel_images_of_its_rank(shape):
     with pytest.raises(ValueError, match=r"MIND\(ndim=2\) expects single-channel inputs of rank 4"):
         MIND(2)(np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize("size, margin", [(6, 2), (6, 6), (2, 5), (1, 3)])
+def test_mirror_pad_is_numpys_symmetric_pad_for_any_margin(size, margin):
+    images = np.random.default_rng(size).uniform(size=(2, size, 3, 1)).astype(np.float32)
+    expected = np.pad(images, [(0, 0), (margin, margin), (0, 0), (0, 0)], mode="symmetric")
+    np.testing.assert_array_equal(mirror_pad(images, margin, 1), expected)
+    unknown = tf.function(lambda x: mirror_pad(x, margin, 1), input_signature=[tf.TensorSpec((2, None, 3, 1))])
+    np.testing.assert_array_equal(unknown(images), expected)

@@ -156,10 +156,16 @@ def test_switches_must_be_bools(name, value):
         CIFLEncoder(**{name: value})
 
 
-@pytest.mark.parametrize("ndim, shape", [(2, (1, 8, 8, 8, 1)), (2, (8, 8, 1)), (3, (1, 8, 8, 1))])
-def test_wrong_input_rank_raises(ndim, shape):
-    with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects inputs of rank {ndim + 2}"):
+@pytest.mark.parametrize("ndim, shape", [(2, (1, 8, 8, 8, 1)), (2, (8, 8, 1)), (3, (1, 8, 8, 1)), (2, (1, 8, 8, 3))])
+def test_inputs_must_be_single_channel_images_of_its_rank(ndim, shape):
+    with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects single-channel inputs of rank {ndim + 2}"):
         CIFLEncoder(channels=2, features=4, ndim=ndim)(np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_integer_images_are_refused_as_not_yet_intensities_in_0_1(dtype):
+    with pytest.raises(TypeError, match=rf"images must be floating-point intensities in \[0, 1\], got {dtype.__name__}"):
+        CIFLEncoder(channels=2, features=4)(np.zeros((1, 8, 8, 1), dtype))
 
 
 @pytest.mark.parametrize("dilations, expected", [(None, CONTEXT_DILATIONS), ((2, 4), (2, 4)), ([3], (3,))])

@@ -91,11 +91,14 @@ def test_features_are_compared_by_ncc_unless_told_otherwise():
 
 def test_moved_features_encoded_and_a_cifl_encoder():
     moving, t1, _, moving_labels, fixed_labels = warped_pair((32, 32))
-    encoder = cifl_tf.pretrained(0.01)
+    encoder = cifl_tf.pretrained(0.01, trainable=True)  # the caller's layer: register_pair leaves it as it was
+    weights = encoder.get_weights()
     displacement = cifl_tf.register_pair(moving, t1, encoder, moved_features="encoded", levels=(1,), **FAST)
     before = dice_after(np.zeros_like(displacement), moving_labels, fixed_labels)
     assert dice_after(displacement, moving_labels, fixed_labels) > before + 0.05
-    assert not encoder.trainable
+    assert encoder.trainable
+    for before, after in zip(weights, encoder.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before)
 
 
 @pytest.mark.parametrize("shape, feature_scale, default", [
@@ -358,6 +361,10 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(reg_weight=-1.0), ValueError, r"reg_weight must be a non-negative number, got -1.0"),
     (GOOD, GOOD, dict(moved_features="both"), ValueError, r"moved_features must be one of"),
     (GOOD, GOOD, dict(learning_rate=0), ValueError, r"learning_rate must be a positive number, got 0"),
+    (GOOD, GOOD, dict(learning_rate=np.inf), ValueError, r"learning_rate must be a positive number, got inf"),
+    (GOOD, GOOD, dict(max_memory=0), ValueError, r"max_memory must be a positive integer number of bytes, got 0"),
+    (GOOD, GOOD, dict(max_memory="lots"), ValueError, r"max_memory must be .* got 'lots'"),
+    (np.zeros((0, 0)), np.zeros((0, 0)), {}, ValueError, r"moving is empty, shape \(0, 0\)"),
     (GOOD, GOOD, dict(affine="yes"), TypeError, r"affine must be True or False, got 'yes'"),
     (GOOD, GOOD, dict(jit_compile=1), TypeError, r"jit_compile must be True, False or None, got 1"),
     (GOOD, GOOD, dict(feature_scale=0), ValueError, r"feature_scale must be a positive integer, got 0"),
@@ -516,3 +523,11 @@ def test_each_level_is_fitted_on_a_stream_without_the_autotuning_thread():
     model = Recording()
     instance._fit(model, [np.zeros((4, 4, 1), np.float32)], [np.zeros((4, 4, 1), np.float32)], 7, verbose=0)
     assert model.autotune is False and model.steps == 7
+
+
+def test_numpy_scalars_are_numbers():
+    moving, _, t2, _, _ = warped_pair((16, 16))
+    kwargs = dict(encoder=None, levels=(1,), steps=2, verbose=0)
+    np.testing.assert_allclose(
+        cifl_tf.register_pair(moving, t2, learning_rate=np.float32(0.1), reg_weight=np.float64(0.5), **kwargs),
+        cifl_tf.register_pair(moving, t2, learning_rate=0.1, reg_weight=0.5, **kwargs), atol=1e-6)

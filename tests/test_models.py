@@ -224,6 +224,7 @@ def test_register_returns_full_resolution_displacement_with_half_resolution_inte
 def test_registration_default_weight_follows_the_similarity():
     assert models.RegistrationLoss("ncc").reg_weight == 1.0
     assert models.RegistrationLoss("mse").reg_weight == 0.01
+    assert models.RegistrationLoss("mse", reg_weight=np.float32(0.5)).reg_weight == 0.5  # NumPy scalars are numbers
 
 
 def test_registration_model_trains_with_its_default_loss_optimizer_and_integration():
@@ -281,6 +282,8 @@ def test_register_rejects_images_of_the_wrong_shape(tiny):
         model.register(images[..., 0], images)
     with pytest.raises(ValueError, match="2 moving but 1 fixed"):
         model.register(images, images[:1])
+    with pytest.raises(ValueError, match="the fixed images hold 1 NaN/Inf values"):
+        model.register(images, np.where(np.arange(images.size).reshape(images.shape) == 5, np.inf, images))
 
 
 def test_load_model_rejects_files_that_hold_no_model_of_ours(tiny, tmp_path):

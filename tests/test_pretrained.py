@@ -52,6 +52,7 @@ def test_pretrained_positional_tau_gamma_and_trainable():
     (dict(tau_gamma=0.1, ndim=4), r"ndim must be 2 or 3, got 4"),
     (dict(tau_gamma=0.5), r"tau_gamma must be None or one of \(1.0, 0.1, 0.01\), got 0.5"),
     (dict(tau_gamma=0.5, ndim=3), r"tau_gamma must be None or one of"),
+    (dict(tau_gamma=True), r"tau_gamma must be None or one of \(1.0, 0.1, 0.01\), got True"),  # True == 1.0
 ])
 @pytest.mark.parametrize("function", [cifl_tf.pretrained, pretrained_log])
 def test_pretrained_rejects_bad_arguments(function, kwargs, message):
@@ -86,3 +87,8 @@ def test_each_entry_has_its_files_and_the_final_loss_of_its_log(key):
     with open(stem + ".log.csv") as f:
         last = list(csv.DictReader(f))[-1]
     assert float(last["loss"]) == pytest.approx(pretrained_info()[key]["final_loss"], rel=1e-6)
+
+
+def test_pretrained_trainable_must_be_a_bool():
+    with pytest.raises(TypeError, match="trainable must be True or False, got 'no'"):
+        cifl_tf.pretrained(trainable="no")

@@ -133,6 +133,8 @@ def test_tiled_features_rejects_wrong_dimensions_and_non_layers():
         tiling.tiled_features(cifl_tf.pretrained(), np.zeros((8, 8, 8)))
     with pytest.raises(TypeError, match="expected a Keras layer with ndim"):
         tiling.tiled_features(lambda x: x, np.zeros((8, 8)))
+    with pytest.raises(ValueError, match=r"the image is empty, shape \(0, 16\)"):
+        tiling.tiled_features(cifl_tf.pretrained(), np.zeros((0, 16)))
 
 
 def test_segment_with_a_tiled_encoder_equals_the_whole_model():

@@ -79,3 +79,9 @@ def test_pretrained_3d_is_the_triplanar_of_a_shipped_2d_encoder():
         for ours, shipped in zip(triplanar.encoder.get_weights(), cifl_tf.pretrained(tau_gamma).get_weights(),
                                  strict=True):
             np.testing.assert_array_equal(ours, shipped)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8, 1), (1, 4, 4, 4, 2)])
+def test_inputs_must_be_single_channel_volumes(encoder, shape):
+    with pytest.raises(ValueError, match=r"Triplanar\(.*\) expects single-channel inputs of rank 5"):
+        Triplanar(encoder)(np.zeros(shape, np.float32))
