@@ -17,8 +17,9 @@ each level, and the moved features are the moving features warped. ``"encoded"``
 image and encodes it again in every step, at each level's resolution: the features of the moved image itself,
 not warped and pooled ones. The default is "encoded" for 2D images and "warped" for 3D ones
 (``MOVED_FEATURES_DEFAULT``): on real 2D slices "encoded" registered 0.01-0.09 Dice better with the recommended
-encoder and 0.04-0.12 with MIND, in up to 2.5 times the time (``bench/moved_features.py``), but on the 3D demo it did worse, and in 3D an encoder pass per step (about
-1 TFLOP forward and backward on a 80x96x112 grid) is far beyond the 2-minute budget and cannot be tiled.
+encoder and 0.04-0.12 with MIND, in up to 2.5 times the time (``bench/moved_features.py``), but on the 3D demo it
+did worse, and in 3D an encoder pass per step (about 1 TFLOP forward and backward on a 80x96x112 grid) is far
+beyond the 2-minute budget and cannot be tiled.
 ``feature_scale`` encodes images upsampled and pools their features back, for images coarser than the encoder
 suits.
 """

@@ -164,7 +164,7 @@ def test_inputs_must_be_single_channel_images_of_its_rank(ndim, shape):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32])
 def test_integer_images_are_refused_as_not_yet_intensities_in_0_1(dtype):
-    with pytest.raises(TypeError, match=rf"images must be floating-point intensities in \[0, 1\], got {dtype.__name__}"):
+    with pytest.raises(TypeError, match=rf"must be floating-point intensities in \[0, 1\], got {dtype.__name__}"):
         CIFLEncoder(channels=2, features=4)(np.zeros((1, 8, 8, 1), dtype))
 
 
