@@ -145,10 +145,16 @@ def read_settings(out_dir, fields=None, defaults=None):
         keys = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
         expected = "an object" if fields is None else f"an object with the fields {sorted(fields)}"
         raise ValueError(f"{path}: expected {expected}, got {keys}")
-    for name, (valid, what) in (fields or {}).items():
-        if not valid(settings[name]):
-            raise ValueError(f"{path}: {name} must be {what}, got {settings[name]!r}")
+    check_settings(settings, fields or {}, f"{path}: ")
     return settings
+
+
+def check_settings(settings, fields, source=""):
+    """ValueError, after `source`, naming the first of `fields` ({name: (check(value) -> bool, what it must
+    be)}) whose value in `settings` fails its check."""
+    for name, (valid, what) in fields.items():
+        if not valid(settings[name]):
+            raise ValueError(f"{source}{name} must be {what}, got {settings[name]!r}")
 
 
 def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields=None, defaults=None):

@@ -231,6 +231,11 @@ def _model_input(path, model):
     return image, affine, header
 
 
+def _file_axes(header):
+    """The spatial shape of the NIfTI file behind `header`, with the singleton axes that load_nifti drops."""
+    return tuple(header.get_data_shape()[:3])
+
+
 def _normalized_batch(image):
     """(1, *shape, 1): the image normalised to [0, 1] as the data loaders do for training."""
     return data.normalize(image)[np.newaxis, ..., np.newaxis]
@@ -246,9 +251,13 @@ def _features(args):
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
                              f"the encoder takes {encoder.ndim}")
     image = data.normalize(image)
-    # Written straight into the file: features of a large volume need not fit in memory.
-    data.save_nifti_channels(args.output, image.shape + (encoder.channels,),
-                             lambda out: tiling.tiled_features(encoder, image, args.max_memory, out), affine, header)
+    # Written straight into the file: features of a large volume need not fit in memory. On the input's own
+    # axes, singletons included (a 1 x H x W slice), so that its affine places them.
+    spatial = _file_axes(header)
+    data.save_nifti_channels(
+        args.output, spatial + (encoder.channels,), lambda out: tiling.tiled_features(
+            encoder, image, args.max_memory, out[tuple(0 if n == 1 else slice(None) for n in spatial)]),
+        affine, header)
     print(f"{encoder.channels}-channel features written to {args.output}")
 
 
@@ -304,7 +313,8 @@ def _register(args):
                                      max_memory=args.max_memory)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
-        data.save_nifti(args.warp, displacement, affine, header, channels=True)
+        data.save_nifti(args.warp, displacement.reshape(_file_axes(header) + displacement.shape[-1:]), affine, header,
+                        channels=True)
     data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
     print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else "")
           + f"; folded voxels: {100 * folding_fraction(displacement):.3f}%")
@@ -371,8 +381,14 @@ def _run_settings(args):
 
 
 def _start_run(args):
-    """Checks that --out can take files, before any work; seeds the run."""
+    """Checks that --out can take files and that the run's numbers are positive, before any work (a run folder
+    written for a refused run would stand in the way of the corrected command); seeds the run."""
     _output_folder(args.out)
+    for name in ("epochs", "batch_size", "steps_per_epoch", "nb_levels"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not 0 < args.learning_rate < math.inf:
+        raise ValueError(f"--learning-rate must be a positive number, got {args.learning_rate}")
     tf.keras.utils.set_random_seed(args.seed)
 
 

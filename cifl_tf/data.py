@@ -304,9 +304,22 @@ def write_atomically(path, write):
     return path
 
 
+def _json_safe(value):
+    """`value` with every non-finite float (a Dice of a label absent from both maps: NaN) as None, which JSON
+    writes as null: NaN and Infinity are not JSON, and strict parsers refuse them."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
+
+
 def write_json(path, content):
-    """Writes `content` as indented JSON to `path`, atomically (see write_atomically). Returns `path`."""
-    text = json.dumps(content, indent=2)
+    """Writes `content` as indented JSON to `path`, atomically (see write_atomically); NaN and infinite
+    numbers as null. Returns `path`."""
+    text = json.dumps(_json_safe(content), indent=2, allow_nan=False)
     return write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text(text))
 
 
@@ -346,6 +359,8 @@ def normalize(image, mask=None):
     Returns float32 of the image's shape.
     """
     image = np.asarray(image, np.float32)
+    if not np.isfinite(image).all():
+        raise ValueError(f"normalize: the image holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
     return remap_intensity(image, _min_max, np.ones(image.shape, bool) if mask is None else mask)
 
 
@@ -434,7 +449,7 @@ def split_subjects(subjects, sizes=PAPER_SPLIT, seed=0):
         raise ValueError("split_subjects: subject ids must be unique")
     sizes = np.asarray(PAPER_SPLIT) / sum(PAPER_SPLIT) if sizes is None else np.asarray(sizes)
     numbers = sizes.dtype != bool and np.issubdtype(sizes.dtype, np.number)
-    if sizes.shape != (3,) or not numbers or np.any(sizes < 0):
+    if sizes.shape != (3,) or not numbers or not np.all(np.isfinite(sizes) & (sizes >= 0)):
         raise ValueError(f"split_subjects: sizes must be three non-negative numbers, "
                          f"got {sizes.tolist()}")
     if np.issubdtype(sizes.dtype, np.integer):
@@ -558,6 +573,8 @@ def _folder(folder):
 
 def _subject_folders(folder, subjects, prefix=""):
     """The requested subjects, or every subfolder starting with ``prefix``; DataError when none."""
+    if isinstance(subjects, str):  # would be taken letter by letter
+        raise ValueError(f"subjects must be a list of subject folder names, got the string {subjects!r}")
     if subjects is None:
         subjects = sorted(name for name in os.listdir(folder)
                           if name.startswith(prefix) and not name.startswith(".")

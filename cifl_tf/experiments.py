@@ -216,8 +216,8 @@ def run_row(row, methods, data_dir=None, size="demo", split=None, seed=0, epochs
     train, tests = row_data(row, data_dir, split, seed, sizes["subjects"])
     if ROWS[row][0] == "Segmentation":
         return segmentation_row(train, tests, nb_labels=int(train[1].max()) + 1, methods=methods,
-                                epochs=epochs or sizes["seg_epochs"], seed=seed, verbose=verbose)
-    return registration_row(train, tests, methods, epochs=epochs or sizes["reg_epochs"],
+                                epochs=sizes["seg_epochs"] if epochs is None else epochs, seed=seed, verbose=verbose)
+    return registration_row(train, tests, methods, epochs=sizes["reg_epochs"] if epochs is None else epochs,
                             steps_per_epoch=sizes["reg_steps"], seed=seed, verbose=verbose,
                             learning_rate=sizes["reg_learning_rate"])
 
@@ -283,9 +283,16 @@ def main(rows, argv=None):
     parser.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "demo" if args.data is None else "paper"
-    steps = (args.encoder_steps or SIZES[size]["encoder_steps"]) if args.train_encoders else None
+    steps = None if not args.train_encoders else (
+        SIZES[size]["encoder_steps"] if args.encoder_steps is None else args.encoder_steps)
     table = {}
     try:
+        from .cli import _output_folder  # the CLI's check, imported here as the demo does
+
+        _output_folder(args.out)  # before hours of training, not after them
+        for option, value in (("--epochs", args.epochs), ("--encoder-steps", args.encoder_steps)):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} must be a positive integer, got {value}")
         compared = methods(train_steps=steps, out_dir=args.out)
         for row in rows:
             table[row], _ = run_row(row, compared, args.data, size, args.split, args.seed, args.epochs)

@@ -18,6 +18,8 @@ def dice(labels_a, labels_b, labels=None):
         raise ValueError(f"dice: label maps differ in shape, {labels_a.shape} vs {labels_b.shape}")
     present = np.union1d(labels_a, labels_b)
     labels = present[present != 0] if labels is None else np.asarray(list(labels))
+    if np.any(labels != np.round(labels)):  # int() below would score 2.5 as label 2
+        raise ValueError(f"dice: labels must be integers, got {labels.tolist()}")
     scores = vxm.py.utils.dice(labels_a, labels_b, labels=labels, include_zero=True)
     return {int(label): float(score) if label in present else np.nan
             for label, score in zip(labels, scores)}
@@ -59,6 +61,9 @@ def folding_fraction(displacement):
                          f"ndim 2 or 3 spatial axes, got shape {displacement.shape}")
     if displacement.ndim == ndim + 2:
         return np.array([folding_fraction(field) for field in displacement])
+    if not np.isfinite(displacement).all():  # NaN determinants would count as not folded
+        raise ValueError(f"folding_fraction: the displacement holds "
+                         f"{np.count_nonzero(~np.isfinite(displacement))} NaN/Inf values")
     return float(np.mean(vxm.py.utils.jacobian_determinant(displacement) <= 0))
 
 
@@ -111,6 +116,8 @@ def match_fraction(features_a, features_b, mask, radius=2, samples=1500, seed=0)
                          f"{features_b.shape} and mask {mask.shape} with {np.count_nonzero(mask)} pixels")
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
         raise ValueError(f"match_fraction: radius must be a non-negative integer, got {radius!r}")
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise ValueError(f"match_fraction: samples must be a positive integer, got {samples!r}")
     inside = np.argwhere(mask)
     picked = np.random.default_rng(seed).permutation(len(inside))[:samples]
     queries = features_a[tuple(inside[picked].T)]

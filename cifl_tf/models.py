@@ -148,6 +148,9 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
             raise TypeError("unet_kwargs may not set final_pred_activation: the output is a softmax")
         encoder = _check_encoder(encoder, inshape)
         unet_kwargs = {**UNET_DEFAULTS, **unet_kwargs}
+        levels = unet_kwargs["nb_levels"]
+        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+            raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
         if isinstance(unet_kwargs["nb_features"], int):
             _check_divisible(inshape, 2 ** (unet_kwargs["nb_levels"] - 1),
                              f"a UNet of nb_levels={unet_kwargs['nb_levels']}")
@@ -272,6 +275,11 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
             if key in _VXM_RESERVED:
                 raise TypeError(f"registration_model: vxm_kwargs may not set {key!r} ({_VXM_RESERVED[key]})")
         reg_weight = _registration_weight(similarity, reg_weight)
+        for key, least in (("int_steps", 0), ("nb_unet_levels", 1)):  # VxmDense takes others as 0 and 1 silently
+            value = vxm_kwargs.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value < least):
+                raise ValueError(f"registration_model: {key} must be an integer >= {least}, got {value!r}")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet")
 
@@ -388,6 +396,8 @@ def pair_batches(images, batch_size=1, seed=None, first_step=0):
     images = np.asarray(images, np.float32)
     if len(images) < 2:
         raise ValueError(f"registration training needs at least 2 images to pair, got {len(images)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or first_step < 0:
         raise ValueError(f"first_step must be a non-negative integer, got {first_step!r}")
     seed = stream_seed(seed)

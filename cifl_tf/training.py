@@ -317,6 +317,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     learning_rate=learning_rate, learning_rate_decay=learning_rate_decay, precision=precision,
                     seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
+    checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     if seed is not None:

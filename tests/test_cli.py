@@ -61,6 +61,20 @@ def test_features_of_a_slice_keep_the_affine_and_are_the_encoder_output(files, t
     np.testing.assert_array_equal(affine, AFFINE)
 
 
+def test_features_of_a_slice_stored_across_the_first_axis_lie_where_its_voxels_do(files, tmp_path, capsys):
+    image = np.random.default_rng(0).random((1, 16, 20)).astype(np.float32)  # a 1 x H x W slice
+    affine = np.diag([0.5, 0.7, 0.9, 1.0])
+    write_nifti(tmp_path / "across.nii.gz", image, affine)
+    status, _, _ = run(capsys, "features", tmp_path / "across.nii.gz", tmp_path / "f.nii.gz", "--encoder",
+                       files / "encoder.weights.h5")
+    stored = nib.load(tmp_path / "f.nii.gz")
+    encoder = cifl_tf.load_encoder(str(files / "encoder.weights.h5"))
+    assert status == 0 and stored.shape[:3] == (1, 16, 20)  # voxel [0, i, j] of the image is feature [0, i, j]
+    np.testing.assert_allclose(stored.get_fdata()[0, :, :, 0], encoder(data.normalize(image)[..., None])[0],
+                               atol=1e-6)
+    np.testing.assert_allclose(stored.affine, affine, rtol=1e-6)  # the header's float32
+
+
 def test_features_of_a_volume_with_a_3d_encoder(files, tmp_path, capsys):
     slice_file(tmp_path / "volume.nii.gz", shape=(8, 10, 6))
     status, _, _ = run(capsys, "features", tmp_path / "volume.nii.gz", tmp_path / "f.nii",
@@ -236,6 +250,18 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     status, _, err = run(capsys, "train-seg", "--data", oasis_tiny, "--out", tmp_path, *TINY_TRAIN)
     assert status == 2 and "model.keras: already exists" in err
     assert (tmp_path / "model.keras").read_text() == "an earlier model"
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("train-seg", "--batch-size", "0"), ("train-seg", "--epochs", "0"), ("train-seg", "--learning-rate", "nan"),
+    ("train-seg", "--nb-levels", "0"), ("train-reg", "--steps-per-epoch", "0"), ("train-reg", "--batch-size", "-1"),
+])
+def test_train_refuses_bad_numbers_in_one_line_before_it_writes_a_run(oasis_tiny, tmp_path, capsys, command, option,
+                                                                      value):
+    status, _, err = run(capsys, command, "--data", oasis_tiny, "--out", tmp_path / "run", *TINY_TRAIN, option, value)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{option} must be a positive" in err and f"got {value}" in err
+    assert not (tmp_path / "run" / "settings.json").exists()  # else the corrected command would need --resume
 
 
 def _bad_slice(folder, name, array):

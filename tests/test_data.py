@@ -398,6 +398,7 @@ def test_split_sizes(count, sizes, expected):
     (["a", "b"], (0.5, 0.5, 0.5), "sum to more than 1"),
     (["a", "b"], (1, 1), "three non-negative numbers"),
     (["a", "b"], (1, -1, 1), "three non-negative numbers"),
+    (["a", "b"], (0.5, float("nan"), 0.2), "three non-negative numbers"),
 ])
 def test_split_rejects(subjects, sizes, message):
     with pytest.raises(ValueError, match=message):
@@ -524,3 +525,13 @@ def test_real_sample_inversion_keeps_background_zero(oasis_sample):
     np.testing.assert_allclose(inverted[brain], 1 - image[brain])
     labels = data.load_labels(oasis_sample / SUBJECT_1 / "slice_seg4.nii.gz", labels=range(5), ndim=2)
     assert inverted[labels == 3].mean() < inverted[labels == 4].mean()  # now WM is darker than CSF
+
+
+def test_normalize_refuses_non_finite_images():
+    with pytest.raises(ValueError, match="normalize: the image holds 2 NaN/Inf values"):
+        data.normalize(np.array([np.nan, 1.0, 2.0, np.inf]))
+
+
+def test_loaders_refuse_a_single_subject_name_as_a_string(oasis_tiny):
+    with pytest.raises(ValueError, match="subjects must be a list of subject folder names, got the string"):
+        data.load_oasis(oasis_tiny, subjects=SUBJECT_1)

@@ -173,11 +173,17 @@ def test_experiment_script_runs_a_quick_row_on_a_data_folder(tmp_path, monkeypat
     (["--split", "1,2"], "--split must be three counts or three fractions"),
     (["--epochs", "x"], "invalid int value"),
     (["--data", "/no/such/folder"], "error: /no/such/folder"),
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--train-encoders", "--encoder-steps", "0"], "--encoder-steps must be a positive integer, got 0"),
+    (["--out", "FILE/results"], "is not a folder"),  # refused before any training
 ])
-def test_experiment_arguments_are_checked(capsys, argv, message):
+def test_experiment_arguments_are_checked(capsys, tmp_path, argv, message):
+    (tmp_path / "file").write_text("not a folder")
+    argv = [str(tmp_path / "file" / "results") if arg == "FILE/results" else arg for arg in argv]
     with pytest.raises(SystemExit):
-        experiments.main(["seg_inverted_oasis"], argv)
+        experiments.main(["seg_inverted_oasis"], ["--out", str(tmp_path / "out"), *argv])
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_defaults_data_trains_on_even_slices_and_pairs_odd_slices_gap_apart(tmp_path):

@@ -49,9 +49,11 @@ def test_mean_dice_skips_labels_absent_from_both_maps():
     assert np.isnan(metrics.mean_dice(A, B, labels=[7]))
 
 
-def test_dice_rejects_maps_of_different_shapes():
+def test_dice_rejects_maps_of_different_shapes_and_labels_that_are_not_integers():
     with pytest.raises(ValueError, match=r"\(2, 3\) vs \(3, 2\)"):
         metrics.dice(A, B.T)
+    with pytest.raises(ValueError, match=r"labels must be integers, got \[1.0, 2.5\]"):
+        metrics.dice(A, B, [1.0, 2.5])
 
 
 @pytest.mark.parametrize("values, mean, std, text", [
@@ -98,6 +100,11 @@ def test_folding_fraction_of_a_batch_is_per_field():
 def test_folding_fraction_rejects_fields_that_are_not_displacements(shape):
     with pytest.raises(ValueError, match=rf"got shape \({', '.join(map(str, shape))}\)"):
         metrics.folding_fraction(np.zeros(shape))
+
+
+def test_folding_fraction_refuses_non_finite_fields():
+    with pytest.raises(ValueError, match="the displacement holds 96 NaN/Inf values"):
+        metrics.folding_fraction(np.full((6, 8, 2), np.nan))
 
 
 def unit(vectors):
@@ -170,7 +177,9 @@ def test_match_fraction_matches_the_formula_on_random_features(seed, radius):
     ((4, 5, 2), np.ones((4, 5), bool), 2, r"got \(4, 5, 3\), \(4, 5, 2\)"),
     ((4, 5, 3), np.zeros((4, 5), bool), 2, "with 0 pixels"),
     ((4, 5, 3), np.ones((4, 5), bool), -1, "radius must be a non-negative integer, got -1"),
+    ((4, 5, 3), np.ones((4, 5), bool), dict(samples=0), "samples must be a positive integer, got 0"),
 ])
 def test_match_fraction_rejects(fb_shape, mask, radius, message):
+    kwargs = radius if isinstance(radius, dict) else dict(radius=radius)
     with pytest.raises(ValueError, match=message):
-        metrics.match_fraction(np.ones((4, 5, 3)), np.ones(fb_shape), mask, radius)
+        metrics.match_fraction(np.ones((4, 5, 3)), np.ones(fb_shape), mask, **kwargs)

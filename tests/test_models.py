@@ -269,6 +269,14 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.registration_model(SHAPE, bidir=True), TypeError, "may not set 'bidir'"),
     (lambda e: cifl_tf.registration_model(SHAPE, e, src_feats=2), TypeError, "may not set 'src_feats'"),
     (lambda e: cifl_tf.registration_model((24, 24)), ValueError, r"\(24, 24\) must be divisible by 16"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_levels=0), ValueError,
+     "nb_levels must be a positive integer, got 0"),
+    (lambda e: cifl_tf.registration_model(SHAPE, nb_unet_features=8, nb_unet_levels=0), ValueError,
+     "nb_unet_levels must be an integer >= 1, got 0"),
+    (lambda e: cifl_tf.registration_model(SHAPE, **{**TINY_VXM, "int_steps": -1}), ValueError,
+     "int_steps must be an integer >= 0, got -1"),
+    (lambda e: models.pair_batches(np.zeros((2, 8, 8, 1)), batch_size=0), ValueError,
+     "batch_size must be a positive integer, got 0"),
 ])
 def test_bad_arguments_are_rejected_naming_the_value(encoder, build, error, message):
     with pytest.raises(error, match=message):

@@ -100,6 +100,10 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
      r"loss_scales \(1, 29\): each must be at most the smallest overlap of the views, 28 pixels"),
     (None, dict(loss_scales=[0]), ValueError, r"scales must be distinct positive integers .* got \(0,\)"),
     (None, dict(pixel_contrast=-0.1), ValueError, "pixel_contrast must be a non-negative number, got -0.1"),
+    ("new", dict(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
+    ("new", dict(tau_gamma=0), ValueError, "tau_gamma must be a positive number, got 0"),
+    ("new", dict(tau_alpha=float("nan")), ValueError, "tau_alpha must be a positive number, got nan"),
+    ("new", dict(learning_rate=-1.0), ValueError, "learning_rate must be a positive number, got -1.0"),
     (None, dict(learning_rate_decay="linear"), ValueError,
      r"learning_rate_decay must be one of \('constant', 'cosine'\), got 'linear'"),
     (None, dict(precision="float16"), ValueError,
@@ -115,6 +119,8 @@ def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
     settings = {**INTERRUPTED_RUN, **kwargs} if run == "interrupted" else dict(shape=(32, 32), **kwargs)
     with pytest.raises(error, match=message):
         train_encoder(out_dir=out_dir, verbose=0, **settings)
+    if run == "new" and not kwargs.get("resume"):
+        assert not os.path.exists(out_dir)  # nothing written that the corrected call would have to resume
 
 
 class RecordOptimizer(tf.keras.callbacks.Callback):
