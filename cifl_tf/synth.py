@@ -39,7 +39,9 @@ RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(ne.models.la
 # Grid voxels per cell of the finest Perlin scale of the velocity field that _coarse_grid keeps.
 CELL_VOXELS = 4
 _RENDER_DRAWS = ("mean", "std", "noise", "background", "blur", "bias", "gamma", "dc_offset", "tie", "partner",
-                 "jitter", "low_contrast", "contrast_factor")
+                 "jitter", "low_contrast", "contrast_factor", "resolution")
+# Gaussian SD per voxel of a point-spread function whose full width at half maximum is one voxel: 1 / (2 sqrt(2 ln 2)).
+FWHM_SD = 0.4247
 
 
 def _positive_ints(name, values):
@@ -119,6 +121,30 @@ def _perlin(key, batch_size, shape, scales, min_std, max_std, grid=None):
     return out
 
 
+def _interpolation_rows(points, size):
+    """(n, size) weights of linear interpolation at `points` (n,) in [0, size - 1] along an axis of `size` voxels."""
+    low = tf.floor(points)
+    weight = (points - low)[:, None]
+    low = tf.cast(low, tf.int32)
+    return (1 - weight) * tf.one_hot(low, size) + weight * tf.one_hot(tf.minimum(low + 1, size - 1), size)
+
+
+def _resolution_matrix(size, factor):
+    """(size, size) linear map along an axis that takes an image to voxels `factor` (>= 1, a scalar tensor) times
+    as large and back: a Gaussian point-spread function of full width `factor` voxels at half maximum (the
+    extra SD FWHM_SD sqrt(factor^2 - 1), the image's own voxel being one), sampled every `factor` voxels from
+    voxel 0, then linearly interpolated onto the voxels again. Factor 1 is the identity."""
+    positions = tf.range(size, dtype=tf.float32)
+    sigma = tf.maximum(FWHM_SD * tf.sqrt(factor ** 2 - 1), 1e-3)  # 1e-3: exp underflows to the identity
+    blur = tf.exp(-0.5 * (positions[:, None] - positions[None, :]) ** 2 / sigma ** 2)
+    blur /= tf.reduce_sum(blur, axis=1, keepdims=True)
+    cell = tf.floor(positions / factor)
+    weight = (positions / factor - cell)[:, None]
+    samples = ((1 - weight) * _interpolation_rows(cell * factor, size)
+               + weight * _interpolation_rows(tf.minimum((cell + 1) * factor, size - 1), size))
+    return samples @ blur
+
+
 def _gaussian_kernels(sigmas, width):
     """One normalised 1D Gaussian of `width` taps per (tensor) SD. neurite's gaussian_kernel builds
     the same from Python floats, or from a stateful draw of its own."""
@@ -148,6 +174,10 @@ class ShapesSynth:
             with the noise SDs kept (the background's mean is drawn as before): all tissues within a
             narrow band, as in PD, where the brain's tissues lie within 13% of each other (``demo_data``).
         low_contrast_min: smallest such factor, in (0, 1].
+        resolution_max: largest factor by which a render's voxels are made coarser along each axis (1:
+            never): for each batch and view a factor in [1, resolution_max] is drawn per axis, and the render,
+            noise included, is imaged at that voxel size and interpolated back (``_resolution_matrix``), as
+            scans of other voxel sizes or thick slices are, so that the two views may differ in resolution.
         seed: integer for reproducible draws; None draws differently every time.
         **render_kwargs: the intensity arguments of ``ne.models.labels_to_image``, with its
             defaults (RENDER_DEFAULTS): mean_min, mean_max, std_min, std_max, zero_background,
@@ -157,7 +187,7 @@ class ShapesSynth:
 
     def __init__(self, shape, num_labels=16, label_scales=(8, 16, 32, 64), label_std=1.0,
                  warp_std=2.0, warp_scales=(16, 32), tie_prob=0.0, tie_jitter=10.0, low_contrast_prob=0.0,
-                 low_contrast_min=0.1, seed=None, **render_kwargs):
+                 low_contrast_min=0.1, resolution_max=1.0, seed=None, **render_kwargs):
         self.shape = _positive_ints("shape", shape)
         if len(self.shape) not in (2, 3):
             raise ValueError(f"shape must be 2D or 3D, got {self.shape!r}")
@@ -171,6 +201,9 @@ class ShapesSynth:
         if isinstance(low_contrast_min, bool) or not isinstance(low_contrast_min, (int, float)) \
                 or not 0 < low_contrast_min <= 1:
             raise ValueError(f"low_contrast_min must be a number in (0, 1], got {low_contrast_min!r}")
+        if isinstance(resolution_max, bool) or not isinstance(resolution_max, (int, float)) \
+                or not 1 <= resolution_max < np.inf:
+            raise ValueError(f"resolution_max must be a number >= 1, got {resolution_max!r}")
         for name, value in (("label_std", label_std), ("warp_std", warp_std), ("tie_jitter", tie_jitter)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < np.inf:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -181,6 +214,7 @@ class ShapesSynth:
         self.num_labels, self.label_std, self.warp_std = num_labels, label_std, warp_std
         self.tie_prob, self.tie_jitter = tie_prob, tie_jitter
         self.low_contrast_prob, self.low_contrast_min = low_contrast_prob, low_contrast_min
+        self.resolution_max = resolution_max
         self.seed = stream_seed(seed)
         self.render_args = {**RENDER_DEFAULTS, **render_kwargs}
 
@@ -239,6 +273,11 @@ class ShapesSynth:
                 sigmas = _uniform(keys["blur"], [ndim], np.finfo(np.float32).eps, args["blur_std"])
             width = int(np.round(args["blur_std"] * 3) * 2 + 1)  # neurite's window for the largest SD
             image = ne.utils.separable_conv(image, _gaussian_kernels(sigmas, width), batched=True)
+        if self.resolution_max > 1:
+            factors = _uniform(keys["resolution"], [ndim], 1., self.resolution_max)
+            for axis, factor in enumerate(tf.unstack(factors), start=1):
+                along = tf.tensordot(_resolution_matrix(image.shape[axis], factor), image, [[1], [axis]])
+                image = tf.experimental.numpy.moveaxis(along, 0, axis)
         if args["bias_std"] > 0:
             low = 0 if args["bias_modulate"] else args["bias_std"]
             image *= tf.exp(_perlin(keys["bias"], batch_size, (*self.shape, 1), np.ravel(args["bias_res"]),

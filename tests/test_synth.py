@@ -8,7 +8,7 @@ import pytest
 import cifl_tf  # noqa: F401  (Keras 2 before tensorflow)
 import tensorflow as tf
 from cifl_tf import checkpoint, models
-from cifl_tf.synth import ShapesSynth, batch_key, contrast_pairs
+from cifl_tf.synth import FWHM_SD, ShapesSynth, _resolution_matrix, batch_key, contrast_pairs
 from cifl_tf.training import train_encoder
 
 FINE = dict(label_scales=(2, 4, 8))  # shapes small enough for 32x32 / 16^3 images
@@ -149,6 +149,8 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     (dict(shape=(32, 32), low_contrast_min=0), "low_contrast_min must be a number in (0, 1], got 0"),
     (dict(shape=(32, 32), low_contrast_min=True), "low_contrast_min must be a number in (0, 1], got True"),
     (dict(shape=(32, 32), low_contrast_min=2), "low_contrast_min must be a number in (0, 1], got 2"),
+    (dict(shape=(32, 32), resolution_max=0.5), "resolution_max must be a number >= 1, got 0.5"),
+    (dict(shape=(32, 32), resolution_max="3"), "resolution_max must be a number >= 1, got '3'"),
 ])
 def test_bad_synth_arguments_raise(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
@@ -313,3 +315,42 @@ def test_the_encoder_training_stream_keeps_the_synthesis_stream_options(monkeypa
     monkeypatch.setattr(tf.keras.Model, "fit", lambda self, data, **kwargs: streams.append(data))
     train_encoder(shape=(16, 16), steps=1, batch_size=1, channels=2, features=2, max_offset=2, seed=0, verbose=0)
     assert streams[0].options().autotune.enabled is False
+
+
+def resolution_reference(size, factor):
+    """_resolution_matrix written from its definition, column by column: the unit impulse at each voxel blurred
+    by a normalised Gaussian of SD FWHM_SD sqrt(factor^2 - 1), read at 0, factor, 2 factor, ... (np.interp,
+    clipped to the last voxel), and those samples interpolated linearly at every voxel."""
+    positions = np.arange(size, dtype=np.float64)
+    sigma = FWHM_SD * np.sqrt(factor ** 2 - 1)
+    columns = []
+    for voxel in range(size):
+        if sigma > 0:
+            weights = np.exp(-0.5 * (positions[:, None] - positions[None, :]) ** 2 / sigma ** 2)
+            blurred = (weights / weights.sum(axis=1, keepdims=True))[:, voxel]
+        else:
+            blurred = np.eye(size)[voxel]
+        samples = np.minimum(np.arange(0, size + factor, factor), size - 1)
+        columns.append(np.interp(positions, np.arange(0, size + factor, factor)[:len(samples)],
+                                 np.interp(samples, positions, blurred)))
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("size, factor", [(7, 1.0), (9, 2.0), (10, 2.5), (5, 3.0), (12, 1.3), (6, 8.0)])
+def test_resolution_matrix_matches_its_definition(size, factor):
+    matrix = _resolution_matrix(size, tf.constant(factor)).numpy()
+    np.testing.assert_allclose(matrix, resolution_reference(size, factor), atol=1e-5)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1, rtol=1e-5)  # intensities keep their level
+
+
+def test_coarser_renders_are_smoother_and_keep_their_labels():
+    fine = ShapesSynth((32, 32), seed=0, **FINE)
+    coarse = ShapesSynth((32, 32), resolution_max=4, seed=0, **FINE)
+    for index in range(3):
+        labels, *views = fine(index, 2)
+        coarse_labels, *coarse_views = coarse(index, 2)
+        np.testing.assert_array_equal(coarse_labels, labels)
+        for view, coarse_view in zip(views, coarse_views):
+            roughness = [np.mean(np.abs(np.diff(v.numpy(), axis=axis))) for v in (view, coarse_view)
+                         for axis in (1, 2)]
+            assert roughness[2] < roughness[0] and roughness[3] < roughness[1]
