@@ -200,6 +200,9 @@ def main(argv=None):
     parser.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     try:
+        from .cli import _output_folder  # the CLI's check, imported here as the demo does
+
+        _output_folder(args.out)  # before the scoring, not after it
         pairs, notes = benchmark_pairs(args.subjects, args.data)
         compared = describers(args.encoder)
         for offset in (16, 0) if args.offset_ablation else ():

@@ -81,8 +81,13 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
 
 def check_checkpoint(directory):
     """ValueError naming the checkpoint when the latest one in `directory` is unreadable (none: fine)."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory}: not a folder, so it holds no checkpoint to resume from")
     checkpoint = tf.train.latest_checkpoint(directory)
     if checkpoint is None:
+        if os.path.exists(os.path.join(directory, "checkpoint")):  # the state file names checkpoints now gone
+            raise ValueError(f"{directory}: damaged checkpoint, cannot resume (its 'checkpoint' file names none "
+                             f"that can be read)")
         return
     try:
         reader = tf.train.load_checkpoint(checkpoint)
@@ -176,6 +181,8 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
     if os.path.exists(finished):
         raise FileExistsError(f"{finished}: already exists, the run in {out_dir} has finished; "
                               f"choose another output folder")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir}: is not a folder")
     if not resume:
         if os.path.exists(settings_path):
             raise FileExistsError(f"{out_dir}: already holds a training run: pass --resume (resume=True) to "

@@ -82,6 +82,7 @@ def _given_settings(args):
 
 
 def _train_encoder(args):
+    _output_folder(args.out)
     given = _given_settings(args)
     dim = args.dim or 2
     if len(given.get("shape", [96] * dim)) != dim:

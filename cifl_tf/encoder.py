@@ -253,6 +253,9 @@ def save_encoder(encoder, path):
 
     Each file is replaced atomically, so that a run killed while saving keeps the previous one.
     """
+    path = os.fspath(path)
+    if not path.endswith(".h5"):  # Keras would write a TF checkpoint (several files) under another name
+        raise ValueError(f"save_encoder: the weights file must end in .weights.h5, got {path!r}")
     write_atomically(path, encoder_model(encoder).save_weights)
     write_json(_config_path(path), _variable_dtypes(tf.keras.utils.serialize_keras_object(encoder)))
 
@@ -295,14 +298,18 @@ def load_encoder(path, trainable=False):
     if not isinstance(config, dict) or config.get("registered_name") not in _SAVED_LAYERS:
         raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder (or a Triplanar or "
                          f"FeatureStack)")
+    if not isinstance(trainable, bool):
+        raise TypeError(f"load_encoder: trainable must be True or False, got {trainable!r}")
+    kind = config["registered_name"].split(">")[1]
     try:
         encoder = tf.keras.utils.deserialize_keras_object(config)
     except (ValueError, TypeError, KeyError) as error:
-        kind = config["registered_name"].split(">")[1]
         raise ValueError(f"{config_path}: not a valid {kind} config ({first_line(error)})") from None
+    if not isinstance(encoder, tf.keras.layers.Layer):  # a config without its "config" or "class_name"
+        raise ValueError(f"{config_path}: not a valid {kind} config (it gives a {type(encoder).__name__})")
     try:
         encoder_model(encoder).load_weights(path)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, RuntimeError, KeyError) as error:  # h5py: RuntimeError, KeyError if damaged
         raise ValueError(f"{path}: weights do not load into the encoder of {config_path} "
                          f"({first_line(error)})") from None
     encoder.trainable = trainable
@@ -349,15 +356,13 @@ def pretrained(tau_gamma=None, ndim=2, trainable=False):
     (B, X, Y, Z, 1) -> (B, X, Y, Z, 3C); images in [0, 1].
     Raises: ValueError for another ndim or tau_gamma.
     """
-    if not isinstance(trainable, bool):
-        raise TypeError(f"pretrained: trainable must be True or False, got {trainable!r}")
     encoder = load_encoder(os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.weights.h5"), trainable)
     return encoder if ndim == 2 else Triplanar(encoder, trainable=trainable)
 
 
 def pretrained_log(tau_gamma=None, ndim=2):
-    """The path of a shipped encoder's training log (Keras CSVLogger: epoch, loss), for `pretrained`'s
-    arguments."""
+    """The path of a shipped encoder's training log (Keras CSVLogger: epoch, loss, and val_loss, NA as there
+    was no validation), for `pretrained`'s arguments."""
     return os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.log.csv")
 
 

@@ -358,6 +358,9 @@ def defaults_main(argv=None):
                  if key in ("learning_rate", "similarity", "reg_weight", "int_steps", "int_resolution")
                  and value is not None}
     try:
+        from .cli import _output_folder  # the CLI's check, imported here as the demo does
+
+        _output_folder(args.out)  # before the training, not after it
         train, test, pairs = defaults_data(args.data)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

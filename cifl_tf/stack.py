@@ -40,6 +40,9 @@ class FeatureStack(KL.Layer):
                              f"got {describers!r}")
         describers = [tf.keras.utils.deserialize_keras_object(d) if isinstance(d, dict) else d
                       for d in describers]
+        if len({id(d) for d in describers}) < len(describers):  # its weights would be saved once, loaded twice
+            raise ValueError(f"FeatureStack: a describer appears twice, "
+                             f"{[getattr(d, 'name', d) for d in describers]}: stack different layers")
         for describer in describers:
             tiling.check_layer(describer)
         dims = [d.ndim for d in describers]

@@ -309,6 +309,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"synth_kwargs: ShapesSynth does not take {unknown}; it takes {sorted(_synth_arguments())}")
     ShapesSynth(shape, **(synth_kwargs or {}))  # both check their arguments before anything is written
     steps_per_epoch = min(steps_per_epoch, steps)  # else a short run would train a whole epoch
+    if steps % steps_per_epoch:  # fit trains whole epochs: the last one would run past `steps`
+        raise ValueError(f"steps {steps} must be a multiple of steps_per_epoch {steps_per_epoch}")
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
                     features=features, architecture=architecture, dilations=dilations,
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,

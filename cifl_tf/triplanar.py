@@ -30,7 +30,8 @@ class Triplanar(KL.Layer):
     """
 
     def __init__(self, encoder, **kwargs):
-        super().__init__(**kwargs)
+        # No autocast, as CIFLEncoder: the encoder's first layer needs the volumes' intensities exact, not in 16 bits.
+        super().__init__(**{"autocast": False, **kwargs})
         if isinstance(encoder, dict):
             encoder = tf.keras.utils.deserialize_keras_object(encoder)
         if not isinstance(encoder, KL.Layer) or getattr(encoder, "ndim", None) != 2 or not hasattr(encoder, "channels"):

@@ -124,6 +124,13 @@ def test_markdown_has_a_table_per_metric_with_a_mean_row():
     assert lines[-1] == "*a note*"
 
 
+def test_script_refuses_an_output_folder_that_is_a_file_before_it_scores(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--subjects", "1", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "file")])
+    assert "is not a folder" in capsys.readouterr().err  # not the missing data, found after it
+
+
 def test_script_scores_every_describer_and_writes_tables(oasis_tiny, tmp_path, capsys):
     cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4), str(tmp_path / "enc.weights.h5"))
     results = benchmark.main(["--subjects", "1", "--data", str(oasis_tiny),

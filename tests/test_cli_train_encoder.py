@@ -99,6 +99,8 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--dilations", "2,4", "--out", "{empty}"], "architecture 'paper' takes none, got [2, 4]"),
     (["--local-normalization", "-1", "--out", "{empty}"], "local_normalization must be None or a positive sigma"),
     (["--pixel-contrast", "-1", "--out", "{empty}"], "pixel_contrast must be a non-negative number, got -1.0"),
+    (["--tau-gamma", "0", "--out", "{empty}"], "tau_gamma must be a positive number, got 0.0"),
+    (["--out", "{run}/settings.json"], "is not a folder"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):

@@ -120,10 +120,16 @@ def test_save_and_load_encoder(encoder_and_images, tmp_path, trainable):
     ("encoder.json", None, FileNotFoundError, "no such file .*encoder.json"),
     (None, tf.keras.utils.serialize_keras_object(tf.keras.layers.Dense(3)), ValueError, "not describe a CIFLEncoder"),
     (None, {"config": {}}, ValueError, "not describe a CIFLEncoder"),
+    (None, {"registered_name": "cifl_tf>CIFLEncoder"}, ValueError, r"encoder\.json: not a valid CIFLEncoder config"),
+    ("HEAP", None, ValueError, r"encoder\.weights\.h5: weights do not load"),  # h5py's RuntimeError
 ])
 def test_load_encoder_errors(tmp_path, remove, config, error, message):
     save_encoder(CIFLEncoder(channels=2, features=4), str(tmp_path / "encoder.weights.h5"))
-    if remove:
+    weights = tmp_path / "encoder.weights.h5"
+    if remove == "HEAP":  # a damaged local heap: zeros over its signature
+        raw = weights.read_bytes()
+        weights.write_bytes(raw.replace(b"HEAP", b"\0\0\0\0", 1))
+    elif remove:
         (tmp_path / remove).unlink()
     if config is not None:
         (tmp_path / "encoder.json").write_text(json.dumps(config))
@@ -365,3 +371,13 @@ def test_encoder_local_normalization_must_be_none_or_positive(value):
 def test_local_normalize_takes_single_channel_images():
     with pytest.raises(ValueError, match=r"single-channel 2D or 3D inputs .* got shape \(1, 8, 8, 2\)"):
         LocalNormalize()(np.zeros((1, 8, 8, 2), np.float32))
+
+
+def test_save_encoder_writes_h5_files_only_and_load_encoder_checks_trainable(tmp_path):
+    encoder = CIFLEncoder(channels=2, features=4)
+    with pytest.raises(ValueError, match=r"must end in \.weights\.h5, got '.*encoder'"):
+        save_encoder(encoder, str(tmp_path / "encoder"))
+    assert list(tmp_path.iterdir()) == []  # no TF checkpoint files left behind
+    save_encoder(encoder, str(tmp_path / "encoder.weights.h5"))
+    with pytest.raises(TypeError, match="trainable must be True or False, got 'no'"):
+        load_encoder(str(tmp_path), trainable="no")

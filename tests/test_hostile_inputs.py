@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -646,6 +647,19 @@ def _checkpoint(suffix, edit):
     return build
 
 
+def _checkpoint_index_deleted(run, checkpoints):
+    """The state file names a checkpoint whose index is gone: resumed, it would start again from epoch 0."""
+    prefix = pathlib.Path(tf.train.latest_checkpoint(str(run / checkpoints)))
+    prefix.with_name(prefix.name + ".index").unlink()
+    return run / checkpoints
+
+
+def _checkpoints_a_file(run, checkpoints):
+    shutil.rmtree(run / checkpoints)
+    (run / checkpoints).write_text("not a folder")
+    return run / checkpoints
+
+
 def _settings_folder(run, checkpoints):
     (run / "settings.json").unlink()
     return _folder(run / "settings.json")
@@ -664,6 +678,8 @@ BAD_RUNS = {  # name -> (builder(run folder, its checkpoint folder) -> the file 
     "checkpoint data flipped": (_checkpoint(".data-00000-of-00001", lambda b: bytes(255 - x for x in b)),
                                 "damaged checkpoint"),
     "checkpoint index truncated": (_checkpoint(".index", lambda b: b[:len(b) // 2]), "damaged checkpoint"),
+    "checkpoint index deleted": (_checkpoint_index_deleted, "damaged checkpoint"),
+    "checkpoints a file": (_checkpoints_a_file, "not a folder"),
 }
 BAD_ENCODER_SETTINGS = {  # name -> (builder, problem): train-encoder checks each field of its settings.json
     "settings missing field": (_settings(lambda s: {k: v for k, v in s.items() if k != "steps"}),
@@ -693,7 +709,7 @@ RESUME_CASES = [(command, bad) for command in RESUME_ROLES for bad in BAD_RUNS] 
                [("train-encoder", bad) for bad in BAD_ENCODER_SETTINGS]
 # One of each message for every command, and each field check of train-encoder's settings once.
 RESUME_DEFAULT = {"settings not JSON", "settings a list", "settings unknown field", "settings a folder",
-                  "checkpoint data truncated", *BAD_ENCODER_SETTINGS} - {"shape text", "shape zero", "steps huge float"}
+                  "checkpoint data truncated", "checkpoint index deleted", "checkpoints a file", *BAD_ENCODER_SETTINGS} - {"shape text", "shape zero", "steps huge float"}
 
 
 @pytest.mark.parametrize("command, bad", cases(RESUME_CASES, RESUME_DEFAULT))

@@ -60,6 +60,7 @@ def test_saves_and_loads_with_the_same_outputs(encoder, tmp_path):
     (["ONE"], ValueError, r"describers must be a list of two or more describer layers"),
     (["ENCODER", "a string"], TypeError, r"expected a Keras layer with ndim .* got str"),
     (["ENCODER", "MIND3"], ValueError, r"describers must all be 2D or all 3D, got ndims \[2, 3\]"),
+    (["ENCODER", "ONE"], ValueError, r"a describer appears twice"),  # saved once, it would not load
 ])
 def test_rejects_what_is_not_two_describers_of_one_ndim(encoder, bad, error, message):
     names = {"ONE": encoder, "ENCODER": encoder, "MIND3": MIND(ndim=3)}

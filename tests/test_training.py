@@ -101,6 +101,7 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     (None, dict(loss_scales=[0]), ValueError, r"scales must be distinct positive integers .* got \(0,\)"),
     (None, dict(pixel_contrast=-0.1), ValueError, "pixel_contrast must be a non-negative number, got -0.1"),
     ("new", dict(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
+    ("new", dict(steps=3, steps_per_epoch=2), ValueError, "steps 3 must be a multiple of steps_per_epoch 2"),
     ("new", dict(tau_gamma=0), ValueError, "tau_gamma must be a positive number, got 0"),
     ("new", dict(tau_alpha=float("nan")), ValueError, "tau_alpha must be a positive number, got nan"),
     ("new", dict(learning_rate=-1.0), ValueError, "learning_rate must be a positive number, got -1.0"),

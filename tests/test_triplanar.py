@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import cifl_tf
+import tensorflow as tf
 from cifl_tf import CIFLEncoder, Triplanar, load_encoder, save_encoder, tiling
 from cifl_tf.descriptors import MIND
 
@@ -85,3 +86,14 @@ def test_pretrained_3d_is_the_triplanar_of_a_shipped_2d_encoder():
 def test_inputs_must_be_single_channel_volumes(encoder, shape):
     with pytest.raises(ValueError, match=r"Triplanar\(.*\) expects single-channel inputs of rank 5"):
         Triplanar(encoder)(np.zeros(shape, np.float32))
+
+
+def test_a_global_mixed_policy_does_not_cast_the_volumes(encoder):
+    volume = np.random.default_rng(0).random((1, 5, 6, 7, 1)).astype(np.float32)
+    expected = Triplanar(encoder)(volume).numpy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = Triplanar(encoder)(volume).numpy()  # the float32 encoder must see the float32 volume
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    np.testing.assert_allclose(mixed, expected, atol=1e-6)
