@@ -14,12 +14,13 @@ while a run on a seeded stream must know it before: the stream restarts at that 
 batch. ``EpochCheckpoint`` restores before ``fit`` and passes the epoch as ``initial_epoch``.
 """
 import os
+import pathlib
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from .data import first_line, read_json, write_json
+from .data import first_line, read_json, write_atomically, write_json
 from .synth import stream_options
 
 SETTINGS_FILE = "settings.json"
@@ -77,6 +78,16 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if not self.is_chief:
             tf.io.gfile.rmtree(self._manager.directory)
+
+
+def epoch_log(path, finished_epochs, resume):
+    """Keras's CSVLogger writing `path`; on resume appending after the first `finished_epochs` rows, the rest
+    cut: a run killed after an epoch was logged but before it was checkpointed trains that epoch again."""
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            rows = f.readlines()[:1 + finished_epochs]  # the header and the checkpointed epochs
+        write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text("".join(rows)))
+    return tf.keras.callbacks.CSVLogger(path, append=resume)
 
 
 def check_checkpoint(directory):

@@ -404,7 +404,7 @@ def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
     checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints")
     saver = checkpoint.EpochCheckpoint(os.path.join(args.out, "checkpoints"), model)
     first_epoch = saver.restore()
-    log = tf.keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv"), append=args.resume)
+    log = checkpoint.epoch_log(os.path.join(args.out, "log.csv"), first_epoch, args.resume)
     model.fit(batches(first_epoch), initial_epoch=first_epoch, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
               callbacks=[StopOnNonFinite(), log, saver], verbose=1, **fit_kwargs)
     print(f"model written to {models.save_model(model, args.out)}")

@@ -349,7 +349,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             callbacks += [
                 tf.keras.callbacks.LambdaCallback(
                     on_epoch_end=lambda epoch, logs: write_atomically(weights, saver.save_weights)),
-                tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=resume),
+                checkpoint.epoch_log(os.path.join(out_dir, "log.csv"), initial_epoch, resume),
                 tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
             ]
         callbacks.append(backup)  # last: an epoch counts as done once it is logged and saved

@@ -40,6 +40,14 @@ def test_resume_continues_an_unfinished_run(interrupted_run):
     assert epochs(run) == [0, 1, 2] and (run / "result.json").is_file()
 
 
+def test_an_epoch_logged_but_not_checkpointed_is_logged_once(interrupted_run):
+    run = interrupted_run()  # stopped after epoch 0 of 3
+    with open(run / "log.csv", "a") as log:
+        log.write("1,9.0\n")  # epoch 1 logged, then the run killed before its checkpoint was saved
+    assert cli.main(["train-encoder", "--resume", "--out", str(run)]) == 0
+    assert epochs(run) == [0, 1, 2]
+
+
 # INTERRUPTED_RUN's settings as options, with --steps-per-epoch as a user may give it (train_encoder stores at
 # most --steps) and settings given at their defaults
 SAME_SETTINGS = ["--dim", "2", "--shape", "32x32", "--steps", "3", "--steps-per-epoch", "1", "--batch-size", "2",
