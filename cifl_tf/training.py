@@ -273,7 +273,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         strategy: None (the current one), "default", "mirrored", "multiworker" (see
             multi_worker_strategy; the chief writes `out_dir`, which all workers must share) or a
             tf.distribute.Strategy.
-        steps_per_epoch: steps between checkpoints and log rows (at most `steps`).
+        steps_per_epoch: steps between checkpoints and log rows (at most `steps`, which must be a multiple of it).
         synth_kwargs: ShapesSynth arguments (label scales, intensity ranges, ...).
         callbacks: more Keras callbacks.
 
