@@ -385,9 +385,10 @@ def _start_run(args):
     """Checks that --out can take files and that the run's numbers are positive, before any work (a run folder
     written for a refused run would stand in the way of the corrected command); seeds the run."""
     _output_folder(args.out)
-    for name in ("epochs", "batch_size", "steps_per_epoch", "nb_levels"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("epochs", "batch_size", "steps_per_epoch", "nb_levels"):  # those of the command given
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if not 0 < args.learning_rate < math.inf:
         raise ValueError(f"--learning-rate must be a positive number, got {args.learning_rate}")
     tf.keras.utils.set_random_seed(args.seed)

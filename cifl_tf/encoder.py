@@ -207,7 +207,8 @@ class CIFLEncoder(KL.Layer):
 
     def call(self, images):
         if not images.dtype.is_floating:  # an integer image is not yet in [0, 1]
-            raise TypeError(f"{self.name}: images must be floating-point intensities in [0, 1], got {images.dtype.name}")
+            raise TypeError(f"{self.name}: images must be floating-point intensities in [0, 1], "
+                            f"got {images.dtype.name}")
         if self.local_normalize is not None:
             x = self.local_normalize(images)
         else:
@@ -255,7 +256,7 @@ def save_encoder(encoder, path):
     """
     path = os.fspath(path)
     if not path.endswith(".h5"):  # Keras would write a TF checkpoint (several files) under another name
-        raise ValueError(f"save_encoder: the weights file must end in .weights.h5, got {path!r}")
+        raise ValueError(f"save_encoder: the weights file must be an .h5 file (encoder.weights.h5), got {path!r}")
     write_atomically(path, encoder_model(encoder).save_weights)
     write_json(_config_path(path), _variable_dtypes(tf.keras.utils.serialize_keras_object(encoder)))
 

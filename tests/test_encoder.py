@@ -375,7 +375,7 @@ def test_local_normalize_takes_single_channel_images():
 
 def test_save_encoder_writes_h5_files_only_and_load_encoder_checks_trainable(tmp_path):
     encoder = CIFLEncoder(channels=2, features=4)
-    with pytest.raises(ValueError, match=r"must end in \.weights\.h5, got '.*encoder'"):
+    with pytest.raises(ValueError, match=r"must be an \.h5 file \(encoder\.weights\.h5\), got '.*encoder'"):
         save_encoder(encoder, str(tmp_path / "encoder"))
     assert list(tmp_path.iterdir()) == []  # no TF checkpoint files left behind
     save_encoder(encoder, str(tmp_path / "encoder.weights.h5"))
