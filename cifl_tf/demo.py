@@ -169,6 +169,8 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
     _check_2d(encoder)
     if encoder_log is not None and encoder is None:
         raise ValueError(f"encoder_log {encoder_log!r} is the log of a given encoder, but no encoder was given")
+    if encoder_log is not None and not os.path.isfile(encoder_log):  # else found missing after all the training
+        raise ValueError(f"encoder_log {encoder_log!r}: no such file")
     start = time.time()
     sizes, data, train, test = _demo_subjects(quick, seed)
     n_subjects = len(data.labels)

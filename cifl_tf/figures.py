@@ -46,14 +46,17 @@ def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
     Args:
         encoder: a CIFLEncoder (2D).
         images: {contrast name: (H, W) image in [0, 1]}, the same anatomy in each contrast.
-        channels: how many feature channels to show.
+        channels: how many feature channels to show (at most the encoder's).
 
     Returns: the PNG path. Each channel has one colour scale shared by all rows, so that agreement
     across contrasts is visible as identical pictures down a column.
     """
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"feature_channels: channels must be a positive integer, got {channels!r}")
     names = list(images)
     stack = np.stack([images[n] for n in names])[..., np.newaxis].astype(np.float32)
     features = np.asarray(encoder(stack))[..., :channels]
+    channels = features.shape[-1]  # no empty panels for an encoder of fewer
     figure, axes = plt.subplots(len(names), channels + 1, figsize=(1.6 * (channels + 1), 2.0 * len(names)),
                                 squeeze=False)
     for row, name in enumerate(names):
@@ -138,7 +141,7 @@ def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, tit
     centre = [n // 2 for n in np.shape(fixed)]
     cuts = {"sagittal": (centre[0], slice(None), slice(None)), "coronal": (slice(None), centre[1], slice(None)),
             "axial": (slice(None), slice(None), centre[2])}
-    rows = [("fixed", fixed, None)] + [(name, volume, moved_labels[name]) for name, volume in moved.items()]
+    rows = [("fixed", fixed, None)] + [(name, volume, moved_labels.get(name)) for name, volume in moved.items()]
     figure, axes = plt.subplots(len(rows), len(cuts), figsize=(2.2 * len(cuts), 2.2 * len(rows)), squeeze=False)
     for row, (name, volume, labels) in enumerate(rows):
         for axis, (view, cut) in zip(axes[row], cuts.items()):

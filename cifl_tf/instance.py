@@ -261,7 +261,13 @@ def pool(image, factor):
     first copies the image into a tensor (1.3 GB for 48 channels at 160x192x224). The whole blocks are
     summed as a reshaped view: 0.32 s for factor 8 on 48 channels at 160x192x224, where np.add.reduceat took 2.7 s.
     """
+    _check_factor("pool", factor)
     return _pool_axes(np.asarray(image, np.float32), factor, range(np.ndim(image) - 1))
+
+
+def _check_factor(caller, factor):
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueError(f"{caller}: factor must be a positive integer, got {factor!r}")
 
 
 def _pool_axes(image, factor, axes):
@@ -405,8 +411,7 @@ def resample_field(field, factor, to_factor, shape):
 def upsample(image, factor):
     """(*shape) image -> (*(shape * factor)), linearly interpolated between pixel centres (border clamped):
     each pixel becomes a block of factor^ndim pixels, which `pool` averages back."""
-    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
-        raise ValueError(f"upsample: factor must be a positive integer, got {factor!r}")
+    _check_factor("upsample", factor)
     shape = tuple(size * factor for size in np.shape(image))
     return resample(np.asarray(image)[..., np.newaxis], factor, 1, shape)[..., 0]
 

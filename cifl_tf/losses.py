@@ -12,6 +12,9 @@ closer to its own counterpart in the other view than to other pixels'), as dense
 
 Also here: ``NCC``, voxelmorph's local normalised cross-correlation for registration, made fast on CPUs.
 """
+import math
+import numbers
+
 import numpy as np
 import tensorflow as tf
 
@@ -20,15 +23,14 @@ import voxelmorph as vxm
 
 def _check_temperatures(**taus):
     for name, tau in taus.items():
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau < math.inf:
             raise ValueError(f"{name} must be a positive number, got {tau!r}")
 
 
 def _feature_pair(f1, f2, caller):
-    """f1 and f2 (cast to f1's dtype) as tensors checked to be two (B, *spatial, C) feature images of one shape,
-    and C, which must be known."""
-    f1 = tf.convert_to_tensor(f1)
-    f2 = tf.cast(f2, f1.dtype)
+    """f1 and f2 as float32 tensors (in 16 bits, l2_normalize's epsilon underflows: zero features gave NaN)
+    checked to be two (B, *spatial, C) feature images of one shape, and C, which must be known."""
+    f1, f2 = (tf.cast(f, tf.float32) for f in (f1, f2))
     if f1.shape.rank is not None and f1.shape.rank < 3:
         raise ValueError(f"{caller}: features need shape (B, *spatial, C), got {f1.shape}")
     if not f1.shape.is_compatible_with(f2.shape):
@@ -93,6 +95,11 @@ def multiscale_contrastive_loss(f1, f2, scales=(1,), tau_alpha=1.0, tau_beta=1.0
     Returns: the batch mean, a scalar.
     """
     scales = check_scales(scales)
+    f1, f2 = tf.convert_to_tensor(f1), tf.convert_to_tensor(f2)
+    spatial = [size for size in f1.shape[1:-1] if size is not None]
+    if spatial and min(spatial) < max(scales):  # 'VALID' pooling would leave no pixel: a constant loss
+        raise ValueError(f"multiscale_contrastive_loss: scale {max(scales)} is larger than the features' spatial "
+                         f"size {min(spatial)}")
     losses = [contrastive_loss(*(f if s == 1 else tf.nn.avg_pool(f, s, s, "VALID") for f in (f1, f2)),
                                tau_alpha, tau_beta, tau_gamma) for s in scales]
     return tf.add_n(losses) / len(scales)

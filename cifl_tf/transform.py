@@ -49,6 +49,7 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     Returns: (B, *P, C), the dtype of images.
     """
     _check_interp_method(interp_method)
+    images, points = tf.convert_to_tensor(images), tf.convert_to_tensor(points)  # NumPy arrays too
     if not images.dtype.is_floating:
         raise TypeError(f"images must be floating point (cast label maps to float32), got {images.dtype.name}")
     shape = images.shape[1:-1]
@@ -109,6 +110,7 @@ def spatial_transform(images, displacement, interp_method="linear", fill_value=N
 
     Returns: (B, *P, C).
     """
+    images = tf.convert_to_tensor(images)
     displacement = tf.cast(displacement, images.dtype)
     return interpolate(images, _grid(displacement.shape[1:-1], images.dtype) + displacement, interp_method,
                        fill_value)
@@ -120,7 +122,7 @@ def integrate_velocity(velocity, steps=7):
 
     velocity: (B, *S, ndim) in voxels -> (B, *S, ndim).
     """
-    displacement = velocity / 2 ** steps
+    displacement = tf.convert_to_tensor(velocity) / 2 ** steps
     for _ in range(steps):
         displacement += spatial_transform(displacement, displacement)
     return displacement
@@ -132,6 +134,7 @@ def rescale_field(field, factor, interp_method="linear"):
 
     field: (B, *S, ndim) -> (B, *floor(S * factor), ndim), sampled on a grid whose corners are S's corners.
     """
+    field = tf.convert_to_tensor(field)
     shape = field.shape[1:-1]
     if factor == 1:
         return field

@@ -61,7 +61,8 @@ def test_training_curves_show_the_compared_encoders_that_have_a_log(given, log, 
     (cifl_tf.CIFLEncoder(channels=4, features=4, ndim=3), None, "needs a 2D encoder, got 3D"),
     (MIND(ndim=3), None, "needs a 2D encoder, got 3D"),
     (None, "run/log.csv", "but no encoder was given"),
-], ids=["3d-encoder", "3d-descriptor", "log-without-encoder"])
+    (cifl_tf.CIFLEncoder(channels=4, features=4), "missing/log.csv", "encoder_log 'missing/log.csv': no such file"),
+], ids=["3d-encoder", "3d-descriptor", "log-without-encoder", "missing-log"])
 def test_demo_refuses_a_3d_encoder_and_a_log_without_one(tmp_path, encoder, log, message):
     with pytest.raises(ValueError, match=message):
         demo.run_demo(str(tmp_path), quick=True, encoder=encoder, encoder_log=log)

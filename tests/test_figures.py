@@ -21,6 +21,10 @@ def test_figure2_has_a_row_per_contrast_and_a_column_per_channel(tmp_path):
     path = figures.feature_channels(encoder, {"t1": IMAGE, "t1_inverted": 1 - IMAGE}, tmp_path / "f2.png",
                                     channels=3)
     assert pixels(path) == (2 * 200, 4 * 160)  # figsize (1.6 (channels + 1), 2 rows) at 100 dpi
+    path = figures.feature_channels(encoder, {"t1": IMAGE}, tmp_path / "all.png", channels=6)
+    assert pixels(path) == (200, 5 * 160)  # the encoder's 4 channels, no empty panels
+    with pytest.raises(ValueError, match="channels must be a positive integer, got -1"):
+        figures.feature_channels(encoder, {"t1": IMAGE}, tmp_path / "none.png", channels=-1)
 
 
 def test_segmentations_have_rows_for_images_truth_and_each_method(tmp_path):

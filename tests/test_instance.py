@@ -234,6 +234,13 @@ def test_resample_field_interpolates_multilinearly(factor, to_factor, shape):
     np.testing.assert_allclose(instance.resample_field(field, factor, to_factor, shape), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("factor", [0, -2, 2.5, True])
+def test_pool_and_upsample_refuse_factors_that_are_not_positive_integers(factor):
+    for function in (instance.pool, instance.upsample):
+        with pytest.raises(ValueError, match=f"{function.__name__}: factor must be a positive integer, got {factor}"):
+            function(np.zeros((4, 4, 1), np.float32), factor)
+
+
 @pytest.mark.parametrize("shape, factor", [((10, 7), 4), ((9, 8), 2), ((8, 8), 8), ((3, 10), 8), ((7, 5), 8),
                                             ((5, 6, 7), 3), ((6, 4, 9), 2), ((4, 5), 1)])
 def test_pool_means_centred_blocks_as_tf_same_padding(shape, factor):

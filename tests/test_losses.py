@@ -178,6 +178,7 @@ def test_value_and_gradient_finite(kind, make, taus):
     ((0.0, 1.0, 0.1), "tau_alpha must be a positive number, got 0.0"),
     ((1.0, -1.0, 0.1), "tau_beta must be a positive number, got -1.0"),
     ((1.0, 1.0, "0.1"), "tau_gamma must be a positive number, got '0.1'"),
+    ((1.0, float("inf"), 0.1), "tau_beta must be a positive number, got inf"),
 ])
 def test_non_positive_temperatures_raise(taus, message):
     f1, f2 = features((1, 4, 4, 2), seed=0)
@@ -276,3 +277,19 @@ def test_ncc_takes_a_tuple_window_as_a_list():
     fixed, moved = (np.random.default_rng(seed).uniform(size=(1, 8, 7, 1)).astype(np.float32) for seed in (0, 1))
     np.testing.assert_allclose(cifl_tf.losses.NCC(win=(3, 5)).loss(fixed, moved),
                                cifl_tf.losses.NCC(win=[3, 5]).loss(fixed, moved))
+
+
+def test_numpy_temperatures_are_numbers_and_16_bit_zero_features_give_a_finite_loss():
+    f1, f2 = features((1, 4, 4, 3), seed=0)
+    np.testing.assert_allclose(contrastive_loss(f1, f2, np.float32(1), np.int64(1), np.float32(0.1)),
+                               contrastive_loss(f1, f2, 1.0, 1.0, 0.1), rtol=1e-6)
+    zeros = np.zeros((1, 4, 4, 3), np.float16)  # l2_normalize's epsilon underflows in 16 bits
+    np.testing.assert_allclose(contrastive_loss(zeros, zeros), contrastive_loss(zeros.astype(np.float32),
+                                                                                  zeros.astype(np.float32)))
+    assert np.isfinite(contrastive_loss(zeros, zeros))
+
+
+def test_multiscale_loss_refuses_a_scale_larger_than_the_features():
+    f1, f2 = features((1, 4, 5, 2), seed=0)
+    with pytest.raises(ValueError, match="scale 8 is larger than the features' spatial size 4"):
+        multiscale_contrastive_loss(f1, f2, (1, 8))

@@ -157,3 +157,12 @@ def test_layers_round_trip_through_a_keras_file_in_safe_mode(tmp_path):
 def test_bad_arguments_are_rejected_naming_the_value(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+def test_numpy_arrays_are_taken_as_tensors():
+    rng = np.random.default_rng(0)
+    images, field = rng.random((1, 6, 7, 2), np.float32), rng.normal(0, 1, (1, 6, 7, 2)).astype(np.float32)
+    np.testing.assert_array_equal(transform.spatial_transform(images, field),
+                                  transform.spatial_transform(tf.constant(images), tf.constant(field)))
+    for function, argument in ((transform.integrate_velocity, 3), (transform.rescale_field, 2)):
+        np.testing.assert_array_equal(function(field, argument), function(tf.constant(field), argument))
