@@ -367,6 +367,18 @@ def _part(dataset, args, part):
     return chosen
 
 
+def _consecutive_labels(dataset, folder):
+    """L, when the label maps hold the values 0..L-1; else DataError: a UNet of max + 1 classes would learn
+    classes that never occur (FreeSurfer's aseg values reach 255, aparc+aseg's 2035)."""
+    values = np.unique(dataset.labels)
+    if len(values) != values[-1] + 1:
+        shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+        raise data.DataError(f"{folder}: the label maps hold {len(values)} values up to {values[-1]} ({shown}), "
+                             f"not 0..{len(values) - 1}: renumber them 0..{len(values) - 1} (numpy.unique(labels, "
+                             f"return_inverse=True)), or give --nb-labels if some labels are absent from these data")
+    return len(values)
+
+
 def _check_labels(dataset, nb_labels, folder):
     """DataError naming the first subject whose label map has a label >= nb_labels."""
     largest = dataset.labels.reshape(len(dataset), -1).max(axis=1)
@@ -414,7 +426,7 @@ def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
 def _train_seg(args):
     _start_run(args)
     dataset = _dataset(args, args.contrast, args.dim)
-    nb_labels = args.nb_labels or int(dataset.labels.max()) + 1
+    nb_labels = args.nb_labels or _consecutive_labels(dataset, args.data)
     _check_labels(dataset, nb_labels, args.data)
     train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
     model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder_from_args(args, args.dim),
@@ -616,7 +628,8 @@ def _parser():
     seg_defaults = _defaults(models.segmentation_model)
     _add_train_args(p, epochs=50, batch_size=8, learning_rate=seg_defaults["learning_rate"])
     p.add_argument("--loss", choices=sorted(models.SEG_LOSSES), default=seg_defaults["loss"])
-    p.add_argument("--nb-labels", type=int, default=None, help="default: the largest label in the data + 1")
+    p.add_argument("--nb-labels", type=int, default=None,
+                   help="default: L, for label maps holding the values 0..L-1 (others are refused)")
     p.add_argument("--nb-features", type=int, default=models.UNET_DEFAULTS["nb_features"])
     p.add_argument("--nb-levels", type=int, default=models.UNET_DEFAULTS["nb_levels"])
     p.set_defaults(run=_train_seg)

@@ -245,6 +245,19 @@ def test_train_seg_on_ixi_volumes_and_evaluate_on_t2(ixi_tiny, tmp_path, capsys)
     assert status == 0 and "segmentation of t2, test part" in stdout and "over 1 images" in stdout
 
 
+def test_train_seg_refuses_label_values_that_are_not_0_to_l_minus_1_unless_told_how_many(ixi_tiny, tmp_path,
+                                                                                          capsys):
+    for path in ixi_tiny.glob("*/labels.nii.gz"):  # 0..4 -> 0, 10, ..., 40, as label values of an atlas may be
+        image = nib.load(path)
+        write_nifti(path, np.asarray(image.dataobj) * 10, image.affine)
+    argv = ["train-seg", "--data", ixi_tiny, "--dim", 3, "--epochs", 1, "--split", "1,1,1", *TINY_TRAIN]
+    status, _, err = run(capsys, *argv, "--out", tmp_path / "run")
+    assert status == 2 and "hold 5 values up to 40 (0, 10, 20, 30, 40), not 0..4: renumber them" in err
+    assert not (tmp_path / "run" / "settings.json").exists()
+    status, _, _ = run(capsys, *argv, "--out", tmp_path / "told", "--nb-labels", 41)
+    assert status == 0 and models.load_model(str(tmp_path / "told")).nb_labels == 41
+
+
 def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     (tmp_path / "model.keras").write_text("an earlier model")
     status, _, err = run(capsys, "train-seg", "--data", oasis_tiny, "--out", tmp_path, *TINY_TRAIN)
