@@ -71,11 +71,11 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
     if encoder is not None and getattr(encoder, "ndim", None) != 3:
         raise ValueError(f"the 3D demo needs a 3D encoder, got {getattr(encoder, 'ndim', None)}D "
                          f"{getattr(encoder, 'name', encoder)!r}")
-    os.makedirs(out_dir, exist_ok=True)  # an unusable folder fails now, not after the registrations
     start = time.perf_counter()
-    gflops = matmul_gflops()
     sizes = SIZES["quick" if quick else "demo"]
-    data = demo_data.demo_volumes(n_subjects=2, seed=seed, voxel_size=sizes["voxel_size"])
+    data = demo_data.demo_volumes(n_subjects=2, seed=seed, voxel_size=sizes["voxel_size"])  # checks the seed
+    os.makedirs(out_dir, exist_ok=True)  # an unusable folder fails now, not after the registrations
+    gflops = matmul_gflops()
     moving, (moving_labels, fixed_labels) = data.images["t1"][0], data.labels
     identity = np.zeros((*moving.shape, moving.ndim), np.float32)
     results = {UNREGISTERED: {t: _scores(moving_labels, fixed_labels, identity, 0.0) for t in TARGETS}}

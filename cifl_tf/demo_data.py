@@ -241,6 +241,7 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
     _check_int("slice_jitter", slice_jitter, 0)
     rendering = _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std)
     depth = _template()[0].shape[2]
+    _check_int("slice_jitter", slice_jitter, 0, (depth - 1) // 2)  # else no slice_index leaves room for it
     _check_int("slice_index", slice_index, slice_jitter, depth - 1 - slice_jitter)
 
     rng = np.random.default_rng(seed)
@@ -294,7 +295,7 @@ def _coarse_brain(voxel_size):
 def _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std):
     """The validated keyword arguments of ``_subjects``."""
     if seed is not None:
-        _check_int("seed", seed, 0)
+        _check_int("seed", seed, 0, 2 ** 32 - 1)  # Keras' seeds of the models trained on the subjects
     rendering = dict(warp_std=warp_std, intensity_jitter=intensity_jitter, bias_std=bias_std, noise_std=noise_std)
     for name, high in (("warp_std", np.inf), ("intensity_jitter", 1), ("bias_std", np.inf), ("noise_std", np.inf)):
         _check_number(name, rendering[name], 0, high)

@@ -151,3 +151,10 @@ def test_3d_demo_refuses_an_unusable_output_folder_before_working(tmp_path, monk
     assert cli.main(["demo", "--3d", "--quick", "--out", str(tmp_path / "file" / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path / "file") in err
+
+
+def test_3d_demo_refuses_a_bad_seed_before_working(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo3d, "matmul_gflops", lambda: pytest.fail("the demo started before checking the seed"))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        demo3d.run_demo_3d(str(tmp_path / "out"), quick=True, seed=-1)
+    assert not (tmp_path / "out").exists()
