@@ -444,6 +444,9 @@ def _train_seg(args):
 def _train_reg(args):
     _start_run(args)
     train = _part(_dataset(args, args.contrast, args.dim), args, "train")
+    if len(train) < 2:  # checked before the run folder is written, which would block the corrected command
+        raise data.DataError(f"{args.data}: registration training pairs two or more images of the train part, "
+                             f"which holds {len(train)}: choose --split (e.g. 2,0,0 for two subjects)")
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
     model = models.registration_model(train.images.shape[1:], encoder_from_args(args, args.dim),
                                       similarity=args.similarity, reg_weight=args.reg_weight,

@@ -265,6 +265,13 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     assert (tmp_path / "model.keras").read_text() == "an earlier model"
 
 
+def test_train_reg_refuses_a_train_part_of_one_image_before_it_writes_a_run(oasis_tiny, tmp_path, capsys):
+    status, _, err = run(capsys, "train-reg", "--data", oasis_tiny, "--out", tmp_path / "run", *TINY_TRAIN,
+                         "--split", "1,1,2")
+    assert status == 2 and "pairs two or more images of the train part, which holds 1: choose --split" in err
+    assert not (tmp_path / "run" / "settings.json").exists()
+
+
 @pytest.mark.parametrize("command, option, value", [
     ("train-seg", "--batch-size", "0"), ("train-seg", "--epochs", "0"), ("train-seg", "--learning-rate", "nan"),
     ("train-seg", "--nb-levels", "0"), ("train-reg", "--steps-per-epoch", "0"), ("train-reg", "--batch-size", "-1"),
