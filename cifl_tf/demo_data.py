@@ -236,8 +236,8 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
     Raises: ModuleNotFoundError without nilearn, FileNotFoundError when its template files are missing.
     """
     _check_int("n_subjects", n_subjects, 1)
-    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape)):
-        raise ValueError(f"shape must be (H, W), two positive integers, got {shape!r}")
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(_is_int(s) and s > 1 for s in shape)):
+        raise ValueError(f"shape must be (H, W), two integers >= 2, got {shape!r}")  # 1 pixel: its SD is 0
     _check_int("slice_jitter", slice_jitter, 0)
     rendering = _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std)
     depth = _template()[0].shape[2]

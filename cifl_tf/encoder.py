@@ -294,7 +294,8 @@ def load_encoder(path, trainable=False):
     config_path = _config_path(path)
     for required in (path, config_path):
         if not os.path.isfile(required):
-            raise FileNotFoundError(f"load_encoder: no such file {required!r}")
+            raise FileNotFoundError(f"load_encoder: no such file {required!r} (an encoder is a .weights.h5 file "
+                                    f"with its .json beside it, or the folder of a training run)")
     config = read_json(config_path)
     if not isinstance(config, dict) or config.get("registered_name") not in _SAVED_LAYERS:
         raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder (or a Triplanar or "

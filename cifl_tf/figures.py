@@ -93,8 +93,9 @@ def segmentations(images, truth, predictions, path, label_names=None):
         axes[row, 0].set_ylabel(textwrap.fill(name, 16), fontsize=9)
     colours = plt.get_cmap(LABEL_CMAP)(np.linspace(0, 1, max(nb_labels, 2)))
     names = label_names or [str(label) for label in range(nb_labels)]
-    figure.legend(handles=[matplotlib.patches.Patch(color=colours[label], label=names[label])
-                           for label in range(1, nb_labels)], loc="lower center", ncol=nb_labels - 1, fontsize=8)
+    if nb_labels > 1:  # a legend of the labels besides the background
+        figure.legend(handles=[matplotlib.patches.Patch(color=colours[label], label=names[label])
+                               for label in range(1, nb_labels)], loc="lower center", ncol=nb_labels - 1, fontsize=8)
     figure.suptitle("Trained on T1 only: segmentations of one test slice in each contrast", fontsize=10)
     figure.tight_layout(rect=(0, 0.03, 1, 1))
     return _save(figure, path, layout=False)

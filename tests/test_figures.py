@@ -34,6 +34,12 @@ def test_segmentations_have_rows_for_images_truth_and_each_method(tmp_path):
     assert pixels(path) == (int(100 * (2.1 * 4 + 0.4)), 2 * 180)
 
 
+def test_segmentations_of_background_only_have_no_legend(tmp_path):
+    empty = np.zeros_like(LABELS)
+    path = figures.segmentations({"t1": IMAGE}, empty, {"baseline": {"t1": empty}}, tmp_path / "seg.png")
+    assert pixels(path)[0] > 0
+
+
 def test_segmentation_rows_are_named_at_the_left_and_no_text_overlaps(tmp_path, monkeypatch):
     texts = {}
 
