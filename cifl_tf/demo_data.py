@@ -238,7 +238,6 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
     _check_int("n_subjects", n_subjects, 1)
     if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(_is_int(s) and s > 1 for s in shape)):
         raise ValueError(f"shape must be (H, W), two integers >= 2, got {shape!r}")  # 1 pixel: its SD is 0
-    _check_int("slice_jitter", slice_jitter, 0)
     rendering = _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std)
     depth = _template()[0].shape[2]
     _check_int("slice_jitter", slice_jitter, 0, (depth - 1) // 2)  # else no slice_index leaves room for it
