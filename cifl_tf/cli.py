@@ -91,11 +91,12 @@ def _train_encoder(args):
         settings = {key: DEFAULTS[key] for key in SETTINGS} | {"shape": [96] * dim} | given
     else:  # the run goes on with the settings it was started with; options may only repeat them
         settings = read_settings(args.out)
+        stored = dict(given)
         if "steps_per_epoch" in given:  # train_encoder stores it at most steps
-            given["steps_per_epoch"] = min(given["steps_per_epoch"], given.get("steps", settings["steps"]))
+            stored["steps_per_epoch"] = min(given["steps_per_epoch"], given.get("steps", settings["steps"]))
         conflicts = [f"{_OPTION_OF_SETTING.get(key, '--' + key.replace('_', '-'))}"
                      f"{'' if isinstance(value, bool) else ' ' + str(value)} differs from its {key} {settings[key]}"
-                     for key, value in given.items() if value != settings[key]]
+                     for key, value in given.items() if stored[key] != settings[key]]
         if args.dim is not None and "shape" not in given and args.dim != len(settings["shape"]):
             conflicts.append(f"--dim {args.dim} differs from its shape {settings['shape']}")
         if conflicts:  # ignoring them would leave e.g. a longer --steps believed but not trained
@@ -462,6 +463,9 @@ def _evaluate(args):
         _output_file(args.json)
     model = models.load_model(args.model)
     fixed = _part(_dataset(args, args.contrast, len(model.inshape)), args, args.part)
+    if fixed.images.shape[1:] != tuple(model.inshape):
+        raise data.DataError(f"{args.data}: its images are {fixed.images.shape[1:]}, the model {args.model} "
+                             f"takes {tuple(model.inshape)}")
     if isinstance(model, models.SegmentationModel):
         _check_labels(fixed, model.nb_labels, args.data)
         scores = evaluate_segmentation(model, fixed.images, fixed.labels, verbose=1)

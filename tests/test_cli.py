@@ -324,6 +324,12 @@ def _case_model_fixed(files, tmp):
             "--moved", "OUT"], r"other\.nii\.gz: shape \(16, 16\) differs from the model's input shape \(16, 20\)"
 
 
+def _case_data_shape(files, tmp):
+    make_oasis(tmp / "oasis", volume_shape=(12, 20, 8))
+    return ["evaluate", "--model", files / "seg.keras", "--data", tmp / "oasis", "--json", "OUT"], \
+        r"oasis: its images are \(12, 20\), the model .*seg\.keras takes \(16, 20\)"
+
+
 def _case_labels_outside(files, tmp):
     make_oasis(tmp / "oasis")
     path = tmp / "oasis" / "OASIS_OAS1_0002_MR1" / "slice_seg4.nii.gz"
@@ -385,7 +391,7 @@ def _case_output_name(files, tmp):
 
 @pytest.mark.parametrize("case", [
     _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
-    _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
+    _case_data_shape, _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
     _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
 ], ids=lambda case: case.__name__[len("_case_"):])
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(files, tmp_path, capsys, case):

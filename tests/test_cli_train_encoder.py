@@ -77,6 +77,7 @@ def test_resume_takes_options_that_repeat_the_runs_settings(interrupted_run, mon
      "--channels 5 differs from its channels 4; --no-bias differs from its use_bias True"),
     (["--synth", '{"label_scales": [2, 4]}'], "--synth {'label_scales': [2, 4]} differs from its synth_kwargs"),
     (["--steps-per-epoch", "2"], "--steps-per-epoch 2 differs from its steps_per_epoch 1"),
+    (["--steps-per-epoch", "5"], "--steps-per-epoch 5 differs from its steps_per_epoch 1"),  # above steps: as typed
     (["--dim", "3"], "--dim 3 differs from its shape [32, 32]"),
 ])
 def test_resume_refuses_options_that_differ_from_the_runs_settings(interrupted_run, capsys, argv, named):
