@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -234,8 +235,9 @@ def _model_input(path, model):
 
 
 def _file_axes(header):
-    """The spatial shape of the NIfTI file behind `header`, with the singleton axes that load_nifti drops."""
-    return tuple(header.get_data_shape()[:3])
+    """The spatial shape of the NIfTI file behind `header` as three axes, with the singleton axes that load_nifti
+    drops (a 2D header's H x W is H x W x 1)."""
+    return (tuple(header.get_data_shape()[:3]) + (1, 1))[:3]
 
 
 def _normalized_batch(image):
@@ -273,37 +275,45 @@ def _segment(args):
     print(f"label map written to {args.output}")
 
 
-def _on_fixed_grid(moving_path, fixed_path, ndim=None):
+def _on_fixed_grid(moving_path, fixed_path, inshape=None):
     """(moving, fixed, affine, header): the moving image resampled (linear) onto the fixed image's voxel grid.
 
     The nibabel affines place both images in world space; the fixed image's affine and header are returned.
+    `inshape`: the shape a registration model takes, checked first.
     """
-    fixed, affine, header = data.load_nifti(fixed_path, ndim=ndim)
+    fixed, affine, header = data.load_nifti(fixed_path, ndim=None if inshape is None else len(inshape))
     if fixed.ndim not in (2, 3):
         raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed.shape}")
+    if inshape is not None and fixed.shape != inshape:
+        raise data.DataError(f"{fixed_path}: shape {fixed.shape} differs from the model's input shape {inshape}")
     moving, moving_affine, moving_header = data.load_nifti(moving_path, ndim=fixed.ndim)
     if moving.shape != fixed.shape or not np.allclose(moving_affine, affine):
-        source = nibabel.Nifti1Image(moving.reshape(moving_header.get_data_shape()), moving_affine)
-        moving = nibabel.processing.resample_from_to(source, (header.get_data_shape(), affine), order=1)
-        moving = moving.get_fdata(dtype=np.float32).reshape(fixed.shape)
+        source = nibabel.Nifti1Image(moving.reshape(_file_axes(moving_header)), moving_affine)
+        resampled = nibabel.processing.resample_from_to(source, (_file_axes(header), affine), order=1)
+        resampled = resampled.get_fdata(dtype=np.float32).reshape(fixed.shape)
+        if moving.any() and not resampled.any():
+            raise data.DataError(f"{moving_path}: no part of it lies in the field of view of {fixed_path} (their "
+                                 f"affines place them apart)")
+        moving = resampled
     return moving, fixed, affine, header
 
 
 def _register(args):
     for path in filter(None, (args.moved, args.warp)):
         _nifti_output(path)
+    if args.warp and os.path.realpath(args.warp) == os.path.realpath(args.moved):
+        raise ValueError(f"--moved and --warp are the same file {args.warp}: the displacement would overwrite the "
+                         f"moved image")
     if args.model:
         for option, given in (("--levels", args.levels is not None), ("--steps", args.steps is not None),
+                              ("--max-memory", args.max_memory != tiling.DEFAULT_MAX_MEMORY),
                               ("--affine", args.affine), ("--feature-scale", args.feature_scale != 1),
                               ("--moved-features", args.moved_features is not None),
                               ("--stack-descriptor", args.stack_descriptor is not None)):
             if given:
                 raise ValueError(f"{option} is an option of instance optimisation, not of a --model")
         model = models.load_model(args.model, "registration")
-        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, ndim=len(model.inshape))
-        if fixed.shape != model.inshape:
-            raise data.DataError(f"{args.fixed}: shape {fixed.shape} differs from the model's input shape "
-                                 f"{model.inshape}")
+        moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, tuple(model.inshape))
         displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))[0]
     else:
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
@@ -390,8 +400,12 @@ def _check_labels(dataset, nb_labels, folder):
 
 
 def _run_settings(args):
-    """The arguments of a training command as its settings.json holds them (--resume must repeat them)."""
-    return json.loads(json.dumps({key: value for key, value in vars(args).items() if key not in ("run", "resume")}))
+    """The arguments of a training command as its settings.json holds them (--resume must repeat them), with
+    absolute paths, so that a job resumed from another folder or with `data/` for `data` is the same run;
+    --out is the run itself."""
+    settings = {key: value for key, value in vars(args).items() if key not in ("run", "resume", "out")}
+    settings.update({key: os.path.abspath(settings[key]) for key in ("data", "encoder") if settings.get(key)})
+    return json.loads(json.dumps(settings))
 
 
 def _start_run(args):
@@ -404,6 +418,8 @@ def _start_run(args):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if not 0 < args.learning_rate < math.inf:
         raise ValueError(f"--learning-rate must be a positive number, got {args.learning_rate}")
+    if getattr(args, "nb_labels", None) is not None and args.nb_labels < 2:
+        raise ValueError(f"--nb-labels must be an integer >= 2 (background and a label), got {args.nb_labels}")
     tf.keras.utils.set_random_seed(args.seed)
 
 
@@ -427,7 +443,7 @@ def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
 def _train_seg(args):
     _start_run(args)
     dataset = _dataset(args, args.contrast, args.dim)
-    nb_labels = args.nb_labels or _consecutive_labels(dataset, args.data)
+    nb_labels = _consecutive_labels(dataset, args.data) if args.nb_labels is None else args.nb_labels
     _check_labels(dataset, nb_labels, args.data)
     train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
     model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder_from_args(args, args.dim),
@@ -467,6 +483,9 @@ def _evaluate(args):
         raise data.DataError(f"{args.data}: its images are {fixed.images.shape[1:]}, the model {args.model} "
                              f"takes {tuple(model.inshape)}")
     if isinstance(model, models.SegmentationModel):
+        if args.moving_contrast != "t1":
+            raise ValueError(f"--moving-contrast {args.moving_contrast} is for registration models; {args.model} "
+                             f"segments")
         _check_labels(fixed, model.nb_labels, args.data)
         scores = evaluate_segmentation(model, fixed.images, fixed.labels, verbose=1)
         task = f"segmentation of {args.contrast}"
@@ -670,10 +689,18 @@ def _parser():
 ONEDNN_COMMANDS = ("demo", "register")
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if argv is None and args.command in ONEDNN_COMMANDS:  # the console command, not a call from Python
-        machine.relaunch_with_onednn(f"cifl {args.command}", ["-m", "cifl_tf.cli", *sys.argv[1:]])
+    if argv is None:  # the console command, not a call from Python
+        if args.command in ONEDNN_COMMANDS:
+            machine.relaunch_with_onednn(f"cifl {args.command}", ["-m", "cifl_tf.cli", *sys.argv[1:]])
+        # SIGTERM (kill, timeout, SLURM, docker stop) unwinds as Ctrl-C does, so that `finally` clauses remove
+        # the temporary file of an unfinished write; by default it would end the process where it stands.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         args.run(args)
     except (ValueError, OSError, ImportError) as error:

@@ -114,20 +114,29 @@ def _reading(path):
         raise DataError(f"{path}: not a readable NIfTI image ({first_line(error)})") from error
 
 
-def _read(path, ndim):
-    """Voxels (singleton axes squeezed; floats as float32) and nibabel image of a checked NIfTI file."""
+def _read(path, ndim, channels=False):
+    """Voxels (singleton axes of space squeezed, the channels last with `channels`; floats as float32) and
+    nibabel image of a checked NIfTI file."""
     path = os.fspath(path)
     if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1):
         raise ValueError(f"ndim must be None or a positive integer, got {ndim!r}")
+    if not isinstance(channels, bool):
+        raise TypeError(f"channels must be a bool, got {channels!r}")
     _stat_file(path)
     with _reading(path):
         image = nib.load(path)
     _check_header(path, image)
+    shape = image.shape
+    if not channels and math.prod(shape[3:]) > 1:  # squeezed, they would pass for an axis of space
+        raise DataError(f"{path}: holds {math.prod(shape[3:])} volumes or channels {shape}; a single 2D or 3D "
+                        f"image is expected")
     with _reading(path):
         data = _voxels(path, image)
-    data = data.squeeze()  # NIfTI pads shapes with singleton axes: a 2D slice is stored H x W x 1
-    if ndim is not None and data.ndim != ndim:
-        raise DataError(f"{path}: has {data.ndim} dimensions {image.shape}, expected {ndim}")
+    # NIfTI pads shapes with singleton axes: a 2D slice is stored H x W x 1, its C channels H x W x 1 x 1 x C
+    spatial = [size for size in shape[:3] if size > 1]
+    data = data.reshape(spatial + [math.prod(shape[3:])] if channels else spatial)
+    if ndim is not None and len(spatial) != ndim:
+        raise DataError(f"{path}: has {len(spatial)} dimensions {shape}, expected {ndim}")
     if data.dtype.kind == "f":
         with np.errstate(over="ignore"):  # values beyond float32 become Inf, reported next
             data = data.astype(np.float32, copy=False)
@@ -137,20 +146,25 @@ def _read(path, ndim):
     return data, image
 
 
-def load_nifti(path, ndim=None):
+def load_nifti(path, ndim=None, channels=False):
     """Reads a NIfTI image.
 
     Args:
         path: a ``.nii`` / ``.nii.gz`` file.
-        ndim: the number of dimensions the image must have once singleton axes are dropped
+        ndim: the number of spatial dimensions the image must have once singleton axes are dropped
             (2 for an H x W x 1 slice); None accepts any.
+        channels: read the axes after the third (volumes, or the channels of a vector image such as
+            ``save_nifti(..., channels=True)`` writes) as a last axis of channels; without it a file
+            with more than one volume or channel is refused.
 
-    Returns: (array float32 with singleton axes dropped, 4x4 affine, nibabel header).
+    Returns: (array float32 with singleton axes of space dropped, (*spatial) or with `channels` (*spatial, C),
+        4x4 affine, nibabel header).
     Raises: DataError for a missing or unreadable file, a header with non-positive dimensions or more
-        than MAX_VOXELS voxels (checked before reading voxels), a complex or RGB voxel type, a singular
-        affine, sform and qform that disagree, a wrong ndim, or NaN/Inf voxels.
+        than MAX_VOXELS voxels (checked before reading voxels), several volumes or channels without
+        `channels`, a complex or RGB voxel type, a singular affine, sform and qform that disagree, a wrong
+        ndim, or NaN/Inf voxels.
     """
-    data, image = _read(path, ndim)
+    data, image = _read(path, ndim, channels)
     return data.astype(np.float32), image.affine, image.header
 
 
@@ -268,9 +282,13 @@ def _nifti_image(path, array, affine, header, channels, name="save_nifti"):
         raise FileNotFoundError(f"{path}: no such folder to write to")
     if affine is None and header is None:
         affine = np.eye(4)
-    image = nib.Nifti1Image(array, affine, header, dtype=array.dtype)
-    if channels:
-        image.header.set_intent("vector")
+    # NIfTI-2 stays NIfTI-2 (a NIfTI-1 image made from its header warns that it resized the header)
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_class(array, affine, header, dtype=array.dtype)
+    # The input's display range and intent describe its own values, not these (viewers would show labels 0..2
+    # under a cal_max of 100 nearly black)
+    image.header["cal_min"] = image.header["cal_max"] = 0
+    image.header.set_intent("vector" if channels else "none")
     return image
 
 

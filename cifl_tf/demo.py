@@ -192,7 +192,7 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
     seconds = time.time() - start
     gflops = machine.matmul_gflops()  # the machine's speed in this run, to compare wall times by
     text = "\n\n".join(tables) + f"\n\n{n_subjects} demo subjects ({len(train)} train, {len(test)} test), " \
-                                 f"wall time {seconds:.0f} s on {os.cpu_count()} CPUs; tf.matmul 2048^2 float32 " \
+                                 f"wall time {seconds:.0f} s; tf.matmul 2048^2 float32 " \
                                  f"in this run: {gflops:.1f} GFLOP/s; {machine.describe()}"
     print("\n" + text)
     with open(os.path.join(out_dir, "table.md"), "w") as f:

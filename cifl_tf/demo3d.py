@@ -103,7 +103,7 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
              f"{sizes['steps']} steps each): T1 of subject 0 -> subject 1, {grid} voxels of {sizes['voxel_size']} mm; "
              f"{SAME_CONTRAST}: subject 0 in the fixed contrast, the reference")
     seconds = time.perf_counter() - start
-    note = (f"wall time {seconds:.0f} s on {os.cpu_count()} CPUs; tf.matmul 2048^2 float32 in this run: "
+    note = (f"wall time {seconds:.0f} s; tf.matmul 2048^2 float32 in this run: "
             f"{gflops:.1f} GFLOP/s; {describe()}")
     text = "\n".join([_table(results, title), note])
     print("\n" + text)

@@ -482,6 +482,9 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
     if isinstance(feature_scale, bool) or not isinstance(feature_scale, (int, np.integer)) or feature_scale < 1:
         raise ValueError(f"register_pair: feature_scale must be a positive integer, got {feature_scale!r}")
+    if moved_features is not None and encoder is None:
+        raise ValueError(f"register_pair: moved_features {moved_features!r} chooses how an encoder's features of the "
+                         f"moved image are made; intensities have none")
     if moved_features is None:
         moved_features = MOVED_FEATURES_DEFAULT[moving.ndim] if feature_scale == 1 else "warped"
     if moved_features not in MOVED_FEATURES:

@@ -48,9 +48,14 @@ def native_bfloat16():
     return onednn_enabled() and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
+def usable_cpus():
+    """The CPUs this process may run on (taskset, cgroups' cpusets, SLURM), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS has none
+
+
 def describe():
-    """One line for beside a timing: the CPU's vector flags and whether oneDNN is on."""
-    return f"CPU flags: {cpu_flags()}; oneDNN {'on' if onednn_enabled() else 'off'}"
+    """One line for beside a timing: the CPUs this process may use, their vector flags and whether oneDNN is on."""
+    return f"{usable_cpus()} CPUs; CPU flags: {cpu_flags()}; oneDNN {'on' if onednn_enabled() else 'off'}"
 
 
 def relaunch_with_onednn(name, arguments):

@@ -89,6 +89,8 @@ def tile_shape(shape, radius, pixel_bytes, max_memory=DEFAULT_MAX_MEMORY):
     """
     check_max_memory(max_memory)
     pixels = max_memory // pixel_bytes
+    if math.prod(shape) <= pixels:  # one tile: no halo beyond the image's border
+        return tuple(shape)
     side = round(pixels ** (1 / len(shape)))
     side -= side ** len(shape) > pixels  # the float root may round up
     side -= 2 * radius

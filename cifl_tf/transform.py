@@ -67,7 +67,10 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
 
     def gather(subscripts):
         """Values at integer float subscripts, one (B, *P) tensor per axis -> (B, *P, C)."""
-        index = first_rows + sum(tf.cast(sub, tf.int32) * stride for sub, stride in zip(subscripts, strides))
+        # A NaN subscript (a diverged field) would cast to -2^31 and stop the gather; it reads voxel 0 instead,
+        # and the result is made NaN below, so that the loss, not an index error, reports the divergence.
+        index = first_rows + sum(tf.cast(tf.where(tf.math.is_nan(sub), tf.zeros_like(sub), sub), tf.int32) * stride
+                                 for sub, stride in zip(subscripts, strides))
         return tf.gather(flat, index)
 
     if interp_method == "nearest":
@@ -86,7 +89,8 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     if fill_value is not None:
         outside = tf.reduce_any((points < 0) | (points > tf.constant(top, points.dtype)), axis=-1, keepdims=True)
         sampled = tf.where(outside, tf.cast(fill_value, sampled.dtype), sampled)
-    return sampled
+    nan_point = tf.reduce_any(tf.math.is_nan(points), axis=-1, keepdims=True)
+    return tf.where(nan_point, tf.constant(np.nan, sampled.dtype), sampled)
 
 
 def _swap_xy(field):

@@ -1,7 +1,12 @@
 """The downstream `cifl` sub-commands: NIfTI in and out, training and evaluation on data folders, errors."""
 import inspect
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +16,7 @@ import cifl_tf
 import tensorflow as tf
 from cifl_tf import cli, data, evaluate, models
 from cifl_tf.descriptors import MIND
-from conftest import make_oasis, phantom_image, phantom_labels, write_nifti
+from conftest import REPO, make_oasis, phantom_image, phantom_labels, write_nifti
 
 SLICE = (16, 20)  # the 2D shape of the tiny neurite-oasis fixture
 AFFINE = np.array([[0, 0, -1.5, 80], [2, 0, 0, -90], [0, 1, 0, 40], [0, 0, 0, 1]], float)
@@ -54,7 +59,7 @@ def test_features_of_a_slice_keep_the_affine_and_are_the_encoder_output(files, t
     out = tmp_path / "features.nii.gz"
     status, stdout, _ = run(capsys, "features", files / "a.nii.gz", out, "--encoder", files / "encoder.weights.h5")
     assert status == 0 and "3-channel features" in stdout
-    features, affine, _ = data.load_nifti(out)
+    features, affine, _ = data.load_nifti(out, channels=True)
     image, _, _ = data.load_nifti(files / "a.nii.gz")
     encoder = cifl_tf.load_encoder(str(files / "encoder.weights.h5"))
     np.testing.assert_allclose(features, encoder(data.normalize(image)[None, ..., None])[0], atol=1e-6)
@@ -79,7 +84,7 @@ def test_features_of_a_volume_with_a_3d_encoder(files, tmp_path, capsys):
     slice_file(tmp_path / "volume.nii.gz", shape=(8, 10, 6))
     status, _, _ = run(capsys, "features", tmp_path / "volume.nii.gz", tmp_path / "f.nii",
                        "--encoder", files / "encoder3d.weights.h5")
-    features, affine, _ = data.load_nifti(tmp_path / "f.nii")
+    features, affine, _ = data.load_nifti(tmp_path / "f.nii", channels=True)
     assert status == 0 and features.shape == (8, 10, 6, 3)
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)  # unit feature vectors
     np.testing.assert_array_equal(affine, AFFINE)
@@ -87,7 +92,7 @@ def test_features_of_a_volume_with_a_3d_encoder(files, tmp_path, capsys):
 
 def test_features_with_a_shipped_pretrained_encoder(files, tmp_path, capsys):
     status, stdout, _ = run(capsys, "features", files / "a.nii.gz", tmp_path / "f.nii.gz", "--pretrained", "0.1")
-    features, _, _ = data.load_nifti(tmp_path / "f.nii.gz")
+    features, _, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
     image, _, _ = data.load_nifti(files / "a.nii.gz")
     expected = cifl_tf.pretrained(0.1)(data.normalize(image)[None, ..., None])[0]
     assert status == 0 and features.shape == expected.shape
@@ -97,7 +102,7 @@ def test_features_with_a_shipped_pretrained_encoder(files, tmp_path, capsys):
 def test_features_without_an_encoder_use_the_recommended_one(tmp_path, capsys):
     image = slice_file(tmp_path / "in.nii.gz", SLICE)
     status, stdout, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz")
-    features, affine, _ = data.load_nifti(tmp_path / "f.nii.gz")
+    features, affine, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
     encoder = cifl_tf.pretrained()
     assert status == 0 and f"{encoder.channels}-channel features" in stdout
     assert features.shape == (*SLICE, encoder.channels)
@@ -108,7 +113,7 @@ def test_features_without_an_encoder_use_the_recommended_one(tmp_path, capsys):
 def test_features_of_a_volume_default_to_the_shipped_3d_encoder(tmp_path, capsys):
     image = slice_file(tmp_path / "in.nii.gz", (8, 10, 6))
     status, _, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz")
-    features, _, _ = data.load_nifti(tmp_path / "f.nii.gz")
+    features, _, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
     expected = cifl_tf.pretrained(ndim=3)(data.normalize(image)[None, ..., None])[0]
     assert status == 0 and features.shape == expected.shape == (8, 10, 6, expected.shape[-1])
     np.testing.assert_allclose(features, expected, atol=1e-5)
@@ -118,7 +123,7 @@ def test_features_of_a_4d_image_name_the_file(tmp_path, capsys):
     write_nifti(tmp_path / "in.nii.gz", np.ones((4, 5, 6, 2), np.float32))
     status, _, err = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz")
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert re.search(r"in\.nii\.gz: has 4 dimensions \(4, 5, 6, 2\), features need 2 or 3", err), err
+    assert re.search(r"in\.nii\.gz: holds 2 volumes or channels \(4, 5, 6, 2\)", err), err
     assert not (tmp_path / "f.nii.gz").exists()
 
 
@@ -140,7 +145,7 @@ def test_register_writes_the_moved_image_and_the_displacement_in_fixed_space(fil
                             "--warp", tmp_path / "warp.nii.gz")
     assert status == 0 and "moved image written" in stdout
     moved = nib.load(tmp_path / "moved.nii.gz")
-    displacement, warp_affine, _ = data.load_nifti(tmp_path / "warp.nii.gz")
+    displacement, warp_affine, _ = data.load_nifti(tmp_path / "warp.nii.gz", channels=True)
     assert moved.shape == (*SLICE, 1) and displacement.shape == (*SLICE, 2)
     assert np.abs(displacement).max() > 0.5
     np.testing.assert_array_equal(moved.affine, AFFINE)
@@ -185,7 +190,7 @@ def test_train_seg_on_encoder_features_keeps_the_encoder_weights(files, oasis_ti
 def test_features_with_the_mind_descriptor_of_the_image_dimension(tmp_path, capsys, variant, shape):
     image = slice_file(tmp_path / "in.nii.gz", shape)
     status, stdout, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz", "--descriptor", variant)
-    features, affine, _ = data.load_nifti(tmp_path / "f.nii.gz")
+    features, affine, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
     descriptor = MIND(len(shape), variant)
     assert status == 0 and f"{descriptor.channels}-channel features" in stdout
     np.testing.assert_allclose(features, descriptor(data.normalize(image)[None, ..., None])[0], atol=1e-6)
@@ -330,6 +335,18 @@ def _case_data_shape(files, tmp):
         r"oasis: its images are \(12, 20\), the model .*seg\.keras takes \(16, 20\)"
 
 
+def _case_nb_labels(files, tmp):
+    make_oasis(tmp / "oasis")
+    return ["train-seg", "--data", tmp / "oasis", "--out", "OUT", "--nb-labels", "0"], \
+        r"--nb-labels must be an integer >= 2 .*got 0"
+
+
+def _case_moving_contrast(files, tmp):
+    make_oasis(tmp / "oasis")
+    return ["evaluate", "--model", files / "seg.keras", "--data", tmp / "oasis", "--moving-contrast", "t2",
+            "--json", "OUT"], r"--moving-contrast t2 is for registration models; .*seg\.keras segments"
+
+
 def _case_labels_outside(files, tmp):
     make_oasis(tmp / "oasis")
     path = tmp / "oasis" / "OASIS_OAS1_0002_MR1" / "slice_seg4.nii.gz"
@@ -391,7 +408,7 @@ def _case_output_name(files, tmp):
 
 @pytest.mark.parametrize("case", [
     _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
-    _case_data_shape, _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
+    _case_data_shape, _case_nb_labels, _case_moving_contrast, _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
     _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
 ], ids=lambda case: case.__name__[len("_case_"):])
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(files, tmp_path, capsys, case):
@@ -462,3 +479,30 @@ def test_train_commands_take_their_defaults_from_the_python_api(command, functio
     args = cli._parser().parse_args([command, "--data", "DATA", "--out", "OUT"])
     defaults = inspect.signature(function).parameters
     assert {name: getattr(args, name) for name in names} == {name: defaults[name].default for name in names}
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
+    """kill, timeout and SLURM send SIGTERM: the command ends with status 143 and removes its unfinished file."""
+    volume = np.random.default_rng(0).random((64, 64, 64)).astype(np.float32)
+    write_nifti(tmp_path / "volume.nii.gz", volume)
+    out = tmp_path / "out"
+    out.mkdir()
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen([sys.executable, "-m", "cifl_tf.cli", "features", str(tmp_path / "volume.nii.gz"),
+                                str(out / "features.nii.gz"), "--max-memory", "2M"], env=environ,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not any(out.iterdir()):  # the temporary file is being filled
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, process.stderr.read()
+    assert list(out.iterdir()) == []
+
+
+def test_a_diverging_registration_run_stops_with_one_line(oasis_tiny, tmp_path, capsys):
+    """A huge learning rate makes the field NaN: the warp's gather must not fail on its coordinates before the
+    NaN loss reaches StopOnNonFinite."""
+    status, _, err = run(capsys, "train-reg", "--data", oasis_tiny, "--out", tmp_path / "run", "--epochs", "2",
+                         "--steps-per-epoch", "2", "--split", "3,0,1", "--learning-rate", "1e25", *TINY_TRAIN)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "training stopped: the " in err and "lower the learning rate" in err, err

@@ -26,11 +26,17 @@ def pair(tmp_path):
     return tmp_path
 
 
-def test_moving_is_resampled_onto_the_fixed_grid(pair):
+@pytest.mark.parametrize("moving_axes, fixed_axes", [((1,), (1,)), ((), (1,)), ((1, 1), (1,)), ((1,), (1, 1))])
+def test_moving_is_resampled_onto_the_fixed_grid(pair, moving_axes, fixed_axes):
+    """Whichever way the files store the slice: H x W x 1, H x W, or with a 4th singleton axis."""
+    for name, axes in (("moving", moving_axes), ("fixed", fixed_axes)):
+        image = nib.load(pair / f"{name}.nii.gz")
+        write_nifti(pair / f"{name}.nii.gz", np.asarray(image.dataobj)[..., 0].reshape(image.shape[:2] + axes),
+                    image.affine)
     moving, fixed, affine, header = cli._on_fixed_grid(pair / "moving.nii.gz", pair / "fixed.nii.gz")
     assert moving.shape == fixed.shape == (32, 32)
     np.testing.assert_array_equal(affine, FIXED_AFFINE)
-    assert header.get_data_shape() == (32, 32, 1)
+    assert header.get_data_shape() == (32, 32) + fixed_axes
     # Same world positions: on the columns both grids share, the fixed anatomy 2 rows further on.
     np.testing.assert_allclose(moving[:-2, ::2], fixed[2:, ::2], atol=1e-6)
 
@@ -40,7 +46,7 @@ def register(pair, capsys, *options):
     status, stdout, _ = run(capsys, "register", "--moving", pair / "moving.nii.gz", "--fixed", pair / "fixed.nii.gz",
                             "--moved", pair / "moved.nii.gz", "--warp", pair / "warp.nii.gz", "--intensity", "ncc",
                             *options)
-    return status, stdout, data.load_nifti(pair / "warp.nii.gz")[0] if status == 0 else None
+    return status, stdout, data.load_nifti(pair / "warp.nii.gz", channels=True)[0] if status == 0 else None
 
 
 def test_register_without_a_model_writes_on_the_fixed_grid(pair, capsys):
@@ -79,7 +85,7 @@ def test_register_without_a_model_undoes_the_shift(pair, capsys):
 def test_features_with_a_small_memory_budget_equal_the_untiled_features(pair, capsys):
     status, _, _ = run(capsys, "features", pair / "fixed.nii.gz", pair / "f.nii.gz", "--pretrained", "0.1",
                        "--max-memory", "300K")
-    features, _, _ = data.load_nifti(pair / "f.nii.gz")
+    features, _, _ = data.load_nifti(pair / "f.nii.gz", channels=True)
     image, _, _ = data.load_nifti(pair / "fixed.nii.gz")
     expected = cifl_tf.pretrained(0.1)(data.normalize(image)[None, ..., None])[0]
     assert status == 0
@@ -126,7 +132,7 @@ def test_features_refuse_a_descriptor_stacked_beside_a_descriptor_in_one_line(pa
 def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys):
     status, stdout, _ = run(capsys, "features", pair / "fixed.nii.gz", pair / "f.nii.gz", "--pretrained", "0.1",
                             "--stack-descriptor", "mind", "--max-memory", "300K")
-    features, _, _ = data.load_nifti(pair / "f.nii.gz")
+    features, _, _ = data.load_nifti(pair / "f.nii.gz", channels=True)
     image, _, _ = data.load_nifti(pair / "fixed.nii.gz")
     stack = cifl_tf.FeatureStack([cifl_tf.pretrained(0.1), cifl_tf.descriptors.MIND(ndim=2)])
     assert status == 0 and "20-channel features written" in stdout
@@ -145,6 +151,12 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--model", "MISSING", "--steps", "5"], r"--steps is an option of instance optimisation"),
     (["--model", "MISSING", "--moved-features", "warped"], r"--moved-features is an option of instance optimisation"),
     (["--model", "MISSING", "--stack-descriptor", "mind"], r"--stack-descriptor is an option of instance optimisation"),
+    (["--model", "MISSING", "--max-memory", "1M"], r"--max-memory is an option of instance optimisation"),
+    (["--intensity", "ncc", "--moved-features", "warped"], r"moved_features 'warped' chooses how an encoder's "
+                                                            r"features .* intensities have none"),
+    (["--intensity", "ncc", "--warp", "MOVED"], r"--moved and --warp are the same file"),
+    (["--intensity", "ncc", "--moving", "APART"], r"apart\.nii\.gz: no part of it lies in the field of view of "
+                                                   r".*fixed\.nii\.gz"),
     (["--intensity", "ncc", "--stack-descriptor", "mind"], r"stacks a descriptor beside a CIFL encoder, not beside "
                                                             r"--intensity"),
     (["--descriptor", "mind", "--stack-descriptor", "ssc"], r"stacks a descriptor beside a CIFL encoder, not beside "
@@ -157,8 +169,13 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
 ])
 def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, capsys, argv, message):
     write_nifti(pair / "volume.nii.gz", np.ones((8, 8, 8), np.float32))
+    moving = nib.load(pair / "moving.nii.gz")
+    apart = moving.affine.copy()
+    apart[2, 3] += 500  # 500 mm along z: a slice from elsewhere
+    write_nifti(pair / "apart.nii.gz", np.asarray(moving.dataobj), apart)
     (pair / "out").mkdir()
-    names = {"VOLUME": pair / "volume.nii.gz", "MISSING": pair / "missing.nii.gz",
+    names = {"VOLUME": pair / "volume.nii.gz", "MISSING": pair / "missing.nii.gz", "APART": pair / "apart.nii.gz",
+             "MOVED": pair / "out" / "moved.nii.gz",
              "NOFOLDER": pair / "nowhere" / "moved.nii.gz",
              "ENCODER_2D": cifl_tf.encoder.PRETRAINED_DIR + "/tau_gamma_0.1.weights.h5", "STACK": saved_stack(pair)}
     options = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz",

@@ -33,6 +33,21 @@ def test_save_then_load_keeps_values_affine_and_header(tmp_path):
     assert loaded_header.get_xyzt_units() == ("mm", "sec")
 
 
+@pytest.mark.parametrize("header_class", [nib.Nifti1Header, nib.Nifti2Header])
+@pytest.mark.parametrize("channels", [False, True])
+def test_save_resets_the_display_range_and_intent_of_the_input_header(tmp_path, capfd, header_class, channels):
+    """They describe the input's values: a label map under the input's cal_max 100 would show nearly black."""
+    header = header_class()
+    header["cal_min"], header["cal_max"] = 0, 100
+    header.set_intent("estimate")
+    data.save_nifti(tmp_path / "out.nii.gz", np.ones((4, 5, 2), np.float32), np.eye(4), header, channels=channels)
+    saved = nib.load(tmp_path / "out.nii.gz")
+    assert isinstance(saved.header, header_class)  # NIfTI-2 stays NIfTI-2
+    assert (saved.header["cal_min"], saved.header["cal_max"]) == (0, 0)
+    assert saved.header.get_intent()[0] == ("vector" if channels else "none")
+    assert capfd.readouterr().err == ""  # no "sizeof_hdr should be 348" from a NIfTI-1 image of a NIfTI-2 header
+
+
 def test_save_keeps_integer_and_bool_labels(tmp_path):
     labels = np.arange(20, dtype=np.int64).reshape(4, 5)
     data.save_nifti(tmp_path / "labels.nii", labels)
@@ -53,7 +68,7 @@ def test_save_header_of_other_dtype_does_not_cast_the_data(tmp_path):
 def test_multichannel_image_round_trips_as_vector_image(tmp_path, shape):
     features = np.random.default_rng(1).random(shape).astype(np.float32)
     data.save_nifti(tmp_path / "features.nii.gz", features, channels=True)
-    loaded, _, header = data.load_nifti(tmp_path / "features.nii.gz", ndim=len(shape))
+    loaded, _, header = data.load_nifti(tmp_path / "features.nii.gz", ndim=len(shape) - 1, channels=True)
     np.testing.assert_array_equal(loaded, features)
     assert header.get_intent()[0] == "vector"
 

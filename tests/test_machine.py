@@ -71,3 +71,8 @@ def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, ca
     assert program == sys.executable and arguments == [sys.executable, "-m", "cifl_tf.cli", "demo", "--quick"]
     assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
     assert capsys.readouterr().err.startswith("cifl demo: restarting with TensorFlow's oneDNN kernels on")
+
+
+def test_usable_cpus_are_those_the_process_may_run_on(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)  # as under `taskset -c 3`
+    assert machine.usable_cpus() == 1 and machine.describe().startswith("1 CPUs; CPU flags: ")

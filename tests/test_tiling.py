@@ -56,7 +56,7 @@ def test_a_layer_that_looks_at_the_whole_image_cannot_be_tiled():
         tiling.measured_radius(MinusImageMean())
 
 
-@pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((19, 23, 17), 20)])
+@pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((21, 23, 17), 20)])
 def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
     encoder = cifl_tf.pretrained(0.1) if len(shape) == 2 else encoder_3d
     image = np.random.default_rng(0).random(shape).astype(np.float32)
@@ -79,9 +79,9 @@ def test_a_locally_normalized_encoder_tiles_with_its_window_in_the_halo():
 
 def test_the_recommended_encoder_tiles_with_its_38_pixel_halo():
     encoder = cifl_tf.pretrained()
-    image = np.random.default_rng(1).random((97, 90)).astype(np.float32)
+    image = np.random.default_rng(1).random((107, 110)).astype(np.float32)  # more pixels than the budget's
     budget = tiling.bytes_per_pixel(encoder) * 100 ** 2  # extended tiles of 100 pixels: cores of 24
-    assert tiling.tile_shape(image.shape, 38, tiling.bytes_per_pixel(encoder), budget) == (20, 23)
+    assert tiling.tile_shape(image.shape, 38, tiling.bytes_per_pixel(encoder), budget) == (22, 22)
     tiled = tiling.tiled_features(encoder, image, max_memory=budget)
     np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
 
@@ -93,6 +93,7 @@ def test_the_recommended_encoder_tiles_with_its_38_pixel_halo():
     ((37, 53), 8, 4 * 30 ** 2, (13, 14)),          # core 14: 3 tiles of 13, 4 of 14
     ((64, 64, 64), 8, 4 * 48 ** 3, (32, 32, 32)),  # extended side 48 -> core 32
     ((10, 10, 10), 1, 4 * 1000 ** 3, (10, 10, 10)),  # the whole image fits
+    ((61, 67), 38, 4 * 61 * 67, (61, 67)),         # it fits just, with no halo beyond its border
 ])
 def test_tile_shape_from_budget(shape, radius, budget, expected):
     assert tiling.tile_shape(shape, radius, 4, budget) == expected

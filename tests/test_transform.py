@@ -17,12 +17,16 @@ def reference_interpolate(images, points, interp_method, fill_value):
 
     linear:  p clamped to [0, S - 1];  f(p) = sum over the corners c in {floor(p), floor(p) + 1}^ndim
              (clamped) of  prod_d (1 - |p_d - floor(p_d) - (c_d - floor(p_d))|)  *  image[c]
-    nearest: image[clamp(round_half_even(p))];  fill_value replaces points outside [0, S - 1].
+    nearest: image[clamp(round_half_even(p))];  fill_value replaces points outside [0, S - 1];
+    a point with a NaN coordinate (a diverged field) gives NaN.
     """
     shape = np.array(images.shape[1:-1])
     out = np.zeros((*points.shape[:-1], images.shape[-1]))
     for index in np.ndindex(*points.shape[:-1]):
         b, p = index[0], points[index].astype(np.float64)
+        if np.isnan(p).any():
+            out[index] = np.nan
+            continue
         if fill_value is not None and (np.any(p < 0) or np.any(p > shape - 1)):
             out[index] = fill_value
             continue
@@ -55,6 +59,7 @@ def test_interpolate_matches_the_formula(shape, interp_method, fill_value):
     points = grid + displacement
     points[0, 0, 0] = np.array(shape) - 1  # exactly on the last voxel: no weight beyond the border
     points[1, 0, 0] = 0.5  # a tie: nearest rounds half to even
+    points[1, -1, -1, -1] = np.nan  # one coordinate of one point
     assert np.any(points < 0) and np.any(points > np.array(shape) - 1)  # the border rules are exercised
     expected = reference_interpolate(images, points, interp_method, fill_value)
     got = transform.interpolate(tf.constant(images), tf.constant(points), interp_method, fill_value)
