@@ -87,6 +87,11 @@ class VelocityField(KL.Layer):
         return {**super().get_config(), "shape": list(self.shape)}
 
 
+# The field's layers compute in float32 whatever the global Keras policy: voxel coordinates in bfloat16 round past
+# the border (299 becomes 300 on a 300-voxel axis) and the warp's gather fails.
+EXACT = "float32"
+
+
 def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     """The model one level of register_pair fits (voxelmorph's InstanceDense without its downsampling).
 
@@ -104,12 +109,13 @@ def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     """
     grid = tuple(grid)
     inputs = [tf.keras.Input((*grid, channels), name="moving")]
-    velocity = VelocityField((*grid, len(grid)), name="velocity")(inputs[0])
-    displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate")(velocity)
+    velocity = VelocityField((*grid, len(grid)), name="velocity", dtype=EXACT)(inputs[0])
+    displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate", dtype=EXACT)(velocity)
     if initial:
         inputs.append(tf.keras.Input((len(grid), len(grid) + 1), name="initial"))
-        displacement = ComposeAffine(name="compose")([displacement, inputs[1]])
-    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([inputs[0], displacement])
+        displacement = ComposeAffine(name="compose", dtype=EXACT)([displacement, inputs[1]])
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp", dtype=EXACT)(
+        [inputs[0], displacement])
     if encoder is not None:
         moved = encoder(moved)
     return tf.keras.Model(inputs if initial else inputs[0], [moved, velocity], name="cifl_instance")
@@ -176,8 +182,9 @@ class AffineMatrix(KL.Layer):
 def affine_model(grid, channels, encoder=None):
     """The model of register_pair's affine stage: moving (B, *grid, F) -> moved (B, *grid, F or C)."""
     moving = tf.keras.Input((*tuple(grid), channels), name="moving")
-    matrix = AffineMatrix(grid, name="affine")(moving)
-    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")([moving, matrix])
+    matrix = AffineMatrix(grid, name="affine", dtype=EXACT)(moving)
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp", dtype=EXACT)(
+        [moving, matrix])
     return tf.keras.Model(moving, moved if encoder is None else encoder(moved), name="cifl_affine")
 
 
@@ -550,7 +557,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         field = displacement(model)
         field = resample_field(field, previous, 1, shape)
         if affine:  # moving(x + field(x) + a(x + field(x))): the image moved by the affine transform a, then deformed
-            return ComposeAffine()([field[np.newaxis], level_matrix(matrix, levels[0], shape)[np.newaxis]])[0].numpy()
+            matrix = level_matrix(matrix, levels[0], shape)[np.newaxis]
+            return ComposeAffine(dtype=EXACT)([field[np.newaxis], matrix])[0].numpy()
         return field
 
 
@@ -613,11 +621,17 @@ def _frozen(layer):
     if layer is None:
         yield
         return
-    trainable, layer.trainable = layer.trainable, False
+    # Each flag of its own: Keras's setter writes the outer one into every layer inside (a frozen encoder inside
+    # a Triplanar or FeatureStack would come back trainable)
+    # (parents come before their layers, so restoring in this order leaves each flag as it was)
+    flags = [(inner, inner.trainable) for inner in [layer, *layer.submodules]
+             if isinstance(inner, tf.keras.layers.Layer)]
+    layer.trainable = False
     try:
         yield
     finally:
-        layer.trainable = trainable
+        for inner, trainable in flags:
+            inner.trainable = trainable
 
 
 @functools.lru_cache(maxsize=None)

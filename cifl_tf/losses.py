@@ -181,6 +181,8 @@ class NCC(vxm.losses.NCC):
         ndims = Ji.shape.rank - 2
         if ndims not in (1, 2, 3):
             raise ValueError(f"NCC: images need shape (B, *spatial, F) with 1 to 3 spatial axes, got {Ji.shape}")
+        if not Ii.shape[1:].is_compatible_with(Ji.shape[1:]):  # broadcast, they would give values outside [-1, 0]
+            raise ValueError(f"NCC: y_true {Ii.shape} and y_pred {Ji.shape} differ in shape")
         win = [9] * ndims if self.win is None else list(self.win) if isinstance(self.win, (list, tuple)) \
             else [self.win] * ndims
         if len(win) != ndims or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in win):

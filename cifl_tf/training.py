@@ -14,11 +14,13 @@ import csv
 import inspect
 import json
 import math
+import numbers
 import os
 import shutil
 import time
 import warnings
 
+import numpy as np
 import tensorflow as tf
 
 from . import checkpoint, machine
@@ -209,6 +211,13 @@ SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invar
                     "loss_scales": [1], "pixel_contrast": 0.0, "precision": "float32"}
 
 
+def _plain(value):
+    """json.dumps's `default`: NumPy numbers and arrays as Python numbers and lists."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not a JSON value")
+
+
 def learning_rate_schedule(learning_rate, decay, steps):
     """The optimizer's learning rate: `learning_rate` throughout ("constant"), or from `learning_rate` at
     step 0 down to 0 at step `steps` along half a cosine ("cosine", Loshchilov & Hutter 2017; the shipped
@@ -281,9 +290,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     """
     shape = tuple(shape)
     for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(max_offset, bool) or not isinstance(max_offset, int) or max_offset < 0:
+    if isinstance(max_offset, bool) or not isinstance(max_offset, numbers.Integral) or max_offset < 0:
         raise ValueError(f"max_offset must be a non-negative integer, got {max_offset!r}")
     if max_offset >= min(shape, default=0):
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
@@ -318,8 +327,10 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     loss_scales=loss_scales, pixel_contrast=pixel_contrast, max_offset=max_offset,
                     learning_rate=learning_rate, learning_rate_decay=learning_rate_decay, precision=precision,
                     seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
-    settings = json.loads(json.dumps(settings))  # as settings.json holds them (tuples become lists)
+    # As settings.json holds them: tuples become lists, NumPy numbers Python ones
+    settings = json.loads(json.dumps(settings, default=_plain))
     checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
+    seed = settings["seed"]  # Keras's seeding takes Python integers only
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     if seed is not None:

@@ -101,6 +101,15 @@ def test_moved_features_encoded_and_a_cifl_encoder():
         np.testing.assert_array_equal(after, before)
 
 
+def test_the_trainable_flags_inside_the_callers_encoder_stay_as_they_were():
+    inner = cifl_tf.CIFLEncoder(4, 8)  # 2D, applied to the three planes
+    inner.trainable = False
+    triplanar = cifl_tf.Triplanar(inner)  # trainable itself, its encoder frozen
+    volume = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    cifl_tf.register_pair(volume, volume, triplanar, levels=(1,), steps=1, verbose=0)
+    assert triplanar.trainable and not inner.trainable and not triplanar.trainable_weights
+
+
 @pytest.mark.parametrize("shape, feature_scale, default", [
     ((24, 24), 1, "encoded"),
     ((24, 24), 2, "warped"),  # features of upsampled images are described once
@@ -538,3 +547,17 @@ def test_numpy_scalars_are_numbers():
     np.testing.assert_allclose(
         cifl_tf.register_pair(moving, t2, learning_rate=np.float32(0.1), reg_weight=np.float64(0.5), **kwargs),
         cifl_tf.register_pair(moving, t2, learning_rate=0.1, reg_weight=0.5, **kwargs), atol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_a_global_mixed_policy_does_not_reach_the_fitted_field(affine):
+    """In bfloat16, the coordinate 299 of a 300-pixel axis would round to 300, outside the image."""
+    rng = np.random.default_rng(0)
+    moving, fixed = rng.random((2, 24, 300)).astype(np.float32)
+    kwargs = dict(encoder=None, similarity="mse", levels=(1,), steps=2, affine=affine, verbose=0)
+    expected = cifl_tf.register_pair(moving, fixed, **kwargs)
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        np.testing.assert_allclose(cifl_tf.register_pair(moving, fixed, **kwargs), expected, atol=1e-6)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")

@@ -273,6 +273,12 @@ def test_ncc_rejects_bad_images_and_windows(win, shape, message):
         cifl_tf.losses.NCC(win=win).loss(np.ones(shape, np.float32), np.ones(shape, np.float32))
 
 
+@pytest.mark.parametrize("true_shape", [(1, 12, 12, 1), (1, 12, 10, 3)])
+def test_ncc_rejects_images_of_other_shapes(true_shape):
+    with pytest.raises(ValueError, match=r"NCC: y_true \(1, 12, 1[02], [13]\) and y_pred \(1, 12, 12, 3\) differ"):
+        cifl_tf.losses.NCC().loss(np.ones(true_shape, np.float32), np.ones((1, 12, 12, 3), np.float32))
+
+
 def test_ncc_takes_a_tuple_window_as_a_list():
     fixed, moved = (np.random.default_rng(seed).uniform(size=(1, 8, 7, 1)).astype(np.float32) for seed in (0, 1))
     np.testing.assert_allclose(cifl_tf.losses.NCC(win=(3, 5)).loss(fixed, moved),
