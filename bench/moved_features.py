@@ -19,6 +19,7 @@ import numpy as np
 
 import cifl_tf
 from cifl_tf import benchmark, data, demo_data
+from cifl_tf.cli import _positive_int
 from cifl_tf.descriptors import MIND
 from cifl_tf.instance import MOVED_FEATURES
 from cifl_tf.machine import describe, matmul_gflops
@@ -59,9 +60,12 @@ def main():
     parser.add_argument("--data", default=benchmark.oasis_sample(),
                         help="neurite-oasis folder with two subjects' slices")
     parser.add_argument("--demo", action="store_true", help="also four pairs of 2D demo subjects (needs nilearn)")
-    parser.add_argument("--steps", type=int, default=100, help="steps per level")
+    parser.add_argument("--steps", type=_positive_int, default=100, help="steps per level")
     args = parser.parse_args()
-    cases = {**oasis_cases(args.data), **(demo_cases() if args.demo else {})}
+    try:
+        cases = {**oasis_cases(args.data), **(demo_cases() if args.demo else {})}
+    except (ValueError, OSError, ImportError) as error:  # data.DataError; the demo without nilearn
+        parser.error(str(error))
     describers = {"recommended": cifl_tf.pretrained(), "MIND": MIND(ndim=2),
                   "recommended + MIND": cifl_tf.FeatureStack([cifl_tf.pretrained(), MIND(ndim=2)])}
     # One describer and mode over all cases, so that the cases reuse its compiled level models (register_pair

@@ -14,6 +14,7 @@ import numpy as np
 import cifl_tf  # noqa: F401  (first: it makes tf.keras the Keras 2 that voxelmorph needs)
 import tensorflow as tf
 import voxelmorph as vxm
+from cifl_tf.cli import _positive_int, _positive_integers
 from cifl_tf.losses import NCC, window_sums
 from cifl_tf.machine import describe, matmul_gflops
 
@@ -35,10 +36,13 @@ def seconds_per_gradient(loss, fixed, moved, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="53,65,54", help="spatial shape (the 3D demo's volumes by default)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shape", type=_positive_integers("shape", "53,65,54"), default=(53, 65, 54),
+                        help="spatial shape, 2D or 3D (the 3D demo's volumes by default)")
+    parser.add_argument("--repeats", type=_positive_int, default=3)
     args = parser.parse_args()
-    shape = tuple(int(n) for n in args.shape.split(","))
+    shape = tuple(args.shape)
+    if len(shape) not in (2, 3):  # the convolutions are tf.nn.conv2d or conv3d
+        parser.error(f"--shape must have 2 or 3 sizes, got {','.join(map(str, shape))}")
     rng = np.random.default_rng(0)
     fixed = tf.constant(rng.uniform(size=(1, *shape, 1)), tf.float32)
     moved = tf.constant(0.5 * fixed + rng.uniform(size=(1, *shape, 1)), tf.float32)

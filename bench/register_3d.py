@@ -15,6 +15,7 @@ Prints, in one run:
                                 [--similarity ncc|mse] [--invert] [--affine] [--max-memory BYTES]
 """
 import argparse
+import math
 import resource
 import time
 
@@ -22,6 +23,7 @@ import numpy as np
 
 import cifl_tf
 from cifl_tf import benchmark, data, instance, metrics, models, tiling
+from cifl_tf.cli import _bytes, _levels, _positive_int
 from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
 
@@ -43,10 +45,11 @@ def smooth_deformation(shape, std, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=benchmark.oasis_sample(), help="neurite-oasis folder with a subject's aligned_norm")
-    parser.add_argument("--levels", default=None,
+    parser.add_argument("--data", default=benchmark.oasis_sample(),
+                        help="neurite-oasis folder with a subject's aligned_norm")
+    parser.add_argument("--levels", type=_levels, default=None,
                         help="pooling factors, coarse to fine (default: register_pair's, instance.default_levels)")
-    parser.add_argument("--steps", type=int, default=100, help="steps per level")
+    parser.add_argument("--steps", type=_positive_int, default=100, help="steps per level")
     parser.add_argument("--method", choices=("ncc", "mi", "cifl", "mind", "cifl+mind"), default="ncc",
                         help="intensity NCC or MI, the shipped 3D CIFL features, MIND, or the two stacked")
     parser.add_argument("--similarity", choices=("ncc", "mse"), default="ncc",
@@ -54,11 +57,24 @@ def main():
     parser.add_argument("--invert", action="store_true", help="register T1 to inverted T1 (not with ncc)")
     parser.add_argument("--affine", action="store_true",
                         help="misalign the moving image affinely too (MISALIGNMENT), and fit an affine stage first")
-    parser.add_argument("--warp-std", type=float, default=3.0)
-    parser.add_argument("--max-memory", type=int, default=tiling.DEFAULT_MAX_MEMORY)
+    parser.add_argument("--warp-std", type=float, default=3.0, help="voxels, at least 0 (default 3)")
+    parser.add_argument("--max-memory", type=_bytes, default=tiling.DEFAULT_MAX_MEMORY, metavar="BYTES",
+                        help="e.g. 512M (default 1G)")
     args = parser.parse_args()
-
-    volume = data.load_oasis(args.data, dim=3, subjects=["OASIS_OAS1_0001_MR1"])
+    if args.method == "ncc" and args.invert:
+        parser.error("--invert with --method ncc: intensity NCC cannot compare T1 with inverted T1; "
+                     "choose --method mi, cifl, mind or cifl+mind")
+    if not 0 <= args.warp_std < math.inf:
+        parser.error(f"--warp-std must be a finite number of voxels, at least 0, got {args.warp_std}")
+    if args.levels is not None:
+        try:  # register_pair's own check, here before the volume is loaded and warped
+            instance._check_levels(args.levels)
+        except ValueError as error:
+            parser.error(f"--levels: {error}")
+    try:
+        volume = data.load_oasis(args.data, dim=3, subjects=["OASIS_OAS1_0001_MR1"])
+    except (ValueError, OSError) as error:  # data.DataError: no such folder, no such subject, unreadable file
+        parser.error(str(error))
     fixed, fixed_labels = volume.images[0], volume.labels[0]
     truth = smooth_deformation(fixed.shape, args.warp_std, seed=0)
     if args.affine:  # the affine misalignment, then the deformation
@@ -68,7 +84,7 @@ def main():
                                         "nearest")[0, ..., 0]).astype(np.int32)
     if args.invert:
         fixed = data.invert(fixed)
-    levels = instance.default_levels(fixed.shape) if args.levels is None else tuple(map(int, args.levels.split(",")))
+    levels = instance.default_levels(fixed.shape) if args.levels is None else args.levels
 
     encoder = cifl_tf.pretrained(ndim=3)
     start = time.perf_counter()

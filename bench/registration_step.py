@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 import cifl_tf
+from cifl_tf.cli import _positive_int
 from cifl_tf.machine import describe
 from train_step import matmul
 
@@ -24,15 +25,19 @@ def seconds(function):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs="+", default=(160, 192))
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--shape", type=int, nargs="+", default=(160, 192),
+                        help="2 or 3 sizes, each divisible by 16 (VxmDense's UNet downsampling)")
+    parser.add_argument("--batch-size", type=_positive_int, default=2)
+    parser.add_argument("--steps", type=_positive_int, default=5)
     args = parser.parse_args()
     shape = tuple(args.shape)
 
+    try:  # the model checks its shape before it builds anything
+        model = cifl_tf.registration_model(shape)
+    except ValueError as error:
+        parser.error(f"--shape: {error}")
     reference, reference_flops = matmul()
     reference()  # warm-up
-    model = cifl_tf.registration_model(shape)
     pair = [np.random.default_rng(seed).random((args.batch_size, *shape, 1), np.float32) for seed in (0, 1)]
     first = seconds(lambda: model.train_on_batch(pair))
     step = np.median([seconds(lambda: model.train_on_batch(pair)) for _ in range(args.steps)], axis=0)

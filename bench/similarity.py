@@ -19,9 +19,13 @@ from cifl_tf.machine import describe, matmul_gflops
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=benchmark.oasis_sample(), help="neurite-oasis folder with two subjects' slices")
+    parser.add_argument("--data", default=benchmark.oasis_sample(),
+                        help="neurite-oasis folder with two subjects' slices")
     args = parser.parse_args()
-    slices = data.load_oasis(args.data, dim=2)
+    try:
+        slices = data.load_oasis(args.data, dim=2)
+    except (ValueError, OSError) as error:  # data.DataError: no such folder, no subjects, unreadable file
+        parser.error(str(error))
     moving, fixed, fixed_labels = slices.images[0], slices.images[1], slices.labels[1]
     targets = benchmark.slice_contrasts(fixed, fixed_labels)
     describers = {"recommended": (cifl_tf.pretrained(), ("mse", "ncc")),

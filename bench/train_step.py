@@ -31,9 +31,10 @@ import numpy as np
 
 import cifl_tf
 import tensorflow as tf
+from cifl_tf.cli import _positive_int
 from cifl_tf.encoder import ARCHITECTURES
 from cifl_tf.machine import describe
-from cifl_tf.training import PRECISIONS, SiameseCIFL, adam, offset_views
+from cifl_tf.training import PRECISIONS, SiameseCIFL, adam, check_max_offset, offset_views
 
 DEFAULTS = {k: p.default for k, p in inspect.signature(cifl_tf.train_encoder).parameters.items()}
 
@@ -110,22 +111,26 @@ def spread(values):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--shape", type=int, nargs=2, default=tuple(DEFAULTS["shape"]),
+    parser.add_argument("--steps", type=_positive_int, default=40)
+    parser.add_argument("--batch-size", type=_positive_int, default=4)
+    parser.add_argument("--shape", type=_positive_int, nargs=2, default=tuple(DEFAULTS["shape"]),
                         help="crop shape (default: train_encoder's, the shipped encoders' 96 96)")
-    parser.add_argument("--features", type=int, default=DEFAULTS["features"])
-    parser.add_argument("--channels", type=int, default=DEFAULTS["channels"])
+    parser.add_argument("--features", type=_positive_int, default=DEFAULTS["features"])
+    parser.add_argument("--channels", type=_positive_int, default=DEFAULTS["channels"])
     parser.add_argument("--max-offset", type=int, default=DEFAULTS["max_offset"])
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=DEFAULTS["architecture"])
     parser.add_argument("--inversion-invariant", action="store_true", help="CIFLEncoder inversion_invariant")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of step and matmul timing")
+    parser.add_argument("--rounds", type=_positive_int, default=5, help="alternating rounds of step and matmul timing")
     parser.add_argument("--jit-compile", action="store_true", help="compile the step with XLA")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
                         help="the encoder's Keras dtype policy (train_encoder's precision)")
     parser.add_argument("--no-bias", action="store_true", help="convolutions without bias (CIFLEncoder use_bias)")
     args = parser.parse_args()
     shape, offset = tuple(args.shape), args.max_offset
+    try:
+        check_max_offset(offset, shape)  # train_encoder's own check: the two views must overlap
+    except ValueError as error:
+        parser.error(f"--max-offset: {error}")
 
     big = tuple(s + offset for s in shape)
     views = offset_views(cifl_tf.synth.contrast_pairs(big, args.batch_size, seed=0), shape, offset)
@@ -153,7 +158,7 @@ def main():
     works = {"step": flops, **{name: work for name, (_, work) in references.items()}}
     rate = {name: work / times[name] / 1e9 for name, work in works.items()}
     ratio = rate["step"] / rate["matmul"]  # per round, wall and CPU
-    print(f"CPU: {os.cpu_count()} logical cores; {describe()}")
+    print(f"CPU: {describe()}")
     print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}, "
           f"threads: intra {tf.config.threading.get_intra_op_parallelism_threads() or 'all'}, "
           f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'all'}, XLA {args.jit_compile}, "

@@ -47,6 +47,17 @@ def _shape(text):
     return shape
 
 
+def _positive_int(text):
+    """An argparse type: one positive integer (the bench/ scripts' counts use it too)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _positive_integers(name, example):
     """An argparse type: comma-separated positive integers such as `example`, as a list."""
     def parse(text):

@@ -247,6 +247,15 @@ def read_settings(out_dir):
     return checkpoint.read_settings(out_dir, SETTINGS, SETTING_DEFAULTS)
 
 
+def check_max_offset(max_offset, shape):
+    """ValueError unless max_offset is a non-negative integer smaller than every size of the crop shape, so
+    that the two views overlap."""
+    if isinstance(max_offset, bool) or not isinstance(max_offset, numbers.Integral) or max_offset < 0:
+        raise ValueError(f"max_offset must be a non-negative integer, got {max_offset!r}")
+    if max_offset >= min(shape, default=0):
+        raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {tuple(shape)}")
+
+
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
                   dilations=None, inversion_invariant=False, local_normalization=None, use_bias=True,
                   tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), pixel_contrast=0.0, max_offset=16,
@@ -292,10 +301,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(max_offset, bool) or not isinstance(max_offset, numbers.Integral) or max_offset < 0:
-        raise ValueError(f"max_offset must be a non-negative integer, got {max_offset!r}")
-    if max_offset >= min(shape, default=0):
-        raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {shape}")
+    check_max_offset(max_offset, shape)
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
     if precision not in PRECISIONS:
