@@ -201,10 +201,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         from .cli import _output_folder  # the CLI's check, imported here as the demo does
+        from .demo import _check_2d  # downstream.py's: both score 2D slices
 
         _output_folder(args.out)  # before the scoring, not after it
-        pairs, notes = benchmark_pairs(args.subjects, args.data)
         compared = describers(args.encoder)
+        for path in args.encoder:  # before any pair is made and scored: a 3D encoder fails on 2D slices
+            _check_2d(compared[path], f"--encoder {path}: the invariance benchmark")
+        pairs, notes = benchmark_pairs(args.subjects, args.data)
         for offset in (16, 0) if args.offset_ablation else ():
             compared[f"max_offset={offset}, {args.offset_ablation} steps"] = train_encoder(
                 steps=args.offset_ablation, max_offset=offset, seed=0, verbose=2)

@@ -25,7 +25,8 @@ from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .instance import MOVED_FEATURES, register_pair
 from .metrics import folding_fraction
 from .stack import FeatureStack
-from .training import LEARNING_RATE_DECAYS, PRECISIONS, SETTINGS, read_settings, train_encoder
+from .training import (LEARNING_RATE_DECAYS, POSITIVE_INTEGER, POSITIVE_NUMBER, PRECISIONS, SETTINGS, read_settings,
+                       train_encoder)
 
 
 def _defaults(function):
@@ -419,18 +420,26 @@ def _run_settings(args):
     return json.loads(json.dumps(settings))
 
 
-def _start_run(args):
-    """Checks that --out can take files and that the run's numbers are positive, before any work (a run folder
-    written for a refused run would stand in the way of the corrected command); seeds the run."""
+def _check_options(args, checks):
+    """ValueError naming the first option of `checks` ({dest: (check(value) -> bool, what it must be)}, such as
+    training.POSITIVE_INTEGER) whose value fails its check; options the command lacks or left out (None) pass."""
+    given = {f"--{name.replace('_', '-')}": (getattr(args, name), check) for name, check in checks.items()
+             if getattr(args, name, None) is not None}
+    checkpoint.check_settings({option: value for option, (value, _) in given.items()},
+                              {option: check for option, (_, check) in given.items()})
+
+
+# The numbers of train-seg and train-reg (those of the command given).
+TRAIN_CHECKS = {**dict.fromkeys(("epochs", "batch_size", "steps_per_epoch", "nb_levels"), POSITIVE_INTEGER),
+                "learning_rate": POSITIVE_NUMBER,
+                "nb_labels": (lambda value: value >= 2, "an integer >= 2 (background and a label)")}
+
+
+def _start_run(args, checks=TRAIN_CHECKS):
+    """Checks that --out can take files and the numbers of `checks` (`_check_options`), before any work (a run
+    folder written for a refused run would stand in the way of the corrected command); seeds the run."""
     _output_folder(args.out)
-    for name in ("epochs", "batch_size", "steps_per_epoch", "nb_levels"):  # those of the command given
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if not 0 < args.learning_rate < math.inf:
-        raise ValueError(f"--learning-rate must be a positive number, got {args.learning_rate}")
-    if getattr(args, "nb_labels", None) is not None and args.nb_labels < 2:
-        raise ValueError(f"--nb-labels must be an integer >= 2 (background and a label), got {args.nb_labels}")
+    _check_options(args, checks)
     tf.keras.utils.set_random_seed(args.seed)
 
 

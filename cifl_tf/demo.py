@@ -42,9 +42,9 @@ def _task_table(title, results, tests):
     return "\n".join(lines)
 
 
-def _check_2d(encoder):
+def _check_2d(encoder, what="the 2D demo"):
     if encoder is not None and getattr(encoder, "ndim", None) != 2:
-        raise ValueError(f"the 2D demo needs a 2D encoder, got {getattr(encoder, 'ndim', None)}D "
+        raise ValueError(f"{what} needs a 2D encoder, got {getattr(encoder, 'ndim', None)}D "
                          f"{getattr(encoder, 'name', encoder)!r}")
 
 

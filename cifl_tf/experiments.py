@@ -4,7 +4,7 @@ Every row trains one downstream network per method on T1 only, and scores it on 
 saw (and on T1, for reference). The scripts in ``experiments/`` and ``cifl demo`` are thin wrappers.
 
     methods = experiments.methods()         # {"baseline": None, "MIND": MIND(), "tau_gamma=1": encoder, ...}
-    results = experiments.segmentation_row(train, tests, nb_labels=5, methods=methods)
+    results, trained = experiments.segmentation_row(train, tests, nb_labels=5, methods=methods)  # and the models
     print(experiments.markdown_table({"seg_inverted_oasis": results}))
 """
 import argparse
@@ -21,7 +21,7 @@ from .descriptors import MIND
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
-from .training import train_encoder
+from .training import NON_NEGATIVE_INTEGER, NON_NEGATIVE_NUMBER, POSITIVE_INTEGER, POSITIVE_NUMBER, train_encoder
 
 BASELINE = "baseline"
 MIND_METHOD = "MIND"  # the hand-made modality independent descriptor, beside the learned encoders
@@ -52,7 +52,8 @@ def methods(tau_gammas=PRETRAINED_TAU_GAMMAS, train_steps=None, out_dir=None, ve
 
     With train_steps None the shipped encoders (`pretrained`); otherwise encoders trained here for that
     many steps with the settings the shipped ones were made with (`pretrained_info`), into
-    out_dir/encoder_tau_gamma=T when out_dir is given.
+    out_dir/encoder_tau_gamma=T when out_dir is given. Their epochs (checkpoints and log rows) are the
+    recipe's when its steps_per_epoch divides train_steps, else one epoch of train_steps.
     """
     encoders = {BASELINE: None, MIND_METHOD: MIND()}
     recipes = pretrained_info()
@@ -60,7 +61,10 @@ def methods(tau_gammas=PRETRAINED_TAU_GAMMAS, train_steps=None, out_dir=None, ve
         if train_steps is None:
             encoders[method_name(tau)] = pretrained(tau)
             continue
-        settings = {**recipes[f"{tau:g}"]["settings"], "steps": train_steps, "tau_gamma": tau}
+        recipe = recipes[f"{tau:g}"]["settings"]
+        # train_encoder trains whole epochs; their length changes no batch (each is drawn from its step alone)
+        per_epoch = recipe["steps_per_epoch"] if train_steps % recipe["steps_per_epoch"] == 0 else train_steps
+        settings = {**recipe, "steps": train_steps, "steps_per_epoch": per_epoch, "tau_gamma": tau}
         run = None if out_dir is None else os.path.join(out_dir, f"encoder_{method_name(tau)}")
         _announce(f"training the encoder {method_name(tau)} for {train_steps} steps", verbose)
         encoder = train_encoder(out_dir=run, verbose=verbose, **settings)
@@ -184,9 +188,18 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
                       for c, fixed in tests.items()}
 
 
+# The data folders of the rows: see row_data.
+FOLDERS = {"neurite-oasis": "neurite-oasis (2D slices)", "IXI-style": "IXI-style (2D t1/t2 slices and labels)"}
+
+
+def folder_kind(row):
+    """The key of FOLDERS that a row's data folder must be."""
+    return "IXI-style" if ROWS[row][3] == "t2" else "neurite-oasis"
+
+
 def _folder_row_data(row, data_dir, split, seed):
     unseen = ROWS[row][3]
-    if unseen == "t2":
+    if folder_kind(row) == "IXI-style":
         contrasts = data.load_ixi(data_dir, contrasts=("t1", "t2"), dim=2)
     else:
         t1 = data.load_oasis(data_dir, dim=2)
@@ -267,17 +280,28 @@ def markdown_table(rows, note=""):
 # ---- the experiments/ scripts: one row, all rows ----
 
 def main(rows, argv=None):
-    """Command line of the experiments/ scripts: runs `rows` and writes JSON, CSV and the Markdown table."""
+    """Command line of the experiments/ scripts: runs `rows` and writes each row's JSON and CSV, and their Markdown
+    table: table1.md for every row (experiments/table1.py), <row>.md for one row (its own script)."""
+    read_by = {}  # {folder kind: the rows that read one}
+    for row in rows:
+        read_by.setdefault(folder_kind(row), []).append(row)
+    folders = ", ".join(FOLDERS[kind] for kind in read_by)
     parser = argparse.ArgumentParser(description=f"Paper Table 1: {', '.join(rows)}")
-    parser.add_argument("--data", default=None, help="data folder with the paper's data: neurite-oasis for the "
-                        "OASIS rows, IXI-style 2D t1/t2 slices for the IXI row (default: the demo data)")
+    parser.add_argument("--data", default=None, help=(
+        f"data folder with the paper's data: {folders} (default: the demo data)" if len(read_by) == 1 else
+        f"not taken here: these rows read different folders ({folders}); with real data run each row's script "
+        f"with its folder, experiments/ROW.py --data DIR, which writes ROW.md (default: the demo data)"))
     parser.add_argument("--split", type=_split_arg, default=None,
                         help="train,val,test subject counts or fractions (default 232,58,100), or 'all'")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and single epochs")
     parser.add_argument("--train-encoders", action="store_true",
                         help="train the encoders here (with the shipped encoders' settings) instead of "
                              "using the shipped ones")
-    parser.add_argument("--encoder-steps", type=int, default=None, help="steps of --train-encoders")
+    parser.add_argument("--encoder-steps", type=int, default=None,
+                        help=f"steps of --train-encoders, a positive integer (default: "
+                             f"{SIZES['paper']['encoder_steps']}, {SIZES['quick']['encoder_steps']} with --quick); "
+                             f"each encoder checkpointed every steps_per_epoch of its shipped recipe when that "
+                             f"divides the steps, else at the end only")
     parser.add_argument("--epochs", type=int, default=None, help="override the downstream training epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results", help="output folder (default: results)")
@@ -287,12 +311,18 @@ def main(rows, argv=None):
         SIZES[size]["encoder_steps"] if args.encoder_steps is None else args.encoder_steps)
     table = {}
     try:
-        from .cli import _output_folder  # the CLI's check, imported here as the demo does
+        from .cli import _check_options, _output_folder  # the CLI's checks, imported here as the demo does
 
         _output_folder(args.out)  # before hours of training, not after them
-        for option, value in (("--epochs", args.epochs), ("--encoder-steps", args.encoder_steps)):
-            if value is not None and value < 1:
-                raise ValueError(f"{option} must be a positive integer, got {value}")
+        _check_options(args, {**dict.fromkeys(("epochs", "encoder_steps"), POSITIVE_INTEGER),
+                              "seed": NON_NEGATIVE_INTEGER})
+        if args.encoder_steps is not None and not args.train_encoders:  # else the shipped encoders run unsaid
+            raise ValueError(f"--encoder-steps {args.encoder_steps} is an option of --train-encoders, which was "
+                             f"not given")
+        if args.data is not None and len(read_by) > 1:  # else the rows of one kind fail after the others trained
+            which = "; ".join(f"{FOLDERS[kind]}: {', '.join(kind_rows)}" for kind, kind_rows in read_by.items())
+            raise ValueError(f"--data {args.data}: one folder for rows that read different ones ({which}); run "
+                             f"each row's script with its folder (experiments/ROW.py --data DIR)")
         compared = methods(train_steps=steps, out_dir=args.out)
         for row in rows:
             table[row], _ = run_row(row, compared, args.data, size, args.split, args.seed, args.epochs)
@@ -302,7 +332,8 @@ def main(rows, argv=None):
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     source = "demo data" if args.data is None else args.data
     text = markdown_table(table) + f"\n\nOurs: {source}, {size} settings; *paper* rows: the paper's Table 1.\n"
-    with open(os.path.join(args.out, "table1.md"), "w") as f:
+    name = "table1" if set(rows) == set(ROWS) else "+".join(rows)  # a row's script leaves the whole table alone
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text)
     print("\n" + text + f"results written to {args.out}/")
     return table
@@ -337,6 +368,13 @@ def defaults_data(folder, indices=range(60, 161), gap=8):
     return train, test, (test.images[moving], test.images[fixed], test.labels[moving], test.labels[fixed])
 
 
+# The numbers of experiments/defaults.py, checked before the data are read: the models would refuse some only
+# after that, and Keras others never (steps_per_epoch=-1 trains forever, a negative learning rate ascends).
+DEFAULTS_CHECKS = {**dict.fromkeys(("steps", "batch_size", "int_resolution"), POSITIVE_INTEGER),
+                   **dict.fromkeys(("seg_epochs", "seed", "int_steps"), NON_NEGATIVE_INTEGER),
+                   "learning_rate": POSITIVE_NUMBER, "reg_weight": NON_NEGATIVE_NUMBER}
+
+
 def defaults_main(argv=None):
     """Command line of experiments/defaults.py: do ``registration_model`` and ``segmentation_model`` with
     their default arguments improve on real slices within a CPU budget? Registration options given on
@@ -358,14 +396,13 @@ def defaults_main(argv=None):
                  if key in ("learning_rate", "similarity", "reg_weight", "int_steps", "int_resolution")
                  and value is not None}
     try:
-        from .cli import _output_folder  # the CLI's check, imported here as the demo does
+        from .cli import _start_run  # the CLI's checks, imported here as the demo does
 
-        _output_folder(args.out)  # before the training, not after it
+        _start_run(args, DEFAULTS_CHECKS)  # before the data are read and the models trained, not after; seeds them
         train, test, pairs = defaults_data(args.data)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     identity = label_overlap(pairs[2], pairs[3])
-    tf.keras.utils.set_random_seed(args.seed)
     model = registration_model(train.images.shape[1:], **overrides)
     model.fit(pair_batches(_channel_last(train.images), args.batch_size, args.seed), epochs=1,
               steps_per_epoch=args.steps, verbose=2)

@@ -23,6 +23,7 @@ import tensorflow as tf
 import neurite as ne
 import voxelmorph as vxm
 
+from . import checkpoint
 from ._compat import vxm_layers
 from .data import first_line, write_atomically
 from .descriptors import MIND
@@ -30,7 +31,7 @@ from .encoder import CIFLEncoder
 from .losses import NCC
 from .stack import FeatureStack
 from .synth import stream_options, stream_seed
-from .training import compile_for_fit
+from .training import POSITIVE_NUMBER, compile_for_fit
 from .transform import BATCHED_LAYERS, spatial_transform
 from .triplanar import Triplanar
 
@@ -182,12 +183,13 @@ def segmentation_model(inshape, nb_labels, encoder=None, loss="dice", learning_r
     Args:
         inshape, nb_labels, encoder, **unet_kwargs: see SegmentationModel.
         loss: "dice" (SoftDiceLoss) or "crossentropy"; compile again for any other.
-        learning_rate: of the Adam optimiser.
+        learning_rate: of the Adam optimiser, a positive number (or a Keras LearningRateSchedule).
 
     Returns: SegmentationModel, image (B, *inshape, 1) -> softmax (B, *inshape, nb_labels).
     """
     if loss not in SEG_LOSSES:
         raise ValueError(f"loss must be one of {sorted(SEG_LOSSES)}, got {loss!r}")
+    _check_learning_rate("segmentation_model", learning_rate)
     model = SegmentationModel(inshape, nb_labels, encoder, **unet_kwargs)
     compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate), loss=SEG_LOSSES[loss]())
     return model
@@ -353,13 +355,21 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
 
     Args:
         inshape, encoder, similarity, reg_weight, **vxm_kwargs: see RegistrationModel.
-        learning_rate: of the Adam optimiser.
+        learning_rate: of the Adam optimiser, a positive number (or a Keras LearningRateSchedule).
 
     Returns: RegistrationModel; ``model.register(moving, fixed)`` -> (B, *inshape, ndim) displacement.
     """
+    _check_learning_rate("registration_model", learning_rate)
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, **vxm_kwargs)
     compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate))
     return model
+
+
+def _check_learning_rate(caller, learning_rate):
+    """ValueError naming a learning rate that is not a positive finite number, before anything is built: Adam
+    takes NaN and trains NaN weights, and a negative rate, which it takes too, ascends the loss."""
+    if not isinstance(learning_rate, tf.keras.optimizers.schedules.LearningRateSchedule):  # Adam takes one too
+        checkpoint.check_settings({"learning_rate": learning_rate}, {"learning_rate": POSITIVE_NUMBER}, f"{caller}: ")
 
 
 def warp(images, displacement, interp_method="linear"):

@@ -177,24 +177,30 @@ def _non_negative(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
-def _positive(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+def _positive(value):  # numpy's float32 too: the learning rate a downstream model is given may be one
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf
 
+
+# (check of a value, what it must be), as checkpoint.check_settings takes them: shared by the settings.json
+# fields below, the command lines' numeric options (cli._check_options) and the downstream models.
+POSITIVE_INTEGER = (_count, "a positive integer")
+NON_NEGATIVE_INTEGER = (lambda v: _count(v, 0), "a non-negative integer")
+POSITIVE_NUMBER = (_positive, "a positive number")
+NON_NEGATIVE_NUMBER = (_non_negative, "a non-negative number")
 
 # Each settings.json field: (check of its value, what it must be).
 SETTINGS = {
     "shape": (lambda v: isinstance(v, list) and len(v) in (2, 3) and all(map(_count, v)),
               "a list of 2 or 3 positive integers"),
-    **{name: (_count, "a positive integer")
-       for name in ("steps", "batch_size", "channels", "features", "steps_per_epoch")},
+    **dict.fromkeys(("steps", "batch_size", "channels", "features", "steps_per_epoch"), POSITIVE_INTEGER),
     "architecture": (lambda v: v in ARCHITECTURES, f"one of {ARCHITECTURES}"),
     "dilations": (lambda v: v is None or isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
                   "null or a list of positive integers"),
     **{name: (lambda v: isinstance(v, bool), "true or false") for name in ("inversion_invariant", "use_bias")},
     "local_normalization": (lambda v: v is None or _positive(v), "null or a positive number"),
-    "max_offset": (lambda v: _count(v, 0), "a non-negative integer"),
-    "pixel_contrast": (_non_negative, "a non-negative number"),
-    **{name: (_positive, "a positive number") for name in ("tau_alpha", "tau_beta", "tau_gamma", "learning_rate")},
+    "max_offset": NON_NEGATIVE_INTEGER,
+    "pixel_contrast": NON_NEGATIVE_NUMBER,
+    **dict.fromkeys(("tau_alpha", "tau_beta", "tau_gamma", "learning_rate"), POSITIVE_NUMBER),
     "learning_rate_decay": (lambda v: v in LEARNING_RATE_DECAYS, f"one of {LEARNING_RATE_DECAYS}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_count, v)),

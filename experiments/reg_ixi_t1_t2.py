@@ -3,6 +3,8 @@
     python experiments/reg_ixi_t1_t2.py                     # demo data: T1 to the T2-like render
     python experiments/reg_ixi_t1_t2.py --data IXI_2D_DIR   # <subject>/{t1,t2,labels}.nii.gz 2D slices
     python experiments/reg_ixi_t1_t2.py --quick             # smoke run
+
+Writes results/reg_ixi_t1_t2.md (the row beside the paper's), .json and .csv (per-image Dice).
 """
 from cifl_tf.experiments import main
 

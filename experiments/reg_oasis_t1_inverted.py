@@ -3,6 +3,8 @@
     python experiments/reg_oasis_t1_inverted.py                       # demo data (no download)
     python experiments/reg_oasis_t1_inverted.py --data OASIS_2D_DIR   # the paper's data and settings
     python experiments/reg_oasis_t1_inverted.py --quick               # smoke run
+
+Writes results/reg_oasis_t1_inverted.md (the row beside the paper's), .json and .csv (per-image Dice).
 """
 from cifl_tf.experiments import main
 

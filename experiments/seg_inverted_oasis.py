@@ -3,6 +3,8 @@
     python experiments/seg_inverted_oasis.py                       # demo data (no download)
     python experiments/seg_inverted_oasis.py --data OASIS_2D_DIR   # the paper's data and settings
     python experiments/seg_inverted_oasis.py --quick               # smoke run
+
+Writes results/seg_inverted_oasis.md (the row beside the paper's), .json and .csv (per-image Dice).
 """
 from cifl_tf.experiments import main
 

@@ -131,6 +131,25 @@ def test_script_refuses_an_output_folder_that_is_a_file_before_it_scores(tmp_pat
     assert "is not a folder" in capsys.readouterr().err  # not the missing data, found after it
 
 
+def test_script_refuses_a_3d_encoder_before_it_scores(tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "enc3d.weights.h5")
+    cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("pairs made or scored before the encoder was checked")
+
+    monkeypatch.setattr(benchmark, "benchmark_pairs", no_work)
+    monkeypatch.setattr(benchmark, "score", no_work)
+    script = os.path.join(ROOT, "experiments", "invariance.py")
+    monkeypatch.setattr(sys, "argv", [script, "--encoder", path, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(script, run_name="__main__")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"invariance.py: error: --encoder {path}: the invariance benchmark needs a 2D encoder, got 3D 'cifl_encoder'"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_script_scores_every_describer_and_writes_tables(oasis_tiny, tmp_path, capsys):
     cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4), str(tmp_path / "enc.weights.h5"))
     results = benchmark.main(["--subjects", "1", "--data", str(oasis_tiny),

@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -223,3 +225,23 @@ def test_killed_at_random_points_resumes_exactly(tmp_path, uninterrupted, trial)
     elif not (run / "result.json").is_file():
         finish(run)
     np.testing.assert_allclose(load_encoder(str(run))(IMAGE), uninterrupted[2], atol=1e-5)
+
+
+def documented_commands():
+    """(file, line, arguments) of each whole `cifl train-encoder ...` command in README.md and docs/ (not a
+    mention of the command or of one option), `--seed S` as `--seed 0`."""
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text()
+        for found in re.finditer(r"`cifl train-encoder\s([^`]*)`", text):
+            arguments = shlex.split(found.group(1).replace("--seed S", "--seed 0"))
+            if len(arguments) > 2:
+                yield path.relative_to(REPO).as_posix(), text.count("\n", 0, found.start()) + 1, arguments
+
+
+@pytest.mark.parametrize("where, line, arguments", documented_commands())
+def test_documented_commands_parse(where, line, arguments):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            cli._parser().parse_args(["train-encoder", *arguments])
+        except SystemExit:  # e.g. without the required --out
+            pytest.fail(f"{where}:{line}: {err.getvalue().strip()}")

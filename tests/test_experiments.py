@@ -1,9 +1,11 @@
 """Table 1 experiments: the compared methods, each row's data, the row runners, outputs and scripts."""
 import csv
+import functools
 import json
 import os
 import runpy
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -38,6 +40,21 @@ def test_methods_trained_here_use_the_shipped_recipe(tmp_path):
     recipe = cifl_tf.encoder.pretrained_info()["1"]["settings"]
     # fields that train_encoder gained after the recipe was trained take the values the recipe used
     assert settings == {**cifl_tf.training.SETTING_DEFAULTS, **recipe, "steps": 1, "steps_per_epoch": 1}
+
+
+@pytest.mark.parametrize("steps, steps_per_epoch", [
+    (3, 3),  # not a multiple of the recipe's 2 steps per epoch: one epoch (as --encoder-steps 250 with 200)
+    (4, 2),  # a multiple: the recipe's epochs
+])
+def test_methods_train_encoders_for_any_number_of_steps(tmp_path, monkeypatch, steps, steps_per_epoch):
+    recipe = cifl_tf.encoder.pretrained_info()["1"]
+    tiny = {**recipe["settings"], "shape": [32, 32], "batch_size": 1, **TINY, "steps_per_epoch": 2}
+    monkeypatch.setattr(experiments, "pretrained_info", lambda: {"1": {**recipe, "settings": tiny}})
+    experiments.methods(tau_gammas=(1.0,), train_steps=steps, out_dir=tmp_path, verbose=0)
+    run = tmp_path / "encoder_tau_gamma=1"
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings == {**cifl_tf.training.SETTING_DEFAULTS, **tiny, "steps": steps, "steps_per_epoch": steps_per_epoch}
+    assert len((run / "log.csv").read_text().splitlines()) == 1 + steps // steps_per_epoch
 
 
 @pytest.mark.parametrize("row, unseen", [("seg_inverted_oasis", "t1_inverted"), ("reg_ixi_t1_t2", "t2")])
@@ -99,6 +116,17 @@ def phantoms(count, seed):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, (count, 2, 2)).repeat(16, axis=1).repeat(16, axis=2).astype(np.int32)
     return (labels / 2 + rng.normal(0, 0.05, labels.shape)).astype(np.float32), labels
+
+
+def test_the_module_example_runs(capsys):
+    example = "\n".join(line[4:] for line in experiments.__doc__.splitlines() if line.startswith("    "))
+    tiny = types.SimpleNamespace(methods=tiny_methods, markdown_table=experiments.markdown_table,
+                                 segmentation_row=functools.partial(experiments.segmentation_row, epochs=1, verbose=0,
+                                                                    nb_features=4, nb_levels=2))
+    test = phantoms(2, 1)
+    tests = {"t1": test, "t1_inverted": (1 - test[0], test[1])}
+    exec(example, {"experiments": tiny, "train": phantoms(4, 0), "tests": tests})
+    assert "| Segmentation | 2D | Inverted OASIS T1 | " in capsys.readouterr().out
 
 
 def test_segmentation_row_scores_every_method_on_every_contrast():
@@ -164,9 +192,68 @@ def test_experiment_script_runs_a_quick_row_on_a_data_folder(tmp_path, monkeypat
                                       "all", "--quick", "--out", str(tmp_path / "out")])
     runpy.run_path(os.path.join(ROOT, "experiments", "reg_oasis_t1_inverted.py"), run_name="__main__")
     assert "OASIS T1-Inverted T1 (t1_inverted): baseline" in capsys.readouterr().out
+    # its own table, not table1.md, which holds every row (experiments/table1.py)
     assert sorted(os.listdir(tmp_path / "out")) == ["reg_oasis_t1_inverted.csv", "reg_oasis_t1_inverted.json",
-                                                    "table1.md"]
-    assert "| Registration | 2D | OASIS T1-Inverted T1 |" in (tmp_path / "out" / "table1.md").read_text()
+                                                    "reg_oasis_t1_inverted.md"]
+    assert "| Registration | 2D | OASIS T1-Inverted T1 |" in (tmp_path / "out" / "reg_oasis_t1_inverted.md").read_text()
+
+
+@pytest.mark.parametrize("script, table, rows", [
+    ("seg_inverted_oasis.py", "seg_inverted_oasis.md", ["seg_inverted_oasis"]),
+    ("reg_ixi_t1_t2.py", "reg_ixi_t1_t2.md", ["reg_ixi_t1_t2"]),
+    ("table1.py", "table1.md", list(experiments.ROWS)),
+])
+def test_each_script_writes_its_own_table(tmp_path, monkeypatch, row_results, script, table, rows):
+    (tmp_path / "table1.md").write_text("every row")  # as table1.py left it
+    scores = row_results["baseline"]["t1"]
+    monkeypatch.setattr(experiments, "methods", lambda **kwargs: tiny_methods())
+    monkeypatch.setattr(experiments, "run_row", lambda row, *args: (
+        {name: {"t1": scores, experiments.ROWS[row][3]: scores} for name in tiny_methods()}, {}))
+    monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path)])
+    runpy.run_path(os.path.join(ROOT, "experiments", script), run_name="__main__")
+    assert sorted(name for name in os.listdir(tmp_path) if name.endswith(".md")) == sorted({"table1.md", table})
+    written = (tmp_path / table).read_text()
+    assert [row for row in experiments.ROWS if f"| {experiments.ROWS[row][2]} |" in written] == rows
+    if table != "table1.md":
+        assert (tmp_path / "table1.md").read_text() == "every row"
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work began before the arguments were checked")
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("defaults.py", ["--steps", "-1"], "--steps must be a positive integer, got -1"),  # Keras: trains forever
+    ("defaults.py", ["--steps", "0"], "--steps must be a positive integer, got 0"),
+    ("defaults.py", ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    ("defaults.py", ["--int-steps", "-1"], "--int-steps must be a non-negative integer, got -1"),
+    ("defaults.py", ["--int-resolution", "0"], "--int-resolution must be a positive integer, got 0"),
+    ("defaults.py", ["--reg-weight", "-1"], "--reg-weight must be a non-negative number, got -1.0"),
+    ("defaults.py", ["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    ("defaults.py", ["--seg-epochs", "-1"], "--seg-epochs must be a non-negative integer, got -1"),
+    ("defaults.py", ["--learning-rate", "nan"], "--learning-rate must be a positive number, got nan"),
+    ("defaults.py", ["--learning-rate", "-1"], "--learning-rate must be a positive number, got -1.0"),  # ascent
+    ("seg_inverted_oasis.py", ["--encoder-steps", "250"],
+     "--encoder-steps 250 is an option of --train-encoders, which was not given"),
+    ("seg_inverted_oasis.py", ["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    ("table1.py", ["--data", "DATA"], "--data DATA: one folder for rows that read different ones (neurite-oasis "
+                                      "(2D slices): seg_inverted_oasis, reg_oasis_t1_inverted; IXI-style (2D t1/t2 "
+                                      "slices and labels): reg_ixi_t1_t2); run each row's script with its "
+                                      "folder (experiments/ROW.py --data DIR)"),
+])
+def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys, script, argv, message):
+    for work in ("defaults_data", "methods", "run_row", "registration_model", "segmentation_model"):
+        monkeypatch.setattr(experiments, work, _no_work)
+    folder = str(tmp_path / "oasis")  # never read: the data are read after the checks
+    argv = [folder if arg == "DATA" else arg for arg in argv]
+    data = [] if "--data" in argv or script != "defaults.py" else ["--data", folder]
+    monkeypatch.setattr(sys, "argv", [script, *data, *argv, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(os.path.join(ROOT, "experiments", script), run_name="__main__")
+    assert exited.value.code == 2
+    message = message.replace("DATA", folder)
+    assert capsys.readouterr().err.splitlines() == [f"{script}: error: {message}"]  # one line, no traceback
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -175,6 +262,7 @@ def test_experiment_script_runs_a_quick_row_on_a_data_folder(tmp_path, monkeypat
     (["--data", "/no/such/folder"], "error: /no/such/folder"),
     (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--train-encoders", "--encoder-steps", "0"], "--encoder-steps must be a positive integer, got 0"),
+    (["--encoder-steps", "5"], "--encoder-steps 5 is an option of --train-encoders, which was not given"),
     (["--out", "FILE/results"], "is not a folder"),  # refused before any training
 ])
 def test_experiment_arguments_are_checked(capsys, tmp_path, argv, message):

@@ -277,10 +277,24 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      "int_steps must be an integer >= 0, got -1"),
     (lambda e: models.pair_batches(np.zeros((2, 8, 8, 1)), batch_size=0), ValueError,
      "batch_size must be a positive integer, got 0"),
+    # Adam takes these, and trains NaN weights or ascends the loss
+    *[(lambda e, rate=rate: cifl_tf.segmentation_model(SHAPE, 3, learning_rate=rate, **TINY_UNET), ValueError,
+       rf"segmentation_model: learning_rate must be a positive number, got {rate!r}")
+      for rate in (float("nan"), float("inf"), 0, -1.0, "0.1")],
+    *[(lambda e, rate=rate: cifl_tf.registration_model(SHAPE, learning_rate=rate, **TINY_VXM), ValueError,
+       rf"registration_model: learning_rate must be a positive number, got {rate!r}")
+      for rate in (float("nan"), -float("inf"), 0.0, -1)],
 ])
 def test_bad_arguments_are_rejected_naming_the_value(encoder, build, error, message):
     with pytest.raises(error, match=message):
         build(encoder)
+
+
+@pytest.mark.parametrize("learning_rate", [np.float32(1e-3),
+                                           tf.keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5)])
+def test_models_take_a_numpy_or_scheduled_learning_rate(learning_rate):
+    model = cifl_tf.segmentation_model(SHAPE, 3, learning_rate=learning_rate, **TINY_UNET)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
 
 
 def test_register_rejects_images_of_the_wrong_shape(tiny):
