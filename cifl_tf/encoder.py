@@ -13,6 +13,7 @@ the features the same when the image is scaled about 0 (about 1/2 with inversion
 """
 import json
 import math
+import numbers
 import os
 
 import numpy as np
@@ -30,6 +31,21 @@ CONTEXT_DILATIONS = (2, 4, 8, 16)
 ARCHITECTURES = ("paper", "context")
 
 
+def positive_integer(value):
+    """`value` as a Python int if it is a positive integer of any type (NumPy's too, not a bool), else None.
+    Python numbers keep the layers' configs JSON-serialisable."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    return None
+
+
+def positive_number(value):
+    """`value` as a Python float if it is a finite positive real number of any type (not a bool), else None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf:
+        return float(value)
+    return None
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class L2Normalize(KL.Layer):
     """Puts each pixel's feature vector on the unit sphere (paper Sec. 2, Wang and Isola 2020).
@@ -38,7 +54,10 @@ class L2Normalize(KL.Layer):
     """
 
     def call(self, features):
-        return tf.math.l2_normalize(features, axis=-1, epsilon=1e-12)
+        # In float16 the epsilon 1e-12 is 0 (zero vectors would give 0 / 0) and squares above 65504 overflow.
+        exact = tf.float32 if features.dtype == tf.float16 else features.dtype
+        normalized = tf.math.l2_normalize(tf.cast(features, exact), axis=-1, epsilon=1e-12)
+        return tf.cast(normalized, features.dtype)
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
@@ -58,15 +77,20 @@ class LocalNormalize(KL.Layer):
     def __init__(self, sigma=2.0, epsilon=0.01, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("sigma", sigma), ("epsilon", epsilon)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if positive_number(value) is None:
                 raise ValueError(f"LocalNormalize: {name} must be a positive number, got {value!r}")
         self.sigma, self.epsilon = float(sigma), float(epsilon)
         self.radius = math.ceil(3 * self.sigma)
 
-    def build(self, input_shape):
-        if len(input_shape) not in (4, 5) or input_shape[-1] != 1:
+    @staticmethod
+    def _check_images(input_shape):
+        shape = tf.TensorShape(input_shape)
+        if shape.rank is not None and (shape.rank not in (4, 5) or shape[-1] != 1):
             raise ValueError(f"LocalNormalize expects single-channel 2D or 3D inputs (batch, spatial..., 1), "
-                             f"got shape {tuple(input_shape)}")
+                             f"got shape {tuple(shape)}")
+
+    def build(self, input_shape):
+        self._check_images(input_shape)
         super().build(input_shape)
 
     def _window_means(self, maps):
@@ -81,6 +105,7 @@ class LocalNormalize(KL.Layer):
         return maps
 
     def call(self, images):
+        self._check_images(images.shape)  # every call, not just the first: see tiling.check_images
         images = tf.cast(images, tf.float32)
         sums = self._window_means(tf.concat([images, tf.square(images), tf.ones_like(images)], axis=-1))
         mean, mean_square = sums[..., :1] / sums[..., 2:], sums[..., 1:2] / sums[..., 2:]
@@ -157,9 +182,9 @@ class CIFLEncoder(KL.Layer):
         # float32 image under a mixed policy (bfloat16 would round x and 1 - x unequally, and flatten faint contrast).
         super().__init__(**{"autocast": False, **kwargs})
         for name, value in (("channels", channels), ("features", features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if positive_integer(value) is None:
                 raise ValueError(f"CIFLEncoder: {name} must be a positive integer, got {value!r}")
-        if ndim not in (2, 3):
+        if positive_integer(ndim) not in (2, 3):
             raise ValueError(f"CIFLEncoder: ndim must be 2 or 3, got {ndim!r}")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"CIFLEncoder: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
@@ -169,35 +194,38 @@ class CIFLEncoder(KL.Layer):
         if architecture == "context" and dilations is None:
             dilations = CONTEXT_DILATIONS
         if architecture == "context" and (not isinstance(dilations, (list, tuple)) or not dilations or any(
-                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations)):
+                positive_integer(d) is None for d in dilations)):
             raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
         for name, value in (("inversion_invariant", inversion_invariant), ("use_bias", use_bias)):
             if not isinstance(value, bool):
                 raise TypeError(f"CIFLEncoder: {name} must be True or False, got {value!r}")
-        if local_normalization is not None and (isinstance(local_normalization, bool) or not isinstance(
-                local_normalization, (int, float)) or not 0 < local_normalization < math.inf):
+        if local_normalization is not None and positive_number(local_normalization) is None:
             raise ValueError(f"CIFLEncoder: local_normalization must be None or a positive sigma in pixels, "
                              f"got {local_normalization!r}")
-        self.channels, self.features, self.ndim, self.architecture = channels, features, ndim, architecture
-        self.dilations = tuple(dilations or ())
+        self.channels, self.features, self.ndim = int(channels), int(features), int(ndim)
+        self.architecture = architecture
+        self.dilations = tuple(int(d) for d in dilations or ())
         self.inversion_invariant, self.use_bias = inversion_invariant, use_bias
         self.local_normalization = None if local_normalization is None else float(local_normalization)
         exact = self.dtype_policy.variable_dtype  # the normalisations' (see dtype above)
         self.local_normalize = (None if local_normalization is None
-                                else LocalNormalize(local_normalization, name="local_normalize", dtype=exact))
+                                else LocalNormalize(self.local_normalization, name="local_normalize", dtype=exact))
+        # A name ("relu"), also in configs saved before activations were serialised, or a function ("relu6")
         self.activation = tf.keras.activations.get(activation)
-        self._activation_name = activation
-        conv = KL.Conv2D if ndim == 2 else KL.Conv3D
-        widths = [features] * (NUM_CONVS - 1) + [channels]
+        conv = KL.Conv2D if self.ndim == 2 else KL.Conv3D
+        widths = [self.features] * (NUM_CONVS - 1) + [self.channels]
         self.convs = [conv(width, 3, padding="same", use_bias=use_bias and (i > 0 or not inversion_invariant),
                            name=f"conv_{i}", dtype=self.dtype_policy) for i, width in enumerate(widths)]
         # Undilated: `dilated` applies each at its dilation rate, on interleaved sub-images (faster, same output).
-        self.context = [conv(features, 3, padding="same", use_bias=use_bias, name=f"context_{i}",
+        self.context = [conv(self.features, 3, padding="same", use_bias=use_bias, name=f"context_{i}",
                              dtype=self.dtype_policy) for i in range(len(self.dilations))]
         self.normalize = L2Normalize(name="l2_normalize", dtype=exact)
 
-    def build(self, input_shape):
+    def _check_images(self, input_shape):
         check_images(f"CIFLEncoder(ndim={self.ndim})", self.ndim, input_shape)
+
+    def build(self, input_shape):
+        self._check_images(input_shape)
         shape = tf.TensorShape(input_shape)
         for conv in self.convs[:-1] + self.context + self.convs[-1:]:
             with tf.name_scope(conv.name):  # unique weight names: the .h5 model format needs them
@@ -206,6 +234,7 @@ class CIFLEncoder(KL.Layer):
         super().build(input_shape)
 
     def call(self, images):
+        self._check_images(images.shape)  # every call, not just the first: see tiling.check_images
         if not images.dtype.is_floating:  # an integer image is not yet in [0, 1]
             raise TypeError(f"{self.name}: images must be floating-point intensities in [0, 1], "
                             f"got {images.dtype.name}")
@@ -234,8 +263,8 @@ class CIFLEncoder(KL.Layer):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels, "features": self.features,
-                "ndim": self.ndim, "activation": self._activation_name, "architecture": self.architecture,
+        return {**super().get_config(), "channels": self.channels, "features": self.features, "ndim": self.ndim,
+                "activation": tf.keras.activations.serialize(self.activation), "architecture": self.architecture,
                 "dilations": list(self.dilations) if self.architecture == "context" else None,
                 "inversion_invariant": self.inversion_invariant, "local_normalization": self.local_normalization,
                 "use_bias": self.use_bias}
@@ -247,13 +276,20 @@ def encoder_model(encoder, name="cifl_encoder_model"):
     return tf.keras.Model(images, encoder(images), name=name)
 
 
+_SAVED_LAYERS = ("cifl_tf>CIFLEncoder", "cifl_tf>Triplanar", "cifl_tf>FeatureStack")  # what load_encoder loads
+
+
 def save_encoder(encoder, path):
     """Writes `path` (.weights.h5 of an encoder_model) and `path` with .json: the layer config, with the
     dtype of its weights (float32 for an encoder trained under a mixed precision policy) as the policy of each
     of its layers, nested encoders' too (a Triplanar's or FeatureStack's).
 
     Each file is replaced atomically, so that a run killed while saving keeps the previous one.
+    Raises: TypeError for any other layer (a MIND, say), which load_encoder would not load.
     """
+    if tf.keras.utils.get_registered_name(type(encoder)) not in _SAVED_LAYERS:
+        raise TypeError(f"save_encoder: saves a CIFLEncoder, Triplanar or FeatureStack (what load_encoder loads), "
+                        f"got {type(encoder).__name__}")
     path = os.fspath(path)
     if not path.endswith(".h5"):  # Keras would write a TF checkpoint (several files) under another name
         raise ValueError(f"save_encoder: the weights file must be an .h5 file (encoder.weights.h5), got {path!r}")
@@ -275,9 +311,6 @@ def _variable_dtypes(config):
     if isinstance(policy, str):
         config["dtype"] = tf.keras.mixed_precision.Policy(policy).variable_dtype
     return config
-
-
-_SAVED_LAYERS = ("cifl_tf>CIFLEncoder", "cifl_tf>Triplanar", "cifl_tf>FeatureStack")
 
 
 def load_encoder(path, trainable=False):

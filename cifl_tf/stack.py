@@ -11,9 +11,12 @@ PD-like) 0.016-0.044 Dice better than the encoder alone, and better than MIND bu
 (docs/registration.md, "Stacked features"). For segmentation it did not: a UNet on those stacked features
 segmented T1 0.05 worse than on the encoder's (docs/levers.md).
 """
+import itertools
+
 import tensorflow as tf
 
 from . import tiling
+from .triplanar import deserialize_layer
 
 KL = tf.keras.layers
 
@@ -29,6 +32,10 @@ class FeatureStack(KL.Layer):
 
     Call: (B, *spatial, 1) -> (B, *spatial, C_1 + ... + C_K) float32, unit length along the last axis;
     the channels of describer k follow those of describer k - 1.
+
+    A describer with the name of an earlier one, or weights of the same names (those of two encoders read by
+    load_encoder or pretrained), is replaced by a copy, with the same config and weights, whose names are its
+    own: the .h5 model format keeps a layer's weights by name. The stack then holds the copy, not that layer.
     """
 
     def __init__(self, describers, **kwargs):
@@ -38,8 +45,7 @@ class FeatureStack(KL.Layer):
         if not isinstance(describers, (list, tuple)) or len(describers) < 2:
             raise ValueError(f"FeatureStack: describers must be a list of two or more describer layers, "
                              f"got {describers!r}")
-        describers = [tf.keras.utils.deserialize_keras_object(d) if isinstance(d, dict) else d
-                      for d in describers]
+        describers = [deserialize_layer(d) if isinstance(d, dict) else d for d in describers]
         if len({id(d) for d in describers}) < len(describers):  # its weights would be saved once, loaded twice
             raise ValueError(f"FeatureStack: a describer appears twice, "
                              f"{[getattr(d, 'name', d) for d in describers]}: stack different layers")
@@ -49,7 +55,7 @@ class FeatureStack(KL.Layer):
         if len(set(dims)) > 1:
             raise ValueError(f"FeatureStack: describers must all be 2D or all 3D, got ndims {dims} "
                              f"({', '.join(d.name for d in describers)})")
-        self.describers = list(describers)
+        self.describers = _with_own_names(describers)
         self.ndim, self.channels = dims[0], sum(d.channels for d in describers)
 
     @property
@@ -78,3 +84,34 @@ class FeatureStack(KL.Layer):
     def get_config(self):
         return {**super().get_config(),
                 "describers": [tf.keras.utils.serialize_keras_object(d) for d in self.describers]}
+
+
+def _with_own_names(describers):
+    """`describers`, each that shares its name or its weights' names with an earlier one replaced by a copy whose
+    weights' names begin with its own name (see FeatureStack)."""
+    names, weight_names, distinct = set(), set(), []
+    for describer in describers:
+        if describer.name in names or weight_names.intersection(weight.name for weight in describer.weights):
+            describer = _copy(describer, _free_name(describer.name, names, weight_names))
+        names.add(describer.name)
+        weight_names.update(weight.name for weight in describer.weights)
+        distinct.append(describer)
+    return distinct
+
+
+def _free_name(name, names, weight_names):
+    """`name`, else `name`_1, `name`_2, ...: the first that is none of `names` and begins none of `weight_names`."""
+    candidates = itertools.chain([name], (f"{name}_{i}" for i in itertools.count(1)))
+    return next(candidate for candidate in candidates
+                if candidate not in names and not any(weight.startswith(candidate + "/") for weight in weight_names))
+
+
+def _copy(layer, name):
+    """`layer` made again from its config, named `name`, with its weights if it has any: made inside `name`'s scope
+    (by a call, or by the build of a nested layer as it is deserialised), their names all begin with `name`/."""
+    with tf.name_scope(name):
+        copy = type(layer).from_config({**layer.get_config(), "name": name})
+        if layer.built:
+            copy(tf.zeros((1,) * (layer.ndim + 1) + (1,)))
+            copy.set_weights(layer.get_weights())
+    return copy

@@ -169,10 +169,15 @@ def graph_call(layer):
 
 
 def check_images(layer, ndim, input_shape):
-    """ValueError naming `layer` unless `input_shape` is that of single-channel images of `ndim` (B, *spatial, 1)."""
-    if len(input_shape) != ndim + 2 or input_shape[-1] != 1:
+    """ValueError naming `layer` unless `input_shape` is that of single-channel images of `ndim` (B, *spatial, 1).
+
+    Layers check in call() as well as in build(), on the static shape (when tracing only): build() sees the first
+    input's shape only, and another rank could reach oneDNN's kernels, which abort the process. An unknown rank
+    passes: the first convolution checks it when it runs."""
+    shape = tf.TensorShape(input_shape)
+    if shape.rank is not None and (shape.rank != ndim + 2 or shape[-1] != 1):
         raise ValueError(f"{layer} expects single-channel inputs of rank {ndim + 2} (batch, spatial..., 1), "
-                         f"got shape {tuple(input_shape)}")
+                         f"got shape {tuple(shape)}")
 
 
 def check_layer(layer):

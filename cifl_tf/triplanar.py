@@ -17,6 +17,15 @@ from . import tiling
 KL = tf.keras.layers
 
 
+def deserialize_layer(config):
+    """The layer of a Keras config nested in another layer's (a Triplanar's encoder, a FeatureStack's describers).
+    Loading an .h5 model deserialises the old way, which looks a class up by its "class_name" ("CIFLEncoder"), not
+    by the name it is registered under ("cifl_tf>CIFLEncoder"): the package's registered classes are given by both."""
+    package = {name.split(">", 1)[1]: cls for name, cls in tf.keras.utils.get_custom_objects().items()
+               if name.startswith("cifl_tf>")}
+    return tf.keras.utils.deserialize_keras_object(config, custom_objects=package)
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class Triplanar(KL.Layer):
     """A 2D encoder applied slice by slice along each axis of a volume, the three feature images concatenated.
@@ -33,7 +42,7 @@ class Triplanar(KL.Layer):
         # No autocast, as CIFLEncoder: the encoder's first layer needs the volumes' intensities exact, not in 16 bits.
         super().__init__(**{"autocast": False, **kwargs})
         if isinstance(encoder, dict):
-            encoder = tf.keras.utils.deserialize_keras_object(encoder)
+            encoder = deserialize_layer(encoder)
         if not isinstance(encoder, KL.Layer) or getattr(encoder, "ndim", None) != 2 or not hasattr(encoder, "channels"):
             raise ValueError(f"Triplanar: encoder must be a 2D encoder layer with ndim 2 and channels attributes, "
                              f"got {getattr(encoder, 'name', encoder)!r} (ndim {getattr(encoder, 'ndim', None)})")
@@ -46,11 +55,15 @@ class Triplanar(KL.Layer):
         measured, which is not worth doing on every build.)"""
         return tiling.receptive_radius(self.encoder)
 
-    def build(self, input_shape):
+    def _check_images(self, input_shape):
         tiling.check_images(f"Triplanar({self.encoder.name})", 3, input_shape)
+
+    def build(self, input_shape):
+        self._check_images(input_shape)
         super().build(input_shape)
 
     def call(self, volumes):
+        self._check_images(volumes.shape)  # every call, not just the first: see tiling.check_images
         shape = tf.shape(volumes)
         features = []
         for axis in (1, 2, 3):

@@ -143,6 +143,8 @@ def test_model_saves_and_loads_in_safe_mode(tmp_path):
     (dict(sigma=float("inf")), ValueError, "sigma must be a positive number, got inf"),
     (dict(ndim=2.0), ValueError, "ndim must be 2 or 3, got 2.0"),
     (dict(dilation=1.5), ValueError, "dilation must be a positive integer, got 1.5"),
+    (dict(dilation=np.float64(2)), ValueError, "dilation must be a positive integer, got np.float64(2.0)"),
+    (dict(sigma=np.float32(-0.5)), ValueError, "sigma must be a positive number, got np.float32(-0.5)"),
     (dict(l2_normalize="yes"), TypeError, "l2_normalize must be True or False, got 'yes'"),
 ])
 def test_arguments_are_checked(kwargs, error, message):
@@ -150,10 +152,38 @@ def test_arguments_are_checked(kwargs, error, message):
         MIND(**kwargs)
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8, 8, 1), (1, 8, 8, 2)])
-def test_inputs_must_be_single_channel_images_of_its_rank(shape):
+@pytest.mark.parametrize("shape", [(1, 8, 8, 8, 1), (1, 8, 8, 2), (24, 24, 1)])  # unbatched: oneDNN aborted
+@pytest.mark.parametrize("built", [False, True], ids=["first-input", "built"])
+def test_inputs_must_be_single_channel_images_of_its_rank(shape, built):
+    layer = MIND(2)
+    if built:  # build() checked the first input only
+        layer(np.zeros((1, 8, 8, 1), np.float32))
     with pytest.raises(ValueError, match=r"MIND\(ndim=2\) expects single-channel inputs of rank 4"):
-        MIND(2)(np.zeros(shape, np.float32))
+        layer(np.zeros(shape, np.float32))
+
+
+@pytest.fixture
+def global_policy():
+    """tf.keras.mixed_precision.set_global_policy, the policy float32 again after the test."""
+    yield tf.keras.mixed_precision.set_global_policy
+    tf.keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("policy, kwargs", [("mixed_bfloat16", {}), ("mixed_float16", {}),
+                                            ("float32", dict(dtype="mixed_bfloat16"))],
+                         ids=["global-bfloat16", "global-float16", "own-bfloat16"])
+@pytest.mark.parametrize("l2_normalize", [True, False])
+@pytest.mark.parametrize("ndim, variant, sigma, dilation, shape", CASES[:4])
+def test_computes_in_float32_whatever_the_dtype_policy(global_policy, policy, kwargs, l2_normalize, ndim, variant,
+                                                      sigma, dilation, shape):
+    image = smooth_image(shape)
+    expected = reference(image, variant, sigma, dilation)
+    if l2_normalize:
+        expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+    global_policy(policy)
+    out = MIND(ndim, variant, sigma, dilation, l2_normalize, **kwargs)(image[np.newaxis, ..., np.newaxis])[0]
+    assert out.dtype == tf.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("size, margin", [(6, 2), (6, 6), (2, 5), (1, 3)])

@@ -1,6 +1,7 @@
 """cifl_tf.encoder: the CIFL encoder layer, its serialisation and save_encoder / load_encoder."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -70,9 +71,20 @@ def test_an_encoder_trained_in_mixed_precision_loads_for_float32_inference_insid
     assert {layer.compute_dtype for layer in layers} == {"float32"}
 
 
-def test_l2_normalize_keeps_zero_vectors_zero():
-    out = L2Normalize()(np.array([[[0.0, 0.0], [3.0, 4.0]]], np.float32)).numpy()
-    np.testing.assert_allclose(out, [[[0.0, 0.0], [0.6, 0.8]]], rtol=1e-6)
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("mixed_bfloat16", 4e-3), ("mixed_float16", 1e-3)])
+def test_l2_normalize_keeps_zero_vectors_zero(dtype, rtol):
+    vectors = np.array([[[0.0, 0.0], [3.0, 4.0], [3e-3, 4e-3], [300.0, 400.0]]], np.float32)  # float16 squares: inf
+    layer = L2Normalize(dtype=dtype)
+    out = layer(vectors)
+    assert out.dtype == layer.compute_dtype
+    np.testing.assert_allclose(out.numpy().astype(np.float32), [[[0.0, 0.0], *[[0.6, 0.8]] * 3]], rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_l2_normalize_is_tensorflows_where_epsilon_does_not_underflow(dtype):
+    vectors = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype(np.float32)
+    layer = L2Normalize(dtype=dtype)
+    np.testing.assert_array_equal(layer(vectors), tf.math.l2_normalize(tf.cast(vectors, layer.compute_dtype), -1))
 
 
 def test_config_round_trip_gives_same_outputs(encoder_and_images):
@@ -144,6 +156,9 @@ def test_load_encoder_errors(tmp_path, remove, config, error, message):
     (dict(features=-8), "features must be a positive integer, got -8"),
     (dict(ndim=1), "ndim must be 2 or 3, got 1"),
     (dict(ndim=4), "ndim must be 2 or 3, got 4"),
+    (dict(ndim=2.0), "ndim must be 2 or 3, got 2.0"),
+    (dict(channels=np.float32(8)), r"channels must be a positive integer, got np.float32\(8.0\)"),
+    (dict(features=np.bool_(True)), "features must be a positive integer, got np.True_"),
     (dict(architecture="unet"), r"architecture must be one of \('paper', 'context'\), got 'unet'"),
     (dict(dilations=(2, 4)), r"architecture 'paper' takes none, got \(2, 4\)"),
     (dict(architecture="context", dilations=()), r"dilations must be positive integers such as \(2, 4\), got \(\)"),
@@ -163,9 +178,13 @@ def test_switches_must_be_bools(name, value):
 
 
 @pytest.mark.parametrize("ndim, shape", [(2, (1, 8, 8, 8, 1)), (2, (8, 8, 1)), (3, (1, 8, 8, 1)), (2, (1, 8, 8, 3))])
-def test_inputs_must_be_single_channel_images_of_its_rank(ndim, shape):
+@pytest.mark.parametrize("built", [False, True], ids=["first-input", "built"])
+def test_inputs_must_be_single_channel_images_of_its_rank(ndim, shape, built):
+    encoder = CIFLEncoder(channels=2, features=4, ndim=ndim)
+    if built:  # build() checked the first input only
+        encoder(images((1,) + (6,) * ndim))
     with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects single-channel inputs of rank {ndim + 2}"):
-        CIFLEncoder(channels=2, features=4, ndim=ndim)(np.zeros(shape, np.float32))
+        encoder(np.zeros(shape, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32])
@@ -355,6 +374,7 @@ def test_local_normalization_gives_the_encoder_a_faint_edge_as_a_strong_one():
     (dict(sigma=True), "sigma must be a positive number, got True"),
     (dict(sigma=float("inf")), "sigma must be a positive number, got inf"),
     (dict(epsilon=0.0), "epsilon must be a positive number, got 0.0"),
+    (dict(epsilon=np.float32("nan")), r"epsilon must be a positive number, got np.float32\(nan\)"),
 ])
 def test_local_normalize_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=f"LocalNormalize: {message}"):
@@ -368,9 +388,14 @@ def test_encoder_local_normalization_must_be_none_or_positive(value):
         CIFLEncoder(local_normalization=value)
 
 
-def test_local_normalize_takes_single_channel_images():
-    with pytest.raises(ValueError, match=r"single-channel 2D or 3D inputs .* got shape \(1, 8, 8, 2\)"):
-        LocalNormalize()(np.zeros((1, 8, 8, 2), np.float32))
+@pytest.mark.parametrize("built", [False, True], ids=["first-input", "built"])
+@pytest.mark.parametrize("shape", [(1, 8, 8, 2), (8, 8, 1)])
+def test_local_normalize_takes_single_channel_images(shape, built):
+    normalize = LocalNormalize()
+    if built:
+        normalize(images((1, 6, 6)))
+    with pytest.raises(ValueError, match=rf"single-channel 2D or 3D inputs .* got shape {re.escape(str(shape))}"):
+        normalize(np.zeros(shape, np.float32))
 
 
 def test_save_encoder_writes_h5_files_only_and_load_encoder_checks_trainable(tmp_path):
@@ -381,3 +406,40 @@ def test_save_encoder_writes_h5_files_only_and_load_encoder_checks_trainable(tmp
     save_encoder(encoder, str(tmp_path / "encoder.weights.h5"))
     with pytest.raises(TypeError, match="trainable must be True or False, got 'no'"):
         load_encoder(str(tmp_path), trainable="no")
+
+
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+@pytest.mark.parametrize("activation", [tf.nn.relu6, tf.nn.leaky_relu, tf.keras.activations.elu, "relu", "swish"])
+def test_an_activation_function_survives_save_and_load(activation, tmp_path):
+    encoder = CIFLEncoder(channels=4, features=8, activation=activation)
+    x = images((1, 12, 10))
+    expected = encoder(x).numpy()
+    save_encoder(encoder, tmp_path / "encoder.weights.h5")
+    np.testing.assert_array_equal(load_encoder(tmp_path / "encoder.weights.h5")(x), expected)
+    inputs = tf.keras.Input((None, None, 1))
+    for filename in ("model.keras", "model.h5"):
+        tf.keras.Model(inputs, encoder(inputs)).save(tmp_path / filename)
+        np.testing.assert_array_equal(tf.keras.models.load_model(tmp_path / filename)(x), expected)
+
+
+@pytest.mark.parametrize("layer", [MIND(2), LocalNormalize(), L2Normalize(), tf.keras.layers.Dense(3)],
+                         ids=lambda layer: type(layer).__name__)
+def test_save_encoder_refuses_what_load_encoder_does_not_load(layer, tmp_path):
+    message = rf"save_encoder: saves a CIFLEncoder, Triplanar or FeatureStack .*, got {type(layer).__name__}"
+    with pytest.raises(TypeError, match=message):
+        save_encoder(layer, tmp_path / "layer.weights.h5")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layer_class, numpy_kwargs, python_kwargs", [
+    (CIFLEncoder, dict(channels=np.int64(8), features=np.int32(4), ndim=np.int64(3)),
+     dict(channels=8, features=4, ndim=3)),
+    (CIFLEncoder, dict(local_normalization=np.float32(2)), dict(local_normalization=2.0)),
+    (CIFLEncoder, dict(architecture="context", dilations=[np.int64(2), np.uint8(3)]),
+     dict(architecture="context", dilations=[2, 3])),
+    (LocalNormalize, dict(sigma=np.float32(2), epsilon=np.float64(0.5)), dict(sigma=2.0, epsilon=0.5)),
+    (MIND, dict(ndim=np.int64(2), sigma=np.float32(0.5), dilation=np.int16(2)), dict(ndim=2, sigma=0.5, dilation=2)),
+], ids=["encoder-sizes", "encoder-local-normalization", "encoder-dilations", "local-normalize", "mind"])
+def test_numpy_numbers_are_taken_as_python_numbers(layer_class, numpy_kwargs, python_kwargs):
+    config = layer_class(**numpy_kwargs, name="layer").get_config()
+    assert json.loads(json.dumps(config)) == config == layer_class(**python_kwargs, name="layer").get_config()

@@ -32,6 +32,13 @@ def test_pretrained_is_the_frozen_encoder_that_encoders_json_describes(kwargs, k
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)
 
 
+@pytest.mark.parametrize("ndim, shape", [(2, (1, 16, 16, 16, 1)), (2, (16, 16, 1)), (3, (1, 16, 16, 1))])
+def test_pretrained_encoders_check_each_input(ndim, shape):
+    """pretrained() gives built layers: their build() has seen an input already."""
+    with pytest.raises(ValueError, match=f"expects single-channel inputs of rank {ndim + 2}"):
+        cifl_tf.pretrained(ndim=ndim)(np.zeros(shape, np.float32))
+
+
 def test_the_recommended_encoder_gives_an_image_and_its_inversion_the_same_features():
     image = np.random.default_rng(0).random((1, 40, 36, 1), np.float32)
     encoder = cifl_tf.pretrained()

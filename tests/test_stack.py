@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import cifl_tf
+import tensorflow as tf
 from cifl_tf import CIFLEncoder, FeatureStack, Triplanar, load_encoder, save_encoder, tiling
 from cifl_tf.descriptors import MIND
 from test_instance import dice_after, warped_pair
@@ -53,6 +54,56 @@ def test_saves_and_loads_with_the_same_outputs(encoder, tmp_path):
     assert [type(d) for d in loaded.describers] == [CIFLEncoder, MIND] and loaded.describers[1].variant == "ssc"
     np.testing.assert_allclose(loaded(image), stack(image), atol=1e-6)
     assert FeatureStack.from_config(stack.get_config()).get_config() == stack.get_config()
+
+
+def two_pretrained(wrap=lambda encoder: encoder):
+    """Two shipped encoders: both named cifl_encoder, their weights conv_0/kernel:0, ... as load_encoder built them."""
+    return FeatureStack([wrap(cifl_tf.pretrained(1.0)), wrap(cifl_tf.pretrained(0.1))])
+
+
+def without_build_configs(config):
+    """A layer's config without the input shapes its nested layers were built for (after loading, the model's)."""
+    if isinstance(config, (list, dict)):
+        items = enumerate(config) if isinstance(config, list) else config.items()
+        kept = [(key, without_build_configs(value)) for key, value in items if key != "build_config"]
+        return [value for _, value in kept] if isinstance(config, list) else dict(kept)
+    return config
+
+
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+@pytest.mark.parametrize("filename", ["model.h5", "model.keras"])
+@pytest.mark.parametrize("ndim, make", [
+    (3, lambda encoder: Triplanar(encoder)),
+    (2, lambda encoder: FeatureStack([encoder, MIND(ndim=2)])),
+    (3, lambda encoder: FeatureStack([Triplanar(encoder), MIND(ndim=3, variant="ssc")])),
+    (2, lambda encoder: two_pretrained()),
+    (3, lambda encoder: two_pretrained(Triplanar)),
+], ids=["triplanar", "stack", "stack-of-triplanar", "two-pretrained", "two-pretrained-triplanars"])
+def test_a_model_holding_it_saves_and_loads(encoder, ndim, make, filename, tmp_path):
+    layer = make(encoder)
+    inputs = tf.keras.Input((None,) * ndim + (1,))
+    model = tf.keras.Model(inputs, layer(inputs))
+    image = np.random.default_rng(ndim).random((1, *(9, 8, 7)[:ndim], 1), np.float32)
+    expected = model(image).numpy()
+    model.save(tmp_path / filename)
+    loaded = tf.keras.models.load_model(tmp_path / filename)
+    assert type(loaded.layers[1]) is type(layer)
+    assert without_build_configs(loaded.layers[1].get_config()) == without_build_configs(layer.get_config())
+    np.testing.assert_array_equal(loaded(image), expected)
+
+
+def test_describers_of_the_same_names_are_copies_with_names_of_their_own():
+    first, second = cifl_tf.pretrained(1.0), cifl_tf.pretrained(0.1)
+    stack = FeatureStack([first, second])
+    copy = stack.describers[1]
+    assert stack.describers[0] is first and copy is not second and copy.name != first.name
+    assert not copy.trainable and copy.get_config() == {**second.get_config(), "name": copy.name}
+    assert not {weight.name for weight in first.weights} & {weight.name for weight in copy.weights}
+    for ours, theirs in zip(copy.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    image = np.random.default_rng(0).random((1, 20, 18, 1), np.float32)
+    both = np.concatenate([first(image), second(image)], axis=-1)
+    np.testing.assert_allclose(stack(image), both / np.linalg.norm(both, axis=-1, keepdims=True), atol=1e-6)
 
 
 @pytest.mark.parametrize("bad, error, message", [

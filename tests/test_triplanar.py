@@ -82,10 +82,14 @@ def test_pretrained_3d_is_the_triplanar_of_a_shipped_2d_encoder():
             np.testing.assert_array_equal(ours, shipped)
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8, 1), (1, 4, 4, 4, 2)])
-def test_inputs_must_be_single_channel_volumes(encoder, shape):
+@pytest.mark.parametrize("shape", [(1, 8, 8, 1), (1, 4, 4, 4, 2), (4, 4, 4, 1)])
+@pytest.mark.parametrize("built", [False, True], ids=["first-input", "built"])
+def test_inputs_must_be_single_channel_volumes(encoder, shape, built):
+    triplanar = Triplanar(encoder)
+    if built:  # build() checked the first input only
+        triplanar(np.zeros((1, 4, 4, 4, 1), np.float32))
     with pytest.raises(ValueError, match=r"Triplanar\(.*\) expects single-channel inputs of rank 5"):
-        Triplanar(encoder)(np.zeros(shape, np.float32))
+        triplanar(np.zeros(shape, np.float32))
 
 
 def test_a_global_mixed_policy_does_not_cast_the_volumes(encoder):
