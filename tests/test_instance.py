@@ -289,8 +289,8 @@ def test_upsample_interpolates_between_pixel_centres_and_pool_takes_ramps_back(s
 
 def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
     """register_pair's (source, target[, affine matrix]) of each level, without fitting; the shapes described; its
-    result. Of the moving features warped (2D images' default is to encode the moved image), unless told."""
-    kwargs = {"moved_features": "warped", **kwargs}
+    result. Of an encoder's moving features warped (2D images' default is to encode the moved image), unless told."""
+    kwargs = {"moved_features": None if encoder is None else "warped", **kwargs}
     fitted, described, tiled = [], [], tiling.tiled_features
     monkeypatch.setattr(instance, "_fit", lambda model, inputs, targets, steps, verbose: fitted.append(
         (inputs[0], targets[0], *inputs[1:])))
