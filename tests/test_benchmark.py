@@ -133,7 +133,7 @@ def test_script_refuses_an_output_folder_that_is_a_file_before_it_scores(tmp_pat
 
 def test_script_refuses_a_3d_encoder_before_it_scores(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "enc3d.weights.h5")
-    cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), path)
+    cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3, name="encoder_3d"), path)
 
     def no_work(*args, **kwargs):
         raise AssertionError("pairs made or scored before the encoder was checked")
@@ -146,7 +146,7 @@ def test_script_refuses_a_3d_encoder_before_it_scores(tmp_path, monkeypatch, cap
         runpy.run_path(script, run_name="__main__")
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"invariance.py: error: --encoder {path}: the invariance benchmark needs a 2D encoder, got 3D 'cifl_encoder'"]
+        f"invariance.py: error: --encoder {path}: the invariance benchmark needs a 2D encoder, got 3D 'encoder_3d'"]
     assert not (tmp_path / "out").exists()
 
 
