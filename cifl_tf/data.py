@@ -382,6 +382,23 @@ def normalize(image, mask=None):
     return remap_intensity(image, _min_max, np.ones(image.shape, bool) if mask is None else mask)
 
 
+def equalize(image):
+    """Histogram equalisation: each voxel's intensity replaced by its mid-rank in the image, (#{< x} + #{<= x}) / 2N.
+
+    The same for every strictly increasing remapping of the intensities, and equalize(1 - x) = 1 - equalize(x):
+    tissues whose intensities lie close (grey and white matter in PD) are spread apart by the voxels between them.
+    Returns float32 of the image's shape, in (0, 1).
+    """
+    image = np.asarray(image)
+    if not np.isfinite(image).all():
+        raise ValueError(f"equalize: the image holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
+    if not image.size:
+        raise ValueError("equalize: the image is empty")
+    ordered = np.sort(image, axis=None)
+    ranks = np.searchsorted(ordered, image, "left") + np.searchsorted(ordered, image, "right")
+    return (ranks / (2 * image.size)).astype(np.float32)
+
+
 def invert(image, mask=None):
     """Inverted contrast (method page section 4): ``max - x`` inside the brain mask, 0 outside.
 

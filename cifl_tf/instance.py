@@ -33,7 +33,7 @@ import tensorflow as tf
 
 import voxelmorph as vxm
 
-from . import tiling, transform
+from . import data, tiling, transform
 from .encoder import pretrained
 from .losses import NCC
 from .synth import stream_options
@@ -425,7 +425,7 @@ def upsample(image, factor):
 
 def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weight=None, levels=None,
                   steps=100, learning_rate=0.1, int_steps=5, affine=False, moved_features=None,
-                  feature_scale=1, max_memory=tiling.DEFAULT_MAX_MEMORY, jit_compile=None, verbose=1):
+                  feature_scale=1, max_memory=tiling.DEFAULT_MAX_MEMORY, jit_compile=None, equalize=False, verbose=1):
     """The displacement that registers `moving` to `fixed`, by instance optimisation (no training).
 
     Args:
@@ -460,12 +460,19 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
             first axis where they take more); moved_features="warped" only: "encoded" encodes whole images.
         jit_compile: compile the optimisation step of each level with XLA (True), not (False), or where
             steps times the level's voxels reach XLA_MIN_VOXEL_STEPS (None): there it took half the time.
+        equalize: describe both images histogram-equalised (``data.equalize``), whose intensities are their
+            ranks: tissues of nearly equal intensity (grey and white matter in PD) are then as far apart as
+            in T1.
         verbose: 1 prints the levels and shows a progress bar per level (and the affine stage), 0 nothing.
 
     Returns: (*spatial, ndim) float32 displacement in voxels: moved(x) = moving(x + displacement(x)),
     as ``cifl_tf.models.warp`` applies it.
     """
     moving, fixed = _check_images(moving, fixed)
+    if not isinstance(equalize, bool):
+        raise TypeError(f"register_pair: equalize must be True or False, got {equalize!r}")
+    if equalize:
+        moving, fixed = data.equalize(moving), data.equalize(fixed)
     encoder = _check_encoder(encoder, moving.ndim)
     similarity = _check_similarity(similarity, encoder)
     reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight

@@ -319,6 +319,27 @@ def test_invert(image, mask, expected):
     np.testing.assert_allclose(result, expected, atol=1e-7)
 
 
+@pytest.mark.parametrize("image, expected", [
+    ([[2, 4], [6, 10]], [[1 / 8, 3 / 8], [5 / 8, 7 / 8]]),         # (#{< x} + #{<= x}) / 2N: (0 + 1) / 8, ...
+    ([[0, 0], [0, 5]], [[3 / 8, 3 / 8], [3 / 8, 7 / 8]]),           # ties share their mid-rank: (0 + 3) / 8
+    ([[3, 3], [3, 3]], [[0.5, 0.5], [0.5, 0.5]]),
+    ([[0.5, 0.52, 0.51, 0.9]], [[1 / 8, 5 / 8, 3 / 8, 7 / 8]]),      # close intensities as far apart as any
+])
+def test_equalize(image, expected):
+    image = np.array(image, np.float64)
+    result = data.equalize(image)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=1e-6)
+    np.testing.assert_allclose(data.equalize(np.exp(3 * image)), expected, rtol=1e-6)  # any increasing remap
+    np.testing.assert_allclose(data.equalize(1 - image), 1 - np.array(expected), rtol=1e-6)  # inversion
+
+
+@pytest.mark.parametrize("image, message", [(np.array([[0.0, np.nan]]), "1 NaN/Inf"), (np.zeros((0, 3)), "empty")])
+def test_equalize_refuses_what_has_no_ranks(image, message):
+    with pytest.raises(ValueError, match=f"equalize: .*{message}"):
+        data.equalize(image)
+
+
 def test_remap_intensity_applies_a_curve_inside_the_mask_only():
     image = np.array([[0.0, 0.25], [0.5, 1.0]])
     curve = lambda values: np.interp(values, [0, 0.5, 1], [1, 0, 1])  # noqa: E731  (a V-shaped contrast)

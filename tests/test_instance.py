@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import cifl_tf
 import voxelmorph as vxm
-from cifl_tf import instance, metrics, models, tiling
+from cifl_tf import data, instance, metrics, models, tiling
 from cifl_tf.encoder import CIFLEncoder
 from cifl_tf.triplanar import Triplanar
 from conftest import phantom_image, phantom_labels
@@ -561,3 +561,12 @@ def test_a_global_mixed_policy_does_not_reach_the_fitted_field(affine):
         np.testing.assert_allclose(cifl_tf.register_pair(moving, fixed, **kwargs), expected, atol=1e-6)
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def test_equalize_registers_the_histogram_equalised_images():
+    moving, t1, _, _, _ = warped_pair((16, 16))
+    kwargs = dict(encoder=EdgeDescriptor(2), levels=(1,), steps=3, verbose=0)
+    np.testing.assert_allclose(cifl_tf.register_pair(moving, t1, equalize=True, **kwargs),
+                               cifl_tf.register_pair(data.equalize(moving), data.equalize(t1), **kwargs), atol=1e-6)
+    with pytest.raises(TypeError, match="register_pair: equalize must be True or False, got 1"):
+        cifl_tf.register_pair(moving, t1, equalize=1, **kwargs)
