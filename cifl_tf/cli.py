@@ -319,6 +319,7 @@ def _register(args):
     if args.model:
         for option, given in (("--levels", args.levels is not None), ("--steps", args.steps is not None),
                               ("--max-memory", args.max_memory != tiling.DEFAULT_MAX_MEMORY),
+                              ("--equalize", args.equalize),
                               ("--affine", args.affine), ("--feature-scale", args.feature_scale != 1),
                               ("--moved-features", args.moved_features is not None),
                               ("--stack-descriptor", args.stack_descriptor is not None)):
@@ -334,7 +335,7 @@ def _register(args):
                                      levels=args.levels, affine=args.affine,
                                      steps=REGISTER_DEFAULTS["steps"] if args.steps is None else args.steps,
                                      moved_features=args.moved_features, feature_scale=args.feature_scale,
-                                     max_memory=args.max_memory)
+                                     max_memory=args.max_memory, equalize=args.equalize)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
         data.save_nifti(args.warp, displacement.reshape(_file_axes(header) + displacement.shape[-1:]), affine, header,
@@ -660,6 +661,9 @@ def _parser():
     p.add_argument("--steps", type=int, default=None, help=f"without --model: optimisation steps per resolution "
                                                            f"level (default {REGISTER_DEFAULTS['steps']})")
     p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
+    p.add_argument("--equalize", action="store_true",
+                   help="without --model: describe both images histogram-equalised (tissues of nearly equal "
+                        "intensity, as grey and white matter in PD, spread apart; docs/registration.md)")
     p.add_argument("--moved-features", choices=MOVED_FEATURES, default=None,
                    help="without --model: warp the moving image's features, described once, or encode the moved "
                         "image in every step (default: encoded for 2D images, warped for 3D and --feature-scale)")

@@ -63,15 +63,17 @@ def test_register_without_a_model_writes_on_the_fixed_grid(pair, capsys):
     np.testing.assert_allclose(np.asarray(moved.dataobj)[..., 0], expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("options, moved_features", [([], None), (["--moved-features", "warped"], "warped"),
-                                                     (["--moved-features", "encoded"], "encoded")])
-def test_register_passes_moved_features_on(pair, capsys, monkeypatch, options, moved_features):
+@pytest.mark.parametrize("options, passed_on", [([], dict(moved_features=None, equalize=False)),
+                                               (["--moved-features", "warped"], dict(moved_features="warped")),
+                                               (["--moved-features", "encoded"], dict(moved_features="encoded")),
+                                               (["--equalize"], dict(equalize=True))])
+def test_register_passes_its_options_on(pair, capsys, monkeypatch, options, passed_on):
     passed = []
     monkeypatch.setattr(cli, "register_pair", lambda moving, fixed, encoder, **kwargs: passed.append(
-        kwargs["moved_features"]) or np.zeros((*fixed.shape, 2), np.float32))
+        kwargs) or np.zeros((*fixed.shape, 2), np.float32))
     status, _, _ = run(capsys, "register", "--moving", pair / "moving.nii.gz", "--fixed", pair / "fixed.nii.gz",
                        "--moved", pair / "moved.nii.gz", *options)
-    assert status == 0 and passed == [moved_features]
+    assert status == 0 and len(passed) == 1 and passed_on.items() <= passed[0].items()
 
 
 @pytest.mark.slow
@@ -152,6 +154,7 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--model", "MISSING", "--moved-features", "warped"], r"--moved-features is an option of instance optimisation"),
     (["--model", "MISSING", "--stack-descriptor", "mind"], r"--stack-descriptor is an option of instance optimisation"),
     (["--model", "MISSING", "--max-memory", "1M"], r"--max-memory is an option of instance optimisation"),
+    (["--model", "MISSING", "--equalize", None], r"--equalize is an option of instance optimisation"),
     (["--intensity", "ncc", "--moved-features", "warped"], r"moved_features 'warped' chooses how an encoder's "
                                                             r"features .* intensities have none"),
     (["--intensity", "ncc", "--warp", "MOVED"], r"--moved and --warp are the same file"),
