@@ -26,7 +26,7 @@ import tensorflow as tf
 from . import checkpoint, machine
 from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
-from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, save_encoder
+from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, positive_number, save_encoder
 from .losses import check_scales, multiscale_contrastive_loss, pixel_contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
 
@@ -178,7 +178,7 @@ def _non_negative(value):
 
 
 def _positive(value):  # numpy's float32 too: the learning rate a downstream model is given may be one
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf
+    return positive_number(value) is not None
 
 
 # (check of a value, what it must be), as checkpoint.check_settings takes them: shared by the settings.json

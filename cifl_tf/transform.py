@@ -56,6 +56,10 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     if points.shape[-1] != len(shape):
         raise ValueError(f"points of {points.shape[-1]} coordinates for {len(shape)}D images {images.shape}")
     points = tf.cast(points, images.dtype)
+    # A NaN coordinate (a diverged field) would cast to -2^31 and stop the gather: it samples voxel 0 instead, and
+    # its value is made NaN at the end, so that the loss, not an index error, reports the divergence.
+    nan_point = tf.reduce_any(tf.math.is_nan(points), axis=-1, keepdims=True)
+    points = tf.where(nan_point, tf.zeros_like(points), points)
     top = [size - 1 for size in shape]
     coords = [points[..., axis] for axis in range(len(shape))]
     # One gather from all images: (B * prod(S), C) rows, indexed by batch element then voxel (row-major).
@@ -67,10 +71,7 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
 
     def gather(subscripts):
         """Values at integer float subscripts, one (B, *P) tensor per axis -> (B, *P, C)."""
-        # A NaN subscript (a diverged field) would cast to -2^31 and stop the gather; it reads voxel 0 instead,
-        # and the result is made NaN below, so that the loss, not an index error, reports the divergence.
-        index = first_rows + sum(tf.cast(tf.where(tf.math.is_nan(sub), tf.zeros_like(sub), sub), tf.int32) * stride
-                                 for sub, stride in zip(subscripts, strides))
+        index = first_rows + sum(tf.cast(sub, tf.int32) * stride for sub, stride in zip(subscripts, strides))
         return tf.gather(flat, index)
 
     if interp_method == "nearest":
@@ -89,7 +90,6 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     if fill_value is not None:
         outside = tf.reduce_any((points < 0) | (points > tf.constant(top, points.dtype)), axis=-1, keepdims=True)
         sampled = tf.where(outside, tf.cast(fill_value, sampled.dtype), sampled)
-    nan_point = tf.reduce_any(tf.math.is_nan(points), axis=-1, keepdims=True)
     return tf.where(nan_point, tf.constant(np.nan, sampled.dtype), sampled)
 
 
