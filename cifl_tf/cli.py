@@ -714,7 +714,12 @@ ONEDNN_COMMANDS = ("demo", "register")
 
 
 def _terminated(signum, frame):
-    raise SystemExit(128 + signum)
+    """Ends the process at once with status 128 + signum, as the default action would, but without leaving
+    the temporary file of an unfinished write. It does not raise SystemExit: raised in a signal handler, the
+    exception may surface inside TensorFlow's C code, which reports it as SystemError and goes on."""
+    data.remove_unfinished_files()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def main(argv=None):
@@ -722,8 +727,8 @@ def main(argv=None):
     if argv is None:  # the console command, not a call from Python
         if args.command in ONEDNN_COMMANDS:
             machine.relaunch_with_onednn(f"cifl {args.command}", ["-m", "cifl_tf.cli", *sys.argv[1:]])
-        # SIGTERM (kill, timeout, SLURM, docker stop) unwinds as Ctrl-C does, so that `finally` clauses remove
-        # the temporary file of an unfinished write; by default it would end the process where it stands.
+        # SIGTERM (kill, timeout, SLURM, docker stop) would end the process where it stands, leaving the
+        # temporary file of an unfinished write.
         signal.signal(signal.SIGTERM, _terminated)
     try:
         args.run(args)

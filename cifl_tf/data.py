@@ -242,27 +242,27 @@ def save_nifti_channels(path, shape, fill, affine=None, header=None):
     image.header.set_slope_inter(1, 0)  # as nibabel writes float32 arrays: unscaled
     dtype = image.header.get_data_dtype()
 
+    def fill_file(file_path):
+        with open(file_path, "wb") as file:
+            image.header.write_to(file)  # sets the header's data offset
+            offset = image.header.get_data_offset()
+            size = image.dataobj.size * dtype.itemsize
+            if hasattr(os, "posix_fallocate"):  # a full disk fails here, not (SIGBUS) while filling
+                os.posix_fallocate(file.fileno(), offset, size)
+            else:  # macOS: a sparse file
+                file.truncate(offset + size)
+        voxels = np.memmap(file_path, dtype, "r+", offset, image.shape, order="F")
+        fill(voxels.reshape(shape, order="F"))  # a view: only singleton axes go
+        voxels.flush()
+
     def write(temporary):
-        raw = temporary[:-len(".gz")] if temporary.endswith(".gz") else temporary
-        try:
-            with open(raw, "wb") as file:
-                image.header.write_to(file)  # sets the header's data offset
-                offset = image.header.get_data_offset()
-                size = image.dataobj.size * dtype.itemsize
-                if hasattr(os, "posix_fallocate"):  # a full disk fails here, not (SIGBUS) while filling
-                    os.posix_fallocate(file.fileno(), offset, size)
-                else:  # macOS: a sparse file
-                    file.truncate(offset + size)
-            voxels = np.memmap(raw, dtype, "r+", offset, image.shape, order="F")
-            fill(voxels.reshape(shape, order="F"))  # a view: only singleton axes go
-            voxels.flush()
-            del voxels
-            if raw != temporary:
-                with open(raw, "rb") as source, nib.openers.Opener(temporary, "wb") as target:
-                    shutil.copyfileobj(source, target, 2 ** 24)
-        finally:
-            if raw != temporary and os.path.exists(raw):
-                os.remove(raw)
+        if not temporary.endswith(".gz"):
+            return fill_file(temporary)
+        raw = temporary[:-len(".gz")]
+        with _unfinished(raw):
+            fill_file(raw)
+            with open(raw, "rb") as source, nib.openers.Opener(temporary, "wb") as target:
+                shutil.copyfileobj(source, target, 2 ** 24)
 
     write_atomically(path, write)
 
@@ -312,14 +312,38 @@ def write_atomically(path, write):
     # (e.g. nibabel's .nii.gz compression) write the same format.
     temporary = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex}.{os.path.basename(path)}")
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        with _unfinished(temporary):
+            write(temporary)
+            os.replace(temporary, path)
     except OSError as error:  # else the message would name the temporary file
         raise OSError(f"{path}: cannot write ({error.strerror or first_line(error)})") from error
+    return path
+
+
+# The temporary files being written now, for remove_unfinished_files.
+_UNFINISHED = set()
+
+
+@contextlib.contextmanager
+def _unfinished(temporary):
+    """Removes the file `temporary` (if it exists) when the block ends, and lists it meanwhile for
+    remove_unfinished_files."""
+    _UNFINISHED.add(temporary)
+    try:
+        yield
     finally:
+        _UNFINISHED.discard(temporary)
         if os.path.exists(temporary):
             os.remove(temporary)
-    return path
+
+
+def remove_unfinished_files():
+    """Removes the temporary files of the writes in progress, for a process about to end without unwinding
+    (a SIGTERM handler): an exception raised from a signal handler can surface inside a C extension's
+    callback, where it is lost or reported as SystemError, and the process would then go on."""
+    for temporary in list(_UNFINISHED):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
 
 
 def _json_safe(value):

@@ -117,6 +117,25 @@ def test_a_failed_fill_leaves_the_old_file_and_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["out.nii.gz"]
 
 
+@pytest.mark.parametrize("name", ["out.nii", "out.nii.gz"])
+def test_remove_unfinished_files_removes_the_files_of_a_write_in_progress(tmp_path, name):
+    """What a SIGTERM handler calls before ending the process: no temporary file may stay, neither the
+    temporary output nor, for .nii.gz, the uncompressed file being filled."""
+    seen = []
+
+    def fill(out):
+        out[...] = 1
+        seen.extend(os.listdir(tmp_path))
+        data.remove_unfinished_files()
+        assert os.listdir(tmp_path) == []
+        raise KeyboardInterrupt  # stands for the end of the process
+
+    with pytest.raises(KeyboardInterrupt):
+        data.save_nifti_channels(tmp_path / name, (3, 4, 2), fill)
+    assert len(seen) == 1 and seen[0].startswith(".") and seen[0].endswith(".nii"), seen
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("shape, problem", [
     ((3, 0, 2), "shape must be a tuple of positive integers \\(\\*spatial, C\\), got \\(3, 0, 2\\)"),
     ((3, 4.0, 2), "shape must be a tuple of positive integers"),
