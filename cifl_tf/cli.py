@@ -718,6 +718,7 @@ def _terminated(signum, frame):
     the temporary file of an unfinished write. It does not raise SystemExit: raised in a signal handler, the
     exception may surface inside TensorFlow's C code, which reports it as SystemError and goes on."""
     data.remove_unfinished_files()
+    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signum)
 
