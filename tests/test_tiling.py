@@ -106,15 +106,18 @@ def test_budget_too_small_names_the_bytes():
         tiling.tile_shape((64, 64), 8, 4, 0.5)
 
 
-@pytest.mark.parametrize("triplanar, budget_side, dtype", [(False, 20, "<f4"), (True, 10, "<f4"), (True, 6, ">f4")],
+@pytest.mark.parametrize("triplanar, budget_pixels, dtype", [(False, 20 ** 3, "<f4"), (True, 10 ** 3, "<f4"),
+                                                             (True, 250, ">f4")],
                          ids=["3d-tiles", "triplanar", "triplanar-2d-tiles-big-endian"])
-def test_tiled_features_fill_an_array_in_fortran_order_as_a_file_maps_it(triplanar, budget_side, dtype, encoder_3d):
+def test_tiled_features_fill_an_array_in_fortran_order_as_a_file_maps_it(triplanar, budget_pixels, dtype, encoder_3d):
     """`out` laid out as data.save_nifti_channels maps a NIfTI file (in the byte order of the input's header):
-    what the CLI writes features into. Budgets of several 3D tiles; of 2-3 slices; of less than a slice (2D tiles)."""
+    what the CLI writes features into. Budgets of several 3D tiles; of 2-3 slices; of less than a slice across two of
+    the axes (2D tiles: 3 x 3-pixel cores and their halo, the largest that still cut those slices; 2 x 2 took twice
+    the time)."""
     encoder = Triplanar(cifl_tf.pretrained(0.1)) if triplanar else encoder_3d
     image = np.random.default_rng(3).random((19, 23, 17)).astype(np.float32)
     out = np.zeros((19, 23, 17, encoder.channels), dtype, order="F")
-    budget = tiling.bytes_per_pixel(encoder) * budget_side ** 3
+    budget = tiling.bytes_per_pixel(encoder) * budget_pixels
     assert tiling.tiled_features(encoder, image, budget, out) is out
     np.testing.assert_allclose(out, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
 
