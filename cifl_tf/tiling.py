@@ -23,7 +23,7 @@ _LIVE_ACTIVATIONS = 3
 
 def receptive_radius(layer):
     """How far, in pixels, the layer's output at a pixel looks into its input (its receptive field):
-    the layer's own ``receptive_radius`` where it states one (CIFLEncoder), else `measured_radius`."""
+    the layer's own ``receptive_radius`` where it states one (CIFLEncoder, MIND), else `measured_radius`."""
     stated = getattr(layer, "receptive_radius", None)
     return measured_radius(layer) if stated is None else stated
 
@@ -33,7 +33,7 @@ def measured_radius(layer):
     """The receptive radius measured on the layer itself, so that it holds for any layer (MIND, ...):
     the pixels of a random input on which the output at the centre has a nonzero gradient. A ReLU
     that is off at every probed path hides pixels, so layers with ReLUs had better state theirs.
-    Kept for the layer's next call (register_pair describes an image in slabs; 0.7-1 s for 3D MIND).
+    Kept for the layer's next call (register_pair describes an image in slabs; a 3D probe takes a second).
 
     Args:
         layer: Keras layer (B, *spatial, 1) -> (B, *spatial, C) with an ``ndim`` attribute.

@@ -7,6 +7,7 @@ import pytest
 import scipy.ndimage as ndi
 
 import tensorflow as tf
+from cifl_tf import tiling
 from cifl_tf.descriptors import MIND, mirror_pad
 
 # The compared offset pairs (a, b), channel by channel, as the module doc orders them.
@@ -159,6 +160,13 @@ def test_model_saves_and_loads_in_safe_mode(tmp_path):
 def test_arguments_are_checked(kwargs, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         MIND(**kwargs)
+
+
+@pytest.mark.parametrize("ndim, variant, sigma, dilation", [(2, "mind", 0.5, 1), (2, "ssc", 0.8, 2),
+                                                             (2, "mind", 3.0, 1), (3, "ssc", 0.5, 2)])
+def test_the_stated_receptive_radius_is_the_measured_one(ndim, variant, sigma, dilation):
+    layer = MIND(ndim, variant, sigma, dilation)
+    assert layer.receptive_radius == tiling.measured_radius(layer) == dilation + np.ceil(3 * sigma)
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8, 8, 1), (1, 8, 8, 2), (24, 24, 1)])  # unbatched: oneDNN aborted

@@ -18,8 +18,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def describers(encoder):
-    """By ndim: the encoder (receptive radius 8) and a wider MIND (radius 1 + 9 in 2D), or both made 3D. The same
-    layers in every test, so that 3D MIND's radius is measured once (0.8 s; tiling.measured_radius keeps it)."""
+    """By ndim: the encoder (receptive radius 8) and a wider MIND (radius 1 + 9 in 2D), or both made 3D."""
     return {2: [encoder, MIND(ndim=2, sigma=3)], 3: [Triplanar(encoder), MIND(ndim=3, variant="ssc")]}
 
 
