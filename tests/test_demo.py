@@ -1,4 +1,5 @@
 """`cifl demo`: the whole job end to end at smoke size, its outputs, and its one-line errors."""
+import inspect
 import json
 import os
 import re
@@ -85,6 +86,7 @@ def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_pa
 
     for name in ("feature_channels", "training_curves"):
         monkeypatch.setattr(figures, name, recorded(getattr(figures, name)))
+    monkeypatch.setattr(machine, "matmul_gflops", lambda: 1.0)  # ~1 s of matmuls; the 3D demo's test reads the rate
     assert cli.main(["demo", "--quick", "--encoder", str(run), "--out", str(out)]) == 0
     assert drawn["feature_channels"].get_config() == load_encoder(str(run)).get_config()
     assert drawn["training_curves"] == {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1),
@@ -149,21 +151,40 @@ def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(t
     assert ("restarting with TensorFlow's oneDNN kernels on" in result.stderr) == restarts
 
 
-def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(baseline_and_cifl, tiny_networks,
-                                                                          monkeypatch):
+def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(tiny_networks, monkeypatch):
+    # The CIFL column alone: a baseline column's rows would go through the same seeding in segmentation_row, which
+    # CIFL's can also break through their encoder. The next test keeps several methods' rows apart.
+    methods = demo.methods
+    monkeypatch.setattr(demo, "methods", lambda encoder: {"CIFL": methods(encoder)["CIFL"]})
     drawn, dataset = [], demo_data.demo_dataset
     monkeypatch.setattr(demo_data, "demo_dataset", lambda **kwargs: drawn.append(kwargs) or dataset(**kwargs))
     encoder = cifl_tf.CIFLEncoder(channels=4, features=4)  # built in the first row, before its seed is set
     spread = demo.segmentation_seeds(np.array([0, 1, 0]), encoder=encoder, quick=True, data_seed=2)
     assert drawn == [dict(n_subjects=8, seed=2)]  # one dataset, of the data seed, for every model seed
-    assert list(spread) == ["baseline", "CIFL"]
-    for tests in spread.values():
-        assert list(tests) == list(demo_data.CONTRASTS)
-        for dice in tests.values():
-            assert dice.shape == (3,) and np.all((dice >= 0) & (dice <= 1))
-            assert dice[0] == dice[2]  # a seed trains the same UNet in the same batch order
+    assert list(spread) == ["CIFL"] and list(spread["CIFL"]) == list(demo_data.CONTRASTS)
+    for dice in spread["CIFL"].values():
+        assert dice.shape == (3,) and np.all((dice >= 0) & (dice <= 1))
+        assert dice[0] == dice[2]  # a seed trains the same UNet in the same batch order
     # Seeds 0 and 1 initialise differently: some Dice differ.
-    assert any(tests[c][0] != tests[c][1] for tests in spread.values() for c in tests)
+    assert any(dice[0] != dice[1] for dice in spread["CIFL"].values())
+
+
+def test_segmentation_seeds_keeps_each_methods_dice_per_seed_and_contrast(monkeypatch):
+    def dice(name, seed, contrast):
+        return ["baseline", "MIND"].index(name) + seed / 10 + demo_data.CONTRASTS.index(contrast) / 100
+
+    def row(train, tests, methods, seed, **kwargs):  # a Dice of the method, seed and contrast instead of training
+        return {name: {c: Scores([1], np.full((1, 1), dice(name, seed, c)), np.full(1, dice(name, seed, c)))
+                       for c in tests} for name in methods}, {}
+
+    monkeypatch.setattr(demo.experiments, "segmentation_row", row)
+    monkeypatch.setattr(demo, "methods", lambda encoder: {"baseline": None, "MIND": None})
+    spread = demo.segmentation_seeds([3, 5], quick=True)
+    assert list(spread) == ["baseline", "MIND"]
+    for name, tests in spread.items():
+        assert list(tests) == list(demo_data.CONTRASTS)
+        for contrast, values in tests.items():
+            assert values.tolist() == [dice(name, seed, contrast) for seed in (3, 5)]
 
 
 def test_segmentation_seeds_trains_on_the_given_contrast(monkeypatch):
@@ -220,12 +241,28 @@ def test_seeds_table_gives_mean_sd_and_the_lowest_dice():
     assert demo.seeds_table(spread, [0], "pd").startswith("Segmentation Dice (trained on PD-like), mean ± SD")
 
 
-def test_seeds_command_writes_the_table_and_each_seeds_dice(tmp_path, baseline_and_cifl, tiny_networks, capsys):
+def test_seeds_command_writes_the_table_and_each_seeds_dice(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     save_encoder(cifl_tf.CIFLEncoder(channels=4, features=4), str(run / "encoder.weights.h5"))
-    spread = demo.seeds_main(["--quick", "--seeds", "3,4", "--encoder", str(run), "--train-contrast", "t2",
-                              "--out", str(tmp_path / "out")])
+    # segmentation_seeds trains for real in the test above; here, what the command asks of it and writes
+    calls, seeds = [], demo.segmentation_seeds
+    rng = np.random.default_rng(0)
+    spread = {name: {c: rng.uniform(0, 1, 2) for c in demo_data.CONTRASTS} for name in ("baseline", "CIFL")}
+
+    def recorded(*args, **kwargs):  # every argument by name, as segmentation_seeds must take them
+        call = inspect.signature(seeds).bind(*args, **kwargs)
+        call.apply_defaults()
+        calls.append(call.arguments)
+        return spread
+
+    monkeypatch.setattr(demo, "segmentation_seeds", recorded)
+    assert demo.seeds_main(["--quick", "--seeds", "3,4", "--encoder", str(run), "--train-contrast", "t2",
+                            "--out", str(tmp_path / "out")]) is spread
+    (call,) = calls
+    assert {k: call[k] for k in ("seeds", "quick", "epochs", "data_seed", "train_contrast")} == dict(
+        seeds=[3, 4], quick=True, epochs=1, data_seed=0, train_contrast="t2")
+    assert call["encoder"].get_config() == load_encoder(str(run)).get_config()
     table = (tmp_path / "out" / "downstream_seeds.md").read_text()
     assert table == demo.seeds_table(spread, [3, 4], "t2") + "\n" and table in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "downstream_seeds.json").read_text())
