@@ -82,10 +82,18 @@ def test_methods_compare_the_shipped_3d_encoder_or_the_given_one():
 
 
 def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path, monkeypatch, capsys):
-    # One target and the CIFL row keep it short; the slow test below runs every method and target.
+    # One target and the CIFL row keep it short; the slow test below runs every method and target. The NCC X -> X
+    # reference registers with a zero field: its calls are the next test's, and register_pair's NCC test_instance's.
     monkeypatch.setattr(demo3d, "TARGETS", ("t2",))
-    compared = demo3d.methods
+    compared, registered = demo3d.methods, demo3d.register_pair
     monkeypatch.setattr(demo3d, "methods", lambda encoder=None: {"CIFL": compared(encoder)["CIFL"]})
+
+    def register_pair(moving, fixed, encoder, similarity, **kwargs):
+        if similarity == "ncc":  # the NCC X -> X reference
+            return np.zeros((*moving.shape, 3), np.float32)
+        return registered(moving, fixed, encoder=encoder, similarity=similarity, **kwargs)
+
+    monkeypatch.setattr(demo3d, "register_pair", register_pair)
     cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3), str(tmp_path / "enc.weights.h5"))
     out = tmp_path / "out"
     assert cli.main(["demo", "--3d", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"), "--out", str(out)]) == 0
@@ -111,6 +119,7 @@ def test_same_contrast_reference_registers_subject_0_in_the_fixed_contrast(tmp_p
 
     monkeypatch.setattr(demo3d, "register_pair", register_pair)
     monkeypatch.setattr(demo3d, "methods", lambda encoder=None: {"MI": (None, "mi")})
+    monkeypatch.setattr(demo3d, "matmul_gflops", lambda: 1.0)  # measured in the test above
     results = demo3d.run_demo_3d(str(tmp_path), quick=True, verbose=0)
     data = demo_data.demo_volumes(n_subjects=2, seed=0, voxel_size=8)
     assert [call[2:] for call in calls] == [(None, "mi")] * 3 + [(None, "ncc")] * 3

@@ -1,6 +1,5 @@
 """Table 1 experiments: the compared methods, each row's data, the row runners, outputs and scripts."""
 import csv
-import functools
 import json
 import os
 import runpy
@@ -118,36 +117,25 @@ def phantoms(count, seed):
     return (labels / 2 + rng.normal(0, 0.05, labels.shape)).astype(np.float32), labels
 
 
-def test_the_module_example_runs(capsys):
+def test_the_module_example_runs_and_scores_every_method_on_every_contrast(capsys):
     example = "\n".join(line[4:] for line in experiments.__doc__.splitlines() if line.startswith("    "))
+    rows = []  # what segmentation_row returned to the example
+
+    def segmentation_row(*args, **kwargs):
+        rows.append(experiments.segmentation_row(*args, epochs=1, verbose=0, nb_features=4, nb_levels=2, **kwargs))
+        return rows[-1]
+
     tiny = types.SimpleNamespace(methods=tiny_methods, markdown_table=experiments.markdown_table,
-                                 segmentation_row=functools.partial(experiments.segmentation_row, epochs=1, verbose=0,
-                                                                    nb_features=4, nb_levels=2))
+                                 segmentation_row=segmentation_row)
     test = phantoms(2, 1)
     tests = {"t1": test, "t1_inverted": (1 - test[0], test[1])}
     exec(example, {"experiments": tiny, "train": phantoms(4, 0), "tests": tests})
     assert "| Segmentation | 2D | Inverted OASIS T1 | " in capsys.readouterr().out
-
-
-def test_segmentation_row_scores_every_method_on_every_contrast():
-    train, test = phantoms(4, 0), phantoms(3, 1)
-    results, models = experiments.segmentation_row(train, {"t1": test, "t1_inverted": (1 - test[0], test[1])},
-                                                   nb_labels=3, methods=tiny_methods(), epochs=1, verbose=0,
-                                                   nb_features=4, nb_levels=2)
+    (results, models), = rows
     assert list(results) == list(models) == ["baseline", "cifl"]
     for scores in results.values():
         assert list(scores) == ["t1", "t1_inverted"]
-        assert all(s.dice.shape == (3, 2) for s in scores.values())
-
-
-def test_registration_row_scores_every_method_on_every_pairing():
-    images, labels = phantoms(4, 0)
-    tests = {"t1": experiments.cross_subject_pairs(images, images, labels, labels)}
-    results, _ = experiments.registration_row(images, tests, tiny_methods(), epochs=1, steps_per_epoch=2,
-                                              batch_size=2, verbose=0, nb_unet_features=[[4, 4], [4, 4]],
-                                              int_steps=0)
-    assert list(results) == ["baseline", "cifl"]
-    assert all(s["t1"].dice.shape[0] == 4 and s["t1"].folding.shape == (4,) for s in results.values())
+        assert all(s.dice.shape == (2, 4) for s in scores.values())  # 2 test images, labels 1-4 of the example's 5
 
 
 def test_cross_subject_pairs_moves_each_image_onto_the_next_subject():
@@ -188,10 +176,23 @@ def test_experiment_script_runs_a_quick_row_on_a_data_folder(tmp_path, monkeypat
     # The script itself, run as __main__ in this process, with the baseline and a tiny encoder (the compared
     # methods are checked above) and tiny networks.
     monkeypatch.setattr(experiments, "methods", lambda **kwargs: tiny_methods())
+    rows, registration_row = [], experiments.registration_row  # what registration_row returned to the script
+
+    def recorded_row(*args, **kwargs):
+        rows.append(registration_row(*args, **kwargs))
+        return rows[-1]
+
+    monkeypatch.setattr(experiments, "registration_row", recorded_row)
     monkeypatch.setattr(sys, "argv", ["reg_oasis_t1_inverted.py", "--data", str(tmp_path / "oasis"), "--split",
                                       "all", "--quick", "--out", str(tmp_path / "out")])
     runpy.run_path(os.path.join(ROOT, "experiments", "reg_oasis_t1_inverted.py"), run_name="__main__")
     assert "OASIS T1-Inverted T1 (t1_inverted): baseline" in capsys.readouterr().out
+    # every method scored on every pairing: each of the 3 subjects moved onto the next
+    (results, _), = rows
+    assert list(results) == ["baseline", "cifl"]
+    for pairings in results.values():
+        assert list(pairings) == ["t1", "t1_inverted"]
+        assert all(s.dice.shape[0] == 3 and s.folding.shape == (3,) for s in pairings.values())
     # its own table, not table1.md, which holds every row (experiments/table1.py)
     assert sorted(os.listdir(tmp_path / "out")) == ["reg_oasis_t1_inverted.csv", "reg_oasis_t1_inverted.json",
                                                     "reg_oasis_t1_inverted.md"]
