@@ -106,8 +106,8 @@ class MIND(KL.Layer):
         """How far, in pixels, the descriptor at a pixel looks (tiling.receptive_radius): the neighbours'
         `dilation` plus the patch's ceil(3 sigma). Stated, since measuring it probes an 83^3 volume for a second
         in 3D, for each new layer: in register_pair, and in each save and load of a model holding a FeatureStack
-        (Keras reads its properties).
-        The variance clip's image mean is not counted: it takes part only where V is 1e3 times off its mean."""
+        (Keras reads its properties). The variance clip's image mean is not counted: it takes part only where V
+        is 1e3 times off its mean."""
         return self.dilation + self.patch_radius
 
     def _check_images(self, input_shape):
