@@ -125,9 +125,10 @@ def test_rejects_what_is_not_two_describers_of_one_ndim(encoder, bad, error, mes
 def test_register_pair_takes_a_stack(moved_features):
     """The moved image encoded by both describers in every step (the 2D default), or their features of the
     moving image warped (the 3D default: the stack's own tiled_features)."""
-    moving, _, t2, moving_labels, fixed_labels = warped_pair((64, 64))
+    # Small images and one squaring step: the stack is under test, not the size or the integration.
+    moving, _, t2, moving_labels, fixed_labels = warped_pair((32, 32))
     stack = FeatureStack([cifl_tf.pretrained(), MIND(ndim=2)])
-    displacement = cifl_tf.register_pair(moving, t2, stack, levels=(1,), steps=40, moved_features=moved_features,
-                                         verbose=0)
+    displacement = cifl_tf.register_pair(moving, t2, stack, levels=(1,), steps=40, int_steps=1,
+                                         moved_features=moved_features, verbose=0)
     before = dice_after(np.zeros_like(displacement), moving_labels, fixed_labels)
     assert dice_after(displacement, moving_labels, fixed_labels) > before + 0.05
