@@ -132,52 +132,86 @@ class RecordOptimizer(tf.keras.callbacks.Callback):
         self.initial_weights = self.model.encoder.get_weights()
 
 
-@pytest.mark.filterwarnings("ignore:precision mixed_bfloat16 on a CPU")  # the suite runs oneDNN off
-@pytest.mark.parametrize("precision, compute_dtype, loss_scaled", [
-    ("mixed_bfloat16", "bfloat16", False), ("mixed_float16", "float16", True)])
-def test_mixed_precision_trains_16_bit_convolutions_and_saves_a_float32_encoder(tmp_path, precision, compute_dtype,
-                                                                                loss_scaled):
-    run, recorder = str(tmp_path / "run"), RecordOptimizer()
-    encoder = train_encoder(shape=(32, 32), steps=4, steps_per_epoch=2, batch_size=2, channels=4, features=8, seed=0,
-                            precision=precision, out_dir=run, callbacks=[recorder], verbose=0)
-    assert {conv.compute_dtype for conv in encoder.convs} == {compute_dtype}
-    assert isinstance(recorder.optimizer, tf.keras.mixed_precision.LossScaleOptimizer) == loss_scaled
+def check_mixed_precision_run(run, encoder, recorder, optimizer, precision):
+    """A finished `precision` run trained 16-bit convolutions (with loss scaling for float16 alone) to finite
+    losses that moved every weight, and saved them in a float32 encoder. `optimizer`: what training.adam made."""
+    assert {conv.compute_dtype for conv in encoder.convs} == {{"mixed_bfloat16": "bfloat16",
+                                                               "mixed_float16": "float16"}[precision]}
+    assert isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer) == (precision == "mixed_float16")
     assert all(np.isfinite(loss) for _, loss in log_rows(run)) and read_settings(run)["precision"] == precision
-    if not loss_scaled:  # float16's first steps overflow at Keras's initial scale; the resume test trains it
-        assert all(np.any(w != w0) for w, w0 in zip(encoder.get_weights(), recorder.initial_weights))
+    assert all(np.any(w != w0) for w, w0 in zip(encoder.get_weights(), recorder.initial_weights))
     loaded = load_encoder(run)
     assert loaded.dtype_policy.name == "float32" and {c.compute_dtype for c in loaded.convs} == {"float32"}
     for mine, theirs in zip(encoder.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(mine, theirs)
 
 
+# mixed_float16 is checked by the resume test below, whose runs start at a loss scale that trains: at Keras's
+# initial scale of 2^15 the first steps overflow float16 and are skipped
+@pytest.mark.filterwarnings("ignore:precision mixed_bfloat16 on a CPU")  # the suite runs oneDNN off
+def test_mixed_bfloat16_trains_16_bit_convolutions_and_saves_a_float32_encoder(tmp_path):
+    run, recorder = str(tmp_path / "run"), RecordOptimizer()
+    encoder = train_encoder(shape=(32, 32), steps=4, steps_per_epoch=2, batch_size=2, channels=4, features=8, seed=0,
+                            precision="mixed_bfloat16", out_dir=run, callbacks=[recorder], verbose=0)
+    check_mixed_precision_run(run, encoder, recorder, recorder.optimizer, "mixed_bfloat16")
+
+
 @pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
 def test_mixed_bfloat16_warns_where_the_cpu_emulates_bfloat16(monkeypatch, recwarn, native, warned):
     monkeypatch.setattr(cifl_tf.machine, "native_bfloat16", lambda: native)
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # as on a machine without GPU
-    train_encoder(shape=(32, 32), steps=1, batch_size=1, channels=4, features=8, precision="mixed_bfloat16", verbose=0)
+    with pytest.raises(ValueError, match="loss_scales"):  # refused after the warning: nothing to build or train
+        train_encoder(shape=(32, 32), steps=1, batch_size=1, channels=4, features=8, precision="mixed_bfloat16",
+                      loss_scales=(64,), verbose=0)
     assert any("bfloat16 TensorFlow emulates" in str(w.message) for w in recwarn) == warned
 
 
-def test_a_mixed_float16_run_resumes_to_the_weights_of_one_that_ran_through(tmp_path, monkeypatch):
+class RecordLearningRate(tf.keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rates.append(float(self.model.optimizer.learning_rate))  # the rate of the step just taken
+
+
+def cosine(learning_rate, step, steps):
+    return learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def test_a_mixed_float16_cosine_run_resumes_to_the_weights_of_one_that_ran_through(tmp_path, monkeypatch):
+    """3 steps in 3 epochs, interrupted after the first: the resumed run continues the optimizer exactly, its
+    step, its loss scale and its learning-rate schedule, and ends with the weights of the run that ran through."""
     # Keras's initial scale of 2^15 overflowed float16 at every step of this tiny run, so every step was skipped
     # and no weight moved. From 1 the steps are finite and the scale doubles at each; scaling by powers of two is
     # exact, so equal weights alone would not show a resume that lost the scale: the scale is compared too.
-    monkeypatch.setattr(training, "adam", lambda rate, precision: tf.keras.mixed_precision.LossScaleOptimizer(
-        tf.keras.optimizers.Adam(rate), initial_scale=1.0, dynamic_growth_steps=1))
-    settings = {**INTERRUPTED_RUN, "precision": "mixed_float16"}
-    whole_recorder = RecordOptimizer()
+    adam, made = training.adam, []  # made: the optimizers training.adam makes, checked after the first run
+
+    def adam_from_scale_1(rate, precision):  # training.adam's Adam (its learning rate schedule), scaled from 1
+        made.append(adam(rate, precision))
+        inner = tf.keras.optimizers.Adam.from_config(getattr(made[-1], "inner_optimizer", made[-1]).get_config())
+        return tf.keras.mixed_precision.LossScaleOptimizer(inner, initial_scale=1.0, dynamic_growth_steps=1)
+
+    monkeypatch.setattr(training, "adam", adam_from_scale_1)
+    settings = {**INTERRUPTED_RUN, "precision": "mixed_float16", "learning_rate": 1e-2,
+                "learning_rate_decay": "cosine"}
+    steps, whole_recorder = settings["steps"], RecordOptimizer()
     whole = train_encoder(**settings, out_dir=str(tmp_path / "whole"), callbacks=[whole_recorder], verbose=0)
-    run = str(tmp_path / "resumed")
+    check_mixed_precision_run(str(tmp_path / "whole"), whole, whole_recorder, made[0], "mixed_float16")
+
+    run, recorder = str(tmp_path / "resumed"), RecordOptimizer()
+    first, second = RecordLearningRate(), RecordLearningRate()  # the rates before and after the resume
     with pytest.raises(Interrupted):
-        train_encoder(**settings, out_dir=run, callbacks=[interrupt_at_second_epoch()], verbose=0)
-    recorder = RecordOptimizer()
-    resumed = train_encoder(**settings, out_dir=run, resume=True, callbacks=[recorder], verbose=0)
-    assert int(recorder.optimizer.iterations) == INTERRUPTED_RUN["steps"]
-    assert float(whole_recorder.optimizer.loss_scale) == 2.0 ** INTERRUPTED_RUN["steps"]
+        train_encoder(**settings, out_dir=run, callbacks=[first, interrupt_at_second_epoch()], verbose=0)
+    resumed = train_encoder(**settings, out_dir=run, resume=True, callbacks=[recorder, second], verbose=0)
+    assert int(recorder.optimizer.iterations) == steps
+    assert float(whole_recorder.optimizer.loss_scale) == 2.0 ** steps
     assert float(recorder.optimizer.loss_scale) == float(whole_recorder.optimizer.loss_scale)
     for mine, theirs in zip(whole.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_allclose(first.rates + second.rates, [cosine(1e-2, step, steps) for step in range(steps)],
+                               rtol=1e-6)
+    assert read_settings(run)["learning_rate_decay"] == "cosine"
 
 
 class RecordEpochs(tf.keras.callbacks.Callback):
@@ -198,9 +232,23 @@ class FailOnStart(tf.keras.callbacks.Callback):
         raise Interrupted
 
 
-def test_resume_continues_an_interrupted_run(interrupted_run):
-    """The run stopped after epoch 0 of 3; resuming runs epochs 1 and 2 from the saved weights (max_offset=0)."""
+def test_resume_continues_an_interrupted_run_of_before_the_architecture_options(interrupted_run):
+    """The run stopped after epoch 0 of 3, its settings.json as written before the architecture options (which
+    read as the paper's); resuming runs epochs 1 and 2 from the saved weights (max_offset=0)."""
     run = str(interrupted_run())
+    path = os.path.join(run, "settings.json")
+    with open(path) as f:
+        settings = json.load(f)
+    old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
+                                                 "local_normalization", "use_bias", "learning_rate_decay",
+                                                 "loss_scales", "pixel_contrast", "precision")}
+    assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
+                   "local_normalization": None, "use_bias": True, "learning_rate_decay": "constant",
+                   "loss_scales": [1], "pixel_contrast": 0.0, "precision": "float32"}
+    with open(path, "w") as f:
+        json.dump(settings, f)
+    assert {name: read_settings(run)[name] for name in old} == old
+
     assert log_rows(run)[0][0] == 0 and len(log_rows(run)) == 1 and not os.path.exists(os.path.join(run, "result.json"))
     checkpoint = load_encoder(run)(IMAGE).numpy()
     with pytest.raises(Interrupted):  # a resume that dies at once leaves the last checkpoint in place
@@ -217,28 +265,6 @@ def test_resume_continues_an_interrupted_run(interrupted_run):
     np.testing.assert_array_equal(load_encoder(run)(IMAGE), encoder(IMAGE))
 
 
-def test_a_run_from_before_the_architecture_options_resumes_as_paper(interrupted_run):
-    run = str(interrupted_run())
-    path = os.path.join(run, "settings.json")
-    with open(path) as f:
-        settings = json.load(f)
-    old = {name: settings.pop(name) for name in ("architecture", "dilations", "inversion_invariant",
-                                                 "local_normalization", "use_bias", "learning_rate_decay",
-                                                 "loss_scales", "pixel_contrast", "precision")}
-    assert old == {"architecture": "paper", "dilations": None, "inversion_invariant": False,
-                   "local_normalization": None, "use_bias": True, "learning_rate_decay": "constant",
-                   "loss_scales": [1], "pixel_contrast": 0.0, "precision": "float32"}
-    with open(path, "w") as f:
-        json.dump(settings, f)
-    assert {name: read_settings(run)[name] for name in old} == old
-    train_encoder(**INTERRUPTED_RUN, out_dir=run, resume=True, verbose=0)
-    assert [epoch for epoch, _ in log_rows(run)] == [0, 1, 2]
-
-
-def cosine(learning_rate, step, steps):
-    return learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-
 @pytest.mark.parametrize("decay, step, steps", [
     ("constant", 0, 10), ("constant", 7, 10),
     ("cosine", 0, 10), ("cosine", 1, 10), ("cosine", 5, 10), ("cosine", 9, 10), ("cosine", 10, 10),
@@ -248,33 +274,6 @@ def test_learning_rate_schedule_follows_the_formula(decay, step, steps):
     rate = learning_rate_schedule(2e-3, decay, steps)
     expected = 2e-3 if decay == "constant" else cosine(2e-3, step, steps)
     np.testing.assert_allclose(float(rate(step)) if callable(rate) else rate, expected, rtol=1e-6, atol=1e-12)
-
-
-class RecordLearningRate(tf.keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.rates = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.rates.append(float(self.model.optimizer.learning_rate))  # the rate of the step just taken
-
-
-def test_a_cosine_run_decays_its_learning_rate_across_a_resume(tmp_path):
-    """4 steps in 2 epochs, interrupted after the first: the resumed epoch continues the schedule."""
-    run = dict(shape=(32, 32), steps=4, steps_per_epoch=2, batch_size=2, channels=4, features=4, max_offset=4,
-               learning_rate=1e-2, learning_rate_decay="cosine", seed=0, out_dir=str(tmp_path / "run"), verbose=0)
-
-    class InterruptAtSecondEpoch(RecordLearningRate):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 1:
-                raise Interrupted
-
-    first, second = InterruptAtSecondEpoch(), RecordLearningRate()
-    with pytest.raises(Interrupted):
-        train_encoder(**run, callbacks=[first])
-    train_encoder(**run, resume=True, callbacks=[second])
-    np.testing.assert_allclose(first.rates + second.rates, [cosine(1e-2, step, 4) for step in range(4)], rtol=1e-6)
-    assert read_settings(run["out_dir"])["learning_rate_decay"] == "cosine"
 
 
 MIRRORED = """
@@ -323,7 +322,9 @@ def _tiny_seg():
 
 def _tiny_reg():
     images = np.random.default_rng(0).uniform(size=(2, 16, 16, 1)).astype(np.float32)
-    return cifl_tf.models.registration_model((16, 16), nb_unet_features=[[4], [4, 4]]), ([images, images[::-1]],)
+    # int_steps=1: the integration's layers (VecInt, RescaleTransform) in half the trace time of the default 7
+    model = cifl_tf.models.registration_model((16, 16), nb_unet_features=[[4], [4, 4]], int_steps=1)
+    return model, ([images, images[::-1]],)
 
 
 @pytest.mark.parametrize("make", [_tiny_seg, _tiny_reg], ids=["unet", "vxmdense"])
