@@ -342,7 +342,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     # As settings.json holds them: tuples become lists, NumPy numbers Python ones
     settings = json.loads(json.dumps(settings, default=_plain))
     checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
-    seed = settings["seed"]  # Keras's seeding takes Python integers only
+    # Python numbers from here on: Keras's seeding and the stream's start take Python integers only
+    steps, steps_per_epoch, batch_size, seed = (settings[k] for k in ("steps", "steps_per_epoch", "batch_size", "seed"))
     strategy = _get_strategy(strategy)
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     if seed is not None:

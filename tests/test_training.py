@@ -366,7 +366,9 @@ def test_compile_for_fit_asks_for_a_built_model():
 
 def test_numpy_numbers_train_as_python_ones(tmp_path):
     run = tmp_path / "run"
-    train_encoder(shape=np.array([32, 32]), steps=np.int64(2), steps_per_epoch=2, batch_size=2, channels=4,
-                  features=8, tau_gamma=np.float32(0.5), seed=np.int64(3), out_dir=str(run), verbose=0)
+    # a run shorter than its epoch: its epoch is `steps`, a NumPy number
+    train_encoder(shape=np.array([32, 32]), steps=np.int64(2), steps_per_epoch=np.int64(4), batch_size=np.int64(2),
+                  channels=4, features=8, tau_gamma=np.float32(0.5), seed=np.int64(3), out_dir=str(run), verbose=0)
     settings = read_settings(str(run))
-    assert (settings["shape"], settings["steps"], settings["tau_gamma"], settings["seed"]) == ([32, 32], 2, 0.5, 3)
+    assert (settings["shape"], settings["steps"], settings["steps_per_epoch"], settings["tau_gamma"],
+            settings["seed"]) == ([32, 32], 2, 2, 0.5, 3)
