@@ -353,7 +353,9 @@ def contrast_pairs(shape, batch_size, seed=None, start=0, **synth_kwargs):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     synth = ShapesSynth(shape, seed=seed, **synth_kwargs)
-    # Batches are made in parallel and handed out in order; each is a function of its index alone.
+    # Batches are made in parallel and handed out in order; each is a function of its index alone. The synthesis
+    # branches on Python values only, so autograph's conversion would change nothing but cost ~1 s a process.
     pairs = tf.data.Dataset.range(start, sys.maxsize).map(
-        lambda index: synth(index, batch_size)[1:], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        tf.autograph.experimental.do_not_convert(lambda index: synth(index, batch_size)[1:]),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return pairs.prefetch(tf.data.AUTOTUNE).with_options(stream_options())
