@@ -159,6 +159,21 @@ def test_an_xla_compiled_registration_gives_the_same_result(monkeypatch):
     np.testing.assert_allclose(fields[True], fields[False], atol=1e-3)  # voxels; XLA rounds differently
 
 
+def test_each_stage_traces_its_train_step_once(monkeypatch):
+    # The deformable levels' two losses make loss metrics: made in the first trace, they would make fit trace again.
+    tracings, fit = [], instance._fit
+
+    def recording(model, *args):
+        fit(model, *args)
+        tracings.append(model.train_function.experimental_get_tracing_count())
+
+    monkeypatch.setattr(instance, "_fit", recording)
+    instance._compiled.cache_clear()
+    moving, t1, _, _, _ = warped_pair((24, 24))
+    cifl_tf.register_pair(moving, t1, encoder=None, affine=True, steps=2, **SMALL_GRAPH)
+    assert tracings == [1, 1]  # the affine stage, the level
+
+
 @pytest.mark.parametrize("grid, steps, jit_compile, expected", [
     ((40, 48, 56), 100, None, True),  # level 4 of a 160x192x224 volume: 10.8M voxel steps
     ((20, 24, 28), 100, None, False),  # its level 8: 1.3M
