@@ -80,10 +80,10 @@ def _check_encoder(encoder, inshape):
     return encoder
 
 
-def _check_divisible(inshape, factor, what):
+def _check_divisible(inshape, factor, what, levels_argument):
     if any(size % factor for size in inshape):
         raise ValueError(f"inshape {inshape} must be divisible by {factor} for {what}: "
-                         f"pad or crop the images, or use fewer levels")
+                         f"pad or crop the images, or give fewer {levels_argument}")
 
 
 def _serialize(encoder):
@@ -154,7 +154,7 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
             raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
         if isinstance(unet_kwargs["nb_features"], int):
             _check_divisible(inshape, 2 ** (unet_kwargs["nb_levels"] - 1),
-                             f"a UNet of nb_levels={unet_kwargs['nb_levels']}")
+                             f"a UNet of nb_levels={unet_kwargs['nb_levels']}", "nb_levels")
 
         image = tf.keras.Input((*inshape, 1), name="image")
         features = image if encoder is None else encoder(image)
@@ -283,7 +283,8 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
                                       or value < least):
                 raise ValueError(f"registration_model: {key} must be an integer >= {least}, got {value!r}")
         encoder = _check_encoder(encoder, inshape)
-        _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet")
+        _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
+                         "levels (shorter nb_unet_features lists, or nb_unet_levels)")
 
         moving = tf.keras.Input((*inshape, 1), name="moving")
         fixed = tf.keras.Input((*inshape, 1), name="fixed")
