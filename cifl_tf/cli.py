@@ -20,7 +20,7 @@ import voxelmorph as vxm
 from . import checkpoint, data, machine, models, tiling
 from .callbacks import StopOnNonFinite
 from .descriptors import MIND, VARIANTS
-from .encoder import ARCHITECTURES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
+from .encoder import ARCHITECTURES, PRETRAINED_NAMES, PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .evaluate import evaluate_registration, evaluate_segmentation, segment
 from .instance import MOVED_FEATURES, register_pair
 from .metrics import folding_fraction
@@ -601,6 +601,10 @@ def _parser():
     p.add_argument("--no-bias", action="store_true", default=None,
                    help="convolutions without bias: features unchanged when the image is scaled about 0 "
                         "(about 1/2 with --inversion-invariant; CIFLEncoder use_bias)")
+    p.add_argument("--init", metavar="ENCODER",
+                   help=f"start from this encoder's weights instead of random ones: a shipped encoder "
+                        f"({', '.join(PRETRAINED_NAMES)}) or a weights file or run folder, of the same architecture; "
+                        f"a 2D encoder for 3D crops is inflated (cifl_tf.encoder.inflate)")
     p.add_argument("--tau-alpha", type=float)
     p.add_argument("--tau-beta", type=float)
     p.add_argument("--tau-gamma", type=float)

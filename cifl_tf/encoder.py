@@ -270,6 +270,39 @@ class CIFLEncoder(KL.Layer):
                 "use_bias": self.use_bias}
 
 
+def inflate(encoder):
+    """A 3D CIFLEncoder that computes what a 2D one does on each slice across a volume's last axis.
+
+    Each 3x3 kernel becomes the central plane of a 3x3x3 one, zero elsewhere (the inflation of I3D, Carreira
+    and Zisserman 2017, with the kernel in one plane rather than repeated across it), biases as they are:
+    with "same" padding the volume's features then equal the 2D encoder's slice by slice. The start of a 3D
+    encoder trained from a 2D one (``train_encoder(init=...)``), which training then teaches to use the third
+    axis.
+
+    Args:
+        encoder: a 2D CIFLEncoder, without local_normalization (its Gaussian window would reach across slices).
+
+    Returns: a built 3D CIFLEncoder, (B, X, Y, Z, 1) -> (B, X, Y, Z, C), of the same architecture and C.
+    """
+    if not isinstance(encoder, CIFLEncoder) or encoder.ndim != 2:
+        raise TypeError(f"inflate: takes a 2D CIFLEncoder, got {getattr(encoder, 'name', encoder)!r} "
+                        f"({type(encoder).__name__}, ndim {getattr(encoder, 'ndim', None)})")
+    if encoder.local_normalization is not None:
+        raise ValueError(f"inflate: {encoder.name} has local_normalization {encoder.local_normalization}, whose "
+                         f"window would reach across the slices; inflate encoders without it")
+    if not encoder.built:
+        encoder(tf.zeros((1, 8, 8, 1)))
+    config = {key: value for key, value in encoder.get_config().items() if key not in ("name", "dtype", "trainable")}
+    volume = CIFLEncoder(**{**config, "ndim": 3}, name=f"{encoder.name}_3d")
+    volume(tf.zeros((1, 8, 8, 8, 1)))
+    for flat, deep in zip(encoder.convs + encoder.context, volume.convs + volume.context):
+        kernel, *bias = flat.get_weights()
+        inflated = np.zeros((*kernel.shape[:2], 3, *kernel.shape[2:]), kernel.dtype)
+        inflated[:, :, 1] = kernel
+        deep.set_weights([inflated, *bias])
+    return volume
+
+
 def encoder_model(encoder, name="cifl_encoder_model"):
     """Wraps an encoder layer into a Model (B, *spatial, 1) -> (B, *spatial, C) of any spatial size."""
     images = tf.keras.Input((None,) * encoder.ndim + (1,), name="image")
@@ -359,6 +392,9 @@ def _config_path(weights_path):
 PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
 PRETRAINED_RECOMMENDED = {2: "recommended_2d"}  # ndim -> general-purpose encoder's name
+# The file name roots of the shipped encoders, as train_encoder's `init` takes them
+PRETRAINED_NAMES = (*(f"tau_gamma_{tau_gamma:g}" for tau_gamma in PRETRAINED_TAU_GAMMAS),
+                    *PRETRAINED_RECOMMENDED.values())
 # 3D encoders are the tri-planar features of the 2D ones (triplanar.Triplanar), by default of this one: the
 # 3D-trained encoders measured so far registered the 3D demo and a real volume no better overall, and the
 # tri-planar features of this 2D encoder better on T1 and T2-like than those of each recommended_2d shipped

@@ -26,7 +26,8 @@ import tensorflow as tf
 from . import checkpoint, machine
 from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
-from .encoder import ARCHITECTURES, CIFLEncoder, encoder_model, positive_number, save_encoder
+from .encoder import (ARCHITECTURES, PRETRAINED_DIR, PRETRAINED_NAMES, CIFLEncoder, encoder_model, inflate,
+                      load_encoder, positive_number, save_encoder)
 from .losses import check_scales, multiscale_contrastive_loss, pixel_contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
 
@@ -206,6 +207,8 @@ SETTINGS = {
     "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
                     "a list of positive integers"),
     "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
+    "init": (lambda v: v is None or isinstance(v, str) and v != "",
+             "null or a shipped encoder's name or an encoder's path"),
     "synth_kwargs": (lambda v: isinstance(v, dict) and set(v) <= _synth_arguments(),
                      "an object of ShapesSynth and labels_to_image arguments"),
 }
@@ -214,7 +217,7 @@ SETTINGS = {
 # Fields that runs of earlier versions did not write, with the value those runs used.
 SETTING_DEFAULTS = {"architecture": "paper", "dilations": None, "inversion_invariant": False,
                     "local_normalization": None, "use_bias": True, "learning_rate_decay": "constant",
-                    "loss_scales": [1], "pixel_contrast": 0.0, "precision": "float32"}
+                    "loss_scales": [1], "pixel_contrast": 0.0, "precision": "float32", "init": None}
 
 
 def _plain(value):
@@ -262,8 +265,35 @@ def check_max_offset(max_offset, shape):
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {tuple(shape)}")
 
 
+def initial_encoder(init, encoder_args):
+    """The encoder that a run of `encoder_args` (CIFLEncoder's) named by `init` starts from: a shipped encoder's
+    file name root (PRETRAINED_NAMES) or an encoder's weights file or run folder (load_encoder), inflated to 3D
+    (``inflate``) when it is 2D and the run's encoder 3D.
+
+    Raises: FileNotFoundError for no such encoder; ValueError naming each setting in which it differs from the
+        run's encoder (such as its features, or a 3D encoder for a 2D run).
+    """
+    try:
+        encoder = load_encoder(os.path.join(PRETRAINED_DIR, f"{init}.weights.h5") if init in PRETRAINED_NAMES
+                               else init)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"init {init!r} is none of the shipped encoders ({', '.join(PRETRAINED_NAMES)}), "
+                                f"and {error}") from None
+    if not isinstance(encoder, CIFLEncoder):
+        raise ValueError(f"init {init!r}: a run starts from a CIFLEncoder, got a {type(encoder).__name__}")
+    if encoder.ndim == 2 and encoder_args["ndim"] == 3:
+        encoder = inflate(encoder)
+    run, given = CIFLEncoder(**encoder_args).get_config(), encoder.get_config()
+    differences = [f"{key} {given[key]!r} (the run's {value!r})" for key, value in run.items()
+                   if key not in ("name", "trainable", "dtype") and given[key] != value]
+    if differences:
+        raise ValueError(f"init {init!r}: its encoder differs from the run's in {'; '.join(differences)}; "
+                         f"give the run the same options")
+    return encoder
+
+
 def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, features=32, architecture="paper",
-                  dilations=None, inversion_invariant=False, local_normalization=None, use_bias=True,
+                  dilations=None, inversion_invariant=False, local_normalization=None, use_bias=True, init=None,
                   tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), pixel_contrast=0.0, max_offset=16,
                   learning_rate=1e-3, learning_rate_decay="constant",
                   precision="float32", seed=None, out_dir=None, resume=False, strategy=None, steps_per_epoch=100,
@@ -276,6 +306,10 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         channels, features, architecture, dilations, inversion_invariant, local_normalization, use_bias: the
             encoder's C, hidden width, architecture, context dilations, first layer, input normalisation and
             biases (CIFLEncoder).
+        init: None to start from random weights, or the encoder to start from (``initial_encoder``): a shipped
+            one's name (PRETRAINED_NAMES, such as "tau_gamma_1") or an encoder's weights file or run folder, of
+            the run's architecture; a 2D one for 3D crops is inflated (``inflate``). A resumed run goes on from
+            its last epoch instead.
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
         loss_scales: Eq. 1 is averaged over the overlaps average-pooled by each of these factors
             (losses.multiscale_contrastive_loss); (1,), the default, is the paper's loss.
@@ -335,13 +369,14 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     settings = dict(shape=list(shape), steps=steps, batch_size=batch_size, channels=channels,
                     features=features, architecture=architecture, dilations=dilations,
                     inversion_invariant=inversion_invariant, local_normalization=local_normalization,
-                    use_bias=use_bias, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
+                    use_bias=use_bias, init=init, tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma,
                     loss_scales=loss_scales, pixel_contrast=pixel_contrast, max_offset=max_offset,
                     learning_rate=learning_rate, learning_rate_decay=learning_rate_decay, precision=precision,
                     seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     # As settings.json holds them: tuples become lists, NumPy numbers Python ones
     settings = json.loads(json.dumps(settings, default=_plain))
     checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
+    start_from = None if init is None or resume else initial_encoder(init, encoder_args)
     # Python numbers from here on: Keras's seeding and the stream's start take Python integers only
     steps, steps_per_epoch, batch_size, seed = (settings[k] for k in ("steps", "steps_per_epoch", "batch_size", "seed"))
     strategy = _get_strategy(strategy)
@@ -352,6 +387,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         encoder = CIFLEncoder(**encoder_args, name="cifl_encoder", dtype=precision)
         model = SiameseCIFL(encoder, tau_alpha, tau_beta, tau_gamma, loss_scales, pixel_contrast, name="siamese_cifl")
         outputs = model((tf.zeros((1, *shape, 1)),) * 2 + (tf.zeros((1, len(shape)), tf.int32),))  # builds the weights
+        if start_from is not None:
+            encoder.set_weights(start_from.get_weights())
         # Before the run folder is written: a tf.distribute.Strategy given without loss scaling (none of
         # STRATEGIES) refuses mixed_float16 here.
         compile_for_fit(model, outputs, optimizer=adam(schedule, precision))

@@ -105,6 +105,9 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--local-normalization", "-1", "--out", "{empty}"], "local_normalization must be None or a positive sigma"),
     (["--pixel-contrast", "-1", "--out", "{empty}"], "pixel_contrast must be a non-negative number, got -1.0"),
     (["--tau-gamma", "0", "--out", "{empty}"], "tau_gamma must be a positive number, got 0.0"),
+    (["--init", "nowhere", "--out", "{empty}"], "init 'nowhere' is none of the shipped encoders (tau_gamma_1, "),
+    (["--init", "tau_gamma_1", "--features", "8", "--out", "{empty}"],
+     "init 'tau_gamma_1': its encoder differs from the run's in features 32 (the run's 8)"),
     (["--out", "{run}/settings.json"], "is not a folder"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
@@ -143,11 +146,15 @@ def test_synth_arguments_reach_the_run_settings(tmp_path):
             "--loss-scales", "1,2", "--pixel-contrast", "0.3", "--precision", "mixed_bfloat16",
             "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
+    first = str(tmp_path / "first")
+    assert cli.main(["train-encoder", *argv[:-1], first]) == 0
+    argv += ["--init", first]
     assert cli.main(["train-encoder", *argv]) == 0
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert settings["synth_kwargs"] == {"tie_prob": 0.5, "label_scales": [4, 8]}
     assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
     assert settings["inversion_invariant"] is True and load_encoder(tmp_path / "run").inversion_invariant
+    assert settings["init"] == first
     assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
     assert settings["use_bias"] is False and not load_encoder(tmp_path / "run").use_bias
     assert settings["learning_rate_decay"] == "cosine" and settings["loss_scales"] == [1, 2]

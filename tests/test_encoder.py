@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from cifl_tf import CIFLEncoder, FeatureStack, L2Normalize, Triplanar, load_encoder, save_encoder
 from cifl_tf.descriptors import MIND
-from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize, dilated
+from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize, dilated, inflate
 
 
 def images(shape, seed=0):
@@ -443,3 +443,26 @@ def test_save_encoder_refuses_what_load_encoder_does_not_load(layer, tmp_path):
 def test_numpy_numbers_are_taken_as_python_numbers(layer_class, numpy_kwargs, python_kwargs):
     config = layer_class(**numpy_kwargs, name="layer").get_config()
     assert json.loads(json.dumps(config)) == config == layer_class(**python_kwargs, name="layer").get_config()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(architecture="context", dilations=(2, 3)),
+                                    dict(inversion_invariant=True, use_bias=False)],
+                         ids=["paper", "context", "inversion-invariant-no-bias"])
+def test_inflate_gives_the_2d_features_of_each_slice_across_the_last_axis(kwargs):
+    flat = CIFLEncoder(channels=5, features=8, **kwargs)
+    volumes = images((2, 9, 11, 6), seed=1)
+    slices = np.moveaxis(volumes, 3, 1).reshape(-1, 9, 11, 1)
+    expected = np.moveaxis(flat(slices).numpy().reshape(2, 6, 9, 11, 5), 1, 3)
+    deep = inflate(flat)
+    assert deep.ndim == 3 and {**deep.get_config(), "ndim": 2, "name": flat.name} == flat.get_config()
+    np.testing.assert_allclose(deep(volumes), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, error, message", [
+    (CIFLEncoder(ndim=3), TypeError, r"takes a 2D CIFLEncoder, got .* \(CIFLEncoder, ndim 3\)"),
+    (MIND(ndim=2), TypeError, r"takes a 2D CIFLEncoder, got .* \(MIND, ndim 2\)"),
+    (CIFLEncoder(local_normalization=1.5), ValueError, "has local_normalization 1.5, whose window would reach"),
+])
+def test_inflate_refuses_what_it_cannot_inflate_exactly(layer, error, message):
+    with pytest.raises(error, match=message):
+        inflate(layer)

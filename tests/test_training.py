@@ -12,7 +12,8 @@ import pytest
 
 import cifl_tf
 import tensorflow as tf
-from cifl_tf import load_encoder, train_encoder, training
+from cifl_tf import CIFLEncoder, load_encoder, save_encoder, train_encoder, training
+from cifl_tf.encoder import inflate
 from cifl_tf.losses import contrastive_loss, pixel_contrastive_loss
 from cifl_tf.training import align_views, learning_rate_schedule, offset_views, read_settings
 from conftest import INTERRUPTED_RUN, Interrupted, interrupt_at_second_epoch
@@ -112,6 +113,11 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     (None, dict(synth_kwargs={"seed": 3}), ValueError, r"ShapesSynth does not take \['seed'\]"),
     (None, dict(synth_kwargs={"label_scales": 5}), ValueError, "label_scales must be positive integers, got 5"),
     (None, dict(synth_kwargs={"tie_jitter": float("inf")}), ValueError, "tie_jitter must be a non-negative number"),
+    ("new", dict(init="no_such_encoder"), FileNotFoundError,
+     r"init 'no_such_encoder' is none of the shipped encoders \(tau_gamma_1, .*\), and load_encoder: no such file"),
+    ("new", dict(init="tau_gamma_1", features=8), ValueError,
+     r"init 'tau_gamma_1': its encoder differs from the run's in features 32 \(the run's 8\)"),
+    ("new", dict(init=3), ValueError, "init must be null or a shipped encoder's name or an encoder's path, got 3"),
 ])
 def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
     out_dir = {"trained": lambda: request.getfixturevalue("trained")[1],
@@ -122,6 +128,33 @@ def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
         train_encoder(out_dir=out_dir, verbose=0, **settings)
     if run == "new" and not kwargs.get("resume"):
         assert not os.path.exists(out_dir)  # nothing written that the corrected call would have to resume
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_run_starts_from_the_encoder_init_names_inflated_for_3d_crops(tmp_path, ndim):
+    flat = CIFLEncoder(channels=4, features=8, architecture="context", dilations=(2,))
+    flat(IMAGE)
+    save_encoder(flat, str(tmp_path / "flat.weights.h5"))
+    recorder = RecordOptimizer()
+    run = str(tmp_path / "run")
+    train_encoder(shape=(12,) * ndim, steps=1, batch_size=1, channels=4, features=8, architecture="context",
+                  dilations=(2,), max_offset=2, init=str(tmp_path / "flat.weights.h5"), seed=0, out_dir=run,
+                  callbacks=[recorder], verbose=0)
+    for started, expected in zip(recorder.initial_weights, (inflate(flat) if ndim == 3 else flat).get_weights(),
+                                 strict=True):
+        np.testing.assert_array_equal(started, expected)
+    assert read_settings(run)["init"] == str(tmp_path / "flat.weights.h5")
+
+
+def test_a_shipped_encoder_starts_a_run_by_name_and_a_3d_one_cannot_start_a_2d_run(tmp_path):
+    recorder = RecordOptimizer()
+    train_encoder(shape=(16, 16), steps=1, batch_size=1, max_offset=2, init="tau_gamma_1", callbacks=[recorder],
+                  verbose=0)
+    for started, expected in zip(recorder.initial_weights, cifl_tf.pretrained(tau_gamma=1).get_weights(), strict=True):
+        np.testing.assert_array_equal(started, expected)
+    save_encoder(inflate(cifl_tf.pretrained(tau_gamma=1)), str(tmp_path / "deep.weights.h5"))
+    with pytest.raises(ValueError, match=r"differs from the run's in ndim 3 \(the run's 2\)"):
+        train_encoder(shape=(16, 16), steps=1, max_offset=2, init=str(tmp_path / "deep.weights.h5"), verbose=0)
 
 
 class RecordOptimizer(tf.keras.callbacks.Callback):
