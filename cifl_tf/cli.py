@@ -156,8 +156,7 @@ def _add_stack_arg(p):
                         "(docs/registration.md)")
 
 
-_RECOMMENDED = ("the recommended shipped encoder, cifl_tf.pretrained(ndim=...) (for 3D images the tri-planar "
-                "features of a shipped 2D encoder)")
+_RECOMMENDED = "the recommended shipped encoder of the images' dimension, cifl_tf.pretrained(ndim=...)"
 
 
 def _add_encoder_args(p, default="none, the raw-intensity baseline"):

@@ -391,20 +391,15 @@ def _config_path(weights_path):
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED_TAU_GAMMAS = (1.0, 0.1, 0.01)  # the paper's sweep (Table 1)
-PRETRAINED_RECOMMENDED = {2: "recommended_2d"}  # ndim -> general-purpose encoder's name
+PRETRAINED_RECOMMENDED = {2: "recommended_2d", 3: "recommended_3d"}  # ndim -> general-purpose encoder's name
 # The file name roots of the shipped encoders, as train_encoder's `init` takes them
 PRETRAINED_NAMES = (*(f"tau_gamma_{tau_gamma:g}" for tau_gamma in PRETRAINED_TAU_GAMMAS),
                     *PRETRAINED_RECOMMENDED.values())
-# 3D encoders are the tri-planar features of the 2D ones (triplanar.Triplanar), by default of this one: the
-# 3D-trained encoders measured so far registered the 3D demo and a real volume no better overall, and the
-# tri-planar features of this 2D encoder better on T1 and T2-like than those of each recommended_2d shipped
-# so far (docs/levers.md, "3D-trained encoders against tri-planar features").
-PRETRAINED_3D_TAU_GAMMA = 1.0
 
 
 def pretrained_info():
     """How each shipped encoder was made, keyed by its name: the tau_gamma of the sweep ("1", "0.1",
-    "0.01") or a PRETRAINED_RECOMMENDED name ("recommended_2d").
+    "0.01") or a PRETRAINED_RECOMMENDED name ("recommended_2d", "recommended_3d").
 
     Returns: {name: {"command", "steps", "seed", "final_loss", "wall_seconds", "settings" (train_encoder's
     arguments), "machine"}}; the recommended encoders' entries also name the git "commit" they were trained at.
@@ -414,21 +409,22 @@ def pretrained_info():
 
 
 def pretrained(tau_gamma=None, ndim=2, trainable=False):
-    """A shipped CIFLEncoder trained on synthetic shapes only (for 3D, a Triplanar of one), read offline.
+    """A shipped CIFLEncoder trained on synthetic shapes only, read offline.
 
     Args:
         tau_gamma: None for the recommended general-purpose encoder of `ndim`, or one of
             PRETRAINED_TAU_GAMMAS for that 2D encoder of the paper's sweep (the paper's architecture).
-        ndim: 2, or 3 for the tri-planar features of a 2D encoder (Triplanar; with tau_gamma None, of
-            the one of PRETRAINED_3D_TAU_GAMMA).
+        ndim: 2, or 3: with tau_gamma None the recommended 3D encoder (trained in 3D from the inflated
+            tau_gamma = 1 encoder, ``inflate``; docs/levers.md, "3D-trained encoders against tri-planar
+            features"), else the tri-planar features of that 2D encoder (Triplanar).
         trainable: False (the default) freezes the encoder.
 
-    Returns: a CIFLEncoder (B, H, W, 1) -> (B, H, W, C), or with ndim 3 a Triplanar of one,
+    Returns: a CIFLEncoder (B, *spatial, 1) -> (B, *spatial, C), or with ndim 3 and a tau_gamma a Triplanar,
     (B, X, Y, Z, 1) -> (B, X, Y, Z, 3C); images in [0, 1].
     Raises: ValueError for another ndim or tau_gamma.
     """
     encoder = load_encoder(os.path.join(PRETRAINED_DIR, f"{_pretrained_name(tau_gamma, ndim)}.weights.h5"), trainable)
-    return encoder if ndim == 2 else Triplanar(encoder, trainable=trainable)
+    return Triplanar(encoder, trainable=trainable) if encoder.ndim < ndim else encoder
 
 
 def pretrained_log(tau_gamma=None, ndim=2):
@@ -441,8 +437,6 @@ def _pretrained_name(tau_gamma, ndim):
     """The file name root of the shipped encoder `pretrained(tau_gamma, ndim)`; ValueError for none."""
     if ndim not in (2, 3):
         raise ValueError(f"pretrained: ndim must be 2 or 3, got {ndim!r}")
-    if tau_gamma is None and ndim == 3:
-        tau_gamma = PRETRAINED_3D_TAU_GAMMA
     if tau_gamma is None:
         return PRETRAINED_RECOMMENDED[ndim]
     if isinstance(tau_gamma, bool) or tau_gamma not in PRETRAINED_TAU_GAMMAS:

@@ -3,10 +3,11 @@
     x (B, X, Y, Z, 1)  ->  l2-normalise(concat over axes a of f(the slices of x across axis a)) (B, X, Y, Z, 3C)
 
 Each voxel gets the 2D encoder's features of the three orthogonal slices through it (tri-planar), so
-each voxel still has a unit-length feature vector, as CIFL features do. Why 2D encoders: on the 3D demo
-(T1 registered by ``register_pair`` to T1, T2-like and PD-like volumes) the tri-planar features of the
-shipped tau_gamma = 1 encoder registered across contrasts about as well as MIND, and the 3D-trained encoders
-measured so far no better overall (docs/levers.md, "3D-trained encoders against tri-planar features").
+each voxel still has a unit-length feature vector, as CIFL features do: any 2D encoder (or 2D MIND) describes
+volumes this way, such as the paper's sweep (``pretrained(tau_gamma, ndim=3)``). Until the recommended 3D
+encoder trained from an inflated 2D one (``encoder.inflate``), the tri-planar features of the tau_gamma = 1
+encoder were the shipped 3D features: every 3D encoder trained from random weights registered worse
+(docs/levers.md, "3D-trained encoders against tri-planar features").
 They are for feature extraction and ``register_pair``; UNet and VxmDense models take 2D or 3D CIFLEncoders.
 """
 import numpy as np

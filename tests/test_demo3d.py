@@ -70,7 +70,7 @@ def test_orthogonal_registrations_draws_a_row_per_volume(volumes, tmp_path):
 
 def test_methods_compare_the_shipped_3d_encoder_or_the_given_one():
     shipped = demo3d.methods()["CIFL"][0]
-    assert isinstance(shipped, cifl_tf.Triplanar) and shipped.ndim == 3
+    assert isinstance(shipped, cifl_tf.CIFLEncoder) and shipped.ndim == 3
     for ours, theirs in zip(shipped.get_weights(), cifl_tf.pretrained(ndim=3).get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
     encoder = cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3)

@@ -18,6 +18,7 @@ RECOMMENDED_FIELDS = {"command", "steps", "seed", "final_loss", "wall_seconds", 
     ({}, "recommended_2d", (1, 24, 20, 1)),
     (dict(tau_gamma=0.1), "0.1", (1, 24, 20, 1)),
     (dict(tau_gamma=1.0, ndim=2), "1", (1, 24, 20, 1)),
+    (dict(ndim=3), "recommended_3d", (1, 12, 10, 14, 1)),
 ])
 def test_pretrained_is_the_frozen_encoder_that_encoders_json_describes(kwargs, key, shape):
     encoder = cifl_tf.pretrained(**kwargs)
@@ -32,7 +33,8 @@ def test_pretrained_is_the_frozen_encoder_that_encoders_json_describes(kwargs, k
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("ndim, shape", [(2, (1, 16, 16, 16, 1)), (2, (16, 16, 1)), (3, (1, 16, 16, 1))])
+@pytest.mark.parametrize("ndim, shape", [(2, (1, 16, 16, 16, 1)), (2, (16, 16, 1)), (3, (1, 16, 16, 1)),
+                                         (3, (1, 8, 8, 8, 2))])
 def test_pretrained_encoders_check_each_input(ndim, shape):
     """pretrained() gives built layers: their build() has seen an input already."""
     with pytest.raises(ValueError, match=f"expects single-channel inputs of rank {ndim + 2}"):
@@ -68,7 +70,7 @@ def test_pretrained_rejects_bad_arguments(function, kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, stem", [({}, "recommended_2d"), (dict(tau_gamma=0.1), "tau_gamma_0.1"),
-                                          (dict(tau_gamma=1.0), "tau_gamma_1"), (dict(ndim=3), "tau_gamma_1"),
+                                          (dict(tau_gamma=1.0), "tau_gamma_1"), (dict(ndim=3), "recommended_3d"),
                                           (dict(tau_gamma=0.01, ndim=3), "tau_gamma_0.01")])
 def test_pretrained_log_is_the_training_log_beside_the_weights(kwargs, stem):
     assert pretrained_log(**kwargs) == os.path.join(PRETRAINED_DIR, stem + ".log.csv")
@@ -99,3 +101,11 @@ def test_each_entry_has_its_files_and_the_final_loss_of_its_log(key):
 def test_pretrained_trainable_must_be_a_bool():
     with pytest.raises(TypeError, match="trainable must be True or False, got 'no'"):
         cifl_tf.pretrained(trainable="no")
+
+
+def test_the_recommended_3d_encoder_was_trained_from_the_inflated_tau_gamma_1_encoder():
+    """Its provenance: `init` names the shipped encoder it started from, with the architecture of both."""
+    settings = pretrained_info()["recommended_3d"]["settings"]
+    assert settings["init"] == "tau_gamma_1" and len(settings["shape"]) == 3
+    assert cifl_tf.pretrained(ndim=3).get_config() == {**cifl_tf.encoder.inflate(cifl_tf.pretrained(1.0)).get_config(),
+                                                      "name": "cifl_encoder", "trainable": False}

@@ -73,13 +73,12 @@ def test_rejects_what_is_not_a_2d_encoder(bad, message):
         Triplanar(bad)
 
 
-def test_pretrained_3d_is_the_triplanar_of_a_shipped_2d_encoder():
-    default, swept = cifl_tf.pretrained(ndim=3), cifl_tf.pretrained(0.1, ndim=3, trainable=True)
-    assert isinstance(default, Triplanar) and not default.trainable and swept.trainable
-    for triplanar, tau_gamma in ((default, cifl_tf.encoder.PRETRAINED_3D_TAU_GAMMA), (swept, 0.1)):
-        for ours, shipped in zip(triplanar.encoder.get_weights(), cifl_tf.pretrained(tau_gamma).get_weights(),
-                                 strict=True):
-            np.testing.assert_array_equal(ours, shipped)
+@pytest.mark.parametrize("tau_gamma", cifl_tf.encoder.PRETRAINED_TAU_GAMMAS)
+def test_pretrained_3d_of_a_tau_gamma_is_the_triplanar_of_that_shipped_2d_encoder(tau_gamma):
+    frozen, trainable = cifl_tf.pretrained(tau_gamma, ndim=3), cifl_tf.pretrained(tau_gamma, ndim=3, trainable=True)
+    assert isinstance(frozen, Triplanar) and not frozen.trainable and trainable.trainable
+    for ours, shipped in zip(frozen.encoder.get_weights(), cifl_tf.pretrained(tau_gamma).get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, shipped)
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8, 1), (1, 4, 4, 4, 2), (4, 4, 4, 1)])
