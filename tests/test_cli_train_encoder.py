@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from cifl_tf import cli, load_encoder
+from cifl_tf import CIFLEncoder, cli, load_encoder, save_encoder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGE = np.random.default_rng(0).uniform(size=(1, 32, 32, 1)).astype(np.float32)
@@ -146,15 +146,17 @@ def test_synth_arguments_reach_the_run_settings(tmp_path):
             "--loss-scales", "1,2", "--pixel-contrast", "0.3", "--precision", "mixed_bfloat16",
             "--synth", '{"tie_prob": 0.5, "label_scales": [4, 8]}',
             "--out", str(tmp_path / "run")]
-    first = str(tmp_path / "first")
-    assert cli.main(["train-encoder", *argv[:-1], first]) == 0
-    argv += ["--init", first]
+    first = CIFLEncoder(channels=2, features=4, architecture="context", dilations=(2, 4),
+                        inversion_invariant=True, local_normalization=1.5, use_bias=False)
+    first(IMAGE)
+    save_encoder(first, str(tmp_path / "first.weights.h5"))
+    argv += ["--init", str(tmp_path / "first.weights.h5")]
     assert cli.main(["train-encoder", *argv]) == 0
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert settings["synth_kwargs"] == {"tie_prob": 0.5, "label_scales": [4, 8]}
     assert settings["architecture"] == "context" and settings["dilations"] == [2, 4]
     assert settings["inversion_invariant"] is True and load_encoder(tmp_path / "run").inversion_invariant
-    assert settings["init"] == first
+    assert settings["init"] == str(tmp_path / "first.weights.h5")
     assert settings["local_normalization"] == 1.5 and load_encoder(tmp_path / "run").local_normalization == 1.5
     assert settings["use_bias"] is False and not load_encoder(tmp_path / "run").use_bias
     assert settings["learning_rate_decay"] == "cosine" and settings["loss_scales"] == [1, 2]

@@ -109,3 +109,13 @@ def test_the_recommended_3d_encoder_was_trained_from_the_inflated_tau_gamma_1_en
     assert settings["init"] == "tau_gamma_1" and len(settings["shape"]) == 3
     assert cifl_tf.pretrained(ndim=3).get_config() == {**cifl_tf.encoder.inflate(cifl_tf.pretrained(1.0)).get_config(),
                                                       "name": "cifl_encoder", "trainable": False}
+
+
+def test_the_recommended_3d_encoder_feeds_3d_unet_and_vxmdense_models():
+    """Unlike the tri-planar features (a Triplanar, which the models refuse), it is a CIFLEncoder."""
+    encoder = cifl_tf.pretrained(ndim=3)
+    volumes = np.random.default_rng(0).random((2, 16, 16, 16, 1), np.float32)
+    segmenter = cifl_tf.segmentation_model((16, 16, 16), nb_labels=3, encoder=encoder, nb_features=4, nb_levels=2)
+    assert segmenter.predict(volumes[:1], verbose=0).shape == (1, 16, 16, 16, 3)
+    registrar = cifl_tf.registration_model((16, 16, 16), encoder, nb_unet_features=[[8, 8], [8, 8, 8]], int_steps=0)
+    assert registrar.register(volumes[:1], volumes[1:]).shape == (1, 16, 16, 16, 3)
