@@ -68,9 +68,9 @@ def _check_encoder(encoder, inshape):
     if encoder is None:
         return None
     if isinstance(encoder, (Triplanar, FeatureStack)):  # the models' save and load are built for one describer
-        raise ValueError("a Triplanar encoder (pretrained(tau_gamma, ndim=3), --pretrained on 3D data) or a FeatureStack gives "
-                         "features for register_pair and `cifl features` only; UNet and VxmDense take a CIFLEncoder "
-                         "or MIND")
+        raise ValueError("a Triplanar encoder (pretrained(tau_gamma, ndim=3), --pretrained on 3D data) or a "
+                         "FeatureStack gives features for register_pair and `cifl features` only; UNet and VxmDense "
+                         "take a CIFLEncoder (such as pretrained(ndim=3)) or MIND")
     if not isinstance(encoder, (CIFLEncoder, MIND)):
         raise TypeError(f"encoder must be a cifl_tf.CIFLEncoder, a cifl_tf.descriptors.MIND or None, "
                         f"got {type(encoder).__name__}")

@@ -130,20 +130,41 @@ def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
         assert not os.path.exists(out_dir)  # nothing written that the corrected call would have to resume
 
 
-@pytest.mark.parametrize("ndim", [2, 3])
-def test_a_run_starts_from_the_encoder_init_names_inflated_for_3d_crops(tmp_path, ndim):
-    flat = CIFLEncoder(channels=4, features=8, architecture="context", dilations=(2,))
-    flat(IMAGE)
-    save_encoder(flat, str(tmp_path / "flat.weights.h5"))
+def saved_context_encoder(path):
+    """A small 2D context encoder saved at `path`, and the encoder."""
+    encoder = CIFLEncoder(channels=4, features=8, architecture="context", dilations=(2,))
+    encoder(IMAGE)
+    save_encoder(encoder, str(path))
+    return encoder
+
+
+TINY_INIT_RUN = dict(steps_per_epoch=1, batch_size=1, channels=4, features=8, architecture="context", dilations=(2,),
+                     max_offset=2, seed=0, verbose=0)
+
+
+def test_a_3d_run_starts_from_the_2d_encoder_init_names_inflated(tmp_path):
+    flat = saved_context_encoder(tmp_path / "flat.weights.h5")
     recorder = RecordOptimizer()
     run = str(tmp_path / "run")
-    train_encoder(shape=(12,) * ndim, steps=1, batch_size=1, channels=4, features=8, architecture="context",
-                  dilations=(2,), max_offset=2, init=str(tmp_path / "flat.weights.h5"), seed=0, out_dir=run,
-                  callbacks=[recorder], verbose=0)
-    for started, expected in zip(recorder.initial_weights, (inflate(flat) if ndim == 3 else flat).get_weights(),
-                                 strict=True):
+    train_encoder(shape=(12, 12, 12), steps=1, init=str(tmp_path / "flat.weights.h5"), out_dir=run,
+                  callbacks=[recorder], **TINY_INIT_RUN)
+    for started, expected in zip(recorder.initial_weights, inflate(flat).get_weights(), strict=True):
         np.testing.assert_array_equal(started, expected)
     assert read_settings(run)["init"] == str(tmp_path / "flat.weights.h5")
+
+
+def test_a_2d_run_starts_from_its_init_encoder_and_resumes_from_its_backup_without_it(tmp_path):
+    flat = saved_context_encoder(tmp_path / "flat.weights.h5")
+    recorder = RecordOptimizer()
+    settings = dict(shape=(16, 16), steps=2, init=str(tmp_path / "flat.weights.h5"), out_dir=str(tmp_path / "run"),
+                    **TINY_INIT_RUN)
+    with pytest.raises(Interrupted):
+        train_encoder(**settings, callbacks=[recorder, interrupt_at_second_epoch()])
+    for started, expected in zip(recorder.initial_weights, flat.get_weights(), strict=True):
+        np.testing.assert_array_equal(started, expected)
+    os.remove(tmp_path / "flat.weights.h5")
+    train_encoder(**settings, resume=True)
+    assert [epoch for epoch, _ in log_rows(str(tmp_path / "run"))] == [0, 1]
 
 
 def test_a_shipped_encoder_starts_a_run_by_name_and_a_3d_one_cannot_start_a_2d_run(tmp_path):
