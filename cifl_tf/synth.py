@@ -16,8 +16,8 @@ a key folded from (seed, k), and reuses neurite's deterministic parts (separable
 min-max normalisation) and voxelmorph's integration and transform, batched (cifl_tf.transform).
 Batches can then be made in parallel, for a whole batch at once, and a stream can start at any batch.
 
-Speed: Perlin noise is upsampled with tf.image's native linear resize rather than neurite's
-gathers, and the warp is integrated on a coarser grid (CELL_VOXELS per cell of its finest noise
+Speed: Perlin noise is upsampled by matrix products (linear interpolation along each axis) rather than
+neurite's gathers, and the warp is integrated on a coarser grid (CELL_VOXELS per cell of its finest noise
 scale) and upsampled, as VxmDense integrates at int_downsize.
 """
 import inspect
@@ -77,15 +77,31 @@ def _uniform(key, shape, low, high):
     return low + (high - low) * tf.random.stateless_uniform(shape, key)
 
 
-def _resize(images, shape):
+def _interpolation_matrix(size, small):
+    """(size, small) float32: linear interpolation of `small` samples at `size` points, the corner voxels aligned."""
+    points = np.arange(size) * ((small - 1) / max(size - 1, 1))
+    low = np.minimum(np.floor(points).astype(int), small - 1)
+    weight = points - low
+    matrix = np.zeros((size, small))
+    np.add.at(matrix, (np.arange(size), low), 1 - weight)
+    np.add.at(matrix, (np.arange(size), np.minimum(low + 1, small - 1)), weight)
+    return matrix.astype(np.float32)
+
+
+def _along(images, axis, matrix):
+    """`matrix` (m, n) applied along `axis` of images (..., n, ...) -> (..., m, ...), as one matrix product."""
+    dims = images.shape
+    columns = tf.reshape(images, (int(np.prod(dims[:axis])), dims[axis], int(np.prod(dims[axis + 1:]))))
+    return tf.reshape(tf.linalg.matmul(matrix[np.newaxis], columns), (*dims[:axis], len(matrix), *dims[axis + 1:]))
+
+
+def _resize(images, shape, first_axis=1):
     """(B, *S, C) -> (B, *shape, C) by linear interpolation with the corner voxels aligned, as
-    ``ne.utils.resize`` resizes. Linear interpolation is separable, so tf.image's native kernel
-    resizes one axis at a time (neurite's gathers through ``interpn`` cost several times more)."""
-    for axis, size in enumerate(shape, start=1):
-        dims = images.shape
-        columns = tf.reshape(images, (int(np.prod(dims[:axis])), dims[axis], 1, int(np.prod(dims[axis + 1:]))))
-        columns = tf.compat.v1.image.resize(columns, (size, 1), align_corners=True)
-        images = tf.reshape(columns, (*dims[:axis], size, *dims[axis + 1:]))
+    ``ne.utils.resize`` resizes, one axis at a time (separable) from `first_axis` on; the axes before
+    it keep their size. As matrix products: neurite's gathers through ``interpn`` cost several times more,
+    tf.image's native resize 2.5 times more in Perlin noise (docs/benchmarks.md)."""
+    for axis in range(first_axis, images.shape.rank - 1):
+        images = _along(images, axis, _interpolation_matrix(shape[axis - 1], images.shape[axis]))
     return images
 
 
@@ -110,15 +126,19 @@ def _perlin(key, batch_size, shape, scales, min_std, max_std, grid=None):
     grid: the spatial shape to sample that field on, corners aligned with `spatial`'s (default `spatial`).
     """
     spatial, channels = np.asarray(shape[:-1]), shape[-1]
+    grid = tuple(spatial if grid is None else grid)
     per_sample = (batch_size, *[1] * len(spatial), 1)
     keys = tf.random.experimental.stateless_split(key, 2 * len(scales))
-    out = 0.
+    # Each scale upsampled along all axes but the first; then the scales side by side along the first, whose
+    # interpolation matrices side by side upsample and sum them in one product.
+    partial, first_rows = [], []
     for i, scale in enumerate(scales):
         std = _uniform(keys[2 * i], per_sample, min_std, max_std)
         small = np.int32(np.ceil(spatial / scale))
-        out += _resize(tf.random.stateless_normal((batch_size, *small, channels), keys[2 * i + 1]) * std,
-                       spatial if grid is None else grid)
-    return out
+        noise = tf.random.stateless_normal((batch_size, *small, channels), keys[2 * i + 1]) * std
+        partial.append(_resize(noise, grid, first_axis=2))
+        first_rows.append(_interpolation_matrix(grid[0], small[0]))
+    return _along(tf.concat(partial, axis=1), 1, np.concatenate(first_rows, axis=1))
 
 
 def _interpolation_rows(points, size):
@@ -243,7 +263,7 @@ class ShapesSynth:
         spacing = _spacing(self.shape, coarse)
         velocity = _perlin(key, batch_size, (*self.shape, len(self.shape)), self.warp_scales, 0, self.warp_std,
                            grid=coarse)
-        return _resize(integrate_velocity(velocity / spacing, steps=5), self.shape) * spacing
+        return _resize(integrate_velocity(velocity / spacing, steps=5) * spacing, self.shape)  # scaled on the grid
 
     def render(self, key, labels):
         """One random contrast of label maps (B, *shape, 1), drawn from `key` as labels_to_image
@@ -262,8 +282,8 @@ class ShapesSynth:
         if self.low_contrast_prob > 0:
             mean = self._low_contrast(keys, mean)
         std = _uniform(keys["std"], (batch_size, num), np.float32(low_std), np.float32(high_std))
-        image = (tf.random.stateless_normal(labels.shape, keys["noise"]) * tf.gather(std, labels, batch_dims=1)
-                 + tf.gather(mean, labels, batch_dims=1))
+        mean_std = tf.gather(tf.stack([mean, std], axis=-1), labels[..., 0], batch_dims=1)  # one gather for both
+        image = tf.random.stateless_normal(labels.shape, keys["noise"]) * mean_std[..., 1:] + mean_std[..., :1]
         if args["zero_background"] > 0:
             flip = tf.random.stateless_uniform(per_image, keys["background"]) < args["zero_background"]
             image *= 1. - tf.cast(tf.logical_and(labels == 0, flip), image.dtype)
@@ -286,7 +306,9 @@ class ShapesSynth:
         if args["normalize"]:
             image = ne.utils.minmax_norm(image, axis=list(range(1, ndim + 2)))
         if args["gamma_std"] > 0:
-            image = tf.pow(image, tf.exp(args["gamma_std"] * tf.random.stateless_normal(per_image, keys["gamma"])))
+            # image ** gamma, as exp(gamma log image): tf.pow is not vectorised on CPU (twice the time); 0 stays 0.
+            gamma = tf.exp(args["gamma_std"] * tf.random.stateless_normal(per_image, keys["gamma"]))
+            image = tf.exp(gamma * tf.math.log(image))
         if args["dc_offset"] > 0:
             image += _uniform(keys["dc_offset"], per_image, 0, args["dc_offset"])
         return image

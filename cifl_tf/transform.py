@@ -56,10 +56,6 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     if points.shape[-1] != len(shape):
         raise ValueError(f"points of {points.shape[-1]} coordinates for {len(shape)}D images {images.shape}")
     points = tf.cast(points, images.dtype)
-    # A NaN coordinate (a diverged field) would cast to -2^31 and stop the gather: it samples voxel 0 instead, and
-    # its value is made NaN at the end, so that the loss, not an index error, reports the divergence.
-    nan_point = tf.reduce_any(tf.math.is_nan(points), axis=-1, keepdims=True)
-    points = tf.where(nan_point, tf.zeros_like(points), points)
     top = [size - 1 for size in shape]
     coords = [points[..., axis] for axis in range(len(shape))]
     # One gather from all images: (B * prod(S), C) rows, indexed by batch element then voxel (row-major).
@@ -69,19 +65,24 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     first_rows = tf.range(tf.shape(images)[0]) * int(np.prod(shape))
     first_rows = tf.reshape(first_rows, [-1] + [1] * (points.shape.rank - 2))
 
+    def subscript(coordinate):
+        """int32 voxel subscripts of float ones in [0, S - 1] or NaN. A NaN (a diverged field's) casts to -2^31, which
+        would stop the gather: it reads voxel 0, and its value is made NaN by the linear weights or below, so that
+        the loss, not an index error, reports the divergence."""
+        return tf.maximum(tf.cast(coordinate, tf.int32), 0)
+
     def gather(subscripts):
-        """Values at integer float subscripts, one (B, *P) tensor per axis -> (B, *P, C)."""
-        index = first_rows + sum(tf.cast(sub, tf.int32) * stride for sub, stride in zip(subscripts, strides))
-        return tf.gather(flat, index)
+        """Values at int32 subscripts, one (B, *P) tensor per axis -> (B, *P, C)."""
+        return tf.gather(flat, first_rows + sum(sub * stride for sub, stride in zip(subscripts, strides)))
 
     if interp_method == "nearest":
-        sampled = gather([tf.clip_by_value(tf.round(c), 0, t) for c, t in zip(coords, top)])
+        sampled = gather([subscript(tf.clip_by_value(tf.round(c), 0, t)) for c, t in zip(coords, top)])
     else:
         lower = [tf.clip_by_value(tf.floor(c), 0, t) for c, t in zip(coords, top)]
         upper = [tf.clip_by_value(low + 1, 0, t) for low, t in zip(lower, top)]
         # Weights as neurite computes them (upper minus the clipped point), so results agree to rounding.
         lower_weight = [up - tf.clip_by_value(c, 0, t) for up, c, t in zip(upper, coords, top)]
-        corners = (lower, upper)
+        corners = ([subscript(low) for low in lower], [subscript(up) for up in upper])
         weights = (lower_weight, [1 - w for w in lower_weight])
         sampled = 0
         for corner in itertools.product((0, 1), repeat=len(shape)):
@@ -90,7 +91,10 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     if fill_value is not None:
         outside = tf.reduce_any((points < 0) | (points > tf.constant(top, points.dtype)), axis=-1, keepdims=True)
         sampled = tf.where(outside, tf.cast(fill_value, sampled.dtype), sampled)
-    return tf.where(nan_point, tf.constant(np.nan, sampled.dtype), sampled)
+    if interp_method == "nearest" or fill_value is not None:  # NaN points, which no linear weight made NaN here
+        nan_point = tf.reduce_any(tf.math.is_nan(points), axis=-1, keepdims=True)
+        sampled = tf.where(nan_point, tf.constant(np.nan, sampled.dtype), sampled)
+    return sampled
 
 
 def _swap_xy(field):

@@ -242,6 +242,19 @@ def test_gaussian_kernels_match_the_formula_and_neurite(sigmas, width):
         np.testing.assert_allclose(kernel, their, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(24, 20), (8, 10, 6)], ids=["2d", "3d"])
+def test_gamma_raises_each_render_to_the_power_exp_of_gamma_std_times_a_normal_draw(shape):
+    from cifl_tf.synth import _RENDER_DRAWS, _split
+
+    labels = ShapesSynth(shape, seed=0, **FINE).label_map(batch_key(0, 0, 0), 3)
+    key = batch_key(1, 5, 0)
+    plain = ShapesSynth(shape, seed=0, gamma_std=0, **FINE).render(key, labels).numpy()
+    assert plain.min() == 0 and plain.max() == 1  # normalised: 0 stays 0
+    draw = tf.random.stateless_normal((3, *[1] * len(shape), 1), _split(key, _RENDER_DRAWS)["gamma"]).numpy()
+    gamma = ShapesSynth(shape, seed=0, gamma_std=0.4, **FINE).render(key, labels).numpy()
+    np.testing.assert_allclose(gamma, plain ** np.exp(0.4 * draw), rtol=1e-5, atol=1e-6)
+
+
 def test_perlin_noise_scales_and_sds():
     from cifl_tf.synth import _perlin
 
@@ -255,17 +268,39 @@ def test_perlin_noise_scales_and_sds():
     assert modulated.min() < 0.3 and 1.7 < modulated.max() < 2.2
 
 
+@pytest.mark.parametrize("shape, scales, grid", [((20, 24), (1, 4, 8, 64), None), ((12, 9, 10), (2, 5), None),
+                                                  ((112, 112), (16, 32), (28, 28))])
+def test_perlin_noise_is_each_scales_draw_linearly_upsampled_and_summed(shape, scales, grid):
+    from cifl_tf.synth import _perlin
+
+    key, batch_size, channels = batch_key(4, 2, 0), 3, 2
+    noise = _perlin(key, batch_size, (*shape, channels), scales, 0.5, 2.0, grid=grid).numpy()
+    keys = tf.random.experimental.stateless_split(key, 2 * len(scales))
+    expected = 0
+    for i, scale in enumerate(scales):  # per sample SD ~ U(0.5, 2), N(0, SD^2) at ceil(shape / scale) voxels
+        std = 0.5 + 1.5 * tf.random.stateless_uniform((batch_size, *[1] * len(shape), 1), keys[2 * i]).numpy()
+        small = [int(np.ceil(size / scale)) for size in shape]
+        draw = tf.random.stateless_normal((batch_size, *small, channels), keys[2 * i + 1]).numpy() * std
+        expected = expected + upsampled(draw, shape if grid is None else grid)
+    np.testing.assert_allclose(noise, expected, rtol=1e-5, atol=1e-5)
+
+
+def upsampled(images, big):
+    """(B, *small, C) -> (B, *big, C): 1D linear interpolation along each axis at x_new = linspace(0, n - 1, m)."""
+    for axis, m in enumerate(big, start=1):
+        n = images.shape[axis]
+        images = np.apply_along_axis(lambda v: np.interp(np.linspace(0, n - 1, m), np.arange(n), v), axis, images)
+    return images
+
+
 @pytest.mark.parametrize("small, big", [((3, 4), (32, 30)), ((2, 3, 4), (9, 16, 7)), ((1, 5), (4, 9)), ((6, 6), (6, 6))])
 def test_resize_is_linear_interpolation_with_aligned_corners(small, big):
     import neurite as ne
     from cifl_tf.synth import _resize
 
     images = np.random.default_rng(0).standard_normal((2, *small, 3)).astype(np.float32)
-    expected = images
-    for axis, (n, m) in enumerate(zip(small, big), start=1):  # 1D linear interpolation, x_new = linspace(0, n - 1, m)
-        expected = np.apply_along_axis(lambda v: np.interp(np.linspace(0, n - 1, m), np.arange(n), v), axis, expected)
     resized = _resize(tf.constant(images), big).numpy()
-    np.testing.assert_allclose(resized, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(resized, upsampled(images, big), rtol=1e-5, atol=1e-5)
     neurites = [ne.utils.resize(tf.constant(image), [m / n for m, n in zip(big, small)]).numpy() for image in images]
     np.testing.assert_allclose(resized, neurites, rtol=1e-5, atol=1e-5)
 
