@@ -77,31 +77,33 @@ def _uniform(key, shape, low, high):
     return low + (high - low) * tf.random.stateless_uniform(shape, key)
 
 
-def _interpolation_matrix(size, small):
-    """(size, small) float32: linear interpolation of `small` samples at `size` points, the corner voxels aligned."""
-    points = np.arange(size) * ((small - 1) / max(size - 1, 1))
-    low = np.minimum(np.floor(points).astype(int), small - 1)
-    weight = points - low
-    matrix = np.zeros((size, small))
-    np.add.at(matrix, (np.arange(size), low), 1 - weight)
-    np.add.at(matrix, (np.arange(size), np.minimum(low + 1, small - 1)), weight)
-    return matrix.astype(np.float32)
+def _interpolation_rows(points, size):
+    """(n, size) weights of linear interpolation at `points` (n,) in [0, size - 1] along an axis of `size` voxels."""
+    low = tf.floor(points)
+    weight = (points - low)[:, None]
+    low = tf.cast(low, tf.int32)
+    return (1 - weight) * tf.one_hot(low, size) + weight * tf.one_hot(tf.minimum(low + 1, size - 1), size)
+
+
+def _upsampling_matrix(size, new_size):
+    """(new_size, size): linear interpolation of `size` samples at `new_size` points, the corners aligned."""
+    return _interpolation_rows(tf.linspace(0., size - 1., new_size), size)
 
 
 def _along(images, axis, matrix):
     """`matrix` (m, n) applied along `axis` of images (..., n, ...) -> (..., m, ...), as one matrix product."""
     dims = images.shape
     columns = tf.reshape(images, (int(np.prod(dims[:axis])), dims[axis], int(np.prod(dims[axis + 1:]))))
-    return tf.reshape(tf.linalg.matmul(matrix[np.newaxis], columns), (*dims[:axis], len(matrix), *dims[axis + 1:]))
+    return tf.reshape(tf.linalg.matmul(matrix[tf.newaxis], columns), (*dims[:axis], matrix.shape[0], *dims[axis + 1:]))
 
 
 def _resize(images, shape, first_axis=1):
     """(B, *S, C) -> (B, *shape, C) by linear interpolation with the corner voxels aligned, as
     ``ne.utils.resize`` resizes, one axis at a time (separable) from `first_axis` on; the axes before
-    it keep their size. As matrix products: neurite's gathers through ``interpn`` cost several times more,
-    tf.image's native resize 2.5 times more in Perlin noise (docs/benchmarks.md)."""
+    it keep their size. As matrix products: neurite's gathers through ``interpn`` cost several times more, and
+    in the label noise tf.image's native resize of each scale and their sum three times more (docs/benchmarks.md)."""
     for axis in range(first_axis, images.shape.rank - 1):
-        images = _along(images, axis, _interpolation_matrix(shape[axis - 1], images.shape[axis]))
+        images = _along(images, axis, _upsampling_matrix(images.shape[axis], shape[axis - 1]))
     return images
 
 
@@ -137,16 +139,8 @@ def _perlin(key, batch_size, shape, scales, min_std, max_std, grid=None):
         small = np.int32(np.ceil(spatial / scale))
         noise = tf.random.stateless_normal((batch_size, *small, channels), keys[2 * i + 1]) * std
         partial.append(_resize(noise, grid, first_axis=2))
-        first_rows.append(_interpolation_matrix(grid[0], small[0]))
-    return _along(tf.concat(partial, axis=1), 1, np.concatenate(first_rows, axis=1))
-
-
-def _interpolation_rows(points, size):
-    """(n, size) weights of linear interpolation at `points` (n,) in [0, size - 1] along an axis of `size` voxels."""
-    low = tf.floor(points)
-    weight = (points - low)[:, None]
-    low = tf.cast(low, tf.int32)
-    return (1 - weight) * tf.one_hot(low, size) + weight * tf.one_hot(tf.minimum(low + 1, size - 1), size)
+        first_rows.append(_upsampling_matrix(small[0], grid[0]))
+    return _along(tf.concat(partial, axis=1), 1, tf.concat(first_rows, axis=1))
 
 
 def _resolution_matrix(size, factor):
