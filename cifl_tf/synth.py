@@ -300,7 +300,7 @@ class ShapesSynth:
         if args["normalize"]:
             image = ne.utils.minmax_norm(image, axis=list(range(1, ndim + 2)))
         if args["gamma_std"] > 0:
-            # image ** gamma, as exp(gamma log image): tf.pow is not vectorised on CPU (twice the time); 0 stays 0.
+            # image ** gamma as exp(gamma log image): tf.pow is not vectorised on CPU (3 times the time); 0 stays 0.
             gamma = tf.exp(args["gamma_std"] * tf.random.stateless_normal(per_image, keys["gamma"]))
             image = tf.exp(gamma * tf.math.log(image))
         if args["dc_offset"] > 0:
