@@ -99,8 +99,8 @@ def _along(images, axis, matrix):
 
 def _resize(images, shape, first_axis=1):
     """(B, *S, C) -> (B, *shape, C) by linear interpolation with the corner voxels aligned, as
-    ``ne.utils.resize`` resizes, one axis at a time (separable) from `first_axis` on; the axes before
-    it keep their size. As matrix products: neurite's gathers through ``interpn`` cost several times more, and
+    ``ne.utils.resize`` resizes, one axis at a time (separable). `shape` is the whole spatial shape; with
+    `first_axis` > 1 the spatial axes before it keep their size in S (their entries of `shape` are not read). As matrix products: neurite's gathers through ``interpn`` cost several times more, and
     in the label noise tf.image's native resize of each scale and their sum three times more (docs/benchmarks.md)."""
     for axis in range(first_axis, images.shape.rank - 1):
         images = _along(images, axis, _upsampling_matrix(images.shape[axis], shape[axis - 1]))
@@ -290,8 +290,7 @@ class ShapesSynth:
         if self.resolution_max > 1:
             factors = _uniform(keys["resolution"], [ndim], 1., self.resolution_max)
             for axis, factor in enumerate(tf.unstack(factors), start=1):
-                along = tf.tensordot(_resolution_matrix(image.shape[axis], factor), image, [[1], [axis]])
-                image = tf.experimental.numpy.moveaxis(along, 0, axis)
+                image = _along(image, axis, _resolution_matrix(image.shape[axis], factor))
         if args["bias_std"] > 0:
             low = 0 if args["bias_modulate"] else args["bias_std"]
             image *= tf.exp(_perlin(keys["bias"], batch_size, (*self.shape, 1), np.ravel(args["bias_res"]),

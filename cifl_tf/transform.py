@@ -91,7 +91,9 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     if fill_value is not None:
         outside = tf.reduce_any((points < 0) | (points > tf.constant(top, points.dtype)), axis=-1, keepdims=True)
         sampled = tf.where(outside, tf.cast(fill_value, sampled.dtype), sampled)
-    if interp_method == "nearest" or fill_value is not None:  # NaN points, which no linear weight made NaN here
+    # Nearest interpolation has no weight to carry a NaN, and a fill value overwrites a NaN point outside along
+    # another axis: such points are made NaN here.
+    if interp_method == "nearest" or fill_value is not None:
         nan_point = tf.reduce_any(tf.math.is_nan(points), axis=-1, keepdims=True)
         sampled = tf.where(nan_point, tf.constant(np.nan, sampled.dtype), sampled)
     return sampled

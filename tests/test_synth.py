@@ -269,7 +269,7 @@ def test_perlin_noise_scales_and_sds():
 
 
 @pytest.mark.parametrize("shape, scales, grid", [((20, 24), (1, 4, 8, 64), None), ((12, 9, 10), (2, 5), None),
-                                                  ((112, 112), (16, 32), (28, 28))])
+                                                  ((112, 96), (16, 32), (28, 24))])
 def test_perlin_noise_is_each_scales_draw_linearly_upsampled_and_summed(shape, scales, grid):
     from cifl_tf.synth import _perlin
 
@@ -293,7 +293,8 @@ def upsampled(images, big):
     return images
 
 
-@pytest.mark.parametrize("small, big", [((3, 4), (32, 30)), ((2, 3, 4), (9, 16, 7)), ((1, 5), (4, 9)), ((6, 6), (6, 6))])
+@pytest.mark.parametrize("small, big", [((3, 4), (32, 30)), ((2, 3, 4), (9, 16, 7)), ((1, 5), (4, 9)), ((6, 6), (6, 6)),
+                                        ((9, 12), (4, 5))])
 def test_resize_is_linear_interpolation_with_aligned_corners(small, big):
     import neurite as ne
     from cifl_tf.synth import _resize

@@ -60,6 +60,7 @@ def test_interpolate_matches_the_formula(shape, interp_method, fill_value):
     points[0, 0, 0] = np.array(shape) - 1  # exactly on the last voxel: no weight beyond the border
     points[1, 0, 0] = 0.5  # a tie: nearest rounds half to even
     points[1, -1, -1, -1] = np.nan  # one coordinate of one point
+    points[0, 1, 1] = (np.nan, -2.0, 1.0)[:len(shape)]  # NaN and outside: NaN, not the fill value
     assert np.any(points < 0) and np.any(points > np.array(shape) - 1)  # the border rules are exercised
     expected = reference_interpolate(images, points, interp_method, fill_value)
     got = transform.interpolate(tf.constant(images), tf.constant(points), interp_method, fill_value)
