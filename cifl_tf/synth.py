@@ -94,14 +94,16 @@ def _along(images, axis, matrix):
     """`matrix` (m, n) applied along `axis` of images (..., n, ...) -> (..., m, ...), as one matrix product."""
     dims = images.shape
     columns = tf.reshape(images, (int(np.prod(dims[:axis])), dims[axis], int(np.prod(dims[axis + 1:]))))
-    return tf.reshape(tf.linalg.matmul(matrix[tf.newaxis], columns), (*dims[:axis], matrix.shape[0], *dims[axis + 1:]))
+    product = tf.linalg.matmul(matrix[tf.newaxis], columns)
+    return tf.reshape(product, (*dims[:axis], matrix.shape[0], *dims[axis + 1:]))
 
 
 def _resize(images, shape, first_axis=1):
     """(B, *S, C) -> (B, *shape, C) by linear interpolation with the corner voxels aligned, as
     ``ne.utils.resize`` resizes, one axis at a time (separable). `shape` is the whole spatial shape; with
-    `first_axis` > 1 the spatial axes before it keep their size in S (their entries of `shape` are not read). As matrix products: neurite's gathers through ``interpn`` cost several times more, and
-    in the label noise tf.image's native resize of each scale and their sum three times more (docs/benchmarks.md)."""
+    `first_axis` > 1 the spatial axes before it keep their size in S (their entries of `shape` are not read).
+    As matrix products: neurite's gathers through ``interpn`` cost several times more, and in the label
+    noise tf.image's native resize of each scale and their sum three times more (docs/benchmarks.md)."""
     for axis in range(first_axis, images.shape.rank - 1):
         images = _along(images, axis, _upsampling_matrix(images.shape[axis], shape[axis - 1]))
     return images
