@@ -86,8 +86,10 @@ def _interpolation_rows(points, size):
 
 
 def _upsampling_matrix(size, new_size):
-    """(new_size, size): linear interpolation of `size` samples at `new_size` points, the corners aligned."""
-    return _interpolation_rows(tf.linspace(0., size - 1., new_size), size)
+    """(new_size, size): linear interpolation of `size` samples at `new_size` points, the corners aligned.
+    Made eagerly, as a constant: built in a traced synthesis, its ~50 ops a matrix were half of that graph."""
+    with tf.init_scope():
+        return _interpolation_rows(tf.linspace(0., size - 1., new_size), size)
 
 
 def _along(images, axis, matrix):
