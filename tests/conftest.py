@@ -7,11 +7,6 @@ import pathlib
 # on CPUs with AVX-512 VNNI (machine.onednn_enabled), and their float32 results depend on the batch shape (tiled
 # triplanar features 1.4e-5 from untiled ones) and, under load, on the run (machine.onednn_enabled's docstring).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-# Under pytest-xdist (-n auto: a worker per core), one TensorFlow thread per worker: TF's pools of a thread per core
-# in every worker would oversubscribe the cores (on 2 cores the suite ran 4% faster with one).
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
