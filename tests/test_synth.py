@@ -306,6 +306,14 @@ def test_resize_is_linear_interpolation_with_aligned_corners(small, big):
     np.testing.assert_allclose(resized, neurites, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(24, 20), (12, 10, 8)])
+def test_a_traced_synthesis_takes_its_interpolation_matrices_as_constants(shape):
+    """Built inside the graph, they were half of its operations, traced and run for every batch."""
+    synth = ShapesSynth(shape, seed=0, **FINE)
+    graph = tf.function(lambda index: synth(index, 2)).get_concrete_function(tf.TensorSpec((), tf.int64)).graph
+    assert not {"LinSpace", "OneHot"} & {op.type for op in graph.get_operations()}
+
+
 @pytest.mark.parametrize("shape, scales, grid", [
     ((112, 112), (16, 32), (28, 28)),             # 4 voxels per grid voxel
     ((40, 41, 40), (8, 64), (20, 21, 20)),        # 2: corners aligned, (41 - 1) / 2 + 1
