@@ -370,7 +370,7 @@ def defaults_data(folder, indices=range(60, 161), gap=8):
 
 # The numbers of experiments/defaults.py, checked before the data are read: the models would refuse some only
 # after that, and Keras others never (steps_per_epoch=-1 trains forever, a negative learning rate ascends).
-DEFAULTS_CHECKS = {**dict.fromkeys(("steps", "batch_size", "int_resolution"), POSITIVE_INTEGER),
+DEFAULTS_CHECKS = {**dict.fromkeys(("steps", "batch_size", "int_resolution", "svf_resolution"), POSITIVE_INTEGER),
                    **dict.fromkeys(("seg_epochs", "seed", "int_steps"), NON_NEGATIVE_INTEGER),
                    "learning_rate": POSITIVE_NUMBER, "reg_weight": NON_NEGATIVE_NUMBER}
 
@@ -390,10 +390,12 @@ def defaults_main(argv=None):
     parser.add_argument("--reg-weight", type=float, help="override registration_model's default")
     parser.add_argument("--int-steps", type=int, help="override VxmDense's default")
     parser.add_argument("--int-resolution", type=int, help="override VxmDense's default")
+    parser.add_argument("--svf-resolution", type=int, help="override registration_model's default")
     parser.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     overrides = {key: value for key, value in vars(args).items()
-                 if key in ("learning_rate", "similarity", "reg_weight", "int_steps", "int_resolution")
+                 if key in ("learning_rate", "similarity", "reg_weight", "int_steps", "int_resolution",
+                            "svf_resolution")
                  and value is not None}
     try:
         from .cli import _start_run  # the CLI's checks, imported here as the demo does

@@ -11,6 +11,7 @@ Both models save to and load from one ``.keras`` file, with Keras' own ``model.s
 ``tf.keras.models.load_model`` (safe mode included) or with ``save_model`` / ``load_model`` here,
 which write atomically and reject files that do not hold one of these models.
 """
+import inspect
 import json
 import math
 import numbers
@@ -41,6 +42,8 @@ MODEL_FILE = "model.keras"  # the model file inside a training run folder
 UNET_DEFAULTS = dict(nb_features=16, nb_levels=4, conv_size=3, feat_mult=2, nb_conv_per_level=2)
 SIMILARITIES = ("mse", "ncc")
 REG_WEIGHTS = {"mse": 0.01, "ncc": 1.0}  # voxelmorph's recommended lambda for each similarity
+_VXM_DEFAULTS = {name: parameter.default
+                 for name, parameter in inspect.signature(vxm.networks.VxmDense.__init__).parameters.items()}
 # VxmDense arguments that registration_model sets itself, or whose outputs its loss cannot train.
 _VXM_RESERVED = {
     "input_model": "the encoder is the input model",
@@ -242,6 +245,16 @@ class RegistrationLoss(KL.Layer):
                 "loss_mult": self.loss_mult}
 
 
+def _check_vxm_integers(vxm_kwargs):
+    """ValueError naming a VxmDense count or resolution that is not an integer of its least value: VxmDense takes
+    int_steps and nb_unet_levels below it as 0 and 1 silently, and fails on the others deep inside."""
+    for key, least in (("int_steps", 0), ("nb_unet_levels", 1), ("int_resolution", 1), ("svf_resolution", 1)):
+        value = vxm_kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                  or value < least):
+            raise ValueError(f"registration_model: {key} must be an integer >= {least}, got {value!r}")
+
+
 def _vxm_downsampling(vxm_kwargs):
     """The factor by which VxmDense's UNet downsamples, from its feature arguments."""
     features = vxm_kwargs.get("nb_unet_features")
@@ -277,11 +290,7 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
             if key in _VXM_RESERVED:
                 raise TypeError(f"registration_model: vxm_kwargs may not set {key!r} ({_VXM_RESERVED[key]})")
         reg_weight = _registration_weight(similarity, reg_weight)
-        for key, least in (("int_steps", 0), ("nb_unet_levels", 1)):  # VxmDense takes others as 0 and 1 silently
-            value = vxm_kwargs.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or value < least):
-                raise ValueError(f"registration_model: {key} must be an integer >= {least}, got {value!r}")
+        _check_vxm_integers(vxm_kwargs)
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
                          "levels (shorter nb_unet_features lists, or nb_unet_levels)")
@@ -343,7 +352,7 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
 
 
 def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None, learning_rate=3e-3,
-                       **vxm_kwargs):
+                       svf_resolution=None, **vxm_kwargs):
     """A compiled RegistrationModel, so that ``model.fit([moving, fixed])`` trains it unsupervised.
 
     The defaults are voxelmorph's (MSE with reg_weight 0.01, VxmDense's int_steps 7 at int_resolution 2)
@@ -354,14 +363,29 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     at lr 1e-3 did worse: NCC (reg_weight 1) 0.530 and MSE with reg_weight 0.1 0.549 (seed 0), MSE with
     reg_weight 0.001 0.553 (seed 1).
 
+    And the velocity field is predicted at the resolution it is integrated at (VxmDense's svf_resolution =
+    int_resolution), where voxelmorph's default predicts it at full resolution and halves it before integrating:
+    the UNet's full-resolution decoder level is skipped. Measured by the same script: 0.574 and 0.568 (seeds 0, 1)
+    against 0.572 and 0.571 at full resolution, in two thirds of the time.
+
     Args:
         inshape, encoder, similarity, reg_weight, **vxm_kwargs: see RegistrationModel.
         learning_rate: of the Adam optimiser, a positive number (or a Keras LearningRateSchedule).
+        svf_resolution: VxmDense's relative voxel size of the predicted velocity field; None: its int_resolution
+            (2 by default) when the field is integrated (int_steps > 0), else 1. Without integration it must be 1,
+            as the field then warps at the resolution it is predicted at.
 
     Returns: RegistrationModel; ``model.register(moving, fixed)`` -> (B, *inshape, ndim) displacement.
     """
     _check_learning_rate("registration_model", learning_rate)
-    model = RegistrationModel(inshape, encoder, similarity, reg_weight, **vxm_kwargs)
+    _check_vxm_integers({**vxm_kwargs, "svf_resolution": svf_resolution})
+    integrated = vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) != 0
+    if svf_resolution is None:
+        svf_resolution = vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"]) if integrated else 1
+    if svf_resolution != 1 and not integrated:
+        raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an integrated field "
+                         f"(int_steps > 0): without integration the field warps at the resolution it is predicted at")
+    model = RegistrationModel(inshape, encoder, similarity, reg_weight, svf_resolution=svf_resolution, **vxm_kwargs)
     compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate))
     return model
 

@@ -229,6 +229,7 @@ def _no_work(*args, **kwargs):
     ("defaults.py", ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     ("defaults.py", ["--int-steps", "-1"], "--int-steps must be a non-negative integer, got -1"),
     ("defaults.py", ["--int-resolution", "0"], "--int-resolution must be a positive integer, got 0"),
+    ("defaults.py", ["--svf-resolution", "0"], "--svf-resolution must be a positive integer, got 0"),
     ("defaults.py", ["--reg-weight", "-1"], "--reg-weight must be a non-negative number, got -1.0"),
     ("defaults.py", ["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
     ("defaults.py", ["--seg-epochs", "-1"], "--seg-epochs must be a non-negative integer, got -1"),

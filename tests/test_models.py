@@ -214,6 +214,30 @@ def test_register_returns_full_resolution_displacement_with_half_resolution_inte
     np.testing.assert_allclose(moved, models.warp(images, displacement), atol=1e-5)
 
 
+@pytest.mark.parametrize("svf_resolution, svf_shape", [(None, (16, 16)), (2, (16, 16)), (1, (32, 32))])
+def test_the_velocity_field_is_predicted_where_it_is_integrated_unless_asked_otherwise(svf_resolution, svf_shape,
+                                                                                       tmp_path):
+    """By default at int_resolution, without the UNet's full-resolution level; svf_resolution=1 is VxmDense's
+    default, a full-resolution field halved before integration. Either round-trips as it was built."""
+    model = cifl_tf.registration_model(SHAPE, nb_unet_features=[[8, 8], [8, 8, 8]], int_steps=2,
+                                       svf_resolution=svf_resolution)
+    assert model.get_layer(f"{model.name}_flow").output.shape[1:-1] == svf_shape
+    assert model.outputs[-1].shape[1:-1] == (16, 16)  # the regularised field: int_resolution either way
+    _randomize_flow(model)
+    images, _ = blobs(2)
+    loaded = models.load_model(models.save_model(model, str(tmp_path)), "registration")
+    assert loaded.get_layer(f"{loaded.name}_flow").output.shape[1:-1] == svf_shape
+    np.testing.assert_array_equal(loaded.register(images, images[::-1]), model.register(images, images[::-1]))
+
+
+def test_a_registration_config_saved_without_svf_resolution_builds_voxelmorphs_full_resolution_field():
+    """Models saved before registration_model set svf_resolution keep the architecture their weights fit."""
+    config = cifl_tf.registration_model(SHAPE, nb_unet_features=[[8, 8], [8, 8, 8]], int_steps=2).get_config()
+    assert config.pop("svf_resolution") == 2
+    rebuilt = models.RegistrationModel.from_config(config)
+    assert rebuilt.get_layer(f"{rebuilt.name}_flow").output.shape[1:-1] == SHAPE
+
+
 def test_registration_default_weight_follows_the_similarity():
     assert models.RegistrationLoss("ncc").reg_weight == 1.0
     assert models.RegistrationLoss("mse").reg_weight == 0.01
@@ -270,6 +294,12 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      "nb_unet_levels must be an integer >= 1, got 0"),
     (lambda e: cifl_tf.registration_model(SHAPE, **{**TINY_VXM, "int_steps": -1}), ValueError,
      "int_steps must be an integer >= 0, got -1"),
+    (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=0), ValueError,
+     "svf_resolution must be an integer >= 1, got 0"),
+    (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=1.5), ValueError,
+     "int_resolution must be an integer >= 1, got 1.5"),
+    (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=2, **TINY_VXM), ValueError,
+     "svf_resolution 2 needs an integrated field"),
     (lambda e: models.pair_batches(np.zeros((2, 8, 8, 1)), batch_size=0), ValueError,
      "batch_size must be a positive integer, got 0"),
     # Adam takes these, and trains NaN weights or ascends the loss
