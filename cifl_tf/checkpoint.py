@@ -204,5 +204,7 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
     saved = read_settings(out_dir, fields, defaults)
     changed = sorted(key for key in {*settings, *saved} if saved.get(key) != settings.get(key))
     if changed:
-        raise ValueError(f"{settings_path}: settings {changed} differ from those given; resume with the same ones")
+        values = ", ".join(f"{key}: {saved.get(key)!r} in the run, {settings.get(key)!r} given" for key in changed)
+        raise ValueError(f"{settings_path}: settings {changed} differ from those given ({values}); "
+                         f"resume with the same ones")
     check_checkpoint(os.path.join(out_dir, checkpoint_dir))

@@ -430,7 +430,8 @@ def _check_options(args, checks):
 
 
 # The numbers of train-seg and train-reg (those of the command given).
-TRAIN_CHECKS = {**dict.fromkeys(("epochs", "batch_size", "steps_per_epoch", "nb_levels"), POSITIVE_INTEGER),
+TRAIN_CHECKS = {**dict.fromkeys(("epochs", "batch_size", "steps_per_epoch", "nb_levels", "svf_resolution"),
+                                POSITIVE_INTEGER),
                 "learning_rate": POSITIVE_NUMBER,
                 "nb_labels": (lambda value: value >= 2, "an integer >= 2 (background and a label)")}
 
@@ -443,15 +444,17 @@ def _start_run(args, checks=TRAIN_CHECKS):
     tf.keras.utils.set_random_seed(args.seed)
 
 
-def _train_run(args, model, batches, steps_per_epoch, **fit_kwargs):
+def _train_run(args, model, batches, steps_per_epoch, setting_defaults=None, **fit_kwargs):
     """Fits `model` in --out, resumable, then writes --out/model.keras.
 
     --out holds settings.json, checkpoints/ (weights, optimizer and epoch, saved at each epoch end),
     and log.csv; --resume continues from the last checkpoint. `batches(first_epoch)` is the training
     dataset from that epoch on, a pure function of --seed and the step, so that a resumed run trains
-    on the same batches as one that ran through.
+    on the same batches as one that ran through. `setting_defaults`: {setting: value} for settings that
+    runs of earlier versions did not write, with the value those runs used.
     """
-    checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints")
+    checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints",
+                           defaults=setting_defaults)
     saver = checkpoint.EpochCheckpoint(os.path.join(args.out, "checkpoints"), model)
     first_epoch = saver.restore()
     log = checkpoint.epoch_log(os.path.join(args.out, "log.csv"), first_epoch, args.resume)
@@ -478,6 +481,11 @@ def _train_seg(args):
                math.ceil(len(train) / args.batch_size), validation_data=arrays(val) if len(val) else None)
 
 
+# train-reg settings that runs of earlier versions did not write, with the value those runs used: they built
+# VxmDense's own full-resolution velocity field.
+REG_SETTING_DEFAULTS = {"svf_resolution": 1}
+
+
 def _train_reg(args):
     _start_run(args)
     train = _part(_dataset(args, args.contrast, args.dim), args, "train")
@@ -485,13 +493,16 @@ def _train_reg(args):
         raise data.DataError(f"{args.data}: registration training pairs two or more images of the train part, "
                              f"which holds {len(train)}: choose --split (e.g. 2,0,0 for two subjects)")
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
+    if args.svf_resolution is None:  # settings.json records the field as built, for --resume to build it again
+        args.svf_resolution = models.default_svf_resolution(int_steps=args.int_steps)
     model = models.registration_model(train.images.shape[1:], encoder_from_args(args, args.dim),
                                       similarity=args.similarity, reg_weight=args.reg_weight,
-                                      learning_rate=args.learning_rate, int_steps=args.int_steps, **unet)
+                                      learning_rate=args.learning_rate, int_steps=args.int_steps,
+                                      svf_resolution=args.svf_resolution, **unet)
     images = train.images[..., np.newaxis]
     _train_run(args, model, lambda first: models.pair_batches(images, args.batch_size, args.seed,
                                                               first * args.steps_per_epoch),
-               args.steps_per_epoch)
+               args.steps_per_epoch, setting_defaults=REG_SETTING_DEFAULTS)
 
 
 def _evaluate(args):
@@ -697,6 +708,9 @@ def _parser():
                         + ", ".join(f"{w:g} for {s}" for s, w in models.REG_WEIGHTS.items()) + ")")
     p.add_argument("--int-steps", type=int, default=reg_defaults["int_steps"],
                    help="integration steps (0: no diffeomorphic integration)")
+    p.add_argument("--svf-resolution", type=int, default=None,
+                   help="relative voxel size of the predicted velocity field (default: the integration's, 2; "
+                        "1 with --int-steps 0; 1 is VxmDense's own default)")
     p.add_argument("--nb-features", type=int, default=None, help="UNet features per level (default: VxmDense's)")
     p.add_argument("--nb-levels", type=int, default=5, help="UNet levels, with --nb-features")
     p.set_defaults(run=_train_reg)

@@ -381,13 +381,21 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     _check_vxm_integers({**vxm_kwargs, "svf_resolution": svf_resolution})
     integrated = vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) != 0
     if svf_resolution is None:
-        svf_resolution = vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"]) if integrated else 1
+        svf_resolution = default_svf_resolution(**vxm_kwargs)
     if svf_resolution != 1 and not integrated:
         raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an integrated field "
                          f"(int_steps > 0): without integration the field warps at the resolution it is predicted at")
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, svf_resolution=svf_resolution, **vxm_kwargs)
     compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate))
     return model
+
+
+def default_svf_resolution(**vxm_kwargs):
+    """registration_model's svf_resolution for these VxmDense arguments: the integration's resolution
+    (int_resolution, 2 by default) when the field is integrated (int_steps > 0), else 1."""
+    if vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:
+        return 1
+    return vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"])
 
 
 def _check_learning_rate(caller, learning_rate):

@@ -280,6 +280,7 @@ def test_train_reg_refuses_a_train_part_of_one_image_before_it_writes_a_run(oasi
 @pytest.mark.parametrize("command, option, value", [
     ("train-seg", "--batch-size", "0"), ("train-seg", "--epochs", "0"), ("train-seg", "--learning-rate", "nan"),
     ("train-seg", "--nb-levels", "0"), ("train-reg", "--steps-per-epoch", "0"), ("train-reg", "--batch-size", "-1"),
+    ("train-reg", "--svf-resolution", "0"),
 ])
 def test_train_refuses_bad_numbers_in_one_line_before_it_writes_a_run(oasis_tiny, tmp_path, capsys, command, option,
                                                                       value):

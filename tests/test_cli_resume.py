@@ -1,4 +1,5 @@
 """`cifl train-seg` / `train-reg --resume`: an interrupted or SIGKILLed run, resumed, ends as one that ran through."""
+import json
 import os
 import random
 import re
@@ -74,6 +75,34 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_missing_run(oasis_ti
     assert train("train-seg", oasis_tiny, tmp_path / "new", "--resume") == 2
     err = capsys.readouterr().err
     assert "settings.json: not found, so there is no run to resume" in err and len(err.splitlines()) == 1
+
+
+class InterruptAtFirstEpoch(tf.keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        raise Interrupted
+
+
+def test_a_registration_run_of_an_earlier_version_resumes_only_with_the_velocity_field_it_was_built_with(
+        oasis_tiny, tmp_path, monkeypatch, capsys):
+    """Runs from before --svf-resolution built VxmDense's full-resolution field and wrote no svf_resolution; the
+    default now is the integration's resolution, which their checkpoints do not fit."""
+    integrated = ["--int-steps", "1", "--epochs", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "StopOnNonFinite", InterruptAtFirstEpoch)
+        with pytest.raises(Interrupted):
+            train("train-reg", oasis_tiny, tmp_path / "run", *integrated)
+    settings_file = tmp_path / "run" / "settings.json"
+    settings = json.loads(settings_file.read_text())
+    assert settings["svf_resolution"] == 2  # recorded as built, though not given
+    del settings["svf_resolution"]
+    settings_file.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert train("train-reg", oasis_tiny, tmp_path / "run", *integrated, "--resume") == 2
+    assert "settings ['svf_resolution'] differ from those given (svf_resolution: 1 in the run, 2 given)" in \
+        capsys.readouterr().err
+    assert train("train-reg", oasis_tiny, tmp_path / "run", *integrated, "--svf-resolution", "1", "--resume") == 0
+    model = models.load_model(str(tmp_path / "run"))
+    assert model.get_layer(f"{model.name}_flow").output.shape[1:-1] == model.inshape  # the full-resolution field
 
 
 # Longer runs for the kill test: EPOCHS epochs, so that there are many moments to kill.
