@@ -379,10 +379,9 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     """
     _check_learning_rate("registration_model", learning_rate)
     _check_vxm_integers({**vxm_kwargs, "svf_resolution": svf_resolution})
-    integrated = vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) != 0
     if svf_resolution is None:
         svf_resolution = default_svf_resolution(**vxm_kwargs)
-    if svf_resolution != 1 and not integrated:
+    elif svf_resolution != 1 and vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:
         raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an integrated field "
                          f"(int_steps > 0): without integration the field warps at the resolution it is predicted at")
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, svf_resolution=svf_resolution, **vxm_kwargs)
