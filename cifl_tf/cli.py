@@ -12,8 +12,8 @@ import signal
 import sys
 import tempfile
 
-import nibabel.processing
 import numpy as np
+import scipy.ndimage as ndi
 import tensorflow as tf
 import voxelmorph as vxm
 
@@ -299,14 +299,29 @@ def _on_fixed_grid(moving_path, fixed_path, inshape=None):
         raise data.DataError(f"{fixed_path}: shape {fixed.shape} differs from the model's input shape {inshape}")
     moving, moving_affine, moving_header = data.load_nifti(moving_path, ndim=fixed.ndim)
     if moving.shape != fixed.shape or not np.allclose(moving_affine, affine):
-        source = nibabel.Nifti1Image(moving.reshape(_file_axes(moving_header)), moving_affine)
-        resampled = nibabel.processing.resample_from_to(source, (_file_axes(header), affine), order=1)
-        resampled = resampled.get_fdata(dtype=np.float32).reshape(fixed.shape)
-        if moving.any() and not resampled.any():
+        resampled = _resampled(moving.reshape(_file_axes(moving_header)), moving_affine, _file_axes(header), affine)
+        if resampled is None:
             raise data.DataError(f"{moving_path}: no part of it lies in the field of view of {fixed_path} (their "
                                  f"affines place them apart)")
-        moving = resampled
+        moving = resampled.reshape(fixed.shape)
     return moving, fixed, affine, header
+
+
+def _resampled(image, affine, shape, grid_affine):
+    """`image` (3 axes; voxel-to-world `affine`) resampled linearly onto the voxel grid of `shape` and `grid_affine`,
+    or None where none of the grid falls in it.
+
+    A voxel fills its box, half a voxel either side of its centre: grid points in an edge voxel's box take its value,
+    so a slice (an axis of one voxel) holds across its thickness, and a slice in the grid's plane up to the rounding of
+    its header lands there. Grid points outside every box take the image's smallest value, its background (air in
+    CT, not the 0 of water).
+    """
+    to_image = np.linalg.inv(affine) @ grid_affine
+    values = ndi.affine_transform(image, to_image, output_shape=shape, order=1, mode="nearest")
+    # order 0 rounds to the nearest voxel: within [-0.5, n - 0.5) along each axis of n voxels
+    inside = ndi.affine_transform(np.ones(image.shape, np.uint8), to_image, output_shape=shape, order=0,
+                                  mode="grid-constant", cval=0).astype(bool)
+    return np.where(inside, values, image.min()) if inside.any() else None
 
 
 def _register(args):

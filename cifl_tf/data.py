@@ -41,7 +41,9 @@ _UNREADABLE = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataE
 # Largest image read, checked on the header before any voxel is: 512^3 voxels, at most 1 GiB as stored
 # (8-byte types) and 512 MiB as float32. A header claiming more is broken or not a brain image.
 MAX_VOXELS = 512 ** 3
-_AFFINE_ATOL = 1e-3  # mm: sform and qform further apart than float32 quaternion rounding disagree
+# sform and qform that differ by more than float32 quaternions round disagree: by 0.01 in an axis's direction
+# cosines (near 180-degree rotations the rounding reaches 1e-3), or by 0.1 voxel in the origin's position.
+_COSINE_ATOL, _ORIGIN_ATOL = 1e-2, 0.1
 
 
 class DataError(ValueError):
@@ -82,8 +84,15 @@ def _check_header(path, image):
         raise DataError(f"{path}: singular or non-finite voxel-to-world affine {affine[:3].tolist()}")
     sform, sform_code = header.get_sform(coded=True)
     qform, qform_code = header.get_qform(coded=True)
-    if sform_code and qform_code and not np.allclose(sform, qform, rtol=0, atol=_AFFINE_ATOL):
+    if sform_code and qform_code and not _forms_agree(sform, qform):
         raise DataError(f"{path}: sform {sform[:3].tolist()} and qform {qform[:3].tolist()} disagree")
+
+
+def _forms_agree(sform, qform):
+    """Whether sform and qform place the voxels alike, up to the rounding of the qform's float32 quaternion."""
+    voxel_sizes = np.linalg.norm(sform[:3, :3], axis=0)
+    return (np.allclose(sform[:3, :3] / voxel_sizes, qform[:3, :3] / voxel_sizes, rtol=0, atol=_COSINE_ATOL)
+            and np.allclose(sform[:3, 3], qform[:3, 3], rtol=0, atol=_ORIGIN_ATOL * voxel_sizes.min()))
 
 
 def _voxels(path, image):

@@ -41,6 +41,41 @@ def test_moving_is_resampled_onto_the_fixed_grid(pair, moving_axes, fixed_axes):
     np.testing.assert_allclose(moving[:-2, ::2], fixed[2:, ::2], atol=1e-6)
 
 
+@pytest.mark.parametrize("offset, lands", [(1e-6, True), (0.49, True), (0.51, False)])
+def test_a_slice_resamples_in_plane_across_its_thickness(tmp_path, offset, lands):
+    """A moving slice 1 mm thick, its plane `offset` mm from the fixed one's (as a header's float32 rounding puts it,
+    or further): within half its thickness it lands in-plane, further it is refused, not zeroed."""
+    tilt = np.array([[1, 0, 0], [0, np.cos(0.5), -np.sin(0.5)], [0, np.sin(0.5), np.cos(0.5)]])
+    fixed_affine = np.eye(4)
+    fixed_affine[:3, :3] = tilt
+    moving_affine = fixed_affine @ np.diag([2.0, 2.0, 1.0, 1.0])  # 2 mm pixels in the same plane
+    moving_affine[:3, 3] += offset * tilt[:, 2]  # along the slices' normal
+    image = np.add.outer(np.arange(16.0), 100 * np.arange(16.0))[..., None].astype(np.float32)
+    write_nifti(tmp_path / "fixed.nii.gz", np.zeros((32, 32, 1), np.float32), fixed_affine)
+    write_nifti(tmp_path / "moving.nii.gz", image, moving_affine)
+    if not lands:
+        with pytest.raises(data.DataError, match="no part of it lies in the field of view"):
+            cli._on_fixed_grid(tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz")
+        return
+    moving, _, _, _ = cli._on_fixed_grid(tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz")
+    np.testing.assert_allclose(moving[:30:2, :30:2], image[:15, :15, 0], atol=1e-3)  # the moving pixels' centres
+    np.testing.assert_allclose(moving[1:30:2, 1:30:2], image[:15, :15, 0] + 50.5, atol=1e-3)  # halfway: linear
+
+
+def test_the_fixed_grid_outside_the_moving_image_takes_its_background(tmp_path):
+    """CT-like values: where the moving image has no voxel, the fixed grid takes its smallest value (air), not 0."""
+    image = np.full((8, 16, 4), -1000.0, np.float32)
+    image[2:6, 4:12] = 40.0
+    write_nifti(tmp_path / "fixed.nii.gz", np.zeros((16, 16, 4), np.float32))
+    shifted = np.eye(4)
+    shifted[0, 3] = 4  # the moving image covers rows 4-11 of the fixed grid
+    write_nifti(tmp_path / "moving.nii.gz", image, shifted)
+    moving, _, _, _ = cli._on_fixed_grid(tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz")
+    np.testing.assert_array_equal(moving[4:12], image)
+    np.testing.assert_array_equal(moving[:4], -1000)
+    np.testing.assert_array_equal(moving[12:], -1000)
+
+
 def register(pair, capsys, *options):
     """Runs `cifl register --intensity ncc` on the pair; returns (status, stdout, displacement)."""
     status, stdout, _ = run(capsys, "register", "--moving", pair / "moving.nii.gz", "--fixed", pair / "fixed.nii.gz",

@@ -207,6 +207,60 @@ def test_file_that_is_not_nifti(tmp_path, content):
         data.load_nifti(path)
 
 
+def _rotation(axis, degrees):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    rotation = np.eye(3)
+    rotation[[i, i, j, j], [i, j, i, j]] = c, -s, s, c
+    return rotation
+
+
+def _tilted(degrees, voxel_sizes=(0.9375, 0.9375, 5.0), flip_x=True):
+    """A voxel-to-world affine as scanners write them: x flipped (radiological), tilted about y, thick slices."""
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation(1, degrees) @ np.diag([-1.0 if flip_x else 1.0, 1, 1]) @ np.diag(voxel_sizes)
+    affine[:3, 3] = (-3, 20, 40)
+    return affine
+
+
+def _with_qform(affine, qform):
+    image = nib.Nifti1Image(np.ones((8, 8, 4), np.float32), None)
+    image.header.set_sform(affine, 1)
+    image.header.set_qform(qform, 1)
+    return image
+
+
+@pytest.mark.parametrize("degrees", [0.0, 0.012, 0.05, 0.074, 1.0, 30.0])
+def test_sform_and_qform_of_one_affine_agree_whatever_the_quaternion_rounds(tmp_path, degrees):
+    """Near 180-degree rotations (x flipped, a slight tilt) the qform's float32 quaternion rounds its axes by up to 1e-3,
+    4e-3 mm on a 5 mm axis: a file that dcm2niix writes so, both forms of one affine, reads with its sform."""
+    affine = _tilted(degrees)
+    _with_qform(affine, affine).to_filename(tmp_path / "image.nii.gz")
+    np.testing.assert_allclose(data.load_nifti(tmp_path / "image.nii.gz")[1], affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("flip_x, degrees_about_z, shift_mm, disagree", [
+    (False, 0.0, 0.0, False),
+    (True, 0.0, 0.0, True),
+    (False, 1.0, 0.0, True),
+    (False, 0.0, 0.09, False),  # under 0.1 of the smallest voxel (0.9375 mm)
+    (False, 0.0, 0.1, True),
+    (False, 0.0, 1.0, True),
+])
+def test_sform_and_qform_apart_by_more_than_rounding_disagree(tmp_path, flip_x, degrees_about_z, shift_mm, disagree):
+    """The qform: the sform moved in world space. A flip, a rotation or an origin 0.1 voxel away disagree."""
+    affine = _tilted(0.0, flip_x=False)
+    moved = np.eye(4)
+    moved[:3, :3] = _rotation(2, degrees_about_z) @ np.diag([-1.0 if flip_x else 1.0, 1, 1])
+    moved[0, 3] = shift_mm
+    _with_qform(affine, moved @ affine).to_filename(tmp_path / "image.nii.gz")
+    if disagree:
+        with raises_naming(tmp_path / "image.nii.gz", "sform .* and qform .* disagree"):
+            data.load_nifti(tmp_path / "image.nii.gz")
+    else:
+        data.load_nifti(tmp_path / "image.nii.gz")
+
+
 def test_truncated_nifti(tmp_path):
     path = tmp_path / "image.nii.gz"
     write_nifti(path, np.random.default_rng(2).random((30, 30, 30)).astype(np.float32))
