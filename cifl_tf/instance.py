@@ -87,9 +87,6 @@ class VelocityField(KL.Layer):
         return {**super().get_config(), "shape": list(self.shape)}
 
 
-# The field's layers compute in float32 whatever the global Keras policy: voxel coordinates in bfloat16 round past
-# the border (299 becomes 300 on a 300-voxel axis) and the warp's gather fails.
-EXACT = "float32"
 
 
 def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
@@ -109,12 +106,12 @@ def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     """
     grid = tuple(grid)
     inputs = [tf.keras.Input((*grid, channels), name="moving")]
-    velocity = VelocityField((*grid, len(grid)), name="velocity", dtype=EXACT)(inputs[0])
-    displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate", dtype=EXACT)(velocity)
+    velocity = VelocityField((*grid, len(grid)), name="velocity", dtype=transform.EXACT)(inputs[0])
+    displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate")(velocity)
     if initial:
         inputs.append(tf.keras.Input((len(grid), len(grid) + 1), name="initial"))
-        displacement = ComposeAffine(name="compose", dtype=EXACT)([displacement, inputs[1]])
-    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp", dtype=EXACT)(
+        displacement = ComposeAffine(name="compose", dtype=transform.EXACT)([displacement, inputs[1]])
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")(
         [inputs[0], displacement])
     if encoder is not None:
         moved = encoder(moved)
@@ -182,8 +179,8 @@ class AffineMatrix(KL.Layer):
 def affine_model(grid, channels, encoder=None):
     """The model of register_pair's affine stage: moving (B, *grid, F) -> moved (B, *grid, F or C)."""
     moving = tf.keras.Input((*tuple(grid), channels), name="moving")
-    matrix = AffineMatrix(grid, name="affine", dtype=EXACT)(moving)
-    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp", dtype=EXACT)(
+    matrix = AffineMatrix(grid, name="affine", dtype=transform.EXACT)(moving)
+    moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")(
         [moving, matrix])
     return tf.keras.Model(moving, moved if encoder is None else encoder(moved), name="cifl_affine")
 
@@ -565,7 +562,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         field = resample_field(field, previous, 1, shape)
         if affine:  # moving(x + field(x) + a(x + field(x))): the image moved by the affine transform a, then deformed
             matrix = level_matrix(matrix, levels[0], shape)[np.newaxis]
-            return ComposeAffine(dtype=EXACT)([field[np.newaxis], matrix])[0].numpy()
+            return ComposeAffine(dtype=transform.EXACT)([field[np.newaxis], matrix])[0].numpy()
         return field
 
 

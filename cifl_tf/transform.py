@@ -158,6 +158,12 @@ def rescale_field(field, factor, interp_method="linear"):
     return interpolate(field * factor, grid, interp_method)
 
 
+# The layers below compute in float32 unless given a dtype, whatever the global Keras policy: in bfloat16 voxel
+# coordinates past 128 round to whole voxels (299 to 300, past the border of a 300-voxel axis), and float16 has no
+# tf.range to build them.
+EXACT = "float32"
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class SpatialTransformer(vxm.layers.SpatialTransformer):
     """``vxm.layers.SpatialTransformer`` applying dense transforms to the whole batch in one op.
@@ -168,7 +174,7 @@ class SpatialTransformer(vxm.layers.SpatialTransformer):
 
     def __init__(self, interp_method="linear", **kwargs):
         _check_interp_method(interp_method)
-        super().__init__(interp_method=interp_method, **kwargs)
+        super().__init__(interp_method=interp_method, **{"dtype": EXACT, **kwargs})
 
     def call(self, inputs):
         if self.is_affine or self.single_transform:
@@ -193,7 +199,7 @@ class VecInt(KL.Layer):
     METHODS = ("ss", "scaling_and_squaring")
 
     def __init__(self, indexing="ij", method="ss", int_steps=7, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"dtype": EXACT, **kwargs})
         if indexing not in ("ij", "xy"):
             raise ValueError(f"VecInt: indexing must be 'ij' or 'xy', got {indexing!r}")
         if method not in self.METHODS:
@@ -219,6 +225,9 @@ class RescaleTransform(vxm.layers.RescaleTransform):
     Same arguments and results: field (B, *S, ndim) -> (B, *floor(S * zoom_factor), ndim).
     Affine matrices are left to voxelmorph's implementation.
     """
+
+    def __init__(self, zoom_factor, interp_method="linear", **kwargs):
+        super().__init__(zoom_factor, interp_method=interp_method, **{"dtype": EXACT, **kwargs})
 
     def call(self, transform):
         if self.is_affine:

@@ -203,6 +203,31 @@ def test_registration_loss_layer_is_voxelmorph_similarity_plus_weighted_grad(sim
     np.testing.assert_allclose(float(loss), float(similar + 0.3 * smooth), rtol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_a_mixed_policy_leaves_the_loss_and_the_deformation_in_float32(policy):
+    """The UNet may compute in 16 bits; the NCC's local variances, the integration and the warps do not: in bfloat16
+    NCC came to -218 for a loss of -0.72, and in float16 the model could not be built."""
+    rng = np.random.default_rng(0)
+    fixed = tf.constant(rng.random((1, 64, 64, 1)), tf.float32)
+    moved = tf.clip_by_value(fixed + rng.normal(0, 0.05, fixed.shape), 0, 1)
+    field = tf.constant(rng.normal(0, 0.3, (1, 32, 32, 2)), tf.float32)
+    images, _ = blobs(2)
+    expected = float(models.RegistrationLoss("ncc")([fixed, moved, field]))
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        np.testing.assert_allclose(float(models.RegistrationLoss("ncc")([fixed, moved, field])), expected, rtol=1e-6)
+        model = cifl_tf.registration_model(SHAPE, similarity="ncc", nb_unet_features=[[4, 4], [4, 4]], int_steps=1)
+        displacement = model.register(images, images[::-1])
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert displacement.dtype == np.float32
+    exact = [layer for layer in model.layers if isinstance(layer, (models.RegistrationLoss,
+                                                                   *models.BATCHED_LAYERS.values()))]
+    assert {"RegistrationLoss", "VecInt", "RescaleTransform", "SpatialTransformer"} <= {type(layer).__name__
+                                                                                         for layer in exact}
+    assert all(layer.compute_dtype == "float32" for layer in exact)
+
+
 def test_register_returns_full_resolution_displacement_with_half_resolution_integration():
     model = cifl_tf.registration_model(SHAPE, nb_unet_features=[[8, 8], [8, 8, 8]], int_steps=2, int_resolution=2)
     _randomize_flow(model)
