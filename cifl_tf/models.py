@@ -121,6 +121,12 @@ class SoftDiceLoss(tf.keras.losses.Loss):
         super().__init__(name=name, **kwargs)
 
     def call(self, y_true, y_pred):
+        y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
+        if y_true.shape.rank != y_pred.shape.rank or y_true.shape[-1] not in (None, y_pred.shape[-1]):
+            raise ValueError(f"SoftDiceLoss: labels must be one-hot like the predictions {y_pred.shape}, got shape "
+                             f"{y_true.shape} (tf.keras.utils.to_categorical of a label map)")
+        # float32 under any policy (float16 sums over a 256x256 image overflow), and one-hot labels of any type
+        y_true, y_pred = tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
         # Without neurite's range asserts, a NaN prediction gives a NaN loss, which StopOnNonFinite
         # reports in one line, instead of an InvalidArgumentError from inside the graph.
         dice = ne.losses.Dice(check_input_limits=False)

@@ -88,6 +88,26 @@ def test_segmentation_model_outputs_softmax_over_labels(encoder, tiny, with_enco
     assert (encoder in model.layers) == with_encoder
 
 
+def test_soft_dice_takes_one_hot_labels_of_any_type_and_computes_in_float32():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (2, 256, 256))
+    probabilities = tf.nn.softmax(rng.normal(0, 2, (2, 256, 256, 3)).astype(np.float32))
+    def one_hot(dtype):  # a tensor, as fit passes it
+        return tf.constant(np.eye(3, dtype=dtype)[labels])
+
+    expected = models.SoftDiceLoss()(one_hot(np.float32), probabilities).numpy()
+    assert 0 < expected < 1
+    for dtype in (np.uint8, np.int64, bool):
+        np.testing.assert_allclose(models.SoftDiceLoss()(one_hot(dtype), probabilities), expected, rtol=1e-6)
+    # a float16 softmax, as mixed_float16 makes it: its sums over the image overflowed in 16 bits (a loss of -0.17)
+    np.testing.assert_allclose(models.SoftDiceLoss()(one_hot(np.float16), tf.cast(probabilities, tf.float16)),
+                               expected, rtol=1e-3)
+    for not_one_hot in (labels, labels[..., np.newaxis].astype(np.float32)):
+        with pytest.raises(ValueError, match=r"labels must be one-hot like the predictions \(2, 256, 256, 3\), got "
+                                             r"shape \(2, 256, 256(, 1)?\)"):
+            models.SoftDiceLoss()(tf.constant(not_one_hot), probabilities)
+
+
 def test_segmentation_baseline_learns_labels_with_the_default_dice_loss():
     images, labels = blobs(4)
     tf.keras.utils.set_random_seed(0)  # unseeded, the initialisation made it fail now and then
