@@ -102,6 +102,14 @@ class _RebuiltFromArguments:
     def get_config(self):
         return dict(self._cifl_config)
 
+    def save(self, filepath, *args, save_format=None, **kwargs):
+        """Keras' ``save``, to a .keras file only: the .h5 and SavedModel formats would write files that do not
+        load (they revive the model from its layers, not from its arguments)."""
+        if not os.fspath(filepath).endswith(".keras") or save_format not in (None, "keras"):
+            raise ValueError(f"{type(self).__name__} saves to a .keras file only (save_model), got "
+                             f"{os.fspath(filepath)!r}" + (f" with save_format {save_format!r}" if save_format else ""))
+        super().save(filepath, *args, **kwargs)
+
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)

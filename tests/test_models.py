@@ -173,6 +173,15 @@ def test_model_round_trips_through_a_keras_file_in_safe_mode(tiny, kind, with_en
 
 
 @pytest.mark.parametrize("kind", ["segmentation", "registration"])
+@pytest.mark.parametrize("name, save_format", [("model.h5", None), ("savedmodel", None), ("model.keras", "tf")])
+def test_model_saves_to_a_keras_file_only(tiny, kind, name, save_format, tmp_path):
+    """The other formats wrote files that did not load (an unknown layer, or Functional missing its arguments)."""
+    with pytest.raises(ValueError, match=f"Model saves to a .keras file only \\(save_model\\), got '.*{name}'"):
+        tiny(kind, False).save(str(tmp_path / name), save_format=save_format)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
 def test_mind_stands_where_an_encoder_does_and_round_trips(kind, tmp_path):
     descriptor = MIND(variant="ssc", name="mind")
     model = _tiny_model(kind, descriptor)
