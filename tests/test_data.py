@@ -232,8 +232,8 @@ def _with_qform(affine, qform):
 
 @pytest.mark.parametrize("degrees", [0.0, 0.012, 0.05, 0.074, 1.0, 30.0])
 def test_sform_and_qform_of_one_affine_agree_whatever_the_quaternion_rounds(tmp_path, degrees):
-    """Near 180-degree rotations (x flipped, a slight tilt) the qform's float32 quaternion rounds its axes by up to 1e-3,
-    4e-3 mm on a 5 mm axis: a file that dcm2niix writes so, both forms of one affine, reads with its sform."""
+    """Near 180-degree rotations (x flipped, a slight tilt) the qform's float32 quaternion rounds its axes by up to
+    1e-3, 4e-3 mm on a 5 mm axis: a file that dcm2niix writes so, both forms of one affine, reads with its sform."""
     affine = _tilted(degrees)
     _with_qform(affine, affine).to_filename(tmp_path / "image.nii.gz")
     np.testing.assert_allclose(data.load_nifti(tmp_path / "image.nii.gz")[1], affine, atol=1e-5)
