@@ -32,7 +32,7 @@ from .encoder import CIFLEncoder
 from .losses import NCC
 from .stack import FeatureStack
 from .synth import stream_options, stream_seed
-from .training import POSITIVE_NUMBER, compile_for_fit
+from .training import POSITIVE_NUMBER, as_json_holds, compile_for_fit
 from .transform import BATCHED_LAYERS, EXACT, spatial_transform
 from .triplanar import Triplanar
 
@@ -165,13 +165,13 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
         if "final_pred_activation" in unet_kwargs:
             raise TypeError("unet_kwargs may not set final_pred_activation: the output is a softmax")
         encoder = _check_encoder(encoder, inshape)
-        unet_kwargs = {**UNET_DEFAULTS, **unet_kwargs}
+        unet_kwargs = {**UNET_DEFAULTS, **as_json_holds(unet_kwargs)}  # NumPy values too, as the config holds them
         levels = unet_kwargs["nb_levels"]
-        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
-        if isinstance(unet_kwargs["nb_features"], int):
-            _check_divisible(inshape, 2 ** (unet_kwargs["nb_levels"] - 1),
-                             f"a UNet of nb_levels={unet_kwargs['nb_levels']}", "nb_levels")
+        if isinstance(unet_kwargs["nb_features"], list):  # neurite: a list of each level's features sets the levels
+            levels = len(unet_kwargs["nb_features"])
+        _check_divisible(inshape, 2 ** (levels - 1), f"a UNet of nb_levels={levels}", "nb_levels")
 
         image = tf.keras.Input((*inshape, 1), name="image")
         features = image if encoder is None else encoder(image)
@@ -304,6 +304,7 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         for key in vxm_kwargs:
             if key in _VXM_RESERVED:
                 raise TypeError(f"registration_model: vxm_kwargs may not set {key!r} ({_VXM_RESERVED[key]})")
+        vxm_kwargs = as_json_holds(vxm_kwargs)  # NumPy values too, as the config holds them
         reg_weight = _registration_weight(similarity, reg_weight)
         _check_vxm_integers(vxm_kwargs)
         encoder = _check_encoder(encoder, inshape)

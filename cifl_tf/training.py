@@ -227,6 +227,12 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} {value!r} is not a JSON value")
 
 
+def as_json_holds(value):
+    """`value` as a JSON file (settings.json, a Keras config) holds it: tuples as lists, and NumPy numbers and
+    arrays at any depth as Python numbers and lists."""
+    return json.loads(json.dumps(value, default=_plain))
+
+
 def learning_rate_schedule(learning_rate, decay, steps):
     """The optimizer's learning rate: `learning_rate` throughout ("constant"), or from `learning_rate` at
     step 0 down to 0 at step `steps` along half a cosine ("cosine", Loshchilov & Hutter 2017; the shipped
@@ -373,8 +379,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     loss_scales=loss_scales, pixel_contrast=pixel_contrast, max_offset=max_offset,
                     learning_rate=learning_rate, learning_rate_decay=learning_rate_decay, precision=precision,
                     seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
-    # As settings.json holds them: tuples become lists, NumPy numbers Python ones
-    settings = json.loads(json.dumps(settings, default=_plain))
+    settings = as_json_holds(settings)
     checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
     start_from = None if init is None or resume else initial_encoder(init, encoder_args)
     # Python numbers from here on: Keras's seeding and the stream's start take Python integers only

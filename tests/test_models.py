@@ -321,6 +321,10 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, loss="mae"), ValueError, "loss must be one of.*'mae'"),
     (lambda e: cifl_tf.segmentation_model((36, 36), 3, nb_levels=4), ValueError,
      r"\(36, 36\) must be divisible by 8 .* fewer nb_levels"),
+    (lambda e: cifl_tf.segmentation_model((36, 36), 3, nb_features=np.int64(4), nb_levels=np.int64(4)), ValueError,
+     r"\(36, 36\) must be divisible by 8 .* fewer nb_levels"),
+    (lambda e: cifl_tf.segmentation_model((33, 32), 3, nb_features=[[4], [8]]), ValueError,  # neurite: 2 levels
+     r"\(33, 32\) must be divisible by 2 for a UNet of nb_levels=2"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, final_pred_activation="linear"), TypeError, "softmax"),
     (lambda e: cifl_tf.segmentation_model((16, 16, 16), 3, e), ValueError, r"encoder is 2D but inshape \(16, 16, 16\)"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, "encoder"), TypeError,
@@ -362,6 +366,20 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
 def test_bad_arguments_are_rejected_naming_the_value(encoder, build, error, message):
     with pytest.raises(error, match=message):
         build(encoder)
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
+def test_numpy_arguments_build_the_model_of_python_ones_and_round_trip(kind, tmp_path):
+    """NumPy numbers and arrays (a sweep's np.arange, a config array) are the Python values in the model's config:
+    a registration model saved with an array of features had not loaded."""
+    build = {"segmentation": lambda **k: cifl_tf.segmentation_model(SHAPE, 3, **k),
+             "registration": lambda **k: cifl_tf.registration_model(SHAPE, **k)}[kind]
+    python = {"segmentation": dict(nb_features=4, nb_levels=2),
+              "registration": dict(nb_unet_features=[[8, 8], [8, 8]], int_steps=0)}[kind]
+    numpy = {key: np.asarray(value)[()] for key, value in python.items()}  # np.int64 scalars, 2D arrays
+    model = build(**numpy)
+    assert model.get_config() == build(**python).get_config()
+    assert models.load_model(models.save_model(model, str(tmp_path)), kind).get_config() == model.get_config()
 
 
 @pytest.mark.parametrize("learning_rate", [np.float32(1e-3),
