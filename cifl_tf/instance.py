@@ -87,8 +87,6 @@ class VelocityField(KL.Layer):
         return {**super().get_config(), "shape": list(self.shape)}
 
 
-
-
 def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     """The model one level of register_pair fits (voxelmorph's InstanceDense without its downsampling).
 

@@ -130,7 +130,8 @@ class SoftDiceLoss(tf.keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
-        if y_true.shape.rank != y_pred.shape.rank or y_true.shape[-1] not in (None, y_pred.shape[-1]):
+        labels, predicted = y_true.shape[-1], y_pred.shape[-1]
+        if y_true.shape.rank != y_pred.shape.rank or None not in (labels, predicted) and labels != predicted:
             raise ValueError(f"SoftDiceLoss: labels must be one-hot like the predictions {y_pred.shape}, got shape "
                              f"{y_true.shape} (tf.keras.utils.to_categorical of a label map)")
         # float32 under any policy (float16 sums over a 256x256 image overflow), and one-hot labels of any type
