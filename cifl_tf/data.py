@@ -41,8 +41,9 @@ _UNREADABLE = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataE
 # Largest image read, checked on the header before any voxel is: 512^3 voxels, at most 1 GiB as stored
 # (8-byte types) and 512 MiB as float32. A header claiming more is broken or not a brain image.
 MAX_VOXELS = 512 ** 3
-# sform and qform that differ by more than float32 quaternions round disagree: by 0.01 in an axis's direction
-# cosines (near 180-degree rotations the rounding reaches 1e-3), or by 0.1 voxel in the origin's position.
+# Affines that differ by more than a header's float32 rounding place the voxels otherwise: by 0.01 in an axis's
+# direction cosines (a qform's quaternion rounds them by up to 1e-3 near 180-degree rotations), or by 0.1 voxel in
+# the origin's position.
 _COSINE_ATOL, _ORIGIN_ATOL = 1e-2, 0.1
 
 
@@ -84,15 +85,15 @@ def _check_header(path, image):
         raise DataError(f"{path}: singular or non-finite voxel-to-world affine {affine[:3].tolist()}")
     sform, sform_code = header.get_sform(coded=True)
     qform, qform_code = header.get_qform(coded=True)
-    if sform_code and qform_code and not _forms_agree(sform, qform):
+    if sform_code and qform_code and not _place_alike(sform, qform):
         raise DataError(f"{path}: sform {sform[:3].tolist()} and qform {qform[:3].tolist()} disagree")
 
 
-def _forms_agree(sform, qform):
-    """Whether sform and qform place the voxels alike, up to the rounding of the qform's float32 quaternion."""
-    voxel_sizes = np.linalg.norm(sform[:3, :3], axis=0)
-    return (np.allclose(sform[:3, :3] / voxel_sizes, qform[:3, :3] / voxel_sizes, rtol=0, atol=_COSINE_ATOL)
-            and np.allclose(sform[:3, 3], qform[:3, 3], rtol=0, atol=_ORIGIN_ATOL * voxel_sizes.min()))
+def _place_alike(affine, other):
+    """Whether two voxel-to-world affines place the voxels alike, up to a header's float32 rounding."""
+    voxel_sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    return (np.allclose(affine[:3, :3] / voxel_sizes, other[:3, :3] / voxel_sizes, rtol=0, atol=_COSINE_ATOL)
+            and np.allclose(affine[:3, 3], other[:3, 3], rtol=0, atol=_ORIGIN_ATOL * voxel_sizes.min()))
 
 
 def _voxels(path, image):
@@ -187,8 +188,13 @@ def load_labels(path, labels=None, ndim=None):
     Raises: DataError also for non-integer or negative values, values beyond int32, and values
         outside ``labels``.
     """
+    return _labels(path, labels, ndim)[0]
+
+
+def _labels(path, labels, ndim):
+    """load_labels's label map, and the affine of its file."""
     declared = None if labels is None else _label_values(labels)
-    data, _ = _read(path, ndim)
+    data, image = _read(path, ndim)
     if np.any(data != np.round(data)):
         raise DataError(f"{path}: label map has non-integer values")
     largest = np.iinfo(np.int32).max
@@ -199,7 +205,7 @@ def load_labels(path, labels=None, ndim=None):
         if outside.size:
             raise DataError(f"{path}: {outside.size} label values outside the declared set "
                             f"{declared.tolist()}, e.g. {outside[:5].astype(int).tolist()}")
-    return data.astype(np.int32)
+    return data.astype(np.int32), image.affine
 
 
 def _label_values(labels):
@@ -621,10 +627,13 @@ def _load_entries(entries, ndim, labels):
     images, label_maps, affines = [], [], []
     for _, image_path, label_path in entries:
         image, affine, _ = load_nifti(image_path, ndim)
-        label_map = load_labels(label_path, labels, ndim)
+        label_map, label_affine = _labels(label_path, labels, ndim)
         if label_map.shape != image.shape:
             raise DataError(f"{label_path}: shape {label_map.shape} differs from {image.shape} "
                             f"of {image_path}")
+        if not _place_alike(affine, label_affine):  # same shape, other voxels: a flipped or shifted export
+            raise DataError(f"{label_path}: its affine {label_affine[:3].tolist()} places the voxels otherwise "
+                            f"than {image_path}'s {affine[:3].tolist()}; resample one onto the other")
         images.append(normalize(image))
         label_maps.append(label_map)
         affines.append(affine)

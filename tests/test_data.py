@@ -583,6 +583,26 @@ def test_load_ixi_gives_both_contrasts_on_shared_labels(ixi_tiny):
     np.testing.assert_array_equal(data.load_folder(ixi_tiny, contrast="t2").images, t2.images)
 
 
+@pytest.mark.parametrize("flip, shift_mm, refused", [(False, 1e-5, False), (True, 0.0, True), (False, 0.5, True)])
+def test_labels_must_place_their_voxels_where_their_images_do(ixi_tiny, flip, shift_mm, refused):
+    """A label map of the image's shape stored otherwise (reversed along an axis with its affine to match, as a
+    reoriented export is, or shifted) would pair each voxel with another place's label."""
+    path = ixi_tiny / "IXI001" / "labels.nii.gz"
+    labels = nib.load(path)
+    affine = labels.affine.copy()
+    array = np.asarray(labels.dataobj)
+    if flip:  # the same world-space map, voxel axis 0 reversed
+        array, affine = array[::-1], affine @ np.array([[-1, 0, 0, array.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                          [0, 0, 0, 1]])
+    affine[1, 3] += shift_mm
+    write_nifti(path, np.ascontiguousarray(array), affine)
+    if refused:
+        with raises_naming(path, r"its affine .* places the voxels otherwise than .*IXI001/t1\.nii\.gz's"):
+            data.load_folder(ixi_tiny)
+    else:
+        np.testing.assert_array_equal(data.load_folder(ixi_tiny).labels[1], array)
+
+
 def test_load_folder_detects_oasis(oasis_tiny):
     detected = data.load_folder(oasis_tiny, dim=3)
     np.testing.assert_array_equal(detected.images, data.load_oasis(oasis_tiny, dim=3).images)
