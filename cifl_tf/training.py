@@ -315,7 +315,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         init: None to start from random weights, or the encoder to start from (``initial_encoder``): a shipped
             one's name (PRETRAINED_NAMES, such as "tau_gamma_1") or an encoder's weights file or run folder, of
             the run's architecture; a 2D one for 3D crops is inflated (``inflate``). A resumed run goes on from
-            its last epoch instead.
+            its last epoch instead, and one stopped before its first epoch was saved starts from `init` again.
         tau_alpha, tau_beta, tau_gamma: Eq. 1 temperatures.
         loss_scales: Eq. 1 is averaged over the overlaps average-pooled by each of these factors
             (losses.multiscale_contrastive_loss); (1,), the default, is the paper's loss.
@@ -381,7 +381,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = as_json_holds(settings)
     checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
-    start_from = None if init is None or resume else initial_encoder(init, encoder_args)
+    # A resumed run starts from its last checkpoint, and without one, as the run it resumes did, from its init
+    checkpointed = resume and tf.train.latest_checkpoint(os.path.join(out_dir, "backup")) is not None
+    start_from = None if init is None or checkpointed else initial_encoder(init, encoder_args)
     # Python numbers from here on: Keras's seeding and the stream's start take Python integers only
     steps, steps_per_epoch, batch_size, seed = (settings[k] for k in ("steps", "steps_per_epoch", "batch_size", "seed"))
     strategy = _get_strategy(strategy)

@@ -167,6 +167,23 @@ def test_a_2d_run_starts_from_its_init_encoder_and_resumes_from_its_backup_witho
     assert [epoch for epoch, _ in log_rows(str(tmp_path / "run"))] == [0, 1]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_init_encoder(tmp_path):
+    flat = saved_context_encoder(tmp_path / "flat.weights.h5")
+    settings = dict(shape=(16, 16), steps=1, init=str(tmp_path / "flat.weights.h5"), out_dir=str(tmp_path / "run"),
+                    **TINY_INIT_RUN)
+
+    class InterruptAtFirstBatch(tf.keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_encoder(**settings, callbacks=[InterruptAtFirstBatch()])
+    recorder = RecordOptimizer()
+    train_encoder(**settings, resume=True, callbacks=[recorder])  # it had started from random weights
+    for started, expected in zip(recorder.initial_weights, flat.get_weights(), strict=True):
+        np.testing.assert_array_equal(started, expected)
+
+
 def test_a_shipped_encoder_starts_a_run_by_name_and_a_3d_one_cannot_start_a_2d_run(tmp_path):
     recorder = RecordOptimizer()
     train_encoder(shape=(16, 16), steps=1, batch_size=1, max_offset=2, init="tau_gamma_1", callbacks=[recorder],
