@@ -54,6 +54,35 @@ def _positive_ints(name, values):
     return values
 
 
+def _check_render_args(args, num_labels):
+    """ValueError naming the first of labels_to_image's intensity arguments (RENDER_DEFAULTS) with a bad value."""
+    def check(name, condition, wanted):
+        try:
+            array = np.asarray(args[name], np.float64)
+            good = np.asarray(args[name]).dtype != bool and bool(condition(array))
+        except (TypeError, ValueError):  # not numbers, or ragged lists
+            good = False
+        if not good:
+            raise ValueError(f"{name} must be {wanted}, got {args[name]!r}")
+
+    def within(array, low, high=np.inf):
+        return bool(np.all((array >= low) & (array < high)))
+
+    for name in ("mean_min", "mean_max", "std_min", "std_max"):
+        if args[name] is not None:  # None: neurite's ranges per label
+            kind, low = ("finite", -np.inf) if name.startswith("mean") else ("non-negative", 0)
+            check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, low),
+                  f"a {kind} number or {num_labels} of them (one per label)")
+    check("zero_background", lambda array: array.shape == () and 0 <= array <= 1, "a number in [0, 1]")
+    check("bias_res", lambda array: array.ndim <= 1 and array.size and within(array, np.nextafter(0, 1)),
+          "a positive number or a list of them")
+    for name in ("bias_std", "blur_std", "gamma_std", "dc_offset"):
+        check(name, lambda array: array.shape == () and within(array, 0), "a non-negative number")
+    for name in ("bias_modulate", "blur_modulate", "normalize"):
+        if not isinstance(args[name], (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
+
+
 def stream_seed(seed):
     """`seed` checked, or for None a fresh random one, so that an unseeded run differs every time."""
     if seed is None:
@@ -235,6 +264,7 @@ class ShapesSynth:
         self.resolution_max = resolution_max
         self.seed = stream_seed(seed)
         self.render_args = {**RENDER_DEFAULTS, **render_kwargs}
+        _check_render_args(self.render_args, num_labels)
 
     def label_map(self, key, batch_size):
         """Random-shape label maps drawn from `key`, (B, *shape, 1) int32 in [0, num_labels)."""

@@ -100,6 +100,7 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     (["--strategy", "multiworker", "--out", "{empty}"], "strategy 'multiworker' needs a cluster"),
     (["--synth", '{{"tie_prob": 2}}', "--out", "{empty}"], "tie_prob must be a number in [0, 1], got 2"),
     (["--synth", '{{"one_hot": true}}', "--out", "{empty}"], "ShapesSynth does not take ['one_hot']"),
+    (["--synth", '{{"bias_std": "big"}}', "--out", "{empty}"], "bias_std must be a non-negative number, got 'big'"),
     (["--architecture", "paper", "--features", "0", "--out", "{empty}"], "features must be a positive integer"),
     (["--dilations", "2,4", "--out", "{empty}"], "architecture 'paper' takes none, got [2, 4]"),
     (["--local-normalization", "-1", "--out", "{empty}"], "local_normalization must be None or a positive sigma"),

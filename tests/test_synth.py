@@ -151,10 +151,28 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     (dict(shape=(32, 32), low_contrast_min=2), "low_contrast_min must be a number in (0, 1], got 2"),
     (dict(shape=(32, 32), resolution_max=0.5), "resolution_max must be a number >= 1, got 0.5"),
     (dict(shape=(32, 32), resolution_max="3"), "resolution_max must be a number >= 1, got '3'"),
+    # labels_to_image's intensity arguments: a list where a number goes failed as a traceback deep in the render
+    (dict(shape=(32, 32), bias_std="big"), "bias_std must be a non-negative number, got 'big'"),
+    (dict(shape=(32, 32), blur_std=[1, 2]), "blur_std must be a non-negative number, got [1, 2]"),
+    (dict(shape=(32, 32), gamma_std=True), "gamma_std must be a non-negative number, got True"),
+    (dict(shape=(32, 32), dc_offset=float("nan")), "dc_offset must be a non-negative number, got nan"),
+    (dict(shape=(32, 32), mean_min=[10, 20]), "mean_min must be a finite number or 16 of them (one per label), got"),
+    (dict(shape=(32, 32), num_labels=2, std_max=[5, -1]),
+     "std_max must be a non-negative number or 2 of them (one per label), got [5, -1]"),
+    (dict(shape=(32, 32), zero_background=1.5), "zero_background must be a number in [0, 1], got 1.5"),
+    (dict(shape=(32, 32), bias_res=[40, 0]), "bias_res must be a positive number or a list of them, got [40, 0]"),
+    (dict(shape=(32, 32), normalize=1), "normalize must be True or False, got 1"),
 ])
 def test_bad_synth_arguments_raise(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         ShapesSynth(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mean_min=10, mean_max=200), dict(num_labels=2, std_min=[0, 1], std_max=[5, 9]),
+                                    dict(bias_res=[20, 40], blur_std=0, normalize=False)])
+def test_intensity_arguments_of_numbers_per_label_or_lists_render(kwargs):
+    _, x1, x2 = ShapesSynth((16, 16), seed=0, **kwargs)(0, 1)
+    assert x1.shape == x2.shape == (1, 16, 16, 1) and np.all(np.isfinite(x1)) and np.all(np.isfinite(x2))
 
 
 @pytest.mark.parametrize("kwargs, message", [
