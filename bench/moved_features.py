@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import cifl_tf
-from cifl_tf import benchmark, data, demo_data
+from cifl_tf import benchmark, demo_data
 from cifl_tf.cli import _positive_int
 from cifl_tf.descriptors import MIND
 from cifl_tf.instance import MOVED_FEATURES
@@ -29,7 +29,7 @@ DEMO_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7))
 
 def oasis_cases(folder):
     """{case: [(moving, fixed, moving labels, fixed labels)]}: both directions of the sample's two slices."""
-    slices = data.load_oasis(folder, dim=2)
+    slices = benchmark.oasis_slice_pair(folder)
     cases = {}
     for a, b in ((0, 1), (1, 0)):
         for contrast, target in benchmark.slice_contrasts(slices.images[b], slices.labels[b]).items():

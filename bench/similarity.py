@@ -12,7 +12,7 @@ tf.matmul GFLOP/s. register_pair runs with its defaults otherwise (levels 4, 2, 
 import argparse
 
 import cifl_tf
-from cifl_tf import benchmark, data, metrics
+from cifl_tf import benchmark, metrics
 from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
 
@@ -23,7 +23,7 @@ def main():
                         help="neurite-oasis folder with two subjects' slices")
     args = parser.parse_args()
     try:
-        slices = data.load_oasis(args.data, dim=2)
+        slices = benchmark.oasis_slice_pair(args.data)
     except (ValueError, OSError) as error:  # data.DataError: no such folder, no subjects, unreadable file
         parser.error(str(error))
     moving, fixed, fixed_labels = slices.images[0], slices.images[1], slices.labels[1]

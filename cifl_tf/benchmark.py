@@ -18,6 +18,7 @@ Each describer (B, H, W, 1) -> (B, H, W, K) is scored on each pair (`score`): ra
 import argparse
 import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -45,6 +46,15 @@ def oasis_sample():
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.environ.get("CIFL_OASIS_SAMPLE", os.path.join(os.path.dirname(repository), "shared", "data",
                                                             "oasis-sample"))
+
+
+def oasis_slice_pair(folder):
+    """The 2D slices of a neurite-oasis folder (``data.load_oasis``) for registering subject 1 and 2; DataError
+    for a folder of fewer subjects."""
+    slices = data.load_oasis(folder, dim=2)
+    if len(slices.subjects) < 2:
+        raise data.DataError(f"{folder}: holds {len(slices.subjects)} subject; registration needs two")
+    return slices
 
 
 def intensity_features(images):
@@ -210,7 +220,8 @@ def main(argv=None):
         pairs, notes = benchmark_pairs(args.subjects, args.data)
         for offset in (16, 0) if args.offset_ablation else ():
             compared[f"max_offset={offset}, {args.offset_ablation} steps"] = train_encoder(
-                steps=args.offset_ablation, max_offset=offset, seed=0, verbose=2)
+                steps=args.offset_ablation, steps_per_epoch=math.gcd(args.offset_ablation, 100), max_offset=offset,
+                seed=0, verbose=2)
     except (ValueError, OSError, ImportError) as error:  # bad data, arguments, no nilearn: one line
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     results = {name: {pair: score(describe, *images) for pair, images in pairs.items()}

@@ -5,10 +5,13 @@ import sys
 
 import pytest
 
+from conftest import make_oasis
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 
-# (script, arguments, what the error line must name). MISSING and FILE become a missing folder and a file.
+# (script, arguments, what the error line must name). MISSING, FILE and ONE become a missing folder, a file and a
+# neurite-oasis folder of one subject.
 # The data scripts' other cases also pass MISSING as --data: a check made after loading would name the data.
 CASES = [
     ("ncc.py", ["--repeats", "0"], "'0'"),
@@ -40,8 +43,10 @@ CASES = [
     ("register_3d.py", ["--data", "MISSING", "--method", "ncc", "--invert"], "--invert with --method ncc"),
     ("similarity.py", ["--data", "MISSING"], "missing: no such folder"),
     ("similarity.py", ["--data", "FILE"], "file: no such folder"),
+    ("similarity.py", ["--data", "ONE"], "one: holds 1 subject; registration needs two"),
     ("moved_features.py", ["--data", "MISSING"], "missing: no such folder"),
     ("moved_features.py", ["--data", "FILE"], "file: no such folder"),
+    ("moved_features.py", ["--data", "ONE"], "one: holds 1 subject; registration needs two"),
     ("moved_features.py", ["--data", "MISSING", "--steps", "0"], "'0'"),
 ]
 
@@ -49,7 +54,9 @@ CASES = [
 @pytest.mark.parametrize("script, argv, named", CASES, ids=[f"{s}{' '.join(['', *a])}" for s, a, _ in CASES])
 def test_bench_script_refuses_a_bad_argument_in_one_line(tmp_path, monkeypatch, capsys, script, argv, named):
     (tmp_path / "file").write_text("not a folder")
-    paths = {"MISSING": str(tmp_path / "missing"), "FILE": str(tmp_path / "file")}
+    if "ONE" in argv:
+        make_oasis(tmp_path / "one", subjects=1)
+    paths = {"MISSING": str(tmp_path / "missing"), "FILE": str(tmp_path / "file"), "ONE": str(tmp_path / "one")}
     path = os.path.join(BENCH, script)
     monkeypatch.syspath_prepend(BENCH)  # registration_step imports train_step, as when run as a script
     # In this process, not a subprocess: each would spend seconds importing TensorFlow.

@@ -175,6 +175,22 @@ def test_script_offset_ablation_trains_encoders_with_and_without_the_offset(oasi
     assert list(results)[-2:] == ["max_offset=16, 1 steps", "max_offset=0, 1 steps"]
 
 
+@pytest.mark.parametrize("steps", [1, 150, 300])
+def test_script_offset_ablation_trains_for_any_number_of_steps(oasis_tiny, tmp_path, monkeypatch, steps):
+    """train_encoder trains whole epochs: 150 steps in epochs of its default 100 had been refused."""
+    asked = []
+
+    def recorded(**kwargs):
+        asked.append(kwargs)
+        raise ValueError("recorded")  # the script's one-line exit, before any training
+
+    monkeypatch.setattr(benchmark, "train_encoder", recorded)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--subjects", "1", "--data", str(oasis_tiny), "--offset-ablation", str(steps),
+                        "--out", str(tmp_path)])
+    assert asked[0]["steps"] == steps and steps % asked[0]["steps_per_epoch"] == 0
+
+
 def test_script_reports_a_missing_data_folder_in_one_line(tmp_path, monkeypatch, capsys):
     # The script file run as __main__ in this process: a subprocess would only add a TensorFlow import.
     script = os.path.join(ROOT, "experiments", "invariance.py")
