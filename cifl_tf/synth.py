@@ -65,8 +65,8 @@ def _check_render_args(args, num_labels):
         if not good:
             raise ValueError(f"{name} must be {wanted}, got {args[name]!r}")
 
-    def within(array, low, high=np.inf):
-        return bool(np.all((array >= low) & (array < high)))
+    def within(array, low):
+        return bool(np.all(np.isfinite(array) & (array >= low)))
 
     for name in ("mean_min", "mean_max", "std_min", "std_max"):
         if args[name] is not None:  # None: neurite's ranges per label

@@ -157,6 +157,7 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     (dict(shape=(32, 32), gamma_std=True), "gamma_std must be a non-negative number, got True"),
     (dict(shape=(32, 32), dc_offset=float("nan")), "dc_offset must be a non-negative number, got nan"),
     (dict(shape=(32, 32), mean_min=[10, 20]), "mean_min must be a finite number or 16 of them (one per label), got"),
+    (dict(shape=(32, 32), mean_max=-np.inf), "mean_max must be a finite number or 16 of them (one per label), got -inf"),
     (dict(shape=(32, 32), num_labels=2, std_max=[5, -1]),
      "std_max must be a non-negative number or 2 of them (one per label), got [5, -1]"),
     (dict(shape=(32, 32), zero_background=1.5), "zero_background must be a number in [0, 1], got 1.5"),
