@@ -92,6 +92,7 @@ def test_soft_dice_takes_one_hot_labels_of_any_type_and_computes_in_float32():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, (2, 256, 256))
     probabilities = tf.nn.softmax(rng.normal(0, 2, (2, 256, 256, 3)).astype(np.float32))
+
     def one_hot(dtype):  # a tensor, as fit passes it
         return tf.constant(np.eye(3, dtype=dtype)[labels])
 
@@ -99,7 +100,7 @@ def test_soft_dice_takes_one_hot_labels_of_any_type_and_computes_in_float32():
     assert 0 < expected < 1
     for dtype in (np.uint8, np.int64, bool):
         np.testing.assert_allclose(models.SoftDiceLoss()(one_hot(dtype), probabilities), expected, rtol=1e-6)
-    # a float16 softmax, as mixed_float16 makes it: its sums over the image overflowed in 16 bits (a loss of -0.17)
+    # a float16 softmax, as mixed_float16 makes it: its sums over the image overflowed in 16 bits (0.0 here, not 0.597)
     np.testing.assert_allclose(models.SoftDiceLoss()(one_hot(np.float16), tf.cast(probabilities, tf.float16)),
                                expected, rtol=1e-3)
     for not_one_hot in (labels, labels[..., np.newaxis].astype(np.float32)):
