@@ -576,17 +576,19 @@ def _add_train_args(p, epochs, batch_size, learning_rate):
 
 
 def _demo(args):
+    out = args.out or ("cifl-demo-3d" if args.three_d else "cifl-demo")
+    _output_folder(out)  # before minutes of work, not when the tables are written
     encoder = load_encoder(args.encoder) if args.encoder else None
     # the demo data needs nilearn, an optional dependency: imported only here
     if args.three_d:
         from .demo3d import run_demo_3d
 
-        run_demo_3d(args.out or "cifl-demo-3d", quick=args.quick, seed=args.seed, encoder=encoder)
+        run_demo_3d(out, quick=args.quick, seed=args.seed, encoder=encoder)
         return
     from .demo import run_demo
 
     log = os.path.join(args.encoder or "", "log.csv")  # a run folder's training log
-    run_demo(args.out or "cifl-demo", quick=args.quick, seed=args.seed, encoder=encoder,
+    run_demo(out, quick=args.quick, seed=args.seed, encoder=encoder,
              encoder_log=log if args.encoder and os.path.isfile(log) else None)
 
 

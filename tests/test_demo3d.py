@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cifl_tf
-from cifl_tf import cli, demo3d, demo_data, figures
+from cifl_tf import cli, demo, demo3d, demo_data, figures
 from cifl_tf.descriptors import MIND
 
 CSF, GM, WM = 1, 2, 3
@@ -64,8 +64,10 @@ def test_orthogonal_registrations_draws_a_row_per_volume(volumes, tmp_path):
     path = figures.orthogonal_registrations(fixed, labels[1], moved, {"A": labels[0], "B": labels[0]},
                                             str(tmp_path / "f.png"), title="t")
     one = figures.orthogonal_registrations(fixed, labels[1], {}, {}, str(tmp_path / "g.png"))
+    unlabelled = figures.orthogonal_registrations(fixed, labels[1], moved, None, str(tmp_path / "h.png"))
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width == 660 and height == 3 * 220 and matplotlib.image.imread(one).shape[0] == 220
+    assert matplotlib.image.imread(unlabelled).shape[:2] == (height, width)
 
 
 def test_methods_compare_the_shipped_3d_encoder_or_the_given_one():
@@ -154,12 +156,20 @@ def test_3d_demo_refuses_a_2d_encoder(tmp_path, capsys):
     assert err.count("\n") == 1 and "needs a 3D encoder, got 2D" in err and not (tmp_path / "out").exists()
 
 
-def test_3d_demo_refuses_an_unusable_output_folder_before_working(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo3d, "matmul_gflops", lambda: pytest.fail("the demo started before checking --out"))
+@pytest.mark.parametrize("options", [[], ["--3d"]], ids=["2d", "3d"])
+@pytest.mark.parametrize("out, message", [
+    ("file/out", "is not a folder"),  # under a file
+    ("file", "is not a folder"),
+    ("/proc/cifl-demo", "cannot write in /proc"),  # a folder that takes no files, even for root
+])
+def test_demo_refuses_an_unusable_output_folder_before_working(tmp_path, monkeypatch, capsys, options, out, message):
+    started = lambda *args, **kwargs: pytest.fail("the demo started before checking --out")  # noqa: E731
+    monkeypatch.setattr(demo, "run_demo", started)
+    monkeypatch.setattr(demo3d, "run_demo_3d", started)
     (tmp_path / "file").write_text("")
-    assert cli.main(["demo", "--3d", "--quick", "--out", str(tmp_path / "file" / "out")]) == 2
+    assert cli.main(["demo", *options, "--quick", "--out", str(tmp_path / out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(tmp_path / "file") in err
+    assert err.count("\n") == 1 and message in err
 
 
 def test_3d_demo_refuses_a_bad_seed_before_working(tmp_path, monkeypatch):
