@@ -9,6 +9,7 @@ import textwrap
 
 import matplotlib
 import matplotlib.patches
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -134,7 +135,8 @@ def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, tit
     Args:
         fixed, fixed_labels: (X, Y, Z) volume and label map on a RAS grid (axis 0 left -> right,
             1 posterior -> anterior, 2 inferior -> superior).
-        moved, moved_labels: {method: (X, Y, Z) moved volume}, {method: (X, Y, Z) moved label map}.
+        moved, moved_labels: {method: (X, Y, Z) moved volume}, {method: (X, Y, Z) moved label map} (or None:
+            the fixed contours alone, as `registrations` draws them).
         title: figure title; the contour colours are named after it.
 
     Returns: the PNG path. Rows: fixed, then each method; yellow contours: fixed labels, red: moved labels.
@@ -142,7 +144,7 @@ def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, tit
     centre = [n // 2 for n in np.shape(fixed)]
     cuts = {"sagittal": (centre[0], slice(None), slice(None)), "coronal": (slice(None), centre[1], slice(None)),
             "axial": (slice(None), slice(None), centre[2])}
-    rows = [("fixed", fixed, None)] + [(name, volume, moved_labels.get(name)) for name, volume in moved.items()]
+    rows = [("fixed", fixed, None)] + [(name, volume, (moved_labels or {}).get(name)) for name, volume in moved.items()]
     figure, axes = plt.subplots(len(rows), len(cuts), figsize=(2.2 * len(cuts), 2.2 * len(rows)), squeeze=False)
     for row, (name, volume, labels) in enumerate(rows):
         for axis, (view, cut) in zip(axes[row], cuts.items()):
@@ -157,13 +159,22 @@ def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, tit
 def training_curves(logs, path, title="CIFL encoder training (Eq. 1 loss)"):
     """The loss per epoch of several training runs: {name: path of a Keras CSVLogger log}."""
     figure, axis = plt.subplots(figsize=(5, 3.2))
+    losses = []
     for name, log in logs.items():
         with open(log) as f:
             rows = list(csv.DictReader(f))
-        axis.plot([int(r["epoch"]) + 1 for r in rows], [float(r["loss"]) for r in rows], label=name)
-    axis.set_yscale("symlog", linthresh=1)  # the first epochs at low temperature are far above the rest
+        loss = [float(r["loss"]) for r in rows]
+        axis.plot([int(r["epoch"]) + 1 for r in rows], loss, label=name)
+        losses += loss
+    # the first epochs at low temperature can be far above the rest; a symlog axis of less than a decade
+    # would label no tick
+    wide = bool(losses) and max(losses) > 10 * max(min(losses), 1)
+    if wide:
+        axis.set_yscale("symlog", linthresh=1)
+        axis.yaxis.set_major_locator(matplotlib.ticker.SymmetricalLogLocator(linthresh=1, base=10, subs=(1, 2, 5)))
+        axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axis.set_xlabel("epoch")
-    axis.set_ylabel("loss (symlog)")
+    axis.set_ylabel("loss (symlog)" if wide else "loss")
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
     return _save(figure, path)

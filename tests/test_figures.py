@@ -74,6 +74,30 @@ def test_training_curves_read_keras_csv_logs(tmp_path):
     assert pixels(path) == (320, 500)
 
 
+@pytest.mark.parametrize("losses", [
+    (3.9, 2.6, 1.8),  # the shipped encoders' logs: within a decade
+    (2.9, 2.7, 2.5),
+    (40.0, 2.5, -0.3),  # low temperature: the first epoch far above the rest
+    (0.4, 0.05, 0.01),
+])
+def test_training_curves_label_at_least_two_loss_ticks(tmp_path, monkeypatch, losses):
+    labelled = []
+
+    def save(figure, path):
+        figure.canvas.draw()
+        axis = figure.axes[0]
+        low, high = axis.get_ylim()
+        labelled.extend(label.get_text() for tick, label in zip(axis.get_yticks(), axis.get_yticklabels())
+                        if low <= tick <= high and label.get_text())
+        plt.close(figure)
+
+    monkeypatch.setattr(figures, "_save", save)
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss\n" + "".join(f"{epoch},{loss}\n" for epoch, loss in enumerate(losses)))
+    figures.training_curves({"run": log}, tmp_path / "curves.png")
+    assert len(labelled) >= 2, labelled
+
+
 def test_training_curves_name_a_missing_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         figures.training_curves({"run": tmp_path / "missing.csv"}, tmp_path / "curves.png")
