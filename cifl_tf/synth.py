@@ -21,6 +21,7 @@ neurite's gathers, and the warp is integrated on a coarser grid (CELL_VOXELS per
 scale) and upsampled, as VxmDense integrates at int_downsize.
 """
 import inspect
+import numbers
 import sys
 
 import numpy as np
@@ -54,6 +55,20 @@ def _positive_ints(name, values):
     return values
 
 
+def _integer(name, value, least):
+    """`value` as an int: an integer, Python's or NumPy's, >= least; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
+def _number(name, value, holds, wanted):
+    """`value` as a float: a real number, Python's or NumPy's, for which `holds`; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not holds(value):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return float(value)
+
+
 def _check_render_args(args, num_labels):
     """ValueError naming the first of labels_to_image's intensity arguments (RENDER_DEFAULTS) with a bad value."""
     def check(name, condition, wanted):
@@ -73,6 +88,9 @@ def _check_render_args(args, num_labels):
             kind, low = ("finite", -np.inf) if name.startswith("mean") else ("non-negative", 0)
             check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, low),
                   f"a {kind} number or {num_labels} of them (one per label)")
+    for low, high in (("mean_min", "mean_max"), ("std_min", "std_max")):
+        if args[low] is not None and args[high] is not None and np.any(np.asarray(args[low]) > args[high]):
+            raise ValueError(f"{low} {args[low]!r} is above {high} {args[high]!r}")
     check("zero_background", lambda array: array.shape == () and 0 <= array <= 1, "a number in [0, 1]")
     check("bias_res", lambda array: array.ndim <= 1 and array.size and within(array, np.nextafter(0, 1)),
           "a positive number or a list of them")
@@ -89,6 +107,8 @@ def stream_seed(seed):
         return int(np.random.default_rng().integers(2 ** 31))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer or None, got {seed!r}")
+    if not -2 ** 63 <= seed < 2 ** 63:  # the stateless RNG's keys are int64
+        raise ValueError(f"seed must be within [-2**63, 2**63), got {seed!r}")
     return int(seed)
 
 
@@ -238,22 +258,18 @@ class ShapesSynth:
         self.shape = _positive_ints("shape", shape)
         if len(self.shape) not in (2, 3):
             raise ValueError(f"shape must be 2D or 3D, got {self.shape!r}")
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
-            raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        num_labels = _integer("num_labels", num_labels, 2)
         self.label_scales = _positive_ints("label_scales", label_scales)
         self.warp_scales = _positive_ints("warp_scales", warp_scales)
-        for name, value in (("tie_prob", tie_prob), ("low_contrast_prob", low_contrast_prob)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        if isinstance(low_contrast_min, bool) or not isinstance(low_contrast_min, (int, float)) \
-                or not 0 < low_contrast_min <= 1:
-            raise ValueError(f"low_contrast_min must be a number in (0, 1], got {low_contrast_min!r}")
-        if isinstance(resolution_max, bool) or not isinstance(resolution_max, (int, float)) \
-                or not 1 <= resolution_max < np.inf:
-            raise ValueError(f"resolution_max must be a number >= 1, got {resolution_max!r}")
-        for name, value in (("label_std", label_std), ("warp_std", warp_std), ("tie_jitter", tie_jitter)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < np.inf:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        unit, non_negative = "a number in [0, 1]", "a non-negative number"
+        tie_prob = _number("tie_prob", tie_prob, lambda v: 0 <= v <= 1, unit)
+        low_contrast_prob = _number("low_contrast_prob", low_contrast_prob, lambda v: 0 <= v <= 1, unit)
+        low_contrast_min = _number("low_contrast_min", low_contrast_min, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        resolution_max = _number("resolution_max", resolution_max, lambda v: 1 <= v < np.inf, "a number >= 1")
+        # a label_std of 0 would leave every label map one label: nothing to tell apart
+        label_std = _number("label_std", label_std, lambda v: 0 < v < np.inf, "a positive number")
+        warp_std = _number("warp_std", warp_std, lambda v: 0 <= v < np.inf, non_negative)
+        tie_jitter = _number("tie_jitter", tie_jitter, lambda v: 0 <= v < np.inf, non_negative)
         unknown = sorted(set(render_kwargs) - set(RENDER_DEFAULTS))
         if unknown:
             raise ValueError(f"ShapesSynth does not take {unknown}: of labels_to_image's arguments it takes "
@@ -398,9 +414,7 @@ def contrast_pairs(shape, batch_size, seed=None, start=0, **synth_kwargs):
 
     Yields: x1, x2 of shape (B, *shape, 1), float32 in [0, 1] (before gamma), same anatomy.
     """
-    for name, value, least in (("batch_size", batch_size, 1), ("start", start, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    batch_size, start = _integer("batch_size", batch_size, 1), _integer("start", start, 0)
     synth = ShapesSynth(shape, seed=seed, **synth_kwargs)
     # Batches are made in parallel and handed out in order; each is a function of its index alone. The synthesis
     # branches on Python values only, so autograph's conversion would change nothing but cost ~1 s a process.

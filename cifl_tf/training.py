@@ -94,6 +94,11 @@ def offset_views(pairs, shape, max_offset, seed=None, start=0):
     origin of view 2 minus that of view 1 (the same for the whole batch).
     """
     ndim, seed = len(shape), stream_seed(seed)
+    check_max_offset(max_offset, shape)
+    big = tuple(pairs.element_spec[0].shape[1:-1])
+    if len(big) != ndim or any(size is not None and size != crop + max_offset for size, crop in zip(big, shape)):
+        raise ValueError(f"offset_views: pairs of spatial shape {big} cannot be cropped to {tuple(shape)} at "
+                         f"offsets up to {max_offset}: they must be the crop shape plus max_offset per axis")
 
     def crop(index, pair):
         x1, x2 = pair

@@ -138,11 +138,14 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     (dict(shape=(32, 32), num_labels=1), "num_labels must be an integer >= 2, got 1"),
     (dict(shape=(32, 32), label_scales=()), "label_scales must be positive integers, got ()"),
     (dict(shape=(32, 32), warp_scales=(8, 2.5)), "warp_scales must be positive integers, got (8, 2.5)"),
-    (dict(shape=(32, 32), label_std=-1), "label_std must be a non-negative number, got -1"),
+    (dict(shape=(32, 32), label_std=-1), "label_std must be a positive number, got -1"),
+    (dict(shape=(32, 32), label_std=0), "label_std must be a positive number, got 0"),  # one label everywhere
+    (dict(shape=(32, 32), num_labels=np.float32(4)), "num_labels must be an integer >= 2, got np.float32(4.0)"),
     (dict(shape=(32, 32), warp_std="2"), "warp_std must be a non-negative number, got '2'"),
     (dict(shape=(32, 32), one_hot=True), "ShapesSynth does not take ['one_hot']"),
     (dict(shape=(32, 32), seeds={}, in_shape=(8, 8)), "ShapesSynth does not take ['in_shape', 'seeds']"),
     (dict(shape=(32, 32), seed=1.5), "seed must be an integer or None, got 1.5"),
+    (dict(shape=(32, 32), seed=2 ** 64), "seed must be within [-2**63, 2**63), got 18446744073709551616"),
     (dict(shape=(32, 32), tie_prob=1.5), "tie_prob must be a number in [0, 1], got 1.5"),
     (dict(shape=(32, 32), tie_jitter=-2), "tie_jitter must be a non-negative number, got -2"),
     (dict(shape=(32, 32), low_contrast_prob=-0.1), "low_contrast_prob must be a number in [0, 1], got -0.1"),
@@ -161,6 +164,8 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
      "mean_max must be a finite number or 16 of them (one per label), got -inf"),
     (dict(shape=(32, 32), num_labels=2, std_max=[5, -1]),
      "std_max must be a non-negative number or 2 of them (one per label), got [5, -1]"),
+    (dict(shape=(32, 32), mean_min=200, mean_max=10), "mean_min 200 is above mean_max 10"),
+    (dict(shape=(32, 32), num_labels=2, std_min=[0, 6], std_max=[5, 5]), "std_min [0, 6] is above std_max [5, 5]"),
     (dict(shape=(32, 32), zero_background=1.5), "zero_background must be a number in [0, 1], got 1.5"),
     (dict(shape=(32, 32), bias_res=[40, 0]), "bias_res must be a positive number or a list of them, got [40, 0]"),
     (dict(shape=(32, 32), normalize=1), "normalize must be True or False, got 1"),
@@ -186,6 +191,16 @@ def test_intensity_arguments_of_numbers_per_label_or_lists_render(kwargs):
 def test_bad_stream_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         contrast_pairs((32, 32), **kwargs)
+
+
+def test_numpy_numbers_give_the_batches_of_python_ones():
+    # values read from arrays or configs: refused as "not an integer" before
+    python = dict(num_labels=4, tie_prob=0.5, label_std=1, low_contrast_prob=0.5, resolution_max=2)
+    given = {name: (np.int64 if isinstance(value, int) else np.float32)(value) for name, value in python.items()}
+    batches = [next(iter(contrast_pairs((16, 16), batch_size=size, seed=0, start=start, **kwargs)))
+               for size, start, kwargs in ((2, 1, python), (np.int64(2), np.int64(1), given))]
+    for python_view, numpy_view in zip(*batches, strict=True):
+        np.testing.assert_array_equal(numpy_view, python_view)
 
 
 @pytest.mark.parametrize("tie_prob, tie_jitter", [(0.0, 5.0), (0.5, 5.0), (1.0, 0.0), (1.0, 20.0)])

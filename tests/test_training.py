@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,18 @@ def test_offset_origins_are_a_function_of_seed_and_batch():
     assert shifts(0, start=3, count=5) == shifts(0)[3:]
     assert shifts(0) != shifts(1)
     assert shifts(None) != shifts(None)
+
+
+@pytest.mark.parametrize("shape, max_offset, message", [
+    ((12, 12), -1, "max_offset must be a non-negative integer, got -1"),
+    ((12, 12), 12, "max_offset 12 must be smaller than the crop shape (12, 12)"),
+    ((12, 12), 4, "pairs of spatial shape (20, 20) cannot be cropped to (12, 12) at offsets up to 4"),
+    ((12, 12, 12), 8, "pairs of spatial shape (20, 20) cannot be cropped to (12, 12, 12)"),
+])
+def test_offset_views_refuse_offsets_the_pairs_do_not_hold(shape, max_offset, message):
+    pairs = tf.data.Dataset.from_tensors((np.zeros((1, 20, 20, 1), np.float32),) * 2)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        offset_views(pairs, shape, max_offset, seed=0)
 
 
 @pytest.fixture(scope="module")
