@@ -226,7 +226,8 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
         warp_std: SD in pixels of the random velocity field (0: no deformation).
         intensity_jitter: per-tissue gains are drawn uniformly in 1 +- intensity_jitter per subject
             and contrast; below 0.04 they cannot reverse the PD ordering GM > CSF.
-        bias_std: SD of the log of the multiplicative bias fields.
+        bias_std: SD of the log of the multiplicative bias fields, below 5 (already gains of e^+-15 at three
+            SDs; from about 20 they overflow float32).
         noise_std: SD of the Gaussian noise, relative to the brightest tissue.
 
     Returns: a ``DemoDataset``: ``labels`` (N, H, W) int32 in 0..3, ``images[contrast]`` (N, H, W)
@@ -296,7 +297,7 @@ def _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std):
     if seed is not None:
         _check_int("seed", seed, 0, 2 ** 32 - 1)  # Keras' seeds of the models trained on the subjects
     rendering = dict(warp_std=warp_std, intensity_jitter=intensity_jitter, bias_std=bias_std, noise_std=noise_std)
-    for name, high in (("warp_std", np.inf), ("intensity_jitter", 1), ("bias_std", np.inf), ("noise_std", np.inf)):
+    for name, high in (("warp_std", np.inf), ("intensity_jitter", 1), ("bias_std", 5), ("noise_std", np.inf)):
         _check_number(name, rendering[name], 0, high)
     return rendering
 
