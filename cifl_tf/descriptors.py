@@ -30,8 +30,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from . import tiling
 from .encoder import L2Normalize, positive_integer, positive_number
-from .tiling import check_images
 
 KL = tf.keras.layers
 
@@ -106,12 +106,12 @@ class MIND(KL.Layer):
         """How far, in pixels, the descriptor at a pixel looks (tiling.receptive_radius): the neighbours'
         `dilation` plus the patch's ceil(3 sigma). Stated, since measuring it probes an 83^3 volume for a second
         in 3D, for each new layer: in register_pair, and in each save and load of a model holding a FeatureStack
-        (Keras reads its properties). The variance clip's image mean is not counted: it takes part only where V
-        is 1e3 times off its mean."""
+        (Keras reads its properties). The variance clip's image mean is not counted: `tiled_features` takes it
+        over the whole image first."""
         return self.dilation + self.patch_radius
 
     def _check_images(self, input_shape):
-        check_images(f"MIND(ndim={self.ndim})", self.ndim, input_shape)
+        tiling.check_images(f"MIND(ndim={self.ndim})", self.ndim, input_shape)
 
     def build(self, input_shape):
         self._check_images(input_shape)
@@ -134,7 +134,8 @@ class MIND(KL.Layer):
         return [(gauss.reshape([-1 if i == axis else 1 for i in range(self.ndim)])[..., None, None]
                  * identity).astype(np.float32) for axis in range(self.ndim)]
 
-    def call(self, images):
+    def distances(self, images):
+        """D_p of the K pairs, (B, *spatial, K) float32, of images (B, *spatial, 1)."""
         self._check_images(images.shape)  # every call, not just the first: see tiling.check_images
         margin = self.dilation + self.patch_radius
         padded = tf.cast(images, tf.float32)
@@ -143,14 +144,43 @@ class MIND(KL.Layer):
         distances = tf.square(tf.nn.convolution(padded, self._differences_kernel(), padding="VALID"))
         for kernel in self._patch_kernels():  # separable Gaussian: the weighted patch sums D_p
             distances = tf.nn.convolution(distances, kernel, padding="VALID")
+        return distances
+
+    def variance(self, images):
+        """V, (B, *spatial, 1), before the clip."""
+        return tf.reduce_mean(self.distances(images), axis=-1, keepdims=True)
+
+    def call(self, images, variance_mean=None):
+        """`variance_mean`: the mean of V that the clip takes, a scalar (`tiled_features`: the whole image's);
+        None, each input's own."""
+        distances = self.distances(images)
         variance = tf.reduce_mean(distances, axis=-1, keepdims=True)
-        image_mean = tf.reduce_mean(variance, axis=list(range(1, self.ndim + 1)), keepdims=True)
-        variance = tf.clip_by_value(variance, image_mean / _VARIANCE_CLIP, image_mean * _VARIANCE_CLIP)
+        if variance_mean is None:
+            # over the finite V only: a NaN pixel (a masked background) spoils its neighbourhood, not the image
+            finite = tf.math.is_finite(variance)
+            spatial = list(range(1, self.ndim + 1))
+            variance_mean = tf.math.divide_no_nan(
+                tf.reduce_sum(tf.where(finite, variance, 0), spatial, keepdims=True),
+                tf.reduce_sum(tf.cast(finite, tf.float32), spatial, keepdims=True))
+        variance = tf.clip_by_value(variance, variance_mean / _VARIANCE_CLIP, variance_mean * _VARIANCE_CLIP)
         # exp(-(D - min D) / V) is exp(-D / V) divided by its max over k, without underflow; 0 / 0 (an
         # all-constant image) gives exp(0) = 1.
         descriptor = tf.exp(-tf.math.divide_no_nan(distances - tf.reduce_min(distances, -1, keepdims=True),
                                                    variance))
         return descriptor if self.normalize is None else self.normalize(descriptor)
+
+    def tiled_features(self, image, max_memory, out):
+        """``self(image)`` of one image, written into `out` ((*spatial, K) float32), tile by tile within
+        max_memory bytes (``tiling.map_tiles``): first V, for the clip's mean over the whole image, then the
+        descriptor with that mean, so that a tile's descriptor is the whole image's."""
+        radius = self.receptive_radius
+        core = tiling.tile_shape(image.shape, radius, tiling.bytes_per_pixel(self), max_memory)
+        variance = tiling.map_tiles(tiling.graph_call(self.variance), image, radius, core,
+                                    np.empty((*image.shape, 1), np.float32))
+        finite = variance[np.isfinite(variance)]
+        mean = tf.constant(finite.mean(dtype=np.float64) if finite.size else 0, tf.float32)
+        return tiling.map_tiles(lambda tile: tiling.graph_call(self)(tile, variance_mean=mean), image, radius, core,
+                                out)
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])

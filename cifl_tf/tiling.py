@@ -141,13 +141,18 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
         return layer.tiled_features(image, max_memory, features)
     radius = receptive_radius(layer)
     core = tile_shape(image.shape, radius, bytes_per_pixel(layer), max_memory)
-    call = graph_call(layer)
+    return map_tiles(graph_call(layer), image, radius, core, features)
+
+
+def map_tiles(call, image, radius, core, out):
+    """Fills `out` (*spatial, C) with ``call`` (a (1, *tile, 1) tensor -> (1, *tile, C)) of `image` (*spatial),
+    tile by tile: tiles of `core` shape, each extended by `radius` (clipped at the border). Returns `out`."""
     for start in itertools.product(*[range(0, size, step) for size, step in zip(image.shape, core)]):
         inner = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, core, image.shape))
         outer = tuple(slice(max(i.start - radius, 0), min(i.stop + radius, n)) for i, n in zip(inner, image.shape))
         tile = call(tf.constant(image[outer][np.newaxis, ..., np.newaxis])).numpy()[0]
-        features[inner] = tile[tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))]
-    return features
+        out[inner] = tile[tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))]
+    return out
 
 
 def l2_normalize_in_place(features):

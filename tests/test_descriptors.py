@@ -127,6 +127,19 @@ def test_constant_and_zero_images_give_equal_channels():
         np.testing.assert_allclose(out, 1 / np.sqrt(12), rtol=1e-6)
 
 
+@pytest.mark.parametrize("ndim, variant, bad", [(2, "mind", np.nan), (3, "ssc", np.nan), (2, "ssc", np.inf)])
+def test_a_non_finite_pixel_spoils_only_its_receptive_field(ndim, variant, bad):
+    layer = MIND(ndim, variant)
+    image = np.random.default_rng(0).random((20,) * ndim).astype(np.float32)
+    spoilt = image.copy()
+    spoilt[(10,) * ndim] = bad  # a masked background: the variance clip's image mean was NaN everywhere
+    far = np.ones(image.shape, bool)
+    far[(slice(10 - 2 * layer.receptive_radius, 11 + 2 * layer.receptive_radius),) * ndim] = False
+    clean, out = describe(layer, image), describe(layer, spoilt)
+    assert not np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[far], clean[far], rtol=1e-5)
+
+
 def test_config_round_trip_and_registration():
     layer = MIND(3, "ssc", sigma=0.8, dilation=2, l2_normalize=False, name="descriptor")
     clone = MIND.from_config(layer.get_config())

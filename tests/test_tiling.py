@@ -67,6 +67,21 @@ def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
     np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, tile_side, variant", [((48, 48), 16, "mind"), ((24, 24, 24), 12, "ssc")])
+def test_tiled_mind_takes_its_variance_clip_over_the_whole_image(shape, tile_side, variant):
+    # A faint noisy background beside an object: each tile's own mean of V clipped other pixels than the
+    # image's (up to 0.97 apart), and the tiles described the noise that the whole image suppresses.
+    layer = cifl_tf.descriptors.MIND(len(shape), variant)
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.1, 1e-3, shape).astype(np.float32)
+    image[(slice(0, 8),) * len(shape)] = 1
+    budget = tiling.bytes_per_pixel(layer) * tile_side ** len(shape)
+    assert max(tiling.tile_shape(shape, layer.receptive_radius, tiling.bytes_per_pixel(layer), budget)) < shape[0]
+    for describer in (layer, cifl_tf.FeatureStack([layer, cifl_tf.descriptors.MIND(len(shape), dilation=2)])):
+        whole = describer(image[np.newaxis, ..., np.newaxis]).numpy()[0]
+        np.testing.assert_allclose(tiling.tiled_features(describer, image, max_memory=budget), whole, atol=1e-5)
+
+
 def test_a_locally_normalized_encoder_tiles_with_its_window_in_the_halo():
     tf.keras.utils.set_random_seed(0)
     encoder = cifl_tf.CIFLEncoder(channels=3, features=4, local_normalization=2.0)  # radius 8 + 6
