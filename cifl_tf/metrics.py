@@ -61,6 +61,9 @@ def folding_fraction(displacement):
                          f"ndim 2 or 3 spatial axes, got shape {displacement.shape}")
     if displacement.ndim == ndim + 2:
         return np.array([folding_fraction(field) for field in displacement])
+    if min(displacement.shape[:-1]) < 2:  # no finite difference along it
+        raise ValueError(f"folding_fraction: every spatial axis needs 2 or more pixels, got shape "
+                         f"{displacement.shape} (a 2D field stored as 3D: drop the one-pixel axis and its component)")
     if not np.isfinite(displacement).all():  # NaN determinants would count as not folded
         raise ValueError(f"folding_fraction: the displacement holds "
                          f"{np.count_nonzero(~np.isfinite(displacement))} NaN/Inf values")

@@ -1,4 +1,6 @@
 """cifl_tf.metrics against hand-computed values and NumPy references written from the formulas."""
+import re
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,13 @@ def test_folding_fraction_of_a_batch_is_per_field():
 @pytest.mark.parametrize("shape", [(6, 8), (6, 8, 3), (2, 2, 6, 8, 2)])
 def test_folding_fraction_rejects_fields_that_are_not_displacements(shape):
     with pytest.raises(ValueError, match=rf"got shape \({', '.join(map(str, shape))}\)"):
+        metrics.folding_fraction(np.zeros(shape))
+
+
+@pytest.mark.parametrize("shape, field", [((6, 8, 1, 3), "(6, 8, 1, 3)"), ((1, 8, 2), "(1, 8, 2)"),
+                                          ((2, 6, 1, 2), "(6, 1, 2)")])  # numpy's gradient failed on them
+def test_folding_fraction_refuses_an_axis_of_one_pixel(shape, field):
+    with pytest.raises(ValueError, match=re.escape(f"every spatial axis needs 2 or more pixels, got shape {field}")):
         metrics.folding_fraction(np.zeros(shape))
 
 
