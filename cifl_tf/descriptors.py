@@ -175,12 +175,17 @@ class MIND(KL.Layer):
         descriptor with that mean, so that a tile's descriptor is the whole image's."""
         radius = self.receptive_radius
         core = tiling.tile_shape(image.shape, radius, tiling.bytes_per_pixel(self), max_memory)
+        if all(c >= n for c, n in zip(core, image.shape)):  # one tile, whose own mean is the image's
+            return tiling.map_tiles(tiling.graph_call(self), image, radius, core, out)
         variance = tiling.map_tiles(tiling.graph_call(self.variance), image, radius, core,
                                     np.empty((*image.shape, 1), np.float32))
         finite = variance[np.isfinite(variance)]
         mean = tf.constant(finite.mean(dtype=np.float64) if finite.size else 0, tf.float32)
-        return tiling.map_tiles(lambda tile: tiling.graph_call(self)(tile, variance_mean=mean), image, radius, core,
-                                out)
+        return tiling.map_tiles(lambda tile: tiling.graph_call(self._with_mean)(tile, mean), image, radius, core, out)
+
+    def _with_mean(self, images, variance_mean):
+        """A graph of its own: one tf.function traced with and without the argument failed in TensorFlow."""
+        return self(images, variance_mean=variance_mean)
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
