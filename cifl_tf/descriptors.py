@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import tiling
-from .encoder import L2Normalize, positive_integer, positive_number
+from .encoder import L2Normalize, convolve, positive_integer, positive_number
 
 KL = tf.keras.layers
 
@@ -141,9 +141,9 @@ class MIND(KL.Layer):
         padded = tf.cast(images, tf.float32)
         for axis in range(1, self.ndim + 1):
             padded = mirror_pad(padded, margin, axis)
-        distances = tf.square(tf.nn.convolution(padded, self._differences_kernel(), padding="VALID"))
+        distances = tf.square(convolve(padded, self._differences_kernel(), "VALID"))
         for kernel in self._patch_kernels():  # separable Gaussian: the weighted patch sums D_p
-            distances = tf.nn.convolution(distances, kernel, padding="VALID")
+            distances = convolve(distances, kernel, "VALID")
         return distances
 
     def variance(self, images):

@@ -46,6 +46,13 @@ def positive_number(value):
     return None
 
 
+def convolve(images, kernel, padding):
+    """tf.nn.convolution of channels-last images (B, *spatial, C), its data format named: without it, the eager
+    gradient of a 3D convolution with respect to its input fails in TF 2.21 (no data_format attribute)."""
+    data_format = ("NWC", "NHWC", "NDHWC")[images.shape.rank - 3]
+    return tf.nn.convolution(images, kernel, padding=padding, data_format=data_format)
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class L2Normalize(KL.Layer):
     """Puts each pixel's feature vector on the unit sphere (paper Sec. 2, Wang and Isola 2020).
@@ -101,7 +108,7 @@ class LocalNormalize(KL.Layer):
         identity = np.eye(channels)
         for axis in range(ndim):
             kernel = gauss.reshape([-1 if i == axis else 1 for i in range(ndim)])[..., None, None] * identity
-            maps = tf.nn.convolution(maps, kernel.astype(np.float32), padding="SAME")
+            maps = convolve(maps, kernel.astype(np.float32), "SAME")
         return maps
 
     def call(self, images):

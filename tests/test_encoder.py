@@ -87,6 +87,25 @@ def test_l2_normalize_is_tensorflows_where_epsilon_does_not_underflow(dtype):
     np.testing.assert_array_equal(layer(vectors), tf.math.l2_normalize(tf.cast(vectors, layer.compute_dtype), -1))
 
 
+@pytest.mark.parametrize("make", [lambda: CIFLEncoder(3, 4, ndim=3, local_normalization=1.0), lambda: MIND(3),
+                                  lambda: LocalNormalize(1.0)], ids=["local-normalization", "mind", "layer"])
+def test_3d_layers_give_eager_gradients_for_their_input(make):
+    # A registration that warps the moving image, then describes it, differentiates through the input;
+    # eagerly, TF 2.21's 3D convolution gradient failed when the convolution named no data format.
+    layer = make()
+    volume = tf.constant(np.random.default_rng(0).random((1, 12, 12, 12, 1)), tf.float32)
+
+    def gradient(image):
+        with tf.GradientTape() as tape:
+            tape.watch(image)
+            loss = tf.reduce_sum(layer(image)[..., 0])
+        return tape.gradient(loss, image)
+
+    eager = gradient(volume).numpy()
+    assert np.all(np.isfinite(eager)) and np.abs(eager).max() > 0
+    np.testing.assert_allclose(eager, tf.function(gradient)(volume).numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_config_round_trip_gives_same_outputs(encoder_and_images):
     encoder, x = encoder_and_images
     encoder = CIFLEncoder(**{**encoder.get_config(), "activation": "elu"})
