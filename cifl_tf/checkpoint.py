@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from .data import first_line, read_json, write_atomically, write_json
-from .synth import stream_options
+from .synth import stream_options, stream_seed
 
 SETTINGS_FILE = "settings.json"
 
@@ -128,6 +128,7 @@ def epoch_batches(arrays, batch_size, seed, first_epoch=0):
             raise ValueError(f"epoch_batches: {name} must be an integer >= {least}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"epoch_batches: seed must be an integer, got {seed!r}")
+    seed = stream_seed(seed)  # within int64
     count = len(arrays[0])
     tensors = tuple(tf.constant(a) for a in arrays)
 
@@ -195,9 +196,14 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir}: is not a folder")
     if not resume:
+        checkpoints, held = os.path.join(out_dir, checkpoint_dir), []
         if os.path.exists(settings_path):
+            held.append(settings_path)
+        if tf.train.latest_checkpoint(checkpoints):  # left without its settings.json: restored into the new run
+            held.append(checkpoints)
+        if held:
             raise FileExistsError(f"{out_dir}: already holds a training run: pass --resume (resume=True) to "
-                                  f"continue it, or choose another output folder")
+                                  f"continue it, or choose another output folder (it holds {', '.join(held)})")
         os.makedirs(out_dir, exist_ok=True)
         write_json(settings_path, settings)
         return

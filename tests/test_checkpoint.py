@@ -56,6 +56,7 @@ def test_pair_batches_resume_at_a_step_with_the_same_pairs():
     ((np.arange(3),), 0, 0, 0, ValueError, "batch_size must be an integer >= 1, got 0"),
     ((np.arange(3),), 2, 0, -1, ValueError, "first_epoch must be an integer >= 0, got -1"),
     ((np.arange(3),), 2, None, 0, TypeError, "seed must be an integer, got None"),
+    ((np.arange(3),), 2, 2 ** 63, 0, ValueError, r"seed must be within \[-2\*\*63, 2\*\*63\), got 9223372036854775808"),
 ])
 def test_epoch_batches_reject_bad_arguments(arrays, batch_size, seed, first_epoch, error, message):
     with pytest.raises(error, match=message):
@@ -132,6 +133,16 @@ def test_prepare_run_writes_settings_and_checks_them_on_resume(tmp_path):
     (run / "model.keras").write_text("finished")
     with pytest.raises(FileExistsError, match="model.keras: already exists, the run .* has finished"):
         prepare(run, {"seed": 0, "split": [2, 1, 1]}, resume=True)
+
+
+def test_a_new_run_refuses_a_folder_with_checkpoints_left_without_settings(tmp_path):
+    # A user "starting over" by deleting settings.json and the log: the new run restored the old weights.
+    run = tmp_path / "run"
+    prepare(run, {}, resume=False)
+    tf.train.CheckpointManager(tf.train.Checkpoint(step=tf.Variable(3)), str(run / "checkpoints"), 1).save()
+    (run / "settings.json").unlink()
+    with pytest.raises(FileExistsError, match=f"already holds a training run: .*it holds {run / 'checkpoints'}"):
+        prepare(run, {}, resume=False)
 
 
 FIELDS = {"seed": (lambda v: isinstance(v, int), "an integer")}
