@@ -124,9 +124,10 @@ def _reading(path):
         raise DataError(f"{path}: not a readable NIfTI image ({first_line(error)})") from error
 
 
-def _read(path, ndim, channels=False):
-    """Voxels (singleton axes of space squeezed, the channels last with `channels`; floats as float32) and
-    nibabel image of a checked NIfTI file."""
+def _read(path, ndim, channels=False, float32=True):
+    """Voxels (singleton axes of space squeezed, the channels last with `channels`; floats as float32 unless not
+    `float32`: label maps, whose integers above 2^24 float32 would round) and nibabel image of a checked NIfTI
+    file."""
     path = os.fspath(path)
     if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1):
         raise ValueError(f"ndim must be None or a positive integer, got {ndim!r}")
@@ -148,11 +149,12 @@ def _read(path, ndim, channels=False):
     if ndim is not None and len(spatial) != ndim:
         raise DataError(f"{path}: has {len(spatial)} dimensions {shape}, expected {ndim}")
     if data.dtype.kind == "f":
-        with np.errstate(over="ignore"):  # values beyond float32 become Inf, reported next
-            data = data.astype(np.float32, copy=False)
+        if float32:
+            with np.errstate(over="ignore"):  # values beyond float32 become Inf, reported next
+                data = data.astype(np.float32, copy=False)
         bad = data.size - np.count_nonzero(np.isfinite(data))
         if bad:
-            raise DataError(f"{path}: contains {bad} NaN/Inf voxels (as float32)")
+            raise DataError(f"{path}: contains {bad} NaN/Inf voxels{' (as float32)' if float32 else ''}")
     return data, image
 
 
@@ -194,7 +196,7 @@ def load_labels(path, labels=None, ndim=None):
 def _labels(path, labels, ndim):
     """load_labels's label map, and the affine of its file."""
     declared = None if labels is None else _label_values(labels)
-    data, image = _read(path, ndim)
+    data, image = _read(path, ndim, float32=False)
     if np.any(data != np.round(data)):
         raise DataError(f"{path}: label map has non-integer values")
     largest = np.iinfo(np.int32).max
@@ -405,8 +407,9 @@ def remap_intensity(image, function, mask=None):
 
 
 def _min_max(values):
+    values = values.astype(np.float64)  # the span of float32 extremes overflows float32
     span = values.max() - values.min()
-    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    return ((values - values.min()) / span if span > 0 else np.zeros_like(values)).astype(np.float32)
 
 
 def normalize(image, mask=None):
@@ -720,7 +723,7 @@ def _read_pair_list(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     pairs = []
-    with open(path, encoding="utf-8") as lines:
+    with open(path, encoding="utf-8-sig") as lines:  # -sig: a byte-order mark, as spreadsheets write, skipped
         for number, line in enumerate(lines, 1):
             fields = [field.strip() for field in line.split(",")]
             is_header = number == 1 and fields == ["image", "labels"]

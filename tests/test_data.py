@@ -303,6 +303,17 @@ def test_non_integer_labels(tmp_path):
         data.load_labels(tmp_path / "labels.nii.gz")
 
 
+def test_float_labels_load_exactly_or_are_refused_beyond_int32(tmp_path):
+    # through float32 first, 2^24 + 1 merged with 2^24 and int32's largest wrapped to its smallest
+    path = tmp_path / "labels.nii.gz"
+    values = [0, 2 ** 24, 2 ** 24 + 1, 2 ** 31 - 1]
+    write_nifti(path, np.array([values, values[::-1]], np.float64))
+    np.testing.assert_array_equal(data.load_labels(path), [values, values[::-1]])
+    write_nifti(path, np.array([[0, 2 ** 31], [1, 2]], np.float64))
+    with raises_naming(path, "label values 0.0..2147483648.0 outside 0..2147483647"):
+        data.load_labels(path)
+
+
 def test_loader_names_the_bad_file_of_one_subject(oasis_tiny):
     path = oasis_tiny / "OASIS_OAS1_0003_MR1" / "slice_norm.nii.gz"
     image = np.full((16, 20, 1), np.nan, np.float32)
@@ -375,6 +386,7 @@ def test_pair_list_naming_a_missing_image(tmp_path):
     ([[3, 3], [3, 3]], None, [[0, 0], [0, 0]]),
     ([[0, 4], [6, 10]], [[False, True], [True, True]], [[0, 0], [1 / 3, 1]]),
     ([[-1, 0], [1, 3]], None, [[0, 0.25], [0.5, 1]]),
+    ([[-3e38, 0], [1.5e38, 3e38]], None, [[0, 0.5], [0.75, 1]]),  # a span beyond float32: NaN and 0 before
 ])
 def test_normalize(image, mask, expected):
     result = data.normalize(np.array(image, np.float64), None if mask is None else np.array(mask))
@@ -613,7 +625,9 @@ def test_load_pairs_from_a_list_file_and_from_tuples(oasis_tiny):
              f"{SUBJECT_1}/slice_norm.nii.gz, {SUBJECT_1}/slice_seg4.nii.gz",
              f"{oasis_tiny}/OASIS_OAS1_0002_MR1/slice_norm.nii.gz,OASIS_OAS1_0002_MR1/slice_seg4.nii.gz"]
     (oasis_tiny / "pairs.csv").write_text("\n".join(lines))
+    (oasis_tiny / "excel.csv").write_text("\r\n".join(lines), encoding="utf-8-sig")  # "CSV UTF-8": a byte-order mark
     from_file = data.load_pairs(oasis_tiny / "pairs.csv", labels=range(5))
+    np.testing.assert_array_equal(data.load_pairs(oasis_tiny / "excel.csv", labels=range(5)).images, from_file.images)
     subjects = [SUBJECT_1, "OASIS_OAS1_0002_MR1"]
     tuples = [(oasis_tiny / s / "slice_norm.nii.gz", oasis_tiny / s / "slice_seg4.nii.gz")
               for s in subjects]
