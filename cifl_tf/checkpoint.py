@@ -196,14 +196,14 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir}: is not a folder")
     if not resume:
-        checkpoints, held = os.path.join(out_dir, checkpoint_dir), []
         if os.path.exists(settings_path):
-            held.append(settings_path)
-        if tf.train.latest_checkpoint(checkpoints):  # left without its settings.json: restored into the new run
-            held.append(checkpoints)
-        if held:
             raise FileExistsError(f"{out_dir}: already holds a training run: pass --resume (resume=True) to "
-                                  f"continue it, or choose another output folder (it holds {', '.join(held)})")
+                                  f"continue it, or choose another output folder")
+        checkpoints = os.path.join(out_dir, checkpoint_dir)
+        if tf.train.latest_checkpoint(checkpoints):  # else restored into the new run
+            raise FileExistsError(f"{out_dir}: holds the checkpoints of an earlier run without its settings.json, "
+                                  f"which cannot be resumed: delete {checkpoints} to start a new run there, or choose "
+                                  f"another output folder")
         os.makedirs(out_dir, exist_ok=True)
         write_json(settings_path, settings)
         return

@@ -407,9 +407,13 @@ def remap_intensity(image, function, mask=None):
 
 
 def _min_max(values):
-    values = values.astype(np.float64)  # the span of float32 extremes overflows float32
-    span = values.max() - values.min()
-    return ((values - values.min()) / span if span > 0 else np.zeros_like(values)).astype(np.float32)
+    low, span = float(values.min()), float(values.max()) - float(values.min())  # beyond float32 for its extremes
+    if not span > 0:
+        return np.zeros_like(values)
+    shifted = values.astype(np.float64)
+    shifted -= low
+    shifted /= span
+    return shifted.astype(np.float32)
 
 
 def normalize(image, mask=None):

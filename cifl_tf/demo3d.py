@@ -102,8 +102,8 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
     title = (f"3D registration without training (instance optimisation, levels {sizes['levels']}, "
              f"{sizes['steps']} steps each): T1 of subject 0 -> subject 1, {grid} voxels of {sizes['voxel_size']} mm; "
              f"{SAME_CONTRAST}: subject 0 in the fixed contrast, the reference"
-             + ("; --quick: a smoke run, whose fields move the labels by less than a voxel, so that every row keeps "
-                "the unregistered Dice" if quick else ""))
+             + ("; --quick: a smoke run, whose fields move the labels by less than half a voxel, so that every row "
+                "keeps the unregistered Dice" if quick else ""))
     seconds = time.perf_counter() - start
     note = (f"wall time {seconds:.0f} s; tf.matmul 2048^2 float32 in this run: "
             f"{gflops:.1f} GFLOP/s; {describe()}")

@@ -107,7 +107,7 @@ class MIND(KL.Layer):
         `dilation` plus the patch's ceil(3 sigma). Stated, since measuring it probes an 83^3 volume for a second
         in 3D, for each new layer: in register_pair, and in each save and load of a model holding a FeatureStack
         (Keras reads its properties). The variance clip's image mean is not counted: `tiled_features` takes it
-        over the whole image first."""
+        over the whole image first (register_pair's slabs, each over its own)."""
         return self.dilation + self.patch_radius
 
     def _check_images(self, input_shape):
@@ -179,8 +179,9 @@ class MIND(KL.Layer):
             return tiling.map_tiles(tiling.graph_call(self), image, radius, core, out)
         variance = tiling.map_tiles(tiling.graph_call(self.variance), image, radius, core,
                                     np.empty((*image.shape, 1), np.float32))
-        finite = variance[np.isfinite(variance)]
-        mean = tf.constant(finite.mean(dtype=np.float64) if finite.size else 0, tf.float32)
+        finite = np.isfinite(variance)
+        count = np.count_nonzero(finite)
+        mean = tf.constant(variance.sum(where=finite, dtype=np.float64) / count if count else 0, tf.float32)
         return tiling.map_tiles(lambda tile: tiling.graph_call(self._with_mean)(tile, mean), image, radius, core, out)
 
     def _with_mean(self, images, variance_mean):

@@ -49,7 +49,7 @@ def positive_number(value):
 def convolve(images, kernel, padding):
     """tf.nn.convolution of channels-last images (B, *spatial, C), its data format named: without it, the eager
     gradient of a 3D convolution with respect to its input fails in TF 2.21 (no data_format attribute)."""
-    data_format = ("NWC", "NHWC", "NDHWC")[images.shape.rank - 3]
+    data_format = ("NWC", "NHWC", "NDHWC")[np.ndim(kernel) - 3]  # the kernel's rank: the images' may be unknown
     return tf.nn.convolution(images, kernel, padding=padding, data_format=data_format)
 
 

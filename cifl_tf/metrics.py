@@ -62,8 +62,9 @@ def folding_fraction(displacement):
     if displacement.ndim == ndim + 2:
         return np.array([folding_fraction(field) for field in displacement])
     if min(displacement.shape[:-1]) < 2:  # no finite difference along it
+        hint = " (a 2D field stored as 3D? Drop the one-pixel axis and its component)" if ndim == 3 else ""
         raise ValueError(f"folding_fraction: every spatial axis needs 2 or more pixels, got shape "
-                         f"{displacement.shape} (a 2D field stored as 3D: drop the one-pixel axis and its component)")
+                         f"{displacement.shape}{hint}")
     if not np.isfinite(displacement).all():  # NaN determinants would count as not folded
         raise ValueError(f"folding_fraction: the displacement holds "
                          f"{np.count_nonzero(~np.isfinite(displacement))} NaN/Inf values")

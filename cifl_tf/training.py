@@ -95,10 +95,11 @@ def offset_views(pairs, shape, max_offset, seed=None, start=0):
     """
     ndim, seed = len(shape), stream_seed(seed)
     check_max_offset(max_offset, shape)
-    big = tuple(pairs.element_spec[0].shape[1:-1])
-    if len(big) != ndim or any(size is not None and size != crop + max_offset for size, crop in zip(big, shape)):
-        raise ValueError(f"offset_views: pairs of spatial shape {big} cannot be cropped to {tuple(shape)} at "
-                         f"offsets up to {max_offset}: they must be the crop shape plus max_offset per axis")
+    pair_shape = pairs.element_spec[0].shape
+    big, wanted = tuple(pair_shape[1:-1]) if pair_shape.rank else None, tuple(s + max_offset for s in shape)
+    if big is not None and (len(big) != ndim or any(b not in (None, w) for b, w in zip(big, wanted))):
+        raise ValueError(f"offset_views: pairs of spatial shape {big}, expected the crop shape {tuple(shape)} plus "
+                         f"max_offset {max_offset} per axis, {wanted}")
 
     def crop(index, pair):
         x1, x2 = pair

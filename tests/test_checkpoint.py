@@ -141,7 +141,7 @@ def test_a_new_run_refuses_a_folder_with_checkpoints_left_without_settings(tmp_p
     prepare(run, {}, resume=False)
     tf.train.CheckpointManager(tf.train.Checkpoint(step=tf.Variable(3)), str(run / "checkpoints"), 1).save()
     (run / "settings.json").unlink()
-    with pytest.raises(FileExistsError, match=f"already holds a training run: .*it holds {run / 'checkpoints'}"):
+    with pytest.raises(FileExistsError, match=f"without its settings.json, .*: delete {run / 'checkpoints'}"):
         prepare(run, {}, resume=False)
 
 

@@ -106,6 +106,12 @@ def test_3d_layers_give_eager_gradients_for_their_input(make):
     np.testing.assert_allclose(eager, tf.function(gradient)(volume).numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_mind_traces_for_images_of_unknown_rank():  # as tiling.check_images lets them pass
+    layer, images = MIND(2), np.random.default_rng(0).random((1, 12, 12, 1), np.float32)
+    traced = tf.function(layer, input_signature=[tf.TensorSpec(None, tf.float32)])
+    np.testing.assert_allclose(traced(images), layer(images), atol=1e-6)
+
+
 def test_config_round_trip_gives_same_outputs(encoder_and_images):
     encoder, x = encoder_and_images
     encoder = CIFLEncoder(**{**encoder.get_config(), "activation": "elu"})

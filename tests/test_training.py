@@ -61,8 +61,9 @@ def test_offset_origins_are_a_function_of_seed_and_batch():
 @pytest.mark.parametrize("shape, max_offset, message", [
     ((12, 12), -1, "max_offset must be a non-negative integer, got -1"),
     ((12, 12), 12, "max_offset 12 must be smaller than the crop shape (12, 12)"),
-    ((12, 12), 4, "pairs of spatial shape (20, 20) cannot be cropped to (12, 12) at offsets up to 4"),
-    ((12, 12, 12), 8, "pairs of spatial shape (20, 20) cannot be cropped to (12, 12, 12)"),
+    ((12, 12), 4, "pairs of spatial shape (20, 20), expected the crop shape (12, 12) plus max_offset 4 per axis, "
+                  "(16, 16)"),
+    ((12, 12, 12), 8, "pairs of spatial shape (20, 20), expected the crop shape (12, 12, 12) plus max_offset 8"),
 ])
 def test_offset_views_refuse_offsets_the_pairs_do_not_hold(shape, max_offset, message):
     pairs = tf.data.Dataset.from_tensors((np.zeros((1, 20, 20, 1), np.float32),) * 2)
