@@ -680,7 +680,9 @@ def _parser():
     p.add_argument("--moving", required=True, help="moving image, .nii or .nii.gz (resampled onto the fixed grid)")
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
-    p.add_argument("--warp", default=None, help="output: the displacement field in voxels (*spatial, ndim)")
+    p.add_argument("--warp", default=None,
+                   help="output: the displacement u in voxels of the fixed grid, moved(x) = moving(x + u(x)), as a "
+                        "NIfTI vector field (X, Y, Z, 1, 3), or (X, Y, 1, 1, 2) for a slice")
     method = _add_encoder_args(p, default=f"without --model, {_RECOMMENDED}")
     method.add_argument("--model", default=None, help="model.keras from train-reg (or its run folder) instead of "
                                                       "instance optimisation")
