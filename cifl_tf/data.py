@@ -407,7 +407,8 @@ def remap_intensity(image, function, mask=None):
 
 
 def _min_max(values):
-    low, span = float(values.min()), float(values.max()) - float(values.min())  # beyond float32 for its extremes
+    low = float(values.min())
+    span = float(values.max()) - low  # a Python float: the span of float32's extremes is beyond float32
     if not span > 0:
         return np.zeros_like(values)
     shifted = values.astype(np.float64)
