@@ -356,7 +356,8 @@ def _variable_dtypes(config):
 def load_encoder(path, trainable=False):
     """Reads an encoder written by save_encoder (or `cifl train-encoder`); frozen unless told.
 
-    `path` is the weights file or the folder of a training run (holding encoder.weights.h5).
+    `path` is the weights file or the folder of a training run (holding encoder.weights.h5). The layer gets a
+    name of its own, as a new one does (cifl_encoder, cifl_encoder_1, ...), so that several fit in one model.
     Raises: FileNotFoundError for a missing file; ValueError naming the file for a config that is not
         a valid CIFLEncoder's (or Triplanar's or FeatureStack's), or weights that do not load into it (damaged,
         or of other shapes).
@@ -376,6 +377,8 @@ def load_encoder(path, trainable=False):
     if not isinstance(trainable, bool):
         raise TypeError(f"load_encoder: trainable must be True or False, got {trainable!r}")
     kind = config["registered_name"].split(">")[1]
+    if isinstance(config.get("config"), dict):  # a fresh name, as a new layer gets: saved encoders share theirs
+        config = {**config, "config": {k: v for k, v in config["config"].items() if k != "name"}}
     try:
         encoder = tf.keras.utils.deserialize_keras_object(config)
     except (ValueError, TypeError, KeyError) as error:

@@ -40,6 +40,11 @@ def phantom_image(labels, rng, means=SEG4_MEANS):
     return np.where(labels > 0, image, 0).astype(np.float32)
 
 
+def config_without_name(layer):
+    """A layer's config but its name, which load_encoder makes new for every layer it reads."""
+    return {key: value for key, value in layer.get_config().items() if key != "name"}
+
+
 def write_nifti(path, array, affine=None):
     nib.Nifti1Image(array, np.eye(4) if affine is None else affine, dtype=array.dtype).to_filename(path)
 
