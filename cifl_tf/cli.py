@@ -231,9 +231,13 @@ def _add_memory_arg(p):
                         "(e.g. 512M; default 1G)")
 
 
-def _nifti_output(path):
+def _nifti_output(path, inputs):
+    """Checks an output NIfTI path before any work; `inputs` ({option: path}) are the files it must not replace."""
     if not path.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{path}: output must end in .nii or .nii.gz")
+    for option, given in inputs.items():
+        if os.path.realpath(path) == os.path.realpath(given):
+            raise ValueError(f"{path} is the {option} image: the output would overwrite it")
     _output_file(path)
 
 
@@ -257,7 +261,7 @@ def _normalized_batch(image):
 
 
 def _features(args):
-    _nifti_output(args.output)
+    _nifti_output(args.output, {"input": args.input})
     image, affine, header = data.load_nifti(args.input)
     if image.ndim not in (2, 3):
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, features need 2 or 3")
@@ -277,7 +281,7 @@ def _features(args):
 
 
 def _segment(args):
-    _nifti_output(args.output)
+    _nifti_output(args.output, {"input": args.input})
     model = models.load_model(args.model, "segmentation")
     image, affine, header = _model_input(args.input, model)
     labels = segment(model, _normalized_batch(image), max_memory=args.max_memory)[0]
@@ -326,7 +330,7 @@ def _resampled(image, affine, shape, grid_affine):
 
 def _register(args):
     for path in filter(None, (args.moved, args.warp)):
-        _nifti_output(path)
+        _nifti_output(path, {"--moving": args.moving, "--fixed": args.fixed})
     if args.warp and os.path.realpath(args.warp) == os.path.realpath(args.moved):
         raise ValueError(f"--moved and --warp are the same file {args.warp}: the displacement would overwrite the "
                          f"moved image")
@@ -681,8 +685,9 @@ def _parser():
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
     p.add_argument("--warp", default=None,
-                   help="output: the displacement u in voxels of the fixed grid, moved(x) = moving(x + u(x)), as a "
-                        "NIfTI vector field (X, Y, Z, 1, 3), or (X, Y, 1, 1, 2) for a slice")
+                   help="output: the displacement u in voxels of the fixed grid, moved(x) = m(x + u(x)) with m the moving "
+                        "image resampled onto the fixed grid, as a NIfTI vector field (X, Y, Z, 1, 3), or "
+                        "(X, Y, 1, 1, 2) for a slice")
     method = _add_encoder_args(p, default=f"without --model, {_RECOMMENDED}")
     method.add_argument("--model", default=None, help="model.keras from train-reg (or its run folder) instead of "
                                                       "instance optimisation")

@@ -407,10 +407,23 @@ def _case_output_name(files, tmp):
         r"features\.npy: output must end in \.nii or \.nii\.gz"
 
 
+def _case_output_is_input(files, tmp):
+    path = _bad_slice(tmp, "a.nii.gz", np.ones(SLICE, np.float32))
+    return ["features", path, path, "--encoder", files / "encoder.weights.h5"], \
+        r"a\.nii\.gz is the input image: the output would overwrite it"
+
+
+def _case_segmentation_is_input(files, tmp):
+    path = _bad_slice(tmp, "a.nii.gz", np.ones(SLICE, np.float32))
+    return ["segment", "--model", files / "seg.keras", path, path], \
+        r"a\.nii\.gz is the input image: the output would overwrite it"
+
+
 @pytest.mark.parametrize("case", [
     _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
     _case_data_shape, _case_nb_labels, _case_moving_contrast, _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
     _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
+    _case_output_is_input, _case_segmentation_is_input,
 ], ids=lambda case: case.__name__[len("_case_"):])
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(files, tmp_path, capsys, case):
     inputs = tmp_path / "in"

@@ -195,6 +195,8 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--intensity", "ncc", "--moved-features", "warped"], r"moved_features 'warped' chooses how an encoder's "
                                                             r"features .* intensities have none"),
     (["--intensity", "ncc", "--warp", "MOVED"], r"--moved and --warp are the same file"),
+    (["--intensity", "ncc", "--warp", "FIXED"], r"fixed\.nii\.gz is the --fixed image: the output would overwrite"),
+    (["--intensity", "ncc", "--moved", "MOVING"], r"moving\.nii\.gz is the --moving image: the output would"),
     (["--intensity", "ncc", "--moving", "APART"], r"apart\.nii\.gz: no part of it lies in the field of view of "
                                                    r".*fixed\.nii\.gz"),
     (["--intensity", "ncc", "--stack-descriptor", "mind"], r"stacks a descriptor beside a CIFL encoder, not beside "
@@ -216,6 +218,7 @@ def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, saved_stack,
     (pair / "out").mkdir()
     names = {"VOLUME": pair / "volume.nii.gz", "MISSING": pair / "missing.nii.gz", "APART": pair / "apart.nii.gz",
              "MOVED": pair / "out" / "moved.nii.gz",
+             "FIXED": pair / "fixed.nii.gz", "MOVING": pair / "moving.nii.gz",
              "NOFOLDER": pair / "nowhere" / "moved.nii.gz",
              "ENCODER_2D": cifl_tf.encoder.PRETRAINED_DIR + "/tau_gamma_0.1.weights.h5", "STACK": saved_stack}
     options = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz",
