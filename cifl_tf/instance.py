@@ -487,6 +487,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     if not isinstance(affine, bool):
         raise TypeError(f"register_pair: affine must be True or False, got {affine!r}")
     tiling.check_max_memory(max_memory)
+    if not isinstance(verbose, (int, np.integer)) or verbose not in (0, 1):
+        raise ValueError(f"register_pair: verbose must be 1 or 0, got {verbose!r}")
     if jit_compile is not None and not isinstance(jit_compile, bool):
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
     if isinstance(feature_scale, bool) or not isinstance(feature_scale, (int, np.integer)) or feature_scale < 1:
@@ -594,6 +596,9 @@ def _check_images(moving, fixed):
             raise ValueError(f"register_pair: {name} must be a 2D or 3D array (*spatial), got shape {image.shape}")
         if image.size == 0:
             raise ValueError(f"register_pair: {name} is empty, shape {image.shape}")
+        if 1 in image.shape:
+            raise ValueError(f"register_pair: {name} has an axis of one voxel, shape {image.shape}: a slice stored "
+                             f"as 3D registers as 2D with that axis dropped (np.squeeze)")
         if not np.isfinite(image).all():
             raise ValueError(f"register_pair: {name} holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
         if image.min() < 0 or image.max() > 1:
@@ -655,7 +660,7 @@ def _check_similarity(similarity, encoder):
 
 
 def _check_levels(levels):
-    levels = tuple(levels) if isinstance(levels, (list, tuple)) else (levels,)
+    levels = tuple(levels) if isinstance(levels, (list, tuple, np.ndarray)) else (levels,)
     if not levels or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1 for f in levels) \
             or list(levels) != sorted(set(levels), reverse=True):
         raise ValueError(f"register_pair: levels must be decreasing positive integer pooling factors such as "

@@ -407,6 +407,10 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(encoder=EdgeDescriptor(2), moved_features="encoded", feature_scale=3), ValueError,
      r"feature_scale 3 .* needs moved_features='warped'"),
     (GOOD, GOOD, dict(levels=(16, 8)), ValueError, r"level 16 pools the \(16, 16\) images to a \(1, 1\) grid"),
+    (GOOD[..., None], GOOD[..., None], {}, ValueError, r"moving has an axis of one voxel, shape \(16, 16, 1\): a "
+                                                       r"slice stored as 3D registers as 2D .*np\.squeeze"),
+    (GOOD, GOOD, dict(verbose="quiet"), ValueError, r"verbose must be 1 or 0, got 'quiet'"),
+    (GOOD, GOOD, dict(verbose=[1]), ValueError, r"verbose must be 1 or 0, got \[1\]"),
 ])
 def test_register_pair_rejects_bad_inputs(moving, fixed, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -559,12 +563,13 @@ def test_each_level_is_fitted_on_a_stream_without_the_autotuning_thread():
     assert model.autotune is False and model.steps == 7
 
 
-def test_numpy_scalars_are_numbers():
+def test_numpy_numbers_and_arrays_are_numbers():
     moving, _, t2, _, _ = warped_pair((16, 16))
-    kwargs = dict(encoder=None, steps=2, **SMALL_GRAPH)
+    kwargs = dict(encoder=None, steps=2, int_steps=1, verbose=0)
     np.testing.assert_allclose(
-        cifl_tf.register_pair(moving, t2, learning_rate=np.float32(0.1), reg_weight=np.float64(0.5), **kwargs),
-        cifl_tf.register_pair(moving, t2, learning_rate=0.1, reg_weight=0.5, **kwargs), atol=1e-6)
+        cifl_tf.register_pair(moving, t2, learning_rate=np.float32(0.1), reg_weight=np.float64(0.5),
+                              levels=np.array([2, 1]), **kwargs),
+        cifl_tf.register_pair(moving, t2, learning_rate=0.1, reg_weight=0.5, levels=(2, 1), **kwargs), atol=1e-6)
 
 
 def test_a_global_mixed_policy_does_not_reach_the_fitted_field():
