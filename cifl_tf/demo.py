@@ -44,8 +44,8 @@ def _task_table(title, results, tests):
 
 def _check_2d(encoder, what="the 2D demo"):
     if encoder is not None and getattr(encoder, "ndim", None) != 2:
-        raise ValueError(f"{what} needs a 2D encoder, got {getattr(encoder, 'ndim', None)}D "
-                         f"{getattr(encoder, 'name', encoder)!r}")
+        raise ValueError(f"{what} needs a 2D encoder, got a {getattr(encoder, 'ndim', None)}D "
+                         f"{type(encoder).__name__}")
 
 
 def _sizes(quick):

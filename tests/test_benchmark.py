@@ -146,7 +146,7 @@ def test_script_refuses_a_3d_encoder_before_it_scores(tmp_path, monkeypatch, cap
         runpy.run_path(script, run_name="__main__")
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"invariance.py: error: --encoder {path}: the invariance benchmark needs a 2D encoder, got 3D 'encoder_3d'"]
+        f"invariance.py: error: --encoder {path}: the invariance benchmark needs a 2D encoder, got a 3D CIFLEncoder"]
     assert not (tmp_path / "out").exists()
 
 

@@ -146,7 +146,7 @@ def test_2d_demo_refuses_a_3d_encoder(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
                      "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs a 2D encoder, got 3D" in err and not (tmp_path / "out").exists()
+    assert err.count("\n") == 1 and "needs a 2D encoder, got a 3D" in err and not (tmp_path / "out").exists()
 
 
 def test_3d_demo_refuses_a_2d_encoder(tmp_path, capsys):
