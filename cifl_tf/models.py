@@ -94,10 +94,14 @@ def _serialize(encoder):
 
 
 class _RebuiltFromArguments:
-    """Keras config of a model built from arguments: the arguments, with the encoder serialised.
+    """Keras config of a model built from arguments: the arguments, with the encoder serialised, and the global
+    dtype policy it was built under.
 
-    Loading calls the constructor again with them, and then the weights are read into the result.
+    Loading calls the constructor again with them, under that policy, and then the weights are read into the result.
     """
+
+    def _keep_arguments(self, **arguments):
+        self._cifl_config = {**arguments, "dtype_policy": tf.keras.mixed_precision.global_policy().name}
 
     def get_config(self):
         return dict(self._cifl_config)
@@ -115,7 +119,13 @@ class _RebuiltFromArguments:
         config = dict(config)
         if config.get("encoder") is not None:
             config["encoder"] = tf.keras.utils.deserialize_keras_object(config["encoder"])
-        return cls(**config)
+        policy = config.pop("dtype_policy", None)  # None: saved before it was kept; the current one
+        current = tf.keras.mixed_precision.global_policy()
+        tf.keras.mixed_precision.set_global_policy(policy or current)
+        try:
+            return cls(**config)
+        finally:
+            tf.keras.mixed_precision.set_global_policy(current)
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
@@ -183,8 +193,8 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
                               **unet_kwargs)
         super().__init__(image, unet(features), name=name)
         self.inshape, self.nb_labels = inshape, int(nb_labels)
-        self._cifl_config = dict(inshape=list(inshape), nb_labels=int(nb_labels), encoder=_serialize(encoder),
-                                 name=name, **unet_kwargs)
+        self._keep_arguments(inshape=list(inshape), nb_labels=int(nb_labels), encoder=_serialize(encoder), name=name,
+                             **unet_kwargs)
 
     def head(self):
         """The UNet after the encoder, compiled as this model is: features (B, *inshape, F) -> softmax
@@ -308,6 +318,10 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         vxm_kwargs = as_json_holds(vxm_kwargs)  # NumPy values too, as the config holds them
         reg_weight = _registration_weight(similarity, reg_weight)
         _check_vxm_integers(vxm_kwargs)
+        for key in ("int_resolution", "svf_resolution"):
+            if vxm_kwargs.get(key, 1) > min(inshape):
+                raise ValueError(f"registration_model: {key} {vxm_kwargs[key]} is coarser than the {inshape} images: "
+                                 f"the field would have no voxel along their shortest axis")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
                          "levels (shorter nb_unet_features lists, or nb_unet_levels)")
@@ -327,8 +341,8 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         self.add_loss(self.references.loss)
         self.references.registration_model = self.get_registration_model()
         self.inshape = inshape
-        self._cifl_config = dict(inshape=list(inshape), encoder=_serialize(encoder), similarity=similarity,
-                                 reg_weight=reg_weight, name=name, **vxm_kwargs)
+        self._keep_arguments(inshape=list(inshape), encoder=_serialize(encoder), similarity=similarity,
+                             reg_weight=reg_weight, name=name, **vxm_kwargs)
 
     def head(self):
         """The network after the encoder, compiled as this model is: [moving features, fixed features],

@@ -173,6 +173,29 @@ def test_model_round_trips_through_a_keras_file_in_safe_mode(tiny, kind, with_en
     assert models.load_model(str(tmp_path), kind).get_config() == model.get_config()
 
 
+def _compute_dtypes(model):
+    return {layer.compute_dtype for layer in _all_layers(model) if isinstance(layer, tf.keras.layers.Conv2D)}
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "registration"])
+@pytest.mark.parametrize("built_under, loaded_under", [("mixed_float16", "float32"), ("float32", "mixed_bfloat16")])
+def test_a_model_loads_under_the_dtype_policy_it_was_built_under(kind, built_under, loaded_under, tmp_path):
+    """Not under the policy of the process that loads it: its outputs would change."""
+    images, _ = blobs(2)
+    tf.keras.mixed_precision.set_global_policy(built_under)
+    try:
+        model = _tiny_model(kind, None)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(loaded_under)
+    try:
+        loaded = models.load_model(models.save_model(model, str(tmp_path)), kind)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    built_dtype = tf.keras.mixed_precision.Policy(built_under).compute_dtype
+    assert _compute_dtypes(loaded) == _compute_dtypes(model) == {built_dtype}
+    np.testing.assert_array_equal(_outputs(loaded, images), _outputs(model, images))
+
+
 @pytest.mark.parametrize("kind", ["segmentation", "registration"])
 @pytest.mark.parametrize("name, save_format", [("model.h5", None), ("savedmodel", None), ("model.keras", "tf")])
 def test_model_saves_to_a_keras_file_only(tiny, kind, name, save_format, tmp_path):
@@ -354,6 +377,10 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      "int_resolution must be an integer >= 1, got 1.5"),
     (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=2, **TINY_VXM), ValueError,
      "svf_resolution 2 needs an integrated field"),
+    (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=64), ValueError,
+     r"svf_resolution 64 is coarser than the \(32, 32\) images: the field would have no voxel"),
+    (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=33), ValueError,
+     r"int_resolution 33 is coarser than the \(32, 32\) images"),
     (lambda e: models.pair_batches(np.zeros((2, 8, 8, 1)), batch_size=0), ValueError,
      "batch_size must be a positive integer, got 0"),
     # Adam takes these, and trains NaN weights or ascends the loss
