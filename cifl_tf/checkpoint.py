@@ -13,6 +13,7 @@ itself (through private attributes, once fit has started with the input pipeline
 while a run on a seeded stream must know it before: the stream restarts at that epoch's first
 batch. ``EpochCheckpoint`` restores before ``fit`` and passes the epoch as ``initial_epoch``.
 """
+import numbers
 import os
 import pathlib
 import tempfile
@@ -51,7 +52,7 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         if getattr(model, "optimizer", None) is None:
             raise ValueError(f"EpochCheckpoint: compile {getattr(model, 'name', model)!r} first: "
                              f"its optimizer state is part of the checkpoint")
-        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, numbers.Integral) or max_to_keep < 1:
             raise ValueError(f"EpochCheckpoint: max_to_keep must be a positive integer, got {max_to_keep!r}")
         self.directory = os.fspath(directory)
         strategy = model.distribute_strategy  # the one the model was made under
@@ -62,7 +63,7 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
             self.epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epochs=self.epochs)
         write_to = self.directory if self.is_chief else tempfile.mkdtemp(prefix="cifl-worker-checkpoint-")
-        self._manager = tf.train.CheckpointManager(self._checkpoint, write_to, max_to_keep)
+        self._manager = tf.train.CheckpointManager(self._checkpoint, write_to, int(max_to_keep))
 
     def restore(self):
         """Loads the last checkpoint in `directory`, if any; returns the number of finished epochs."""

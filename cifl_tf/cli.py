@@ -449,9 +449,9 @@ def _check_options(args, checks):
 
 
 # The numbers of train-seg and train-reg (those of the command given).
-TRAIN_CHECKS = {**dict.fromkeys(("epochs", "batch_size", "steps_per_epoch", "nb_levels", "svf_resolution"),
-                                POSITIVE_INTEGER),
-                "learning_rate": POSITIVE_NUMBER,
+TRAIN_CHECKS = {**dict.fromkeys(("epochs", "batch_size", "steps_per_epoch", "nb_features", "nb_levels",
+                                  "svf_resolution"), POSITIVE_INTEGER),
+                "learning_rate": POSITIVE_NUMBER, "seed": SETTINGS["seed"],
                 "nb_labels": (lambda value: value >= 2, "an integer >= 2 (background and a label)")}
 
 
@@ -503,14 +503,20 @@ def _train_seg(args):
 # train-reg settings that runs of earlier versions did not write, with the value those runs used: they built
 # VxmDense's own full-resolution velocity field.
 REG_SETTING_DEFAULTS = {"svf_resolution": 1}
+REG_NB_LEVELS = 5  # UNet levels of --nb-features
 
 
 def _train_reg(args):
+    if args.nb_features is None and args.nb_levels is not None:
+        raise ValueError("--nb-levels sets the levels of the UNet of --nb-features; give both, or neither for "
+                         "VxmDense's own UNet")
     _start_run(args)
     train = _part(_dataset(args, args.contrast, args.dim), args, "train")
     if len(train) < 2:  # checked before the run folder is written, which would block the corrected command
         raise data.DataError(f"{args.data}: registration training pairs two or more images of the train part, "
                              f"which holds {len(train)}: choose --split (e.g. 2,0,0 for two subjects)")
+    if args.nb_levels is None:  # settings.json records 5, as runs of before this default did
+        args.nb_levels = REG_NB_LEVELS
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
     if args.svf_resolution is None:  # settings.json records the field as built, for --resume to build it again
         args.svf_resolution = models.default_svf_resolution(int_steps=args.int_steps)
@@ -685,8 +691,8 @@ def _parser():
     p.add_argument("--fixed", required=True, help="fixed image, .nii or .nii.gz")
     p.add_argument("--moved", required=True, help="output: the moving image warped onto the fixed one")
     p.add_argument("--warp", default=None,
-                   help="output: the displacement u in voxels of the fixed grid, moved(x) = m(x + u(x)) with m the moving "
-                        "image resampled onto the fixed grid, as a NIfTI vector field (X, Y, Z, 1, 3), or "
+                   help="output: the displacement u in voxels of the fixed grid, moved(x) = m(x + u(x)) with m the "
+                        "moving image resampled onto the fixed grid, as a NIfTI vector field (X, Y, Z, 1, 3), or "
                         "(X, Y, 1, 1, 2) for a slice")
     method = _add_encoder_args(p, default=f"without --model, {_RECOMMENDED}")
     method.add_argument("--model", default=None, help="model.keras from train-reg (or its run folder) instead of "
@@ -736,7 +742,8 @@ def _parser():
                    help="relative voxel size of the predicted velocity field (default: the integration's, 2; "
                         "1 with --int-steps 0; 1 is VxmDense's own default)")
     p.add_argument("--nb-features", type=int, default=None, help="UNet features per level (default: VxmDense's)")
-    p.add_argument("--nb-levels", type=int, default=5, help="UNet levels, with --nb-features")
+    p.add_argument("--nb-levels", type=int, default=None,
+                   help=f"UNet levels, with --nb-features (default {REG_NB_LEVELS})")
     p.set_defaults(run=_train_reg)
 
     p = commands.add_parser("evaluate", help="Dice (and folding, for registration) of a model on a data folder")

@@ -177,11 +177,11 @@ def _get_strategy(strategy):
 
 
 def _count(value, smallest=1):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= smallest
 
 
 def _non_negative(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def _positive(value):  # numpy's float32 too: the learning rate a downstream model is given may be one
@@ -212,7 +212,7 @@ SETTINGS = {
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
                     "a list of positive integers"),
-    "seed": (lambda v: v is None or _count(v, 0), "null or a non-negative integer"),
+    "seed": (lambda v: v is None or _count(v, 0) and v < 2 ** 32, "null or an integer in [0, 2**32)"),
     "init": (lambda v: v is None or isinstance(v, str) and v != "",
              "null or a shipped encoder's name or an encoder's path"),
     "synth_kwargs": (lambda v: isinstance(v, dict) and set(v) <= _synth_arguments(),
@@ -350,6 +350,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     Returns: the trained CIFLEncoder.
     """
     shape = tuple(shape)
+    init = os.fspath(init) if isinstance(init, os.PathLike) else init
     for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -408,7 +409,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     if out_dir is not None and chief:
         checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS)
 
-    callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0  # first: it must see NaN weights before a save
+    # StopOnNonFinite first: it must see NaN weights before a save
+    callbacks, initial_epoch = [StopOnNonFinite(), *(callbacks or ())], 0
     if out_dir is not None:
         backup = checkpoint.EpochCheckpoint(os.path.join(out_dir, "backup"), model)
         if resume:

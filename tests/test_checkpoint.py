@@ -113,6 +113,7 @@ def test_restore_without_a_checkpoint_starts_at_epoch_zero_and_needs_a_compiled_
     with pytest.raises(ValueError, match="max_to_keep must be a positive integer, got 0"):
         checkpoint.EpochCheckpoint(tmp_path / "none", model, max_to_keep=0)
     assert checkpoint.EpochCheckpoint(tmp_path / "none", model).restore() == 0
+    assert checkpoint.EpochCheckpoint(tmp_path / "none", model, max_to_keep=np.int64(1)).restore() == 0
 
 
 def prepare(run, settings, resume):

@@ -270,6 +270,19 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     assert (tmp_path / "model.keras").read_text() == "an earlier model"
 
 
+@pytest.mark.parametrize("command, options, message", [
+    ("train-reg", [*TINY_TRAIN, "--seed", "-1"], r"--seed must be null or an integer in \[0, 2\*\*32\), got -1"),
+    ("train-seg", [*TINY_TRAIN, "--seed", str(2 ** 32)], r"--seed must be .* got 4294967296"),
+    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"], r"svf_resolution 32 is coarser than the \(16, 20\) images"),
+    ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),
+])
+def test_train_refuses_settings_it_cannot_use_in_one_line_before_it_writes_a_run(oasis_tiny, tmp_path, capsys,
+                                                                                 command, options, message):
+    status, _, err = run(capsys, command, "--data", oasis_tiny, "--out", tmp_path / "run", *options)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "run" / "settings.json").exists()
+
+
 def test_train_reg_refuses_a_train_part_of_one_image_before_it_writes_a_run(oasis_tiny, tmp_path, capsys):
     status, _, err = run(capsys, "train-reg", "--data", oasis_tiny, "--out", tmp_path / "run", *TINY_TRAIN,
                          "--split", "1,1,2")
@@ -280,7 +293,7 @@ def test_train_reg_refuses_a_train_part_of_one_image_before_it_writes_a_run(oasi
 @pytest.mark.parametrize("command, option, value", [
     ("train-seg", "--batch-size", "0"), ("train-seg", "--epochs", "0"), ("train-seg", "--learning-rate", "nan"),
     ("train-seg", "--nb-levels", "0"), ("train-reg", "--steps-per-epoch", "0"), ("train-reg", "--batch-size", "-1"),
-    ("train-reg", "--svf-resolution", "0"),
+    ("train-reg", "--svf-resolution", "0"), ("train-seg", "--nb-features", "0"),
 ])
 def test_train_refuses_bad_numbers_in_one_line_before_it_writes_a_run(oasis_tiny, tmp_path, capsys, command, option,
                                                                       value):

@@ -716,7 +716,7 @@ BAD_ENCODER_SETTINGS = {  # name -> (builder, problem): train-encoder checks eac
     "tau zero": (_settings(lambda s: {**s, "tau_gamma": 0}), "tau_gamma must be a positive number"),
     "learning rate text": (_settings(lambda s: {**s, "learning_rate": "fast"}),
                            "learning_rate must be a positive number"),
-    "seed negative": (_settings(lambda s: {**s, "seed": -1}), "seed must be null or a non-negative integer"),
+    "seed negative": (_settings(lambda s: {**s, "seed": -1}), r"seed must be null or an integer in \[0, 2\*\*32\)"),
     "inversion invariant text": (_settings(lambda s: {**s, "inversion_invariant": "yes"}),
                                  "inversion_invariant must be true or false"),
     "use bias number": (_settings(lambda s: {**s, "use_bias": 0}), "use_bias must be true or false"),
