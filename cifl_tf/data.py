@@ -500,10 +500,17 @@ def _slice_indices(size, indices):
     try:
         chosen = np.atleast_1d(np.arange(size)[slice(None) if indices is None else indices])
     except IndexError as error:
-        raise ValueError(f"slice indices {indices!r} out of range for an axis of size {size}") from error
+        raise ValueError(f"slice indices {_one_line(indices)} out of range for an axis of size {size}") from error
     if chosen.size == 0:
-        raise ValueError(f"slice indices {indices!r} select no slice of an axis of size {size}")
+        raise ValueError(f"slice indices {_one_line(indices)} select no slice of an axis of size {size}")
     return chosen
+
+
+def _one_line(indices):
+    """Indices as one line of text: an array's first and last three when there are more."""
+    if isinstance(indices, (np.ndarray, list, range)):
+        return np.array2string(np.asarray(indices), threshold=6, edgeitems=3, max_line_width=10 ** 6)
+    return repr(indices)
 
 
 def _slice_affine(affine, axis, index):

@@ -204,6 +204,8 @@ def _folder_row_data(row, data_dir, split, seed):
     else:
         t1 = data.load_oasis(data_dir, dim=2)
         contrasts = {"t1": t1, unseen: t1.map_images(data.invert)}
+    if not np.any(contrasts["t1"].labels):  # else every Dice is NaN, and the table says so only as nan ± nan
+        raise ValueError(f"{data_dir}: every label map is background (0) only: there is nothing to score")
     parts = {c: _train_test(dataset, split, seed) for c, dataset in contrasts.items()}
     train = parts["t1"][0]
     if row.startswith("reg") and len(parts["t1"][1]) < 2:
@@ -215,6 +217,10 @@ def _folder_row_data(row, data_dir, split, seed):
 def _train_test(dataset, split, seed):
     if split == "all":
         return dataset, dataset
+    if split is None and len(dataset) < sum(data.PAPER_SPLIT):
+        raise ValueError(f"the paper's subject split {data.PAPER_SPLIT} needs {sum(data.PAPER_SPLIT)} subjects, the "
+                         f"data hold {len(dataset)}: give a split (--split), such as fractions 0.6,0.15,0.25, or "
+                         f"'all' for a tiny sample")
     train, _, test = dataset.split(data.PAPER_SPLIT if split is None else split, seed)
     if not len(train) or not len(test):
         raise ValueError(f"the subject split {split} of {len(dataset)} subjects leaves {len(train)} for "
@@ -222,11 +228,11 @@ def _train_test(dataset, split, seed):
     return train, test
 
 
-def run_row(row, methods, data_dir=None, size="demo", split=None, seed=0, epochs=None, verbose=1):
-    """Loads a row's data (`row_data`), trains and scores every method; returns ({method: {contrast:
+def run_row(row, methods, train_tests, size="demo", seed=0, epochs=None, verbose=1):
+    """Trains and scores every method on a row's data (`row_data`'s (train, tests)); returns ({method: {contrast:
     Scores}}, {method: model}). `epochs` overrides the size's epochs of the row's task."""
     sizes = SIZES[size]
-    train, tests = row_data(row, data_dir, split, seed, sizes["subjects"])
+    train, tests = train_tests
     if ROWS[row][0] == "Segmentation":
         return segmentation_row(train, tests, nb_labels=int(train[1].max()) + 1, methods=methods,
                                 epochs=sizes["seg_epochs"] if epochs is None else epochs, seed=seed, verbose=verbose)
@@ -235,13 +241,14 @@ def run_row(row, methods, data_dir=None, size="demo", split=None, seed=0, epochs
                             learning_rate=sizes["reg_learning_rate"])
 
 
-def save_row(out_dir, row, results):
-    """Writes out_dir/row.json (mean ± std and per-image Dice) and out_dir/row.csv (one line per image)."""
+def save_row(out_dir, row, results, settings=None):
+    """Writes out_dir/row.json (mean ± std and per-image Dice, and `settings`, {name: value}: what the row was run
+    on and with) and out_dir/row.csv (one line per image)."""
     os.makedirs(out_dir, exist_ok=True)
     summary = {name: {test: {**scores.summary(), "per_image_dice": scores.mean_dice.tolist()}
                       for test, scores in tests.items()} for name, tests in results.items()}
     with open(os.path.join(out_dir, f"{row}.json"), "w") as f:
-        json.dump({"row": row, "results": summary}, f, indent=2, default=float)
+        json.dump({"row": row, "settings": settings or {}, "results": summary}, f, indent=2, default=float)
     with open(os.path.join(out_dir, f"{row}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "test", "image", "dice"])
@@ -307,6 +314,7 @@ def main(rows, argv=None):
     parser.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "demo" if args.data is None else "paper"
+    source = "demo data" if args.data is None else os.path.abspath(args.data)
     steps = None if not args.train_encoders else (
         SIZES[size]["encoder_steps"] if args.encoder_steps is None else args.encoder_steps)
     table = {}
@@ -323,20 +331,44 @@ def main(rows, argv=None):
             which = "; ".join(f"{FOLDERS[kind]}: {', '.join(kind_rows)}" for kind, kind_rows in read_by.items())
             raise ValueError(f"--data {args.data}: one folder for rows that read different ones ({which}); run "
                              f"each row's script with its folder (experiments/ROW.py --data DIR)")
+        settings = dict(data=source, size=size, split=args.split, seed=args.seed, epochs=args.epochs,
+                        encoders="shipped" if steps is None else f"trained here, {steps} steps")
+        for row in rows:
+            _check_replaces_its_own(args.out, row, source)
+        # every row's data read before the encoders train: a mistyped folder fails in seconds, not after hours
+        row_inputs = {row: row_data(row, args.data, args.split, args.seed, SIZES[size]["subjects"]) for row in rows}
         compared = methods(train_steps=steps, out_dir=args.out)
         for row in rows:
-            table[row], _ = run_row(row, compared, args.data, size, args.split, args.seed, args.epochs)
-            save_row(args.out, row, table[row])
+            table[row], _ = run_row(row, compared, row_inputs[row], size, args.seed, args.epochs)
+            save_row(args.out, row, table[row], settings)
             print(row_text(row, table[row]), "\n" + row_text(row, table[row], "t1"), flush=True)
     except (ValueError, OSError) as error:  # bad data or arguments: one line, no traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    source = "demo data" if args.data is None else args.data
-    text = markdown_table(table) + f"\n\nOurs: {source}, {size} settings; *paper* rows: the paper's Table 1.\n"
+    ours = [source, f"{size} settings", f"{settings['encoders']} encoders"]
+    if args.epochs is not None:
+        ours.append(f"{args.epochs} epochs")
+    if args.split is not None:
+        ours.append(f"split {args.split}")
+    text = (markdown_table(table, " (demo data)" if args.data is None else "")
+            + f"\n\nOurs: {', '.join(ours)}; *paper* rows: the paper's Table 1.\n")
     name = "table1" if set(rows) == set(ROWS) else "+".join(rows)  # a row's script leaves the whole table alone
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text)
     print("\n" + text + f"results written to {args.out}/")
     return table
+
+
+def _check_replaces_its_own(out_dir, row, source):
+    """ValueError when out_dir holds the row's results on other data: the demo's rows of table1.py would
+    otherwise replace those of a row's script run on real data in the same folder."""
+    path = os.path.join(out_dir, f"{row}.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        earlier = json.load(f).get("settings", {}).get("data")  # None: written before settings were kept
+    if earlier not in (None, source):
+        raise ValueError(f"{path} holds the row's results on {earlier}, which this run on {source} would replace: "
+                         f"choose another --out")
 
 
 def defaults_data(folder, indices=range(60, 161), gap=8):

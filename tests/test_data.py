@@ -469,6 +469,8 @@ def test_extract_slices(axis, indices, expected):
 @pytest.mark.parametrize("volume, axis, indices, message", [
     (VOLUME, 0, [4], r"indices \[4\] out of range for an axis of size 4"),
     (VOLUME, 2, range(3, 3), "select no slice"),
+    (VOLUME, 2, np.arange(60, 161), r"^slice indices \[ 60  61  62 \.\.\. 158 159 160\] out of range for an axis of "
+                                    r"size 6$"),  # one line
     (VOLUME, 3, None, "axis 3 is out of bounds"),
     (VOLUME[0], 0, None, r"volume must be 3D, got shape \(5, 6\)"),
 ])

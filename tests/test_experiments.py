@@ -12,7 +12,7 @@ import pytest
 import cifl_tf
 from cifl_tf import experiments
 from cifl_tf.descriptors import MIND
-from conftest import make_ixi, make_oasis
+from conftest import make_ixi, make_oasis, write_nifti
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(channels=4, features=4)
@@ -84,6 +84,13 @@ def test_row_data_from_an_oasis_folder_splits_subjects_and_inverts(tmp_path):
     assert not np.isin(train[0], t1).all()  # held-out subjects
 
 
+def test_row_data_refuses_label_maps_of_background_only(tmp_path):
+    for subject in make_ixi(tmp_path / "ixi", subjects=3, shape=(16, 20)):
+        write_nifti(tmp_path / "ixi" / subject / "labels.nii.gz", np.zeros((16, 20), np.uint8))
+    with pytest.raises(ValueError, match=r"ixi: every label map is background \(0\) only"):
+        experiments.row_data("reg_ixi_t1_t2", tmp_path / "ixi", split="all")
+
+
 def test_row_data_from_an_ixi_folder_pairs_t1_with_t2(tmp_path):
     make_ixi(tmp_path / "ixi", subjects=3, shape=(16, 20))
     train, tests = experiments.row_data("reg_ixi_t1_t2", tmp_path / "ixi", split="all")
@@ -96,6 +103,8 @@ def test_row_data_from_an_ixi_folder_pairs_t1_with_t2(tmp_path):
     ("seg_inverted_oasis", (0, 0, 4), "leaves 0 for training and 4 for testing"),
     ("seg_inverted_oasis", (3, 3, 3), "need 9 subjects, got 4"),
     ("no_such_row", None, "row must be one of"),
+    ("seg_inverted_oasis", None, r"the paper's subject split \(232, 58, 100\) needs 390 subjects, the data hold 4: "
+                                 r"give a split \(--split\)"),
 ])
 def test_row_data_rejects(oasis_tiny, row, split, message):
     with pytest.raises(ValueError, match=message):
@@ -206,17 +215,41 @@ def test_experiment_script_runs_a_quick_row_on_a_data_folder(tmp_path, monkeypat
 ])
 def test_each_script_writes_its_own_table(tmp_path, monkeypatch, row_results, script, table, rows):
     (tmp_path / "table1.md").write_text("every row")  # as table1.py left it
-    scores = row_results["baseline"]["t1"]
-    monkeypatch.setattr(experiments, "methods", lambda **kwargs: tiny_methods())
-    monkeypatch.setattr(experiments, "run_row", lambda row, *args: (
-        {name: {"t1": scores, experiments.ROWS[row][3]: scores} for name in tiny_methods()}, {}))
+    no_work_rows(monkeypatch, row_results)
     monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path)])
     runpy.run_path(os.path.join(ROOT, "experiments", script), run_name="__main__")
     assert sorted(name for name in os.listdir(tmp_path) if name.endswith(".md")) == sorted({"table1.md", table})
     written = (tmp_path / table).read_text()
-    assert [row for row in experiments.ROWS if f"| {experiments.ROWS[row][2]} |" in written] == rows
+    assert [row for row in experiments.ROWS if f"| {experiments.ROWS[row][2]} (demo data) |" in written] == rows
     if table != "table1.md":
         assert (tmp_path / "table1.md").read_text() == "every row"
+
+
+def no_work_rows(monkeypatch, row_results):
+    """Makes experiments.main's rows score row_results's scores without data or training."""
+    scores = row_results["baseline"]["t1"]
+    monkeypatch.setattr(experiments, "row_data", lambda *args: None)
+    monkeypatch.setattr(experiments, "methods", lambda **kwargs: tiny_methods())
+    monkeypatch.setattr(experiments, "run_row", lambda row, *args: (
+        {name: {"t1": scores, experiments.ROWS[row][3]: scores} for name in tiny_methods()}, {}))
+
+
+def test_a_row_keeps_its_settings_and_is_not_replaced_by_a_run_on_other_data(tmp_path, monkeypatch, capsys,
+                                                                              row_results):
+    no_work_rows(monkeypatch, row_results)
+    out = tmp_path / "results"
+    experiments.main(["seg_inverted_oasis"], ["--data", str(tmp_path / "oasis"), "--split", "all", "--epochs", "3",
+                                              "--out", str(out)])
+    written = (out / "seg_inverted_oasis.json").read_text()
+    assert json.loads(written)["settings"] == dict(data=str(tmp_path / "oasis"), size="paper", split="all", seed=0,
+                                                   epochs=3, encoders="shipped")
+    assert f"Ours: {tmp_path / 'oasis'}, paper settings, shipped encoders, 3 epochs, split all;" in \
+        (out / "seg_inverted_oasis.md").read_text()
+    with pytest.raises(SystemExit) as exited:  # table1.py's demo rows, into the same folder
+        experiments.main(["seg_inverted_oasis"], ["--out", str(out)])
+    assert exited.value.code == 2 and f"seg_inverted_oasis.json holds the row's results on {tmp_path / 'oasis'}, " \
+        f"which this run on demo data would replace: choose another --out" in capsys.readouterr().err
+    assert (out / "seg_inverted_oasis.json").read_text() == written
 
 
 def _no_work(*args, **kwargs):
@@ -244,7 +277,7 @@ def _no_work(*args, **kwargs):
                                       "folder (experiments/ROW.py --data DIR)"),
 ])
 def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys, script, argv, message):
-    for work in ("defaults_data", "methods", "run_row", "registration_model", "segmentation_model"):
+    for work in ("defaults_data", "row_data", "methods", "run_row", "registration_model", "segmentation_model"):
         monkeypatch.setattr(experiments, work, _no_work)
     folder = str(tmp_path / "oasis")  # never read: the data are read after the checks
     argv = [folder if arg == "DATA" else arg for arg in argv]
@@ -256,6 +289,14 @@ def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, monkeypatch, cap
     message = message.replace("DATA", folder)
     assert capsys.readouterr().err.splitlines() == [f"{script}: error: {message}"]  # one line, no traceback
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_folder_that_does_not_load_stops_the_script_before_the_encoders_train(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "methods", _no_work)
+    with pytest.raises(SystemExit) as exited:
+        experiments.main(["seg_inverted_oasis"], ["--data", str(tmp_path / "typo"), "--train-encoders",
+                                                  "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2 and "typo: no such folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
