@@ -82,8 +82,9 @@ def main():
         for name in describers:
             print(f"| {case} | {name} | " + " | ".join("{:.3f} | {:.1f}".format(*results[name, mode][case])
                                                        for mode in MOVED_FEATURES) + " |")
-    print(f"\nmean Dice over {len(DEMO_PAIRS)} pairs for the demo; the first case's seconds include tracing; "
-          f"tf.matmul 2048^2 float32: {matmul_gflops():.1f} GFLOP/s; {describe()}")
+    print("\n" + (f"mean Dice over {len(DEMO_PAIRS)} pairs for the demo; " if args.demo else "")
+          + f"the first case's seconds include tracing; tf.matmul 2048^2 float32: {matmul_gflops():.1f} GFLOP/s; "
+            f"{describe()}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=benchmark.oasis_sample(),
                         help="neurite-oasis folder with a subject's aligned_norm")
+    parser.add_argument("--subject", default="OASIS_OAS1_0001_MR1",
+                        help="the subject folder in --data whose aligned_norm is registered (default: %(default)s)")
     parser.add_argument("--levels", type=_levels, default=None,
                         help="pooling factors, coarse to fine (default: register_pair's, instance.default_levels)")
     parser.add_argument("--steps", type=_positive_int, default=100, help="steps per level")
@@ -72,7 +74,7 @@ def main():
         except ValueError as error:
             parser.error(f"--levels: {error}")
     try:
-        volume = data.load_oasis(args.data, dim=3, subjects=["OASIS_OAS1_0001_MR1"])
+        volume = data.load_oasis(args.data, dim=3, subjects=[args.subject])
     except (ValueError, OSError) as error:  # data.DataError: no such folder, no such subject, unreadable file
         parser.error(str(error))
     fixed, fixed_labels = volume.images[0], volume.labels[0]

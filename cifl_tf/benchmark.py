@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 import scipy.ndimage as ndi
+import tensorflow as tf
 
 from . import data, metrics, models
 from .descriptors import MIND
@@ -224,8 +225,11 @@ def main(argv=None):
                 seed=0, verbose=2)
     except (ValueError, OSError, ImportError) as error:  # bad data, arguments, no nilearn: one line
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    results = {name: {pair: score(describe, *images) for pair, images in pairs.items()}
-               for name, describe in compared.items()}
+    progress = tf.keras.utils.Progbar(len(compared) * len(pairs), unit_name="describer and pair")
+    results = {name: {} for name in compared}
+    for (name, describe), (pair, images) in itertools.product(compared.items(), pairs.items()):
+        results[name][pair] = score(describe, *images)
+        progress.add(1)
     text = markdown(results, notes)
     print(text)
     os.makedirs(args.out, exist_ok=True)

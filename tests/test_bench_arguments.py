@@ -41,6 +41,7 @@ CASES = [
     ("register_3d.py", ["--data", "MISSING", "--warp-std", "-1"], "got -1"),
     ("register_3d.py", ["--data", "MISSING", "--steps", "0"], "'0'"),
     ("register_3d.py", ["--data", "MISSING", "--method", "ncc", "--invert"], "--invert with --method ncc"),
+    ("register_3d.py", ["--data", "ONE", "--subject", "OASIS_OAS1_0009_MR1"], "one/OASIS_OAS1_0009_MR1"),
     ("similarity.py", ["--data", "MISSING"], "missing: no such folder"),
     ("similarity.py", ["--data", "FILE"], "file: no such folder"),
     ("similarity.py", ["--data", "ONE"], "one: holds 1 subject; registration needs two"),
