@@ -515,7 +515,7 @@ def _train_reg(args):
     if len(train) < 2:  # checked before the run folder is written, which would block the corrected command
         raise data.DataError(f"{args.data}: registration training pairs two or more images of the train part, "
                              f"which holds {len(train)}: choose --split (e.g. 2,0,0 for two subjects)")
-    if args.nb_levels is None:  # settings.json records 5, as runs of before this default did
+    if args.nb_levels is None:  # recorded as 5, the value runs wrote before --nb-levels defaulted to None
         args.nb_levels = REG_NB_LEVELS
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
     if args.svf_resolution is None:  # settings.json records the field as built, for --resume to build it again
