@@ -273,11 +273,15 @@ class RegistrationLoss(KL.Layer):
 
 def _check_vxm_integers(vxm_kwargs):
     """ValueError naming a VxmDense count or resolution that is not an integer of its least value: VxmDense takes
-    int_steps and nb_unet_levels below it as 0 and 1 silently, and fails on the others deep inside."""
+    int_steps and nb_unet_levels below it as 0 and 1 silently, and fails on the others deep inside. None is a
+    default only for nb_unet_levels (then taken from nb_unet_features)."""
     for key, least in (("int_steps", 0), ("nb_unet_levels", 1), ("int_resolution", 1), ("svf_resolution", 1)):
-        value = vxm_kwargs.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                  or value < least):
+        if key not in vxm_kwargs:
+            continue
+        value = vxm_kwargs[key]
+        if value is None and key == "nb_unet_levels":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"registration_model: {key} must be an integer >= {least}, got {value!r}")
 
 
@@ -412,7 +416,7 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     Returns: RegistrationModel; ``model.register(moving, fixed)`` -> (B, *inshape, ndim) displacement.
     """
     _check_learning_rate("registration_model", learning_rate)
-    _check_vxm_integers({**vxm_kwargs, "svf_resolution": svf_resolution})
+    _check_vxm_integers(vxm_kwargs if svf_resolution is None else {**vxm_kwargs, "svf_resolution": svf_resolution})
     if svf_resolution is None:
         svf_resolution = default_svf_resolution(**vxm_kwargs)
     elif svf_resolution != 1 and vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:

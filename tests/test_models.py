@@ -381,6 +381,10 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      r"svf_resolution 64 is coarser than the \(32, 32\) images: the field would have no voxel"),
     (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=33), ValueError,
      r"int_resolution 33 is coarser than the \(32, 32\) images"),
+    *[(lambda e, key=key: cifl_tf.registration_model(SHAPE, **{key: None}), ValueError,
+       f"{key} must be an integer >= ., got None") for key in ("int_resolution", "int_steps")],
+    (lambda e: models.RegistrationModel(SHAPE, svf_resolution=None), ValueError,
+     "svf_resolution must be an integer >= 1, got None"),
     (lambda e: models.pair_batches(np.zeros((2, 8, 8, 1)), batch_size=0), ValueError,
      "batch_size must be a positive integer, got 0"),
     # Adam takes these, and trains NaN weights or ascends the loss
