@@ -602,8 +602,16 @@ def _demo(args):
              encoder_log=log if args.encoder and os.path.isfile(log) else None)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line, as the commands' own are (argparse prints its usage block
+    first); its sub-command parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser():
-    parser = argparse.ArgumentParser(prog="cifl", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="cifl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("demo", help="the main job: baseline vs CIFL on demo brains in unseen contrasts, "

@@ -197,12 +197,20 @@ def test_features_with_the_mind_descriptor_of_the_image_dimension(tmp_path, caps
     np.testing.assert_array_equal(affine, AFFINE)
 
 
-def test_descriptor_excludes_an_encoder(files, tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["features", "a.nii.gz", "f.nii.gz", "--descriptor", "mind", "--pretrained", "0.1"],
+     "cifl features: error: argument --pretrained: not allowed with argument --descriptor"),
+    (["features", "a.nii.gz", "f.nii.gz", "--max-memory", "lots"],
+     "cifl features: error: argument --max-memory: expected bytes such as 1073741824 or 1G, got 'lots'"),
+    (["register", "--moving", "a.nii.gz"], "cifl register: error: the following arguments are required: --fixed"),
+    (["align"], "cifl: error: argument command: invalid choice: 'align'"),
+])
+def test_argparse_errors_are_one_line_naming_the_help(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        run(capsys, "features", files / "a.nii.gz", tmp_path / "f.nii.gz", "--descriptor", "mind",
-            "--pretrained", "0.1")
-    assert exit_info.value.code == 2
-    assert "argument --pretrained: not allowed with argument --descriptor" in capsys.readouterr().err
+        run(capsys, *argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
+    assert err.rstrip().endswith(f"(see {message.split(': error')[0]} --help)"), err
 
 
 @pytest.mark.parametrize("command", ["train-seg", "train-reg"])
