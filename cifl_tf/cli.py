@@ -710,7 +710,7 @@ def _parser():
     p.add_argument("--levels", type=_levels, default=None,
                    help="without --model: resolution levels, as pooling factors from coarse to fine (default: "
                         "4,2,1, coarser for large images: register_pair's default_levels)")
-    p.add_argument("--steps", type=int, default=None, help=f"without --model: optimisation steps per resolution "
+    p.add_argument("--steps", type=_positive_int, default=None, help=f"without --model: optimisation steps per resolution "
                                                            f"level (default {REGISTER_DEFAULTS['steps']})")
     p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
     p.add_argument("--equalize", action="store_true",
@@ -719,7 +719,7 @@ def _parser():
     p.add_argument("--moved-features", choices=MOVED_FEATURES, default=None,
                    help="without --model: warp the moving image's features, described once, or encode the moved "
                         "image in every step (default: encoded for 2D images, warped for 3D and --feature-scale)")
-    p.add_argument("--feature-scale", type=int, default=1,
+    p.add_argument("--feature-scale", type=_positive_int, default=1,
                    help="without --model: encode the images upsampled by this factor and average the features "
                         "back (for images coarser than 1 mm; default 1; warped features)")
     _add_stack_arg(p)

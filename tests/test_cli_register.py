@@ -181,7 +181,9 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
 @pytest.mark.parametrize("argv, message", [
     (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D"], r"encoder .* is 2D but the images are 3D"),
     (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
-    (["--intensity", "ncc", "--steps", "0"], r"steps must be a positive integer, got 0"),
+    (["--intensity", "ncc", "--steps", "0"], r"argument --steps: must be a positive integer, got '0'"),
+    (["--descriptor", "mind", "--feature-scale", "0"], r"argument --feature-scale: must be a positive integer, "
+                                                        r"got '0'"),
     (["--intensity", "ncc", "--levels", "1,2"], r"levels must be decreasing positive integer pooling factors"),
     (["--intensity", "ncc", "--feature-scale", "2"], r"feature_scale 2 scales an encoder's features; intensities"),
     (["--model", "MISSING", "--feature-scale", "2"], r"--feature-scale is an option of instance optimisation"),
@@ -224,8 +226,11 @@ def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, saved_stack,
     options = {"--moving": pair / "moving.nii.gz", "--fixed": pair / "fixed.nii.gz",
                "--moved": pair / "out" / "moved.nii.gz", "--warp": pair / "out" / "warp.nii.gz"}
     options.update(zip(argv[::2], [names.get(value, value) for value in argv[1::2]]))
-    status, _, err = run(capsys, "register", *[item for option in options.items() for item in option
-                                               if item is not None])  # None: the option is a flag
+    try:
+        status, _, err = run(capsys, "register", *[item for option in options.items() for item in option
+                                                   if item is not None])  # None: the option is a flag
+    except SystemExit as exit_info:  # argparse's refusal
+        status, err = exit_info.code, capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("cifl register: error: ") and re.search(message, err), err
     assert list((pair / "out").iterdir()) == []
