@@ -12,14 +12,13 @@ GFLOP/s.
 
     python bench/moved_features.py [--demo] [--steps 100]
 """
-import argparse
 import time
 
 import numpy as np
 
 import cifl_tf
 from cifl_tf import benchmark, demo_data
-from cifl_tf.cli import _positive_int
+from cifl_tf.cli import _OneLineParser, _positive_int
 from cifl_tf.descriptors import MIND
 from cifl_tf.instance import MOVED_FEATURES
 from cifl_tf.machine import describe, matmul_gflops
@@ -56,7 +55,7 @@ def registered_dice(pairs, encoder, moved_features, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=benchmark.oasis_sample(),
                         help="neurite-oasis folder with two subjects' slices")
     parser.add_argument("--demo", action="store_true", help="also four pairs of 2D demo subjects (needs nilearn)")

@@ -6,7 +6,6 @@ are from a float64 convolution and how far apart their NCC maps are, and the sam
 
     python bench/ncc.py [--shape 53,65,54] [--repeats 3]
 """
-import argparse
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ import numpy as np
 import cifl_tf  # noqa: F401  (first: it makes tf.keras the Keras 2 that voxelmorph needs)
 import tensorflow as tf
 import voxelmorph as vxm
-from cifl_tf.cli import _positive_int, _positive_integers
+from cifl_tf.cli import _OneLineParser, _positive_int, _positive_integers
 from cifl_tf.losses import NCC, window_sums
 from cifl_tf.machine import describe, matmul_gflops
 
@@ -35,7 +34,7 @@ def seconds_per_gradient(loss, fixed, moved, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=_positive_integers("shape", "53,65,54"), default=(53, 65, 54),
                         help="spatial shape, 2D or 3D (the 3D demo's volumes by default)")
     parser.add_argument("--repeats", type=_positive_int, default=3)

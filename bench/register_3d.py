@@ -14,7 +14,6 @@ Prints, in one run:
     python bench/register_3d.py [--levels 16,8,4] [--steps 100] [--method ncc|mi|cifl|mind|cifl+mind]
                                 [--similarity ncc|mse] [--invert] [--affine] [--max-memory BYTES]
 """
-import argparse
 import math
 import resource
 import time
@@ -23,7 +22,7 @@ import numpy as np
 
 import cifl_tf
 from cifl_tf import benchmark, data, instance, metrics, models, tiling
-from cifl_tf.cli import _bytes, _levels, _positive_int
+from cifl_tf.cli import _bytes, _levels, _OneLineParser, _positive_int
 from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
 
@@ -44,7 +43,7 @@ def smooth_deformation(shape, std, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=benchmark.oasis_sample(),
                         help="neurite-oasis folder with a subject's aligned_norm")
     parser.add_argument("--subject", default="OASIS_OAS1_0001_MR1",

@@ -5,13 +5,12 @@ median of the next ones, beside the GFLOP/s of a float32 tf.matmul measured in t
 
     python bench/registration_step.py [--shape 160 192] [--batch-size 2] [--steps 5]
 """
-import argparse
 import time
 
 import numpy as np
 
 import cifl_tf
-from cifl_tf.cli import _positive_int
+from cifl_tf.cli import _OneLineParser, _positive_int
 from cifl_tf.machine import describe
 from train_step import matmul
 
@@ -24,7 +23,7 @@ def seconds(function):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs="+", default=(160, 192),
                         help="2 or 3 sizes, each divisible by 16 (VxmDense's UNet downsampling)")
     parser.add_argument("--batch-size", type=_positive_int, default=2)

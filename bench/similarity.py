@@ -9,16 +9,15 @@ tf.matmul GFLOP/s. register_pair runs with its defaults otherwise (levels 4, 2, 
 
     python bench/similarity.py
 """
-import argparse
-
 import cifl_tf
 from cifl_tf import benchmark, metrics
+from cifl_tf.cli import _OneLineParser
 from cifl_tf.descriptors import MIND
 from cifl_tf.machine import describe, matmul_gflops
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=benchmark.oasis_sample(),
                         help="neurite-oasis folder with two subjects' slices")
     args = parser.parse_args()

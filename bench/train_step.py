@@ -22,7 +22,6 @@ against 0.35 s in ``fit`` on the same batch at 160x192, in one run on 2 AVX-512 
     python bench/train_step.py [--shape 96 96] [--steps 40] [--features 32] [--channels 16] [--architecture A]
                                [--inversion-invariant] [--jit-compile] [--precision P] [--no-bias]
 """
-import argparse
 import inspect
 import os
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 import cifl_tf
 import tensorflow as tf
-from cifl_tf.cli import _positive_int
+from cifl_tf.cli import _OneLineParser, _positive_int
 from cifl_tf.encoder import ARCHITECTURES
 from cifl_tf.machine import describe
 from cifl_tf.training import PRECISIONS, SiameseCIFL, adam, check_max_offset, offset_views
@@ -110,7 +109,7 @@ def spread(values):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=_positive_int, default=40)
     parser.add_argument("--batch-size", type=_positive_int, default=4)
     parser.add_argument("--shape", type=_positive_int, nargs=2, default=tuple(DEFAULTS["shape"]),

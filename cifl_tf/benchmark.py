@@ -15,7 +15,6 @@ Each describer (B, H, W, 1) -> (B, H, W, K) is scored on each pair (`score`): ra
                for name, describe in describers().items()}
     print(markdown(results, notes))
 """
-import argparse
 import itertools
 import json
 import math
@@ -197,7 +196,9 @@ def markdown(results, notes=()):
 
 def main(argv=None):
     """Command line of experiments/invariance.py: scores every describer on every pair, writes the tables."""
-    parser = argparse.ArgumentParser(description="Contrast invariance of intensities, MIND and CIFL encoders on "
+    from .cli import _OneLineParser  # one-line errors, as the CLI gives
+
+    parser = _OneLineParser(description="Contrast invariance of intensities, MIND and CIFL encoders on "
                                                  "the same anatomy in two contrasts")
     parser.add_argument("--data", default=None,
                         help="neurite-oasis folder for the real T1 / inverted T1 pair (default: the OASIS sample, "

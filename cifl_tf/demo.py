@@ -6,7 +6,6 @@ recommended encoder (``pretrained()``, or one of your own: ``run_demo(encoder=..
 and on the contrasts they never saw (inverted T1, T2-like, PD-like), prints the tables and writes results and
 figures.
 """
-import argparse
 import json
 import os
 import time
@@ -113,11 +112,11 @@ def seeds_table(spread, seeds, train_contrast="t1"):
 def seeds_main(argv=None):
     """Command line of experiments/downstream.py: `segmentation_seeds`, printed and written as
     downstream_seeds.md and downstream_seeds.json."""
-    from .cli import _output_folder
+    from .cli import _OneLineParser, _output_folder
     from .data import write_json
     from .encoder import load_encoder
 
-    parser = argparse.ArgumentParser(description="The demo's segmentation row over several model seeds, for the "
+    parser = _OneLineParser(description="The demo's segmentation row over several model seeds, for the "
                                                  "shipped encoders and one of your own")
     parser.add_argument("--encoder", default=None, help="a train-encoder run folder or weights file for the CIFL "
                                                         "column (default: the recommended shipped encoder)")

@@ -293,13 +293,18 @@ def main(rows, argv=None):
     for row in rows:
         read_by.setdefault(folder_kind(row), []).append(row)
     folders = ", ".join(FOLDERS[kind] for kind in read_by)
-    parser = argparse.ArgumentParser(description=f"Paper Table 1: {', '.join(rows)}")
+    from .cli import _OneLineParser  # one-line errors, as the CLI gives
+
+    parser = _OneLineParser(description=f"Paper Table 1: {', '.join(rows)}")
     parser.add_argument("--data", default=None, help=(
         f"data folder with the paper's data: {folders} (default: the demo data)" if len(read_by) == 1 else
         f"not taken here: these rows read different folders ({folders}); with real data run each row's script "
         f"with its folder, experiments/ROW.py --data DIR, which writes ROW.md (default: the demo data)"))
-    parser.add_argument("--split", type=_split_arg, default=None,
-                        help="train,val,test subject counts or fractions (default 232,58,100), or 'all'")
+    parser.set_defaults(split=None)
+    if len(read_by) == 1:  # a split needs --data, which rows of several folders do not take
+        parser.add_argument("--split", type=_split_arg,
+                            help="train,val,test subject counts or fractions of --data's subjects (default "
+                                 "232,58,100), or 'all'")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and single epochs")
     parser.add_argument("--train-encoders", action="store_true",
                         help="train the encoders here (with the shipped encoders' settings) instead of "
@@ -411,7 +416,9 @@ def defaults_main(argv=None):
     """Command line of experiments/defaults.py: do ``registration_model`` and ``segmentation_model`` with
     their default arguments improve on real slices within a CPU budget? Registration options given on
     the command line override the defaults (e.g. voxelmorph's own, to compare)."""
-    parser = argparse.ArgumentParser(description="Downstream models with default arguments on real slices")
+    from .cli import _OneLineParser  # one-line errors, as the CLI gives
+
+    parser = _OneLineParser(description="Downstream models with default arguments on real slices")
     parser.add_argument("--data", required=True, help="neurite-oasis folder with 3D aligned_* files")
     parser.add_argument("--steps", type=int, default=150, help="registration training steps")
     parser.add_argument("--batch-size", type=int, default=4)

@@ -271,6 +271,9 @@ def _no_work(*args, **kwargs):
     ("seg_inverted_oasis.py", ["--encoder-steps", "250"],
      "--encoder-steps 250 is an option of --train-encoders, which was not given"),
     ("seg_inverted_oasis.py", ["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    ("table1.py", ["--split", "all"], "unrecognized arguments: --split all (see table1.py --help)"),
+    ("seg_inverted_oasis.py", ["--seed", "x"], "argument --seed: invalid int value: 'x' (see seg_inverted_oasis.py "
+                                               "--help)"),
     ("table1.py", ["--data", "DATA"], "--data DATA: one folder for rows that read different ones (neurite-oasis "
                                       "(2D slices): seg_inverted_oasis, reg_oasis_t1_inverted; IXI-style (2D t1/t2 "
                                       "slices and labels): reg_ixi_t1_t2); run each row's script with its "
