@@ -28,7 +28,7 @@ from . import data, metrics, models
 from .descriptors import MIND
 from .encoder import PRETRAINED_TAU_GAMMAS, load_encoder, pretrained
 from .experiments import method_name
-from .training import train_encoder
+from .training import NON_NEGATIVE_INTEGER, POSITIVE_INTEGER, train_encoder
 
 METRICS = {
     "match": "match@2px: share of brain pixels whose nearest feature in the other contrast lies within 2 px",
@@ -212,9 +212,10 @@ def main(argv=None):
     parser.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     try:
-        from .cli import _output_folder  # the CLI's check, imported here as the demo does
+        from .cli import _check_options, _output_folder  # the CLI's checks, imported here as the demo does
         from .demo import _check_2d  # downstream.py's: both score 2D slices
 
+        _check_options(args, {"subjects": POSITIVE_INTEGER, "offset_ablation": NON_NEGATIVE_INTEGER})
         _output_folder(args.out)  # before the scoring, not after it
         compared = describers(args.encoder)
         for path in args.encoder:  # before any pair is made and scored: a 3D encoder fails on 2D slices

@@ -131,15 +131,29 @@ def test_script_refuses_an_output_folder_that_is_a_file_before_it_scores(tmp_pat
     assert "is not a folder" in capsys.readouterr().err  # not the missing data, found after it
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--subjects", "0"], "--subjects must be a positive integer, got 0"),
+    (["--offset-ablation", "-5"], "--offset-ablation must be a non-negative integer, got -5"),
+])
+def test_script_refuses_bad_counts_by_their_options_before_it_scores(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(benchmark, "benchmark_pairs", _no_work)
+    with pytest.raises(SystemExit) as exited:
+        benchmark.main([*argv, "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(f".py: error: {message}\n"), err  # the program is pytest's
+    assert not (tmp_path / "out").exists()
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("pairs made or scored before the arguments were checked")
+
+
 def test_script_refuses_a_3d_encoder_before_it_scores(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "enc3d.weights.h5")
     cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4, ndim=3, name="encoder_3d"), path)
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("pairs made or scored before the encoder was checked")
-
-    monkeypatch.setattr(benchmark, "benchmark_pairs", no_work)
-    monkeypatch.setattr(benchmark, "score", no_work)
+    monkeypatch.setattr(benchmark, "benchmark_pairs", _no_work)
+    monkeypatch.setattr(benchmark, "score", _no_work)
     script = os.path.join(ROOT, "experiments", "invariance.py")
     monkeypatch.setattr(sys, "argv", [script, "--encoder", path, "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exited:
