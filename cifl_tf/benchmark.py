@@ -213,13 +213,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         from .cli import _check_options, _output_folder  # the CLI's checks, imported here as the demo does
-        from .demo import _check_2d  # downstream.py's: both score 2D slices
+        from .demo import _check_ndim  # downstream.py's: both score 2D slices
 
         _check_options(args, {"subjects": POSITIVE_INTEGER, "offset_ablation": NON_NEGATIVE_INTEGER})
         _output_folder(args.out)  # before the scoring, not after it
         compared = describers(args.encoder)
         for path in args.encoder:  # before any pair is made and scored: a 3D encoder fails on 2D slices
-            _check_2d(compared[path], f"--encoder {path}: the invariance benchmark")
+            _check_ndim(compared[path], 2, f"--encoder {path}: the invariance benchmark")
         pairs, notes = benchmark_pairs(args.subjects, args.data)
         for offset in (16, 0) if args.offset_ablation else ():
             compared[f"max_offset={offset}, {args.offset_ablation} steps"] = train_encoder(

@@ -131,7 +131,7 @@ def encoder_from_args(args, ndim):
         return MIND(ndim, variant=args.descriptor)
     if args.pretrained is not None:
         return pretrained(args.pretrained, ndim=ndim)
-    return load_encoder(args.encoder) if args.encoder else None
+    return None if args.encoder is None else load_encoder(args.encoder)
 
 
 def _stacked(args, encoder, ndim):
@@ -588,15 +588,16 @@ def _add_train_args(p, epochs, batch_size, learning_rate):
 def _demo(args):
     out = args.out or ("cifl-demo-3d" if args.three_d else "cifl-demo")
     _output_folder(out)  # before minutes of work, not when the tables are written
-    encoder = load_encoder(args.encoder) if args.encoder else None
+    encoder = None if args.encoder is None else load_encoder(args.encoder)
     # the demo data needs nilearn, an optional dependency: imported only here
-    if args.three_d:
-        from .demo3d import run_demo_3d
+    from .demo import _check_ndim, run_demo
+    from .demo3d import run_demo_3d
 
+    ndim = 3 if args.three_d else 2
+    _check_ndim(encoder, ndim, f"--encoder {args.encoder}: the {ndim}D demo")
+    if args.three_d:
         run_demo_3d(out, quick=args.quick, seed=args.seed, encoder=encoder)
         return
-    from .demo import run_demo
-
     log = os.path.join(args.encoder or "", "log.csv")  # a run folder's training log
     run_demo(out, quick=args.quick, seed=args.seed, encoder=encoder,
              encoder_log=log if args.encoder and os.path.isfile(log) else None)

@@ -41,9 +41,10 @@ def _task_table(title, results, tests):
     return "\n".join(lines)
 
 
-def _check_2d(encoder, what="the 2D demo"):
-    if encoder is not None and getattr(encoder, "ndim", None) != 2:
-        raise ValueError(f"{what} needs a 2D encoder, got a {getattr(encoder, 'ndim', None)}D "
+def _check_ndim(encoder, ndim, what):
+    """ValueError unless `encoder` is None or describes ndim-D images; `what` names the caller (and the file)."""
+    if encoder is not None and getattr(encoder, "ndim", None) != ndim:
+        raise ValueError(f"{what} needs a {ndim}D encoder, got a {getattr(encoder, 'ndim', None)}D "
                          f"{type(encoder).__name__}")
 
 
@@ -85,7 +86,7 @@ def segmentation_seeds(seeds, encoder=None, quick=False, epochs=None, data_seed=
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if train_contrast not in demo_data.CONTRASTS:
         raise ValueError(f"train_contrast must be one of {', '.join(demo_data.CONTRASTS)}, got {train_contrast!r}")
-    _check_2d(encoder)
+    _check_ndim(encoder, 2, "the 2D demo")
     _, data, train, test = _demo_subjects(quick, data_seed)
     epochs = _sizes(quick)["seg_epochs"] if epochs is None else epochs
     compared = methods(encoder)
@@ -135,6 +136,7 @@ def seeds_main(argv=None):
             raise ValueError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
         _output_folder(args.out)
         encoder = None if args.encoder is None else load_encoder(args.encoder)
+        _check_ndim(encoder, 2, f"--encoder {args.encoder}: the demo's segmentation row")
         epochs = _sizes(args.quick)["seg_epochs"] if args.epochs is None else args.epochs
         spread = segmentation_seeds(seeds, encoder=encoder, quick=args.quick, epochs=epochs, verbose=1,
                                     train_contrast=args.train_contrast)
@@ -165,7 +167,7 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
         encoder_log: the training log (CSV with epoch, loss) of `encoder`, drawn in encoder_training.png
             beside the paper encoder's; None leaves it out. Only with `encoder`.
     """
-    _check_2d(encoder)
+    _check_ndim(encoder, 2, "the 2D demo")
     if encoder_log is not None and encoder is None:
         raise ValueError(f"encoder_log {encoder_log!r} is the log of a given encoder, but no encoder was given")
     if encoder_log is not None and not os.path.isfile(encoder_log):  # else found missing after all the training

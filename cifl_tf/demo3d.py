@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from . import demo_data, figures, metrics
+from .demo import _check_ndim
 from .descriptors import MIND
 from .encoder import pretrained
 from .instance import register_pair
@@ -68,9 +69,7 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
             own (a layer (B, X, Y, Z, 1) -> (B, X, Y, Z, C) with ``ndim`` 3).
         verbose: 1 prints a line per registration.
     """
-    if encoder is not None and getattr(encoder, "ndim", None) != 3:
-        raise ValueError(f"the 3D demo needs a 3D encoder, got {getattr(encoder, 'ndim', None)}D "
-                         f"{getattr(encoder, 'name', encoder)!r}")
+    _check_ndim(encoder, 3, "the 3D demo")
     start = time.perf_counter()
     sizes = SIZES["quick" if quick else "demo"]
     data = demo_data.demo_volumes(n_subjects=2, seed=seed, voxel_size=sizes["voxel_size"])  # checks the seed

@@ -283,6 +283,7 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     ("train-seg", [*TINY_TRAIN, "--seed", str(2 ** 32)], r"--seed must be .* got 4294967296"),
     ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"], r"svf_resolution 32 is coarser than the \(16, 20\) images"),
     ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),
+    ("train-seg", [*TINY_TRAIN, "--encoder", ""], r"no such file ''"),  # an unset variable is not the baseline
 ])
 def test_train_refuses_settings_it_cannot_use_in_one_line_before_it_writes_a_run(oasis_tiny, tmp_path, capsys,
                                                                                  command, options, message):

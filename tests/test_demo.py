@@ -147,7 +147,7 @@ def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(t
     # a 3D encoder stops the 2D demo with a one-line error at once (in the restarted process, if it restarts)
     result = subprocess.run(["cifl", "demo", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
                              "--out", str(tmp_path / "out")], env=environ, capture_output=True, text=True)
-    assert result.returncode == 2 and "cifl demo: error: the 2D demo needs a 2D encoder" in result.stderr
+    assert result.returncode == 2 and "the 2D demo needs a 2D encoder" in result.stderr
     restarts = tensorflow_choice == "False"
     assert ("restarting with TensorFlow's oneDNN kernels on" in result.stderr) == restarts
 
@@ -288,7 +288,8 @@ def test_the_downstream_script_restarts_as_the_demo_does(monkeypatch):
     (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
     (["--encoder", "{tmp}/none"], "{tmp}/none"),
     (["--encoder", "{tmp}"], "{tmp}/encoder.weights.h5"),  # a folder without an encoder
-    (["--encoder", "{tmp}/3d.weights.h5"], "needs a 2D encoder, got a 3D"),
+    (["--encoder", "{tmp}/3d.weights.h5"], "--encoder {tmp}/3d.weights.h5: the demo's segmentation row needs a 2D "
+                                           "encoder, got a 3D CIFLEncoder"),
     (["--out", "{tmp}/3d.weights.h5"], "is not a folder"),
 ])
 def test_downstream_script_reports_bad_arguments_in_one_line(tmp_path, monkeypatch, capsys, argv, message):

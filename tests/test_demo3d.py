@@ -146,7 +146,8 @@ def test_2d_demo_refuses_a_3d_encoder(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
                      "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs a 2D encoder, got a 3D" in err and not (tmp_path / "out").exists()
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert f"--encoder {tmp_path / 'enc.weights.h5'}: the 2D demo needs a 2D encoder, got a 3D CIFLEncoder" in err
 
 
 def test_3d_demo_refuses_a_2d_encoder(tmp_path, capsys):
@@ -154,7 +155,16 @@ def test_3d_demo_refuses_a_2d_encoder(tmp_path, capsys):
     assert cli.main(["demo", "--3d", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"),
                      "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs a 3D encoder, got 2D" in err and not (tmp_path / "out").exists()
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert f"--encoder {tmp_path / 'enc.weights.h5'}: the 3D demo needs a 3D encoder, got a 2D CIFLEncoder" in err
+
+
+@pytest.mark.parametrize("options", [[], ["--3d"]], ids=["2d", "3d"])
+def test_demo_refuses_an_empty_encoder_path(tmp_path, capsys, options):
+    """An unset shell variable (`--encoder "$RUN"`) is not the shipped encoder."""
+    assert cli.main(["demo", *options, "--quick", "--encoder", "", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file ''" in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("options", [[], ["--3d"]], ids=["2d", "3d"])
