@@ -13,9 +13,11 @@ import time
 import numpy as np
 
 from . import demo_data, experiments, figures, machine
-from .encoder import pretrained, pretrained_log
+from .encoder import PRETRAINED_RECOMMENDED, pretrained, pretrained_info, pretrained_log
+from .checkpoint import SETTINGS_FILE
 from .evaluate import segment
 from .models import warp
+from .training import read_settings
 
 PAPER_CIFL, CIFL = "CIFL (paper, tau_gamma=0.1)", "CIFL"
 
@@ -28,9 +30,24 @@ def methods(encoder=None):
 
 
 def training_logs(encoder=None, encoder_log=None):
-    """{column: CSV training log} of the compared encoders that have one, for encoder_training.png."""
-    logs = {PAPER_CIFL: pretrained_log(0.1), CIFL: pretrained_log() if encoder is None else encoder_log}
-    return {name: log for name, log in logs.items() if log is not None}
+    """{legend: CSV training log} of the compared encoders that have one, for encoder_training.png. Each legend
+    names the loss its log holds: the recipes differ in it (the recommended one adds the pixel InfoNCE term)."""
+    shipped = pretrained_info()
+    logs = {PAPER_CIFL: (pretrained_log(0.1), shipped["0.1"]["settings"])}
+    if encoder is None:
+        logs[CIFL] = (pretrained_log(), shipped[PRETRAINED_RECOMMENDED[2]]["settings"])
+    elif encoder_log is not None:
+        run = os.path.dirname(encoder_log)  # a train-encoder run keeps its settings beside its log
+        logs[CIFL] = (encoder_log, read_settings(run) if os.path.isfile(os.path.join(run, SETTINGS_FILE)) else None)
+    return {f"{name}, {_logged_loss(settings)}": log for name, (log, settings) in logs.items()}
+
+
+def _logged_loss(settings):
+    """What a train_encoder run with these settings logged as its loss (None: settings unknown)."""
+    if settings is None:
+        return "its loss"
+    pixel = settings.get("pixel_contrast") or 0
+    return "Eq. 1" + (f" + {pixel:g} x pixel InfoNCE" if pixel else "")
 
 
 def _task_table(title, results, tests):
@@ -172,6 +189,7 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
         raise ValueError(f"encoder_log {encoder_log!r} is the log of a given encoder, but no encoder was given")
     if encoder_log is not None and not os.path.isfile(encoder_log):  # else found missing after all the training
         raise ValueError(f"encoder_log {encoder_log!r}: no such file")
+    logs = training_logs(encoder, encoder_log)  # a run's settings read before the training, not after it
     start = time.time()
     sizes, data, train, test = _demo_subjects(quick, seed)
     n_subjects = len(data.labels)
@@ -204,7 +222,7 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
         json.dump({"seconds": seconds, "matmul_gflops": gflops, "subjects": n_subjects, **summary}, f, indent=2,
                   default=float)
 
-    _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL], training_logs(encoder, encoder_log))
+    _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL], logs)
     print(f"results and figures written to {out_dir}/")
     return {"segmentation": seg, "registration": reg}
 

@@ -156,7 +156,7 @@ def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, tit
     return _save(figure, path)
 
 
-def training_curves(logs, path, title="CIFL encoder training (Eq. 1 loss)"):
+def training_curves(logs, path, title="CIFL encoder training"):
     """The loss per epoch of several training runs: {name: path of a Keras CSVLogger log}."""
     figure, axis = plt.subplots(figsize=(5, 3.2))
     losses = []

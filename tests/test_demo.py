@@ -14,7 +14,7 @@ import pytest
 import cifl_tf
 from cifl_tf import cli, demo, demo_data, figures, machine
 from cifl_tf.descriptors import MIND
-from cifl_tf.encoder import load_encoder, pretrained_log, save_encoder
+from cifl_tf.encoder import load_encoder, pretrained_info, pretrained_log, save_encoder
 from cifl_tf.evaluate import Scores
 from conftest import config_without_name
 
@@ -49,13 +49,23 @@ def test_a_given_encoder_takes_the_cifl_column():
     assert list(compared) == COLUMNS and compared["CIFL"] is encoder
 
 
-@pytest.mark.parametrize("given, log, expected", [
-    (False, None, {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1), "CIFL": pretrained_log()}),
-    (True, "run/log.csv", {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1), "CIFL": "run/log.csv"}),
-    (True, None, {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1)}),
-], ids=["shipped", "given-with-log", "given-without-log"])
-def test_training_curves_show_the_compared_encoders_that_have_a_log(given, log, expected):
+PAPER_LOG = {"CIFL (paper, tau_gamma=0.1), Eq. 1": pretrained_log(0.1)}
+
+
+@pytest.mark.parametrize("given, folder, legend", [
+    (False, None, "CIFL, Eq. 1 + 0.3 x pixel InfoNCE"),  # the shipped recommended encoder's log
+    (True, "run", "CIFL, Eq. 1 + 0.5 x pixel InfoNCE"),
+    (True, "alone", "CIFL, its loss"),  # a log without settings beside it
+    (True, None, None),
+], ids=["shipped", "given-with-log", "given-with-a-log-alone", "given-without-log"])
+def test_training_curves_show_the_compared_encoders_that_have_a_log_naming_its_loss(tmp_path, given, folder,
+                                                                                   legend):
+    (tmp_path / "run").mkdir()
+    settings = {**pretrained_info()["recommended_2d"]["settings"], "pixel_contrast": 0.5}
+    (tmp_path / "run" / "settings.json").write_text(json.dumps(settings))
     encoder = cifl_tf.CIFLEncoder(channels=4, features=4) if given else None
+    log = None if folder is None else str(tmp_path / folder / "log.csv")
+    expected = {**PAPER_LOG, **({legend: log if given else pretrained_log()} if legend else {})}
     assert demo.training_logs(encoder, log) == expected
 
 
@@ -90,8 +100,7 @@ def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_pa
     monkeypatch.setattr(machine, "matmul_gflops", lambda: 1.0)  # ~1 s of matmuls; the 3D demo's test reads the rate
     assert cli.main(["demo", "--quick", "--encoder", str(run), "--out", str(out)]) == 0
     assert config_without_name(drawn["feature_channels"]) == config_without_name(load_encoder(str(run)))
-    assert drawn["training_curves"] == {"CIFL (paper, tau_gamma=0.1)": pretrained_log(0.1),
-                                        "CIFL": str(run / "log.csv")}
+    assert drawn["training_curves"] == {**PAPER_LOG, "CIFL, its loss": str(run / "log.csv")}  # no settings.json
     printed = capsys.readouterr().out
     assert "Segmentation Dice (trained on T1)" in printed and "Registration Dice (trained on T1 pairs)" in printed
     assert "8 demo subjects (4 train, 4 test)" in printed
