@@ -120,7 +120,8 @@ def seeds_table(spread, seeds, train_contrast="t1"):
     """Markdown table of `segmentation_seeds`: mean ± SD over the seeds, and the lowest Dice of any seed."""
     lines = [f"Segmentation Dice (trained on {demo_data.CONTRAST_NAMES[train_contrast]}), mean ± SD over model seeds "
              f"{', '.join(map(str, seeds))} [lowest over the seeds]", "",
-             "| method | " + " | ".join(demo_data.CONTRASTS) + " |", "|---" * (len(demo_data.CONTRASTS) + 1) + "|"]
+             "| method | " + " | ".join(demo_data.CONTRAST_NAMES[c] for c in demo_data.CONTRASTS) + " |",
+             "|---" * (len(demo_data.CONTRASTS) + 1) + "|"]
     for name, tests in spread.items():
         lines.append(f"| {name} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f} [{v.min():.3f}]"
                                                  for v in tests.values()) + " |")

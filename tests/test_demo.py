@@ -245,7 +245,7 @@ def test_seeds_table_gives_mean_sd_and_the_lowest_dice():
               "CIFL": {c: np.array([0.5, 0.5, 0.2]) for c in demo_data.CONTRASTS}}
     lines = demo.seeds_table(spread, [0, 1, 2]).splitlines()
     assert lines[0].startswith("Segmentation Dice (trained on T1), mean ± SD over model seeds 0, 1, 2")
-    assert lines[2] == "| method | t1 | t1_inverted | t2 | pd |"
+    assert lines[2] == "| method | T1 | inverted T1 | T2-like | PD-like |"
     assert lines[4] == "| baseline |" + " 0.800 ± 0.082 [0.700] |" * 4
     assert lines[5] == "| CIFL |" + " 0.400 ± 0.141 [0.200] |" * 4
     assert demo.seeds_table(spread, [0], "pd").startswith("Segmentation Dice (trained on PD-like), mean ± SD")
