@@ -8,6 +8,7 @@ then applies as on the whole image), and the tiles' centres are put together aga
 """
 import functools
 import itertools
+import bisect
 import math
 
 import numpy as np
@@ -76,8 +77,10 @@ def bytes_per_pixel(layer):
 def tile_shape(shape, radius, pixel_bytes, max_memory=DEFAULT_MAX_MEMORY):
     """The largest tile (core, without its halo) whose extended tile fits in max_memory bytes.
 
-    The extended tile is the core plus `radius` pixels on each side. Tiles are as near cubic as the
-    budget allows, then shrunk so that equal tiles cover each axis (no sliver at the end).
+    The extended tile is the core plus `radius` pixels on each side, within the image. Cores share one side,
+    the largest the budget allows, except along axes that an extended tile spans whole (a thin volume's): those
+    are taken whole, with no halo. Then the cores are shrunk so that equal tiles cover each axis (no sliver at
+    the end).
 
     Args:
         shape: the image's spatial shape.
@@ -88,17 +91,16 @@ def tile_shape(shape, radius, pixel_bytes, max_memory=DEFAULT_MAX_MEMORY):
     Returns: tuple of ints, each between 1 and the image's size.
     """
     check_max_memory(max_memory)
-    pixels = max_memory // pixel_bytes
-    if math.prod(shape) <= pixels:  # one tile: no halo beyond the image's border
-        return tuple(shape)
-    side = round(pixels ** (1 / len(shape)))
-    side -= side ** len(shape) > pixels  # the float root may round up
-    side -= 2 * radius
+
+    def extended_pixels(side):
+        return math.prod(min(side + 2 * radius, size) for size in shape)
+
+    # extended_pixels grows with the side: the number of sides that fit is the largest that does
+    side = bisect.bisect_right(range(1, max(shape) + 1), max_memory // pixel_bytes, key=extended_pixels)
     if side < 1:
-        smallest = pixel_bytes * (2 * radius + 1) ** len(shape)
-        raise ValueError(f"max_memory {max_memory} bytes is too small: a tile with its {radius}-pixel halo "
-                         f"needs at least {smallest} bytes")
-    return tuple(math.ceil(size / math.ceil(size / side)) for size in shape)
+        raise ValueError(f"max_memory (--max-memory) {max_memory} bytes is too small: a tile with its {radius}-pixel "
+                         f"halo needs at least {pixel_bytes * extended_pixels(1)} bytes")
+    return tuple(size if side + 2 * radius >= size else math.ceil(size / math.ceil(size / side)) for size in shape)
 
 
 def check_max_memory(max_memory):

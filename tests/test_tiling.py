@@ -56,7 +56,7 @@ def test_a_layer_that_looks_at_the_whole_image_cannot_be_tiled():
         tiling.measured_radius(MinusImageMean())
 
 
-@pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((21, 23, 17), 20)])
+@pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((21, 23, 27), 20)])
 def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
     encoder = cifl_tf.pretrained(0.1) if len(shape) == 2 else encoder_3d
     image = np.random.default_rng(0).random(shape).astype(np.float32)
@@ -65,6 +65,14 @@ def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
     assert all(size % c for size, c in zip(shape, core))  # tiles do not divide the shape
     tiled = tiling.tiled_features(encoder, image, max_memory=budget)
     np.testing.assert_allclose(tiled, encoder(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
+
+
+def test_a_thin_volume_is_tiled_whole_across_its_slices(encoder_3d):
+    image = np.random.default_rng(0).random((40, 36, 5)).astype(np.float32)
+    budget = tiling.bytes_per_pixel(encoder_3d) * 25 * 25 * 5  # cores of 9, their halos within the 5 slices
+    assert tiling.tile_shape(image.shape, 8, tiling.bytes_per_pixel(encoder_3d), budget) == (8, 9, 5)
+    tiled = tiling.tiled_features(encoder_3d, image, max_memory=budget)
+    np.testing.assert_allclose(tiled, encoder_3d(image[np.newaxis, ..., np.newaxis]).numpy()[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("shape, tile_side, variant", [((48, 48), 16, "mind"), ((24, 24, 24), 12, "ssc")])
@@ -109,14 +117,21 @@ def test_the_recommended_encoder_tiles_with_its_38_pixel_halo():
     ((64, 64, 64), 8, 4 * 48 ** 3, (32, 32, 32)),  # extended side 48 -> core 32
     ((10, 10, 10), 1, 4 * 1000 ** 3, (10, 10, 10)),  # the whole image fits
     ((61, 67), 38, 4 * 61 * 67, (61, 67)),         # it fits just, with no halo beyond its border
+    ((64, 64, 4), 8, 4 * 2604, (8, 8, 4)),         # a thin volume: its 4 slices whole, extended 25 x 25 x 4
+    ((512, 512, 24), 8, 4 * 24 * 341 ** 2, (256, 256, 24)),  # not cubes of 103, which would fill 12% of it
+    ((70, 83), 38, 4 * 70 * 80, (70, 4)),          # an extended tile spans the first axis whole
 ])
 def test_tile_shape_from_budget(shape, radius, budget, expected):
     assert tiling.tile_shape(shape, radius, 4, budget) == expected
 
 
 def test_budget_too_small_names_the_bytes():
-    with pytest.raises(ValueError, match="max_memory 100 bytes is too small"):
+    with pytest.raises(ValueError, match=r"max_memory \(--max-memory\) 100 bytes is too small"):
         tiling.tile_shape((64, 64), 8, 4, 100)
+    # the least budget: one-pixel cores with their halo, within the image (4 slices, not 17)
+    with pytest.raises(ValueError, match=f"halo needs at least {4 * 17 * 17 * 4} bytes"):
+        tiling.tile_shape((64, 64, 4), 8, 4, 4 * 17 * 17 * 4 - 1)
+    assert tiling.tile_shape((64, 64, 4), 8, 4, 4 * 17 * 17 * 4) == (1, 1, 4)
     with pytest.raises(ValueError, match="max_memory must be a positive integer"):
         tiling.tile_shape((64, 64), 8, 4, 0.5)
 
