@@ -93,7 +93,7 @@ def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     Args:
         grid: the level's spatial shape.
         channels: F, channels of the image or features that are warped.
-        int_steps: scaling-and-squaring steps of vxm.layers.VecInt.
+        int_steps: scaling-and-squaring steps of VecInt (voxelmorph's, batched: transform.VecInt).
         encoder: None, or a layer applied to the moved image (moved_features="encoded").
         initial: also take a fixed affine transform (register_pair's affine stage) that follows the fitted
             deformation: the moving image is warped once, by both (ComposeAffine).

@@ -1,7 +1,7 @@
 """The speed of this machine, measured in the same run as a timing, so that timings compare across CPUs.
 
-The same demo takes 9 minutes on one 2-core machine and 24 on another (AVX-512 against AVX2 only): a
-wall time means little without the machine's own float32 matmul rate and vector flags beside it.
+An early version of the demo took 9 minutes on one 2-core machine and 24 on another (AVX-512 against AVX2
+only): a wall time means little without the machine's own float32 matmul rate and vector flags beside it.
 """
 import os
 import sys
