@@ -2,14 +2,14 @@
 
     x (B, *spatial, 1)  ->  l2-normalise(concat over k of f_k(x))   (B, *spatial, C_1 + ... + C_K)
 
-Each pixel keeps a unit-length feature vector, as CIFL features do, so a stack stands wherever an encoder does
-in ``register_pair`` and ``tiling.tiled_features``. Why: for registration the two kinds of features together did
-better than the encoder alone in every case measured but one (the shipped 3D encoder on the OASIS volume with
-grey and white matter nearly equal; README, "Stacked features"), and better than MIND alone in most cases. The
-recommended 2D encoder stacked with MIND, by ``register_pair``'s defaults, registered the OASIS sample's slices (both directions:
-T1, inverted T1, grey and white matter nearly equal) and four pairs of 2D demo subjects (T1 to T1, T2-like,
-PD-like) 0.016-0.044 Dice better than the encoder alone, and better than MIND but on the PD-like demo pairs
-(docs/registration.md, "Stacked features"). For segmentation it did not: a UNet on those stacked features
+Each pixel keeps a unit-length feature vector, as CIFL features do, so a stack stands wherever an encoder does in
+``register_pair`` and ``tiling.tiled_features``. Why: for registration the two kinds of features together did
+better than the encoder alone in every case measured but one (the shipped 3D encoder on the OASIS volume with grey
+and white matter nearly equal; README, "Stacked features"), and better than MIND alone in most cases. The
+recommended 2D encoder stacked with MIND, by ``register_pair``'s defaults, registered the OASIS sample's slices
+(both directions: T1, inverted T1, grey and white matter nearly equal) and four pairs of 2D demo subjects (T1 to
+T1, T2-like, PD-like) 0.016-0.044 Dice better than the encoder alone, and better than MIND but on the PD-like demo
+pairs (docs/registration.md, "Stacked features"). For segmentation it did not: a UNet on those stacked features
 segmented T1 0.05 worse than on the encoder's (docs/levers.md).
 """
 import itertools
