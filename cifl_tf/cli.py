@@ -711,8 +711,9 @@ def _parser():
     p.add_argument("--levels", type=_levels, default=None,
                    help="without --model: resolution levels, as pooling factors from coarse to fine (default: "
                         "4,2,1, coarser for large images: register_pair's default_levels)")
-    p.add_argument("--steps", type=_positive_int, default=None, help=f"without --model: optimisation steps per resolution "
-                                                           f"level (default {REGISTER_DEFAULTS['steps']})")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"without --model: optimisation steps per resolution level (default "
+                        f"{REGISTER_DEFAULTS['steps']})")
     p.add_argument("--affine", action="store_true", help="without --model: fit an affine transform first")
     p.add_argument("--equalize", action="store_true",
                    help="without --model: describe both images histogram-equalised (tissues of nearly equal "
