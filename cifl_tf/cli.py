@@ -116,7 +116,6 @@ def _train_encoder(args):
             raise ValueError(f"--resume continues the run in {args.out} with its settings.json: "
                              f"{'; '.join(conflicts)}; leave those options out, or start a new run")
     train_encoder(out_dir=args.out, resume=args.resume, strategy=args.strategy, **settings)
-    print(f"encoder written to {os.path.join(args.out, 'encoder.weights.h5')}")
 
 
 # ---- downstream: NIfTI files in, NIfTI files out (intensities normalised as in training) ----

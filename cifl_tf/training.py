@@ -59,14 +59,19 @@ def multi_worker_strategy():
     """tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, or else over the
     tasks of the SLURM job step this process is one of. Create it before any other TF op."""
     if "TF_CONFIG" in os.environ:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if "SLURM_STEP_NUM_TASKS" in os.environ:
+        resolver = None  # the strategy's own: TF_CONFIG's
+    elif "SLURM_STEP_NUM_TASKS" in os.environ:
         # The resolver counts GPUs with nvidia-smi, and fails where there is none.
         resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
             gpus_per_node=None if shutil.which("nvidia-smi") else 0)
+    else:
+        raise ValueError("strategy 'multiworker' needs a cluster: set TF_CONFIG on each worker, or start the "
+                         "workers as the tasks of a SLURM job step (srun)")
+    try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    raise ValueError("strategy 'multiworker' needs a cluster: set TF_CONFIG on each worker, or start the "
-                     "workers as the tasks of a SLURM job step (srun)")
+    except tf.errors.UnknownError as error:  # TensorFlow's "Could not start gRPC server", and no more
+        raise OSError(f"strategy 'multiworker': this worker's server did not start ({error.message.splitlines()[0]}): "
+                      f"is its port in use, by another program or by a worker given the same task?") from None
 
 
 LEARNING_RATE_DECAYS = ("constant", "cosine")
@@ -447,4 +452,6 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             final_loss = float(list(csv.DictReader(f))[-1]["loss"])  # also when resumed after the last epoch
         write_json(os.path.join(out_dir, "result.json"),
                    {"final_loss": final_loss, "seconds": round(time.time() - start, 1)})
+        if verbose:  # by the chief only: the other workers wrote nothing
+            print(f"encoder written to {weights}")
     return encoder

@@ -23,7 +23,7 @@ import numpy as np
 import cifl_tf
 encoder = cifl_tf.train_encoder(shape=(32, 32), steps=4, steps_per_epoch=2, batch_size=2, channels=4, features=8,
                                 max_offset=4, seed=0, out_dir=sys.argv[1], resume=sys.argv[2:] == ["resume"],
-                                strategy="multiworker", verbose=0)
+                                strategy="multiworker", verbose=2)
 image = np.random.default_rng(0).uniform(size=(1, 32, 32, 1)).astype(np.float32)
 print(json.dumps(encoder(image).numpy().tolist()))
 """
@@ -58,6 +58,8 @@ def run_workers(out_dir, *args, count=2):
     outputs = [worker.communicate(timeout=600) for worker in workers]
     errors = "\n".join(f"worker {i}: {err[-2000:]}" for i, (_, err) in enumerate(outputs))
     assert [worker.returncode for worker in workers] == [0] * count, errors
+    # only the chief (worker 0) wrote the run, and says so
+    assert [f"encoder written to {out_dir}" in out for out, _ in outputs] == [True] + [False] * (count - 1)
     return [np.array(json.loads(out.strip().splitlines()[-1])) for out, _ in outputs]
 
 
@@ -67,6 +69,22 @@ def test_two_workers_train_one_encoder(tmp_path):
     np.testing.assert_allclose(load_encoder(str(tmp_path / "run"))(IMAGE), chief, atol=1e-6)
     assert sorted(os.listdir(tmp_path / "run")) == ["backup", "encoder.json", "encoder.weights.h5", "log.csv",
                                                      "result.json", "settings.json", "tensorboard"]
+
+
+def test_a_worker_whose_port_is_taken_stops_in_one_line_and_writes_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = {"cluster": {"worker": [f"127.0.0.1:{taken.getsockname()[1]}"]}, "task": {"type": "worker",
+                                                                                          "index": 0}}
+        result = subprocess.run([sys.executable, "-m", "cifl_tf.cli", "train-encoder", "--strategy", "multiworker",
+                                 "--shape", "32x32", "--steps", "2", "--out", str(tmp_path / "run")],
+                                env={**os.environ, "TF_CONFIG": json.dumps(config), "TF_CPP_MIN_LOG_LEVEL": "3"},
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "cifl train-encoder: error: strategy 'multiworker': this worker's server did not start ("), result.stderr
+    assert "is its port in use" in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_multiworker_needs_a_cluster(monkeypatch):
