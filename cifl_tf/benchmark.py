@@ -199,7 +199,7 @@ def main(argv=None):
     from .cli import _OneLineParser  # one-line errors, as the CLI gives
 
     parser = _OneLineParser(description="Contrast invariance of intensities, MIND and CIFL encoders on "
-                                                 "the same anatomy in two contrasts")
+                                        "the same anatomy in two contrasts")
     parser.add_argument("--data", default=None,
                         help="neurite-oasis folder for the real T1 / inverted T1 pair (default: the OASIS sample, "
                              "$CIFL_OASIS_SAMPLE or ../shared/data/oasis-sample, skipped when absent)")

@@ -136,7 +136,7 @@ def seeds_main(argv=None):
     from .encoder import load_encoder
 
     parser = _OneLineParser(description="The demo's segmentation row over several model seeds, for the "
-                                                 "shipped encoders and one of your own")
+                                        "shipped encoders and one of your own")
     parser.add_argument("--encoder", default=None, help="a train-encoder run folder or weights file for the CIFL "
                                                         "column (default: the recommended shipped encoder)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="model seeds, e.g. 0,1,2 (default 0,1,2,3,4)")
