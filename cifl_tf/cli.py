@@ -151,8 +151,8 @@ def _add_stack_arg(p):
     p.add_argument("--stack-descriptor", choices=VARIANTS, default=None,
                    help="a hand-made descriptor (mind or ssc) beside the encoder, their features concatenated and "
                         "l2-normalised together (cifl_tf.FeatureStack); for registration the recommended encoder "
-                        "with mind did better than the encoder alone in all cases measured but one, and than MIND in most "
-                        "(docs/registration.md)")
+                        "with mind did better than the encoder alone in all cases measured but one, and than MIND "
+                        "in most (docs/registration.md)")
 
 
 _RECOMMENDED = "the recommended shipped encoder of the images' dimension, cifl_tf.pretrained(ndim=...)"
