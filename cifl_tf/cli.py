@@ -529,9 +529,28 @@ def _train_reg(args):
                args.steps_per_epoch, setting_defaults=REG_SETTING_DEFAULTS)
 
 
+def _split_of_the_run(args):
+    """Sets evaluate's --split and --seed to those the model's run trained with where it trained on --data, so
+    that the test part is the one its training held out; ValueError for options that differ from them."""
+    run = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
+    trained = checkpoint.read_settings(run) if os.path.isfile(os.path.join(run, checkpoint.SETTINGS_FILE)) else {}
+    same_data = trained.get("data") == os.path.abspath(args.data)
+    for key in ("split", "seed"):
+        given = json.loads(json.dumps(getattr(args, key)))  # as settings.json holds it
+        if same_data and getattr(args, key) is None:
+            setattr(args, key, trained[key])
+        elif same_data and given != trained[key]:
+            raise ValueError(f"--{key} {given} differs from the {key} {trained[key]} that {run} trained with on "
+                             f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
+                             f"leave --{key} out")
+    if args.seed is None:  # a model trained elsewhere, or without its run folder
+        args.seed = 0
+
+
 def _evaluate(args):
     if args.json:
         _output_file(args.json)
+    _split_of_the_run(args)
     model = models.load_model(args.model)
     fixed = _part(_dataset(args, args.contrast, len(model.inshape)), args, args.part)
     if fixed.images.shape[1:] != tuple(model.inshape):
@@ -756,13 +775,15 @@ def _parser():
     p.set_defaults(run=_train_reg)
 
     p = commands.add_parser("evaluate", help="Dice (and folding, for registration) of a model on a data folder")
-    p.add_argument("--model", required=True, help="model.keras from train-seg or train-reg (or its run folder)")
+    p.add_argument("--model", required=True, help="model.keras from train-seg or train-reg (or its run folder); "
+                                                  "trained on --data, its run's --split and --seed are taken")
     _add_data_args(p)
     p.add_argument("--contrast", default="t1",
                    help="contrast of the images to segment, or of the fixed images: t1, inverted, t2, ...")
     p.add_argument("--moving-contrast", default="t1", help="registration: contrast of the moving images")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
-    p.set_defaults(run=_evaluate)
+    # the run's own split and seed where the model's run folder trained on --data: see _split_of_the_run
+    p.set_defaults(run=_evaluate, seed=None)
     return parser
 
 

@@ -173,6 +173,13 @@ def test_train_seg_then_evaluate_on_a_data_folder(oasis_tiny, tmp_path, capsys):
     assert 0 <= scores["dice"][0] <= 1 and "folding" not in scores
     status, stdout, _ = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, "--part", "all")
     assert status == 0 and "over 4 images" in stdout
+    # without --split, the run's: its one test subject, not a test part of the paper's proportions
+    status, stdout, _ = run(capsys, "evaluate", "--model", run_dir / "model.keras", "--data", oasis_tiny)
+    assert status == 0 and "over 1 image" in stdout
+    for option, value, message in (("--seed", 1, "--seed 1 differs from the seed 0 that"),
+                                   ("--split", "1,1,2", "--split [1, 1, 2] differs from the split [2, 1, 1] that")):
+        status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, option, value)
+        assert status == 2 and err.count("\n") == 1 and message in err and "leave " + option + " out" in err, err
 
 
 def test_train_seg_on_encoder_features_keeps_the_encoder_weights(files, oasis_tiny, tmp_path, capsys):
