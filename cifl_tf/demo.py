@@ -220,8 +220,8 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
     summary = {task: {name: {t: s.summary() for t, s in tests.items()} for name, tests in results.items()}
                for task, results in (("segmentation", seg), ("registration", reg))}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"seconds": seconds, "matmul_gflops": gflops, "subjects": n_subjects, **summary}, f, indent=2,
-                  default=float)
+        json.dump({"seconds": seconds, "matmul_gflops": gflops, "seed": seed, "quick": quick, "subjects": n_subjects,
+                   "shipped_encoder": encoder is None, **summary}, f, indent=2, default=float)
 
     _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL], logs)
     print(f"results and figures written to {out_dir}/")

@@ -111,8 +111,9 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write("```\n" + text + "\n```\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"seconds": seconds, "matmul_gflops": gflops, "shape": list(moving.shape), **sizes,
-                   "results": results}, f, indent=2)
+        json.dump({"seconds": seconds, "matmul_gflops": gflops, "seed": seed, "quick": quick,
+                   "shipped_encoder": encoder is None, "shape": list(moving.shape), **sizes, "results": results}, f,
+                  indent=2)
     _figures(out_dir, data.images, fixed_labels, moved)
     print(f"results and figures written to {out_dir}/")
     return results

@@ -106,6 +106,7 @@ def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_pa
     assert "8 demo subjects (4 train, 4 test)" in printed
     assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES + ["results.json", "table.md"])
     results = json.loads((out / "results.json").read_text())
+    assert (results["seed"], results["quick"], results["shipped_encoder"]) == (0, True, False)  # what was run
     assert list(results["segmentation"]) == list(results["registration"]) == ["baseline", "CIFL"]
     assert list(results["segmentation"]["baseline"]) == ["t1", "t1_inverted", "t2", "pd"]
     assert list(results["registration"]["baseline"]) == ["t1->t1", "t1->t1_inverted", "t1->t2", "t1->pd"]

@@ -103,6 +103,7 @@ def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path
     assert "GFLOP/s" in printed and "wall time" in printed
     assert sorted(p.name for p in out.iterdir()) == ["registrations_3d_t2.png", "results.json", "table.md"]
     results = json.loads((out / "results.json").read_text())
+    assert (results["seed"], results["quick"], results["shipped_encoder"]) == (0, True, False)  # what was run
     assert list(results["results"]) == ["unregistered", "CIFL", "NCC X -> X"]
     scores = results["results"]["CIFL"]["t2"]
     assert set(scores["dice"]) == {"CSF", "GM", "WM"} and 0 < scores["mean_dice"] <= 1
