@@ -534,15 +534,15 @@ def _split_of_the_run(args):
     that the test part is the one its training held out; ValueError for options that differ from them."""
     run = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
     trained = checkpoint.read_settings(run) if os.path.isfile(os.path.join(run, checkpoint.SETTINGS_FILE)) else {}
-    same_data = trained.get("data") == os.path.abspath(args.data)
-    for key in ("split", "seed"):
-        given = json.loads(json.dumps(getattr(args, key)))  # as settings.json holds it
-        if same_data and getattr(args, key) is None:
-            setattr(args, key, trained[key])
-        elif same_data and given != trained[key]:
-            raise ValueError(f"--{key} {given} differs from the {key} {trained[key]} that {run} trained with on "
-                             f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
-                             f"leave --{key} out")
+    if trained.get("data") == os.path.abspath(args.data):
+        for key in ("split", "seed"):
+            given = json.loads(json.dumps(getattr(args, key)))  # as settings.json holds it
+            if given is None:
+                setattr(args, key, trained[key])
+            elif given != trained[key]:
+                raise ValueError(f"--{key} {given} differs from the {key} {trained[key]} that {run} trained with on "
+                                 f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
+                                 f"leave --{key} out")
     if args.seed is None:  # a model trained elsewhere, or without its run folder
         args.seed = 0
 

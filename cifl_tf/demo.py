@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from . import demo_data, experiments, figures, machine
-from .encoder import PRETRAINED_RECOMMENDED, pretrained, pretrained_info, pretrained_log
 from .checkpoint import SETTINGS_FILE
+from .encoder import PRETRAINED_RECOMMENDED, pretrained, pretrained_info, pretrained_log
 from .evaluate import segment
 from .models import warp
 from .training import read_settings

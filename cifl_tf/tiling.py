@@ -6,9 +6,9 @@ tile extended by `radius` pixels on every side as on the whole image, inside the
 cut into tiles, each extended by that halo (clipped at the image border, where the layer's own padding
 then applies as on the whole image), and the tiles' centres are put together again.
 """
+import bisect
 import functools
 import itertools
-import bisect
 import math
 
 import numpy as np

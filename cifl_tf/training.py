@@ -69,7 +69,7 @@ def multi_worker_strategy():
                          "workers as the tasks of a SLURM job step (srun)")
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    except tf.errors.UnknownError as error:  # TensorFlow's "Could not start gRPC server", and no more
+    except tf.errors.UnknownError as error:  # "Could not start gRPC server": the worker's port is taken
         raise OSError(f"strategy 'multiworker': this worker's server did not start ({error.message.splitlines()[0]}): "
                       f"is its port in use, by another program or by a worker given the same task?") from None
 
