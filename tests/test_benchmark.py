@@ -164,6 +164,7 @@ def test_script_refuses_a_3d_encoder_before_it_scores(tmp_path, monkeypatch, cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_script_scores_every_describer_and_writes_tables(oasis_tiny, tmp_path, monkeypatch, capsys):
     cifl_tf.save_encoder(cifl_tf.CIFLEncoder(channels=3, features=4), str(tmp_path / "enc.weights.h5"))
     # Tiny encoders in the shipped ones' columns: scoring those on every pair is most of a run, and what they

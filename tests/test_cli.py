@@ -524,6 +524,7 @@ def test_train_commands_take_their_defaults_from_the_python_api(command, functio
     assert {name: getattr(args, name) for name in names} == {name: defaults[name].default for name in names}
 
 
+@pytest.mark.integration
 def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
     """kill, timeout and SLURM send SIGTERM: the command ends with status 143 and removes its unfinished file."""
     volume = np.random.default_rng(0).random((64, 64, 64)).astype(np.float32)

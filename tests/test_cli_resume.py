@@ -46,6 +46,7 @@ def assert_same_weights(run_a, run_b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", sorted(TINY))
 def test_a_crashed_run_resumes_to_the_weights_of_an_uninterrupted_one(command, oasis_tiny, tmp_path, monkeypatch,
                                                                      capsys):

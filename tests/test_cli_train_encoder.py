@@ -206,6 +206,7 @@ def uninterrupted(tmp_path_factory):
     return run, printed.getvalue(), load_encoder(str(run))(IMAGE).numpy()
 
 
+@pytest.mark.integration
 def test_killed_after_an_epoch_resumes_exactly(tmp_path, uninterrupted):
     run = tmp_path / "run"
     kill_when(start_cifl(*KILLABLE, "--out", str(run)), lambda: (run / "backup" / "checkpoint").is_file())

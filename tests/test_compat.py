@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # fresh interpreters
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # What neurite and voxelmorph need once cifl_tf is imported.

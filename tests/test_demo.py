@@ -81,6 +81,7 @@ def test_demo_refuses_a_3d_encoder_and_a_log_without_one(tmp_path, encoder, log,
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.integration
 def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_path, monkeypatch, capsys,
                                                                          tiny_networks, baseline_and_cifl):
     run, out = tmp_path / "run", tmp_path / "out"
@@ -162,6 +163,7 @@ def test_the_cifl_command_restarts_the_demo_where_tensorflow_leaves_onednn_off(t
     assert ("restarting with TensorFlow's oneDNN kernels on" in result.stderr) == restarts
 
 
+@pytest.mark.integration
 def test_segmentation_seeds_trains_one_row_per_seed_on_the_same_subjects(tiny_networks, monkeypatch):
     # The CIFL column alone: a baseline column's rows would go through the same seeding in segmentation_row, which
     # CIFL's can also break through their encoder. The next test keeps several methods' rows apart.

@@ -83,6 +83,7 @@ def test_methods_compare_the_shipped_3d_encoder_or_the_given_one():
     assert compared["MI"] == (None, "mi") and compared["MIND"][0].ndim == 3
 
 
+@pytest.mark.integration
 def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path, monkeypatch, capsys):
     # One target and the CIFL row keep it short; the slow test below runs every method and target. The NCC X -> X
     # reference registers with a zero field: its calls are the next test's, and register_pair's NCC test_instance's.

@@ -895,6 +895,7 @@ PROCESS_CASES = {  # name -> (builder(folder, good) -> (argv, named), problem)
 }
 
 
+@pytest.mark.integration
 def test_a_real_process_prints_one_line_per_failure_and_reads_a_valid_file_within_the_same_address_space(
         good, tmp_path):
     """Each of PROCESS_CASES fails with exit status 2 and one line, no traceback and no file written; then a

@@ -37,6 +37,7 @@ def test_native_bfloat16_needs_onednn_and_bfloat16_units(monkeypatch, onednn_on,
     assert machine.native_bfloat16() is native
 
 
+@pytest.mark.integration
 def test_onednn_follows_tf_enable_onednn_opts():
     """What describe() says is what TF does. TF reads the variable once, at import: this process shows one
     state, a fresh interpreter with the variable set to the other shows the other."""

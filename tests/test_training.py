@@ -264,6 +264,7 @@ def cosine(learning_rate, step, steps):
     return learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
+@pytest.mark.integration
 def test_a_mixed_float16_cosine_run_resumes_to_the_weights_of_one_that_ran_through(tmp_path, monkeypatch):
     """3 steps in 3 epochs, interrupted after the first: the resumed run continues the optimizer exactly, its
     step, its loss scale and its learning-rate schedule, and ends with the weights of the run that ran through."""
@@ -375,6 +376,7 @@ print(json.dumps({"replicas": strategy.num_replicas_in_sync,
 """
 
 
+@pytest.mark.integration
 def test_trains_under_mirrored_strategy(tmp_path):
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "TF_CPP_MIN_LOG_LEVEL": "3"}
