@@ -283,7 +283,11 @@ def _segment(args):
     _nifti_output(args.output, {"input": args.input})
     model = models.load_model(args.model, "segmentation")
     image, affine, header = _model_input(args.input, model)
-    labels = segment(model, _normalized_batch(image), max_memory=args.max_memory)[0]
+    if model.encoder is None and args.max_memory != tiling.DEFAULT_MAX_MEMORY:
+        raise ValueError(f"--max-memory bounds the features of a model's encoder, and {args.model} has none (an "
+                         f"intensity baseline, run on the whole image)")
+    max_memory = None if model.encoder is None else args.max_memory
+    labels = segment(model, _normalized_batch(image), max_memory=max_memory)[0]
     labels = labels.astype(np.uint8 if model.nb_labels <= 256 else np.int32)
     data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
     print(f"label map written to {args.output}")
@@ -398,6 +402,10 @@ def _dataset(args, contrast, dim):
 
 def _parts(dataset, args):
     """{"train", "val", "test", "all"} -> Dataset: the subject split of --split and --seed."""
+    subjects = len(set(dataset.subjects))
+    if args.split is not None and isinstance(args.split[0], int) and sum(args.split) > subjects:
+        raise data.DataError(f"--split {','.join(map(str, args.split))} needs {sum(args.split)} subjects, "
+                             f"{args.data} holds {subjects}")
     return dict(zip(("train", "val", "test"), dataset.split(args.split, args.seed)), all=dataset)
 
 

@@ -788,7 +788,7 @@ def load_folder(folder, contrast="t1", **kwargs):
         raise DataError(f"{folder}: empty folder")
     if any(name.startswith("OASIS_") and os.path.isdir(os.path.join(folder, name)) for name in names):
         if contrast != "t1":
-            raise ValueError(f"load_folder: neurite-oasis images are T1, got contrast={contrast!r}")
+            raise DataError(f"{folder}: neurite-oasis images are T1, got contrast {contrast!r}")
         return load_oasis(folder, **kwargs)
     if any(os.path.isfile(os.path.join(folder, name, IXI_LABELS)) for name in names):
         return load_ixi(folder, contrasts=(contrast,), **kwargs)[contrast]

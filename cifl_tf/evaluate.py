@@ -13,8 +13,6 @@ import dataclasses
 import numpy as np
 
 from . import metrics, tiling
-from .descriptors import MIND
-from .encoder import CIFLEncoder
 from .models import RegistrationModel, SegmentationModel, warp
 
 
@@ -92,17 +90,20 @@ def segment(model, images, batch_size=8, verbose=0, max_memory=None):
         images: (N, *inshape) or (N, *inshape, 1), normalised as in training (``data.normalize``).
         max_memory: None runs the whole model on whole images; a number of bytes runs its encoder
             tile by tile within that budget (``tiling.tiled_features``, the same features), then the UNet.
+            A model without an encoder (the intensity baseline) takes None.
 
     Returns: (N, *inshape) int32.
     """
     if not isinstance(model, SegmentationModel):
         raise TypeError(f"segment: expected a SegmentationModel, got {type(model).__name__}")
     images = _images(images, model.inshape, "images")
-    encoder = next((layer for layer in model.layers if isinstance(layer, (CIFLEncoder, MIND))), None)
-    if max_memory is None or encoder is None:
+    if max_memory is not None and model.encoder is None:
+        raise ValueError(f"segment: max_memory bounds the features of the model's encoder, and {model.name} has "
+                         f"none (it takes the intensities); give max_memory=None")
+    if max_memory is None:
         probabilities = model.predict(images, batch_size=batch_size, verbose=verbose)
     else:
-        features = np.stack([tiling.tiled_features(encoder, image[..., 0], max_memory) for image in images])
+        features = np.stack([tiling.tiled_features(model.encoder, image[..., 0], max_memory) for image in images])
         probabilities = model.get_layer(f"{model.name}_unet").predict(features, batch_size=batch_size,
                                                                        verbose=verbose)
     return np.argmax(probabilities, axis=-1).astype(np.int32)

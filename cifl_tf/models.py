@@ -196,6 +196,11 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
         self._keep_arguments(inshape=list(inshape), nb_labels=int(nb_labels), encoder=_serialize(encoder), name=name,
                              **unet_kwargs)
 
+    @property
+    def encoder(self):
+        """The model's CIFLEncoder or MIND layer, or None where the UNet takes the intensities."""
+        return next((layer for layer in self.layers if isinstance(layer, (CIFLEncoder, MIND))), None)
+
     def head(self):
         """The UNet after the encoder, compiled as this model is: features (B, *inshape, F) -> softmax
         (B, *inshape, nb_labels), F the encoder's channels (1 without one). It shares this model's weights

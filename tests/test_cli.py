@@ -448,11 +448,29 @@ def _case_segmentation_is_input(files, tmp):
         r"a\.nii\.gz is the input image: the output would overwrite it"
 
 
+def _case_split_counts(files, tmp):
+    make_oasis(tmp / "oasis")
+    return ["train-seg", "--data", tmp / "oasis", "--out", "OUT", "--split", "5,0,0"], \
+        r"--split 5,0,0 needs 5 subjects, .*oasis holds 4$"
+
+
+def _case_oasis_contrast(files, tmp):
+    make_oasis(tmp / "oasis")
+    return ["train-seg", "--data", tmp / "oasis", "--out", "OUT", "--contrast", "t2"], \
+        r"error: .*oasis: neurite-oasis images are T1, got contrast 't2'$"
+
+
+def _case_memory_without_encoder(files, tmp):
+    return ["segment", "--model", files / "seg.keras", files / "a.nii.gz", "OUT", "--max-memory", "512M"], \
+        r"--max-memory bounds the features of a model's encoder, and .*seg\.keras has none"
+
+
 @pytest.mark.parametrize("case", [
     _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
     _case_data_shape, _case_nb_labels, _case_moving_contrast, _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
     _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
-    _case_output_is_input, _case_segmentation_is_input,
+    _case_output_is_input, _case_segmentation_is_input, _case_memory_without_encoder,
+    _case_split_counts, _case_oasis_contrast,
 ], ids=lambda case: case.__name__[len("_case_"):])
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(files, tmp_path, capsys, case):
     inputs = tmp_path / "in"

@@ -174,6 +174,7 @@ def test_tiled_features_rejects_wrong_dimensions_and_non_layers():
 def test_segment_with_a_tiled_encoder_equals_the_whole_model():
     encoder = cifl_tf.CIFLEncoder(channels=3, features=4)
     model = cifl_tf.segmentation_model((32, 32), 3, encoder, nb_features=4, nb_levels=2)
+    assert model.encoder is encoder
     images = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
     budget = tiling.bytes_per_pixel(encoder) * 20 ** 2  # tiles of 4 x 4 pixels and their halo
     probabilities = model.predict(images[..., np.newaxis], verbose=0)
@@ -181,3 +182,11 @@ def test_segment_with_a_tiled_encoder_equals_the_whole_model():
     assert confident.mean() > 0.9  # pixels whose label float rounding cannot flip
     tiled = evaluate.segment(model, images, max_memory=budget)
     np.testing.assert_array_equal(tiled[confident], evaluate.segment(model, images)[confident])
+
+
+def test_segment_refuses_a_memory_budget_for_a_model_without_an_encoder():
+    model = cifl_tf.segmentation_model((16, 16), 3, nb_features=4, nb_levels=2)
+    assert model.encoder is None
+    with pytest.raises(ValueError, match=r"max_memory bounds the features of the model's encoder, and "
+                                         r"cifl_segmentation has none"):
+        evaluate.segment(model, np.zeros((1, 16, 16), np.float32), max_memory=2 ** 20)
