@@ -168,6 +168,8 @@ def test_model_round_trips_through_a_keras_file_in_safe_mode(tiny, kind, with_en
     np.testing.assert_array_equal(_outputs(loaded, images), _outputs(model, images))
     assert [layer.trainable for layer in _all_layers(loaded) if isinstance(layer, cifl_tf.CIFLEncoder)] == \
         ([False] if with_encoder else [])
+    if kind == "segmentation":
+        assert isinstance(loaded.encoder, cifl_tf.CIFLEncoder) if with_encoder else loaded.encoder is None
     assert type(loaded.loss) is type(model.loss)  # compiled as it was saved: loss and optimiser
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert models.load_model(str(tmp_path), kind).get_config() == model.get_config()
