@@ -224,7 +224,7 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
                    "shipped_encoder": encoder is None, **summary}, f, indent=2, default=float)
 
     _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL], logs)
-    print(f"results and figures written to {out_dir}/")
+    print(f"results and figures written to {out_dir}/, {time.time() - start:.0f} s in all")
     return {"segmentation": seg, "registration": reg}
 
 

@@ -115,7 +115,7 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
                    "shipped_encoder": encoder is None, "shape": list(moving.shape), **sizes, "results": results}, f,
                   indent=2)
     _figures(out_dir, data.images, fixed_labels, moved)
-    print(f"results and figures written to {out_dir}/")
+    print(f"results and figures written to {out_dir}/, {time.perf_counter() - start:.0f} s in all")
     return results
 
 

@@ -105,6 +105,8 @@ def test_quick_demo_with_an_encoder_run_writes_tables_results_and_figures(tmp_pa
     printed = capsys.readouterr().out
     assert "Segmentation Dice (trained on T1)" in printed and "Registration Dice (trained on T1 pairs)" in printed
     assert "8 demo subjects (4 train, 4 test)" in printed
+    assert re.fullmatch(rf"results and figures written to {re.escape(str(out))}/, \d+ s in all",
+                        printed.splitlines()[-1])  # the wall time of the tables above, and of the figures
     assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES + ["results.json", "table.md"])
     results = json.loads((out / "results.json").read_text())
     assert (results["seed"], results["quick"], results["shipped_encoder"]) == (0, True, False)  # what was run

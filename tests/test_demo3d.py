@@ -102,6 +102,8 @@ def test_quick_3d_demo_with_an_encoder_writes_table_results_and_figures(tmp_path
     assert cli.main(["demo", "--3d", "--quick", "--encoder", str(tmp_path / "enc.weights.h5"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "GFLOP/s" in printed and "wall time" in printed
+    assert re.fullmatch(rf"results and figures written to {re.escape(str(out))}/, \d+ s in all",
+                        printed.splitlines()[-1])  # the wall time of the tables above, and of the figures
     assert sorted(p.name for p in out.iterdir()) == ["registrations_3d_t2.png", "results.json", "table.md"]
     results = json.loads((out / "results.json").read_text())
     assert (results["seed"], results["quick"], results["shipped_encoder"]) == (0, True, False)  # what was run
