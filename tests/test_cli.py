@@ -365,10 +365,20 @@ def _case_data_shape(files, tmp):
         r"oasis: its images are \(12, 20\), the model .*seg\.keras takes \(16, 20\)"
 
 
-def _case_nb_labels(files, tmp):
-    make_oasis(tmp / "oasis")
-    return ["train-seg", "--data", tmp / "oasis", "--out", "OUT", "--nb-labels", "0"], \
-        r"--nb-labels must be an integer >= 2 .*got 0"
+def _train_seg_case(name, option, value, message):
+    """A case of `cifl train-seg` on a folder of 4 subjects with one bad option."""
+    def case(files, tmp):
+        make_oasis(tmp / "oasis")
+        return ["train-seg", "--data", tmp / "oasis", "--out", "OUT", option, value], message
+    case.__name__ = f"_case_{name}"
+    return case
+
+
+_case_nb_labels = _train_seg_case("nb_labels", "--nb-labels", "0", r"--nb-labels must be an integer >= 2 .*got 0")
+_case_split_counts = _train_seg_case("split_counts", "--split", "5,0,0",
+                                     r"--split 5,0,0 needs 5 subjects, .*oasis holds 4$")
+_case_oasis_contrast = _train_seg_case("oasis_contrast", "--contrast", "t2",
+                                       r"error: .*oasis: neurite-oasis images are T1, got contrast 't2'$")
 
 
 def _case_moving_contrast(files, tmp):
@@ -446,18 +456,6 @@ def _case_segmentation_is_input(files, tmp):
     path = _bad_slice(tmp, "a.nii.gz", np.ones(SLICE, np.float32))
     return ["segment", "--model", files / "seg.keras", path, path], \
         r"a\.nii\.gz is the input image: the output would overwrite it"
-
-
-def _case_split_counts(files, tmp):
-    make_oasis(tmp / "oasis")
-    return ["train-seg", "--data", tmp / "oasis", "--out", "OUT", "--split", "5,0,0"], \
-        r"--split 5,0,0 needs 5 subjects, .*oasis holds 4$"
-
-
-def _case_oasis_contrast(files, tmp):
-    make_oasis(tmp / "oasis")
-    return ["train-seg", "--data", tmp / "oasis", "--out", "OUT", "--contrast", "t2"], \
-        r"error: .*oasis: neurite-oasis images are T1, got contrast 't2'$"
 
 
 def _case_memory_without_encoder(files, tmp):
