@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from .data import first_line, read_json, write_atomically, write_json
-from .tiling import check_images
+from .tiling import check_images, check_layer
 from .triplanar import Triplanar
 
 KL = tf.keras.layers
@@ -312,6 +312,7 @@ def inflate(encoder):
 
 def encoder_model(encoder, name="cifl_encoder_model"):
     """Wraps an encoder layer into a Model (B, *spatial, 1) -> (B, *spatial, C) of any spatial size."""
+    check_layer(encoder)
     images = tf.keras.Input((None,) * encoder.ndim + (1,), name="image")
     return tf.keras.Model(images, encoder(images), name=name)
 

@@ -52,6 +52,8 @@ def contrastive_loss(f1, f2, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, per_sam
     Returns: the batch mean (a scalar), or (B,) with per_sample=True.
     """
     _check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"contrastive_loss: per_sample must be True or False, got {per_sample!r}")
     f1, f2, channels = _feature_pair(f1, f2, "contrastive_loss")
 
     # Channel images as unit vectors over pixels: (B, C, N).
@@ -175,13 +177,20 @@ class NCC(vxm.losses.NCC):
     signed correlation with ``signed=True`` (the sums also run over the F channels, as voxelmorph's do).
     """
 
+    def __init__(self, win=None, eps=1e-5, signed=False):
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+            raise ValueError(f"NCC: eps must be a positive number (a zero variance would give NaN), got {eps!r}")
+        if not isinstance(signed, bool):
+            raise TypeError(f"NCC: signed must be True or False, got {signed!r}")
+        super().__init__(win=win, eps=eps, signed=signed)
+
     def ncc(self, Ii, Ji):
         Ji = tf.convert_to_tensor(Ji)
         Ii = tf.cast(Ii, Ji.dtype)  # y_true to y_pred's dtype, as Keras losses do
         ndims = Ji.shape.rank - 2
         if ndims not in (1, 2, 3):
             raise ValueError(f"NCC: images need shape (B, *spatial, F) with 1 to 3 spatial axes, got {Ji.shape}")
-        if not Ii.shape[1:].is_compatible_with(Ji.shape[1:]):  # broadcast, they would give values outside [-1, 0]
+        if not Ii.shape.is_compatible_with(Ji.shape):  # broadcast, they would give values outside [-1, 0]
             raise ValueError(f"NCC: y_true {Ii.shape} and y_pred {Ji.shape} differ in shape")
         win = [9] * ndims if self.win is None else list(self.win) if isinstance(self.win, (list, tuple)) \
             else [self.win] * ndims

@@ -185,6 +185,8 @@ def check_images(layer, ndim, input_shape):
     if shape.rank is not None and (shape.rank != ndim + 2 or shape[-1] != 1):
         raise ValueError(f"{layer} expects single-channel inputs of rank {ndim + 2} (batch, spatial..., 1), "
                          f"got shape {tuple(shape)}")
+    if shape.rank is not None and 0 in shape[1:-1]:
+        raise ValueError(f"{layer}: the image is empty, shape {tuple(shape)}")
 
 
 def check_layer(layer):

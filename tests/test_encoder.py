@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from cifl_tf import CIFLEncoder, FeatureStack, L2Normalize, Triplanar, load_encoder, save_encoder
 from cifl_tf.descriptors import MIND
-from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize, dilated, inflate
+from cifl_tf.encoder import ARCHITECTURES, CONTEXT_DILATIONS, LocalNormalize, dilated, encoder_model, inflate
 
 
 def images(shape, seed=0):
@@ -195,6 +195,12 @@ def test_bad_arguments_raise(kwargs, message):
         CIFLEncoder(**kwargs)
 
 
+@pytest.mark.parametrize("layer", ["x", tf.keras.layers.Conv2D(4, 3)])
+def test_encoder_model_refuses_what_is_not_an_encoder(layer):
+    with pytest.raises(TypeError, match=rf"expected a Keras layer with ndim .*got {type(layer).__name__}"):
+        encoder_model(layer)
+
+
 @pytest.mark.parametrize("name", ["inversion_invariant", "use_bias"])
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_switches_must_be_bools(name, value):
@@ -210,6 +216,13 @@ def test_inputs_must_be_single_channel_images_of_its_rank(ndim, shape, built):
         encoder(images((1,) + (6,) * ndim))
     with pytest.raises(ValueError, match=rf"ndim={ndim}\) expects single-channel inputs of rank {ndim + 2}"):
         encoder(np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize("layer", [CIFLEncoder(channels=2, features=4), MIND(2)], ids=["encoder", "mind"])
+@pytest.mark.parametrize("shape", [(1, 0, 8, 1), (1, 8, 0, 1)])
+def test_an_empty_image_is_refused_as_empty(layer, shape):
+    with pytest.raises(ValueError, match=r"ndim=2\): the image is empty, shape \(1, [08], [08], 1\)"):
+        layer(np.zeros(shape, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32])

@@ -273,10 +273,28 @@ def test_ncc_rejects_bad_images_and_windows(win, shape, message):
         cifl_tf.losses.NCC(win=win).loss(np.ones(shape, np.float32), np.ones(shape, np.float32))
 
 
-@pytest.mark.parametrize("true_shape", [(1, 12, 12, 1), (1, 12, 10, 3)])
+@pytest.mark.parametrize("true_shape", [(1, 12, 12, 1), (1, 12, 10, 3), (2, 12, 12, 3)])
 def test_ncc_rejects_images_of_other_shapes(true_shape):
-    with pytest.raises(ValueError, match=r"NCC: y_true \(1, 12, 1[02], [13]\) and y_pred \(1, 12, 12, 3\) differ"):
+    with pytest.raises(ValueError, match=rf"NCC: y_true \({', '.join(map(str, true_shape))}\) and y_pred "
+                                         r"\(1, 12, 12, 3\) differ"):
         cifl_tf.losses.NCC().loss(np.ones(true_shape, np.float32), np.ones((1, 12, 12, 3), np.float32))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"eps": 0}, ValueError, r"NCC: eps must be a positive number .*got 0$"),
+    ({"eps": -1e-5}, ValueError, r"got -1e-05$"),
+    ({"eps": "1e-5"}, ValueError, r"got '1e-5'$"),
+    ({"signed": "yes"}, TypeError, r"NCC: signed must be True or False, got 'yes'"),
+])
+def test_ncc_rejects_bad_eps_and_signed(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cifl_tf.losses.NCC(**kwargs)
+
+
+def test_contrastive_loss_refuses_a_per_sample_that_is_not_a_bool():
+    f1, f2 = features((2, 4, 4, 2), seed=0)
+    with pytest.raises(TypeError, match="per_sample must be True or False, got 'no'"):
+        contrastive_loss(f1, f2, per_sample="no")
 
 
 def test_ncc_takes_a_tuple_window_as_a_list():
