@@ -176,7 +176,8 @@ def graph_call(layer):
 
 
 def check_images(layer, ndim, input_shape):
-    """ValueError naming `layer` unless `input_shape` is that of single-channel images of `ndim` (B, *spatial, 1).
+    """ValueError naming `layer` unless `input_shape` is that of single-channel images of `ndim` (B, *spatial, 1),
+    none of whose spatial axes is empty.
 
     Layers check in call() as well as in build(), on the static shape (when tracing only): build() sees the first
     input's shape only, and another rank could reach oneDNN's kernels, which abort the process. An unknown rank
