@@ -57,7 +57,8 @@ def convolve(images, kernel, padding):
 class L2Normalize(KL.Layer):
     """Puts each pixel's feature vector on the unit sphere (paper Sec. 2, Wang and Isola 2020).
 
-    (B, *spatial, C) -> (B, *spatial, C). All-zero vectors stay zero instead of becoming NaN.
+    (B, *spatial, C) -> (B, *spatial, C). All-zero vectors stay zero instead of becoming NaN: the divisor is at
+    least 1e-6 (epsilon 1e-12 on the sum of squares), so vectors shorter than that come out shorter than 1.
     """
 
     def call(self, features):
@@ -174,7 +175,9 @@ class CIFLEncoder(KL.Layer):
             k != 0), or LocalNormalize(x). The features are thus unchanged when the image is scaled about 0 (about
             1/2 with inversion_invariant; with local_normalization, nearly, as its epsilon is not scaled), where
             biases set thresholds on contrast; up to rounding under a 16-bit policy. A pixel whose receptive field
-            sees y = 0 only gets the zero vector. Measured as a lever in docs/levers.md; not the shipped encoders'.
+            sees y = 0 only gets the zero vector, and one whose features before L2Normalize are shorter than 1e-6
+            (k of about 1e-6 and below) gets features shorter than 1. Measured as a lever in docs/levers.md; not
+            the shipped encoders'.
         dtype: as for any Keras layer, also a mixed precision policy ("mixed_bfloat16", "mixed_float16"):
             the convolutions then compute in 16 bits, while the weights, the normalisations and the
             features stay at the variables' dtype (float32).
