@@ -176,8 +176,8 @@ class CIFLEncoder(KL.Layer):
             1/2 with inversion_invariant; with local_normalization, nearly, as its epsilon is not scaled), where
             biases set thresholds on contrast; up to rounding under a 16-bit policy. A pixel whose receptive field
             sees y = 0 only gets the zero vector, and one whose features before L2Normalize are shorter than 1e-6
-            (k of about 1e-6 and below) gets features shorter than 1. Measured as a lever in docs/levers.md; not
-            the shipped encoders'.
+            (a small enough k) gets features shorter than 1. Measured as a lever in docs/levers.md; not the
+            shipped encoders'.
         dtype: as for any Keras layer, also a mixed precision policy ("mixed_bfloat16", "mixed_float16"):
             the convolutions then compute in 16 bits, while the weights, the normalisations and the
             features stay at the variables' dtype (float32).
