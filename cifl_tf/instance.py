@@ -33,7 +33,7 @@ import tensorflow as tf
 
 import voxelmorph as vxm
 
-from . import data, tiling, transform
+from . import data, models, tiling, transform
 from .encoder import pretrained
 from .losses import NCC
 from .synth import stream_options
@@ -43,8 +43,9 @@ KL = tf.keras.layers
 
 SIMILARITIES = ("mse", "ncc", "mi")
 # Smoothness weights for images and features in [0, 1]: voxelmorph's recommendation for NCC and MSE
-# (1, 0.01); for MI, the weight that registered best on the 2D phantoms of tests/test_instance.py.
-REG_WEIGHTS = {"ncc": 1.0, "mse": 0.01, "mi": 0.01}
+# (models.REG_WEIGHTS); for MI, NCC's: at 0.01 MI folded voxels on the OASIS slices, the 3D demo and the OASIS
+# volume, and left the volume below unregistered (docs/registration.md, "Mutual information's smoothness").
+REG_WEIGHTS = {**models.REG_WEIGHTS, "mi": models.REG_WEIGHTS["ncc"]}
 MOVED_FEATURES = ("warped", "encoded")
 # register_pair's moved_features by the images' ndim. Measured with levels (4, 2, 1) of 100 steps (README,
 # "Registering a pair without training", and docs/registration.md): on the OASIS sample's slices (both

@@ -91,6 +91,14 @@ def test_features_are_compared_by_ncc_unless_told_otherwise():
     assert np.abs(default - cifl_tf.register_pair(moving, t2, similarity="mse", **kwargs)).max() > 1e-3
 
 
+def test_mutual_information_is_smoothed_as_ncc_is():
+    """MI's default weight is NCC's: voxelmorph's MSE weight, 0.01, folded MI's fields (docs/registration.md)."""
+    moving, _, t2, _, _ = warped_pair((16, 16))
+    kwargs = dict(encoder=None, similarity="mi", steps=5, **SMALL_GRAPH)
+    np.testing.assert_allclose(cifl_tf.register_pair(moving, t2, **kwargs),
+                               cifl_tf.register_pair(moving, t2, reg_weight=1.0, **kwargs), atol=1e-6)
+
+
 def test_moved_features_encoded_and_a_cifl_encoder():
     moving, t1, _, moving_labels, fixed_labels = warped_pair((32, 32))
     encoder = cifl_tf.pretrained(0.01, trainable=True)  # the caller's layer: register_pair leaves it as it was
