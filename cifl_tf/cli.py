@@ -362,8 +362,10 @@ def _register(args):
         data.save_nifti(args.warp, displacement.reshape(_file_axes(header) + displacement.shape[-1:]), affine, header,
                         channels=True)
     data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
+    voxels = math.prod(displacement.shape[:-1])
+    folded = round(folding_fraction(displacement) * voxels)  # a count: one voxel of millions rounds to 0.000%
     print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else "")
-          + f"; folded voxels: {100 * folding_fraction(displacement):.3f}%")
+          + f"; folded voxels: {folded} of {voxels} ({100 * folded / voxels:.3f}%)")
 
 
 def _registration_encoder(args, ndim):

@@ -84,9 +84,18 @@ def register(pair, capsys, *options):
     return status, stdout, data.load_nifti(pair / "warp.nii.gz", channels=True)[0] if status == 0 else None
 
 
+def test_register_counts_a_single_folded_voxel(pair, capsys, monkeypatch):
+    field = np.zeros((32, 32, 2), np.float32)
+    field[10, 10, 0] = 3.0  # by central differences, det = 1 - 3 / 2 < 0 at (11, 10) only
+    assert metrics.folding_fraction(field) == 1 / 1024
+    monkeypatch.setattr(cli, "register_pair", lambda *args, **kwargs: field)
+    status, stdout, _ = register(pair, capsys)
+    assert status == 0 and "folded voxels: 1 of 1024 (0.098%)" in stdout
+
+
 def test_register_without_a_model_writes_on_the_fixed_grid(pair, capsys):
     status, stdout, displacement = register(pair, capsys, "--levels", "1", "--steps", 2)
-    assert status == 0 and "moved image written" in stdout and "folded voxels: 0.000%" in stdout
+    assert status == 0 and "moved image written" in stdout and "folded voxels: 0 of 1024 (0.000%)" in stdout
     moved, warp = nib.load(pair / "moved.nii.gz"), nib.load(pair / "warp.nii.gz")
     fixed = nib.load(pair / "fixed.nii.gz")
     assert moved.shape == fixed.shape and displacement.shape == (32, 32, 2)
