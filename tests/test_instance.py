@@ -92,7 +92,7 @@ def test_features_are_compared_by_ncc_unless_told_otherwise():
 
 
 def test_mutual_information_is_smoothed_as_ncc_is():
-    """MI's default weight is NCC's: voxelmorph's MSE weight, 0.01, folded MI's fields (docs/registration.md)."""
+    """MI's default weight is NCC's: the 0.01 it had before folded MI's fields (docs/registration.md)."""
     moving, _, t2, _, _ = warped_pair((16, 16))
     kwargs = dict(encoder=None, similarity="mi", steps=5, **SMALL_GRAPH)
     np.testing.assert_allclose(cifl_tf.register_pair(moving, t2, **kwargs),

@@ -14,6 +14,7 @@ import pytest
 from cifl_tf import load_encoder
 
 pytestmark = pytest.mark.integration  # worker processes of their own
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGE = np.random.default_rng(0).uniform(size=(1, 32, 32, 1)).astype(np.float32)
 
