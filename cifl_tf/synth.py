@@ -7,7 +7,7 @@ That one map is rendered twice with independent random intensities, noise, bias 
 gamma, as neurite's ``labels_to_image`` renders, giving two voxel-aligned images of the same
 anatomy in two contrasts. Everything runs in the TF graph of a ``tf.data`` pipeline.
 
-Batch k of a stream is a pure function of (seed, k). neurite's ``draw_perlin`` and
+Batch k of a stream is a pure function of (seed, k) and the batch size. neurite's ``draw_perlin`` and
 ``labels_to_image`` draw with op-seeded stateful random ops, whose output depends on how often and
 in which order the ops ran before: seeded runs repeated only if batches were made one after the
 other from the start of the stream, one sample at a time. So this module keeps their model (the
@@ -55,6 +55,14 @@ def _positive_ints(name, values):
     return values
 
 
+def check_shape(shape):
+    """`shape` as a tuple of positive ints, 2D or 3D; else a ValueError naming it."""
+    shape = _positive_ints("shape", shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape must be 2D or 3D, got {shape!r}")
+    return shape
+
+
 def _integer(name, value, least):
     """`value` as an int: an integer, Python's or NumPy's, >= least; else a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
@@ -88,9 +96,10 @@ def _check_render_args(args, num_labels):
             kind, low = ("finite", -np.inf) if name.startswith("mean") else ("non-negative", 0)
             check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, low),
                   f"a {kind} number or {num_labels} of them (one per label)")
+    ranges = intensity_ranges(args, num_labels)
     for low, high in (("mean_min", "mean_max"), ("std_min", "std_max")):
-        if args[low] is not None and args[high] is not None and np.any(np.asarray(args[low]) > args[high]):
-            raise ValueError(f"{low} {args[low]!r} is above {high} {args[high]!r}")
+        if np.any(ranges[low] > ranges[high]):  # a bound left out is neurite's, per label
+            raise ValueError(f"{low} {_given(args, low)} is above {high} {_given(args, high)}")
     check("zero_background", lambda array: array.shape == () and 0 <= array <= 1, "a number in [0, 1]")
     check("bias_res", lambda array: array.ndim <= 1 and array.size and within(array, np.nextafter(0, 1)),
           "a positive number or a list of them")
@@ -99,6 +108,20 @@ def _check_render_args(args, num_labels):
     for name in ("bias_modulate", "blur_modulate", "normalize"):
         if not isinstance(args[name], (bool, np.bool_)):
             raise ValueError(f"{name} must be True or False, got {args[name]!r}")
+
+
+def intensity_ranges(args, num_labels):
+    """{mean_min, mean_max, std_min, std_max: (num_labels,) float32}: the bounds of the labels' mean and SD
+    draws, where a bound is None neurite's labels_to_image's per label (background 0-225 and SD 0-25, the
+    other labels 25-225 and 5-25)."""
+    defaults = {"mean_min": [0] + [25] * (num_labels - 1), "mean_max": [225] * num_labels,
+                "std_min": [0] + [5] * (num_labels - 1), "std_max": [25] * num_labels}
+    return {name: np.broadcast_to(np.float32(default if args[name] is None else args[name]), num_labels)
+            for name, default in defaults.items()}
+
+
+def _given(args, name):
+    return repr(args[name]) if args[name] is not None else f"(neurite's default per label, {name} unset)"
 
 
 def stream_seed(seed):
@@ -205,10 +228,10 @@ def _resolution_matrix(size, factor):
     sigma = tf.maximum(FWHM_SD * tf.sqrt(factor ** 2 - 1), 1e-3)  # 1e-3: exp underflows to the identity
     blur = tf.exp(-0.5 * (positions[:, None] - positions[None, :]) ** 2 / sigma ** 2)
     blur /= tf.reduce_sum(blur, axis=1, keepdims=True)
-    cell = tf.floor(positions / factor)
-    weight = (positions / factor - cell)[:, None]
-    samples = ((1 - weight) * _interpolation_rows(cell * factor, size)
-               + weight * _interpolation_rows(tf.minimum((cell + 1) * factor, size - 1), size))
+    first = tf.floor(positions / factor) * factor
+    last = tf.minimum(first + factor, size - 1)  # the last sample is at the last voxel
+    weight = ((positions - first) / tf.maximum(last - first, 1e-6))[:, None]
+    samples = (1 - weight) * _interpolation_rows(first, size) + weight * _interpolation_rows(last, size)
     return samples @ blur
 
 
@@ -255,9 +278,7 @@ class ShapesSynth:
     def __init__(self, shape, num_labels=16, label_scales=(8, 16, 32, 64), label_std=1.0,
                  warp_std=2.0, warp_scales=(16, 32), tie_prob=0.0, tie_jitter=10.0, low_contrast_prob=0.0,
                  low_contrast_min=0.1, resolution_max=1.0, seed=None, **render_kwargs):
-        self.shape = _positive_ints("shape", shape)
-        if len(self.shape) not in (2, 3):
-            raise ValueError(f"shape must be 2D or 3D, got {self.shape!r}")
+        self.shape = check_shape(shape)
         num_labels = _integer("num_labels", num_labels, 2)
         self.label_scales = _positive_ints("label_scales", label_scales)
         self.warp_scales = _positive_ints("warp_scales", warp_scales)
@@ -316,16 +337,13 @@ class ShapesSynth:
         batch_size, ndim = labels.shape[0], len(self.shape)
         per_image = (batch_size, *[1] * ndim, 1)
         num = self.num_labels
-        low_mean = [0] + [25] * (num - 1) if args["mean_min"] is None else args["mean_min"]
-        high_mean = [225] * num if args["mean_max"] is None else args["mean_max"]
-        low_std = [0] + [5] * (num - 1) if args["std_min"] is None else args["std_min"]
-        high_std = [25] * num if args["std_max"] is None else args["std_max"]
-        mean = _uniform(keys["mean"], (batch_size, num), np.float32(low_mean), np.float32(high_mean))
+        ranges = intensity_ranges(args, num)
+        mean = _uniform(keys["mean"], (batch_size, num), ranges["mean_min"], ranges["mean_max"])
         if self.tie_prob > 0:
             mean = self._tie(keys, mean)
         if self.low_contrast_prob > 0:
             mean = self._low_contrast(keys, mean)
-        std = _uniform(keys["std"], (batch_size, num), np.float32(low_std), np.float32(high_std))
+        std = _uniform(keys["std"], (batch_size, num), ranges["std_min"], ranges["std_max"])
         mean_std = tf.gather(tf.stack([mean, std], axis=-1), labels[..., 0], batch_dims=1)  # one gather for both
         image = tf.random.stateless_normal(labels.shape, keys["noise"]) * mean_std[..., 1:] + mean_std[..., :1]
         if args["zero_background"] > 0:

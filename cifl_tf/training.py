@@ -29,7 +29,7 @@ from .data import write_atomically, write_json
 from .encoder import (ARCHITECTURES, PRETRAINED_DIR, PRETRAINED_NAMES, CIFLEncoder, encoder_model, inflate,
                       load_encoder, positive_number, save_encoder)
 from .losses import check_scales, multiscale_contrastive_loss, pixel_contrastive_loss
-from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, contrast_pairs, stream_seed
+from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, check_shape, contrast_pairs, stream_seed
 
 
 def compile_for_fit(model, outputs=None, **compile_kwargs):
@@ -354,7 +354,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
 
     Returns: the trained CIFLEncoder.
     """
-    shape = tuple(shape)
+    shape = check_shape(shape)
     init = os.fspath(init) if isinstance(init, os.PathLike) else init
     for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

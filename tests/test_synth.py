@@ -166,6 +166,10 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
      "std_max must be a non-negative number or 2 of them (one per label), got [5, -1]"),
     (dict(shape=(32, 32), mean_min=200, mean_max=10), "mean_min 200 is above mean_max 10"),
     (dict(shape=(32, 32), num_labels=2, std_min=[0, 6], std_max=[5, 5]), "std_min [0, 6] is above std_max [5, 5]"),
+    # one bound given: the other is neurite's per label (means 25-225, SDs 5-25 but the background's)
+    (dict(shape=(32, 32), mean_min=300), "mean_min 300 is above mean_max (neurite's default per label, mean_max unset)"),
+    (dict(shape=(32, 32), mean_max=10), "mean_min (neurite's default per label, mean_min unset) is above mean_max 10"),
+    (dict(shape=(32, 32), std_min=30), "std_min 30 is above std_max (neurite's default per label, std_max unset)"),
     (dict(shape=(32, 32), zero_background=1.5), "zero_background must be a number in [0, 1], got 1.5"),
     (dict(shape=(32, 32), bias_res=[40, 0]), "bias_res must be a positive number or a list of them, got [40, 0]"),
     (dict(shape=(32, 32), normalize=1), "normalize must be True or False, got 1"),
@@ -398,8 +402,8 @@ def test_the_encoder_training_stream_keeps_the_synthesis_stream_options(monkeypa
 
 def resolution_reference(size, factor):
     """_resolution_matrix written from its definition, column by column: the unit impulse at each voxel blurred
-    by a normalised Gaussian of SD FWHM_SD sqrt(factor^2 - 1), read at 0, factor, 2 factor, ... (np.interp,
-    clipped to the last voxel), and those samples interpolated linearly at every voxel."""
+    by a normalised Gaussian of SD FWHM_SD sqrt(factor^2 - 1), read at 0, factor, 2 factor, ... and at the last
+    voxel (np.interp), and those samples interpolated linearly at every voxel."""
     positions = np.arange(size, dtype=np.float64)
     sigma = FWHM_SD * np.sqrt(factor ** 2 - 1)
     columns = []
@@ -409,9 +413,8 @@ def resolution_reference(size, factor):
             blurred = (weights / weights.sum(axis=1, keepdims=True))[:, voxel]
         else:
             blurred = np.eye(size)[voxel]
-        samples = np.minimum(np.arange(0, size + factor, factor), size - 1)
-        columns.append(np.interp(positions, np.arange(0, size + factor, factor)[:len(samples)],
-                                 np.interp(samples, positions, blurred)))
+        samples = np.unique(np.minimum(np.arange(0, size + factor, factor), size - 1))
+        columns.append(np.interp(positions, samples, np.interp(samples, positions, blurred)))
     return np.stack(columns, axis=1)
 
 

@@ -108,6 +108,9 @@ def test_run_folder_loads_as_the_trained_encoder(trained):
     ("new", dict(resume=True), FileNotFoundError, "no run to resume"),
     (None, dict(resume=True), ValueError, "resume needs out_dir"),
     (None, dict(steps=0), ValueError, "steps must be a positive integer, got 0"),
+    # the shape itself, before what is checked against it (max_offset, the encoder's ndim)
+    (None, dict(shape=(8, 8, 8, 8)), ValueError, r"shape must be 2D or 3D, got \(8, 8, 8, 8\)"),
+    (None, dict(shape=32), ValueError, "shape must be positive integers, got 32"),
     (None, dict(max_offset=32), ValueError, "max_offset 32 must be smaller than the crop shape"),
     (None, dict(max_offset=-1), ValueError, "max_offset must be a non-negative integer, got -1"),
     (None, dict(strategy="tpu"), ValueError, "strategy must be one of"),
@@ -137,7 +140,7 @@ def test_train_encoder_refuses(request, tmp_path, run, kwargs, error, message):
     out_dir = {"trained": lambda: request.getfixturevalue("trained")[1],
                "interrupted": lambda: str(request.getfixturevalue("interrupted_run")()),
                "new": lambda: str(tmp_path / "new"), None: lambda: None}[run]()
-    settings = {**INTERRUPTED_RUN, **kwargs} if run == "interrupted" else dict(shape=(32, 32), **kwargs)
+    settings = {**INTERRUPTED_RUN, **kwargs} if run == "interrupted" else {"shape": (32, 32), **kwargs}
     with pytest.raises(error, match=message):
         train_encoder(out_dir=out_dir, verbose=0, **settings)
     if run == "new" and not kwargs.get("resume"):
