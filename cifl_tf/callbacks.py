@@ -12,6 +12,10 @@ class NonFiniteLossError(ValueError):
     """Training produced a NaN or Inf loss (or weights); the checkpoints on disk hold the last good epoch."""
 
 
+# --resume keeps a run's settings: a lower learning rate is a new run.
+_REMEDY = ("lower the learning rate in a new run (another output folder) or check the data for NaN/Inf values")
+
+
 class StopOnNonFinite(tf.keras.callbacks.Callback):
     """Raises NonFiniteLossError when the batch loss is NaN/Inf, or the weights are at an epoch end.
 
@@ -26,8 +30,7 @@ class StopOnNonFinite(tf.keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
             raise NonFiniteLossError(f"training stopped: the loss is {float(loss)} at step {batch + 1} of epoch "
-                                     f"{self._epoch + 1} (nothing of this epoch saved); lower the learning rate "
-                                     f"or check the data for NaN/Inf values")
+                                     f"{self._epoch + 1} (nothing of this epoch saved); {_REMEDY}")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -35,4 +38,4 @@ class StopOnNonFinite(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not all(np.all(np.isfinite(w)) for w in self.model.get_weights()):
             raise NonFiniteLossError(f"training stopped: the weights are NaN/Inf after epoch {epoch + 1} (not "
-                                     f"saved); lower the learning rate or check the data for NaN/Inf values")
+                                     f"saved); {_REMEDY}")

@@ -91,13 +91,15 @@ def _given_settings(args):
     are None (their defaults are train_encoder's), so that --resume tells a repeated setting from a default."""
     given = {key: getattr(args, key) for key in SETTINGS if key not in _OPTION_OF_SETTING}
     given.update(use_bias=False if args.no_bias else None, synth_kwargs=args.synth)
+    if given.get("init") is not None and os.path.exists(given["init"]):  # a path: absolute, as train-seg stores them
+        given["init"] = os.path.abspath(given["init"])
     return json.loads(json.dumps({key: value for key, value in given.items() if value is not None}))
 
 
 def _train_encoder(args):
     _output_folder(args.out)
     given = _given_settings(args)
-    dim = args.dim or 2
+    dim = args.dim or len(given.get("shape", [96] * 2))
     if len(given.get("shape", [96] * dim)) != dim:
         raise ValueError(f"--shape {'x'.join(map(str, given['shape']))} does not have --dim {dim} sizes")
     if not args.resume:
@@ -544,15 +546,19 @@ def _split_of_the_run(args):
     that the test part is the one its training held out; ValueError for options that differ from them."""
     run = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
     trained = checkpoint.read_settings(run) if os.path.isfile(os.path.join(run, checkpoint.SETTINGS_FILE)) else {}
-    if trained.get("data") == os.path.abspath(args.data):
+    if trained.get("data") and os.path.realpath(trained["data"]) == os.path.realpath(args.data):
         for key in ("split", "seed"):
             given = json.loads(json.dumps(getattr(args, key)))  # as settings.json holds it
             if given is None:
                 setattr(args, key, trained[key])
-            elif given != trained[key]:
-                raise ValueError(f"--{key} {given} differs from the {key} {trained[key]} that {run} trained with on "
+            elif given != trained[key] and args.part != "all":
+                shown = ",".join(map(str, given)) if isinstance(given, list) else given
+                raise ValueError(f"--{key} {shown} differs from the {key} {trained[key]} that {run} trained with on "
                                  f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
                                  f"leave --{key} out")
+    elif trained.get("data") and args.part != "all":  # the same subjects elsewhere would be split otherwise
+        print(f"cifl evaluate: {run} trained on {trained['data']}, not on {args.data}: its {args.part} part is "
+              f"split by --split and --seed as given (default: the paper's proportions, seed 0)", file=sys.stderr)
     if args.seed is None:  # a model trained elsewhere, or without its run folder
         args.seed = 0
 

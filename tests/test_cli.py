@@ -3,6 +3,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,9 +178,18 @@ def test_train_seg_then_evaluate_on_a_data_folder(oasis_tiny, tmp_path, capsys):
     status, stdout, _ = run(capsys, "evaluate", "--model", run_dir / "model.keras", "--data", oasis_tiny)
     assert status == 0 and "over 1 image" in stdout
     for option, value, message in (("--seed", 1, "--seed 1 differs from the seed 0 that"),
-                                   ("--split", "1,1,2", "--split [1, 1, 2] differs from the split [2, 1, 1] that")):
+                                   ("--split", "1,1,2", "--split 1,1,2 differs from the split [2, 1, 1] that")):
         status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, option, value)
         assert status == 2 and err.count("\n") == 1 and message in err and "leave " + option + " out" in err, err
+    status, stdout, _ = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, "--part", "all",
+                            "--split", "1,1,2")  # every subject, whatever the split
+    assert status == 0 and "over 4 images" in stdout
+    (tmp_path / "link").symlink_to(oasis_tiny)  # the same folder by another path: the run's split still
+    status, stdout, err = run(capsys, "evaluate", "--model", run_dir, "--data", tmp_path / "link")
+    assert status == 0 and "over 1 image" in stdout and "trained on" not in err
+    shutil.copytree(oasis_tiny, tmp_path / "copy")  # not known to be the same: said, and split by the defaults
+    status, stdout, err = run(capsys, "evaluate", "--model", run_dir, "--data", tmp_path / "copy")
+    assert status == 0 and f"trained on {oasis_tiny}, not on {tmp_path / 'copy'}" in err
 
 
 def test_train_seg_on_encoder_features_keeps_the_encoder_weights(files, oasis_tiny, tmp_path, capsys):

@@ -92,10 +92,29 @@ def test_bad_shape_is_an_argparse_error(shape, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--shape" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, shape", [(["--shape", "16x16x16"], [16, 16, 16]), (["--dim", "3"], [96, 96, 96]),
+                                         ([], [96, 96])])
+def test_the_dimension_is_that_of_the_shape(tmp_path, monkeypatch, argv, shape):
+    trained = {}
+    monkeypatch.setattr(cli, "train_encoder", lambda **settings: trained.update(settings))
+    assert cli.main(["train-encoder", *argv, "--out", str(tmp_path / "run")]) == 0
+    assert trained["shape"] == shape
+
+
+def test_an_init_path_is_kept_absolute(tmp_path, monkeypatch):
+    """As train-seg keeps --data and --encoder: a --resume from another folder finds the same encoder."""
+    trained = {}
+    monkeypatch.setattr(cli, "train_encoder", lambda **settings: trained.update(settings))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "first.weights.h5").touch()
+    assert cli.main(["train-encoder", "--init", "first.weights.h5", "--out", "run"]) == 0
+    assert trained["init"] == str(tmp_path / "first.weights.h5")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--out", "{run}"], "already holds a training run"),                      # existing --out, no --resume
     (["--resume", "--out", "{empty}"], "settings.json"),                        # nothing to resume
-    (["--shape", "32x32x32", "--out", "{empty}"], "does not have --dim 2 sizes"),
+    (["--shape", "32x32x32", "--dim", "2", "--out", "{empty}"], "does not have --dim 2 sizes"),
     (["--steps", "0", "--out", "{empty}"], "steps must be a positive integer, got 0"),
     (["--strategy", "multiworker", "--out", "{empty}"], "strategy 'multiworker' needs a cluster"),
     (["--synth", '{{"tie_prob": 2}}', "--out", "{empty}"], "tie_prob must be a number in [0, 1], got 2"),
