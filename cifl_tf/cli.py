@@ -424,6 +424,8 @@ def _consecutive_labels(dataset, folder):
     """L, when the label maps hold the values 0..L-1; else DataError: a UNet of max + 1 classes would learn
     classes that never occur (FreeSurfer's aseg values reach 255, aparc+aseg's 2035)."""
     values = np.unique(dataset.labels)
+    if len(values) == 1:
+        raise data.DataError(f"{folder}: every label map holds the one value {values[0]}: nothing to segment")
     if len(values) != values[-1] + 1:
         shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
         raise data.DataError(f"{folder}: the label maps hold {len(values)} values up to {values[-1]} ({shown}), "

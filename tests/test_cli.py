@@ -288,6 +288,15 @@ def test_train_seg_refuses_label_values_that_are_not_0_to_l_minus_1_unless_told_
     assert status == 0 and models.load_model(str(tmp_path / "told")).nb_labels == 41
 
 
+def test_train_seg_refuses_label_maps_of_the_background_only(ixi_tiny, tmp_path, capsys):
+    for path in ixi_tiny.glob("*/labels.nii.gz"):
+        write_nifti(path, np.zeros(nib.load(path).shape, np.int16), nib.load(path).affine)
+    status, _, err = run(capsys, "train-seg", "--data", ixi_tiny, "--dim", 3, "--split", "1,1,1", *TINY_TRAIN,
+                         "--out", tmp_path / "run")
+    assert status == 2 and err.count("\n") == 1 and f"{ixi_tiny}: every label map holds the one value 0" in err, err
+    assert not (tmp_path / "run" / "settings.json").exists()
+
+
 def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     (tmp_path / "model.keras").write_text("an earlier model")
     status, _, err = run(capsys, "train-seg", "--data", oasis_tiny, "--out", tmp_path, *TINY_TRAIN)
