@@ -269,6 +269,13 @@ class CIFLEncoder(KL.Layer):
         rates = [conv.dilation_rate[0] for conv in self.convs] + list(self.dilations)  # `dilated` applies the latter
         return window + sum(rate * (conv.kernel_size[0] // 2) for conv, rate in zip(self.convs + self.context, rates))
 
+    @property
+    def live_activations(self):
+        """Float32 images as wide as the widest convolution that a tile holds at once per pixel (tiling.bytes_per_pixel):
+        a convolution's input and output, and with context also the residual sum and the dilation's interleaved
+        copies (`dilated`). Measured by bench/tile_memory.py: up to 3.2 and 5.3."""
+        return 4 if self.architecture == "paper" else 6
+
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.channels])
 

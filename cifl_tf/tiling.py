@@ -16,10 +16,9 @@ import tensorflow as tf
 
 DEFAULT_MAX_MEMORY = 2 ** 30  # bytes of activations per tile: 1 GiB
 _PROBE_RADIUS = 40  # the largest receptive field measured_radius measures
-# Live float32 activations per pixel while a layer runs: the input and output of one convolution
-# and its non-linearity, each as wide as the widest layer. Checked: the paper's 3D encoder on one
-# 96^3 tile raises the peak RSS by 0.35 GB, this estimate 0.34 GB.
-_LIVE_ACTIVATIONS = 3
+# Float32 activations as wide as the widest layer live at once per pixel while a layer runs, for layers that do
+# not state their own ``live_activations``: the input and output of one convolution and its non-linearity.
+LIVE_ACTIVATIONS = 3
 
 
 def receptive_radius(layer):
@@ -66,12 +65,17 @@ def measured_radius(layer):
 
 
 def bytes_per_pixel(layer):
-    """Estimated peak activation memory per pixel of an input tile, in bytes.
-
-    The widest Keras layer inside `layer` (a convolution's filters) or its output channels sets it.
+    """Estimated peak activation memory per pixel of an input tile, in bytes: the layer's ``live_activations``
+    (LIVE_ACTIVATIONS where it states none) float32 images as wide as the widest Keras layer inside `layer` (a
+    convolution's filters) or its output channels. ``python bench/tile_memory.py`` compares it with the memory
+    that tiles of the shipped describers take.
     """
     widths = [layer.channels] + [sub.filters for sub in layer.submodules if hasattr(sub, "filters")]
-    return 4 * _LIVE_ACTIVATIONS * max(widths)
+    return 4 * live_activations(layer) * max(widths)
+
+
+def live_activations(layer):
+    return getattr(layer, "live_activations", LIVE_ACTIVATIONS)
 
 
 def tile_shape(shape, radius, pixel_bytes, max_memory=DEFAULT_MAX_MEMORY):
@@ -148,10 +152,16 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
 
 def map_tiles(call, image, radius, core, out):
     """Fills `out` (*spatial, C) with ``call`` (a (1, *tile, 1) tensor -> (1, *tile, C)) of `image` (*spatial),
-    tile by tile: tiles of `core` shape, each extended by `radius` (clipped at the border). Returns `out`."""
+    tile by tile: tiles of `core` shape, each extended by `radius` on every side. Every extended tile has one
+    shape, core + 2 radius clipped to the image: at the border it is moved inside the image rather than cut, so
+    that it holds more context, not less. One shape is one set of oneDNN primitives and buffers: with a shape
+    per border the shipped 3D encoder's tiles of a 128 MiB budget took 193 MiB instead of 105 (docs/benchmarks.md,
+    "Bench scripts"). Returns `out`."""
+    extended = [min(c + 2 * radius, n) for c, n in zip(core, image.shape)]
     for start in itertools.product(*[range(0, size, step) for size, step in zip(image.shape, core)]):
         inner = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, core, image.shape))
-        outer = tuple(slice(max(i.start - radius, 0), min(i.stop + radius, n)) for i, n in zip(inner, image.shape))
+        outer = tuple(slice(first, first + e) for first, e in
+                      ((min(max(i.start - radius, 0), n - e), e) for i, n, e in zip(inner, image.shape, extended)))
         tile = call(tf.constant(image[outer][np.newaxis, ..., np.newaxis])).numpy()[0]
         out[inner] = tile[tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))]
     return out

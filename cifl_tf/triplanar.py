@@ -77,6 +77,11 @@ class Triplanar(KL.Layer):
             features.append(tf.transpose(encoded, back))
         return tf.math.l2_normalize(tf.concat(features, axis=-1), axis=-1)
 
+    @property
+    def live_activations(self):
+        """Its 2D encoder's (tiling.bytes_per_pixel): the slices are that encoder's images."""
+        return tiling.live_activations(self.encoder)
+
     def tiled_features(self, volume, max_memory, out):
         """``self(volume)`` of one volume (X, Y, Z), written into `out`, a (X, Y, Z, 3C) float32 array, within
         max_memory bytes of activations (per pixel as tiling.bytes_per_pixel(self), as for 3D tiles): the

@@ -56,6 +56,36 @@ def test_a_layer_that_looks_at_the_whole_image_cannot_be_tiled():
         tiling.measured_radius(MinusImageMean())
 
 
+@pytest.mark.parametrize("shape, radius, core", [((37, 53), 8, (10, 9)), ((21, 23, 27), 4, (8, 8, 27)),
+                                                 ((30, 5), 3, (7, 5))])
+def test_every_tile_has_one_shape_and_its_context_covers_the_radius(shape, radius, core):
+    """Extended tiles are core + 2 radius (or the whole axis), moved inside the image at its border; each output
+    pixel's tile holds every pixel within `radius` of it, so a box sum of that radius equals the whole image's."""
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    shapes = []
+
+    def box_sum(tile):  # zero padding, as the whole image's: a box at the image border sees zeros beyond it
+        shapes.append(tuple(tile.shape[1:-1]))
+        size = (2 * radius + 1,) * len(shape)
+        return tf.nn.convolution(tile, tf.ones(size + (1, 1)), padding="SAME")
+
+    tiled = tiling.map_tiles(box_sum, image, radius, core, np.empty(shape + (1,), np.float32))
+    whole = box_sum(tf.constant(image[np.newaxis, ..., np.newaxis])).numpy()[0]
+    np.testing.assert_allclose(tiled, whole, rtol=1e-5)
+    assert set(shapes[:-1]) == {tuple(min(c + 2 * radius, n) for c, n in zip(core, shape))}
+
+
+@pytest.mark.parametrize("describer, expected", [
+    (lambda: cifl_tf.CIFLEncoder(channels=16, features=32), 4 * 4 * 32),
+    (lambda: cifl_tf.CIFLEncoder(channels=16, features=32, architecture="context"), 4 * 6 * 32),
+    (lambda: cifl_tf.CIFLEncoder(channels=48, features=32, ndim=3), 4 * 4 * 48),  # the output is the widest
+    (lambda: cifl_tf.descriptors.MIND(ndim=3), 4 * 6 * 6), (lambda: cifl_tf.descriptors.MIND(ndim=2), 4 * 6 * 4),
+    (lambda: Triplanar(cifl_tf.CIFLEncoder(channels=16, features=32, architecture="context")), 4 * 6 * 48),
+    (lambda: MinusImageMean(), 4 * tiling.LIVE_ACTIVATIONS * 1)])  # a layer that states nothing
+def test_bytes_per_pixel_counts_each_describers_live_activations(describer, expected):
+    assert tiling.bytes_per_pixel(describer()) == expected
+
+
 @pytest.mark.parametrize("shape, budget_side", [((37, 53), 30), ((21, 23, 27), 20)])
 def test_tiled_equals_untiled_on_odd_shapes(shape, budget_side, encoder_3d):
     encoder = cifl_tf.pretrained(0.1) if len(shape) == 2 else encoder_3d
