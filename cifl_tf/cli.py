@@ -132,7 +132,12 @@ def encoder_from_args(args, ndim):
         return MIND(ndim, variant=args.descriptor)
     if args.pretrained is not None:
         return pretrained(args.pretrained, ndim=ndim)
-    return None if args.encoder is None else load_encoder(args.encoder)
+    if args.encoder is None:
+        return None
+    encoder = load_encoder(args.encoder)
+    if encoder.ndim != ndim:
+        raise ValueError(f"--encoder {args.encoder} is a {encoder.ndim}D encoder, the images are {ndim}D")
+    return encoder
 
 
 def _stacked(args, encoder, ndim):
@@ -267,9 +272,6 @@ def _features(args):
     if image.ndim not in (2, 3):
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, features need 2 or 3")
     encoder = _stacked(args, encoder_from_args(args, image.ndim), image.ndim) or pretrained(ndim=image.ndim)
-    if encoder.ndim != image.ndim:
-        raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, "
-                             f"the encoder takes {encoder.ndim}")
     image = data.normalize(image)
     # Written straight into the file: features of a large volume need not fit in memory. On the input's own
     # axes, singletons included (a 1 x H x W slice), so that its affine places them.

@@ -310,9 +310,12 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"], r"svf_resolution 32 is coarser than the \(16, 20\) images"),
     ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),
     ("train-seg", [*TINY_TRAIN, "--encoder", ""], r"no such file ''"),  # an unset variable is not the baseline
+    ("train-reg", [*TINY_TRAIN, "--encoder", "{files}/encoder3d.weights.h5"],
+     r"--encoder .*encoder3d\.weights\.h5 is a 3D encoder, the images are 2D"),
 ])
-def test_train_refuses_settings_it_cannot_use_in_one_line_before_it_writes_a_run(oasis_tiny, tmp_path, capsys,
+def test_train_refuses_settings_it_cannot_use_in_one_line_before_it_writes_a_run(oasis_tiny, files, tmp_path, capsys,
                                                                                  command, options, message):
+    options = [str(option).format(files=files) for option in options]
     status, _, err = run(capsys, command, "--data", oasis_tiny, "--out", tmp_path / "run", *options)
     assert status == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "run" / "settings.json").exists()
@@ -457,7 +460,7 @@ def _case_encoder_missing(files, tmp):
 
 def _case_encoder_ndim(files, tmp):
     return ["features", files / "a.nii.gz", "OUT", "--encoder", files / "encoder3d.weights.h5"], \
-        r"a\.nii\.gz: has 2 dimensions \(16, 20, 1\), the encoder takes 3"
+        r"--encoder .*encoder3d\.weights\.h5 is a 3D encoder, the images are 2D"
 
 
 def _case_output_name(files, tmp):
