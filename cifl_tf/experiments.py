@@ -133,7 +133,11 @@ def registration_row(train_images, tests, methods, epochs=10, steps_per_epoch=10
 
 def cross_subject_pairs(moving, fixed, moving_labels, fixed_labels):
     """Test pairs of different subjects: moving image n onto fixed image n + 1 (cyclically)."""
-    return moving, np.roll(fixed, -1, axis=0), moving_labels, np.roll(fixed_labels, -1, axis=0)
+    return moving, _next_subject(fixed), moving_labels, _next_subject(fixed_labels)
+
+
+def _next_subject(stack):
+    return np.roll(stack, -1, axis=0)
 
 
 # Sizes of a run: subjects of demo data, segmentation epochs, registration epochs x steps and learning rate,
@@ -163,10 +167,11 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
         seed: seed of the split and of the demo subjects.
         subjects: the number of demo subjects.
 
-    Returns: (train, tests). Segmentation: train (T1 images, labels), tests {contrast: (images, labels)};
+    Returns: (train, tests, names). Segmentation: train (T1 images, labels), tests {contrast: (images, labels)};
     registration: train T1 images, tests {fixed contrast: (moving, fixed, moving labels, fixed labels)}
     with T1 moving images of one subject onto fixed images of another (`cross_subject_pairs`).
-    Both score T1 and the row's unseen contrast.
+    Both score T1 and the row's unseen contrast. `names`: each test image's subject ("moving -> fixed" for a
+    pair), the same in every test, for `save_row`.
     """
     if row not in ROWS:
         raise ValueError(f"row must be one of {sorted(ROWS)}, got {row!r}")
@@ -177,15 +182,18 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
         from . import demo_data  # needs nilearn: imported only for demo data
         demo = demo_data.demo_dataset(n_subjects=subjects, seed=seed)
         train, test = np.arange(subjects // 2), np.arange(subjects // 2, subjects)
+        names = [demo.subjects[i] for i in test]
         train = (demo.images["t1"][train], demo.labels[train])
         tests = {c: (demo.images[c][test], demo.labels[test]) for c in ("t1", unseen)}
     else:
-        train, tests = _folder_row_data(row, data_dir, split, seed)
+        train, tests, names = _folder_row_data(row, data_dir, split, seed)
+    names = [str(name) for name in names]
     if task == "Segmentation":
-        return train, tests
+        return train, tests, names
     moving = tests["t1"]
+    pairs = [f"{moving} -> {fixed}" for moving, fixed in zip(names, _next_subject(names))]
     return train[0], {c: cross_subject_pairs(moving[0], fixed[0], moving[1], fixed[1])
-                      for c, fixed in tests.items()}
+                      for c, fixed in tests.items()}, pairs
 
 
 # The data folders of the rows: see row_data.
@@ -211,7 +219,8 @@ def _folder_row_data(row, data_dir, split, seed):
     if row.startswith("reg") and len(parts["t1"][1]) < 2:
         raise ValueError(f"{data_dir}: registration needs at least 2 test subjects to pair, the split {split} "
                          f"leaves {len(parts['t1'][1])}")
-    return (train.images, train.labels), {c: (test.images, test.labels) for c, (_, test) in parts.items()}
+    return ((train.images, train.labels), {c: (test.images, test.labels) for c, (_, test) in parts.items()},
+            parts["t1"][1].subjects)
 
 
 def _train_test(dataset, split, seed):
@@ -228,11 +237,11 @@ def _train_test(dataset, split, seed):
     return train, test
 
 
-def run_row(row, methods, train_tests, size="demo", seed=0, epochs=None, verbose=1):
-    """Trains and scores every method on a row's data (`row_data`'s (train, tests)); returns ({method: {contrast:
-    Scores}}, {method: model}). `epochs` overrides the size's epochs of the row's task."""
+def run_row(row, methods, inputs, size="demo", seed=0, epochs=None, verbose=1):
+    """Trains and scores every method on a row's data (`row_data`'s (train, tests, names)); returns ({method:
+    {contrast: Scores}}, {method: model}). `epochs` overrides the size's epochs of the row's task."""
     sizes = SIZES[size]
-    train, tests = train_tests
+    train, tests, _ = inputs
     if ROWS[row][0] == "Segmentation":
         return segmentation_row(train, tests, nb_labels=int(train[1].max()) + 1, methods=methods,
                                 epochs=sizes["seg_epochs"] if epochs is None else epochs, seed=seed, verbose=verbose)
@@ -241,20 +250,27 @@ def run_row(row, methods, train_tests, size="demo", seed=0, epochs=None, verbose
                             learning_rate=sizes["reg_learning_rate"])
 
 
-def save_row(out_dir, row, results, settings=None):
-    """Writes out_dir/row.json (mean ± std and per-image Dice, and `settings`, {name: value}: what the row was run
-    on and with) and out_dir/row.csv (one line per image)."""
+def save_row(out_dir, row, results, names, settings=None):
+    """Writes out_dir/row.json (mean ± std and per-image Dice, the images' `names` (row_data's: their subjects),
+    and `settings`, {name: value}: what the row was run on and with) and out_dir/row.csv (one line per image and
+    its subjects, for paired comparisons of the methods)."""
+    for name, tests in results.items():
+        for test, scores in tests.items():
+            if len(scores.mean_dice) != len(names):
+                raise ValueError(f"save_row: {len(names)} names for the {len(scores.mean_dice)} images of "
+                                 f"{name} on {test}")
     os.makedirs(out_dir, exist_ok=True)
     summary = {name: {test: {**scores.summary(), "per_image_dice": scores.mean_dice.tolist()}
                       for test, scores in tests.items()} for name, tests in results.items()}
     with open(os.path.join(out_dir, f"{row}.json"), "w") as f:
-        json.dump({"row": row, "settings": settings or {}, "results": summary}, f, indent=2, default=float)
+        json.dump({"row": row, "settings": settings or {}, "images": list(names), "results": summary}, f, indent=2,
+                  default=float)
     with open(os.path.join(out_dir, f"{row}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "test", "image", "dice"])
+        writer.writerow(["method", "test", "image", "subjects", "dice"])
         for name, tests in results.items():
             for test, scores in tests.items():
-                writer.writerows([name, test, i, f"{d:.4f}"] for i, d in enumerate(scores.mean_dice))
+                writer.writerows([name, test, i, names[i], f"{d:.4f}"] for i, d in enumerate(scores.mean_dice))
 
 
 def dice_cell(scores):
@@ -345,7 +361,7 @@ def main(rows, argv=None):
         compared = methods(train_steps=steps, out_dir=args.out)
         for row in rows:
             table[row], _ = run_row(row, compared, row_inputs[row], size, args.seed, args.epochs)
-            save_row(args.out, row, table[row], settings)
+            save_row(args.out, row, table[row], row_inputs[row][2], settings)
             print(row_text(row, table[row]), "\n" + row_text(row, table[row], "t1"), flush=True)
     except (ValueError, OSError) as error:  # bad data or arguments: one line, no traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -58,13 +58,16 @@ def test_methods_train_encoders_for_any_number_of_steps(tmp_path, monkeypatch, s
 
 @pytest.mark.parametrize("row, unseen", [("seg_inverted_oasis", "t1_inverted"), ("reg_ixi_t1_t2", "t2")])
 def test_row_data_on_demo_subjects(row, unseen):
-    train, tests = experiments.row_data(row, subjects=4)
+    train, tests, names = experiments.row_data(row, subjects=4)
     assert list(tests) == ["t1", unseen]
+    subjects = list(cifl_tf.demo_data.demo_dataset(n_subjects=4).subjects[2:])  # the second half: the test subjects
     if row.startswith("seg"):
+        assert names == subjects
         assert train[0].shape == train[1].shape == (2, 160, 192)
         assert all(images.shape == labels.shape == (2, 160, 192) for images, labels in tests.values())
         return
     assert train.shape == (2, 160, 192)
+    assert names == [f"{subjects[0]} -> {subjects[1]}", f"{subjects[1]} -> {subjects[0]}"]
     moving, fixed, moving_labels, fixed_labels = tests[unseen]
     t1_moving, t1_fixed = tests["t1"][:2]
     np.testing.assert_array_equal(moving, t1_moving)  # both tests move the same T1 images
@@ -74,8 +77,10 @@ def test_row_data_on_demo_subjects(row, unseen):
 
 def test_row_data_from_an_oasis_folder_splits_subjects_and_inverts(tmp_path):
     make_oasis(tmp_path / "oasis", subjects=5)
-    train, tests = experiments.row_data("seg_inverted_oasis", tmp_path / "oasis", split=(2, 1, 2))
+    train, tests, names = experiments.row_data("seg_inverted_oasis", tmp_path / "oasis", split=(2, 1, 2))
     assert train[0].shape == (2, 16, 20) and tests["t1"][0].shape == (2, 16, 20)
+    _, _, test = cifl_tf.data.load_oasis(tmp_path / "oasis", dim=2).split((2, 1, 2))
+    assert names == list(test.subjects) and len(set(names)) == 2
     t1, inverted = tests["t1"][0], tests["t1_inverted"][0]
     brain = t1 > 0
     np.testing.assert_allclose(inverted[brain], (t1.max(axis=(1, 2), keepdims=True) - t1)[brain] /
@@ -93,7 +98,7 @@ def test_row_data_refuses_label_maps_of_background_only(tmp_path):
 
 def test_row_data_from_an_ixi_folder_pairs_t1_with_t2(tmp_path):
     make_ixi(tmp_path / "ixi", subjects=3, shape=(16, 20))
-    train, tests = experiments.row_data("reg_ixi_t1_t2", tmp_path / "ixi", split="all")
+    train, tests, _ = experiments.row_data("reg_ixi_t1_t2", tmp_path / "ixi", split="all")
     assert train.shape == (3, 16, 20) and list(tests) == ["t1", "t2"]
     assert tests["t2"][0].shape == tests["t2"][1].shape == (3, 16, 20)
 
@@ -160,14 +165,18 @@ def row_results():
 
 
 def test_row_outputs_json_csv_and_text(tmp_path, row_results):
-    experiments.save_row(tmp_path, "seg_inverted_oasis", row_results)
+    experiments.save_row(tmp_path, "seg_inverted_oasis", row_results, ["OAS1_0002", "OAS1_0007"])
     saved = json.loads((tmp_path / "seg_inverted_oasis.json").read_text())
     assert saved["results"]["baseline"]["t1_inverted"]["per_image_dice"] == [0.7, 0.9]
+    assert saved["images"] == ["OAS1_0002", "OAS1_0007"]
     assert saved["results"]["baseline"]["t1_inverted"]["dice"] == pytest.approx([0.8, 0.1])
     with open(tmp_path / "seg_inverted_oasis.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["method", "test", "image", "dice"] and len(rows) == 1 + 2 * 2 * 2
-    assert rows[1] == ["baseline", "t1", "0", "0.7000"]
+    assert rows[0] == ["method", "test", "image", "subjects", "dice"] and len(rows) == 1 + 2 * 2 * 2
+    assert rows[1] == ["baseline", "t1", "0", "OAS1_0002", "0.7000"]
+    assert rows[2] == ["baseline", "t1", "1", "OAS1_0007", "0.9000"]
+    with pytest.raises(ValueError, match="save_row: 1 names for the 2 images of baseline on t1"):
+        experiments.save_row(tmp_path, "seg_inverted_oasis", row_results, ["OAS1_0002"])
     assert experiments.row_text("seg_inverted_oasis", row_results) == \
         "Inverted OASIS T1 (t1_inverted): baseline 0.80 ± 0.10, tau_gamma=0.1 0.80 ± 0.10"
 
@@ -228,7 +237,7 @@ def test_each_script_writes_its_own_table(tmp_path, monkeypatch, row_results, sc
 def no_work_rows(monkeypatch, row_results):
     """Makes experiments.main's rows score row_results's scores without data or training."""
     scores = row_results["baseline"]["t1"]
-    monkeypatch.setattr(experiments, "row_data", lambda *args: None)
+    monkeypatch.setattr(experiments, "row_data", lambda *args: (None, None, ["subject 1", "subject 2"]))
     monkeypatch.setattr(experiments, "methods", lambda **kwargs: tiny_methods())
     monkeypatch.setattr(experiments, "run_row", lambda row, *args: (
         {name: {"t1": scores, experiments.ROWS[row][3]: scores} for name in tiny_methods()}, {}))
