@@ -191,7 +191,7 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
     if task == "Segmentation":
         return train, tests, names
     moving = tests["t1"]
-    pairs = [f"{moving} -> {fixed}" for moving, fixed in zip(names, _next_subject(names))]
+    pairs = [f"{name} -> {onto}" for name, onto in zip(names, _next_subject(names))]
     return train[0], {c: cross_subject_pairs(moving[0], fixed[0], moving[1], fixed[1])
                       for c, fixed in tests.items()}, pairs
 

@@ -96,7 +96,7 @@ def _check_render_args(args, num_labels):
             kind, low = ("finite", -np.inf) if name.startswith("mean") else ("non-negative", 0)
             check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, low),
                   f"a {kind} number or {num_labels} of them (one per label)")
-    ranges = intensity_ranges(args, num_labels)
+    ranges = _intensity_ranges(args, num_labels)
     for low, high in (("mean_min", "mean_max"), ("std_min", "std_max")):
         if np.any(ranges[low] > ranges[high]):  # a bound left out is neurite's, per label
             raise ValueError(f"{low} {_given(args, low)} is above {high} {_given(args, high)}")
@@ -110,7 +110,7 @@ def _check_render_args(args, num_labels):
             raise ValueError(f"{name} must be True or False, got {args[name]!r}")
 
 
-def intensity_ranges(args, num_labels):
+def _intensity_ranges(args, num_labels):
     """{mean_min, mean_max, std_min, std_max: (num_labels,) float32}: the bounds of the labels' mean and SD
     draws, where a bound is None neurite's labels_to_image's per label (background 0-225 and SD 0-25, the
     other labels 25-225 and 5-25)."""
@@ -337,7 +337,7 @@ class ShapesSynth:
         batch_size, ndim = labels.shape[0], len(self.shape)
         per_image = (batch_size, *[1] * ndim, 1)
         num = self.num_labels
-        ranges = intensity_ranges(args, num)
+        ranges = _intensity_ranges(args, num)
         mean = _uniform(keys["mean"], (batch_size, num), ranges["mean_min"], ranges["mean_max"])
         if self.tie_prob > 0:
             mean = self._tie(keys, mean)
