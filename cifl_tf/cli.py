@@ -122,8 +122,9 @@ def _train_encoder(args):
 
 # ---- downstream: NIfTI files in, NIfTI files out (intensities normalised as in training) ----
 
-def encoder_from_args(args, ndim):
-    """What --encoder, --pretrained or --descriptor (`_add_encoder_args`) chose for ndim-D images.
+def encoder_from_args(args, ndim, images):
+    """What --encoder, --pretrained or --descriptor (`_add_encoder_args`) chose for ndim-D images; `images` names
+    them (a file, or a data folder) in the error for an --encoder of another ndim.
 
     Returns a frozen CIFLEncoder or Triplanar (--pretrained on 3D images, or a saved one), a saved FeatureStack,
     a descriptors.MIND of that ndim, or None for the intensity baseline.
@@ -136,8 +137,12 @@ def encoder_from_args(args, ndim):
         return None
     encoder = load_encoder(args.encoder)
     if encoder.ndim != ndim:
-        raise ValueError(f"--encoder {args.encoder} is a {encoder.ndim}D encoder, the images are {ndim}D")
+        raise ValueError(f"{images}: has {ndim} dimensions, --encoder {args.encoder} is {encoder.ndim}D")
     return encoder
+
+
+def _images_of(args):
+    return f"{args.data} (its images)"
 
 
 def _stacked(args, encoder, ndim):
@@ -271,7 +276,7 @@ def _features(args):
     image, affine, header = data.load_nifti(args.input)
     if image.ndim not in (2, 3):
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, features need 2 or 3")
-    encoder = _stacked(args, encoder_from_args(args, image.ndim), image.ndim) or pretrained(ndim=image.ndim)
+    encoder = _stacked(args, encoder_from_args(args, image.ndim, args.input), image.ndim) or pretrained(ndim=image.ndim)
     image = data.normalize(image)
     # Written straight into the file: features of a large volume need not fit in memory. On the input's own
     # axes, singletons included (a 1 x H x W slice), so that its affine places them.
@@ -379,7 +384,7 @@ def _registration_encoder(args, ndim):
         raise ValueError("--stack-descriptor stacks a descriptor beside a CIFL encoder, not beside --intensity")
     if args.intensity:
         return None
-    return _stacked(args, encoder_from_args(args, ndim), ndim) or "pretrained"
+    return _stacked(args, encoder_from_args(args, ndim, args.fixed), ndim) or "pretrained"
 
 
 # ---- downstream: training and evaluation on a data folder ----
@@ -503,7 +508,7 @@ def _train_seg(args):
     nb_labels = _consecutive_labels(dataset, args.data) if args.nb_labels is None else args.nb_labels
     _check_labels(dataset, nb_labels, args.data)
     train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
-    model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder_from_args(args, args.dim),
+    model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder_from_args(args, args.dim, _images_of(args)),
                                       loss=args.loss, learning_rate=args.learning_rate,
                                       nb_features=args.nb_features, nb_levels=args.nb_levels)
 
@@ -535,7 +540,7 @@ def _train_reg(args):
     unet = {} if args.nb_features is None else dict(nb_unet_features=args.nb_features, nb_unet_levels=args.nb_levels)
     if args.svf_resolution is None:  # settings.json records the field as built, for --resume to build it again
         args.svf_resolution = models.default_svf_resolution(int_steps=args.int_steps)
-    model = models.registration_model(train.images.shape[1:], encoder_from_args(args, args.dim),
+    model = models.registration_model(train.images.shape[1:], encoder_from_args(args, args.dim, _images_of(args)),
                                       similarity=args.similarity, reg_weight=args.reg_weight,
                                       learning_rate=args.learning_rate, int_steps=args.int_steps,
                                       svf_resolution=args.svf_resolution, **unet)

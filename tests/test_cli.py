@@ -311,7 +311,7 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),
     ("train-seg", [*TINY_TRAIN, "--encoder", ""], r"no such file ''"),  # an unset variable is not the baseline
     ("train-reg", [*TINY_TRAIN, "--encoder", "{files}/encoder3d.weights.h5"],
-     r"--encoder .*encoder3d\.weights\.h5 is a 3D encoder, the images are 2D"),
+     r"\(its images\): has 2 dimensions, --encoder .*encoder3d\.weights\.h5 is 3D"),
 ])
 def test_train_refuses_settings_it_cannot_use_in_one_line_before_it_writes_a_run(oasis_tiny, files, tmp_path, capsys,
                                                                                  command, options, message):
@@ -460,7 +460,7 @@ def _case_encoder_missing(files, tmp):
 
 def _case_encoder_ndim(files, tmp):
     return ["features", files / "a.nii.gz", "OUT", "--encoder", files / "encoder3d.weights.h5"], \
-        r"--encoder .*encoder3d\.weights\.h5 is a 3D encoder, the images are 2D"
+        r"a\.nii\.gz: has 2 dimensions, --encoder .*encoder3d\.weights\.h5 is 3D"
 
 
 def _case_output_name(files, tmp):

@@ -188,7 +188,8 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D"], r"encoder .* is 2D but the images are 3D"),
+    (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D"],
+     r"volume\.nii\.gz: has 3 dimensions, --encoder .* is 2D"),
     (["--fixed", "VOLUME", "--intensity", "ncc"], r"moving\.nii\.gz: has 2 dimensions .*, expected 3"),
     (["--intensity", "ncc", "--steps", "0"], r"argument --steps: must be a positive integer, got '0'"),
     (["--descriptor", "mind", "--feature-scale", "0"], r"argument --feature-scale: must be a positive integer, "
@@ -216,7 +217,7 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
                                                             r"--descriptor"),
     (["--encoder", "STACK", "--stack-descriptor", "mind"], r"not beside a saved FeatureStack"),
     (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D", "--stack-descriptor", "mind"],
-     r"encoder .* is 2D but the images are 3D"),
+     r"volume\.nii\.gz: has 3 dimensions, --encoder .* is 2D"),
     (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
     (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),
 ])
