@@ -561,9 +561,10 @@ def parse_split(text):
         sizes = tuple(int(f) if f.strip().isdigit() else float(f) for f in fields)
     except ValueError:
         sizes = ()
-    if len(sizes) != 3 or len({type(size) for size in sizes}) != 1:
+    kinds = {type(size) for size in sizes if size != 0}  # a 0 is a count and a fraction alike: 0.5,0,0.5
+    if len(sizes) != 3 or len(kinds) > 1:
         raise ValueError(f"split must be three counts or three fractions like 0.6,0.15,0.25, got {text!r}")
-    return sizes
+    return tuple(map(float, sizes)) if float in kinds else sizes
 
 
 @dataclasses.dataclass

@@ -534,12 +534,14 @@ def test_split_rejects(subjects, sizes, message):
     ("232,58,100", (232, 58, 100)),
     ("0.6, 0.15, 0.25", (0.6, 0.15, 0.25)),
     ("2,0,0", (2, 0, 0)),
+    ("0,0.5,0.5", (0.0, 0.5, 0.5)),  # a 0 goes with fractions too
 ])
 def test_parse_split(text, expected):
-    assert data.parse_split(text) == expected
+    sizes = data.parse_split(text)
+    assert sizes == expected and list(map(type, sizes)) == list(map(type, expected))  # counts or fractions
 
 
-@pytest.mark.parametrize("text", ["1,2", "a,b,c", "1,0.5,0.5", "1,2,3,4", ""])
+@pytest.mark.parametrize("text", ["1,2", "a,b,c", "1,0.5,0.5", "1,0,0.5", "1,2,3,4", ""])
 def test_parse_split_rejects(text):
     with pytest.raises(ValueError, match=f"three counts or three fractions .*got {text!r}"):
         data.parse_split(text)
