@@ -164,6 +164,9 @@ def benchmark_pairs(subjects=8, oasis=None, seed=0):
                      f"CIFL_OASIS_SAMPLE or --data)")
     else:
         sample = data.load_oasis(oasis or oasis_sample(), dim=2)
+        empty = [subject for subject, labels in zip(sample.subjects, sample.labels) if not labels.any()]
+        if empty:  # its brain mask, where the metrics are taken, would be empty
+            raise data.DataError(f"{oasis or oasis_sample()}: the label map of {empty[0]} is background (0) only")
         pairs["OASIS T1 / inverted T1"] = (sample.images, np.stack([data.invert(x) for x in sample.images]),
                                            sample.labels > 0)
     for near in itertools.combinations(range(1, len(demo_data.LABEL_NAMES)), 2):

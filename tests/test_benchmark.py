@@ -10,6 +10,7 @@ import pytest
 import cifl_tf
 from cifl_tf import benchmark, data
 from cifl_tf.descriptors import MIND
+from conftest import write_nifti
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,6 +100,13 @@ def test_pairs_cover_demo_hard_and_oasis_and_note_a_missing_sample(oasis_tiny, m
     assert "OASIS T1 / inverted T1" not in pairs
     assert notes == [f"OASIS T1 / inverted T1 skipped: no OASIS sample at {tmp_path / 'absent'} "
                      f"(set CIFL_OASIS_SAMPLE or --data)"]
+
+
+def test_pairs_refuse_an_oasis_subject_without_labels(oasis_tiny):
+    subject = sorted(oasis_tiny.iterdir())[1]
+    write_nifti(subject / "slice_seg4.nii.gz", np.zeros((16, 20, 1), np.uint8))
+    with pytest.raises(data.DataError, match=f"the label map of {subject.name}.* is background \\(0\\) only"):
+        benchmark.benchmark_pairs(subjects=2, oasis=str(oasis_tiny))
 
 
 def test_mind_and_the_shipped_encoder_are_far_more_invariant_than_intensities():
