@@ -18,10 +18,12 @@ import tensorflow as tf
 from . import data
 from .data import write_json
 from .descriptors import MIND
-from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, pretrained, pretrained_info
+from .checkpoint import SETTINGS_FILE
+from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
-from .training import NON_NEGATIVE_INTEGER, NON_NEGATIVE_NUMBER, POSITIVE_INTEGER, POSITIVE_NUMBER, train_encoder
+from .training import (NON_NEGATIVE_INTEGER, NON_NEGATIVE_NUMBER, POSITIVE_INTEGER, POSITIVE_NUMBER, as_json_holds,
+                       read_settings, train_encoder)
 
 BASELINE = "baseline"
 MIND_METHOD = "MIND"  # the hand-made modality independent descriptor, beside the learned encoders
@@ -66,11 +68,25 @@ def methods(tau_gammas=PRETRAINED_TAU_GAMMAS, train_steps=None, out_dir=None, ve
         per_epoch = recipe["steps_per_epoch"] if train_steps % recipe["steps_per_epoch"] == 0 else train_steps
         settings = {**recipe, "steps": train_steps, "steps_per_epoch": per_epoch, "tau_gamma": tau}
         run = None if out_dir is None else os.path.join(out_dir, f"encoder_{method_name(tau)}")
-        _announce(f"training the encoder {method_name(tau)} for {train_steps} steps", verbose)
-        encoder = train_encoder(out_dir=run, verbose=verbose, **settings)
+        encoder = _trained_encoder(run, settings, f"the encoder {method_name(tau)}", verbose)
         encoder.trainable = False
         encoders[method_name(tau)] = encoder
     return encoders
+
+
+def _trained_encoder(run, settings, name, verbose):
+    """train_encoder(**settings) into `run`; where `run` holds a finished run of those settings (an earlier row's
+    script with the same --out), its encoder, and an unfinished one is resumed."""
+    if run is not None and os.path.exists(os.path.join(run, "result.json")):
+        saved = read_settings(run)
+        differ = sorted(key for key, value in as_json_holds(settings).items() if saved.get(key) != value)
+        if differ:
+            raise ValueError(f"{run}: holds {name} trained with other {', '.join(differ)}; choose another --out")
+        _announce(f"{name}: trained before, read from {run}", verbose)
+        return load_encoder(run)
+    _announce(f"training {name} for {settings['steps']} steps", verbose)
+    resume = run is not None and os.path.exists(os.path.join(run, SETTINGS_FILE))
+    return train_encoder(out_dir=run, resume=resume, verbose=verbose, **settings)
 
 
 def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, seed=0, verbose=1,

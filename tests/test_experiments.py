@@ -41,6 +41,21 @@ def test_methods_trained_here_use_the_shipped_recipe(tmp_path):
     assert settings == {**cifl_tf.training.SETTING_DEFAULTS, **recipe, "steps": 1, "steps_per_epoch": 1}
 
 
+def test_methods_read_the_encoders_an_earlier_row_trained_into_the_same_folder(tmp_path, monkeypatch):
+    recipe = cifl_tf.encoder.pretrained_info()["1"]
+    tiny = {**recipe["settings"], "shape": [32, 32], "batch_size": 1, **TINY, "steps_per_epoch": 2}
+    monkeypatch.setattr(experiments, "pretrained_info", lambda: {"1": {**recipe, "settings": tiny}})
+    first = experiments.methods(tau_gammas=(1.0,), train_steps=2, out_dir=tmp_path, verbose=0)["tau_gamma=1"]
+    result = tmp_path / "encoder_tau_gamma=1" / "result.json"
+    written = result.stat().st_mtime_ns
+    again = experiments.methods(tau_gammas=(1.0,), train_steps=2, out_dir=tmp_path, verbose=0)["tau_gamma=1"]
+    assert result.stat().st_mtime_ns == written and not again.trainable  # read, not trained again
+    for a, b in zip(first.get_weights(), again.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="holds the encoder tau_gamma=1 trained with other steps; choose another"):
+        experiments.methods(tau_gammas=(1.0,), train_steps=4, out_dir=tmp_path, verbose=0)
+
+
 @pytest.mark.parametrize("steps, steps_per_epoch", [
     (3, 3),  # not a multiple of the recipe's 2 steps per epoch: one epoch (as --encoder-steps 250 with 200)
     (4, 2),  # a multiple: the recipe's epochs
