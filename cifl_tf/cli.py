@@ -413,10 +413,7 @@ def _dataset(args, contrast, dim):
 
 def _parts(dataset, args):
     """{"train", "val", "test", "all"} -> Dataset: the subject split of --split and --seed."""
-    subjects = len(set(dataset.subjects))
-    if args.split is not None and isinstance(args.split[0], int) and sum(args.split) > subjects:
-        raise data.DataError(f"--split {','.join(map(str, args.split))} needs {sum(args.split)} subjects, "
-                             f"{args.data} holds {subjects}")
+    data.check_split_counts(args.split, dataset, args.data)
     return dict(zip(("train", "val", "test"), dataset.split(args.split, args.seed)), all=dataset)
 
 

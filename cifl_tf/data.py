@@ -567,6 +567,14 @@ def parse_split(text):
     return tuple(map(float, sizes)) if float in kinds else sizes
 
 
+def check_split_counts(sizes, dataset, folder):
+    """DataError, naming --split and `folder`, when subject counts `sizes` need more subjects than `dataset` holds
+    (split_subjects's own error names its Python arguments)."""
+    subjects = len(set(dataset.subjects))
+    if sizes is not None and all(isinstance(size, int) for size in sizes) and sum(sizes) > subjects:
+        raise DataError(f"--split {','.join(map(str, sizes))} needs {sum(sizes)} subjects, {folder} holds {subjects}")
+
+
 @dataclasses.dataclass
 class Dataset:
     """Images of one contrast with their label maps, one entry per image.

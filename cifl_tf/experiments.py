@@ -230,7 +230,7 @@ def _folder_row_data(row, data_dir, split, seed):
         contrasts = {"t1": t1, unseen: t1.map_images(data.invert)}
     if not np.any(contrasts["t1"].labels):  # else every Dice is NaN, and the table says so only as nan ± nan
         raise ValueError(f"{data_dir}: every label map is background (0) only: there is nothing to score")
-    parts = {c: _train_test(dataset, split, seed) for c, dataset in contrasts.items()}
+    parts = {c: _train_test(dataset, split, seed, data_dir) for c, dataset in contrasts.items()}
     train = parts["t1"][0]
     if row.startswith("reg") and len(parts["t1"][1]) < 2:
         raise ValueError(f"{data_dir}: registration needs at least 2 test subjects to pair, the split {split} "
@@ -239,17 +239,18 @@ def _folder_row_data(row, data_dir, split, seed):
             parts["t1"][1].subjects)
 
 
-def _train_test(dataset, split, seed):
+def _train_test(dataset, split, seed, folder):
     if split == "all":
         return dataset, dataset
     if split is None and len(dataset) < sum(data.PAPER_SPLIT):
         raise ValueError(f"the paper's subject split {data.PAPER_SPLIT} needs {sum(data.PAPER_SPLIT)} subjects, the "
                          f"data hold {len(dataset)}: give a split (--split), such as fractions 0.6,0.15,0.25, or "
                          f"'all' for a tiny sample")
+    data.check_split_counts(split, dataset, folder)
     train, _, test = dataset.split(data.PAPER_SPLIT if split is None else split, seed)
     if not len(train) or not len(test):
         raise ValueError(f"the subject split {split} of {len(dataset)} subjects leaves {len(train)} for "
-                         f"training and {len(test)} for testing; pass split='all' for a tiny sample")
+                         f"training and {len(test)} for testing; give --split all (split='all') for a tiny sample")
     return train, test
 
 

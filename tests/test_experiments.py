@@ -120,8 +120,8 @@ def test_row_data_from_an_ixi_folder_pairs_t1_with_t2(tmp_path):
 
 @pytest.mark.parametrize("row, split, message", [
     ("reg_oasis_t1_inverted", (2, 1, 1), "registration needs at least 2 test subjects"),
-    ("seg_inverted_oasis", (0, 0, 4), "leaves 0 for training and 4 for testing"),
-    ("seg_inverted_oasis", (3, 3, 3), "need 9 subjects, got 4"),
+    ("seg_inverted_oasis", (0, 0, 4), r"leaves 0 for training and 4 for testing; give --split all \(split='all'\)"),
+    ("seg_inverted_oasis", (3, 3, 3), r"--split 3,3,3 needs 9 subjects, .*oasis holds 4"),  # the option, not Python's
     ("no_such_row", None, "row must be one of"),
     ("seg_inverted_oasis", None, r"the paper's subject split \(232, 58, 100\) needs 390 subjects, the data hold 4: "
                                  r"give a split \(--split\)"),
