@@ -122,6 +122,10 @@ def match_fraction(features_a, features_b, mask, radius=2, samples=1500, seed=0)
         raise ValueError(f"match_fraction: radius must be a non-negative integer, got {radius!r}")
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"match_fraction: samples must be a positive integer, got {samples!r}")
+    for name, features in (("features_a", features_a), ("features_b", features_b)):
+        bad = np.count_nonzero(~np.isfinite(features[mask]).all(axis=-1))
+        if bad:  # argmax would take a NaN's pixel for the match
+            raise ValueError(f"match_fraction: {name} is NaN or infinite at {bad} pixels of the mask")
     inside = np.argwhere(mask)
     picked = np.random.default_rng(seed).permutation(len(inside))[:samples]
     queries = features_a[tuple(inside[picked].T)]

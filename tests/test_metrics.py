@@ -192,3 +192,14 @@ def test_match_fraction_rejects(fb_shape, mask, radius, message):
     kwargs = radius if isinstance(radius, dict) else dict(radius=radius)
     with pytest.raises(ValueError, match=message):
         metrics.match_fraction(np.ones((4, 5, 3)), np.ones(fb_shape), mask, **kwargs)
+
+
+@pytest.mark.parametrize("nan_in", ["features_a", "features_b"])
+def test_match_fraction_refuses_features_not_finite_in_the_mask(nan_in):
+    features = {"features_a": np.ones((4, 5, 3)), "features_b": np.ones((4, 5, 3))}
+    features[nan_in][1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match=f"{nan_in} is NaN or infinite at 1 pixels of the mask"):
+        metrics.match_fraction(**features, mask=np.ones((4, 5), bool))
+    outside = np.ones((4, 5), bool)
+    outside[1, 2] = False  # NaN outside the mask is not looked at
+    assert 0 <= metrics.match_fraction(**features, mask=outside) <= 1
