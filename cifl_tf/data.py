@@ -665,7 +665,8 @@ def _load_entries(entries, ndim, labels):
                    [e[0] for e in entries], affines)
 
 
-def _folder(folder):
+def existing_folder(folder):
+    """`folder` as a str; DataError naming it when it is no folder."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
@@ -703,7 +704,7 @@ def load_oasis(folder, dim=2, seg="seg4", subjects=None):
     if seg not in OASIS_SEGS[dim]:
         raise ValueError(f"load_oasis: seg must be one of {sorted(OASIS_SEGS[dim])} for dim={dim}, "
                          f"got {seg!r}")
-    folder, prefix = _folder(folder), OASIS_PREFIX[dim]
+    folder, prefix = existing_folder(folder), OASIS_PREFIX[dim]
     entries = [(subject, os.path.join(folder, subject, f"{prefix}_norm.nii.gz"),
                 os.path.join(folder, subject, f"{prefix}_{seg}.nii.gz"))
                for subject in _subject_folders(folder, subjects, "OASIS_")]
@@ -726,7 +727,7 @@ def load_ixi(folder, contrasts=("t1", "t2"), dim=3, labels=None, subjects=None):
         raise ValueError(f"load_ixi: contrasts must be a non-empty sequence of names, got {contrasts!r}")
     if dim not in (2, 3):
         raise ValueError(f"load_ixi: dim must be 2 or 3, got {dim!r}")
-    folder = _folder(folder)
+    folder = existing_folder(folder)
     subjects = _subject_folders(folder, subjects)
     return {contrast: _load_entries([(subject, os.path.join(folder, subject, f"{contrast}.nii.gz"),
                                       os.path.join(folder, subject, IXI_LABELS))
@@ -791,7 +792,7 @@ def load_folder(folder, contrast="t1", **kwargs):
     Returns: Dataset.
     Raises: DataError for a missing, empty or unrecognised folder.
     """
-    folder = _folder(folder)
+    folder = existing_folder(folder)
     names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
     if not names:
         raise DataError(f"{folder}: empty folder")

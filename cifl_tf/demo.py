@@ -131,16 +131,18 @@ def seeds_table(spread, seeds, train_contrast="t1"):
 def seeds_main(argv=None):
     """Command line of experiments/downstream.py: `segmentation_seeds`, printed and written as
     downstream_seeds.md and downstream_seeds.json."""
-    from .cli import _OneLineParser, _output_folder
+    from .cli import _check_options, _OneLineParser, _output_folder
     from .data import write_json
     from .encoder import load_encoder
+    from .training import POSITIVE_INTEGER, SEED
 
     parser = _OneLineParser(description="The demo's segmentation row over several model seeds, for the "
                                         "shipped encoders and one of your own")
     parser.add_argument("--encoder", default=None, help="a train-encoder run folder or weights file for the CIFL "
                                                         "column (default: the recommended shipped encoder)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="model seeds, e.g. 0,1,2 (default 0,1,2,3,4)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of each UNet (default: the demo's 25)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of each UNet (default: the demo's, 25, or 1 with --quick)")
     parser.add_argument("--train-contrast", default="t1", choices=demo_data.CONTRASTS,
                         help="the contrast the UNets train on (default t1, as in the demo); the column of the same "
                              "contrast is then its in-contrast reference")
@@ -152,6 +154,9 @@ def seeds_main(argv=None):
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise ValueError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
+        if not all(map(SEED[0], seeds)):  # else segmentation_seeds would name its own argument
+            raise ValueError(f"--seeds must each be {SEED[1]}, got {args.seeds!r}")
+        _check_options(args, {"epochs": POSITIVE_INTEGER})
         _output_folder(args.out)
         encoder = None if args.encoder is None else load_encoder(args.encoder)
         _check_ndim(encoder, 2, f"--encoder {args.encoder}: the demo's segmentation row")

@@ -22,8 +22,8 @@ from .checkpoint import SETTINGS_FILE
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
-from .training import (NON_NEGATIVE_INTEGER, NON_NEGATIVE_NUMBER, POSITIVE_INTEGER, POSITIVE_NUMBER, as_json_holds,
-                       read_settings, train_encoder)
+from .training import (NON_NEGATIVE_INTEGER, NON_NEGATIVE_NUMBER, POSITIVE_INTEGER, POSITIVE_NUMBER, SEED,
+                       as_json_holds, read_settings, train_encoder)
 
 BASELINE = "baseline"
 MIND_METHOD = "MIND"  # the hand-made modality independent descriptor, beside the learned encoders
@@ -361,7 +361,7 @@ def main(rows, argv=None):
 
         _output_folder(args.out)  # before hours of training, not after them
         _check_options(args, {**dict.fromkeys(("epochs", "encoder_steps"), POSITIVE_INTEGER),
-                              "seed": NON_NEGATIVE_INTEGER})
+                              "seed": SEED})
         if args.encoder_steps is not None and not args.train_encoders:  # else the shipped encoders run unsaid
             raise ValueError(f"--encoder-steps {args.encoder_steps} is an option of --train-encoders, which was "
                              f"not given")
@@ -422,7 +422,7 @@ def defaults_data(folder, indices=range(60, 161), gap=8):
     """
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 2 or gap % 2:
         raise ValueError(f"gap must be an even integer >= 2 (test slices are the odd ones), got {gap!r}")
-    folder = os.fspath(folder)
+    folder = data.existing_folder(folder)
     subjects = [name for name in sorted(os.listdir(folder))
                 if os.path.isfile(os.path.join(folder, name, "aligned_norm.nii.gz"))]
     if not subjects:
@@ -441,7 +441,7 @@ def defaults_data(folder, indices=range(60, 161), gap=8):
 # The numbers of experiments/defaults.py, checked before the data are read: the models would refuse some only
 # after that, and Keras others never (steps_per_epoch=-1 trains forever, a negative learning rate ascends).
 DEFAULTS_CHECKS = {**dict.fromkeys(("steps", "batch_size", "int_resolution", "svf_resolution"), POSITIVE_INTEGER),
-                   **dict.fromkeys(("seg_epochs", "seed", "int_steps"), NON_NEGATIVE_INTEGER),
+                   **dict.fromkeys(("seg_epochs", "int_steps"), NON_NEGATIVE_INTEGER), "seed": SEED,
                    "learning_rate": POSITIVE_NUMBER, "reg_weight": NON_NEGATIVE_NUMBER}
 
 

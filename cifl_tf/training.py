@@ -199,6 +199,7 @@ POSITIVE_INTEGER = (_count, "a positive integer")
 NON_NEGATIVE_INTEGER = (lambda v: _count(v, 0), "a non-negative integer")
 POSITIVE_NUMBER = (_positive, "a positive number")
 NON_NEGATIVE_NUMBER = (_non_negative, "a non-negative number")
+SEED = (lambda v: _count(v, 0) and v < 2 ** 32, "an integer in [0, 2**32)")  # Keras's seeds take no more
 
 # Each settings.json field: (check of its value, what it must be).
 SETTINGS = {
@@ -217,7 +218,7 @@ SETTINGS = {
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
                     "a list of positive integers"),
-    "seed": (lambda v: v is None or _count(v, 0) and v < 2 ** 32, "null or an integer in [0, 2**32)"),
+    "seed": (lambda v: v is None or SEED[0](v), "null or " + SEED[1]),
     "init": (lambda v: v is None or isinstance(v, str) and v != "",
              "null or a shipped encoder's name or an encoder's path"),
     "synth_kwargs": (lambda v: isinstance(v, dict) and set(v) <= _synth_arguments(),

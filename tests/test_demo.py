@@ -298,8 +298,8 @@ def test_the_downstream_script_restarts_as_the_demo_does(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0,a"], "--seeds must be integers separated by commas, got '0,a'"),
-    (["--seeds", "0,-1"], "seeds must be one or more integers in [0, 2^32), got [0, -1]"),
-    (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+    (["--seeds", "0,-1"], "--seeds must each be an integer in [0, 2**32), got '0,-1'"),  # the option's name
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--encoder", "{tmp}/none"], "{tmp}/none"),
     (["--encoder", "{tmp}"], "{tmp}/encoder.weights.h5"),  # a folder without an encoder
     (["--encoder", "{tmp}/3d.weights.h5"], "--encoder {tmp}/3d.weights.h5: the demo's segmentation row needs a 2D "

@@ -288,13 +288,13 @@ def _no_work(*args, **kwargs):
     ("defaults.py", ["--int-resolution", "0"], "--int-resolution must be a positive integer, got 0"),
     ("defaults.py", ["--svf-resolution", "0"], "--svf-resolution must be a positive integer, got 0"),
     ("defaults.py", ["--reg-weight", "-1"], "--reg-weight must be a non-negative number, got -1.0"),
-    ("defaults.py", ["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    ("defaults.py", ["--seed", "-1"], "--seed must be an integer in [0, 2**32), got -1"),
     ("defaults.py", ["--seg-epochs", "-1"], "--seg-epochs must be a non-negative integer, got -1"),
     ("defaults.py", ["--learning-rate", "nan"], "--learning-rate must be a positive number, got nan"),
     ("defaults.py", ["--learning-rate", "-1"], "--learning-rate must be a positive number, got -1.0"),  # ascent
     ("seg_inverted_oasis.py", ["--encoder-steps", "250"],
      "--encoder-steps 250 is an option of --train-encoders, which was not given"),
-    ("seg_inverted_oasis.py", ["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    ("seg_inverted_oasis.py", ["--seed", "-1"], "--seed must be an integer in [0, 2**32), got -1"),
     ("table1.py", ["--split", "all"], "unrecognized arguments: --split all (see table1.py --help)"),
     ("seg_inverted_oasis.py", ["--seed", "x"], "argument --seed: invalid int value: 'x' (see seg_inverted_oasis.py "
                                                "--help)"),
@@ -369,6 +369,15 @@ def test_defaults_data_needs_3d_volumes_and_a_gap_that_pairs(tmp_path):
         os.remove(tmp_path / "oasis" / "OASIS_OAS1_0001_MR1" / name)
     with pytest.raises(cifl_tf.data.DataError, match="no subject folder holds aligned_norm.nii.gz"):
         experiments.defaults_data(tmp_path / "oasis")
+    with pytest.raises(cifl_tf.data.DataError, match="none: no such folder"):
+        experiments.defaults_data(tmp_path / "none")
+
+
+def test_defaults_script_names_a_seed_keras_cannot_take(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        experiments.defaults_main(["--data", str(tmp_path), "--seed", str(2 ** 32), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "--seed must be an integer in [0, 2**32), got 4294967296" in capsys.readouterr().err
 
 
 @pytest.mark.slow
