@@ -38,6 +38,7 @@ from .encoder import pretrained
 from .losses import NCC
 from .synth import stream_options
 from .training import compile_for_fit
+from .triplanar import deserialize_layer
 
 KL = tf.keras.layers
 
@@ -113,7 +114,7 @@ def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")(
         [inputs[0], displacement])
     if encoder is not None:
-        moved = encoder(moved)
+        moved = Encode(encoder, name="encode")(moved)
     return tf.keras.Model(inputs if initial else inputs[0], [moved, velocity], name="cifl_instance")
 
 
@@ -136,6 +137,26 @@ class ComposeAffine(KL.Layer):
         linear, shift = matrices[:, :, :-1], matrices[:, tf.newaxis, :, -1]
         moved = tf.einsum("b...j,bij->b...i", centred + deformation, linear)
         return moved + tf.reshape(shift, [-1, *[1] * len(grid), len(grid)]) - centred
+
+
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class Encode(KL.Layer):
+    """`encoder` applied inside this layer's call, so that the level models built on one shared encoder
+    (moved_features="encoded") add no functional node to it: each node would keep its model's layers and velocity
+    field alive after the model is dropped (32 fields after 16 registrations of other shapes).
+
+    Call: (B, *grid, 1) -> the encoder's (B, *grid, C).
+    """
+
+    def __init__(self, encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = deserialize_layer(encoder) if isinstance(encoder, dict) else encoder
+
+    def call(self, images):
+        return self.encoder(images)
+
+    def get_config(self):
+        return {**super().get_config(), "encoder": tf.keras.utils.serialize_keras_object(self.encoder)}
 
 
 def displacement(model):
@@ -181,7 +202,9 @@ def affine_model(grid, channels, encoder=None):
     matrix = AffineMatrix(grid, name="affine", dtype=transform.EXACT)(moving)
     moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")(
         [moving, matrix])
-    return tf.keras.Model(moving, moved if encoder is None else encoder(moved), name="cifl_affine")
+    if encoder is not None:
+        moved = Encode(encoder, name="encode")(moved)
+    return tf.keras.Model(moving, moved, name="cifl_affine")
 
 
 def affine_displacement(matrix, factor, shape):
@@ -616,6 +639,9 @@ def _check_encoder(encoder, ndim):
         return _shipped(ndim)
     if encoder is None:
         return None
+    if isinstance(encoder, str):
+        raise ValueError(f"register_pair: encoder must be 'pretrained', None (the intensities) or a Keras layer such "
+                         f"as a CIFLEncoder or MIND, got {encoder!r}")
     tiling.check_layer(encoder)
     if encoder.ndim != ndim:
         raise ValueError(f"register_pair: encoder {encoder.name} is {encoder.ndim}D but the images are {ndim}D")

@@ -1,4 +1,5 @@
 """register_pair: instance optimisation recovers known smooth warps, in 2D and 3D, with every kind of features."""
+import gc
 import itertools
 
 import numpy as np
@@ -374,8 +375,10 @@ def test_intensities_pooled_in_slabs_equal_pooled_whole(monkeypatch, max_memory)
         np.testing.assert_allclose(target, instance.pool(fixed[..., None], factor), atol=1e-6)
 
 
-def test_instance_model_saves_and_loads(tmp_path):
-    model = instance.instance_model((8, 10), 1, int_steps=3)
+@pytest.mark.parametrize("encoder", [None, "mind"])
+def test_instance_model_saves_and_loads(tmp_path, encoder):
+    encoder = None if encoder is None else cifl_tf.descriptors.MIND(ndim=2)  # "encoded": the layer Encode holds it
+    model = instance.instance_model((8, 10), 1, int_steps=3, encoder=encoder)
     velocity = np.random.default_rng(0).normal(0, 1, (8, 10, 2)).astype(np.float32)
     model.get_layer("velocity").set_weights([velocity])
     model.save(tmp_path / "instance.keras")
@@ -384,6 +387,25 @@ def test_instance_model_saves_and_loads(tmp_path):
     for a, b in zip(model(image), loaded(image)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(instance.displacement(loaded), instance.displacement(model), atol=1e-6)
+
+
+def test_level_models_built_on_a_shared_encoder_are_freed_with_the_cache():
+    """Called on the models' symbolic tensors, the shared encoder kept a node of each model, and through it the
+    model's layers and velocity field, after the cache let the model go."""
+    def velocity_fields():
+        gc.collect()
+        return sum(isinstance(o, instance.VelocityField) for o in gc.get_objects())
+
+    instance._compiled.cache_clear()
+    before, encoder = velocity_fields(), cifl_tf.descriptors.MIND(ndim=2)
+    for shape in ((16, 20), (20, 16)):
+        moving, fixed = (phantom_image(phantom_labels(shape, np.random.default_rng(seed)), np.random.default_rng(seed))
+                         for seed in (0, 1))
+        instance.register_pair(moving, fixed, encoder=encoder, moved_features="encoded", levels=(2, 1), steps=1,
+                               verbose=0)
+    assert velocity_fields() > before  # in the cache
+    instance._compiled.cache_clear()
+    assert velocity_fields() == before
 
 
 GOOD = np.full((16, 16), 0.5, np.float32)
@@ -395,7 +417,8 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, np.where(np.eye(16) > 0, np.nan, 0.5), {}, ValueError, r"fixed holds 16 NaN/Inf values"),
     (GOOD * 4, GOOD, {}, ValueError, r"moving intensities must lie in \[0, 1\].*got \[2, 2\]"),
     (GOOD, GOOD, dict(encoder=EdgeDescriptor(3)), ValueError, r"is 3D but the images are 2D"),
-    (GOOD, GOOD, dict(encoder="mind"), TypeError, r"expected a Keras layer with ndim"),
+    (GOOD, GOOD, dict(encoder="pretrain"), ValueError, r"encoder must be 'pretrained', None .*, got 'pretrain'"),
+    (GOOD, GOOD, dict(encoder=3), TypeError, r"expected a Keras layer with ndim"),
     (GOOD, GOOD, dict(similarity="cc"), ValueError, r"similarity must be one of \('mse', 'ncc', 'mi'\)"),
     (GOOD, GOOD, dict(similarity="mi"), ValueError, r"'mi' compares intensities; use it with encoder=None"),
     (GOOD, GOOD, dict(levels=(1, 2)), ValueError, r"levels must be decreasing .* got \(1, 2\)"),
