@@ -268,7 +268,18 @@ def _fit(model, inputs, targets, steps, verbose):
         print(f"{model.name}: grid {'x'.join(map(str, inputs[0].shape[:-1]))}")
     pair = tuple(tuple(array[np.newaxis] for array in arrays) for arrays in (inputs, targets))
     pairs = tf.data.Dataset.from_tensors(pair).repeat().with_options(stream_options())
-    model.fit(pairs, steps_per_epoch=steps, epochs=1, verbose=verbose)
+    model.fit(pairs, steps_per_epoch=steps, epochs=1, verbose=verbose, callbacks=[_StopOnDivergence()])
+
+
+class _StopOnDivergence(tf.keras.callbacks.Callback):
+    """Stops a fit at the first step that leaves its transform NaN or infinite (a learning rate far too large):
+    the field would come back NaN, and with MI neurite's checks would fail inside TensorFlow at the next step."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not all(tf.reduce_all(tf.math.is_finite(w)) for w in self.model.trainable_weights):
+            raise ValueError(f"register_pair: the fit diverged at step {batch + 1} of the level on "
+                             f"{'x'.join(map(str, self.model.inputs[0].shape[1:-1]))} voxels (its transform is NaN "
+                             f"or infinite): lower learning_rate")
 
 
 def _similarity_loss(similarity):
@@ -615,7 +626,12 @@ def uses_xla(grid, steps, jit_compile=None):
 def _check_images(moving, fixed):
     arrays = []
     for name, image in (("moving", moving), ("fixed", fixed)):
-        image = np.asarray(image, np.float32)
+        if isinstance(image, np.ma.MaskedArray):
+            raise TypeError(f"register_pair: {name} is a masked array, whose mask registration would ignore; pass "
+                            f"{name}.filled(0)")
+        image = np.asarray(image)
+        if image.dtype.kind not in "biuf":  # complex would register its real part, strings fail inside NumPy
+            raise TypeError(f"register_pair: {name} must hold real numbers, got dtype {image.dtype}")
         if image.ndim not in (2, 3):
             raise ValueError(f"register_pair: {name} must be a 2D or 3D array (*spatial), got shape {image.shape}")
         if image.size == 0:
@@ -628,7 +644,7 @@ def _check_images(moving, fixed):
         if image.min() < 0 or image.max() > 1:
             raise ValueError(f"register_pair: {name} intensities must lie in [0, 1] (data.normalize), got "
                              f"[{image.min():g}, {image.max():g}]")
-        arrays.append(image)
+        arrays.append(image.astype(np.float32))
     if arrays[0].shape != arrays[1].shape:
         raise ValueError(f"register_pair: moving {arrays[0].shape} and fixed {arrays[1].shape} differ in shape")
     return arrays

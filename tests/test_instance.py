@@ -389,6 +389,16 @@ def test_instance_model_saves_and_loads(tmp_path, encoder):
     np.testing.assert_allclose(instance.displacement(loaded), instance.displacement(model), atol=1e-6)
 
 
+@pytest.mark.parametrize("similarity", ["ncc", "mi"])
+def test_a_diverging_fit_is_refused_not_returned_as_a_nan_field(similarity):
+    moving, fixed = (phantom_image(phantom_labels((16, 20), np.random.default_rng(seed)), np.random.default_rng(seed))
+                     for seed in (0, 1))
+    with pytest.raises(ValueError, match=r"the fit diverged at step \d+ of the level on 8x10 voxels .* lower "
+                                         r"learning_rate"):
+        instance.register_pair(moving, fixed, encoder=None, similarity=similarity, levels=(2, 1), steps=3,
+                               learning_rate=1e38, verbose=0)
+
+
 def test_level_models_built_on_a_shared_encoder_are_freed_with_the_cache():
     """Called on the models' symbolic tensors, the shared encoder kept a node of each model, and through it the
     model's layers and velocity field, after the cache let the model go."""
@@ -416,6 +426,10 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (np.zeros(16), np.zeros(16), {}, ValueError, r"moving must be a 2D or 3D array"),
     (GOOD, np.where(np.eye(16) > 0, np.nan, 0.5), {}, ValueError, r"fixed holds 16 NaN/Inf values"),
     (GOOD * 4, GOOD, {}, ValueError, r"moving intensities must lie in \[0, 1\].*got \[2, 2\]"),
+    (GOOD, np.full((16, 16), 1e300), {}, ValueError, r"fixed intensities must lie in \[0, 1\].*got \[1e\+300"),
+    (GOOD + 0j, GOOD, {}, TypeError, r"moving must hold real numbers, got dtype complex64"),
+    (GOOD, np.full((16, 16), "a"), {}, TypeError, r"fixed must hold real numbers, got dtype <U1"),
+    (np.ma.masked_less(GOOD, 0.6), GOOD, {}, TypeError, r"moving is a masked array, .* pass moving.filled\(0\)"),
     (GOOD, GOOD, dict(encoder=EdgeDescriptor(3)), ValueError, r"is 3D but the images are 2D"),
     (GOOD, GOOD, dict(encoder="pretrain"), ValueError, r"encoder must be 'pretrained', None .*, got 'pretrain'"),
     (GOOD, GOOD, dict(encoder=3), TypeError, r"expected a Keras layer with ndim"),
