@@ -702,10 +702,10 @@ def _check_similarity(similarity, encoder):
     return similarity
 
 
-def _check_levels(levels):
-    levels = tuple(levels) if isinstance(levels, (list, tuple, np.ndarray)) else (levels,)
+def _check_levels(given):
+    levels = tuple(given) if isinstance(given, (list, tuple, range, np.ndarray)) else (given,)
     if not levels or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1 for f in levels) \
             or list(levels) != sorted(set(levels), reverse=True):
         raise ValueError(f"register_pair: levels must be decreasing positive integer pooling factors such as "
-                         f"(4, 2, 1), got {levels!r}")
+                         f"(4, 2, 1), got {given!r}")
     return tuple(int(f) for f in levels)

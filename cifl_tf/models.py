@@ -461,6 +461,9 @@ def warp(images, displacement, interp_method="linear"):
     images, displacement = np.asarray(images, np.float32), np.asarray(displacement, np.float32)
     if images.shape[:-1] != displacement.shape[:-1] or displacement.shape[-1] != images.ndim - 2:
         raise ValueError(f"warp: images {images.shape} and displacement {displacement.shape} do not match")
+    if not np.isfinite(displacement).all():  # an infinite one would take a border value, a NaN one give NaN
+        raise ValueError(f"warp: the displacement holds {np.count_nonzero(~np.isfinite(displacement))} NaN or "
+                         f"infinite values")
     return spatial_transform(tf.constant(images), displacement, interp_method).numpy()
 
 

@@ -436,6 +436,7 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(similarity="cc"), ValueError, r"similarity must be one of \('mse', 'ncc', 'mi'\)"),
     (GOOD, GOOD, dict(similarity="mi"), ValueError, r"'mi' compares intensities; use it with encoder=None"),
     (GOOD, GOOD, dict(levels=(1, 2)), ValueError, r"levels must be decreasing .* got \(1, 2\)"),
+    (GOOD, GOOD, dict(levels=2.5), ValueError, r"levels must be decreasing .* got 2.5$"),  # as given
     (GOOD, GOOD, dict(steps=0), ValueError, r"steps must be a positive integer, got 0"),
     (GOOD, GOOD, dict(reg_weight=-1.0), ValueError, r"reg_weight must be a non-negative number, got -1.0"),
     (GOOD, GOOD, dict(moved_features="both"), ValueError, r"moved_features must be one of"),

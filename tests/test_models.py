@@ -294,6 +294,14 @@ def test_register_returns_full_resolution_displacement_with_half_resolution_inte
     np.testing.assert_allclose(moved, models.warp(images, displacement), atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_warp_refuses_a_displacement_that_is_not_finite(bad):
+    displacement = np.zeros((1, 6, 7, 2), np.float32)
+    displacement[0, 2, 3, 1] = bad
+    with pytest.raises(ValueError, match="warp: the displacement holds 1 NaN or infinite values"):
+        models.warp(np.ones((1, 6, 7, 1), np.float32), displacement)
+
+
 def test_the_velocity_field_is_predicted_where_it_is_integrated_unless_asked_otherwise(tmp_path):
     """By default at int_resolution, without the UNet's full-resolution level; svf_resolution=1 is VxmDense's
     default, a full-resolution field halved before integration. A model round-trips as it was built, and a config
