@@ -571,8 +571,9 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
     out.mkdir()
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # a tiny budget: tiles of a few voxels, so that the process is still writing when the signal comes
     process = subprocess.Popen([sys.executable, "-m", "cifl_tf.cli", "features", str(tmp_path / "volume.nii.gz"),
-                                str(out / "features.nii.gz"), "--max-memory", "2M"], env=environ,
+                                str(out / "features.nii.gz"), "--max-memory", "3M"], env=environ,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while process.poll() is None and not any(out.iterdir()):  # the temporary file is being filled
         time.sleep(0.05)
