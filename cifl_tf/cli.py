@@ -91,8 +91,9 @@ def _given_settings(args):
     are None (their defaults are train_encoder's), so that --resume tells a repeated setting from a default."""
     given = {key: getattr(args, key) for key in SETTINGS if key not in _OPTION_OF_SETTING}
     given.update(use_bias=False if args.no_bias else None, synth_kwargs=args.synth)
-    if given.get("init") is not None and os.path.exists(given["init"]):  # a path: absolute, as train-seg stores them
-        given["init"] = os.path.abspath(given["init"])
+    init = given.get("init")
+    if init is not None and init not in PRETRAINED_NAMES and os.path.exists(init):  # absolute, as train-seg's paths
+        given["init"] = os.path.abspath(init)
     return json.loads(json.dumps({key: value for key, value in given.items() if value is not None}))
 
 
@@ -418,7 +419,7 @@ def _parts(dataset, args):
 
 
 def _part(dataset, args, part):
-    chosen = _parts(dataset, args)[part]
+    chosen = dataset if part == "all" else _parts(dataset, args)[part]  # every subject, whatever the split
     if not len(chosen):
         raise data.DataError(f"{args.data}: the {part} part of the subject split holds no images")
     return chosen
@@ -668,7 +669,7 @@ def _parser():
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train-encoder", help="train a CIFL encoder on synthetic shapes")
-    p.add_argument("--dim", type=int, choices=(2, 3), help="2 (default) or 3")
+    p.add_argument("--dim", type=int, choices=(2, 3), help="2 or 3 (default: --shape's number of sizes, else 2)")
     p.add_argument("--shape", type=_shape, help="crop size, e.g. 96x96 (default 96^dim)")
     p.add_argument("--steps", type=int)
     p.add_argument("--steps-per-epoch", type=int,

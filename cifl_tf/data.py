@@ -564,7 +564,7 @@ def parse_split(text):
     kinds = {type(size) for size in sizes if size != 0}  # a 0 is a count and a fraction alike: 0.5,0,0.5
     if len(sizes) != 3 or len(kinds) > 1:
         raise ValueError(f"split must be three counts or three fractions like 0.6,0.15,0.25, got {text!r}")
-    return tuple(map(float, sizes)) if float in kinds else sizes
+    return tuple(map(float if float in kinds else int, sizes))
 
 
 def check_split_counts(sizes, dataset, folder):

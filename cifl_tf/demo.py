@@ -17,7 +17,7 @@ from .checkpoint import SETTINGS_FILE
 from .encoder import PRETRAINED_RECOMMENDED, pretrained, pretrained_info, pretrained_log
 from .evaluate import segment
 from .models import warp
-from .training import read_settings
+from .training import SEED, read_settings
 
 PAPER_CIFL, CIFL = "CIFL (paper, tau_gamma=0.1)", "CIFL"
 
@@ -96,9 +96,8 @@ def segmentation_seeds(seeds, encoder=None, quick=False, epochs=None, data_seed=
 
     Returns: {method: {contrast: (len(seeds),) each seed's mean test Dice}}, methods as in `methods(encoder)`.
     """
-    if not isinstance(seeds, (list, tuple, np.ndarray)) or len(seeds) == 0 or any(
-            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2 ** 32 for s in seeds):
-        raise ValueError(f"seeds must be one or more integers in [0, 2^32), got {seeds!r}")
+    if not isinstance(seeds, (list, tuple, np.ndarray)) or len(seeds) == 0 or not all(map(SEED[0], seeds)):
+        raise ValueError(f"seeds must be one or more integers in [0, 2**32), got {seeds!r}")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if train_contrast not in demo_data.CONTRASTS:
@@ -134,7 +133,7 @@ def seeds_main(argv=None):
     from .cli import _check_options, _OneLineParser, _output_folder
     from .data import write_json
     from .encoder import load_encoder
-    from .training import POSITIVE_INTEGER, SEED
+    from .training import POSITIVE_INTEGER
 
     parser = _OneLineParser(description="The demo's segmentation row over several model seeds, for the "
                                         "shipped encoders and one of your own")
@@ -154,7 +153,7 @@ def seeds_main(argv=None):
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise ValueError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
-        if not all(map(SEED[0], seeds)):  # else segmentation_seeds would name its own argument
+        if not all(map(SEED[0], seeds)):  # checked here too, so that the error names the option
             raise ValueError(f"--seeds must each be {SEED[1]}, got {args.seeds!r}")
         _check_options(args, {"epochs": POSITIVE_INTEGER})
         _output_folder(args.out)

@@ -23,7 +23,7 @@ from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrai
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
 from .training import (NON_NEGATIVE_INTEGER, NON_NEGATIVE_NUMBER, POSITIVE_INTEGER, POSITIVE_NUMBER, SEED,
-                       as_json_holds, read_settings, train_encoder)
+                       SETTING_DEFAULTS, as_json_holds, read_settings, train_encoder)
 
 BASELINE = "baseline"
 MIND_METHOD = "MIND"  # the hand-made modality independent descriptor, beside the learned encoders
@@ -78,8 +78,8 @@ def _trained_encoder(run, settings, name, verbose):
     """train_encoder(**settings) into `run`; where `run` holds a finished run of those settings (an earlier row's
     script with the same --out), its encoder, and an unfinished one is resumed."""
     if run is not None and os.path.exists(os.path.join(run, "result.json")):
-        saved = read_settings(run)
-        differ = sorted(key for key, value in as_json_holds(settings).items() if saved.get(key) != value)
+        saved, wanted = read_settings(run), {**SETTING_DEFAULTS, **as_json_holds(settings)}
+        differ = sorted(key for key in {*saved, *wanted} if saved.get(key) != wanted.get(key))
         if differ:
             raise ValueError(f"{run}: holds {name} trained with other {', '.join(differ)}; choose another --out")
         _announce(f"{name}: trained before, read from {run}", verbose)

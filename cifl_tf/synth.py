@@ -223,7 +223,7 @@ def _resolution_matrix(size, factor):
     """(size, size) linear map along an axis that takes an image to voxels `factor` (>= 1, a scalar tensor) times
     as large and back: a Gaussian point-spread function of full width `factor` voxels at half maximum (the
     extra SD FWHM_SD sqrt(factor^2 - 1), the image's own voxel being one), sampled every `factor` voxels from
-    voxel 0, then linearly interpolated onto the voxels again. Factor 1 is the identity."""
+    voxel 0 and at the last voxel, then linearly interpolated onto the voxels again. Factor 1 is the identity."""
     positions = tf.range(size, dtype=tf.float32)
     sigma = tf.maximum(FWHM_SD * tf.sqrt(factor ** 2 - 1), 1e-3)  # 1e-3: exp underflows to the identity
     blur = tf.exp(-0.5 * (positions[:, None] - positions[None, :]) ** 2 / sigma ** 2)

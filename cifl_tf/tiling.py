@@ -3,8 +3,8 @@
 A layer (B, *spatial, 1) -> (B, *spatial, C) whose output at a pixel depends only on the input within
 `radius` pixels of it (its receptive field: 8 for eight 3x3 convolutions) gives the same output on a
 tile extended by `radius` pixels on every side as on the whole image, inside the tile. So the image is
-cut into tiles, each extended by that halo (clipped at the image border, where the layer's own padding
-then applies as on the whole image), and the tiles' centres are put together again.
+cut into tiles, each extended by that halo (at the image border moved inside the image, where the layer's own
+padding then applies as on the whole image), and the tiles' centres are put together again.
 """
 import bisect
 import functools

@@ -181,9 +181,10 @@ def test_train_seg_then_evaluate_on_a_data_folder(oasis_tiny, tmp_path, capsys):
                                    ("--split", "1,1,2", "--split 1,1,2 differs from the split [2, 1, 1] that")):
         status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, option, value)
         assert status == 2 and err.count("\n") == 1 and message in err and "leave " + option + " out" in err, err
-    status, stdout, _ = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, "--part", "all",
-                            "--split", "1,1,2")  # every subject, whatever the split
-    assert status == 0 and "over 4 images" in stdout
+    for split in ("1,1,2", "100,0,0"):  # every subject, whatever the split
+        status, stdout, _ = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, "--part", "all",
+                                "--split", split)
+        assert status == 0 and "over 4 images" in stdout
     (tmp_path / "link").symlink_to(oasis_tiny)  # the same folder by another path: the run's split still
     status, stdout, err = run(capsys, "evaluate", "--model", run_dir, "--data", tmp_path / "link")
     assert status == 0 and "over 1 image" in stdout and "trained on" not in err

@@ -109,6 +109,9 @@ def test_an_init_path_is_kept_absolute(tmp_path, monkeypatch):
     (tmp_path / "first.weights.h5").touch()
     assert cli.main(["train-encoder", "--init", "first.weights.h5", "--out", "run"]) == 0
     assert trained["init"] == str(tmp_path / "first.weights.h5")
+    (tmp_path / "tau_gamma_1").mkdir()  # a folder named as a shipped encoder: the name still means the shipped one
+    assert cli.main(["train-encoder", "--init", "tau_gamma_1", "--out", "run2"]) == 0
+    assert trained["init"] == "tau_gamma_1"
 
 
 @pytest.mark.parametrize("argv, message", [

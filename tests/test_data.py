@@ -535,6 +535,7 @@ def test_split_rejects(subjects, sizes, message):
     ("0.6, 0.15, 0.25", (0.6, 0.15, 0.25)),
     ("2,0,0", (2, 0, 0)),
     ("0,0.5,0.5", (0.0, 0.5, 0.5)),  # a 0 goes with fractions too
+    ("2,0.0,1", (2, 0, 1)),  # and a 0.0 with counts
 ])
 def test_parse_split(text, expected):
     sizes = data.parse_split(text)

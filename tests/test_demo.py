@@ -224,11 +224,11 @@ def test_segmentation_seeds_trains_on_the_given_contrast(monkeypatch):
 
 
 @pytest.mark.parametrize("seeds, encoder, message, epochs", [
-    ([], None, "seeds must be one or more integers in [0, 2^32), got []", None),
-    ([0, 1.5], None, "seeds must be one or more integers in [0, 2^32), got [0, 1.5]", None),
-    ([0, -1], None, "seeds must be one or more integers in [0, 2^32), got [0, -1]", None),
-    (3, None, "seeds must be one or more integers in [0, 2^32), got 3", None),
-    ("0,1", None, "seeds must be one or more integers in [0, 2^32), got '0,1'", None),
+    ([], None, "seeds must be one or more integers in [0, 2**32), got []", None),
+    ([0, 1.5], None, "seeds must be one or more integers in [0, 2**32), got [0, 1.5]", None),
+    ([0, -1], None, "seeds must be one or more integers in [0, 2**32), got [0, -1]", None),
+    (3, None, "seeds must be one or more integers in [0, 2**32), got 3", None),
+    ("0,1", None, "seeds must be one or more integers in [0, 2**32), got '0,1'", None),
     ([0], cifl_tf.CIFLEncoder(channels=4, features=4, ndim=3), "needs a 2D encoder, got a 3D", None),
     ([0], None, "epochs must be an integer >= 1, got 0", 0),
     ([0], None, "epochs must be an integer >= 1, got 2.0", 2.0),

@@ -54,6 +54,10 @@ def test_methods_read_the_encoders_an_earlier_row_trained_into_the_same_folder(t
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="holds the encoder tau_gamma=1 trained with other steps; choose another"):
         experiments.methods(tau_gammas=(1.0,), train_steps=4, out_dir=tmp_path, verbose=0)
+    settings = tmp_path / "encoder_tau_gamma=1" / "settings.json"  # a setting the recipe leaves at its default
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "pixel_contrast": 0.3}))
+    with pytest.raises(ValueError, match="trained with other pixel_contrast; choose another"):
+        experiments.methods(tau_gammas=(1.0,), train_steps=2, out_dir=tmp_path, verbose=0)
 
 
 @pytest.mark.parametrize("steps, steps_per_epoch", [
