@@ -106,9 +106,10 @@ def test_a_registration_run_of_an_earlier_version_resumes_only_with_the_velocity
     assert model.get_layer(f"{model.name}_flow").output.shape[1:-1] == model.inshape  # the full-resolution field
 
 
-# Longer runs for the kill test: EPOCHS epochs, so that there are many moments to kill.
+# Longer runs for the kill test: EPOCHS epochs, so that there are many moments to kill, each epoch longer than the
+# 0.3 s a kill may wait (train-reg's epochs of 20 steps took less once its field was predicted at half resolution).
 EPOCHS = {"train-seg": 12, "train-reg": 6}
-LONGER = {"train-seg": ["--epochs", "12"], "train-reg": ["--epochs", "6", "--steps-per-epoch", "20"]}
+LONGER = {"train-seg": ["--epochs", "12"], "train-reg": ["--epochs", "6", "--steps-per-epoch", "60"]}
 
 
 def cifl_process(command, data, out, resume=False):
