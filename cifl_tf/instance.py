@@ -502,6 +502,9 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
 
     Returns: (*spatial, ndim) float32 displacement in voxels: moved(x) = moving(x + displacement(x)),
     as ``cifl_tf.models.warp`` applies it.
+
+    Raises: ValueError or TypeError naming a bad argument, and ValueError when a level's fit diverged (a
+    learning_rate far too large) instead of returning a NaN field.
     """
     moving, fixed = _check_images(moving, fixed)
     if not isinstance(equalize, bool):
