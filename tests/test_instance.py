@@ -213,7 +213,7 @@ def test_default_levels_bound_the_finest_grid(shape, expected):
 def test_register_pair_without_levels_uses_the_default_levels(monkeypatch):
     grids = []
     monkeypatch.setattr(instance, "MAX_FINE_VOXELS", 64)  # 24x24 pixels: the finest level pooled by 4 (6x6)
-    monkeypatch.setattr(instance, "_fit", lambda model, inputs, targets, steps, verbose: grids.append(inputs[0].shape))
+    monkeypatch.setattr(instance, "_fit", lambda model, inputs, *_: grids.append(inputs[0].shape))
     moving, t1, _, _, _ = warped_pair((24, 24))
     cifl_tf.register_pair(moving, t1, encoder=None, steps=1, verbose=0)
     assert grids == [(2, 2, 1), (3, 3, 1), (6, 6, 1)]  # levels 16, 8, 4
@@ -319,7 +319,7 @@ def fitted_levels(monkeypatch, moving, fixed, encoder, **kwargs):
     result. Of an encoder's moving features warped (2D images' default is to encode the moved image), unless told."""
     kwargs = {"moved_features": None if encoder is None else "warped", **kwargs}
     fitted, described, tiled = [], [], tiling.tiled_features
-    monkeypatch.setattr(instance, "_fit", lambda model, inputs, targets, steps, verbose: fitted.append(
+    monkeypatch.setattr(instance, "_fit", lambda model, inputs, targets, *_: fitted.append(
         (inputs[0], targets[0], *inputs[1:])))
     monkeypatch.setattr(tiling, "tiled_features", lambda layer, image, max_memory: described.append(
         image.shape) or tiled(layer, image, max_memory))
@@ -599,13 +599,14 @@ def test_affine_model_saves_and_loads(tmp_path):
 def test_each_level_is_fitted_on_a_stream_without_the_autotuning_thread():
     """Which kept the CPU idle for seconds when fit's iterator was freed (synth.stream_options)."""
     class Recording:
-        name = "recording"
+        name, trainable_weights = "recording", []
 
         def fit(self, dataset, **kwargs):
             self.autotune, self.steps = dataset.options().autotune.enabled, kwargs["steps_per_epoch"]
 
     model = Recording()
-    instance._fit(model, [np.zeros((4, 4, 1), np.float32)], [np.zeros((4, 4, 1), np.float32)], 7, verbose=0)
+    instance._fit(model, [np.zeros((4, 4, 1), np.float32)], [np.zeros((4, 4, 1), np.float32)], 7, verbose=0,
+                  similarity="ncc")
     assert model.autotune is False and model.steps == 7
 
 
