@@ -165,6 +165,10 @@ def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, lab
     moving_labels = _label_maps(moving_labels, len(moving), model.inshape, "moving_labels")
     fixed_labels = _label_maps(fixed_labels, len(moving), model.inshape, "fixed_labels")
     displacement = model.register(moving, fixed, batch_size, verbose)
+    broken = np.flatnonzero(~np.isfinite(displacement).reshape(len(displacement), -1).all(axis=1))
+    if broken.size:  # else warp and folding_fraction would refuse it without saying whose
+        raise ValueError(f"evaluate_registration: {model.name} gave a NaN or infinite displacement for pairs "
+                         f"{broken.tolist()} (of {len(displacement)})")
     moved = warp(moving_labels[..., np.newaxis], displacement, "nearest")[..., 0]
     return dataclasses.replace(label_overlap(np.rint(moved).astype(np.int32), fixed_labels, label_values),
                                folding=metrics.folding_fraction(displacement))

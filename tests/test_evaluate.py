@@ -81,6 +81,16 @@ def test_registration_warps_moving_labels_by_nearest_neighbour(reg_model, monkey
     assert "folding pixels (Jacobian determinant <= 0): 0.000% ± 0.000%" in str(scores)
 
 
+def test_registration_names_the_pairs_whose_displacement_is_not_finite(reg_model, monkeypatch):
+    displacement = np.zeros((3, *SHAPE, 2), np.float32)
+    displacement[1, 4, 5, 0] = np.nan
+    monkeypatch.setattr(reg_model, "register", lambda *args, **kwargs: displacement)
+    labels = np.stack([squares((4, 4, 8, 8))] * 3)
+    with pytest.raises(ValueError, match=rf"{reg_model.name} gave a NaN or infinite displacement for pairs \[1\] "
+                                         r"\(of 3\)"):
+        evaluate.evaluate_registration(reg_model, np.zeros((3, *SHAPE)), np.zeros((3, *SHAPE)), labels, labels)
+
+
 def test_registration_reports_the_share_of_folding_pixels(reg_model, monkeypatch):
     labels = np.stack([squares((4, 4, 8, 8))] * 2)
     rows = np.arange(SHAPE[0], dtype=np.float32)[:, np.newaxis]
