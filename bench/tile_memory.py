@@ -57,7 +57,7 @@ def measure(name, budget_mib):
 
 def main():
     from cifl_tf.cli import _OneLineParser
-    from cifl_tf.machine import describe
+    from cifl_tf.machine import describe, matmul_gflops
     parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--describers", default=",".join(DESCRIBERS),
                         help=f"comma-separated, of {', '.join(DESCRIBERS)} (default: all)")
@@ -72,7 +72,8 @@ def main():
         parser.error(f"--budgets must be whole MiB, comma-separated, got {args.budgets!r}")
     if min(budgets) < 1:
         parser.error(f"--budgets must be positive, got {args.budgets!r}")
-    print(f"tiled inference's memory; {describe()}")
+    print(f"tiled inference's memory; {describe()}; tf.matmul 2048^2 float32 in this run: {matmul_gflops():.1f} "
+          f"GFLOP/s (beside the seconds)")
     print(f"{'describer':15s} {'budget':>7s} {'core tile':>13s} {'estimate':>11s} {'measured':>9s} "
           f"{'/budget':>7s} {'seconds':>8s}  (MiB)")
     for name in names:

@@ -277,7 +277,8 @@ def _features(args):
     image, affine, header = data.load_nifti(args.input)
     if image.ndim not in (2, 3):
         raise data.DataError(f"{args.input}: has {image.ndim} dimensions {header.get_data_shape()}, features need 2 or 3")
-    encoder = _stacked(args, encoder_from_args(args, image.ndim, args.input), image.ndim) or pretrained(ndim=image.ndim)
+    encoder = _stacked(args, encoder_from_args(args, image.ndim, args.input), image.ndim) \
+        or pretrained(ndim=image.ndim)
     image = data.normalize(image)
     # Written straight into the file: features of a large volume need not fit in memory. On the input's own
     # axes, singletons included (a 1 x H x W slice), so that its affine places them.
@@ -506,9 +507,10 @@ def _train_seg(args):
     nb_labels = _consecutive_labels(dataset, args.data) if args.nb_labels is None else args.nb_labels
     _check_labels(dataset, nb_labels, args.data)
     train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
-    model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder_from_args(args, args.dim, _images_of(args)),
-                                      loss=args.loss, learning_rate=args.learning_rate,
-                                      nb_features=args.nb_features, nb_levels=args.nb_levels)
+    encoder = encoder_from_args(args, args.dim, _images_of(args))
+    model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder, loss=args.loss,
+                                      learning_rate=args.learning_rate, nb_features=args.nb_features,
+                                      nb_levels=args.nb_levels)
 
     def arrays(part):  # (images (N, *shape, 1), one-hot labels (N, *shape, L))
         return part.images[..., np.newaxis], tf.keras.utils.to_categorical(part.labels, nb_labels)

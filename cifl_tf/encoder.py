@@ -271,9 +271,9 @@ class CIFLEncoder(KL.Layer):
 
     @property
     def live_activations(self):
-        """Float32 images as wide as the widest convolution that a tile holds at once per pixel (tiling.bytes_per_pixel):
-        a convolution's input and output, and with context also the residual sum and the dilation's interleaved
-        copies (`dilated`). Measured by bench/tile_memory.py: up to 3.2 and 5.3."""
+        """Float32 images as wide as the widest convolution that a tile holds at once per pixel
+        (tiling.bytes_per_pixel): a convolution's input and output, and with context also the residual sum and the
+        dilation's interleaved copies (`dilated`). Measured by bench/tile_memory.py: up to 3.2 and 5.3."""
         return 4 if self.architecture == "paper" else 6
 
     def compute_output_shape(self, input_shape):

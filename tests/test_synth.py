@@ -167,7 +167,8 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     (dict(shape=(32, 32), mean_min=200, mean_max=10), "mean_min 200 is above mean_max 10"),
     (dict(shape=(32, 32), num_labels=2, std_min=[0, 6], std_max=[5, 5]), "std_min [0, 6] is above std_max [5, 5]"),
     # one bound given: the other is neurite's per label (means 25-225, SDs 5-25 but the background's)
-    (dict(shape=(32, 32), mean_min=300), "mean_min 300 is above mean_max (neurite's default per label, mean_max unset)"),
+    (dict(shape=(32, 32), mean_min=300),
+     "mean_min 300 is above mean_max (neurite's default per label, mean_max unset)"),
     (dict(shape=(32, 32), mean_max=10), "mean_min (neurite's default per label, mean_min unset) is above mean_max 10"),
     (dict(shape=(32, 32), std_min=30), "std_min 30 is above std_max (neurite's default per label, std_max unset)"),
     (dict(shape=(32, 32), zero_background=1.5), "zero_background must be a number in [0, 1], got 1.5"),
