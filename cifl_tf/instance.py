@@ -110,7 +110,7 @@ def instance_model(grid, channels, int_steps=5, encoder=None, initial=False):
     displacement = transform.VecInt(method="ss", int_steps=int_steps, name="integrate")(velocity)
     if initial:
         inputs.append(tf.keras.Input((len(grid), len(grid) + 1), name="initial"))
-        displacement = ComposeAffine(name="compose", dtype=transform.EXACT)([displacement, inputs[1]])
+        displacement = ComposeAffine(name="compose")([displacement, inputs[1]])
     moved = transform.SpatialTransformer(interp_method="linear", indexing="ij", name="warp")(
         [inputs[0], displacement])
     if encoder is not None:
@@ -126,8 +126,12 @@ class ComposeAffine(KL.Layer):
     Exact, with no interpolation of a warped field (``vxm.layers.ComposeTransform`` interpolates the affine
     displacement at x + u(x), one batch item at a time).
 
-    Call: [u (B, *grid, ndim), matrices (B, ndim, ndim + 1)] -> (B, *grid, ndim).
+    Call: [u (B, *grid, ndim), matrices (B, ndim, ndim + 1)] -> (B, *grid, ndim), float32 unless given a dtype
+    (transform.EXACT).
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"dtype": transform.EXACT, **kwargs})
 
     def call(self, inputs):
         deformation, matrices = inputs

@@ -21,7 +21,7 @@ import tensorflow as tf
 import voxelmorph as vxm
 
 
-def _check_temperatures(**taus):
+def check_temperatures(**taus):
     for name, tau in taus.items():
         if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau < math.inf:
             raise ValueError(f"{name} must be a positive number, got {tau!r}")
@@ -51,7 +51,7 @@ def contrastive_loss(f1, f2, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, per_sam
 
     Returns: the batch mean (a scalar), or (B,) with per_sample=True.
     """
-    _check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
+    check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
     if not isinstance(per_sample, bool):
         raise TypeError(f"contrastive_loss: per_sample must be True or False, got {per_sample!r}")
     f1, f2, channels = _feature_pair(f1, f2, "contrastive_loss")
@@ -131,7 +131,7 @@ def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1, max_pixels=1024):
     for name, value in (("stride", stride), ("max_pixels", max_pixels)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"pixel_contrastive_loss: {name} must be a positive integer, got {value!r}")
-    _check_temperatures(temperature=temperature)
+    check_temperatures(temperature=temperature)
     f1, f2, channels = _feature_pair(f1, f2, "pixel_contrastive_loss")
     grid = (slice(None),) + (slice(None, None, stride),) * (f1.shape.rank - 2)
     batch = tf.shape(f1)[0]
@@ -152,7 +152,7 @@ class ContrastiveLoss(tf.keras.losses.Loss):
     """
 
     def __init__(self, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, name="contrastive_loss", **kwargs):
-        _check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
+        check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
         super().__init__(name=name, **kwargs)
         self.tau_alpha, self.tau_beta, self.tau_gamma = tau_alpha, tau_beta, tau_gamma
 

@@ -28,7 +28,7 @@ from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
 from .encoder import (ARCHITECTURES, PRETRAINED_DIR, PRETRAINED_NAMES, CIFLEncoder, encoder_model, inflate,
                       load_encoder, positive_number, save_encoder)
-from .losses import check_scales, multiscale_contrastive_loss, pixel_contrastive_loss
+from .losses import check_scales, check_temperatures, multiscale_contrastive_loss, pixel_contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, check_shape, contrast_pairs, stream_seed
 
 
@@ -135,6 +135,7 @@ def align_views(f1, f2, shift):
     return tuple(tf.ensure_shape(f, static) for f in aligned)
 
 
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class SiameseCIFL(tf.keras.Model):
     """One encoder with shared weights applied to both views; adds Eq. 1 on their overlap, averaged over
     `loss_scales` (losses.multiscale_contrastive_loss; (1,): Eq. 1 alone, as in the paper), plus, with
@@ -147,6 +148,9 @@ class SiameseCIFL(tf.keras.Model):
     def __init__(self, encoder, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, loss_scales=(1,), pixel_contrast=0.0,
                  **kwargs):
         super().__init__(**kwargs)
+        if not isinstance(encoder, tf.keras.layers.Layer):
+            raise TypeError(f"SiameseCIFL: encoder must be a Keras layer such as a CIFLEncoder, got {encoder!r}")
+        check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
         if not _non_negative(pixel_contrast):
             raise ValueError(f"pixel_contrast must be a non-negative number, got {pixel_contrast!r}")
         self.encoder = encoder
@@ -155,9 +159,14 @@ class SiameseCIFL(tf.keras.Model):
         self.pixel_contrast = pixel_contrast
 
     def get_config(self):
-        return {"encoder": tf.keras.utils.serialize_keras_object(self.encoder),
+        return {"name": self.name, "encoder": tf.keras.utils.serialize_keras_object(self.encoder),
                 **dict(zip(("tau_alpha", "tau_beta", "tau_gamma"), self.taus)), "loss_scales": self.loss_scales,
                 "pixel_contrast": self.pixel_contrast}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        encoder = tf.keras.utils.deserialize_keras_object(config["encoder"], custom_objects=custom_objects)
+        return cls(**{**config, "encoder": encoder})
 
     def call(self, inputs):
         v1, v2, shift = inputs

@@ -16,6 +16,7 @@ SpatialTransformer and RescaleTransform subclass voxelmorph's, VecInt cannot (it
 """
 import itertools
 import math
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -172,9 +173,11 @@ class SpatialTransformer(vxm.layers.SpatialTransformer):
     Affine matrices and ``single_transform`` are left to voxelmorph's implementation.
     """
 
-    def __init__(self, interp_method="linear", **kwargs):
+    def __init__(self, interp_method="linear", indexing="ij", **kwargs):
         _check_interp_method(interp_method)
-        super().__init__(interp_method=interp_method, **{"dtype": EXACT, **kwargs})
+        if indexing not in ("ij", "xy"):  # voxelmorph asserts it, which python -O skips
+            raise ValueError(f"SpatialTransformer: indexing must be 'ij' or 'xy', got {indexing!r}")
+        super().__init__(interp_method=interp_method, indexing=indexing, **{"dtype": EXACT, **kwargs})
 
     def call(self, inputs):
         if self.is_affine or self.single_transform:
@@ -227,6 +230,9 @@ class RescaleTransform(vxm.layers.RescaleTransform):
     """
 
     def __init__(self, zoom_factor, interp_method="linear", **kwargs):
+        if isinstance(zoom_factor, bool) or not isinstance(zoom_factor, numbers.Real) or not 0 < zoom_factor < math.inf:
+            raise ValueError(f"RescaleTransform: zoom_factor must be a positive number, got {zoom_factor!r}")
+        _check_interp_method(interp_method)
         super().__init__(zoom_factor, interp_method=interp_method, **{"dtype": EXACT, **kwargs})
 
     def call(self, transform):

@@ -567,6 +567,19 @@ def test_compose_affine_without_a_deformation_is_voxelmorphs_affine_displacement
     np.testing.assert_allclose(composed, vxm.utils.affine_to_dense_shift(matrix, grid, shift_center=True), atol=1e-5)
 
 
+def test_compose_affine_computes_in_float32_under_a_global_mixed_policy():
+    deformation = np.random.default_rng(0).normal(0, 2, (1, 9, 8, 2)).astype(np.float32)
+    matrix = np.array([[[1.1, 0.05, 1.5], [-0.05, 0.9, -1]]], np.float32)
+    expected = instance.ComposeAffine()([deformation, matrix])
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        composed = instance.ComposeAffine()([deformation, matrix])
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert composed.dtype == tf.float32
+    np.testing.assert_array_equal(composed, expected)
+
+
 def test_a_level_after_the_affine_stage_warps_by_the_deformation_then_the_affine_transform(tmp_path):
     rng = np.random.default_rng(5)
     grid = (12, 10)

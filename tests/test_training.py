@@ -448,6 +448,34 @@ def test_the_siamese_model_refuses_a_bad_pixel_contrast(weight):
         cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4), pixel_contrast=weight)
 
 
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(encoder="x"), TypeError, "encoder must be a Keras layer.*'x'"),
+    (dict(tau_alpha=-1), ValueError, "tau_alpha must be a positive number, got -1"),
+    (dict(tau_gamma=0), ValueError, "tau_gamma must be a positive number, got 0"),
+    (dict(tau_beta="1"), ValueError, "tau_beta must be a positive number, got '1'"),
+])
+def test_the_siamese_model_refuses_bad_arguments_when_built(arguments, error, message):
+    with pytest.raises(error, match=message):
+        cifl_tf.training.SiameseCIFL(**{"encoder": cifl_tf.CIFLEncoder(channels=2, features=4), **arguments})
+
+
+def test_the_siamese_model_round_trips_through_its_config():
+    encoder = cifl_tf.CIFLEncoder(channels=2, features=4)
+    model = cifl_tf.training.SiameseCIFL(encoder, tau_alpha=2.0, tau_gamma=0.5, loss_scales=(1, 2),
+                                         pixel_contrast=0.3, name="siamese")
+    config = tf.keras.utils.serialize_keras_object(model)
+    rebuilt = tf.keras.utils.deserialize_keras_object(config)
+    assert type(rebuilt) is cifl_tf.training.SiameseCIFL and rebuilt.name == "siamese"
+    assert rebuilt.get_config() == model.get_config()
+    views = [np.random.default_rng(seed).uniform(size=(2, 24, 24, 1)).astype(np.float32) for seed in (0, 1)]
+    shift = np.array([[2, -3]] * 2, np.int32)
+    model((*views, shift))
+    rebuilt((*views, shift))
+    rebuilt.encoder.set_weights(encoder.get_weights())
+    np.testing.assert_allclose(rebuilt((*views, shift))[0], model((*views, shift))[0], atol=1e-6)
+    np.testing.assert_allclose(rebuilt.losses[-1], model.losses[-1], rtol=1e-6)
+
+
 def test_compile_for_fit_asks_for_a_built_model():
     model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4))
     with pytest.raises(ValueError, match="compile_for_fit: build .* first"):

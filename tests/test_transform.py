@@ -157,6 +157,12 @@ def test_layers_round_trip_through_a_keras_file_in_safe_mode(tmp_path):
     (lambda: transform.VecInt(method="ode"), ValueError, "method.*'ode'"),
     (lambda: transform.VecInt(int_steps=-1), ValueError, "int_steps.*-1"),
     (lambda: transform.VecInt(indexing="ji"), ValueError, "indexing.*'ji'"),
+    (lambda: transform.SpatialTransformer(indexing="ji"), ValueError, "indexing.*'ji'"),
+    (lambda: transform.RescaleTransform(2, interp_method="cubic"), ValueError, "interp_method.*'cubic'"),
+    (lambda: transform.RescaleTransform(0), ValueError, "zoom_factor.*0"),
+    (lambda: transform.RescaleTransform(-0.5), ValueError, "zoom_factor.*-0.5"),
+    (lambda: transform.RescaleTransform("2"), ValueError, "zoom_factor.*'2'"),
+    (lambda: transform.RescaleTransform(float("inf")), ValueError, "zoom_factor.*inf"),
     (lambda: transform.interpolate(tf.zeros((1, 4, 4, 1)), tf.zeros((1, 4, 4, 3))), ValueError, "3 coordinates"),
     (lambda: transform.interpolate(tf.zeros((1, 4, 4, 1), tf.int32), tf.zeros((1, 4, 4, 2))), TypeError, "int32"),
 ])
