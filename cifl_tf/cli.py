@@ -236,7 +236,7 @@ def _bytes(text):
 
 
 def _add_memory_arg(p):
-    p.add_argument("--max-memory", type=_bytes, default=tiling.DEFAULT_MAX_MEMORY, metavar="BYTES",
+    p.add_argument("--max-memory", type=_bytes, metavar="BYTES",
                    help="memory for encoder activations: the image is encoded tile by tile within it; "
                         "registration with warped features (3D) also holds about this much of an image's "
                         "features at a time (with encoded ones, the 2D default, it encodes whole images) "
@@ -283,9 +283,10 @@ def _features(args):
     # Written straight into the file: features of a large volume need not fit in memory. On the input's own
     # axes, singletons included (a 1 x H x W slice), so that its affine places them.
     spatial = _file_axes(header)
+    max_memory = args.max_memory or tiling.DEFAULT_MAX_MEMORY
     data.save_nifti_channels(
         args.output, spatial + (encoder.channels,), lambda out: tiling.tiled_features(
-            encoder, image, args.max_memory, out[tuple(0 if n == 1 else slice(None) for n in spatial)]),
+            encoder, image, max_memory, out[tuple(0 if n == 1 else slice(None) for n in spatial)]),
         affine, header)
     print(f"{encoder.channels}-channel features written to {args.output}")
 
@@ -294,10 +295,10 @@ def _segment(args):
     _nifti_output(args.output, {"input": args.input})
     model = models.load_model(args.model, "segmentation")
     image, affine, header = _model_input(args.input, model)
-    if model.encoder is None and args.max_memory != tiling.DEFAULT_MAX_MEMORY:
+    if model.encoder is None and args.max_memory is not None:
         raise ValueError(f"--max-memory bounds the features of a model's encoder, and {args.model} has none (an "
                          f"intensity baseline, run on the whole image)")
-    max_memory = None if model.encoder is None else args.max_memory
+    max_memory = None if model.encoder is None else args.max_memory or tiling.DEFAULT_MAX_MEMORY
     labels = segment(model, _normalized_batch(image), max_memory=max_memory)[0]
     labels = labels.astype(np.uint8 if model.nb_labels <= 256 else np.int32)
     data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
@@ -350,9 +351,9 @@ def _register(args):
                          f"moved image")
     if args.model:
         for option, given in (("--levels", args.levels is not None), ("--steps", args.steps is not None),
-                              ("--max-memory", args.max_memory != tiling.DEFAULT_MAX_MEMORY),
+                              ("--max-memory", args.max_memory is not None),
                               ("--equalize", args.equalize),
-                              ("--affine", args.affine), ("--feature-scale", args.feature_scale != 1),
+                              ("--affine", args.affine), ("--feature-scale", args.feature_scale is not None),
                               ("--moved-features", args.moved_features is not None),
                               ("--stack-descriptor", args.stack_descriptor is not None)):
             if given:
@@ -366,8 +367,8 @@ def _register(args):
         displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
                                      levels=args.levels, affine=args.affine,
                                      steps=REGISTER_DEFAULTS["steps"] if args.steps is None else args.steps,
-                                     moved_features=args.moved_features, feature_scale=args.feature_scale,
-                                     max_memory=args.max_memory, equalize=args.equalize)
+                                     moved_features=args.moved_features, feature_scale=args.feature_scale or 1,
+                                     max_memory=args.max_memory or tiling.DEFAULT_MAX_MEMORY, equalize=args.equalize)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
         data.save_nifti(args.warp, displacement.reshape(_file_axes(header) + displacement.shape[-1:]), affine, header,
@@ -764,7 +765,7 @@ def _parser():
     p.add_argument("--moved-features", choices=MOVED_FEATURES, default=None,
                    help="without --model: warp the moving image's features, described once, or encode the moved "
                         "image in every step (default: encoded for 2D images, warped for 3D and --feature-scale)")
-    p.add_argument("--feature-scale", type=_positive_int, default=1,
+    p.add_argument("--feature-scale", type=_positive_int,
                    help="without --model: encode the images upsampled by this factor and average the features "
                         "back (for images coarser than 1 mm; default 1; warped features)")
     _add_stack_arg(p)

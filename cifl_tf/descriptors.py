@@ -75,10 +75,10 @@ class MIND(KL.Layer):
             products are cosines and MSE is 2 - 2 cos, so matching and registration treat MIND and the
             encoders alike; False keeps the paper's normalisation (max over the K channels = 1).
 
-    Call: (B, *spatial, 1) -> (B, *spatial, K) float32 in (0, 1]; K is ``channels``. ``ndim`` and ``channels``
-    give it the interface of CIFLEncoder, so models take it as their ``encoder``. Its dtype policy is float32 unless
-    given (not the global policy), and it computes in float32 under any: it has no weights to train in 16 bits, and
-    where contrast is faint, the image rounded to bfloat16 changed it by up to 0.9.
+    Call: (B, *spatial, 1) -> (B, *spatial, K) float32 in [0, 1] (0 where exp underflows); K is ``channels``.
+    ``ndim`` and ``channels`` give it the interface of CIFLEncoder, so models take it as their ``encoder``. Its
+    dtype policy is float32 unless given (not the global policy), and it computes in float32 under any: it has no
+    weights to train in 16 bits, and where contrast is faint, the image rounded to bfloat16 changed it by up to 0.9.
     """
 
     def __init__(self, ndim=2, variant="mind", sigma=0.5, dilation=1, l2_normalize=True, **kwargs):

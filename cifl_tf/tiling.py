@@ -118,7 +118,9 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
     FeatureStack: each describer its own way).
 
     Equal to ``layer(image)`` (up to float rounding) for layers whose output depends only on the
-    input within receptive_radius(layer) pixels.
+    input within receptive_radius(layer) pixels. An integer image reaches the layer as it is (MIND takes it, a
+    CIFLEncoder refuses it, as when called); images with NaN or infinite values are refused: as a graph,
+    TensorFlow fuses each convolution with its ReLU, which with oneDNN turns NaN into numbers.
 
     Args:
         layer: Keras layer (B, *spatial, 1) -> (B, *spatial, C) with ``ndim`` and ``channels``
@@ -130,12 +132,17 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
 
     Returns: (*spatial, C) float32, `out` if given.
     """
-    image = np.asarray(image, np.float32)
+    image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.floating):
+        image = image.astype(np.float32, copy=False)
     ndim = check_layer(layer)
     if image.ndim != ndim:
         raise ValueError(f"tiled_features: {layer.name} is {ndim}D but the image has shape {image.shape}")
     if image.size == 0:
         raise ValueError(f"tiled_features: the image is empty, shape {image.shape}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(f"tiled_features: the image has {image.size - np.count_nonzero(np.isfinite(image))} NaN "
+                         f"or infinite values")
     check_max_memory(max_memory)
     shape = image.shape + (layer.channels,)
     if out is not None and (getattr(out, "shape", None) != shape

@@ -486,11 +486,17 @@ def _case_memory_without_encoder(files, tmp):
         r"--max-memory bounds the features of a model's encoder, and .*seg\.keras has none"
 
 
+def _case_default_memory_without_encoder(files, tmp):  # refused as given, not as differing from the default
+    return ["segment", "--model", files / "seg.keras", files / "a.nii.gz", "OUT", "--max-memory", "1G"], \
+        r"--max-memory bounds the features of a model's encoder, and .*seg\.keras has none"
+
+
 @pytest.mark.parametrize("case", [
     _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
     _case_data_shape, _case_nb_labels, _case_moving_contrast, _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
     _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
     _case_output_is_input, _case_segmentation_is_input, _case_memory_without_encoder,
+    _case_default_memory_without_encoder,
     _case_split_counts, _case_oasis_contrast,
 ], ids=lambda case: case.__name__[len("_case_"):])
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(files, tmp_path, capsys, case):

@@ -203,6 +203,8 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--model", "MISSING", "--moved-features", "warped"], r"--moved-features is an option of instance optimisation"),
     (["--model", "MISSING", "--stack-descriptor", "mind"], r"--stack-descriptor is an option of instance optimisation"),
     (["--model", "MISSING", "--max-memory", "1M"], r"--max-memory is an option of instance optimisation"),
+    (["--model", "MISSING", "--max-memory", "1G"], r"--max-memory is an option of instance optimisation"),
+    (["--model", "MISSING", "--feature-scale", "1"], r"--feature-scale is an option of instance optimisation"),
     (["--model", "MISSING", "--equalize", None], r"--equalize is an option of instance optimisation"),
     (["--intensity", "ncc", "--moved-features", "warped"], r"moved_features 'warped' chooses how an encoder's "
                                                             r"features .* intensities have none"),

@@ -201,6 +201,26 @@ def test_tiled_features_rejects_wrong_dimensions_and_non_layers():
         tiling.tiled_features(cifl_tf.pretrained(), np.zeros((0, 16)))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_tiled_features_refuse_non_finite_images(bad):
+    """As a graph with oneDNN, the fused convolution and ReLU turned NaN into numbers that layer(image) keeps NaN."""
+    image = np.random.default_rng(0).random((20, 17)).astype(np.float32)
+    image[10, 5] = bad
+    with pytest.raises(ValueError, match="tiled_features: the image has 1 NaN or infinite values"):
+        tiling.tiled_features(cifl_tf.pretrained(0.1), image)
+
+
+def test_tiled_features_give_an_integer_image_to_the_layer_as_it_is():
+    image = np.random.default_rng(0).integers(0, 256, (20, 17)).astype(np.uint8)
+    with pytest.raises(TypeError, match="images must be floating-point intensities in \\[0, 1\\], got uint8"):
+        tiling.tiled_features(cifl_tf.pretrained(0.1), image)
+    with pytest.raises(TypeError, match="got uint8"):
+        tiling.tiled_features(Triplanar(cifl_tf.pretrained(0.1)), np.stack([image] * 4, -1))
+    mind = cifl_tf.descriptors.MIND(2)  # MIND takes any intensities, as when called
+    np.testing.assert_allclose(tiling.tiled_features(mind, image, max_memory=20000),
+                               mind(image[None, ..., None].astype(np.float32))[0], atol=1e-6)
+
+
 def test_segment_with_a_tiled_encoder_equals_the_whole_model():
     encoder = cifl_tf.CIFLEncoder(channels=3, features=4)
     model = cifl_tf.segmentation_model((32, 32), 3, encoder, nb_features=4, nb_levels=2)
