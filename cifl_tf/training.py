@@ -17,6 +17,8 @@ import math
 import numbers
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 
@@ -59,6 +61,14 @@ def multi_worker_strategy():
     """tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, or else over the
     tasks of the SLURM job step this process is one of. Create it before any other TF op."""
     if "TF_CONFIG" in os.environ:
+        try:
+            cluster = json.loads(os.environ["TF_CONFIG"] or "{}").get("cluster")
+        except (ValueError, AttributeError):
+            raise ValueError(f"strategy 'multiworker': TF_CONFIG is not a JSON object, got "
+                             f"{os.environ['TF_CONFIG']!r}") from None
+        if not cluster:  # else TensorFlow trains alone, silently
+            raise ValueError(f"strategy 'multiworker': TF_CONFIG names no cluster of workers, got "
+                             f"{os.environ['TF_CONFIG']!r}")
         resolver = None  # the strategy's own: TF_CONFIG's
     elif "SLURM_STEP_NUM_TASKS" in os.environ:
         # The resolver counts GPUs with nvidia-smi, and fails where there is none.
@@ -67,11 +77,15 @@ def multi_worker_strategy():
     else:
         raise ValueError("strategy 'multiworker' needs a cluster: set TF_CONFIG on each worker, or start the "
                          "workers as the tasks of a SLURM job step (srun)")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     except tf.errors.UnknownError as error:  # "Could not start gRPC server": the worker's port is taken
         raise OSError(f"strategy 'multiworker': this worker's server did not start ({error.message.splitlines()[0]}): "
                       f"is its port in use, by another program or by a worker given the same task?") from None
+    if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # TensorFlow's runtime replaced it with one that ignores SIGTERM
+    return strategy
 
 
 LEARNING_RATE_DECAYS = ("constant", "cosine")
@@ -176,6 +190,24 @@ class SiameseCIFL(tf.keras.Model):
             loss += self.pixel_contrast * pixel_contrastive_loss(f1, f2)
         self.add_loss(loss)
         return f1, f2
+
+
+def _prepare_run_on_every_worker(strategy, chief, prepare):
+    """`prepare()` (which checks and writes the run folder) on the chief; under a multi-worker strategy every
+    worker then learns whether it refused the folder and stops too, rather than waiting in collective ops that
+    the chief has left."""
+    refusal = None
+    if chief:
+        try:
+            prepare()
+        except (ValueError, OSError) as error:
+            refusal = error
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        flags = strategy.run(lambda: tf.constant(0.0 if refusal is None else 1.0))
+        if strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None).numpy() > 0 and refusal is None:
+            raise ValueError("the chief worker refused the run folder (its error says why)")
+    if refusal is not None:
+        raise refusal
 
 
 def _get_strategy(strategy):
@@ -403,13 +435,13 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = as_json_holds(settings)
     checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
+    strategy = _get_strategy(strategy)  # before any TF op: a multi-worker strategy must come first
+    chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     # A resumed run starts from its last checkpoint, and without one, as the run it resumes did, from its init
     checkpointed = resume and tf.train.latest_checkpoint(os.path.join(out_dir, "backup")) is not None
     start_from = None if init is None or checkpointed else initial_encoder(init, encoder_args)
     # Python numbers from here on: Keras's seeding and the stream's start take Python integers only
     steps, steps_per_epoch, batch_size, seed = (settings[k] for k in ("steps", "steps_per_epoch", "batch_size", "seed"))
-    strategy = _get_strategy(strategy)
-    chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
     with strategy.scope():
@@ -421,8 +453,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         # Before the run folder is written: a tf.distribute.Strategy given without loss scaling (none of
         # STRATEGIES) refuses mixed_float16 here.
         compile_for_fit(model, outputs, optimizer=adam(schedule, precision))
-    if out_dir is not None and chief:
-        checkpoint.prepare_run(out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS)
+    if out_dir is not None:
+        _prepare_run_on_every_worker(strategy, chief, lambda: checkpoint.prepare_run(
+            out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS))
 
     # StopOnNonFinite first: it must see NaN weights before a save
     callbacks, initial_epoch = [StopOnNonFinite(), *(callbacks or ())], 0

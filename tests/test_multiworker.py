@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from cifl_tf import load_encoder
+from cifl_tf import CIFLEncoder, load_encoder, save_encoder
 
 pytestmark = pytest.mark.integration  # worker processes of their own
 
@@ -71,6 +71,47 @@ def test_two_workers_train_one_encoder(tmp_path):
     np.testing.assert_allclose(load_encoder(str(tmp_path / "run"))(IMAGE), chief, atol=1e-6)
     assert sorted(os.listdir(tmp_path / "run")) == ["backup", "encoder.json", "encoder.weights.h5", "log.csv",
                                                      "result.json", "settings.json", "tensorboard"]
+    # the finished folder again: the chief refuses it, and the other worker stops too instead of failing in
+    # collective ops that the chief has left
+    outputs = [worker.communicate(timeout=300) for worker in start_workers(tmp_path / "run")]
+    assert "result.json: already exists, the run in" in outputs[0][1], outputs[0][1][-2000:]
+    assert "ValueError: the chief worker refused the run folder (its error says why)" in outputs[1][1], \
+        outputs[1][1][-2000:]
+
+
+def one_worker_cluster():
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{free_ports(1)[0]}"]}, "task": {"type": "worker",
+                                                                                          "index": 0}})
+
+
+def test_sigterm_stops_a_multiworker_run_with_status_143(tmp_path):
+    """TensorFlow's runtime replaces the SIGTERM handler when the strategy starts; the run then trained on."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cifl_tf.cli", "train-encoder", "--strategy", "multiworker", "--shape", "32x32",
+         "--steps", "4000", "--steps-per-epoch", "2", "--batch-size", "2", "--channels", "4", "--features", "8",
+         "--max-offset", "4", "--out", str(tmp_path / "run")],
+        env={**os.environ, "TF_CONFIG": one_worker_cluster(), "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not (tmp_path / "run" / "backup" / "checkpoint").is_file():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, process.stderr.read()[-2000:]
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_a_multiworker_run_starts_from_an_init_encoder(tmp_path):
+    """Reading the init encoder ran TF operations before the strategy, which must come first."""
+    init = CIFLEncoder(channels=4, features=8)
+    init(IMAGE)
+    save_encoder(init, str(tmp_path / "init.weights.h5"))
+    result = subprocess.run(
+        [sys.executable, "-m", "cifl_tf.cli", "train-encoder", "--strategy", "multiworker", "--shape", "32x32",
+         "--steps", "2", "--batch-size", "2", "--channels", "4", "--features", "8", "--max-offset", "4",
+         "--init", str(tmp_path / "init.weights.h5"), "--out", str(tmp_path / "run")],
+        env={**os.environ, "TF_CONFIG": one_worker_cluster(), "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=REPO,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "result.json").is_file()
 
 
 def test_a_worker_whose_port_is_taken_stops_in_one_line_and_writes_nothing(tmp_path):
@@ -94,6 +135,21 @@ def test_multiworker_needs_a_cluster(monkeypatch):
     for name in ("TF_CONFIG", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="strategy 'multiworker' needs a cluster: set TF_CONFIG"):
+        multi_worker_strategy()
+
+
+@pytest.mark.parametrize("config, message", [
+    ("not json", "TF_CONFIG is not a JSON object, got 'not json'"),
+    ("[]", "TF_CONFIG is not a JSON object, got '\\[\\]'"),
+    ("{}", "TF_CONFIG names no cluster of workers, got '{}'"),
+    ("", "TF_CONFIG names no cluster of workers, got ''"),
+    ('{"cluster": {}}', "TF_CONFIG names no cluster of workers"),
+])
+def test_multiworker_refuses_a_tf_config_without_a_cluster(monkeypatch, config, message):
+    """TensorFlow trained alone on such a TF_CONFIG, or gave the JSON parser's message without naming it."""
+    from cifl_tf.training import multi_worker_strategy
+    monkeypatch.setenv("TF_CONFIG", config)
+    with pytest.raises(ValueError, match=f"strategy 'multiworker': {message}"):
         multi_worker_strategy()
 
 
