@@ -170,7 +170,9 @@ def load_nifti(path, ndim=None, channels=False):
             with more than one volume or channel is refused.
 
     Returns: (array float32 with singleton axes of space dropped, (*spatial) or with `channels` (*spatial, C),
-        4x4 affine, nibabel header).
+        4x4 affine, nibabel header). The affine is the file's, for the file's axes: to save the array with it where
+        a dropped axis was not the last (a 1 x H x W slice), put that axis back first
+        (``array.reshape(header.get_data_shape()[:3])``).
     Raises: DataError for a missing or unreadable file, a header with non-positive dimensions or more
         than MAX_VOXELS voxels (checked before reading voxels), several volumes or channels without
         `channels`, a complex or RGB voxel type, a singular affine, sform and qform that disagree, a wrong
@@ -583,7 +585,7 @@ class Dataset:
         images: (N, *shape) float32, each image min-max normalised to [0, 1].
         labels: (N, *shape) int32 label maps.
         subjects: N subject ids (repeated when a subject gives several images, e.g. slices).
-        affines: N 4x4 voxel-to-world matrices (for ``save_nifti``).
+        affines: N 4x4 voxel-to-world matrices, each its file's (see ``load_nifti``; for ``save_nifti``).
     """
 
     images: np.ndarray

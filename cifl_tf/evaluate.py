@@ -40,8 +40,10 @@ class Scores:
     folding: np.ndarray = None
 
     def summary(self):
-        """Mean ± std over the images, as a plain dict (for JSON): images, dice, per_label, folding."""
-        out = {"images": len(self.dice), "dice": _mean_std(self.mean_dice),
+        """Mean ± std over the images, as a plain dict (for JSON): images, scored (the images in the mean: those
+        with a scored label in either map), dice, per_label, folding."""
+        out = {"images": len(self.dice), "scored": int(np.count_nonzero(~np.isnan(self.mean_dice))),
+               "dice": _mean_std(self.mean_dice),
                "per_label": {int(label): _mean_std(self.dice[:, i]) for i, label in enumerate(self.labels)}}
         if self.folding is not None:
             out["folding"] = _mean_std(self.folding)
@@ -49,7 +51,9 @@ class Scores:
 
     def __str__(self):
         summary = self.summary()
-        lines = [f"Dice {summary['dice'][0]:.3f} ± {summary['dice'][1]:.3f} over {summary['images']} images"]
+        unscored = summary["images"] - summary["scored"]
+        lines = [f"Dice {summary['dice'][0]:.3f} ± {summary['dice'][1]:.3f} over {summary['scored']} images"
+                 + (f" ({unscored} more with none of the labels in either map)" if unscored else "")]
         lines += [f"  label {label}: {mean:.3f} ± {std:.3f}" for label, (mean, std) in summary["per_label"].items()]
         if self.folding is not None:
             lines.append(f"folding pixels (Jacobian determinant <= 0): {100 * summary['folding'][0]:.3f}% "

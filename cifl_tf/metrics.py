@@ -71,6 +71,12 @@ def folding_fraction(displacement):
     return float(np.mean(vxm.py.utils.jacobian_determinant(displacement) <= 0))
 
 
+def _floating(features):
+    """Features as an array whose products do not wrap: integers as float64."""
+    features = np.asarray(features)
+    return features if np.issubdtype(features.dtype, np.floating) else features.astype(np.float64)
+
+
 def feature_agreement(features_a, features_b, mask=None):
     """Mean over (masked) pixels of the dot product of the two per-pixel feature vectors.
 
@@ -83,7 +89,7 @@ def feature_agreement(features_a, features_b, mask=None):
 
     Returns: float.
     """
-    features_a, features_b = np.asarray(features_a), np.asarray(features_b)
+    features_a, features_b = _floating(features_a), _floating(features_b)
     if features_a.shape != features_b.shape or features_a.ndim < 2:
         raise ValueError(f"feature_agreement: expected two (..., C) feature images of one shape, "
                          f"got {features_a.shape} and {features_b.shape}")
@@ -112,7 +118,7 @@ def match_fraction(features_a, features_b, mask, radius=2, samples=1500, seed=0)
 
     Returns: float in [0, 1].
     """
-    features_a, features_b = np.asarray(features_a), np.asarray(features_b)
+    features_a, features_b = _floating(features_a), _floating(features_b)
     mask = np.asarray(mask, bool)
     if features_a.shape != features_b.shape or mask.shape != features_a.shape[:-1] or not mask.any():
         raise ValueError(f"match_fraction: expected two (*spatial, C) feature images of one shape and a "

@@ -60,6 +60,17 @@ def test_label_absent_from_both_maps_is_nan_and_left_out_of_the_means(seg_model,
     np.testing.assert_allclose(scores.summary()["per_label"][2], (1, 0))
 
 
+def test_an_image_with_none_of_the_labels_is_left_out_of_the_count_it_says():
+    truth = np.zeros((3, 8, 8), np.int32)
+    truth[0, :4], truth[1, :2] = 1, 1
+    predicted = truth.copy()
+    predicted[1, :3] = 1  # image 2 has the label in neither map
+    scores = evaluate.label_overlap(predicted, truth)
+    assert (scores.summary()["images"], scores.summary()["scored"]) == (3, 2)
+    assert str(scores).splitlines()[0] == "Dice 0.900 ± 0.100 over 2 images (1 more with none of the labels in " \
+                                          "either map)"
+
+
 def test_segment_is_the_argmax_of_the_model(seg_model):
     images = np.random.default_rng(0).random((3, *SHAPE)).astype(np.float32)
     probabilities = seg_model.predict(images[..., np.newaxis], verbose=0)

@@ -182,6 +182,19 @@ def test_match_fraction_matches_the_formula_on_random_features(seed, radius):
     assert metrics.match_fraction(fa, fb, mask, radius, samples=10 ** 6) == pytest.approx(expected)
 
 
+def test_integer_features_score_as_their_float_values():
+    """Their products wrapped around in the integer type: 16 * 16 was 0 in uint8."""
+    rng = np.random.default_rng(0)
+    fa, fb = rng.integers(0, 256, (6, 7, 3)).astype(np.uint8), rng.integers(0, 256, (6, 7, 3)).astype(np.uint8)
+    mask = np.ones((6, 7), bool)
+    assert metrics.feature_agreement(fa, fb) == pytest.approx(np.mean(np.sum(fa * 1.0 * fb, -1)))
+    for radius in (0, 1):
+        assert metrics.match_fraction(fa, fb, mask, radius) == metrics.match_fraction(
+            fa.astype(np.float64), fb.astype(np.float64), mask, radius)
+    assert metrics.match_fraction(np.array([[[16], [1]]], np.uint8), np.array([[[16], [1]]], np.uint8),
+                                  np.ones((1, 2), bool), radius=0) == 0.5
+
+
 @pytest.mark.parametrize("fb_shape, mask, radius, message", [
     ((4, 5, 2), np.ones((4, 5), bool), 2, r"got \(4, 5, 3\), \(4, 5, 2\)"),
     ((4, 5, 3), np.zeros((4, 5), bool), 2, "with 0 pixels"),
