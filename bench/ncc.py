@@ -1,5 +1,6 @@
-"""Benchmark: local NCC's value and gradient, voxelmorph's (ones-kernel convolution) against cifl_tf's
-(cumulative sums in float64), on one volume (not a test).
+"""Benchmark of local NCC's value and gradient, voxelmorph's against cifl_tf's, on one volume (not a test).
+
+voxelmorph's window sums are a ones-kernel convolution, cifl_tf's cumulative sums in float64.
 
 Prints seconds per loss-and-gradient evaluation of each and their ratio, how far each one's window sums
 are from a float64 convolution and how far apart their NCC maps are, and the same-run tf.matmul GFLOP/s.

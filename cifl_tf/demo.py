@@ -195,6 +195,8 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
     if encoder_log is not None and not os.path.isfile(encoder_log):  # else found missing after all the training
         raise ValueError(f"encoder_log {encoder_log!r}: no such file")
     logs = training_logs(encoder, encoder_log)  # a run's settings read before the training, not after it
+    from .cli import _output_folder  # the CLI's check, imported here as seeds_main does
+    _output_folder(out_dir)  # an unusable folder fails now, not after the training
     start = time.time()
     sizes, data, train, test = _demo_subjects(quick, seed)
     n_subjects = len(data.labels)

@@ -70,10 +70,12 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
         verbose: 1 prints a line per registration.
     """
     _check_ndim(encoder, 3, "the 3D demo")
+    from .cli import _output_folder  # the CLI's check, imported here as the 2D demo does
+    _output_folder(out_dir)  # an unusable folder fails now, not after the registrations
     start = time.perf_counter()
     sizes = SIZES["quick" if quick else "demo"]
     data = demo_data.demo_volumes(n_subjects=2, seed=seed, voxel_size=sizes["voxel_size"])  # checks the seed
-    os.makedirs(out_dir, exist_ok=True)  # an unusable folder fails now, not after the registrations
+    os.makedirs(out_dir, exist_ok=True)
     gflops = matmul_gflops()
     moving, (moving_labels, fixed_labels) = data.images["t1"][0], data.labels
     identity = np.zeros((*moving.shape, moving.ndim), np.float32)

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cifl_tf import data, demo_data
+from cifl_tf import data, demo_data, metrics
 
 N = 6
 SHAPE = (160, 192)
@@ -106,6 +106,7 @@ def test_slices_overlay_the_oasis_layout(oasis_sample):
     ("n_subjects", 0), ("seed", -1), ("shape", (160,)), ("shape", (160, 0)), ("shape", (1, 1)), ("slice_index", 500),
     ("warp_std", -1.0), ("intensity_jitter", 1.5), ("slice_jitter", 200), ("seed", 2 ** 32),
     ("bias_std", 30.0),  # its bias fields overflowed float32: NaN images
+    ("warp_std", demo_data.MAX_WARP_STD),  # larger fields folded
 ])
 def test_bad_arguments_are_named(name, value):
     with pytest.raises(ValueError, match=f"{name}.*{re.escape(repr(value))}"):
@@ -136,3 +137,10 @@ def test_missing_nilearn_says_how_to_install(no_cached_template, monkeypatch):
     monkeypatch.setitem(sys.modules, "nilearn", None)  # makes `import nilearn` fail
     with pytest.raises(ModuleNotFoundError, match=r"nilearn.*pip install nilearn.*cifl-tf\[demo\]"):
         demo_data.demo_dataset(n_subjects=2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_warps_below_the_largest_sd_do_not_fold(seed):
+    fields = demo_data._random_diffeomorphism(np.random.default_rng(seed), 3, (160, 192),
+                                              np.nextafter(demo_data.MAX_WARP_STD, 0), demo_data._WARP_SCALE)
+    assert [metrics.folding_fraction(np.moveaxis(field, 0, -1)) for field in fields] == [0, 0, 0]
