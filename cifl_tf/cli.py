@@ -566,7 +566,7 @@ def _split_of_the_run(args):
                 raise ValueError(f"--{key} {shown} differs from the {key} {trained[key]} that {run} trained with on "
                                  f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
                                  f"leave --{key} out")
-    elif trained.get("data") and args.part != "all":  # the same subjects elsewhere would be split otherwise
+    elif trained.get("data") and args.part != "all" and os.path.isdir(args.data):  # its subjects may be split otherwise
         print(f"cifl evaluate: {run} trained on {trained['data']}, not on {args.data}: its {args.part} part is "
               f"split by --split and --seed as given (default: the paper's proportions, seed 0)", file=sys.stderr)
     if args.seed is None:  # a model trained elsewhere, or without its run folder

@@ -333,7 +333,8 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
                                  f"the field would have no voxel along their shortest axis")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
-                         "levels (shorter nb_unet_features lists, or nb_unet_levels)")
+                         "levels (shorter nb_unet_features lists, or nb_unet_levels; in cifl train-reg, "
+                         "--nb-features with --nb-levels)")
 
         moving = tf.keras.Input((*inshape, 1), name="moving")
         fixed = tf.keras.Input((*inshape, 1), name="fixed")

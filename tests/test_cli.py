@@ -191,6 +191,8 @@ def test_train_seg_then_evaluate_on_a_data_folder(oasis_tiny, tmp_path, capsys):
     shutil.copytree(oasis_tiny, tmp_path / "copy")  # not known to be the same: said, and split by the defaults
     status, stdout, err = run(capsys, "evaluate", "--model", run_dir, "--data", tmp_path / "copy")
     assert status == 0 and f"trained on {oasis_tiny}, not on {tmp_path / 'copy'}" in err
+    status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", tmp_path / "missing")  # one line: no note
+    assert status == 2 and err.count("\n") == 1 and "missing: no such folder" in err, err
 
 
 def test_train_seg_on_encoder_features_keeps_the_encoder_weights(files, oasis_tiny, tmp_path, capsys):
