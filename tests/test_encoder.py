@@ -152,6 +152,15 @@ def test_save_and_load_encoder(encoder_and_images, tmp_path):
     assert json.loads((tmp_path / "encoder.json").read_text())["registered_name"] == "cifl_tf>CIFLEncoder"
 
 
+@pytest.mark.parametrize("name", ["encoder.json", "model.keras"])
+def test_load_encoder_names_a_file_that_is_not_a_weights_file(tmp_path, name):
+    """It looked for the file's .json: "no such file 'encoder.json.json'"."""
+    save_encoder(CIFLEncoder(channels=2, features=4), str(tmp_path / "encoder.weights.h5"))
+    (tmp_path / "model.keras").write_text("")
+    with pytest.raises(ValueError, match=f"load_encoder: '.*{name}' is neither an encoder's weights file"):
+        load_encoder(str(tmp_path / name))
+
+
 @pytest.mark.parametrize("remove, config, error, message", [
     ("encoder.weights.h5", None, FileNotFoundError, "no such file .*encoder.weights.h5"),
     ("encoder.json", None, FileNotFoundError, "no such file .*encoder.json"),
@@ -258,6 +267,9 @@ def test_dilated_equals_the_convolution_built_with_that_dilation(shape, rate):
     reference.set_weights(weights)
     expected = reference(x).numpy()
     np.testing.assert_allclose(dilated(undilated, x, rate), expected, atol=1e-5)
+    # operations pixel by pixel after the convolution run on the sub-images too (the encoder's activation)
+    np.testing.assert_allclose(dilated(lambda t: 2 * tf.nn.relu(undilated(t)), x, rate), 2 * np.maximum(expected, 0),
+                               atol=2e-5)
     traced = tf.function(lambda t: dilated(undilated, t, rate),  # with unknown sizes, as in a functional model
                          input_signature=[tf.TensorSpec((None,) * (len(shape) - 1) + (shape[-1],))])
     np.testing.assert_allclose(traced(x), expected, atol=1e-5)
