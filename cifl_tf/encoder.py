@@ -132,11 +132,7 @@ def dilated(conv, x, rate):
     32 -> 32 channels at 96x96, forward and backward, 2 cores; docs/benchmarks.md); this way the context
     convolutions keep that speed. The interleaved copies take one more activation's memory while it runs.
 
-    `conv` may also be a function of the sub-images that follows the convolution with operations pixel by pixel
-    (its activation, a residual sum): they then run on the sub-images too, where TensorFlow fuses the activation
-    into the convolution, rather than as separate operations on the whole image.
-
-    x: (B, *spatial, C) -> (B, *spatial, F), F the channels of conv's output.
+    x: (B, *spatial, C) -> (B, *spatial, conv.filters).
     """
     if rate == 1:
         return conv(x)
@@ -144,9 +140,8 @@ def dilated(conv, x, rate):
     ndim, static = len(x.shape) - 2, x.shape[:-1]
     spatial = tf.shape(x)[1:-1]
     ends = tf.stack([tf.zeros_like(spatial), -spatial % rate], axis=1)  # zeros, as the "same" padding's
-    inner = conv(tf.space_to_batch(x, [rate] * ndim, ends))
-    y = tf.batch_to_space(inner, [rate] * ndim, ends)
-    y.set_shape(static.concatenate([inner.shape[-1]]))  # the next layers check the static channel count
+    y = tf.batch_to_space(conv(tf.space_to_batch(x, [rate] * ndim, ends)), [rate] * ndim, ends)
+    y.set_shape(static.concatenate([conv.filters]))  # the next layers check the static channel count
     return y
 
 
@@ -262,8 +257,7 @@ class CIFLEncoder(KL.Layer):
         for conv in self.convs[1:-1]:
             x = self.activation(conv(x))
         for conv, rate in zip(self.context, self.dilations):
-            # residual: the local features stay, context is added
-            x = dilated(lambda sub_images, conv=conv: sub_images + self.activation(conv(sub_images)), x, rate)
+            x = x + self.activation(dilated(conv, x, rate))  # residual: the local features stay, context is added
         return self.normalize(self.convs[-1](x))
 
     @property
