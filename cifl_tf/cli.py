@@ -235,6 +235,11 @@ def _bytes(text):
     return int(value)
 
 
+def _max_memory(args):
+    """--max-memory, or its default where it was not given (None: so that a model without an encoder refuses it)."""
+    return tiling.DEFAULT_MAX_MEMORY if args.max_memory is None else args.max_memory
+
+
 def _add_memory_arg(p):
     p.add_argument("--max-memory", type=_bytes, metavar="BYTES",
                    help="memory for encoder activations: the image is encoded tile by tile within it; "
@@ -283,7 +288,7 @@ def _features(args):
     # Written straight into the file: features of a large volume need not fit in memory. On the input's own
     # axes, singletons included (a 1 x H x W slice), so that its affine places them.
     spatial = _file_axes(header)
-    max_memory = args.max_memory or tiling.DEFAULT_MAX_MEMORY
+    max_memory = _max_memory(args)
     data.save_nifti_channels(
         args.output, spatial + (encoder.channels,), lambda out: tiling.tiled_features(
             encoder, image, max_memory, out[tuple(0 if n == 1 else slice(None) for n in spatial)]),
@@ -298,7 +303,7 @@ def _segment(args):
     if model.encoder is None and args.max_memory is not None:
         raise ValueError(f"--max-memory bounds the features of a model's encoder, and {args.model} has none (an "
                          f"intensity baseline, run on the whole image)")
-    max_memory = None if model.encoder is None else args.max_memory or tiling.DEFAULT_MAX_MEMORY
+    max_memory = None if model.encoder is None else _max_memory(args)
     labels = segment(model, _normalized_batch(image), max_memory=max_memory)[0]
     labels = labels.astype(np.uint8 if model.nb_labels <= 256 else np.int32)
     data.save_nifti(args.output, labels.reshape(header.get_data_shape()), affine, header)
@@ -368,7 +373,7 @@ def _register(args):
                                      levels=args.levels, affine=args.affine,
                                      steps=REGISTER_DEFAULTS["steps"] if args.steps is None else args.steps,
                                      moved_features=args.moved_features, feature_scale=args.feature_scale or 1,
-                                     max_memory=args.max_memory or tiling.DEFAULT_MAX_MEMORY, equalize=args.equalize)
+                                     max_memory=_max_memory(args), equalize=args.equalize)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
         data.save_nifti(args.warp, displacement.reshape(_file_axes(header) + displacement.shape[-1:]), affine, header,
@@ -566,7 +571,7 @@ def _split_of_the_run(args):
                 raise ValueError(f"--{key} {shown} differs from the {key} {trained[key]} that {run} trained with on "
                                  f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
                                  f"leave --{key} out")
-    elif trained.get("data") and args.part != "all" and os.path.isdir(args.data):  # its subjects may be split otherwise
+    elif trained.get("data") and args.part != "all" and os.path.exists(args.data):  # split otherwise: said
         print(f"cifl evaluate: {run} trained on {trained['data']}, not on {args.data}: its {args.part} part is "
               f"split by --split and --seed as given (default: the paper's proportions, seed 0)", file=sys.stderr)
     if args.seed is None:  # a model trained elsewhere, or without its run folder

@@ -82,8 +82,9 @@ TISSUE_MEANS = {"t2": _spin_echo(tr=4000, te=100), "pd": _spin_echo(tr=4000, te=
 _WARP_SCALE = 32  # mm between independent velocity values: smooth, anatomy-scale deformations
 _BIAS_SCALE = 64  # mm: bias fields vary over the whole head
 _INTEGRATION_STEPS = 7  # scaling and squaring, as vxm.layers.VecInt
-# Larger velocity SDs (mm, or pixels in 2D) fold the integrated warps: pixels of Jacobian <= 0 at 15 and 20
-MAX_WARP_STD = 10.0
+# Velocity SDs (mm, or pixels in 2D) from here up folded some warps (Jacobian <= 0 in 5e-6 of a 3 mm volume at 8
+# mm, 1e-4 at 10, 0.1-0.3% of 2D slices at 20); more integration steps did not unfold them: the velocity is too rough
+MAX_WARP_STD = 6.0
 _MARGIN_MM = 6  # around the brain in the 3D volumes, room for the deformations
 
 

@@ -369,14 +369,14 @@ def load_encoder(path, trainable=False):
 
     `path` is the weights file or the folder of a training run (holding encoder.weights.h5). The layer gets a
     name of its own, as a new one does (cifl_encoder, cifl_encoder_1, ...), so that several fit in one model.
-    Raises: FileNotFoundError for a missing file; ValueError naming the file for a config that is not
-        a valid CIFLEncoder's (or Triplanar's or FeatureStack's), or weights that do not load into it (damaged,
-        or of other shapes).
+    Raises: FileNotFoundError for a missing file; ValueError naming the file for a file that is no .h5 weights
+        file (a model.keras, an encoder.json), a config that is not a valid CIFLEncoder's (or Triplanar's or
+        FeatureStack's), or weights that do not load into it (damaged, or of other shapes).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "encoder.weights.h5")
-    elif not path.endswith(".h5"):  # save_encoder writes .h5 files only; a .json would be looked for as X.json.json
+    elif os.path.isfile(path) and not path.endswith(".h5"):  # save_encoder writes .h5 files; X.json's .json is not
         raise ValueError(f"load_encoder: {path!r} is neither an encoder's weights file (an .h5 file such as "
                          f"encoder.weights.h5, its .json beside it) nor the folder of a training run")
     config_path = _config_path(path)

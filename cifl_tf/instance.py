@@ -610,7 +610,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         field = resample_field(field, previous, 1, shape)
         if affine:  # moving(x + field(x) + a(x + field(x))): the image moved by the affine transform a, then deformed
             matrix = level_matrix(matrix, levels[0], shape)[np.newaxis]
-            return ComposeAffine(dtype=transform.EXACT)([field[np.newaxis], matrix])[0].numpy()
+            return ComposeAffine()([field[np.newaxis], matrix])[0].numpy()
         return field
 
 

@@ -119,8 +119,8 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
 
     Equal to ``layer(image)`` (up to float rounding) for layers whose output depends only on the
     input within receptive_radius(layer) pixels. An integer image reaches the layer as it is (MIND takes it, a
-    CIFLEncoder refuses it, as when called); images with NaN or infinite values are refused: as a graph,
-    TensorFlow fuses each convolution with its ReLU, which with oneDNN turns NaN into numbers.
+    CIFLEncoder refuses it, as when called); an image with NaN or infinite values is refused (check_finite) unless
+    the layer tiles itself (MIND keeps them to their neighbourhoods).
 
     Args:
         layer: Keras layer (B, *spatial, 1) -> (B, *spatial, C) with ``ndim`` and ``channels``
@@ -140,9 +140,6 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
         raise ValueError(f"tiled_features: {layer.name} is {ndim}D but the image has shape {image.shape}")
     if image.size == 0:
         raise ValueError(f"tiled_features: the image is empty, shape {image.shape}")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        raise ValueError(f"tiled_features: the image has {image.size - np.count_nonzero(np.isfinite(image))} NaN "
-                         f"or infinite values")
     check_max_memory(max_memory)
     shape = image.shape + (layer.channels,)
     if out is not None and (getattr(out, "shape", None) != shape
@@ -152,9 +149,18 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
     features = np.empty(shape, np.float32) if out is None else out
     if hasattr(layer, "tiled_features"):
         return layer.tiled_features(image, max_memory, features)
+    check_finite(image)
     radius = receptive_radius(layer)
     core = tile_shape(image.shape, radius, bytes_per_pixel(layer), max_memory)
     return map_tiles(graph_call(layer), image, radius, core, features)
+
+
+def check_finite(image):
+    """ValueError unless the image's values are finite: as a graph, TensorFlow fuses each convolution with its ReLU,
+    which with oneDNN turned NaN into numbers where the layer called eagerly gives NaN."""
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(f"tiled_features: the image has {image.size - np.count_nonzero(np.isfinite(image))} NaN "
+                         f"or infinite values")
 
 
 def map_tiles(call, image, radius, core, out):

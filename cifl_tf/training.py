@@ -192,7 +192,7 @@ class SiameseCIFL(tf.keras.Model):
         return f1, f2
 
 
-def _prepare_run_on_every_worker(strategy, chief, prepare):
+def _prepare_run_on_every_worker(strategy, chief, out_dir, prepare):
     """`prepare()` (which checks and writes the run folder) on the chief; under a multi-worker strategy every
     worker then learns whether it refused the folder and stops too, rather than waiting in collective ops that
     the chief has left."""
@@ -205,7 +205,7 @@ def _prepare_run_on_every_worker(strategy, chief, prepare):
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         flags = strategy.run(lambda: tf.constant(0.0 if refusal is None else 1.0))
         if strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None).numpy() > 0 and refusal is None:
-            raise ValueError("the chief worker refused the run folder (its error says why)")
+            raise ValueError(f"{out_dir}: the chief worker refused this run folder (its error says why)")
     if refusal is not None:
         raise refusal
 
@@ -454,7 +454,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         # STRATEGIES) refuses mixed_float16 here.
         compile_for_fit(model, outputs, optimizer=adam(schedule, precision))
     if out_dir is not None:
-        _prepare_run_on_every_worker(strategy, chief, lambda: checkpoint.prepare_run(
+        _prepare_run_on_every_worker(strategy, chief, out_dir, lambda: checkpoint.prepare_run(
             out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS))
 
     # StopOnNonFinite first: it must see NaN weights before a save

@@ -38,6 +38,11 @@ def _check_interp_method(interp_method):
         raise ValueError(f"interp_method must be one of {INTERP_METHODS}, got {interp_method!r}")
 
 
+def _check_indexing(layer, indexing):
+    if indexing not in ("ij", "xy"):
+        raise ValueError(f"{layer}: indexing must be 'ij' or 'xy', got {indexing!r}")
+
+
 def interpolate(images, points, interp_method="linear", fill_value=None):
     """Samples each image at its own voxel coordinates (neurite's ``interpn``, batched).
 
@@ -175,8 +180,7 @@ class SpatialTransformer(vxm.layers.SpatialTransformer):
 
     def __init__(self, interp_method="linear", indexing="ij", **kwargs):
         _check_interp_method(interp_method)
-        if indexing not in ("ij", "xy"):  # voxelmorph asserts it, which python -O skips
-            raise ValueError(f"SpatialTransformer: indexing must be 'ij' or 'xy', got {indexing!r}")
+        _check_indexing("SpatialTransformer", indexing)  # voxelmorph asserts it, which python -O skips
         super().__init__(interp_method=interp_method, indexing=indexing, **{"dtype": EXACT, **kwargs})
 
     def call(self, inputs):
@@ -203,8 +207,7 @@ class VecInt(KL.Layer):
 
     def __init__(self, indexing="ij", method="ss", int_steps=7, **kwargs):
         super().__init__(**{"dtype": EXACT, **kwargs})
-        if indexing not in ("ij", "xy"):
-            raise ValueError(f"VecInt: indexing must be 'ij' or 'xy', got {indexing!r}")
+        _check_indexing("VecInt", indexing)
         if method not in self.METHODS:
             raise ValueError(f"VecInt: method must be one of {self.METHODS}, got {method!r}")
         if isinstance(int_steps, bool) or not isinstance(int_steps, (int, np.integer)) or int_steps < 0:

@@ -91,6 +91,7 @@ class Triplanar(KL.Layer):
         shipped 3D features of such a volume took 17.2 s instead of 34.0 s on 2 cores (tf.matmul at 127 and
         115 GFLOP/s).
         """
+        tiling.check_finite(volume)
         channels = self.encoder.channels
         call = tiling.graph_call(self.encoder)
         for axis in range(3):

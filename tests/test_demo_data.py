@@ -140,7 +140,10 @@ def test_missing_nilearn_says_how_to_install(no_cached_template, monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_warps_below_the_largest_sd_do_not_fold(seed):
-    fields = demo_data._random_diffeomorphism(np.random.default_rng(seed), 3, (160, 192),
-                                              np.nextafter(demo_data.MAX_WARP_STD, 0), demo_data._WARP_SCALE)
-    assert [metrics.folding_fraction(np.moveaxis(field, 0, -1)) for field in fields] == [0, 0, 0]
+@pytest.mark.parametrize("shape, voxel_size", [((160, 192), 1), ((53, 65, 54), 3)])
+def test_warps_below_the_largest_sd_do_not_fold(seed, shape, voxel_size):
+    """As the slices and volumes draw them: at 10, one of these 3 mm volumes folded."""
+    std = np.nextafter(demo_data.MAX_WARP_STD, 0) / voxel_size
+    fields = demo_data._random_diffeomorphism(np.random.default_rng(seed), 2, shape, std,
+                                              demo_data._WARP_SCALE / voxel_size)
+    assert [metrics.folding_fraction(np.moveaxis(field, 0, -1)) for field in fields] == [0, 0]

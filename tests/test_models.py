@@ -374,7 +374,8 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.registration_model(SHAPE, bidir=True), TypeError, "may not set 'bidir'"),
     (lambda e: cifl_tf.registration_model(SHAPE, e, src_feats=2), TypeError, "may not set 'src_feats'"),
     (lambda e: cifl_tf.registration_model((24, 24)), ValueError,
-     r"\(24, 24\) must be divisible by 16 .* fewer levels \(shorter nb_unet_features lists, or nb_unet_levels\)"),
+     r"\(24, 24\) must be divisible by 16 .* fewer levels \(shorter nb_unet_features lists, or nb_unet_levels; "
+     r"in cifl train-reg, --nb-features with --nb-levels\)"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_levels=0), ValueError,
      "nb_levels must be a positive integer, got 0"),
     (lambda e: cifl_tf.registration_model(SHAPE, nb_unet_features=8, nb_unet_levels=0), ValueError,

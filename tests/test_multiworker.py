@@ -75,7 +75,8 @@ def test_two_workers_train_one_encoder(tmp_path):
     # collective ops that the chief has left
     outputs = [worker.communicate(timeout=300) for worker in start_workers(tmp_path / "run")]
     assert "result.json: already exists, the run in" in outputs[0][1], outputs[0][1][-2000:]
-    assert "ValueError: the chief worker refused the run folder (its error says why)" in outputs[1][1], \
+    assert f"ValueError: {tmp_path / 'run'}: the chief worker refused this run folder (its error says why)" in \
+        outputs[1][1], \
         outputs[1][1][-2000:]
 
 

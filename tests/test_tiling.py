@@ -202,12 +202,18 @@ def test_tiled_features_rejects_wrong_dimensions_and_non_layers():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_tiled_features_refuse_non_finite_images(bad):
+def test_tiled_features_refuse_non_finite_images_but_for_mind(bad):
     """As a graph with oneDNN, the fused convolution and ReLU turned NaN into numbers that layer(image) keeps NaN."""
     image = np.random.default_rng(0).random((20, 17)).astype(np.float32)
     image[10, 5] = bad
-    with pytest.raises(ValueError, match="tiled_features: the image has 1 NaN or infinite values"):
-        tiling.tiled_features(cifl_tf.pretrained(0.1), image)
+    triplanar = Triplanar(cifl_tf.pretrained(0.1))
+    for layer, spoilt in ((cifl_tf.pretrained(0.1), image), (triplanar, np.stack([image] * 3))):
+        count = np.count_nonzero(~np.isfinite(spoilt))
+        with pytest.raises(ValueError, match=f"tiled_features: the image has {count} NaN or infinite values"):
+            tiling.tiled_features(layer, spoilt)
+    mind = cifl_tf.descriptors.MIND(2)  # keeps them to their neighbourhoods, as when called
+    np.testing.assert_allclose(tiling.tiled_features(mind, image, max_memory=20000), mind(image[None, ..., None])[0],
+                               atol=1e-6)
 
 
 def test_tiled_features_give_an_integer_image_to_the_layer_as_it_is():
