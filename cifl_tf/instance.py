@@ -372,7 +372,8 @@ def _pyramid(describe, image, levels, halo, row_bytes, max_memory):
 
     Where the whole image's features would take more, the image is described in slabs along its first
     axis, each extended by `halo` rows on both sides (the describer's reach, so that a slab's features
-    equal the whole image's there), and each slab's features are pooled and summed into the levels' blocks.
+    equal the whole image's there; not MIND's, whose variance clip takes each slab's own mean), and each slab's
+    features are pooled and summed into the levels' blocks.
     Slabs have about 4 halos of rows or more, so that the halos add at most about half the work.
 
     Args:
