@@ -16,12 +16,13 @@ SpatialTransformer and RescaleTransform subclass voxelmorph's, VecInt cannot (it
 """
 import itertools
 import math
-import numbers
 
 import numpy as np
 import tensorflow as tf
 
 import voxelmorph as vxm
+
+from .encoder import positive_number
 
 KL = tf.keras.layers
 
@@ -233,7 +234,7 @@ class RescaleTransform(vxm.layers.RescaleTransform):
     """
 
     def __init__(self, zoom_factor, interp_method="linear", **kwargs):
-        if isinstance(zoom_factor, bool) or not isinstance(zoom_factor, numbers.Real) or not 0 < zoom_factor < math.inf:
+        if positive_number(zoom_factor) is None:
             raise ValueError(f"RescaleTransform: zoom_factor must be a positive number, got {zoom_factor!r}")
         _check_interp_method(interp_method)
         super().__init__(zoom_factor, interp_method=interp_method, **{"dtype": EXACT, **kwargs})
