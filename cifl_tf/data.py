@@ -224,15 +224,16 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file; an existing one is replaced only by a complete file.
-        array: (*spatial) image or label map, float or integer (bool is stored as uint8), or
-            (*spatial, C) with ``channels=True``.
+        array: (*spatial) image or label map, float or integer (bool is stored as uint8 and float16, which
+            NIfTI lacks, as float32), or (*spatial, C) with ``channels=True``.
         affine: 4x4 voxel-to-world matrix; None keeps the header's, identity without a header.
         header: nibabel header to keep (e.g. from ``load_nifti``); shape and dtype follow ``array``.
         channels: the last axis holds C values per pixel; stored as a NIfTI vector image
             (*spatial, 1..., 1, C), so that ``load_nifti`` gives back (*spatial, C).
     """
     array = np.asarray(array)
-    array = array.astype(np.uint8) if array.dtype == bool else array  # NIfTI has no bool type
+    wider = {np.dtype(bool): np.uint8, np.dtype(np.float16): np.float32}.get(array.dtype)  # types NIfTI lacks
+    array = array if wider is None else array.astype(wider)  # exactly: no value changes
     write_atomically(path, _nifti_image(path, array, affine, header, channels).to_filename)
 
 
@@ -303,7 +304,10 @@ def _nifti_image(path, array, affine, header, channels, name="save_nifti"):
         affine = np.eye(4)
     # NIfTI-2 stays NIfTI-2 (a NIfTI-1 image made from its header warns that it resized the header)
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    image = image_class(array, affine, header, dtype=array.dtype)
+    try:
+        image = image_class(array, affine, header, dtype=array.dtype)
+    except nib.spatialimages.HeaderDataError as error:  # a dtype NIfTI has no code for (object, str)
+        raise ValueError(f"{name}: cannot store {array.dtype} values in NIfTI ({first_line(error)})") from None
     # The input's display range and intent describe its own values, not these (viewers would show labels 0..2
     # under a cal_max of 100 nearly black)
     image.header["cal_min"] = image.header["cal_max"] = 0
@@ -324,7 +328,7 @@ def write_atomically(path, write):
     """Calls ``write(temporary)`` for a temporary file beside ``path``, then renames it to ``path``.
 
     Readers never see a partial file, and a failed write leaves neither a temporary file nor a
-    changed ``path``. Returns ``path``.
+    changed ``path``. A replaced file keeps its permissions. Returns ``path``.
     """
     path = os.fspath(path)
     # Same folder: os.replace is then atomic. Same ending: writers that go by the extension
@@ -333,6 +337,8 @@ def write_atomically(path, write):
     try:
         with _unfinished(temporary):
             write(temporary)
+            if os.path.exists(path):  # else a private (0600) scan's output would become as readable as a new file
+                shutil.copymode(path, temporary)
             os.replace(temporary, path)
     except OSError as error:  # else the message would name the temporary file
         raise OSError(f"{path}: cannot write ({error.strerror or first_line(error)})") from error

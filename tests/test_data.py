@@ -56,6 +56,23 @@ def test_save_keeps_integer_and_bool_labels(tmp_path):
     np.testing.assert_array_equal(data.load_labels(tmp_path / "mask.nii.gz", labels=(0, 1)), labels > 9)
 
 
+@pytest.mark.parametrize("channels", [False, True])
+def test_save_stores_float16_as_the_same_float32_values(tmp_path, channels):
+    """NIfTI has no float16 (features of a mixed_float16 encoder are)."""
+    features = np.random.default_rng(2).random((4, 5, 3)).astype(np.float16)
+    data.save_nifti(tmp_path / "features.nii.gz", features, channels=channels)
+    assert nib.load(tmp_path / "features.nii.gz").get_data_dtype() == np.float32
+    loaded = data.load_nifti(tmp_path / "features.nii.gz", ndim=2 if channels else 3, channels=channels)[0]
+    np.testing.assert_array_equal(loaded, features.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [object, "U3"])
+def test_save_refuses_a_dtype_nifti_lacks_by_name_and_writes_nothing(tmp_path, dtype):
+    with pytest.raises(ValueError, match=re.escape(f"save_nifti: cannot store {np.dtype(dtype)} values in NIfTI")):
+        data.save_nifti(tmp_path / "out.nii.gz", np.zeros((4, 5), dtype))
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_header_of_other_dtype_does_not_cast_the_data(tmp_path):
     write_nifti(tmp_path / "seg.nii.gz", np.ones((4, 5, 1), np.uint8))
     _, affine, header = data.load_nifti(tmp_path / "seg.nii.gz")
@@ -174,6 +191,17 @@ def test_failed_save_leaves_old_file_and_no_partial_file(tmp_path, monkeypatch):
         data.save_nifti(path, np.ones((3, 4), np.float32))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["out.nii.gz"]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o664])
+def test_a_replaced_file_keeps_its_permissions(tmp_path, mode):
+    """A private scan's output must not become readable to others when written again."""
+    path = tmp_path / "out.nii.gz"
+    data.save_nifti(path, np.zeros((3, 4), np.float32))
+    path.chmod(mode)
+    data.save_nifti(path, np.ones((3, 4), np.float32))
+    assert path.stat().st_mode & 0o777 == mode
+    np.testing.assert_array_equal(data.load_nifti(path, ndim=2)[0], 1)
 
 
 def test_save_rejects_a_path_that_is_not_nifti(tmp_path):
