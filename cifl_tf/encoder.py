@@ -338,13 +338,19 @@ def save_encoder(encoder, path):
     Each file is replaced atomically, so that a run killed while saving keeps the previous one.
     Raises: TypeError for any other layer (a MIND, say), which load_encoder would not load.
     """
+    save_encoder_config(encoder, path)
+    write_atomically(path, encoder_model(encoder).save_weights)
+
+
+def save_encoder_config(encoder, path):
+    """Writes only the .json of ``save_encoder(encoder, path)``: what a training run writes before its
+    weights, which it writes at the end of its first epoch (not the untrained ones before it)."""
     if tf.keras.utils.get_registered_name(type(encoder)) not in _SAVED_LAYERS:
         raise TypeError(f"save_encoder: saves a CIFLEncoder, Triplanar or FeatureStack (what load_encoder loads), "
                         f"got {type(encoder).__name__}")
     path = os.fspath(path)
     if not path.endswith(".h5"):  # Keras would write a TF checkpoint (several files) under another name
         raise ValueError(f"save_encoder: the weights file must be an .h5 file (encoder.weights.h5), got {path!r}")
-    write_atomically(path, encoder_model(encoder).save_weights)
     write_json(_config_path(path), _variable_dtypes(tf.keras.utils.serialize_keras_object(encoder)))
 
 
@@ -375,7 +381,10 @@ def load_encoder(path, trainable=False):
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "encoder.weights.h5")
+        run, path = path, os.path.join(path, "encoder.weights.h5")
+        if os.path.isfile(_config_path(path)) and not os.path.exists(path):
+            raise FileNotFoundError(f"load_encoder: {run!r} holds encoder.json but no encoder.weights.h5 yet: a "
+                                    f"training run writes it at the end of its first epoch")
     elif os.path.isfile(path) and not path.endswith(".h5"):  # save_encoder writes .h5 files; X.json's .json is not
         raise ValueError(f"load_encoder: {path!r} is neither an encoder's weights file (an .h5 file such as "
                          f"encoder.weights.h5, its .json beside it) nor the folder of a training run")

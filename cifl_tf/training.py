@@ -29,7 +29,7 @@ from . import checkpoint, machine
 from .callbacks import StopOnNonFinite
 from .data import write_atomically, write_json
 from .encoder import (ARCHITECTURES, PRETRAINED_DIR, PRETRAINED_NAMES, CIFLEncoder, encoder_model, inflate,
-                      load_encoder, positive_number, save_encoder)
+                      load_encoder, positive_number, save_encoder_config)
 from .losses import check_scales, check_temperatures, multiscale_contrastive_loss, pixel_contrastive_loss
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, check_shape, contrast_pairs, stream_seed
 
@@ -465,8 +465,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             initial_epoch = backup.restore()
         if chief:
             weights = os.path.join(out_dir, "encoder.weights.h5")
-            if not (resume and os.path.exists(weights)):  # on resume, keep the last checkpoint
-                save_encoder(encoder, weights)  # also writes encoder.json, which load_encoder needs
+            save_encoder_config(encoder, weights)  # the weights come at each epoch's end: none untrained
             # Made here, outside the strategy: a model made during fit on the chief alone would start
             # collective ops (its counters' initial values) that the other workers never join.
             saver = encoder_model(encoder)

@@ -195,10 +195,15 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_init_encoder
 
     with pytest.raises(Interrupted):
         train_encoder(**settings, callbacks=[InterruptAtFirstBatch()])
+    # The folder held the init encoder's weights before, loaded as if trained
+    with pytest.raises(FileNotFoundError, match="no encoder.weights.h5 yet: a training run writes it at the end "
+                                                "of its first epoch"):
+        load_encoder(settings["out_dir"])
     recorder = RecordOptimizer()
     train_encoder(**settings, resume=True, callbacks=[recorder])  # it had started from random weights
     for started, expected in zip(recorder.initial_weights, flat.get_weights(), strict=True):
         np.testing.assert_array_equal(started, expected)
+    assert load_encoder(settings["out_dir"]).channels == flat.channels
 
 
 def test_a_shipped_encoder_starts_a_run_by_name_and_a_3d_one_cannot_start_a_2d_run(tmp_path):
