@@ -97,7 +97,7 @@ def multiscale_contrastive_loss(f1, f2, scales=(1,), tau_alpha=1.0, tau_beta=1.0
     Returns: the batch mean, a scalar.
     """
     scales = check_scales(scales)
-    f1, f2 = tf.convert_to_tensor(f1), tf.convert_to_tensor(f2)
+    f1, f2, _ = _feature_pair(f1, f2, "multiscale_contrastive_loss")  # before pooling, which can equalise sizes
     spatial = [size for size in f1.shape[1:-1] if size is not None]
     if spatial and min(spatial) < max(scales):  # 'VALID' pooling would leave no pixel: a constant loss
         raise ValueError(f"multiscale_contrastive_loss: scale {max(scales)} is larger than the features' spatial "

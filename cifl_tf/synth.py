@@ -63,7 +63,7 @@ def check_shape(shape):
     return shape
 
 
-def _integer(name, value, least):
+def check_integer(name, value, least):
     """`value` as an int: an integer, Python's or NumPy's, >= least; else a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -279,7 +279,7 @@ class ShapesSynth:
                  warp_std=2.0, warp_scales=(16, 32), tie_prob=0.0, tie_jitter=10.0, low_contrast_prob=0.0,
                  low_contrast_min=0.1, resolution_max=1.0, seed=None, **render_kwargs):
         self.shape = check_shape(shape)
-        num_labels = _integer("num_labels", num_labels, 2)
+        num_labels = check_integer("num_labels", num_labels, 2)
         self.label_scales = _positive_ints("label_scales", label_scales)
         self.warp_scales = _positive_ints("warp_scales", warp_scales)
         unit, non_negative = "a number in [0, 1]", "a non-negative number"
@@ -432,7 +432,7 @@ def contrast_pairs(shape, batch_size, seed=None, start=0, **synth_kwargs):
 
     Yields: x1, x2 of shape (B, *shape, 1), float32 in [0, 1] (before gamma), same anatomy.
     """
-    batch_size, start = _integer("batch_size", batch_size, 1), _integer("start", start, 0)
+    batch_size, start = check_integer("batch_size", batch_size, 1), check_integer("start", start, 0)
     synth = ShapesSynth(shape, seed=seed, **synth_kwargs)
     # Batches are made in parallel and handed out in order; each is a function of its index alone. The synthesis
     # branches on Python values only, so autograph's conversion would change nothing but cost ~1 s a process.

@@ -31,7 +31,7 @@ from .data import write_atomically, write_json
 from .encoder import (ARCHITECTURES, PRETRAINED_DIR, PRETRAINED_NAMES, CIFLEncoder, encoder_model, inflate,
                       load_encoder, positive_number, save_encoder_config)
 from .losses import check_scales, check_temperatures, multiscale_contrastive_loss, pixel_contrastive_loss
-from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, check_shape, contrast_pairs, stream_seed
+from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, check_integer, check_shape, contrast_pairs, stream_seed
 
 
 def compile_for_fit(model, outputs=None, **compile_kwargs):
@@ -112,13 +112,14 @@ def offset_views(pairs, shape, max_offset, seed=None, start=0):
     Returns: dataset of ((v1, v2, shift),): crops (B, *shape, 1) and shift (B, ndim) int32, the
     origin of view 2 minus that of view 1 (the same for the whole batch).
     """
+    shape, start = check_shape(shape), check_integer("start", start, 0)
     ndim, seed = len(shape), stream_seed(seed)
     check_max_offset(max_offset, shape)
-    pair_shape = pairs.element_spec[0].shape
-    big, wanted = tuple(pair_shape[1:-1]) if pair_shape.rank else None, tuple(s + max_offset for s in shape)
-    if big is not None and (len(big) != ndim or any(b not in (None, w) for b, w in zip(big, wanted))):
-        raise ValueError(f"offset_views: pairs of spatial shape {big}, expected the crop shape {tuple(shape)} plus "
-                         f"max_offset {max_offset} per axis, {wanted}")
+    wanted = (None, *(s + max_offset for s in shape), 1)
+    for view in pairs.element_spec:  # each cropped to (B, *shape, 1)
+        if view.shape.rank is not None and not view.shape.is_compatible_with(wanted):
+            raise ValueError(f"offset_views: pairs of shape {tuple(view.shape)}, expected (B, *big, 1) with big the "
+                             f"crop shape {shape} plus max_offset {max_offset} per axis, {wanted[1:-1]}")
 
     def crop(index, pair):
         x1, x2 = pair

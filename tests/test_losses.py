@@ -317,3 +317,13 @@ def test_multiscale_loss_refuses_a_scale_larger_than_the_features():
     f1, f2 = features((1, 4, 5, 2), seed=0)
     with pytest.raises(ValueError, match="scale 8 is larger than the features' spatial size 4"):
         multiscale_contrastive_loss(f1, f2, (1, 8))
+
+
+@pytest.mark.parametrize("shape1, shape2, message", [
+    ((1, 8, 8, 3), (1, 9, 9, 3), r"f1 \(1, 8, 8, 3\) and f2 \(1, 9, 9, 3\) differ in shape"),  # both pool to 4x4
+    ((8, 3), (8, 3), r"features need shape \(B, \*spatial, C\)"),
+])
+def test_multiscale_loss_refuses_features_that_are_no_aligned_pair_before_pooling(shape1, shape2, message):
+    f1, f2 = features(shape1, seed=0)[0], features(shape2, seed=1)[1]
+    with pytest.raises(ValueError, match=f"multiscale_contrastive_loss: {message}"):
+        multiscale_contrastive_loss(f1, f2, (2,))

@@ -58,17 +58,23 @@ def test_offset_origins_are_a_function_of_seed_and_batch():
     assert shifts(None) != shifts(None)
 
 
-@pytest.mark.parametrize("shape, max_offset, message", [
-    ((12, 12), -1, "max_offset must be a non-negative integer, got -1"),
-    ((12, 12), 12, "max_offset 12 must be smaller than the crop shape (12, 12)"),
-    ((12, 12), 4, "pairs of spatial shape (20, 20), expected the crop shape (12, 12) plus max_offset 4 per axis, "
-                  "(16, 16)"),
-    ((12, 12, 12), 8, "pairs of spatial shape (20, 20), expected the crop shape (12, 12, 12) plus max_offset 8"),
+@pytest.mark.parametrize("shape, max_offset, views, start, message", [
+    ((12, 12), -1, None, 0, "max_offset must be a non-negative integer, got -1"),
+    ((12, 12), 12, None, 0, "max_offset 12 must be smaller than the crop shape (12, 12)"),
+    ((12, 12), 4, None, 0, "pairs of shape (1, 20, 20, 1), expected (B, *big, 1) with big the crop shape (12, 12) "
+                           "plus max_offset 4 per axis, (16, 16)"),
+    ((12, 12, 12), 8, None, 0, "pairs of shape (1, 20, 20, 1), expected (B, *big, 1) with big the crop shape "
+                               "(12, 12, 12) plus max_offset 8"),
+    ((12, 12), 8, [(1, 20, 20, 3)] * 2, 0, "pairs of shape (1, 20, 20, 3), expected (B, *big, 1)"),  # were cut to 1
+    ((12, 12), 8, [(1, 20, 20, 1), (1, 16, 16, 1)], 0, "pairs of shape (1, 16, 16, 1)"),  # failed only when iterated
+    (12, 8, None, 0, "shape must be positive integers, got 12"),
+    ((12, 12), 8, None, -1, "start must be an integer >= 0, got -1"),  # took batch -1's origins
+    ((12, 12), 8, None, True, "start must be an integer >= 0, got True"),
 ])
-def test_offset_views_refuse_offsets_the_pairs_do_not_hold(shape, max_offset, message):
-    pairs = tf.data.Dataset.from_tensors((np.zeros((1, 20, 20, 1), np.float32),) * 2)
+def test_offset_views_refuse_offsets_the_pairs_do_not_hold(shape, max_offset, views, start, message):
+    pairs = tf.data.Dataset.from_tensors(tuple(np.zeros(view, np.float32) for view in views or [(1, 20, 20, 1)] * 2))
     with pytest.raises(ValueError, match=re.escape(message)):
-        offset_views(pairs, shape, max_offset, seed=0)
+        offset_views(pairs, shape, max_offset, seed=0, start=start)
 
 
 @pytest.fixture(scope="module")
@@ -445,6 +451,23 @@ def test_the_siamese_model_adds_the_weighted_pixel_contrastive_loss_to_eq1():
     np.testing.assert_allclose(plain.losses[0], contrastive_loss(f1, f2), rtol=1e-6)
     np.testing.assert_allclose(weighted.losses[0], expected, rtol=1e-6)
     assert weighted.get_config()["pixel_contrast"] == 0.3
+
+
+@pytest.mark.parametrize("shape, max_offset", [((12, 12), 8), ((6, 7, 5), 3)])
+def test_the_siamese_model_aligns_the_views_that_offset_views_crops(shape, max_offset):
+    """Method page 3b: Eq. 1 compares the two views' features at the same anatomy. With a pixel-wise
+    encoder and one image behind both views, the aligned features must be equal."""
+    big = np.random.default_rng(0).uniform(size=(3, *(s + max_offset for s in shape), 1)).astype(np.float32)
+    pairs = tf.data.Dataset.from_tensors((big, big)).repeat(4)
+    siamese = cifl_tf.training.SiameseCIFL(tf.keras.layers.Dense(3))
+    shifts = set()
+    for (v1, v2, shift), in offset_views(pairs, shape, max_offset, seed=0):
+        assert not np.array_equal(v1, v2) or not shift.numpy().any()
+        f1, f2 = siamese((v1, v2, shift))
+        assert f1.shape[1:-1] == tuple(s - abs(d) for s, d in zip(shape, shift[0].numpy()))  # the overlap
+        np.testing.assert_array_equal(f1, f2)
+        shifts.add(tuple(shift[0].numpy()))
+    assert len(shifts) > 1 and any(all(shift) for shift in shifts)  # several offsets, off both axes
 
 
 @pytest.mark.parametrize("weight", [-1, float("inf"), True, "0.3"])
