@@ -13,7 +13,6 @@ import sys
 import tempfile
 
 import numpy as np
-import scipy.ndimage as ndi
 import tensorflow as tf
 import voxelmorph as vxm
 
@@ -266,12 +265,6 @@ def _model_input(path, model):
     return image, affine, header
 
 
-def _file_axes(header):
-    """The spatial shape of the NIfTI file behind `header` as three axes, with the singleton axes that load_nifti
-    drops (a 2D header's H x W is H x W x 1)."""
-    return (tuple(header.get_data_shape()[:3]) + (1, 1))[:3]
-
-
 def _normalized_batch(image):
     """(1, *shape, 1): the image normalised to [0, 1] as the data loaders do for training."""
     return data.normalize(image)[np.newaxis, ..., np.newaxis]
@@ -287,7 +280,7 @@ def _features(args):
     image = data.normalize(image)
     # Written straight into the file: features of a large volume need not fit in memory. On the input's own
     # axes, singletons included (a 1 x H x W slice), so that its affine places them.
-    spatial = _file_axes(header)
+    spatial = data.file_axes(header)
     max_memory = _max_memory(args)
     data.save_nifti_channels(
         args.output, spatial + (encoder.channels,), lambda out: tiling.tiled_features(
@@ -311,41 +304,15 @@ def _segment(args):
 
 
 def _on_fixed_grid(moving_path, fixed_path, inshape=None):
-    """(moving, fixed, affine, header): the moving image resampled (linear) onto the fixed image's voxel grid.
-
-    The nibabel affines place both images in world space; the fixed image's affine and header are returned.
-    `inshape`: the shape a registration model takes, checked first.
-    """
-    fixed, affine, header = data.load_nifti(fixed_path, ndim=None if inshape is None else len(inshape))
+    """(moving, fixed, affine, header): the moving image resampled (linear) onto the fixed image's voxel grid
+    (``data.resample_onto``), with the fixed image's affine and header. `inshape`: the shape a registration model
+    takes, checked first."""
+    fixed = data.load_nifti(fixed_path, ndim=None if inshape is None else len(inshape))[0]
     if fixed.ndim not in (2, 3):
         raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed.shape}")
     if inshape is not None and fixed.shape != inshape:
         raise data.DataError(f"{fixed_path}: shape {fixed.shape} differs from the model's input shape {inshape}")
-    moving, moving_affine, moving_header = data.load_nifti(moving_path, ndim=fixed.ndim)
-    if moving.shape != fixed.shape or not np.allclose(moving_affine, affine):
-        resampled = _resampled(moving.reshape(_file_axes(moving_header)), moving_affine, _file_axes(header), affine)
-        if resampled is None:
-            raise data.DataError(f"{moving_path}: no part of it lies in the field of view of {fixed_path} (their "
-                                 f"affines place them apart)")
-        moving = resampled.reshape(fixed.shape)
-    return moving, fixed, affine, header
-
-
-def _resampled(image, affine, shape, grid_affine):
-    """`image` (3 axes; voxel-to-world `affine`) resampled linearly onto the voxel grid of `shape` and `grid_affine`,
-    or None where none of the grid falls in it.
-
-    A voxel fills its box, half a voxel either side of its centre: grid points in an edge voxel's box take its value,
-    so a slice (an axis of one voxel) holds across its thickness, and a slice in the grid's plane up to the rounding of
-    its header lands there. Grid points outside every box take the image's smallest value, its background (air in
-    CT, not the 0 of water).
-    """
-    to_image = np.linalg.inv(affine) @ grid_affine
-    values = ndi.affine_transform(image, to_image, output_shape=shape, order=1, mode="nearest")
-    # order 0 rounds to the nearest voxel: within [-0.5, n - 0.5) along each axis of n voxels
-    inside = ndi.affine_transform(np.ones(image.shape, np.uint8), to_image, output_shape=shape, order=0,
-                                  mode="grid-constant", cval=0).astype(bool)
-    return np.where(inside, values, image.min()) if inside.any() else None
+    return data.resample_onto(moving_path, fixed_path)
 
 
 def _register(args):
@@ -376,7 +343,7 @@ def _register(args):
                                      max_memory=_max_memory(args), equalize=args.equalize)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
     if args.warp:
-        data.save_nifti(args.warp, displacement.reshape(_file_axes(header) + displacement.shape[-1:]), affine, header,
+        data.save_nifti(args.warp, displacement.reshape(data.file_axes(header) + displacement.shape[-1:]), affine, header,
                         channels=True)
     data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
     voxels = math.prod(displacement.shape[:-1])

@@ -28,6 +28,7 @@ import zlib
 
 import nibabel as nib
 import numpy as np
+import scipy.ndimage as ndi
 from nibabel.imageglobals import LoggingOutputSuppressor
 
 PAPER_SPLIT = (232, 58, 100)  # OASIS 2D subjects: train, validation, test (paper Sec. 3)
@@ -180,6 +181,50 @@ def load_nifti(path, ndim=None, channels=False):
     """
     data, image = _read(path, ndim, channels)
     return data.astype(np.float32), image.affine, image.header
+
+
+def file_axes(header):
+    """The spatial shape of the NIfTI file behind `header` as three axes, with the singleton axes that load_nifti
+    drops (a 2D header's H x W is H x W x 1)."""
+    return (tuple(header.get_data_shape()[:3]) + (1, 1))[:3]
+
+
+def resample_onto(path, grid_path, order=1):
+    """The image of NIfTI file `path` on the voxel grid of NIfTI file `grid_path`, placed by the two files' affines:
+    what ``cifl register`` registers when the moving and fixed files' grids differ (order 1), so that its ``--warp``
+    applies to the result; order 0 (nearest voxel) carries a label map over.
+
+    A voxel fills its box, half a voxel either side of its centre: grid points in an edge voxel's box take its value,
+    so a slice (an axis of one voxel) holds across its thickness, and a slice in the grid's plane up to the rounding of
+    its header lands there. Grid points outside every box take the image's smallest value, its background (air in
+    CT, not the 0 of water). Files of one grid (the same axes and affine) give the image as it is.
+
+    Args:
+        path, grid_path: NIfTI files of as many axes once singleton ones are dropped.
+        order: 1 (linear) or 0 (nearest).
+
+    Returns: (image on the grid, grid image, grid affine, grid header), both images as load_nifti gives the grid
+        file's (float32, singleton axes dropped).
+    Raises: DataError as load_nifti does, and where no part of the image lies in the grid's field of view.
+    """
+    if isinstance(order, bool) or order not in (0, 1):
+        raise ValueError(f"resample_onto: order must be 0 (nearest) or 1 (linear), got {order!r}")
+    grid, grid_affine, grid_header = load_nifti(grid_path)
+    image, affine, header = load_nifti(path, ndim=grid.ndim)
+    # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
+    # in perpendicular planes
+    if file_axes(header) == file_axes(grid_header) and np.allclose(affine, grid_affine):
+        return image, grid, grid_affine, grid_header
+    image = image.reshape(file_axes(header))
+    to_image = np.linalg.inv(affine) @ grid_affine
+    values = ndi.affine_transform(image, to_image, output_shape=file_axes(grid_header), order=order, mode="nearest")
+    # order 0 rounds to the nearest voxel: within [-0.5, n - 0.5) along each axis of n voxels
+    inside = ndi.affine_transform(np.ones(image.shape, np.uint8), to_image, output_shape=file_axes(grid_header),
+                                  order=0, mode="grid-constant", cval=0).astype(bool)
+    if not inside.any():
+        raise DataError(f"{path}: no part of it lies in the field of view of {grid_path} (their affines place them "
+                        f"apart)")
+    return np.where(inside, values, image.min()).reshape(grid.shape), grid, grid_affine, grid_header
 
 
 def load_labels(path, labels=None, ndim=None):

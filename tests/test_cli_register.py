@@ -62,6 +62,16 @@ def test_a_slice_resamples_in_plane_across_its_thickness(tmp_path, offset, lands
     np.testing.assert_allclose(moving[1:30:2, 1:30:2], image[:15, :15, 0] + 50.5, atol=1e-3)  # halfway: linear
 
 
+def test_slices_stored_along_other_axes_under_one_affine_are_resampled(tmp_path):
+    """1 x 32 x 32 and 32 x 32 x 1 under the identity lie in perpendicular planes, which meet in one line."""
+    image = np.arange(1.0, 1025.0, dtype=np.float32).reshape(1, 32, 32)
+    write_nifti(tmp_path / "fixed.nii.gz", np.zeros((32, 32, 1), np.float32))
+    write_nifti(tmp_path / "moving.nii.gz", image)
+    moving, _, _, _ = cli._on_fixed_grid(tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz")
+    np.testing.assert_array_equal(moving[0], image[0, :, 0])  # world (0, j, 0): where the planes meet
+    np.testing.assert_array_equal(moving[1:], image.min())  # elsewhere the moving image's background
+
+
 def test_the_fixed_grid_outside_the_moving_image_takes_its_background(tmp_path):
     """CT-like values: where the moving image has no voxel, the fixed grid takes its smallest value (air), not 0."""
     image = np.full((8, 16, 4), -1000.0, np.float32)
@@ -102,7 +112,7 @@ def test_register_without_a_model_writes_on_the_fixed_grid(pair, capsys):
     for image in (moved, warp):
         np.testing.assert_array_equal(image.affine, fixed.affine)
     assert moved.header.get_xyzt_units() == fixed.header.get_xyzt_units()
-    moving, _, _, _ = cli._on_fixed_grid(pair / "moving.nii.gz", pair / "fixed.nii.gz")
+    moving = data.resample_onto(pair / "moving.nii.gz", pair / "fixed.nii.gz")[0]  # the README's way to reproduce it
     expected = models.warp(moving[None, ..., None], displacement[None])[0, ..., 0]
     np.testing.assert_allclose(np.asarray(moved.dataobj)[..., 0], expected, atol=1e-6)
 

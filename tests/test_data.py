@@ -204,6 +204,29 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path, mode):
     np.testing.assert_array_equal(data.load_nifti(path, ndim=2)[0], 1)
 
 
+@pytest.mark.parametrize("order", [0, 1])
+def test_resample_onto_places_a_label_map_by_the_affines(tmp_path, order):
+    """Shifted 3 voxels and flipped along the last axis: each grid voxel takes the label there, the rest 0."""
+    labels = np.random.default_rng(0).integers(1, 5, (6, 5, 4)).astype(np.float32)
+    affine = np.eye(4)
+    affine[0, 3] = 3
+    affine[2, 2], affine[2, 3] = -1, 3  # voxel k at world 3 - k
+    data.save_nifti(tmp_path / "labels.nii.gz", labels, affine)
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((10, 5, 4), np.float32))
+    on_grid, grid, grid_affine, _ = data.resample_onto(tmp_path / "labels.nii.gz", tmp_path / "grid.nii.gz", order)
+    assert on_grid.shape == grid.shape == (10, 5, 4)
+    np.testing.assert_array_equal(grid_affine, np.eye(4))
+    np.testing.assert_array_equal(on_grid[3:9], labels[..., ::-1])
+    np.testing.assert_array_equal(on_grid[:3], 1)  # the smallest value, its background
+    np.testing.assert_array_equal(on_grid[9:], 1)
+
+
+@pytest.mark.parametrize("order", [2, True, "0"])
+def test_resample_onto_refuses_another_order(tmp_path, order):
+    with pytest.raises(ValueError, match=re.escape(f"order must be 0 (nearest) or 1 (linear), got {order!r}")):
+        data.resample_onto(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", order)
+
+
 def test_save_rejects_a_path_that_is_not_nifti(tmp_path):
     with pytest.raises(ValueError, match="out.png"):
         data.save_nifti(tmp_path / "out.png", np.zeros((3, 4)))
