@@ -10,6 +10,7 @@ saw (and on T1, for reference). The scripts in ``experiments/`` and ``cifl demo`
 import argparse
 import csv
 import json
+import math
 import os
 
 import numpy as np
@@ -18,7 +19,7 @@ import tensorflow as tf
 from . import data
 from .data import write_json
 from .descriptors import MIND
-from .checkpoint import SETTINGS_FILE
+from .checkpoint import SETTINGS_FILE, epoch_batches
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained, pretrained_info
 from .evaluate import evaluate_registration, evaluate_segmentation, label_overlap
 from .models import SIMILARITIES, pair_batches, registration_model, segmentation_model
@@ -111,7 +112,8 @@ def segmentation_row(train, tests, nb_labels, methods, epochs=30, batch_size=8, 
         features = _encoded(encoder, images)  # before seeding: an encoder built here draws no model seed's numbers
         tf.keras.utils.set_random_seed(seed)
         model = segmentation_model(images.shape[1:-1], nb_labels, encoder, **unet_kwargs)
-        model.head().fit(features, onehot, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
+        model.head().fit(epoch_batches((features, onehot), batch_size, seed), epochs=epochs,
+                         steps_per_epoch=math.ceil(len(features) / batch_size), verbose=verbose)
         results[name] = {contrast: evaluate_segmentation(model, _channel_last(x), y)
                          for contrast, (x, y) in tests.items()}
         trained[name] = model
@@ -492,8 +494,9 @@ def defaults_main(argv=None):
         nb_labels = int(train.labels.max()) + 1
         model = segmentation_model(train.images.shape[1:], nb_labels)
         untrained = evaluate_segmentation(model, test.images, test.labels)
-        model.fit(_channel_last(train.images), tf.keras.utils.to_categorical(train.labels, nb_labels),
-                  batch_size=8, epochs=args.seg_epochs, verbose=2)
+        onehot = tf.keras.utils.to_categorical(train.labels, nb_labels)
+        model.fit(epoch_batches((_channel_last(train.images), onehot), 8, args.seed), epochs=args.seg_epochs,
+                  steps_per_epoch=math.ceil(len(onehot) / 8), verbose=2)
         segmented = evaluate_segmentation(model, test.images, test.labels)
         results["segmentation"] = {"epochs": args.seg_epochs, "test_images": len(test),
                                    "untrained_dice": untrained.summary()["dice"], "dice": segmented.summary()["dice"]}
