@@ -277,8 +277,10 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
             (*spatial, 1..., 1, C), so that ``load_nifti`` gives back (*spatial, C).
     """
     array = np.asarray(array)
-    wider = {np.dtype(bool): np.uint8, np.dtype(np.float16): np.float32}.get(array.dtype)  # types NIfTI lacks
-    array = array if wider is None else array.astype(wider)  # exactly: no value changes
+    if array.dtype == bool:  # types NIfTI lacks, widened exactly
+        array = array.astype(np.uint8)
+    elif array.dtype.kind == "f" and array.dtype.itemsize == 2:  # float16, of either byte order
+        array = array.astype(np.float32)
     write_atomically(path, _nifti_image(path, array, affine, header, channels).to_filename)
 
 

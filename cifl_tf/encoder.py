@@ -381,14 +381,14 @@ def load_encoder(path, trainable=False):
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        run, path = path, os.path.join(path, "encoder.weights.h5")
-        if os.path.isfile(_config_path(path)) and not os.path.exists(path):
-            raise FileNotFoundError(f"load_encoder: {run!r} holds encoder.json but no encoder.weights.h5 yet: a "
-                                    f"training run writes it at the end of its first epoch")
+        path = os.path.join(path, "encoder.weights.h5")
     elif os.path.isfile(path) and not path.endswith(".h5"):  # save_encoder writes .h5 files; X.json's .json is not
         raise ValueError(f"load_encoder: {path!r} is neither an encoder's weights file (an .h5 file such as "
                          f"encoder.weights.h5, its .json beside it) nor the folder of a training run")
     config_path = _config_path(path)
+    if os.path.isfile(config_path) and not os.path.exists(path):
+        raise FileNotFoundError(f"load_encoder: {config_path!r} but no {os.path.basename(path)!r} yet: a training "
+                                f"run writes its weights at the end of its first epoch")
     for required in (path, config_path):
         if not os.path.isfile(required):
             raise FileNotFoundError(f"load_encoder: no such file {required!r} (an encoder is a .weights.h5 file "

@@ -466,6 +466,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             initial_epoch = backup.restore()
         if chief:
             weights = os.path.join(out_dir, "encoder.weights.h5")
+            if initial_epoch == 0 and os.path.exists(weights):  # no epoch of this run made them
+                os.remove(weights)
             save_encoder_config(encoder, weights)  # the weights come at each epoch's end: none untrained
             # Made here, outside the strategy: a model made during fit on the chief alone would start
             # collective ops (its counters' initial values) that the other workers never join.

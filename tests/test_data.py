@@ -56,10 +56,11 @@ def test_save_keeps_integer_and_bool_labels(tmp_path):
     np.testing.assert_array_equal(data.load_labels(tmp_path / "mask.nii.gz", labels=(0, 1)), labels > 9)
 
 
+@pytest.mark.parametrize("dtype", ["<f2", ">f2"])
 @pytest.mark.parametrize("channels", [False, True])
-def test_save_stores_float16_as_the_same_float32_values(tmp_path, channels):
+def test_save_stores_float16_as_the_same_float32_values(tmp_path, channels, dtype):
     """NIfTI has no float16 (features of a mixed_float16 encoder are)."""
-    features = np.random.default_rng(2).random((4, 5, 3)).astype(np.float16)
+    features = np.random.default_rng(2).random((4, 5, 3)).astype(dtype)
     data.save_nifti(tmp_path / "features.nii.gz", features, channels=channels)
     assert nib.load(tmp_path / "features.nii.gz").get_data_dtype() == np.float32
     loaded = data.load_nifti(tmp_path / "features.nii.gz", ndim=2 if channels else 3, channels=channels)[0]
@@ -204,21 +205,28 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path, mode):
     np.testing.assert_array_equal(data.load_nifti(path, ndim=2)[0], 1)
 
 
-@pytest.mark.parametrize("order", [0, 1])
-def test_resample_onto_places_a_label_map_by_the_affines(tmp_path, order):
-    """Shifted 3 voxels and flipped along the last axis: each grid voxel takes the label there, the rest 0."""
+def test_resample_onto_places_a_label_map_by_the_affines(tmp_path):
+    """Shifted 3 voxels and flipped along the last axis: each grid voxel takes the label there, the rest the smallest
+    label (the image's background); half a voxel further, nearest voxels (order 0) keep labels where linear
+    interpolation (order 1) blends them."""
     labels = np.random.default_rng(0).integers(1, 5, (6, 5, 4)).astype(np.float32)
     affine = np.eye(4)
     affine[0, 3] = 3
     affine[2, 2], affine[2, 3] = -1, 3  # voxel k at world 3 - k
     data.save_nifti(tmp_path / "labels.nii.gz", labels, affine)
+    affine[1, 3] = 0.25  # grid voxel j now lies a quarter voxel before label voxel j
+    data.save_nifti(tmp_path / "shifted.nii.gz", labels, affine)
     data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((10, 5, 4), np.float32))
-    on_grid, grid, grid_affine, _ = data.resample_onto(tmp_path / "labels.nii.gz", tmp_path / "grid.nii.gz", order)
+    on_grid, grid, grid_affine, _ = data.resample_onto(tmp_path / "labels.nii.gz", tmp_path / "grid.nii.gz", order=0)
     assert on_grid.shape == grid.shape == (10, 5, 4)
     np.testing.assert_array_equal(grid_affine, np.eye(4))
     np.testing.assert_array_equal(on_grid[3:9], labels[..., ::-1])
-    np.testing.assert_array_equal(on_grid[:3], 1)  # the smallest value, its background
+    np.testing.assert_array_equal(on_grid[:3], 1)
     np.testing.assert_array_equal(on_grid[9:], 1)
+    nearest, linear = (data.resample_onto(tmp_path / "shifted.nii.gz", tmp_path / "grid.nii.gz", order=order)[0][3:9]
+                       for order in (0, 1))
+    np.testing.assert_array_equal(nearest, labels[..., ::-1])  # a quarter voxel rounds to the same voxel
+    np.testing.assert_allclose(linear[:, 1:], 0.75 * labels[:, 1:, ::-1] + 0.25 * labels[:, :-1, ::-1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("order", [2, True, "0"])

@@ -162,7 +162,7 @@ def test_load_encoder_names_a_file_that_is_not_a_weights_file(tmp_path, name):
 
 
 @pytest.mark.parametrize("remove, config, error, message", [
-    ("encoder.weights.h5", None, FileNotFoundError, "holds encoder.json but no encoder.weights.h5 yet"),
+    ("encoder.weights.h5", None, FileNotFoundError, r"encoder\.json' but no 'encoder\.weights\.h5' yet"),
     ("encoder.json", None, FileNotFoundError, "no such file .*encoder.json"),
     (None, tf.keras.utils.serialize_keras_object(tf.keras.layers.Dense(3)), ValueError, "not describe a CIFLEncoder"),
     (None, {"config": {}}, ValueError, "not describe a CIFLEncoder"),
