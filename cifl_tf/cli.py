@@ -307,12 +307,12 @@ def _on_fixed_grid(moving_path, fixed_path, inshape=None):
     """(moving, fixed, affine, header): the moving image resampled (linear) onto the fixed image's voxel grid
     (``data.resample_onto``), with the fixed image's affine and header. `inshape`: the shape a registration model
     takes, checked first."""
-    fixed = data.load_nifti(fixed_path, ndim=None if inshape is None else len(inshape))[0]
-    if fixed.ndim not in (2, 3):
-        raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed.shape}")
-    if inshape is not None and fixed.shape != inshape:
-        raise data.DataError(f"{fixed_path}: shape {fixed.shape} differs from the model's input shape {inshape}")
-    return data.resample_onto(moving_path, fixed_path)
+    fixed = data.load_nifti(fixed_path, ndim=None if inshape is None else len(inshape))
+    if fixed[0].ndim not in (2, 3):
+        raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed[0].shape}")
+    if inshape is not None and fixed[0].shape != inshape:
+        raise data.DataError(f"{fixed_path}: shape {fixed[0].shape} differs from the model's input shape {inshape}")
+    return data.resample_onto(moving_path, fixed_path, grid=fixed)  # the fixed image read once
 
 
 def _register(args):

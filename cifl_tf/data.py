@@ -189,7 +189,7 @@ def file_axes(header):
     return (tuple(header.get_data_shape()[:3]) + (1, 1))[:3]
 
 
-def resample_onto(path, grid_path, order=1):
+def resample_onto(path, grid_path, order=1, grid=None):
     """The image of NIfTI file `path` on the voxel grid of NIfTI file `grid_path`, placed by the two files' affines:
     what ``cifl register`` registers when the moving and fixed files' grids differ (order 1), so that its ``--warp``
     applies to the result; order 0 (nearest voxel) carries a label map over.
@@ -202,6 +202,7 @@ def resample_onto(path, grid_path, order=1):
     Args:
         path, grid_path: NIfTI files of as many axes once singleton ones are dropped.
         order: 1 (linear) or 0 (nearest).
+        grid: ``load_nifti(grid_path)``'s (image, affine, header), where the caller has read it already.
 
     Returns: (image on the grid, grid image, grid affine, grid header), both images as load_nifti gives the grid
         file's (float32, singleton axes dropped).
@@ -209,7 +210,7 @@ def resample_onto(path, grid_path, order=1):
     """
     if isinstance(order, bool) or order not in (0, 1):
         raise ValueError(f"resample_onto: order must be 0 (nearest) or 1 (linear), got {order!r}")
-    grid, grid_affine, grid_header = load_nifti(grid_path)
+    grid, grid_affine, grid_header = load_nifti(grid_path) if grid is None else grid
     image, affine, header = load_nifti(path, ndim=grid.ndim)
     # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
     # in perpendicular planes

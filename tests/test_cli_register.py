@@ -62,6 +62,15 @@ def test_a_slice_resamples_in_plane_across_its_thickness(tmp_path, offset, lands
     np.testing.assert_allclose(moving[1:30:2, 1:30:2], image[:15, :15, 0] + 50.5, atol=1e-3)  # halfway: linear
 
 
+def test_each_image_is_read_once(pair, monkeypatch):
+    reads = []
+    load_nifti = data.load_nifti
+    monkeypatch.setattr(data, "load_nifti", lambda path, *args, **kwargs: reads.append(path) or load_nifti(
+        path, *args, **kwargs))
+    cli._on_fixed_grid(pair / "moving.nii.gz", pair / "fixed.nii.gz")
+    assert sorted(reads) == [pair / "fixed.nii.gz", pair / "moving.nii.gz"]
+
+
 def test_slices_stored_along_other_axes_under_one_affine_are_resampled(tmp_path):
     """1 x 32 x 32 and 32 x 32 x 1 under the identity lie in perpendicular planes, which meet in one line."""
     image = np.arange(1.0, 1025.0, dtype=np.float32).reshape(1, 32, 32)
