@@ -137,8 +137,7 @@ def slice_contrasts(image, seg4):
 def registered_dice(displacement, moving_labels, fixed_labels):
     """Mean Dice of the moving label map warped by a register_pair displacement (nearest neighbour) against the
     fixed one; label maps (*spatial), displacement (*spatial, ndim)."""
-    moved = models.warp(np.asarray(moving_labels, np.float32)[None, ..., None], displacement[None], "nearest")
-    return metrics.mean_dice(np.rint(moved[0, ..., 0]).astype(np.int32), fixed_labels)
+    return metrics.mean_dice(models.warp_labels(np.asarray(moving_labels)[None], displacement[None])[0], fixed_labels)
 
 
 def benchmark_pairs(subjects=8, oasis=None, seed=0):

@@ -205,13 +205,15 @@ def resample_onto(path, grid_path, order=1, grid=None):
         grid: ``load_nifti(grid_path)``'s (image, affine, header), where the caller has read it already.
 
     Returns: (image on the grid, grid image, grid affine, grid header), both images as load_nifti gives the grid
-        file's (float32, singleton axes dropped).
+        file's (singleton axes dropped; float32, but with order 0 the image keeps its file's values and type, as
+        float32 would round label values above 2^24).
     Raises: DataError as load_nifti does, and where no part of the image lies in the grid's field of view.
     """
     if isinstance(order, bool) or order not in (0, 1):
         raise ValueError(f"resample_onto: order must be 0 (nearest) or 1 (linear), got {order!r}")
     grid, grid_affine, grid_header = load_nifti(grid_path) if grid is None else grid
-    image, affine, header = load_nifti(path, ndim=grid.ndim)
+    image, nifti = _read(path, grid.ndim, float32=order == 1)
+    affine, header = nifti.affine, nifti.header
     # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
     # in perpendicular planes
     if file_axes(header) == file_axes(grid_header) and np.allclose(affine, grid_affine):

@@ -16,7 +16,7 @@ from . import demo_data, experiments, figures, machine
 from .checkpoint import SETTINGS_FILE
 from .encoder import PRETRAINED_RECOMMENDED, pretrained, pretrained_info, pretrained_log
 from .evaluate import segment
-from .models import warp
+from .models import warp, warp_labels
 from .training import SEED, read_settings
 
 PAPER_CIFL, CIFL = "CIFL (paper, tau_gamma=0.1)", "CIFL"
@@ -252,6 +252,6 @@ def _figures(out_dir, data, test, seg_models, reg_models, encoder, training_logs
                           {name: warp(moving, field)[0, ..., 0] for name, field in fields.items()},
                           os.path.join(out_dir, "registrations.png"), fixed_labels=data.labels[first],
                           title="T1 moving onto T2 fixed, trained on T1 pairs only",
-                          moved_labels={name: warp(data.labels[second:second + 1, ..., None].astype(np.float32),
-                                                   field, "nearest")[0, ..., 0] for name, field in fields.items()})
+                          moved_labels={name: warp_labels(data.labels[second:second + 1], field)[0]
+                                        for name, field in fields.items()})
     figures.training_curves(training_logs, os.path.join(out_dir, "encoder_training.png"))

@@ -22,7 +22,7 @@ from .descriptors import MIND
 from .encoder import pretrained
 from .instance import register_pair
 from .machine import describe, matmul_gflops
-from .models import warp
+from .models import warp, warp_labels
 from .stack import FeatureStack
 
 TARGETS = ("t1", "t2", "pd")
@@ -87,8 +87,8 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
         field = register_pair(image, data.images[target][1], encoder=features, similarity=similarity,
                               levels=sizes["levels"], steps=sizes["steps"], verbose=0)
         seconds = time.perf_counter() - began
-        labels = warp(moving_labels[None, ..., None].astype(np.float32), field[None], "nearest")[0, ..., 0]
-        results.setdefault(name, {})[target] = _scores(labels.astype(np.int32), fixed_labels, field, seconds)
+        labels = warp_labels(moving_labels[None], field[None])[0]
+        results.setdefault(name, {})[target] = _scores(labels, fixed_labels, field, seconds)
         moved[target][name] = (warp(image[None, ..., None], field[None])[0, ..., 0], labels)
         if verbose:
             print(f"{name}, fixed {target}: mean Dice {results[name][target]['mean_dice']:.3f}, {seconds:.0f} s")

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from . import metrics, tiling
-from .models import RegistrationModel, SegmentationModel, warp
+from .models import RegistrationModel, SegmentationModel, warp_labels
 
 
 def _mean_std(values):
@@ -63,6 +63,7 @@ class Scores:
 
 def _score(predicted, truth, labels, folding=None):
     """Scores of label maps `predicted` against `truth`, (N, *shape) each."""
+    labels = list(labels)  # read once per image: an iterator would be spent after the first
     rows = [metrics.dice(a, b, labels) for a, b in zip(predicted, truth)]
     dice = np.array([[row[label] for label in labels] for row in rows], np.float64).reshape(len(rows), len(labels))
     means = np.array([np.nan if np.all(np.isnan(row)) else np.nanmean(row) for row in dice])
@@ -76,6 +77,8 @@ def _images(images, inshape, what):
         images = images[..., np.newaxis]
     if images.shape[1:] != (*inshape, 1) or not len(images):
         raise ValueError(f"{what} must be (N, {', '.join(map(str, inshape))}[, 1]) with N >= 1, got {images.shape}")
+    if not np.isfinite(images).all():  # a NaN pixel would spread through the network and be scored as labels
+        raise ValueError(f"{what} holds {np.count_nonzero(~np.isfinite(images))} NaN or infinite values")
     return images
 
 
@@ -173,6 +176,5 @@ def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, lab
     if broken.size:  # else warp and folding_fraction would refuse it without saying whose
         raise ValueError(f"evaluate_registration: {model.name} gave a NaN or infinite displacement for pairs "
                          f"{broken.tolist()} (of {len(displacement)})")
-    moved = warp(moving_labels[..., np.newaxis], displacement, "nearest")[..., 0]
-    return dataclasses.replace(label_overlap(np.rint(moved).astype(np.int32), fixed_labels, label_values),
+    return dataclasses.replace(label_overlap(warp_labels(moving_labels, displacement), fixed_labels, label_values),
                                folding=metrics.folding_fraction(displacement))

@@ -52,7 +52,7 @@ def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
     Returns: the PNG path. Each channel has one colour scale shared by all rows, so that agreement
     across contrasts is visible as identical pictures down a column.
     """
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
         raise ValueError(f"feature_channels: channels must be a positive integer, got {channels!r}")
     names = list(images)
     stack = np.stack([images[n] for n in names])[..., np.newaxis].astype(np.float32)
@@ -81,7 +81,13 @@ def segmentations(images, truth, predictions, path, label_names=None):
         label_names: names of labels 0, 1, ... for the legend (default: their numbers).
     """
     contrasts, methods = list(images), list(predictions)
-    nb_labels = len(label_names) if label_names else int(np.max(truth)) + 1
+    # the colours span every label drawn: from the true map's alone, a wrongly predicted label above them
+    # would take the top label's colour
+    nb_labels = 1 + int(max(np.max(m) for m in [truth, *(p for rows in predictions.values() for p in rows.values())]))
+    if label_names and nb_labels > len(label_names):
+        raise ValueError(f"segmentations: the label maps hold label {nb_labels - 1}, but label_names names "
+                         f"{len(label_names)} labels")
+    nb_labels = len(label_names) if label_names else nb_labels
     figure, axes = plt.subplots(2 + len(methods), len(contrasts), squeeze=False,
                                 figsize=(1.8 * len(contrasts), 2.1 * (2 + len(methods)) + 0.4))
     for col, contrast in enumerate(contrasts):

@@ -16,6 +16,16 @@ def dice(labels_a, labels_b, labels=None):
     labels_a, labels_b = np.asarray(labels_a), np.asarray(labels_b)
     if labels_a.shape != labels_b.shape:
         raise ValueError(f"dice: label maps differ in shape, {labels_a.shape} vs {labels_b.shape}")
+    for name, label_map in (("labels_a", labels_a), ("labels_b", labels_b)):
+        if np.issubdtype(label_map.dtype, np.integer) or label_map.dtype == bool:
+            continue
+        if not np.issubdtype(label_map.dtype, np.floating):
+            raise ValueError(f"dice: {name} must be an integer label map, got {label_map.dtype}")
+        # whole floats (a map read from a float NIfTI) are labels; a linear resampling's fractions and NaN are not
+        fractional = label_map[~np.isfinite(label_map) | (label_map != np.round(label_map))]
+        if fractional.size:
+            raise ValueError(f"dice: {name} must be an integer label map, got {fractional.size} {label_map.dtype} "
+                             f"values that are not whole, such as {fractional[:3].tolist()}")
     present = np.union1d(labels_a, labels_b)
     labels = present[present != 0] if labels is None else np.asarray(list(labels))
     if np.any(labels != np.round(labels)):  # int() below would score 2.5 as label 2
@@ -34,8 +44,8 @@ def mean_dice(labels_a, labels_b, labels=None):
 def summarize(values):
     """(mean, standard deviation) of per-image scores, e.g. Dice over the test images."""
     values = np.asarray(values, np.float64)
-    if values.size == 0 or np.isnan(values).any():
-        raise ValueError(f"summarize: needs one or more non-nan values, got {values.tolist()}")
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"summarize: needs one or more finite values, got {values.tolist()}")
     return float(values.mean()), float(values.std())
 
 
@@ -98,6 +108,9 @@ def feature_agreement(features_a, features_b, mask=None):
     if mask.shape != dots.shape or not mask.any():
         raise ValueError(f"feature_agreement: mask must be a non-empty boolean array of shape "
                          f"{dots.shape}, got shape {mask.shape} with {np.count_nonzero(mask)} pixels")
+    bad = np.count_nonzero(~np.isfinite(dots[mask]))
+    if bad:  # the mean would be NaN, as if the features disagreed, without saying where it came from
+        raise ValueError(f"feature_agreement: the features are NaN or infinite at {bad} pixels of the mask")
     return float(dots[mask].mean())
 
 

@@ -468,6 +468,33 @@ def warp(images, displacement, interp_method="linear"):
     return spatial_transform(tf.constant(images), displacement, interp_method).numpy()
 
 
+def warp_labels(labels, displacement):
+    """Label maps moved by displacement fields (nearest neighbour), each label value kept exactly.
+
+    ``warp`` resamples in float32, which holds integers exactly only up to 2**24, and atlases number their
+    labels beyond it (the Allen mouse brain's reach 614454277): the index of each voxel's label among the
+    map's distinct values is warped instead.
+
+    Args:
+        labels: (B, *spatial) integer or boolean label maps.
+        displacement: (B, *spatial, ndim) in voxels, as for ``warp``.
+
+    Returns: (B, *spatial) label maps of the dtype of `labels`.
+    """
+    labels = np.asarray(labels)
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise TypeError(f"warp_labels: labels must be integer or boolean label maps, got {labels.dtype}")
+    if labels.shape != np.shape(displacement)[:-1]:
+        raise ValueError(f"warp_labels: labels {labels.shape} must be (B, *spatial) of the displacement "
+                         f"{np.shape(displacement)}")
+    values, indices = np.unique(labels, return_inverse=True)
+    if len(values) > 2 ** 24:  # nor do their indices fit float32
+        raise ValueError(f"warp_labels: {len(values)} distinct labels, more than the 2**24 it can warp: an image, "
+                         f"not a label map?")
+    moved = warp(indices.reshape(labels.shape)[..., np.newaxis], displacement, "nearest")[..., 0]
+    return values[np.rint(moved).astype(np.int64)]
+
+
 def pair_batches(images, batch_size=1, seed=None, first_step=0):
     """Endless batches of random (moving, fixed) pairs of different images, for ``fit``.
 

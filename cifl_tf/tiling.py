@@ -142,10 +142,10 @@ def tiled_features(layer, image, max_memory=DEFAULT_MAX_MEMORY, out=None):
         raise ValueError(f"tiled_features: the image is empty, shape {image.shape}")
     check_max_memory(max_memory)
     shape = image.shape + (layer.channels,)
-    if out is not None and (getattr(out, "shape", None) != shape
-                            or np.dtype(getattr(out, "dtype", None)).newbyteorder("=") != np.float32):
+    if out is not None and not (isinstance(out, np.ndarray) and out.shape == shape
+                                and out.dtype.newbyteorder("=") == np.float32):
         raise ValueError(f"tiled_features: out must be a float32 array of shape {shape}, got "
-                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+                         + (f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__))
     features = np.empty(shape, np.float32) if out is None else out
     if hasattr(layer, "tiled_features"):
         return layer.tiled_features(image, max_memory, features)

@@ -229,6 +229,18 @@ def test_resample_onto_places_a_label_map_by_the_affines(tmp_path):
     np.testing.assert_allclose(linear[:, 1:], 0.75 * labels[:, 1:, ::-1] + 0.25 * labels[:, :-1, ::-1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("shift", [0, 2])  # the same grid, given as it is, and another one
+def test_resample_onto_keeps_label_values_beyond_float32s_exact_integers(tmp_path, shift):
+    labels = np.array([2 ** 24 + 1, 2 ** 24, 614454277, 2 ** 31 - 1], np.int32).reshape(2, 2, 1).repeat(3, axis=2)
+    affine = np.eye(4)
+    affine[2, 3] = shift
+    data.save_nifti(tmp_path / "labels.nii.gz", labels, affine)
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((2, 2, 3 + shift), np.float32))
+    on_grid = data.resample_onto(tmp_path / "labels.nii.gz", tmp_path / "grid.nii.gz", order=0)[0]
+    np.testing.assert_array_equal(on_grid[..., shift:], labels)
+    np.testing.assert_array_equal(on_grid[..., :shift], 2 ** 24)  # the smallest label, the background
+
+
 @pytest.mark.parametrize("order", [2, True, "0"])
 def test_resample_onto_refuses_another_order(tmp_path, order):
     with pytest.raises(ValueError, match=re.escape(f"order must be 0 (nearest) or 1 (linear), got {order!r}")):

@@ -120,6 +120,14 @@ def test_a_monotone_remap_of_two_tissues_keeps_the_descriptor(remap):
     assert np.ptp(describe(layer, image), axis=(0, 1)).min() > 0.1  # and it does describe the shapes
 
 
+def test_complex_images_are_refused_not_cut_to_their_real_part():
+    images = np.ones((1, 8, 9, 1)) + 1j
+    with pytest.raises(TypeError, match="MIND\\(ndim=2\\): images must be real intensities, got complex128"):
+        MIND(2)(images)
+    with pytest.raises(TypeError, match="images must be real intensities"):
+        tiling.tiled_features(MIND(2), images[0, ..., 0])
+
+
 def test_constant_and_zero_images_give_equal_channels():
     layer = MIND(3, "ssc")
     for value in (0.0, 0.6):

@@ -92,6 +92,16 @@ def test_registration_warps_moving_labels_by_nearest_neighbour(reg_model, monkey
     assert "folding pixels (Jacobian determinant <= 0): 0.000% ± 0.000%" in str(scores)
 
 
+def test_registration_scores_labels_beyond_float32s_exact_integers(reg_model, monkeypatch):
+    """Atlas labels such as the Allen mouse brain's 614454277: an identity warp scores 1, not 0."""
+    labels = np.zeros((1, *SHAPE), np.int64)
+    labels[0, :8], labels[0, 8:] = 2 ** 24 + 1, 2 ** 24
+    monkeypatch.setattr(reg_model, "register", lambda *args, **kwargs: np.zeros((1, *SHAPE, 2), np.float32))
+    scores = evaluate.evaluate_registration(reg_model, np.zeros((1, *SHAPE)), np.zeros((1, *SHAPE)), labels, labels)
+    assert scores.labels == [2 ** 24, 2 ** 24 + 1]
+    np.testing.assert_array_equal(scores.dice, [[1, 1]])
+
+
 def test_registration_names_the_pairs_whose_displacement_is_not_finite(reg_model, monkeypatch):
     displacement = np.zeros((3, *SHAPE, 2), np.float32)
     displacement[1, 4, 5, 0] = np.nan
@@ -151,6 +161,24 @@ def test_label_overlap_is_the_dice_of_the_unregistered_maps(moving, fixed, expec
     scores = evaluate.label_overlap(moving[np.newaxis], fixed[np.newaxis])
     assert scores.labels == sorted(expected) and scores.folding is None
     np.testing.assert_allclose(scores.dice[0], [expected[label] for label in sorted(expected)])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_segmentation_and_registration_refuse_images_that_are_not_finite(seg_model, reg_model, bad):
+    images = np.zeros((2, *SHAPE), np.float32)
+    images[1, 3, 3] = bad  # one such pixel made a third of a UNet's labels background
+    labels = np.zeros((2, *SHAPE), np.int32)
+    with pytest.raises(ValueError, match="images holds 1 NaN or infinite values"):
+        evaluate.segment(seg_model, images)
+    with pytest.raises(ValueError, match="fixed holds 1 NaN or infinite values"):
+        evaluate.evaluate_registration(reg_model, np.zeros((2, *SHAPE)), images, labels, labels)
+
+
+def test_label_values_may_be_any_iterable():
+    labels = np.stack([squares((0, 0, 4, 4), (8, 8, 4, 4))] * 2)
+    scores = evaluate.label_overlap(labels, labels, label_values=(label for label in [2, 1]))
+    assert scores.labels == [2, 1]
+    np.testing.assert_array_equal(scores.dice, [[1, 1], [1, 1]])
 
 
 def test_label_overlap_rejects_maps_that_do_not_pair():

@@ -25,6 +25,8 @@ def test_figure2_has_a_row_per_contrast_and_a_column_per_channel(tmp_path):
     assert pixels(path) == (200, 5 * 160)  # the encoder's 4 channels, no empty panels
     with pytest.raises(ValueError, match="channels must be a positive integer, got -1"):
         figures.feature_channels(encoder, {"t1": IMAGE}, tmp_path / "none.png", channels=-1)
+    path = figures.feature_channels(encoder, {"t1": IMAGE}, tmp_path / "numpy.png", channels=np.int64(2))
+    assert pixels(path) == (200, 3 * 160)
 
 
 def test_segmentations_have_rows_for_images_truth_and_each_method(tmp_path):
@@ -32,6 +34,21 @@ def test_segmentations_have_rows_for_images_truth_and_each_method(tmp_path):
     path = figures.segmentations({"t1": IMAGE, "t2": 1 - IMAGE}, LABELS, predictions, tmp_path / "seg.png",
                                  label_names=("background", "CSF", "GM"))
     assert pixels(path) == (int(100 * (2.1 * 4 + 0.4)), 2 * 180)
+
+
+def test_segmentation_colours_span_the_labels_predicted_beyond_the_true_ones(tmp_path, monkeypatch):
+    """Predicted labels 2 and 3 took label 1's colour when the true map held only 0 and 1."""
+    truth = np.zeros((8, 8), np.int32)
+    truth[:4] = 1
+    predicted = truth.copy()
+    predicted[4:, :4], predicted[4:, 4:] = 2, 3
+    drawn = []
+    monkeypatch.setattr(figures, "_labels", lambda axis, labels, nb_labels=None: drawn.append(nb_labels))
+    figures.segmentations({"t1": IMAGE[:8, :8]}, truth, {"m": {"t1": predicted}}, tmp_path / "seg.png")
+    assert drawn == [4, 4]
+    with pytest.raises(ValueError, match="the label maps hold label 3, but label_names names 2 labels"):
+        figures.segmentations({"t1": IMAGE[:8, :8]}, truth, {"m": {"t1": predicted}}, tmp_path / "seg.png",
+                              label_names=("background", "CSF"))
 
 
 def test_segmentations_of_background_only_have_no_legend(tmp_path):

@@ -58,6 +58,27 @@ def test_dice_rejects_maps_of_different_shapes_and_labels_that_are_not_integers(
         metrics.dice(A, B, [1.0, 2.5])
 
 
+@pytest.mark.parametrize("labels", [None, [1]])
+@pytest.mark.parametrize("bad, shown", [(0.99, r"\[0.99\]"), (np.nan, r"\[nan\]"), (np.inf, r"\[inf\]")])
+def test_dice_refuses_maps_whose_values_are_not_whole(labels, bad, shown):
+    """A linearly resampled map or NaN was scored by its rounded values when labels were given, and blamed on
+    the labels argument when not."""
+    with pytest.raises(ValueError, match=rf"dice: labels_b must be an integer label map, got 1 float64 values that "
+                                         rf"are not whole, such as {shown}"):
+        metrics.dice(np.array([0, 1, 1]), np.array([0, bad, 1.0]), labels)
+    with pytest.raises(ValueError, match="dice: labels_a must be an integer label map, got <U1"):
+        metrics.dice(np.array(["a", "b", "c"]), np.array([0, 1, 1]), labels)
+
+
+@pytest.mark.parametrize("a, b", [(A.astype(np.float32), B), (A, B.astype(np.float64)), (A > 0, B > 0)])
+def test_dice_takes_whole_floats_and_booleans_as_labels(a, b):
+    expected = {label: reference_dice(np.asarray(a, int), np.asarray(b, int), label) for label in (1, 2)
+                if label in np.asarray(a, int) or label in np.asarray(b, int)}
+    result = metrics.dice(a, b)
+    assert list(result) == list(expected)
+    np.testing.assert_allclose(list(result.values()), list(expected.values()))
+
+
 @pytest.mark.parametrize("values, mean, std, text", [
     ([0.8, 0.9], 0.85, 0.05, "0.85 ± 0.05"),
     ([0.84], 0.84, 0.0, "0.84 ± 0.00"),
@@ -68,9 +89,9 @@ def test_summarize_and_format(values, mean, std, text):
     assert metrics.format_summary(values) == text
 
 
-@pytest.mark.parametrize("values", [[], [0.5, np.nan]])
-def test_summarize_rejects_empty_or_nan(values):
-    with pytest.raises(ValueError, match="non-nan values"):
+@pytest.mark.parametrize("values", [[], [0.5, np.nan], [0.5, np.inf]])
+def test_summarize_rejects_empty_or_values_that_are_not_finite(values):
+    with pytest.raises(ValueError, match="needs one or more finite values"):
         metrics.summarize(values)
 
 
@@ -147,6 +168,16 @@ def test_feature_agreement_matches_the_formula_on_a_batch():
 def test_feature_agreement_rejects(f2_shape, mask, message):
     with pytest.raises(ValueError, match=message):
         metrics.feature_agreement(np.ones((3, 5)), np.ones(f2_shape), mask)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_feature_agreement_refuses_features_that_are_not_finite_in_the_mask(bad):
+    features = np.ones((3, 5))
+    features[1, 2] = bad
+    mask = np.array([True, True, False])
+    with pytest.raises(ValueError, match="feature_agreement: the features are NaN or infinite at 1 pixels of the mask"):
+        metrics.feature_agreement(np.ones((3, 5)), features, mask)
+    assert metrics.feature_agreement(np.ones((3, 5)), features, ~mask) == 5  # outside the mask: not read
 
 
 def reference_match_fraction(fa, fb, mask, radius):

@@ -302,6 +302,32 @@ def test_warp_refuses_a_displacement_that_is_not_finite(bad):
         models.warp(np.ones((1, 6, 7, 1), np.float32), displacement)
 
 
+@pytest.mark.parametrize("dtype, values", [
+    (np.int64, [2 ** 24, 2 ** 24 + 1, 614454277, 2 ** 33 + 5]),  # beyond float32's exact integers
+    (np.int32, [0, -3, 7, 2 ** 31 - 1]),
+    (np.uint8, [0, 1, 2, 255]),
+    (bool, [False, True, True, False]),
+])
+def test_warp_labels_moves_each_label_value_exactly(dtype, values):
+    labels = np.zeros((1, 4, 6), dtype)
+    for row, value in enumerate(values):
+        labels[0, row] = value
+    displacement = np.zeros((1, 4, 6, 2), np.float32)
+    displacement[..., 0] = 1.4  # moved(x) = labels(x + 1.4 rows), nearest: one row up, the last row kept
+    moved = models.warp_labels(labels, displacement)
+    assert moved.dtype == labels.dtype
+    np.testing.assert_array_equal(moved[0], labels[0, [1, 2, 3, 3]])
+
+
+def test_warp_labels_refuses_images_and_maps_of_another_shape():
+    displacement = np.zeros((1, 4, 6, 2), np.float32)
+    with pytest.raises(TypeError, match="warp_labels: labels must be integer or boolean label maps, got float32"):
+        models.warp_labels(np.zeros((1, 4, 6), np.float32), displacement)
+    with pytest.raises(ValueError, match=r"warp_labels: labels \(4, 6\) must be \(B, \*spatial\) of the "
+                                         r"displacement \(1, 4, 6, 2\)"):
+        models.warp_labels(np.zeros((4, 6), np.int32), displacement)
+
+
 def test_the_velocity_field_is_predicted_where_it_is_integrated_unless_asked_otherwise(tmp_path):
     """By default at int_resolution, without the UNet's full-resolution level; svf_resolution=1 is VxmDense's
     default, a full-resolution field halved before integration. A model round-trips as it was built, and a config

@@ -186,6 +186,7 @@ def test_tiled_features_fill_an_array_in_fortran_order_as_a_file_maps_it(triplan
     (np.zeros((8, 8, 16), np.float64), "float64 \\(8, 8, 16\\)"),
     (np.zeros((8, 9, 16), np.float32), "float32 \\(8, 9, 16\\)"),
     ([[0.0]], "list"),
+    (tf.zeros((8, 8, 16)), "EagerTensor"),  # not writable; its dtype once failed np.dtype with a TypeError
 ])
 def test_tiled_features_refuse_an_out_array_of_another_shape_or_type(out, problem):
     with pytest.raises(ValueError, match=f"out must be a float32 array of shape \\(8, 8, 16\\), got {problem}"):
