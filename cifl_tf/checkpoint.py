@@ -16,7 +16,6 @@ batch. ``EpochCheckpoint`` restores before ``fit`` and passes the epoch as ``ini
 import numbers
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -33,8 +32,8 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
     The saves go through ``tf.train.CheckpointManager``, which records a new checkpoint only once it
     is fully written: a run killed at any point, even during a save, leaves the previous one in force.
     Checkpoint ``ckpt-N`` holds N finished epochs. Under a multi-worker strategy every worker saves
-    (TF's multi-worker pattern), but only the chief into `directory`; the others write to a temporary
-    folder, removed when training ends. All workers restore from `directory`, which must therefore be
+    (TF's multi-worker pattern), but only the chief into `directory`; the others into a folder of their
+    own inside it, ``workertemp_<task index>``, removed when training ends and at the task's next start. All workers restore from `directory`, which must therefore be
     on a file system they share. Use::
 
         checkpoint = EpochCheckpoint(folder, model)
@@ -62,7 +61,13 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
             model.optimizer.build(model.trainable_variables)
             self.epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epochs=self.epochs)
-        write_to = self.directory if self.is_chief else tempfile.mkdtemp(prefix="cifl-worker-checkpoint-")
+        write_to = self.directory
+        if not self.is_chief:
+            # TF's own pattern (BackupAndRestore): a folder of the task's own beside the chief's checkpoints, made
+            # anew at each start, so that a worker killed before its end leaves one folder there, not one per run
+            write_to = os.path.join(self.directory, f"workertemp_{strategy.cluster_resolver.task_id}")
+            if tf.io.gfile.exists(write_to):
+                tf.io.gfile.rmtree(write_to)
         self._manager = tf.train.CheckpointManager(self._checkpoint, write_to, int(max_to_keep))
 
     def restore(self):

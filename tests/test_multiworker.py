@@ -41,12 +41,14 @@ def free_ports(count):
     return ports
 
 
-def start_workers(out_dir, *args, count=2):
-    """Starts the `count` worker processes of one cluster on 127.0.0.1 (worker 0 is the chief)."""
+def start_workers(out_dir, *args, count=2, temporary=None):
+    """Starts the `count` worker processes of one cluster on 127.0.0.1 (worker 0 is the chief), with `temporary`
+    their TMPDIR if given."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(count)]}
     workers = []
     for index in range(count):
         environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                   **({"TMPDIR": str(temporary)} if temporary else {}),
                    "TF_CPP_MIN_LOG_LEVEL": "3",
                    "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         workers.append(subprocess.Popen([sys.executable, "-c", WORKER, str(out_dir), *args], env=environ,
@@ -54,9 +56,9 @@ def start_workers(out_dir, *args, count=2):
     return workers
 
 
-def run_workers(out_dir, *args, count=2):
+def run_workers(out_dir, *args, count=2, temporary=None):
     """Runs the workers of one cluster to their end; returns each one's printed features."""
-    workers = start_workers(out_dir, *args, count=count)
+    workers = start_workers(out_dir, *args, count=count, temporary=temporary)
     outputs = [worker.communicate(timeout=600) for worker in workers]
     errors = "\n".join(f"worker {i}: {err[-2000:]}" for i, (_, err) in enumerate(outputs))
     assert [worker.returncode for worker in workers] == [0] * count, errors
@@ -156,15 +158,20 @@ def test_multiworker_refuses_a_tf_config_without_a_cluster(monkeypatch, config, 
 
 @pytest.mark.slow
 def test_resume_after_a_worker_dies(tmp_path):
+    """...and the killed worker's checkpoints are gone once its task has run again, from the run folder and the
+    temporary folder alike."""
     through = run_workers(tmp_path / "through")[0]
-    run = tmp_path / "run"
-    chief, other = start_workers(run)
+    run, temporary = tmp_path / "run", tmp_path / "tmp"
+    temporary.mkdir()
+    chief, other = start_workers(run, temporary=temporary)
     while chief.poll() is None and not (run / "backup" / "checkpoint").is_file():
         time.sleep(0.05)
     other.send_signal(signal.SIGKILL)  # the chief then fails or waits for it: the job is restarted
     chief.send_signal(signal.SIGKILL)
     for worker in (chief, other):
         worker.communicate()
-    resumed, _ = run_workers(run, "resume")
+    resumed, _ = run_workers(run, "resume", temporary=temporary)
     np.testing.assert_allclose(resumed, through, atol=1e-5)
     np.testing.assert_allclose(load_encoder(str(run))(IMAGE), through, atol=1e-5)
+    assert not [name for name in os.listdir(run / "backup") if name.startswith("workertemp")]
+    assert not [path for path in temporary.iterdir() if path.is_dir()]  # AutoGraph leaves files of code there
