@@ -71,10 +71,19 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         self._manager = tf.train.CheckpointManager(self._checkpoint, write_to, int(max_to_keep))
 
     def restore(self):
-        """Loads the last checkpoint in `directory`, if any; returns the number of finished epochs."""
+        """Loads the last checkpoint in `directory`, if any; returns the number of finished epochs.
+
+        Raises: ValueError naming the checkpoint when the model is not the one it holds (other layers or shapes,
+            as when a file the run was built from, such as its encoder, has been replaced since).
+        """
         latest = tf.train.latest_checkpoint(self.directory)
         if latest is not None:
-            self._checkpoint.restore(latest).assert_existing_objects_matched()
+            try:
+                self._checkpoint.restore(latest).assert_existing_objects_matched()
+            except (AssertionError, ValueError) as error:  # TF's message goes on to list whole weight arrays
+                raise ValueError(f"{latest}: holds another model than this run's, so it cannot resume (was a file "
+                                 f"it was built from, such as its encoder, replaced since?): "
+                                 f"{first_line(error).split('. ')[0]}") from None
         return int(self.epochs.numpy())
 
     def on_epoch_end(self, epoch, logs=None):

@@ -91,7 +91,7 @@ def _given_settings(args):
     given = {key: getattr(args, key) for key in SETTINGS if key not in _OPTION_OF_SETTING}
     given.update(use_bias=False if args.no_bias else None, synth_kwargs=args.synth)
     init = given.get("init")
-    if init is not None and init not in PRETRAINED_NAMES and os.path.exists(init):  # absolute, as train-seg's paths
+    if init is not None and init not in PRETRAINED_NAMES:  # absolute, as train-seg's paths (also once deleted)
         given["init"] = os.path.abspath(init)
     return json.loads(json.dumps({key: value for key, value in given.items() if value is not None}))
 

@@ -331,6 +331,9 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
             if vxm_kwargs.get(key, 1) > min(inshape):
                 raise ValueError(f"registration_model: {key} {vxm_kwargs[key]} is coarser than the {inshape} images: "
                                  f"the field would have no voxel along their shortest axis")
+            if any(size % vxm_kwargs.get(key, 1) for size in inshape):  # else the resized field misses voxels
+                raise ValueError(f"registration_model: {key} {vxm_kwargs[key]} does not divide the {inshape} images: "
+                                 f"pad or crop them, or give a {key} that divides them")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
                          "levels (shorter nb_unet_features lists, or nb_unet_levels; in cifl train-reg, "

@@ -116,6 +116,17 @@ def test_restore_without_a_checkpoint_starts_at_epoch_zero_and_needs_a_compiled_
     assert checkpoint.EpochCheckpoint(tmp_path / "none", model, max_to_keep=np.int64(1)).restore() == 0
 
 
+@pytest.mark.parametrize("widths", [(8, 1), (4, 1, 1)])  # weights of another shape, or a layer more
+def test_restore_refuses_in_one_line_a_checkpoint_of_another_model(tmp_path, widths):
+    tiny_run(tmp_path, epochs=1)
+    model = tf.keras.Sequential([tf.keras.Input((3,))] + [tf.keras.layers.Dense(width) for width in widths])
+    model.compile("adam", "mse")
+    with pytest.raises(ValueError, match=r"ckpt-1: holds another model than this run's, so it cannot resume \(was a "
+                                         r"file it was built from, such as its encoder, replaced since\?\)") as error:
+        checkpoint.EpochCheckpoint(tmp_path, model).restore()
+    assert "\n" not in str(error.value) and len(str(error.value)) < 400
+
+
 def prepare(run, settings, resume):
     checkpoint.prepare_run(run, settings, resume, finished_file="model.keras", checkpoint_dir="checkpoints")
 

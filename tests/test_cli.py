@@ -311,6 +311,7 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     ("train-reg", [*TINY_TRAIN, "--seed", "-1"], r"--seed must be null or an integer in \[0, 2\*\*32\), got -1"),
     ("train-seg", [*TINY_TRAIN, "--seed", str(2 ** 32)], r"--seed must be .* got 4294967296"),
     ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"], r"svf_resolution 32 is coarser than the \(16, 20\) images"),
+    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "3"], r"svf_resolution 3 does not divide the \(16, 20\) images"),
     ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),
     ("train-seg", [*TINY_TRAIN, "--encoder", ""], r"no such file ''"),  # an unset variable is not the baseline
     ("train-reg", [*TINY_TRAIN, "--encoder", "{files}/encoder3d.weights.h5"],

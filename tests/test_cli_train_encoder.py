@@ -109,6 +109,9 @@ def test_an_init_path_is_kept_absolute(tmp_path, monkeypatch):
     (tmp_path / "first.weights.h5").touch()
     assert cli.main(["train-encoder", "--init", "first.weights.h5", "--out", "run"]) == 0
     assert trained["init"] == str(tmp_path / "first.weights.h5")
+    # and once it is gone, as a run that has checkpointed needs it no more: --resume may still repeat the option
+    assert cli.main(["train-encoder", "--init", "gone.weights.h5", "--out", "run3"]) == 0
+    assert trained["init"] == str(tmp_path / "gone.weights.h5")
     (tmp_path / "tau_gamma_1").mkdir()  # a folder named as a shipped encoder: the name still means the shipped one
     assert cli.main(["train-encoder", "--init", "tau_gamma_1", "--out", "run2"]) == 0
     assert trained["init"] == "tau_gamma_1"
@@ -128,7 +131,7 @@ def test_an_init_path_is_kept_absolute(tmp_path, monkeypatch):
     (["--local-normalization", "-1", "--out", "{empty}"], "local_normalization must be None or a positive sigma"),
     (["--pixel-contrast", "-1", "--out", "{empty}"], "pixel_contrast must be a non-negative number, got -1.0"),
     (["--tau-gamma", "0", "--out", "{empty}"], "tau_gamma must be a positive number, got 0.0"),
-    (["--init", "nowhere", "--out", "{empty}"], "init 'nowhere' is none of the shipped encoders (tau_gamma_1, "),
+    (["--init", "nowhere", "--out", "{empty}"], "nowhere' is none of the shipped encoders (tau_gamma_1, "),
     (["--init", "tau_gamma_1", "--features", "8", "--out", "{empty}"],
      "init 'tau_gamma_1': its encoder differs from the run's in features 32 (the run's 8)"),
     (["--out", "{run}/settings.json"], "is not a folder"),

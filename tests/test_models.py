@@ -418,6 +418,9 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      r"svf_resolution 64 is coarser than the \(32, 32\) images: the field would have no voxel"),
     (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=33), ValueError,
      r"int_resolution 33 is coarser than the \(32, 32\) images"),
+    *[(lambda e, key=key: cifl_tf.registration_model(SHAPE, **{key: 3}), ValueError,
+       rf"{key} 3 does not divide the \(32, 32\) images: pad or crop them, or give a {key} that divides them")
+      for key in ("int_resolution", "svf_resolution")],
     *[(lambda e, key=key: cifl_tf.registration_model(SHAPE, **{key: None}), ValueError,
        f"{key} must be an integer >= ., got None") for key in ("int_resolution", "int_steps")],
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=None), ValueError,

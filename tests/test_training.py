@@ -190,6 +190,19 @@ def test_a_2d_run_starts_from_its_init_encoder_and_resumes_from_its_backup_witho
     assert [epoch for epoch, _ in log_rows(str(tmp_path / "run"))] == [0, 1]
 
 
+def test_a_run_refuses_to_start_from_the_encoder_it_would_write_over(tmp_path, monkeypatch):
+    """It removed that encoder's weights at its start, and a resume before its first checkpoint then had no init."""
+    run = tmp_path / "run"
+    run.mkdir()
+    saved_context_encoder(run / "encoder.weights.h5")
+    monkeypatch.chdir(tmp_path)
+    for init in (run, run / "encoder.weights.h5", str(run / "encoder.json"), "run/encoder.weights.h5", "./run"):
+        with pytest.raises(ValueError, match=f"init {str(init)!r} is the encoder in out_dir '.*run', which the run "
+                                             f"writes over: copy it to another folder first, or choose another"):
+            train_encoder(shape=(16, 16), steps=1, init=init, out_dir=run, **TINY_INIT_RUN)
+    assert sorted(os.listdir(run)) == ["encoder.json", "encoder.weights.h5"]  # nothing written, nothing removed
+
+
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_init_encoder(tmp_path):
     flat = saved_context_encoder(tmp_path / "flat.weights.h5")
     settings = dict(shape=(16, 16), steps=1, init=str(tmp_path / "flat.weights.h5"), out_dir=str(tmp_path / "run"),
