@@ -103,7 +103,7 @@ def _voxels(path, image):
     A .gz file is decompressed in one pass to the end of its stream, so that gzip checks its length and
     CRC: nibabel alone stops once it has the voxels, and would take a file cut inside its trailer.
     """
-    if not path.endswith(".gz"):
+    if not path.lower().endswith(".gz"):  # nibabel's own test of the name: X.NII.GZ is gzipped too
         return np.asanyarray(image.dataobj)
     with gzip.open(path) as stream:
         voxels = np.asanyarray(type(image).from_stream(stream).dataobj)

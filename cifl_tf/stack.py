@@ -47,8 +47,10 @@ class FeatureStack(KL.Layer):
             raise ValueError(f"FeatureStack: describers must be a list of two or more describer layers, "
                              f"got {describers!r}")
         describers = [deserialize_layer(d) if isinstance(d, dict) else d for d in describers]
-        if len({id(d) for d in describers}) < len(describers):  # its weights would be saved once, loaded twice
-            raise ValueError(f"FeatureStack: a describer appears twice, "
+        # a layer in two describers (an encoder in two Triplanars) would be saved once and loaded as two
+        layers = [{id(d), *map(id, getattr(d, "submodules", ()))} for d in describers]
+        if sum(map(len, layers)) > len(set().union(*layers)):
+            raise ValueError(f"FeatureStack: a describer, or a layer inside one, appears twice in "
                              f"{[getattr(d, 'name', d) for d in describers]}: stack different layers")
         for describer in describers:
             tiling.check_layer(describer)

@@ -138,9 +138,9 @@ def _write(path, content):
     return path
 
 
-def _truncated_gzip(folder, keep):
+def _truncated_gzip(folder, keep, name="truncated.nii.gz"):
     whole = gzip.compress(_good_bytes())
-    return _write(folder / "truncated.nii.gz", whole[:keep(len(whole))])
+    return _write(folder / name, whole[:keep(len(whole))])
 
 
 def _with_dims(dims):
@@ -187,6 +187,8 @@ BAD_NIFTI = {
     "truncated gzip, half": lambda d: (_truncated_gzip(d, lambda n: n // 2), UNREADABLE),
     "truncated gzip, header only": lambda d: (_truncated_gzip(d, lambda n: 10), UNREADABLE),
     "truncated gzip, trailer cut": lambda d: (_truncated_gzip(d, lambda n: n - 6), UNREADABLE),
+    # nibabel reads any case of .gz as gzip
+    "truncated gzip, trailer cut, .NII.GZ": lambda d: (_truncated_gzip(d, lambda n: n - 6, "CUT.NII.GZ"), UNREADABLE),
     "gzip of junk": lambda d: (_write(d / "junk.nii.gz", gzip.compress(os.urandom(2000))), UNREADABLE),
     "truncated .nii voxels": lambda d: (_write(d / "short.nii", _good_bytes()[:400]), UNREADABLE),
     "header only .nii": lambda d: (_raw(d / "bare.nii", _header()), UNREADABLE),

@@ -112,10 +112,16 @@ def test_describers_of_the_same_names_are_copies_with_names_of_their_own():
     (["ONE"], ValueError, r"describers must be a list of two or more describer layers"),
     (["ENCODER", "a string"], TypeError, r"expected a Keras layer with ndim .* got str"),
     (["ENCODER", "MIND3"], ValueError, r"describers must all be 2D or all 3D, got ndims \[2, 3\]"),
-    (["ENCODER", "ONE"], ValueError, r"a describer appears twice"),  # saved once, it would not load
+    (["ENCODER", "ONE"], ValueError, r"a describer, or a layer inside one, appears twice"),  # saved once, it would
+    # not load; nor would an encoder inside two describers, unbuilt (built, its weights' names once made a copy)
+    (["TRIPLANAR", "TRIPLANAR2"], ValueError, r"a describer, or a layer inside one, appears twice in \['triplanar"),
+    (["ENCODER3", "STACK"], ValueError, r"a describer, or a layer inside one, appears twice"),
 ])
 def test_rejects_what_is_not_two_describers_of_one_ndim(encoder, bad, error, message):
-    names = {"ONE": encoder, "ENCODER": encoder, "MIND3": MIND(ndim=3)}
+    flat, solid = CIFLEncoder(channels=3, features=4), CIFLEncoder(channels=3, features=4, ndim=3)  # unbuilt
+    names = {"ONE": encoder, "ENCODER": encoder, "MIND3": MIND(ndim=3), "ENCODER3": solid,
+             "TRIPLANAR": Triplanar(flat), "TRIPLANAR2": Triplanar(flat, name="other"),
+             "STACK": FeatureStack([solid, MIND(ndim=3)])}
     bad = [names.get(item, item) for item in bad] if isinstance(bad, list) else bad
     with pytest.raises(error, match=message):
         FeatureStack(bad)
