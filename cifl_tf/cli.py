@@ -455,17 +455,24 @@ def _start_run(args, checks=TRAIN_CHECKS):
     tf.keras.utils.set_random_seed(args.seed)
 
 
-def _train_run(args, model, batches, steps_per_epoch, setting_defaults=None, **fit_kwargs):
+SUBJECTS_FILE = "subjects.json"  # a run's split, by subject: evaluate checks that what it scores was held out
+
+
+def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=None, **fit_kwargs):
     """Fits `model` in --out, resumable, then writes --out/model.keras.
 
-    --out holds settings.json, checkpoints/ (weights, optimizer and epoch, saved at each epoch end),
-    and log.csv; --resume continues from the last checkpoint. `batches(first_epoch)` is the training
+    --out holds settings.json, subjects.json (the subjects of each part of `parts`, the split), checkpoints/
+    (weights, optimizer and epoch, saved at each epoch end), and log.csv; --resume continues from the last
+    checkpoint. `batches(first_epoch)` is the training
     dataset from that epoch on, a pure function of --seed and the step, so that a resumed run trains
     on the same batches as one that ran through. `setting_defaults`: {setting: value} for settings that
     runs of earlier versions did not write, with the value those runs used.
     """
     checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints",
                            defaults=setting_defaults)
+    if not args.resume:
+        data.write_json(os.path.join(args.out, SUBJECTS_FILE),
+                        {name: list(parts[name].subjects) for name in ("train", "val", "test")})
     saver = checkpoint.EpochCheckpoint(os.path.join(args.out, "checkpoints"), model)
     first_epoch = saver.restore()
     log = checkpoint.epoch_log(os.path.join(args.out, "log.csv"), first_epoch, args.resume)
@@ -479,7 +486,8 @@ def _train_seg(args):
     dataset = _dataset(args, args.contrast, args.dim)
     nb_labels = _consecutive_labels(dataset, args.data) if args.nb_labels is None else args.nb_labels
     _check_labels(dataset, nb_labels, args.data)
-    train, val = _part(dataset, args, "train"), _parts(dataset, args)["val"]
+    parts = _parts(dataset, args)
+    train, val = _part(dataset, args, "train"), parts["val"]
     encoder = encoder_from_args(args, args.dim, _images_of(args))
     model = models.segmentation_model(train.images.shape[1:], nb_labels, encoder, loss=args.loss,
                                       learning_rate=args.learning_rate, nb_features=args.nb_features,
@@ -489,7 +497,8 @@ def _train_seg(args):
         return part.images[..., np.newaxis], tf.keras.utils.to_categorical(part.labels, nb_labels)
 
     images_labels = arrays(train)
-    _train_run(args, model, lambda first: checkpoint.epoch_batches(images_labels, args.batch_size, args.seed, first),
+    _train_run(args, model, parts, lambda first: checkpoint.epoch_batches(images_labels, args.batch_size, args.seed,
+                                                                          first),
                math.ceil(len(train) / args.batch_size), validation_data=arrays(val) if len(val) else None)
 
 
@@ -504,7 +513,8 @@ def _train_reg(args):
         raise ValueError("--nb-levels sets the levels of the UNet of --nb-features; give both, or neither for "
                          "VxmDense's own UNet")
     _start_run(args)
-    train = _part(_dataset(args, args.contrast, args.dim), args, "train")
+    dataset = _dataset(args, args.contrast, args.dim)
+    parts, train = _parts(dataset, args), _part(dataset, args, "train")
     if len(train) < 2:  # checked before the run folder is written, which would block the corrected command
         raise data.DataError(f"{args.data}: registration training pairs two or more images of the train part, "
                              f"which holds {len(train)}: choose --split (e.g. 2,0,0 for two subjects)")
@@ -518,17 +528,35 @@ def _train_reg(args):
                                       learning_rate=args.learning_rate, int_steps=args.int_steps,
                                       svf_resolution=args.svf_resolution, **unet)
     images = train.images[..., np.newaxis]
-    _train_run(args, model, lambda first: models.pair_batches(images, args.batch_size, args.seed,
+    _train_run(args, model, parts, lambda first: models.pair_batches(images, args.batch_size, args.seed,
                                                               first * args.steps_per_epoch),
                args.steps_per_epoch, setting_defaults=REG_SETTING_DEFAULTS)
+
+
+def _run_folder(args):
+    """The run folder of evaluate's --model: the folder given, or the one of the model file given."""
+    return args.model if os.path.isdir(args.model) else os.path.dirname(args.model) or "."
+
+
+def _run_of(args):
+    """The run folder of evaluate's --model and its settings ({} if it has none)."""
+    run = _run_folder(args)
+    return run, checkpoint.read_settings(run) if os.path.isfile(os.path.join(run, checkpoint.SETTINGS_FILE)) else {}
+
+
+def _trained_on_the_data(args, trained):
+    return bool(trained.get("data")) and os.path.realpath(trained["data"]) == os.path.realpath(args.data)
 
 
 def _split_of_the_run(args):
     """Sets evaluate's --split and --seed to those the model's run trained with where it trained on --data, so
     that the test part is the one its training held out; ValueError for options that differ from them."""
-    run = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
-    trained = checkpoint.read_settings(run) if os.path.isfile(os.path.join(run, checkpoint.SETTINGS_FILE)) else {}
-    if trained.get("data") and os.path.realpath(trained["data"]) == os.path.realpath(args.data):
+    run, trained = _run_of(args)
+    if _trained_on_the_data(args, trained):
+        missing = [key for key in ("split", "seed") if key not in trained]
+        if missing:
+            raise ValueError(f"{os.path.join(run, checkpoint.SETTINGS_FILE)}: holds no {' or '.join(missing)}: not "
+                             f"the settings of a cifl training run")
         for key in ("split", "seed"):
             given = json.loads(json.dumps(getattr(args, key)))  # as settings.json holds it
             if given is None:
@@ -545,12 +573,37 @@ def _split_of_the_run(args):
         args.seed = 0
 
 
+def _check_held_out(args, scored):
+    """DataError when the scored --part holds subjects that the model's run trained (or, for test, validated) on:
+    the run's split of --data, by subject (subjects.json), and the folder's now differ, as when subjects were added."""
+    run, trained = _run_of(args)
+    split_file = os.path.join(run, SUBJECTS_FILE)
+    if args.part in ("val", "test") and _trained_on_the_data(args, trained) and os.path.isfile(split_file):
+        split = data.read_json(split_file)
+        if not isinstance(split, dict):
+            raise ValueError(f"{split_file}: expected an object of the subjects of each part, got "
+                             f"{type(split).__name__}")
+        seen = set(split.get("train", [])) | (set(split.get("val", [])) if args.part == "test" else set())
+        leaked = sorted(set(scored.subjects) & seen)
+        if leaked:
+            raise data.DataError(f"{args.data}: its {args.part} part now holds subjects that {run} trained on "
+                                 f"({', '.join(map(str, leaked[:3]))}{', ...' if len(leaked) > 3 else ''}): its "
+                                 f"subjects have changed since that run split them ({split_file})")
+
+
 def _evaluate(args):
+    _check_options(args, {"seed": SETTINGS["seed"]})
     if args.json:
         _output_file(args.json)
+        read = [args.data, args.model, *(os.path.join(_run_folder(args), name) for name in
+                                         (models.MODEL_FILE, checkpoint.SETTINGS_FILE, SUBJECTS_FILE))]
+        if os.path.realpath(args.json) in map(os.path.realpath, read):
+            raise ValueError(f"--json {args.json}: is a file this evaluation reads (--data, the model, or its run's "
+                             f"{checkpoint.SETTINGS_FILE} or {SUBJECTS_FILE}): choose another file")
     _split_of_the_run(args)
     model = models.load_model(args.model)
     fixed = _part(_dataset(args, args.contrast, len(model.inshape)), args, args.part)
+    _check_held_out(args, fixed)
     if fixed.images.shape[1:] != tuple(model.inshape):
         raise data.DataError(f"{args.data}: its images are {fixed.images.shape[1:]}, the model {args.model} "
                              f"takes {tuple(model.inshape)}")
@@ -590,7 +643,8 @@ def _add_data_args(p, part=True):
 def _add_train_args(p, epochs, batch_size, learning_rate):
     _add_data_args(p, part=False)
     p.add_argument("--out", required=True,
-                   help="output folder: model.keras, log.csv, settings.json and checkpoints/ (for --resume)")
+                   help="output folder: model.keras, log.csv, settings.json, subjects.json (the split) and checkpoints/ "
+                        "(for --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last finished epoch (same arguments)")
     _add_encoder_args(p)

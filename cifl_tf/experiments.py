@@ -9,7 +9,6 @@ saw (and on T1, for reference). The scripts in ``experiments/`` and ``cifl demo`
 """
 import argparse
 import csv
-import json
 import math
 import os
 
@@ -17,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data
-from .data import write_json
+from .data import read_json, write_json
 from .descriptors import MIND
 from .checkpoint import SETTINGS_FILE, epoch_batches
 from .encoder import PRETRAINED_TAU_GAMMAS, encoder_model, load_encoder, pretrained, pretrained_info
@@ -197,6 +196,10 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
     if data_dir is None and split is not None:
         raise ValueError(f"split {split!r} needs a data folder: the demo data is always split half/half")
     if data_dir is None:
+        least = 2 if task == "Segmentation" else 4  # registration pairs two training and two test subjects
+        if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < least:
+            raise ValueError(f"subjects must be an integer >= {least} for the {task.lower()} row {row} (half train, "
+                             f"half test), got {subjects!r}")
         from . import demo_data  # needs nilearn: imported only for demo data
         demo = demo_data.demo_dataset(n_subjects=subjects, seed=seed)
         train, test = np.arange(subjects // 2), np.arange(subjects // 2, subjects)
@@ -234,9 +237,10 @@ def _folder_row_data(row, data_dir, split, seed):
         raise ValueError(f"{data_dir}: every label map is background (0) only: there is nothing to score")
     parts = {c: _train_test(dataset, split, seed, data_dir) for c, dataset in contrasts.items()}
     train = parts["t1"][0]
-    if row.startswith("reg") and len(parts["t1"][1]) < 2:
-        raise ValueError(f"{data_dir}: registration needs at least 2 test subjects to pair, the split {split} "
-                         f"leaves {len(parts['t1'][1])}")
+    for part, name in ((1, "test"), (0, "training")):
+        if row.startswith("reg") and len(parts["t1"][part]) < 2:  # checked before any encoder trains
+            raise ValueError(f"{data_dir}: registration needs at least 2 {name} subjects to pair, the split {split} "
+                             f"leaves {len(parts['t1'][part])}")
     return ((train.images, train.labels), {c: (test.images, test.labels) for c, (_, test) in parts.items()},
             parts["t1"][1].subjects)
 
@@ -262,7 +266,9 @@ def run_row(row, methods, inputs, size="demo", seed=0, epochs=None, verbose=1):
     sizes = SIZES[size]
     train, tests, _ = inputs
     if ROWS[row][0] == "Segmentation":
-        return segmentation_row(train, tests, nb_labels=int(train[1].max()) + 1, methods=methods,
+        # labels of the test maps too: one absent from the training maps would not be scored
+        nb_labels = 1 + int(max(np.max(labels) for _, labels in [train, *tests.values()]))
+        return segmentation_row(train, tests, nb_labels=nb_labels, methods=methods,
                                 epochs=sizes["seg_epochs"] if epochs is None else epochs, seed=seed, verbose=verbose)
     return registration_row(train, tests, methods, epochs=sizes["reg_epochs"] if epochs is None else epochs,
                             steps_per_epoch=sizes["reg_steps"], seed=seed, verbose=verbose,
@@ -281,9 +287,8 @@ def save_row(out_dir, row, results, names, settings=None):
     os.makedirs(out_dir, exist_ok=True)
     summary = {name: {test: {**scores.summary(), "per_image_dice": scores.mean_dice.tolist()}
                       for test, scores in tests.items()} for name, tests in results.items()}
-    with open(os.path.join(out_dir, f"{row}.json"), "w") as f:
-        json.dump({"row": row, "settings": settings or {}, "images": list(names), "results": summary}, f, indent=2,
-                  default=float)
+    write_json(os.path.join(out_dir, f"{row}.json"),
+               {"row": row, "settings": settings or {}, "images": list(names), "results": summary})
     with open(os.path.join(out_dir, f"{row}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "test", "image", "subjects", "dice"])
@@ -382,7 +387,7 @@ def main(rows, argv=None):
             table[row], _ = run_row(row, compared, row_inputs[row], size, args.seed, args.epochs)
             save_row(args.out, row, table[row], row_inputs[row][2], settings)
             print(row_text(row, table[row]), "\n" + row_text(row, table[row], "t1"), flush=True)
-    except (ValueError, OSError) as error:  # bad data or arguments: one line, no traceback
+    except (ValueError, OSError, ImportError) as error:  # bad data or arguments, or no nilearn: one line
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     ours = [source, f"{size} settings", f"{settings['encoders']} encoders"]
     if args.epochs is not None:
@@ -404,8 +409,8 @@ def _check_replaces_its_own(out_dir, row, source):
     path = os.path.join(out_dir, f"{row}.json")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        earlier = json.load(f).get("settings", {}).get("data")  # None: written before settings were kept
+    earlier = read_json(path)
+    earlier = earlier.get("settings", {}).get("data") if isinstance(earlier, dict) else None  # None: kept no settings
     if earlier not in (None, source):
         raise ValueError(f"{path} holds the row's results on {earlier}, which this run on {source} would replace: "
                          f"choose another --out")
@@ -476,10 +481,10 @@ def defaults_main(argv=None):
 
         _start_run(args, DEFAULTS_CHECKS)  # before the data are read and the models trained, not after; seeds them
         train, test, pairs = defaults_data(args.data)
+        model = registration_model(train.images.shape[1:], **overrides)  # the overrides checked against the data
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     identity = label_overlap(pairs[2], pairs[3])
-    model = registration_model(train.images.shape[1:], **overrides)
     model.fit(pair_batches(_channel_last(train.images), args.batch_size, args.seed), epochs=1,
               steps_per_epoch=args.steps, verbose=2)
     registered = evaluate_registration(model, pairs[0], pairs[1], pairs[2], pairs[3])

@@ -195,6 +195,45 @@ def test_train_seg_then_evaluate_on_a_data_folder(oasis_tiny, tmp_path, capsys):
     assert status == 2 and err.count("\n") == 1 and "missing: no such folder" in err, err
 
 
+def test_evaluate_refuses_a_test_part_that_now_holds_subjects_the_run_trained_on(oasis_tiny, tmp_path, capsys):
+    """Subjects added to --data after training change its split: its test part may then hold trained subjects."""
+    run_dir = tmp_path / "seg"
+    status, _, _ = run(capsys, "train-seg", "--data", oasis_tiny, "--out", run_dir, "--epochs", 1, "--split", "2,1,1",
+                       *TINY_TRAIN)
+    split = json.loads((run_dir / "subjects.json").read_text())
+    assert status == 0 and [len(split[part]) for part in ("train", "val", "test")] == [2, 1, 1]
+    assert sorted(sum(split.values(), [])) == sorted(path.name for path in oasis_tiny.iterdir())
+    outcomes = []
+    for added in range(5, 9):
+        shutil.copytree(oasis_tiny / "OASIS_OAS1_0001_MR1", oasis_tiny / f"OASIS_OAS1_{added:04d}_MR1")
+        test = data.split_subjects([path.name for path in oasis_tiny.iterdir()], (2, 1, 1), seed=0)[2]
+        leaked = set(test) & {*split["train"], *split["val"]}
+        status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny)
+        assert status == (2 if leaked else 0), err
+        if leaked:
+            assert err.count("\n") == 1 and f"its test part now holds subjects that {run_dir} trained on " \
+                f"({', '.join(sorted(leaked))}): its subjects have changed since that run split them" in err, err
+        outcomes.append(bool(leaked))
+    assert True in outcomes  # the folders added made the case at least once
+
+
+def test_evaluate_refuses_to_write_its_json_over_a_file_it_reads(oasis_tiny, tmp_path, capsys):
+    run_dir = tmp_path / "seg"
+    assert run(capsys, "train-seg", "--data", oasis_tiny, "--out", run_dir, "--epochs", 1, "--split", "2,1,1",
+               *TINY_TRAIN)[0] == 0
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("".join(f"{folder}/slice_norm.nii.gz,{folder}/slice_seg4.nii.gz\n"
+                             for folder in sorted(oasis_tiny.iterdir())))
+    for data_path, written in ((oasis_tiny, run_dir / "model.keras"), (oasis_tiny, run_dir / "settings.json"),
+                               (oasis_tiny, run_dir / "subjects.json"), (pairs, pairs)):
+        before = written.read_bytes()
+        status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", data_path, "--json", written)
+        assert status == 2 and err.count("\n") == 1 and f"--json {written}: is a file this evaluation reads" in err
+        assert written.read_bytes() == before
+    status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, "--seed", -1)
+    assert status == 2 and "--seed must be null or an integer in [0, 2**32), got -1" in err, err
+
+
 def test_train_seg_on_encoder_features_keeps_the_encoder_weights(files, oasis_tiny, tmp_path, capsys):
     status, _, _ = run(capsys, "train-seg", "--data", oasis_tiny, "--out", tmp_path, "--epochs", 1,
                        "--encoder", files / "encoder.weights.h5", *TINY_TRAIN)

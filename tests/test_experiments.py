@@ -124,6 +124,8 @@ def test_row_data_from_an_ixi_folder_pairs_t1_with_t2(tmp_path):
 
 @pytest.mark.parametrize("row, split, message", [
     ("reg_oasis_t1_inverted", (2, 1, 1), "registration needs at least 2 test subjects"),
+    ("reg_oasis_t1_inverted", (1, 0, 3), "registration needs at least 2 training subjects to pair, the split "
+                                         r"\(1, 0, 3\) leaves 1"),  # found before the encoders train
     ("seg_inverted_oasis", (0, 0, 4), r"leaves 0 for training and 4 for testing; give --split all \(split='all'\)"),
     ("seg_inverted_oasis", (3, 3, 3), r"--split 3,3,3 needs 9 subjects, .*oasis holds 4"),  # the option, not Python's
     ("no_such_row", None, "row must be one of"),
@@ -133,6 +135,51 @@ def test_row_data_from_an_ixi_folder_pairs_t1_with_t2(tmp_path):
 def test_row_data_rejects(oasis_tiny, row, split, message):
     with pytest.raises(ValueError, match=message):
         experiments.row_data(row, oasis_tiny, split=split)
+
+
+@pytest.mark.parametrize("row, subjects", [("reg_oasis_t1_inverted", 3), ("reg_oasis_t1_inverted", 2),
+                                           ("seg_inverted_oasis", 1), ("seg_inverted_oasis", 2.0)])
+def test_row_data_refuses_too_few_demo_subjects(row, subjects):
+    """Two gave the pair of a subject with itself, one an empty training set."""
+    least = 4 if row.startswith("reg") else 2
+    with pytest.raises(ValueError, match=rf"subjects must be an integer >= {least} for the .* row {row} \(half "
+                                         rf"train, half test\), got {subjects!r}"):
+        experiments.row_data(row, subjects=subjects)
+
+
+def test_a_segmentation_row_has_a_class_for_each_label_of_the_test_maps_too(monkeypatch):
+    classes = []
+    monkeypatch.setattr(experiments, "segmentation_row", lambda *args, nb_labels, **kwargs: classes.append(nb_labels))
+    labels = np.zeros((2, 4, 4), np.int32)
+    experiments.run_row("seg_inverted_oasis", {}, ((None, labels + 2), {"t1": (None, labels + 4)}, []))
+    assert classes == [5]
+
+
+def test_rows_stop_in_one_line_without_nilearn_or_with_a_damaged_row_file(tmp_path, monkeypatch, capsys):
+    def no_nilearn(*args):
+        raise ModuleNotFoundError("No module named 'nilearn'")
+
+    monkeypatch.setattr(experiments, "row_data", no_nilearn)
+    for damaged in (False, True):
+        if damaged:  # as a run killed while writing it once left it
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out" / "seg_inverted_oasis.json").write_text('{"row": "seg_in')
+        with pytest.raises(SystemExit) as exited:
+            experiments.main(["seg_inverted_oasis"], ["--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1, err
+        assert (f"{tmp_path / 'out' / 'seg_inverted_oasis.json'}: not valid JSON" if damaged else
+                "No module named 'nilearn'") in err
+
+
+def test_defaults_script_checks_the_vxm_options_against_the_data_before_training(tmp_path, monkeypatch, capsys):
+    images = types.SimpleNamespace(images=np.zeros((3, 16, 20), np.float32), labels=np.zeros((3, 16, 20), np.int32))
+    monkeypatch.setattr(experiments, "defaults_data", lambda folder: (images, images, (None,) * 4))
+    monkeypatch.setattr(experiments, "pair_batches", _no_work)
+    with pytest.raises(SystemExit) as exited:
+        experiments.defaults_main(["--data", str(tmp_path), "--svf-resolution", "3", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "svf_resolution 3 does not divide the (16, 20)" in err
 
 
 def test_row_data_rejects_a_split_of_the_demo_data():
