@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 
+import h5py
 import numpy as np
 
 import tensorflow as tf
@@ -377,7 +378,7 @@ def load_encoder(path, trainable=False):
     name of its own, as a new one does (cifl_encoder, cifl_encoder_1, ...), so that several fit in one model.
     Raises: FileNotFoundError for a missing file; ValueError naming the file for a file that is no .h5 weights
         file (a model.keras, an encoder.json), a config that is not a valid CIFLEncoder's (or Triplanar's or
-        FeatureStack's), or weights that do not load into it (damaged, or of other shapes).
+        FeatureStack's), or weights that do not load into it (damaged, of other shapes, or more of them).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -404,17 +405,35 @@ def load_encoder(path, trainable=False):
         config = {**config, "config": {k: v for k, v in config["config"].items() if k != "name"}}
     try:
         encoder = tf.keras.utils.deserialize_keras_object(config)
-    except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"{config_path}: not a valid {kind} config ({first_line(error)})") from None
+    except (ValueError, TypeError, KeyError) as error:  # Keras's own error names no cause: the one it caught does
+        raise ValueError(f"{config_path}: not a valid {kind} config ({first_line(error.__context__ or error)})"
+                         ) from None
     if not isinstance(encoder, tf.keras.layers.Layer):  # a config without its "config" or "class_name"
         raise ValueError(f"{config_path}: not a valid {kind} config (it gives a {type(encoder).__name__})")
+    model = encoder_model(encoder)
     try:
-        encoder_model(encoder).load_weights(path)
+        model.load_weights(path)
+        stored = _stored_weight_count(path)
     except (ValueError, OSError, RuntimeError, KeyError) as error:  # h5py: RuntimeError, KeyError if damaged
         raise ValueError(f"{path}: weights do not load into the encoder of {config_path} "
                          f"({first_line(error)})") from None
+    if stored not in (None, len(model.weights)):  # Keras loads the weights it finds and says nothing of the rest
+        raise ValueError(f"{path}: weights do not load into the encoder of {config_path} (the file holds "
+                         f"{stored} weights, the encoder has {len(model.weights)}: another encoder's weights?)")
     encoder.trainable = trainable
     return encoder
+
+
+def _stored_weight_count(path):
+    """The variables of its layers that a .weights.h5 file holds (its optimizer's and metrics' aside); None for a
+    legacy .h5 file, whose loader counts them itself."""
+    with h5py.File(path, "r") as weights:
+        if "layers" not in weights:
+            return None
+        datasets = []
+        weights["layers"].visititems(lambda name, item: datasets.append(name) if isinstance(item, h5py.Dataset)
+                                     else None)
+    return len(datasets)
 
 
 def _config_path(weights_path):
@@ -468,7 +487,7 @@ def pretrained_log(tau_gamma=None, ndim=2):
 
 def _pretrained_name(tau_gamma, ndim):
     """The file name root of the shipped encoder `pretrained(tau_gamma, ndim)`; ValueError for none."""
-    if ndim not in (2, 3):
+    if isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)) or ndim not in (2, 3):
         raise ValueError(f"pretrained: ndim must be 2 or 3, got {ndim!r}")
     if tau_gamma is None:
         return PRETRAINED_RECOMMENDED[ndim]

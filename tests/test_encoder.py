@@ -167,6 +167,13 @@ def test_load_encoder_names_a_file_that_is_not_a_weights_file(tmp_path, name):
     (None, tf.keras.utils.serialize_keras_object(tf.keras.layers.Dense(3)), ValueError, "not describe a CIFLEncoder"),
     (None, {"config": {}}, ValueError, "not describe a CIFLEncoder"),
     (None, {"registered_name": "cifl_tf>CIFLEncoder"}, ValueError, r"encoder\.json: not a valid CIFLEncoder config"),
+    # the cause, not only Keras's "Error when deserializing"
+    (None, {"registered_name": "cifl_tf>CIFLEncoder", "class_name": "CIFLEncoder", "config": {"channels": 4.5}},
+     ValueError, r"encoder\.json: not a valid CIFLEncoder config \(CIFLEncoder: channels must be a positive integer, "
+                 r"got 4\.5\)"),
+    # another encoder's weights, more of them: Keras loaded those it found
+    ("CONTEXT", None, ValueError, r"encoder\.weights\.h5: weights do not load into the encoder of .*encoder\.json "
+                                  r"\(the file holds 20 weights, the encoder has 16: another encoder's weights\?\)"),
     ("HEAP", None, ValueError, r"encoder\.weights\.h5: weights do not load"),  # h5py's RuntimeError
 ])
 def test_load_encoder_errors(tmp_path, remove, config, error, message):
@@ -175,6 +182,10 @@ def test_load_encoder_errors(tmp_path, remove, config, error, message):
     if remove == "HEAP":  # a damaged local heap: zeros over its signature
         raw = weights.read_bytes()
         weights.write_bytes(raw.replace(b"HEAP", b"\0\0\0\0", 1))
+    elif remove == "CONTEXT":
+        save_encoder(CIFLEncoder(channels=2, features=4, architecture="context", dilations=(2, 4)),
+                     str(tmp_path / "context.weights.h5"))
+        weights.write_bytes((tmp_path / "context.weights.h5").read_bytes())
     elif remove:
         (tmp_path / remove).unlink()
     if config is not None:

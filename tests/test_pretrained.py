@@ -72,6 +72,8 @@ def test_two_shipped_encoders_fit_in_one_model_that_saves_and_loads(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(ndim=1), r"ndim must be 2 or 3, got 1"),
     (dict(ndim="3"), r"ndim must be 2 or 3, got '3'"),
+    (dict(ndim=3.0), r"ndim must be 2 or 3, got 3.0"),  # as CIFLEncoder refuses it
+    (dict(ndim=True), r"ndim must be 2 or 3, got True"),
     (dict(tau_gamma=0.1, ndim=4), r"ndim must be 2 or 3, got 4"),
     (dict(tau_gamma=0.5), r"tau_gamma must be None or one of \(1.0, 0.1, 0.01\), got 0.5"),
     (dict(tau_gamma=0.5, ndim=3), r"tau_gamma must be None or one of"),
