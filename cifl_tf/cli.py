@@ -375,6 +375,8 @@ def _split_sizes(text):
 def _dataset(args, contrast, dim):
     """The images of --data in `contrast` ("inverted": T1 with inverted contrast)."""
     source = "t1" if contrast == "inverted" else contrast
+    if not os.path.exists(args.data):  # a list file or a folder: either may be meant
+        raise data.DataError(f"{args.data}: no such file or folder")
     if os.path.isfile(args.data):
         if source != "t1":
             raise ValueError(f"{args.data}: a list of image,labels pairs has no contrast {contrast!r}")
@@ -586,7 +588,8 @@ def _check_held_out(args, scored):
         seen = set(split.get("train", [])) | (set(split.get("val", [])) if args.part == "test" else set())
         leaked = sorted(set(scored.subjects) & seen)
         if leaked:
-            raise data.DataError(f"{args.data}: its {args.part} part now holds subjects that {run} trained on "
+            raise data.DataError(f"{args.data}: its {args.part} part now holds subjects that {run} "
+                                 f"{'trained or validated' if args.part == 'test' else 'trained'} on "
                                  f"({', '.join(map(str, leaked[:3]))}{', ...' if len(leaked) > 3 else ''}): its "
                                  f"subjects have changed since that run split them ({split_file})")
 

@@ -15,6 +15,7 @@ Every bad input raises ``DataError``, with a one-line message that names the fil
 """
 import collections.abc
 import contextlib
+import csv
 import dataclasses
 import gzip
 import json
@@ -214,6 +215,8 @@ def resample_onto(path, grid_path, order=1, grid=None):
     grid, grid_affine, grid_header = load_nifti(grid_path) if grid is None else grid
     image, nifti = _read(path, grid.ndim, float32=order == 1)
     affine, header = nifti.affine, nifti.header
+    if order == 1:  # an integer scan too: interpolated values are not whole
+        image = image.astype(np.float32, copy=False)
     # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
     # in perpendicular planes
     if file_axes(header) == file_axes(grid_header) and np.allclose(affine, grid_affine):
@@ -664,6 +667,8 @@ class Dataset:
 
     def subset(self, subjects):
         """The entries of these subjects, in the dataset's order."""
+        if isinstance(subjects, str):  # would be taken letter by letter
+            raise ValueError(f"Dataset.subset: subjects must be a list of subjects, got the string {subjects!r}")
         unknown = set(subjects) - set(self.subjects)
         if unknown:
             raise ValueError(f"Dataset.subset: unknown subjects {sorted(unknown)}")
@@ -735,10 +740,12 @@ def _subject_folders(folder, subjects, prefix=""):
     """The requested subjects, or every subfolder starting with ``prefix``; DataError when none."""
     if isinstance(subjects, str):  # would be taken letter by letter
         raise ValueError(f"subjects must be a list of subject folder names, got the string {subjects!r}")
-    if subjects is None:
+    if subjects is None:  # links too: a dangling one fails naming itself rather than dropping its subject unsaid
         subjects = sorted(name for name in os.listdir(folder)
                           if name.startswith(prefix) and not name.startswith(".")
-                          and os.path.isdir(os.path.join(folder, name)))
+                          and (os.path.isdir(os.path.join(folder, name)) or os.path.islink(os.path.join(folder, name))))
+    if len(set(subjects)) != len(subjects):  # one subject twice would fall on both sides of a split
+        raise ValueError(f"subjects must name each subject folder once, got {list(subjects)!r}")
     if not subjects:
         raise DataError(f"{folder}: no {prefix}* subject folders")
     return list(subjects)
@@ -794,24 +801,32 @@ def load_ixi(folder, contrasts=("t1", "t2"), dim=3, labels=None, subjects=None):
 
 
 def _read_pair_list(path):
-    """(image, labels) paths from a text file of ``image,labels`` lines.
+    """(image, labels) paths from a text file of ``image,labels`` lines (CSV: fields may be quoted).
 
-    Relative paths are relative to the list's folder; blank lines, ``#`` comments and a first
-    line ``image,labels`` are skipped.
+    Relative paths are relative to the folder of the list file itself (a symbolic link to it is followed), and
+    every path is made absolute: the subjects are then the same files whichever folder the list is read from or
+    however it is named. Blank lines, ``#`` comments and a first line ``image,labels`` (of any case) are skipped.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    pairs = []
-    with open(path, encoding="utf-8-sig") as lines:  # -sig: a byte-order mark, as spreadsheets write, skipped
-        for number, line in enumerate(lines, 1):
-            fields = [field.strip() for field in line.split(",")]
-            is_header = number == 1 and fields == ["image", "labels"]
-            if not line.strip() or line.lstrip().startswith("#") or is_header:
-                continue
-            if len(fields) != 2 or not all(fields):
-                raise DataError(f"{path}:{number}: expected 'image,labels', got {line.strip()!r}")
-            pairs.append(tuple(os.path.join(os.path.dirname(path), field) for field in fields))
+    folder = os.path.dirname(os.path.realpath(path))
+    pairs, header_allowed = [], True
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as lines:  # -sig: a byte-order mark, as spreadsheets write
+            for number, line in enumerate(lines, 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                fields = [field.strip() for field in next(csv.reader([line], skipinitialspace=True))]
+                if header_allowed and [field.lower() for field in fields] == ["image", "labels"]:
+                    header_allowed = False
+                    continue
+                header_allowed = False
+                if len(fields) != 2 or not all(fields):
+                    raise DataError(f"{path}:{number}: expected 'image,labels', got {line.strip()!r}")
+                pairs.append(tuple(os.path.normpath(os.path.join(folder, field)) for field in fields))
+    except UnicodeDecodeError:  # a NIfTI image given as the list, or a UTF-16 file
+        raise DataError(f"{path}: not a UTF-8 text file of image,labels lines") from None
     if not pairs:
         raise DataError(f"{path}: no image,labels lines")
     return pairs

@@ -144,7 +144,7 @@ class MIND(KL.Layer):
     def distances(self, images):
         """D_p of the K pairs, (B, *spatial, K) float32, of images (B, *spatial, 1)."""
         self._check_images(images.shape)  # every call, not just the first: see tiling.check_images
-        if images.dtype.is_complex:  # the cast below would drop the imaginary part
+        if tf.as_dtype(images.dtype).is_complex:  # the cast below would drop the imaginary part
             raise TypeError(f"MIND(ndim={self.ndim}): images must be real intensities, got {images.dtype.name}")
         margin = self.dilation + self.patch_radius
         padded = tf.cast(images, tf.float32)

@@ -4,6 +4,22 @@ import numpy as np
 import voxelmorph as vxm
 
 
+def check_label_map(label_map, name):
+    """`label_map` as an array; ValueError naming it (`name`, e.g. "dice: labels_a") unless its values are labels:
+    integers, booleans, or whole finite floats (as a float NIfTI file stores them)."""
+    label_map = np.asarray(label_map)
+    if np.issubdtype(label_map.dtype, np.integer) or label_map.dtype == bool:
+        return label_map
+    if not np.issubdtype(label_map.dtype, np.floating):
+        raise ValueError(f"{name} must be an integer label map, got {label_map.dtype}")
+    # a linear resampling's fractions and NaN would be scored, or warped, by their rounded or cast values
+    fractional = label_map[~np.isfinite(label_map) | (label_map != np.round(label_map))]
+    if fractional.size:
+        raise ValueError(f"{name} must be an integer label map, got {fractional.size} {label_map.dtype} values that "
+                         f"are not whole, such as {fractional[:3].tolist()}")
+    return label_map
+
+
 def dice(labels_a, labels_b, labels=None):
     """Per-label Dice overlap 2 |A ∩ B| / (|A| + |B|) of two label maps.
 
@@ -13,19 +29,9 @@ def dice(labels_a, labels_b, labels=None):
 
     Returns: dict label -> Dice in [0, 1]; nan for a requested label absent from both maps.
     """
-    labels_a, labels_b = np.asarray(labels_a), np.asarray(labels_b)
+    labels_a, labels_b = check_label_map(labels_a, "dice: labels_a"), check_label_map(labels_b, "dice: labels_b")
     if labels_a.shape != labels_b.shape:
         raise ValueError(f"dice: label maps differ in shape, {labels_a.shape} vs {labels_b.shape}")
-    for name, label_map in (("labels_a", labels_a), ("labels_b", labels_b)):
-        if np.issubdtype(label_map.dtype, np.integer) or label_map.dtype == bool:
-            continue
-        if not np.issubdtype(label_map.dtype, np.floating):
-            raise ValueError(f"dice: {name} must be an integer label map, got {label_map.dtype}")
-        # whole floats (a map read from a float NIfTI) are labels; a linear resampling's fractions and NaN are not
-        fractional = label_map[~np.isfinite(label_map) | (label_map != np.round(label_map))]
-        if fractional.size:
-            raise ValueError(f"dice: {name} must be an integer label map, got {fractional.size} {label_map.dtype} "
-                             f"values that are not whole, such as {fractional[:3].tolist()}")
     present = np.union1d(labels_a, labels_b)
     labels = present[present != 0] if labels is None else np.asarray(list(labels))
     if np.any(labels != np.round(labels)):  # int() below would score 2.5 as label 2

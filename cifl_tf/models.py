@@ -30,6 +30,7 @@ from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
 from .losses import NCC
+from .metrics import check_label_map
 from .stack import FeatureStack
 from .synth import stream_options, stream_seed
 from .training import POSITIVE_NUMBER, as_json_holds, compile_for_fit
@@ -331,9 +332,6 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
             if vxm_kwargs.get(key, 1) > min(inshape):
                 raise ValueError(f"registration_model: {key} {vxm_kwargs[key]} is coarser than the {inshape} images: "
                                  f"the field would have no voxel along their shortest axis")
-            if any(size % vxm_kwargs.get(key, 1) for size in inshape):  # else the resized field misses voxels
-                raise ValueError(f"registration_model: {key} {vxm_kwargs[key]} does not divide the {inshape} images: "
-                                 f"pad or crop them, or give a {key} that divides them")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
                          "levels (shorter nb_unet_features lists, or nb_unet_levels; in cifl train-reg, "
@@ -347,6 +345,13 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         with vxm_layers(BATCHED_LAYERS):  # voxelmorph's per-sample map_fn loops take 10-40 s to differentiate
             super().__init__(inshape, input_model=input_model, src_feats=feats, trg_feats=feats, name=name,
                              **vxm_kwargs)
+        moved_shape = tuple(self.references.y_source.shape[1:-1])
+        if moved_shape != inshape:  # VxmDense's rescaled field falls short of the images: the loss would not build
+            resolutions = ", ".join(f"{key} {vxm_kwargs[key]}" for key in ("int_resolution", "svf_resolution")
+                                    if key in vxm_kwargs)
+            raise ValueError(f"registration_model: with {resolutions or 'its resolutions'}, VxmDense's field comes "
+                             f"back at {moved_shape}, not at the {inshape} of the images: pad or crop them, or give "
+                             f"resolutions that divide them")
         field = self.outputs[-1]
         loss = RegistrationLoss(similarity, reg_weight, loss_mult=inshape[0] / field.shape[1],
                                 name="registration_loss")
@@ -479,14 +484,12 @@ def warp_labels(labels, displacement):
     map's distinct values is warped instead.
 
     Args:
-        labels: (B, *spatial) integer or boolean label maps.
+        labels: (B, *spatial) label maps: integers, booleans, or whole floats (``metrics.check_label_map``).
         displacement: (B, *spatial, ndim) in voxels, as for ``warp``.
 
     Returns: (B, *spatial) label maps of the dtype of `labels`.
     """
-    labels = np.asarray(labels)
-    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise TypeError(f"warp_labels: labels must be integer or boolean label maps, got {labels.dtype}")
+    labels = check_label_map(labels, "warp_labels: labels")
     if labels.shape != np.shape(displacement)[:-1]:
         raise ValueError(f"warp_labels: labels {labels.shape} must be (B, *spatial) of the displacement "
                          f"{np.shape(displacement)}")

@@ -47,9 +47,14 @@ class FeatureStack(KL.Layer):
             raise ValueError(f"FeatureStack: describers must be a list of two or more describer layers, "
                              f"got {describers!r}")
         describers = [deserialize_layer(d) if isinstance(d, dict) else d for d in describers]
-        # a layer in two describers (an encoder in two Triplanars) would be saved once and loaded as two
-        layers = [{id(d), *map(id, getattr(d, "submodules", ()))} for d in describers]
-        if sum(map(len, layers)) > len(set().union(*layers)):
+        # A layer twice would be saved once and loaded as two: a describer given twice, or an unbuilt layer inside
+        # two (an encoder in two Triplanars; built, its weights' names clash and _with_own_names copies it).
+        seen, unbuilt_shared = set(), False
+        for describer in describers:
+            layers = {id(layer): layer for layer in (describer, *getattr(describer, "submodules", ()))}
+            unbuilt_shared |= any(not getattr(layers[key], "built", True) for key in layers.keys() & seen)
+            seen.update(layers)
+        if unbuilt_shared or len({id(d) for d in describers}) < len(describers):
             raise ValueError(f"FeatureStack: a describer, or a layer inside one, appears twice in "
                              f"{[getattr(d, 'name', d) for d in describers]}: stack different layers")
         for describer in describers:

@@ -436,8 +436,10 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
                     seed=seed, steps_per_epoch=steps_per_epoch, synth_kwargs=synth_kwargs or {})
     settings = as_json_holds(settings)
     checkpoint.check_settings(settings, SETTINGS)  # before anything is built or written: those a run resumes with
-    if out_dir is not None and init is not None and init not in PRETRAINED_NAMES and os.path.realpath(init) in [
-            os.path.realpath(os.path.join(out_dir, name)) for name in ("", "encoder.weights.h5", "encoder.json")]:
+    own = [os.path.realpath(os.path.join(out_dir, name)) for name in ("", "encoder.weights.h5", "encoder.json")
+           ] if out_dir is not None else []
+    # a new run only: one started so by an earlier version resumes from its checkpoint, without its init
+    if not resume and init is not None and init not in PRETRAINED_NAMES and os.path.realpath(init) in own:
         raise ValueError(f"init {init!r} is the encoder in out_dir {os.fspath(out_dir)!r}, which the run writes over: "
                          f"copy it to another folder first, or choose another out_dir")
     strategy = _get_strategy(strategy)  # before any TF op: a multi-worker strategy must come first

@@ -1,4 +1,5 @@
 """cifl_tf.data: NIfTI I/O, bad-input errors, transforms, slices, splits and loaders."""
+import gzip
 import os
 import re
 
@@ -239,6 +240,17 @@ def test_resample_onto_keeps_label_values_beyond_float32s_exact_integers(tmp_pat
     on_grid = data.resample_onto(tmp_path / "labels.nii.gz", tmp_path / "grid.nii.gz", order=0)[0]
     np.testing.assert_array_equal(on_grid[..., shift:], labels)
     np.testing.assert_array_equal(on_grid[..., :shift], 2 ** 24)  # the smallest label, the background
+
+
+def test_resample_onto_interpolates_an_integer_scan_in_float32(tmp_path):
+    rows = np.arange(0, 40, 5, dtype=np.int16)[:, None, None] * np.ones((1, 3, 2), np.int16)
+    data.save_nifti(tmp_path / "scan.nii.gz", rows)
+    affine = np.eye(4)
+    affine[0, 3] = 0.5  # grid voxel i lies halfway between scan voxels i and i + 1
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((7, 3, 2), np.float32), affine)
+    on_grid = data.resample_onto(tmp_path / "scan.nii.gz", tmp_path / "grid.nii.gz")[0]
+    assert on_grid.dtype == np.float32
+    np.testing.assert_allclose(on_grid[:, 0, 0], np.arange(2.5, 35, 5))
 
 
 @pytest.mark.parametrize("order", [2, True, "0"])
@@ -713,6 +725,46 @@ def test_load_pairs_from_a_list_file_and_from_tuples(oasis_tiny):
         np.testing.assert_array_equal(dataset.images, oasis.images)
         np.testing.assert_array_equal(dataset.labels, oasis.labels)
     assert from_tuples.subjects == [str(oasis_tiny / s / "slice_norm.nii.gz") for s in subjects]
+
+
+def test_a_list_file_names_its_subjects_alike_however_it_is_read(oasis_tiny, tmp_path, monkeypatch):
+    """Relative and absolute lines, a link to the list, another working folder, "./" spellings: the same subjects
+    (absolute paths), so the same split; quoted fields and a header after a comment are read as CSV."""
+    lines = ["# made by R's write.csv", '"image","labels"',
+             f'"{SUBJECT_1}/slice_norm.nii.gz","{SUBJECT_1}/slice_seg4.nii.gz"',
+             f"./OASIS_OAS1_0002_MR1/slice_norm.nii.gz,OASIS_OAS1_0002_MR1/slice_seg4.nii.gz",
+             *(f"{oasis_tiny}/OASIS_OAS1_000{i}_MR1/slice_norm.nii.gz,{oasis_tiny}/OASIS_OAS1_000{i}_MR1/"
+               f"slice_seg4.nii.gz" for i in (3, 4))]
+    (oasis_tiny / "pairs.csv").write_text("\n".join(lines))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.csv").symlink_to(oasis_tiny / "pairs.csv")
+    expected = [str(oasis_tiny / f"OASIS_OAS1_000{i}_MR1" / "slice_norm.nii.gz") for i in range(1, 5)]
+    monkeypatch.chdir(oasis_tiny)
+    for listed in ("pairs.csv", oasis_tiny / "pairs.csv", tmp_path / "elsewhere" / "link.csv"):
+        dataset = data.load_pairs(listed, labels=range(5))
+        assert dataset.subjects == expected
+        assert [part.subjects for part in dataset.split((2, 1, 1))] == \
+            [[expected[i] for i in part] for part in ([0, 2], [1], [3])]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("a.nii.gz,a_seg.nii.gz".encode("utf-16"), "not a UTF-8 text file of image,labels lines"),  # PowerShell's >
+    (gzip.compress(b"\x5c\x01\x00\x00" + bytes(400)), "not a UTF-8 text file of image,labels lines"),  # an image
+])
+def test_a_list_file_that_is_not_text_is_named(tmp_path, content, problem):
+    (tmp_path / "pairs.csv").write_bytes(content)
+    with raises_naming(tmp_path / "pairs.csv", problem):
+        data.load_pairs(tmp_path / "pairs.csv")
+
+
+def test_a_dangling_subject_link_is_named_not_dropped_and_subjects_are_named_once(oasis_tiny):
+    (oasis_tiny / "OASIS_OAS1_0009_MR1").symlink_to(oasis_tiny / "unmounted")
+    with raises_naming(oasis_tiny / "OASIS_OAS1_0009_MR1", ""):
+        data.load_oasis(oasis_tiny)
+    with pytest.raises(ValueError, match="subjects must name each subject folder once"):
+        data.load_oasis(oasis_tiny, subjects=[SUBJECT_1, SUBJECT_1])
+    with pytest.raises(ValueError, match="Dataset.subset: subjects must be a list of subjects, got the string"):
+        data.load_oasis(oasis_tiny, subjects=[SUBJECT_1]).subset(SUBJECT_1)
 
 
 # --- the real OASIS sample ---------------------------------------------------------------------------

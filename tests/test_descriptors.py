@@ -126,6 +126,7 @@ def test_complex_images_are_refused_not_cut_to_their_real_part():
         MIND(2)(images)
     with pytest.raises(TypeError, match="images must be real intensities"):
         tiling.tiled_features(MIND(2), images[0, ..., 0])
+    assert MIND(2).distances(images.real.astype(np.float32)).shape == (1, 8, 9, 4)  # NumPy input, as before
 
 
 def test_constant_and_zero_images_give_equal_channels():

@@ -173,13 +173,13 @@ def test_rows_stop_in_one_line_without_nilearn_or_with_a_damaged_row_file(tmp_pa
 
 
 def test_defaults_script_checks_the_vxm_options_against_the_data_before_training(tmp_path, monkeypatch, capsys):
-    images = types.SimpleNamespace(images=np.zeros((3, 16, 20), np.float32), labels=np.zeros((3, 16, 20), np.int32))
+    images = types.SimpleNamespace(images=np.zeros((3, 48, 64), np.float32), labels=np.zeros((3, 48, 64), np.int32))
     monkeypatch.setattr(experiments, "defaults_data", lambda folder: (images, images, (None,) * 4))
     monkeypatch.setattr(experiments, "pair_batches", _no_work)
     with pytest.raises(SystemExit) as exited:
-        experiments.defaults_main(["--data", str(tmp_path), "--svf-resolution", "3", "--out", str(tmp_path / "out")])
+        experiments.defaults_main(["--data", str(tmp_path), "--int-resolution", "3", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.count("\n") == 1 and "svf_resolution 3 does not divide the (16, 20)" in err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "field comes back at (48, 63), not at the (48, 64)" in err
 
 
 def test_row_data_rejects_a_split_of_the_demo_data():

@@ -294,6 +294,12 @@ def test_register_returns_full_resolution_displacement_with_half_resolution_inte
     np.testing.assert_allclose(moved, models.warp(images, displacement), atol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", [dict(int_resolution=3), dict(int_steps=0, int_resolution=3)])
+def test_resolutions_whose_field_vxmdense_brings_back_to_full_size_build(kwargs):
+    model = cifl_tf.registration_model(SHAPE, nb_unet_features=[[8, 8], [8, 8]], **kwargs)
+    assert model.register(*blobs(2)[:1] * 2).shape == (2, *SHAPE, 2)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_warp_refuses_a_displacement_that_is_not_finite(bad):
     displacement = np.zeros((1, 6, 7, 2), np.float32)
@@ -307,6 +313,7 @@ def test_warp_refuses_a_displacement_that_is_not_finite(bad):
     (np.int32, [0, -3, 7, 2 ** 31 - 1]),
     (np.uint8, [0, 1, 2, 255]),
     (bool, [False, True, True, False]),
+    (np.float32, [0, 1, 2, 3]),  # whole floats, as a float NIfTI file stores labels
 ])
 def test_warp_labels_moves_each_label_value_exactly(dtype, values):
     labels = np.zeros((1, 4, 6), dtype)
@@ -321,8 +328,9 @@ def test_warp_labels_moves_each_label_value_exactly(dtype, values):
 
 def test_warp_labels_refuses_images_and_maps_of_another_shape():
     displacement = np.zeros((1, 4, 6, 2), np.float32)
-    with pytest.raises(TypeError, match="warp_labels: labels must be integer or boolean label maps, got float32"):
-        models.warp_labels(np.zeros((1, 4, 6), np.float32), displacement)
+    with pytest.raises(ValueError, match=r"warp_labels: labels must be an integer label map, got 24 float32 values "
+                                         r"that are not whole, such as \[0.5, 0.5, 0.5\]"):
+        models.warp_labels(np.full((1, 4, 6), 0.5, np.float32), displacement)
     with pytest.raises(ValueError, match=r"warp_labels: labels \(4, 6\) must be \(B, \*spatial\) of the "
                                          r"displacement \(1, 4, 6, 2\)"):
         models.warp_labels(np.zeros((4, 6), np.int32), displacement)
@@ -418,9 +426,12 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      r"svf_resolution 64 is coarser than the \(32, 32\) images: the field would have no voxel"),
     (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=33), ValueError,
      r"int_resolution 33 is coarser than the \(32, 32\) images"),
-    *[(lambda e, key=key: cifl_tf.registration_model(SHAPE, **{key: 3}), ValueError,
-       rf"{key} 3 does not divide the \(32, 32\) images: pad or crop them, or give a {key} that divides them")
-      for key in ("int_resolution", "svf_resolution")],
+    # resolutions whose rescaled field falls short of the images (VxmDense builds the others, such as 3 on 32x32)
+    (lambda e: cifl_tf.registration_model((48, 64), int_resolution=3, nb_unet_features=[[8, 8], [8, 8]]), ValueError,
+     r"with int_resolution 3, svf_resolution 3, VxmDense's field comes back at \(48, 63\), not at the \(48, 64\) of "
+     r"the images: pad or crop them, or give resolutions that divide them"),
+    (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=1, svf_resolution=3), ValueError,
+     r"field comes back at \(11, 11\), not at the \(32, 32\) of the images"),
     *[(lambda e, key=key: cifl_tf.registration_model(SHAPE, **{key: None}), ValueError,
        f"{key} must be an integer >= ., got None") for key in ("int_resolution", "int_steps")],
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=None), ValueError,

@@ -107,6 +107,11 @@ def test_describers_of_the_same_names_are_copies_with_names_of_their_own():
     np.testing.assert_allclose(stack(image), both / np.linalg.norm(both, axis=-1, keepdims=True), atol=1e-6)
 
 
+def test_an_encoder_built_inside_two_describers_is_copied_into_the_second(encoder):
+    stack = FeatureStack([Triplanar(encoder), Triplanar(encoder, name="other")])
+    assert stack.describers[1].encoder is not encoder
+
+
 @pytest.mark.parametrize("bad, error, message", [
     ("MIND", ValueError, r"describers must be a list of two or more describer layers, got 'MIND'"),
     (["ONE"], ValueError, r"describers must be a list of two or more describer layers"),

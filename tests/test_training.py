@@ -201,6 +201,9 @@ def test_a_run_refuses_to_start_from_the_encoder_it_would_write_over(tmp_path, m
                                              f"writes over: copy it to another folder first, or choose another"):
             train_encoder(shape=(16, 16), steps=1, init=init, out_dir=run, **TINY_INIT_RUN)
     assert sorted(os.listdir(run)) == ["encoder.json", "encoder.weights.h5"]  # nothing written, nothing removed
+    # a run started so by an earlier version resumes (from its checkpoint): here, none, so no settings to resume
+    with pytest.raises(FileNotFoundError, match="settings.json: not found, so there is no run to resume"):
+        train_encoder(shape=(16, 16), steps=1, init=run, out_dir=run, resume=True, **TINY_INIT_RUN)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_init_encoder(tmp_path):
