@@ -750,7 +750,7 @@ def test_a_list_file_names_its_subjects_alike_however_it_is_read(oasis_tiny, tmp
 @pytest.mark.parametrize("content, problem", [
     ("a.nii.gz,a_seg.nii.gz".encode("utf-16"), "not a UTF-8 text file of image,labels lines"),  # PowerShell's >
     (gzip.compress(b"\x5c\x01\x00\x00" + bytes(400)), "not a UTF-8 text file of image,labels lines"),  # an image
-])
+], ids=["utf-16", "nifti"])
 def test_a_list_file_that_is_not_text_is_named(tmp_path, content, problem):
     (tmp_path / "pairs.csv").write_bytes(content)
     with raises_naming(tmp_path / "pairs.csv", problem):
