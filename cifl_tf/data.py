@@ -740,10 +740,14 @@ def _subject_folders(folder, subjects, prefix=""):
     """The requested subjects, or every subfolder starting with ``prefix``; DataError when none."""
     if isinstance(subjects, str):  # would be taken letter by letter
         raise ValueError(f"subjects must be a list of subject folder names, got the string {subjects!r}")
-    if subjects is None:  # links too: a dangling one fails naming itself rather than dropping its subject unsaid
+    if subjects is None:
+        # A dangling link named as a subject (OASIS_*) fails naming itself, rather than its subject being dropped
+        # unsaid; without a prefix (IXI) it may be any file not fetched yet (git-annex), and is passed over.
         subjects = sorted(name for name in os.listdir(folder)
                           if name.startswith(prefix) and not name.startswith(".")
-                          and (os.path.isdir(os.path.join(folder, name)) or os.path.islink(os.path.join(folder, name))))
+                          and (os.path.isdir(os.path.join(folder, name))
+                               or prefix and not os.path.exists(os.path.join(folder, name))))
+    subjects = list(subjects)
     if len(set(subjects)) != len(subjects):  # one subject twice would fall on both sides of a split
         raise ValueError(f"subjects must name each subject folder once, got {list(subjects)!r}")
     if not subjects:
@@ -803,21 +807,23 @@ def load_ixi(folder, contrasts=("t1", "t2"), dim=3, labels=None, subjects=None):
 def _read_pair_list(path):
     """(image, labels) paths from a text file of ``image,labels`` lines (CSV: fields may be quoted).
 
-    Relative paths are relative to the folder of the list file itself (a symbolic link to it is followed), and
-    every path is made absolute: the subjects are then the same files whichever folder the list is read from or
-    however it is named. Blank lines, ``#`` comments and a first line ``image,labels`` (of any case) are skipped.
+    Relative paths are relative to the list's folder, and every path is made absolute: the subjects are then the
+    same files whichever folder the list is read from or however its path is written. Blank lines, ``#`` comments and a first line ``image,labels`` (of any case) are skipped.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    folder = os.path.dirname(os.path.realpath(path))
+    folder = os.path.dirname(os.path.abspath(path))
     pairs, header_allowed = [], True
     try:
         with open(path, encoding="utf-8-sig", newline="") as lines:  # -sig: a byte-order mark, as spreadsheets write
             for number, line in enumerate(lines, 1):
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
-                fields = [field.strip() for field in next(csv.reader([line], skipinitialspace=True))]
+                try:
+                    fields = [field.strip() for field in next(csv.reader([line], skipinitialspace=True))]
+                except csv.Error as error:  # a field over csv's limit: not a list of paths
+                    raise DataError(f"{path}:{number}: not an 'image,labels' line ({error})") from None
                 if header_allowed and [field.lower() for field in fields] == ["image", "labels"]:
                     header_allowed = False
                     continue

@@ -347,11 +347,12 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
                              **vxm_kwargs)
         moved_shape = tuple(self.references.y_source.shape[1:-1])
         if moved_shape != inshape:  # VxmDense's rescaled field falls short of the images: the loss would not build
-            resolutions = ", ".join(f"{key} {vxm_kwargs[key]}" for key in ("int_resolution", "svf_resolution")
-                                    if key in vxm_kwargs)
-            raise ValueError(f"registration_model: with {resolutions or 'its resolutions'}, VxmDense's field comes "
-                             f"back at {moved_shape}, not at the {inshape} of the images: pad or crop them, or give "
-                             f"resolutions that divide them")
+            resolutions = {key: vxm_kwargs.get(key, _VXM_DEFAULTS[key]) for key in ("int_resolution", "svf_resolution")}
+            divide = all(size % factor == 0 for factor in resolutions.values() for size in inshape)
+            raise ValueError(f"registration_model: with {', '.join(f'{k} {v}' for k, v in resolutions.items())}, "
+                             f"VxmDense's field comes back at {moved_shape}, not at the {inshape} of the images: "
+                             + ("it brings the field back to full size only from an int_resolution above 1" if divide
+                                else "pad or crop them, or give resolutions that divide them"))
         field = self.outputs[-1]
         loss = RegistrationLoss(similarity, reg_weight, loss_mult=inshape[0] / field.shape[1],
                                 name="registration_loss")
@@ -436,6 +437,9 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     elif svf_resolution != 1 and vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:
         raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an integrated field "
                          f"(int_steps > 0): without integration the field warps at the resolution it is predicted at")
+    elif svf_resolution != 1 and vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"]) == 1:
+        raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an int_resolution above 1: "
+                         f"VxmDense brings the field back to full size only from a coarser integration")
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, svf_resolution=svf_resolution, **vxm_kwargs)
     compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate))
     return model

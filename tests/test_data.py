@@ -9,7 +9,7 @@ import pytest
 
 from cifl_tf import data
 from cifl_tf.data import DataError
-from conftest import write_nifti
+from conftest import make_ixi, write_nifti
 
 SUBJECT_1 = "OASIS_OAS1_0001_MR1"
 
@@ -728,19 +728,17 @@ def test_load_pairs_from_a_list_file_and_from_tuples(oasis_tiny):
 
 
 def test_a_list_file_names_its_subjects_alike_however_it_is_read(oasis_tiny, tmp_path, monkeypatch):
-    """Relative and absolute lines, a link to the list, another working folder, "./" spellings: the same subjects
-    (absolute paths), so the same split; quoted fields and a header after a comment are read as CSV."""
+    """Relative and absolute lines, another working folder, "./" and ".." spellings: the same subjects (absolute
+    paths), so the same split; quoted fields and a header after a comment are read as CSV."""
     lines = ["# made by R's write.csv", '"image","labels"',
              f'"{SUBJECT_1}/slice_norm.nii.gz","{SUBJECT_1}/slice_seg4.nii.gz"',
              f"./OASIS_OAS1_0002_MR1/slice_norm.nii.gz,OASIS_OAS1_0002_MR1/slice_seg4.nii.gz",
              *(f"{oasis_tiny}/OASIS_OAS1_000{i}_MR1/slice_norm.nii.gz,{oasis_tiny}/OASIS_OAS1_000{i}_MR1/"
                f"slice_seg4.nii.gz" for i in (3, 4))]
     (oasis_tiny / "pairs.csv").write_text("\n".join(lines))
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "link.csv").symlink_to(oasis_tiny / "pairs.csv")
     expected = [str(oasis_tiny / f"OASIS_OAS1_000{i}_MR1" / "slice_norm.nii.gz") for i in range(1, 5)]
     monkeypatch.chdir(oasis_tiny)
-    for listed in ("pairs.csv", oasis_tiny / "pairs.csv", tmp_path / "elsewhere" / "link.csv"):
+    for listed in ("pairs.csv", oasis_tiny / "pairs.csv", f"../{oasis_tiny.name}/./pairs.csv"):
         dataset = data.load_pairs(listed, labels=range(5))
         assert dataset.subjects == expected
         assert [part.subjects for part in dataset.split((2, 1, 1))] == \
@@ -750,17 +748,24 @@ def test_a_list_file_names_its_subjects_alike_however_it_is_read(oasis_tiny, tmp
 @pytest.mark.parametrize("content, problem", [
     ("a.nii.gz,a_seg.nii.gz".encode("utf-16"), "not a UTF-8 text file of image,labels lines"),  # PowerShell's >
     (gzip.compress(b"\x5c\x01\x00\x00" + bytes(400)), "not a UTF-8 text file of image,labels lines"),  # an image
-], ids=["utf-16", "nifti"])
+    (b"x" * 200000 + b",y\n", r"not an 'image,labels' line \(field larger than field limit"),
+], ids=["utf-16", "nifti", "long"])
 def test_a_list_file_that_is_not_text_is_named(tmp_path, content, problem):
+    """Nor one whose line is longer than csv's field limit (given as --data, it ended in a traceback)."""
     (tmp_path / "pairs.csv").write_bytes(content)
     with raises_naming(tmp_path / "pairs.csv", problem):
         data.load_pairs(tmp_path / "pairs.csv")
 
 
-def test_a_dangling_subject_link_is_named_not_dropped_and_subjects_are_named_once(oasis_tiny):
+def test_a_dangling_subject_link_is_named_not_dropped_and_subjects_are_named_once(oasis_tiny, tmp_path):
     (oasis_tiny / "OASIS_OAS1_0009_MR1").symlink_to(oasis_tiny / "unmounted")
     with raises_naming(oasis_tiny / "OASIS_OAS1_0009_MR1", ""):
         data.load_oasis(oasis_tiny)
+    assert len(data.load_oasis(oasis_tiny, subjects=(f"OASIS_OAS1_000{i}_MR1" for i in (1, 2)))) == 2  # any iterable
+    make_ixi(tmp_path / "ixi")  # files that are links, as in a git-annex copy, are no subjects; nor fetched or not
+    (tmp_path / "ixi" / "README.txt").symlink_to(tmp_path / "ixi" / "labels")
+    (tmp_path / "ixi" / "CHANGES").symlink_to(tmp_path / "not-fetched")
+    assert len(data.load_folder(tmp_path / "ixi", dim=3)) == 3  # make_ixi's subjects
     with pytest.raises(ValueError, match="subjects must name each subject folder once"):
         data.load_oasis(oasis_tiny, subjects=[SUBJECT_1, SUBJECT_1])
     with pytest.raises(ValueError, match="Dataset.subset: subjects must be a list of subjects, got the string"):

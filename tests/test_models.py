@@ -430,8 +430,12 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.registration_model((48, 64), int_resolution=3, nb_unet_features=[[8, 8], [8, 8]]), ValueError,
      r"with int_resolution 3, svf_resolution 3, VxmDense's field comes back at \(48, 63\), not at the \(48, 64\) of "
      r"the images: pad or crop them, or give resolutions that divide them"),
-    (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=1, svf_resolution=3), ValueError,
-     r"field comes back at \(11, 11\), not at the \(32, 32\) of the images"),
+    *[(lambda e, svf=svf: cifl_tf.registration_model(SHAPE, int_resolution=1, svf_resolution=svf), ValueError,
+       rf"svf_resolution {svf} needs an int_resolution above 1: VxmDense brings the field back to full size only "
+       r"from a coarser integration") for svf in (2, 3)],
+    (lambda e: models.RegistrationModel(SHAPE, svf_resolution=2, int_resolution=1), ValueError,  # the class itself
+     r"field comes back at \(16, 16\), not at the \(32, 32\) of the images: it brings the field back to full size "
+     r"only from an int_resolution above 1"),
     *[(lambda e, key=key: cifl_tf.registration_model(SHAPE, **{key: None}), ValueError,
        f"{key} must be an integer >= ., got None") for key in ("int_resolution", "int_steps")],
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=None), ValueError,
