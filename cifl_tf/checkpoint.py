@@ -33,8 +33,8 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
     is fully written: a run killed at any point, even during a save, leaves the previous one in force.
     Checkpoint ``ckpt-N`` holds N finished epochs. Under a multi-worker strategy every worker saves
     (TF's multi-worker pattern), but only the chief into `directory`; the others into a folder of their
-    own inside it, ``workertemp_<task index>``, removed when training ends and at the task's next start. All workers restore from `directory`, which must therefore be
-    on a file system they share. Use::
+    own inside it, ``workertemp_<task index>``, removed when training ends and at the task's next start.
+    All workers restore from `directory`, which must therefore be on a file system they share. Use::
 
         checkpoint = EpochCheckpoint(folder, model)
         first_epoch = checkpoint.restore()  # 0 when the folder holds no checkpoint yet

@@ -465,10 +465,9 @@ def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=No
 
     --out holds settings.json, subjects.json (the subjects of each part of `parts`, the split), checkpoints/
     (weights, optimizer and epoch, saved at each epoch end), and log.csv; --resume continues from the last
-    checkpoint. `batches(first_epoch)` is the training
-    dataset from that epoch on, a pure function of --seed and the step, so that a resumed run trains
-    on the same batches as one that ran through. `setting_defaults`: {setting: value} for settings that
-    runs of earlier versions did not write, with the value those runs used.
+    checkpoint. `batches(first_epoch)` is the training dataset from that epoch on, a pure function of --seed and
+    the step, so that a resumed run trains on the same batches as one that ran through. `setting_defaults`:
+    {setting: value} for settings that runs of earlier versions did not write, with the value those runs used.
     """
     checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints",
                            defaults=setting_defaults)
@@ -547,6 +546,7 @@ def _run_of(args):
 
 
 def _trained_on_the_data(args, trained):
+    """Whether the run of settings `trained` trained on evaluate's --data (by real path)."""
     return bool(trained.get("data")) and os.path.realpath(trained["data"]) == os.path.realpath(args.data)
 
 
@@ -646,8 +646,8 @@ def _add_data_args(p, part=True):
 def _add_train_args(p, epochs, batch_size, learning_rate):
     _add_data_args(p, part=False)
     p.add_argument("--out", required=True,
-                   help="output folder: model.keras, log.csv, settings.json, subjects.json (the split) and checkpoints/ "
-                        "(for --resume)")
+                   help="output folder: model.keras, log.csv, settings.json, subjects.json (the split) and "
+                        "checkpoints/ (for --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last finished epoch (same arguments)")
     _add_encoder_args(p)

@@ -721,6 +721,10 @@ def _load_entries(entries, ndim, labels):
         if not _place_alike(affine, label_affine):  # same shape, other voxels: a flipped or shifted export
             raise DataError(f"{label_path}: its affine {label_affine[:3].tolist()} places the voxels otherwise "
                             f"than {image_path}'s {affine[:3].tolist()}; resample one onto the other")
+        orientation, first = "".join(nib.aff2axcodes(affine)), "".join(nib.aff2axcodes((affines or [affine])[0]))
+        if orientation != first:  # stacked with the others, its brain would lie mirrored or turned among theirs
+            raise DataError(f"{image_path}: its voxel axes point {orientation}, those of {entries[0][1]} {first}: "
+                            f"store every subject in one orientation (e.g. nibabel's as_closest_canonical)")
         images.append(normalize(image))
         label_maps.append(label_map)
         affines.append(affine)
@@ -749,10 +753,10 @@ def _subject_folders(folder, subjects, prefix=""):
                                or prefix and not os.path.exists(os.path.join(folder, name))))
     subjects = list(subjects)
     if len(set(subjects)) != len(subjects):  # one subject twice would fall on both sides of a split
-        raise ValueError(f"subjects must name each subject folder once, got {list(subjects)!r}")
+        raise ValueError(f"subjects must name each subject folder once, got {subjects!r}")
     if not subjects:
         raise DataError(f"{folder}: no {prefix}* subject folders")
-    return list(subjects)
+    return subjects
 
 
 def load_oasis(folder, dim=2, seg="seg4", subjects=None):
@@ -808,7 +812,8 @@ def _read_pair_list(path):
     """(image, labels) paths from a text file of ``image,labels`` lines (CSV: fields may be quoted).
 
     Relative paths are relative to the list's folder, and every path is made absolute: the subjects are then the
-    same files whichever folder the list is read from or however its path is written. Blank lines, ``#`` comments and a first line ``image,labels`` (of any case) are skipped.
+    same files whichever folder the list is read from or however its path is written. Blank lines, ``#`` comments
+    and a first line ``image,labels`` (of any case) are skipped.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

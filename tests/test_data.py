@@ -757,6 +757,18 @@ def test_a_list_file_that_is_not_text_is_named(tmp_path, content, problem):
         data.load_pairs(tmp_path / "pairs.csv")
 
 
+def test_subjects_stored_in_another_orientation_are_refused_not_stacked_mirrored(tmp_path):
+    make_ixi(tmp_path / "ixi")
+    for name in ("t1", "labels"):  # the same world image, its voxels stored right to left
+        path = tmp_path / "ixi" / "IXI001" / f"{name}.nii.gz"
+        image = nib.load(path)
+        flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+        flip[0, 3] = image.shape[0] - 1
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1], image.affine @ flip), path)
+    with raises_naming(tmp_path / "ixi" / "IXI001" / "t1.nii.gz", "its voxel axes point LAS, those of .*IXI000.* RAS"):
+        data.load_folder(tmp_path / "ixi", dim=3)
+
+
 def test_a_dangling_subject_link_is_named_not_dropped_and_subjects_are_named_once(oasis_tiny, tmp_path):
     (oasis_tiny / "OASIS_OAS1_0009_MR1").symlink_to(oasis_tiny / "unmounted")
     with raises_naming(oasis_tiny / "OASIS_OAS1_0009_MR1", ""):
