@@ -53,8 +53,8 @@ def main():
     parser.add_argument("--steps", type=_positive_int, default=100, help="steps per level")
     parser.add_argument("--method", choices=("ncc", "mi", "cifl", "mind", "cifl+mind"), default="ncc",
                         help="intensity NCC or MI, the shipped 3D CIFL features, MIND, or the two stacked")
-    parser.add_argument("--similarity", choices=("ncc", "mse"), default="ncc",
-                        help="how cifl and mind features are compared (register_pair's default: ncc)")
+    parser.add_argument("--similarity", choices=("ncc", "mse"), default=None,
+                        help="how cifl and mind features are compared (default: register_pair's, ncc)")
     parser.add_argument("--invert", action="store_true", help="register T1 to inverted T1 (not with ncc)")
     parser.add_argument("--affine", action="store_true",
                         help="misalign the moving image affinely too (MISALIGNMENT), and fit an affine stage first")
@@ -65,6 +65,8 @@ def main():
     if args.method == "ncc" and args.invert:
         parser.error("--invert with --method ncc: intensity NCC cannot compare T1 with inverted T1; "
                      "choose --method mi, cifl, mind or cifl+mind")
+    if args.similarity is not None and args.method in ("ncc", "mi"):  # else dropped without a word
+        parser.error(f"--similarity compares features: --method {args.method} compares the intensities by itself")
     if not 0 <= args.warp_std < math.inf:
         parser.error(f"--warp-std must be a finite number of voxels, at least 0, got {args.warp_std}")
     if args.levels is not None:
@@ -74,6 +76,8 @@ def main():
             parser.error(f"--levels: {error}")
     try:
         volume = data.load_oasis(args.data, dim=3, subjects=[args.subject])
+        if args.levels is not None:  # and against the volume's grid, before it is warped and described
+            instance._check_levels(args.levels, volume.images[0].shape)
     except (ValueError, OSError) as error:  # data.DataError: no such folder, no such subject, unreadable file
         parser.error(str(error))
     fixed, fixed_labels = volume.images[0], volume.labels[0]
@@ -81,8 +85,7 @@ def main():
     if args.affine:  # the affine misalignment, then the deformation
         truth = truth + models.warp(instance.affine_displacement(MISALIGNMENT, 1, fixed.shape)[None], truth[None])[0]
     moving = models.warp(fixed[None, ..., None], truth[None])[0, ..., 0]
-    moving_labels = np.rint(models.warp(fixed_labels[None, ..., None].astype(np.float32), truth[None],
-                                        "nearest")[0, ..., 0]).astype(np.int32)
+    moving_labels = models.warp_labels(fixed_labels[None], truth[None])[0]
     if args.invert:
         fixed = data.invert(fixed)
     levels = instance.default_levels(fixed.shape) if args.levels is None else args.levels
@@ -98,17 +101,16 @@ def main():
     mind = MIND(ndim=3)
     method_encoder = {"cifl": encoder, "mind": mind,
                       "cifl+mind": cifl_tf.FeatureStack([encoder, mind])}.get(args.method)
-    similarity = args.method if method_encoder is None else args.similarity
+    similarity = args.method if method_encoder is None else args.similarity or "ncc"
     displacement = cifl_tf.register_pair(moving, fixed, encoder=method_encoder, similarity=similarity, levels=levels,
                                          steps=args.steps, affine=args.affine, max_memory=args.max_memory)
     register_s = time.perf_counter() - start
     register_gb = peak_rss_gb()
 
     def dice(field):
-        moved = models.warp(moving_labels[None, ..., None].astype(np.float32), field[None], "nearest")[0, ..., 0]
-        return metrics.mean_dice(np.rint(moved).astype(np.int32), fixed_labels)
+        return benchmark.registered_dice(field, moving_labels, fixed_labels)
 
-    compared = args.method if method_encoder is None else f"{args.method} ({args.similarity})"
+    compared = args.method if method_encoder is None else f"{args.method} ({similarity})"
     print(f"shape {fixed.shape}, levels {levels}, {args.steps} steps per level, {compared}"
           f"{', T1 -> inverted T1' if args.invert else ''}{', affine stage' if args.affine else ''}, "
           f"max_memory {args.max_memory} bytes")

@@ -291,6 +291,18 @@ def _check_finite(model, steps):
                          f"infinite): lower learning_rate")
 
 
+def _check_in_view(field, steps):
+    """ValueError when a displacement (*spatial, ndim) is not finite or sends every voxel out of the image: a fit
+    that diverged, which the weights alone do not show when the affine stage's grow without bound."""
+    inside = np.isfinite(field).all(axis=-1)
+    for axis, size in enumerate(field.shape[:-1]):
+        position = np.arange(size).reshape([-1 if i == axis else 1 for i in range(field.ndim - 1)]) + field[..., axis]
+        inside &= (position > -1) & (position < size)
+    if not inside.any():
+        raise ValueError(f"register_pair: the fit diverged within {steps} steps of a level (its transform is NaN or "
+                         f"infinite, or moves the whole image out of view): lower learning_rate")
+
+
 def _similarity_loss(similarity):
     if similarity == "ncc":
         return NCC().loss
@@ -521,11 +533,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     reg_weight = REG_WEIGHTS[similarity] if reg_weight is None else reg_weight
     if isinstance(reg_weight, bool) or not isinstance(reg_weight, numbers.Real) or not 0 <= reg_weight < math.inf:
         raise ValueError(f"register_pair: reg_weight must be a non-negative number, got {reg_weight!r}")
-    levels = default_levels(moving.shape) if levels is None else _check_levels(levels)
-    for factor in levels:
-        if min(_grid(moving.shape, factor)) < 2:
-            raise ValueError(f"register_pair: level {factor} pools the {moving.shape} images to a "
-                             f"{_grid(moving.shape, factor)} grid; every axis needs at least 2 voxels")
+    levels = default_levels(moving.shape) if levels is None else _check_levels(levels, moving.shape)
     for name, value in (("steps", steps), ("int_steps", int_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
@@ -611,7 +619,8 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         field = resample_field(field, previous, 1, shape)
         if affine:  # moving(x + field(x) + a(x + field(x))): the image moved by the affine transform a, then deformed
             matrix = level_matrix(matrix, levels[0], shape)[np.newaxis]
-            return ComposeAffine()([field[np.newaxis], matrix])[0].numpy()
+            field = ComposeAffine()([field[np.newaxis], matrix])[0].numpy()
+        _check_in_view(field, steps)
         return field
 
 
@@ -716,10 +725,18 @@ def _check_similarity(similarity, encoder):
     return similarity
 
 
-def _check_levels(given):
-    levels = tuple(given) if isinstance(given, (list, tuple, range, np.ndarray)) else (given,)
+def _check_levels(given, shape=None):
+    """register_pair's `levels` as a tuple of ints; ValueError unless they are decreasing positive integers that,
+    for images of `shape` if given, each leave at least 2 voxels along every axis."""
+    if isinstance(given, np.ndarray) and given.ndim <= 1:
+        given = given.tolist()  # a 0-d array gives its number
+    levels = tuple(given) if isinstance(given, (list, tuple, range)) else (given,)
     if not levels or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1 for f in levels) \
             or list(levels) != sorted(set(levels), reverse=True):
         raise ValueError(f"register_pair: levels must be decreasing positive integer pooling factors such as "
                          f"(4, 2, 1), got {given!r}")
+    for factor in levels if shape is not None else ():
+        if min(_grid(shape, factor)) < 2:
+            raise ValueError(f"register_pair: level {factor} pools the {shape} images to a "
+                             f"{_grid(shape, factor)} grid; every axis needs at least 2 voxels")
     return tuple(int(f) for f in levels)

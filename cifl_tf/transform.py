@@ -62,6 +62,8 @@ def interpolate(images, points, interp_method="linear", fill_value=None):
     shape = images.shape[1:-1]
     if points.shape[-1] != len(shape):
         raise ValueError(f"points of {points.shape[-1]} coordinates for {len(shape)}D images {images.shape}")
+    if None not in (images.shape[0], points.shape[0]) and images.shape[0] != points.shape[0]:  # else broadcast
+        raise ValueError(f"images {images.shape} and points {points.shape} differ in batch size")
     points = tf.cast(points, images.dtype)
     top = [size - 1 for size in shape]
     coords = [points[..., axis] for axis in range(len(shape))]

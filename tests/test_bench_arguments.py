@@ -42,6 +42,10 @@ CASES = [
     ("register_3d.py", ["--data", "MISSING", "--steps", "0"], "'0'"),
     ("register_3d.py", ["--data", "MISSING", "--method", "ncc", "--invert"], "--invert with --method ncc"),
     ("register_3d.py", ["--data", "ONE", "--subject", "OASIS_OAS1_0009_MR1"], "one/OASIS_OAS1_0009_MR1"),
+    # against the volume, before it is warped and described
+    ("register_3d.py", ["--data", "ONE", "--levels", "16"], "level 16 pools the (16, 20, 8) images to a (1, 2, 1) grid"),
+    ("register_3d.py", ["--data", "MISSING", "--method", "mi", "--similarity", "mse"],
+     "--similarity compares features: --method mi compares the intensities by itself"),
     ("similarity.py", ["--data", "MISSING"], "missing: no such folder"),
     ("similarity.py", ["--data", "FILE"], "file: no such folder"),
     ("similarity.py", ["--data", "ONE"], "one: holds 1 subject; registration needs two"),

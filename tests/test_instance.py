@@ -399,6 +399,16 @@ def test_a_diverging_fit_is_refused_not_returned_as_a_nan_field(similarity):
                                learning_rate=1e38, verbose=0)
 
 
+@pytest.mark.parametrize("similarity, learning_rate", [("ncc", 1e38), ("ncc", 1e30), ("mi", 1e38)])
+def test_a_diverging_affine_stage_is_refused_though_its_weights_stay_finite(similarity, learning_rate):
+    """Its matrix overflowed while its weights did not: an infinite field, or one sending every voxel far away."""
+    moving, fixed = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"the fit diverged within 3 steps of a level \(its transform is NaN or "
+                                         r"infinite, or moves the whole image out of view\): lower learning_rate"):
+        instance.register_pair(moving, fixed, encoder=None, similarity=similarity, levels=(1,), steps=3,
+                               learning_rate=learning_rate, affine=True, verbose=0)
+
+
 def test_level_models_built_on_a_shared_encoder_are_freed_with_the_cache():
     """Called on the models' symbolic tensors, the shared encoder kept a node of each model, and through it the
     model's layers and velocity field, after the cache let the model go."""
@@ -437,6 +447,8 @@ GOOD = np.full((16, 16), 0.5, np.float32)
     (GOOD, GOOD, dict(similarity="mi"), ValueError, r"'mi' compares intensities; use it with encoder=None"),
     (GOOD, GOOD, dict(levels=(1, 2)), ValueError, r"levels must be decreasing .* got \(1, 2\)"),
     (GOOD, GOOD, dict(levels=2.5), ValueError, r"levels must be decreasing .* got 2.5$"),  # as given
+    (GOOD, GOOD, dict(levels=np.array(2.5)), ValueError, r"levels must be decreasing .* got 2.5$"),  # not a bare
+    # TypeError "iteration over a 0-d array"
     (GOOD, GOOD, dict(steps=0), ValueError, r"steps must be a positive integer, got 0"),
     (GOOD, GOOD, dict(reg_weight=-1.0), ValueError, r"reg_weight must be a non-negative number, got -1.0"),
     (GOOD, GOOD, dict(moved_features="both"), ValueError, r"moved_features must be one of"),

@@ -165,6 +165,11 @@ def test_layers_round_trip_through_a_keras_file_in_safe_mode(tmp_path):
     (lambda: transform.RescaleTransform(float("inf")), ValueError, "zoom_factor.*inf"),
     (lambda: transform.interpolate(tf.zeros((1, 4, 4, 1)), tf.zeros((1, 4, 4, 3))), ValueError, "3 coordinates"),
     (lambda: transform.interpolate(tf.zeros((1, 4, 4, 1), tf.int32), tf.zeros((1, 4, 4, 2))), TypeError, "int32"),
+    # broadcast before, where voxelmorph's layer refuses them
+    (lambda: transform.SpatialTransformer()([np.zeros((1, 5, 4, 1), "f4"), np.zeros((2, 5, 4, 2), "f4")]), ValueError,
+     r"images \(1, 5, 4, 1\) and points \(2, 5, 4, 2\) differ in batch size"),
+    (lambda: transform.spatial_transform(np.zeros((3, 5, 4, 1), "f4"), np.zeros((2, 5, 4, 2), "f4")), ValueError,
+     "differ in batch size"),
 ])
 def test_bad_arguments_are_rejected_naming_the_value(build, error, message):
     with pytest.raises(error, match=message):
