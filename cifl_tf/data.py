@@ -711,9 +711,9 @@ def _stack(arrays, paths):
 
 def _load_entries(entries, ndim, labels):
     """Dataset from (subject, image path, label map path) triples."""
-    images, label_maps, affines = [], [], []
+    images, label_maps, affines, first_axes = [], [], [], None
     for _, image_path, label_path in entries:
-        image, affine, _ = load_nifti(image_path, ndim)
+        image, affine, header = load_nifti(image_path, ndim)
         label_map, label_affine = _labels(label_path, labels, ndim)
         if label_map.shape != image.shape:
             raise DataError(f"{label_path}: shape {label_map.shape} differs from {image.shape} "
@@ -721,15 +721,27 @@ def _load_entries(entries, ndim, labels):
         if not _place_alike(affine, label_affine):  # same shape, other voxels: a flipped or shifted export
             raise DataError(f"{label_path}: its affine {label_affine[:3].tolist()} places the voxels otherwise "
                             f"than {image_path}'s {affine[:3].tolist()}; resample one onto the other")
-        orientation, first = "".join(nib.aff2axcodes(affine)), "".join(nib.aff2axcodes((affines or [affine])[0]))
-        if orientation != first:  # stacked with the others, its brain would lie mirrored or turned among theirs
-            raise DataError(f"{image_path}: its voxel axes point {orientation}, those of {entries[0][1]} {first}: "
-                            f"store every subject in one orientation (e.g. nibabel's as_closest_canonical)")
+        axes = _kept_axis_directions(affine, header)
+        first_axes = axes if first_axes is None else first_axes
+        # Stacked with the others, its brain would lie mirrored or turned among theirs: an axis more than 60 degrees
+        # from the first subject's (not the few degrees of an oblique scan, nor a slice stored 1 x H x W)
+        if axes.shape != first_axes.shape or np.any(np.sum(axes * first_axes, axis=0) < 0.5):
+            raise DataError(f"{image_path}: its voxel axes point otherwise than those of {entries[0][1]} (a mirrored "
+                            f"or turned storage): store every subject in one orientation (e.g. nibabel's "
+                            f"as_closest_canonical)")
         images.append(normalize(image))
         label_maps.append(label_map)
         affines.append(affine)
     return Dataset(_stack(images, [e[1] for e in entries]), _stack(label_maps, [e[2] for e in entries]),
                    [e[0] for e in entries], affines)
+
+
+def _kept_axis_directions(affine, header):
+    """(3, K) unit world directions of the K voxel axes that load_nifti keeps (the file's axes of more than one
+    voxel), in order."""
+    kept = [axis for axis, size in enumerate(file_axes(header)) if size > 1]
+    columns = np.asarray(affine, np.float64)[:3, kept]
+    return columns / np.linalg.norm(columns, axis=0)
 
 
 def existing_folder(folder):
@@ -818,7 +830,7 @@ def _read_pair_list(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.realpath(os.path.dirname(path) or os.curdir)  # the folder read, links in it followed
     pairs, header_allowed = [], True
     try:
         with open(path, encoding="utf-8-sig", newline="") as lines:  # -sig: a byte-order mark, as spreadsheets write

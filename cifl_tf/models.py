@@ -347,12 +347,17 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
                              **vxm_kwargs)
         moved_shape = tuple(self.references.y_source.shape[1:-1])
         if moved_shape != inshape:  # VxmDense's rescaled field falls short of the images: the loss would not build
-            resolutions = {key: vxm_kwargs.get(key, _VXM_DEFAULTS[key]) for key in ("int_resolution", "svf_resolution")}
-            divide = all(size % factor == 0 for factor in resolutions.values() for size in inshape)
+            steps = vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"])
+            resolutions = {"int_resolution": integration_resolution(vxm_kwargs),
+                           "svf_resolution": vxm_kwargs.get("svf_resolution", _VXM_DEFAULTS["svf_resolution"])}
+            if any(size % factor for factor in resolutions.values() for size in inshape):
+                why = "pad or crop them, or give resolutions that divide them"
+            elif steps == 0:
+                why = "without integration (int_steps 0) it stays at svf_resolution"
+            else:
+                why = "it brings the field back to full size only from an int_resolution above 1"
             raise ValueError(f"registration_model: with {', '.join(f'{k} {v}' for k, v in resolutions.items())}, "
-                             f"VxmDense's field comes back at {moved_shape}, not at the {inshape} of the images: "
-                             + ("it brings the field back to full size only from an int_resolution above 1" if divide
-                                else "pad or crop them, or give resolutions that divide them"))
+                             f"VxmDense's field comes back at {moved_shape}, not at the {inshape} of the images: {why}")
         field = self.outputs[-1]
         loss = RegistrationLoss(similarity, reg_weight, loss_mult=inshape[0] / field.shape[1],
                                 name="registration_loss")
@@ -437,7 +442,7 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     elif svf_resolution != 1 and vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:
         raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an integrated field "
                          f"(int_steps > 0): without integration the field warps at the resolution it is predicted at")
-    elif svf_resolution != 1 and vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"]) == 1:
+    elif svf_resolution != 1 and integration_resolution(vxm_kwargs) == 1:
         raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an int_resolution above 1: "
                          f"VxmDense brings the field back to full size only from a coarser integration")
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, svf_resolution=svf_resolution, **vxm_kwargs)
@@ -445,12 +450,18 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     return model
 
 
+def integration_resolution(vxm_kwargs):
+    """The relative voxel size VxmDense integrates the field at: its int_resolution, which its deprecated
+    int_downsize overrides."""
+    return vxm_kwargs.get("int_downsize") or vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"])
+
+
 def default_svf_resolution(**vxm_kwargs):
     """registration_model's svf_resolution for these VxmDense arguments: the integration's resolution
     (int_resolution, 2 by default) when the field is integrated (int_steps > 0), else 1."""
     if vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:
         return 1
-    return vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"])
+    return integration_resolution(vxm_kwargs)
 
 
 def _check_learning_rate(caller, learning_rate):

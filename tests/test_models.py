@@ -294,7 +294,8 @@ def test_register_returns_full_resolution_displacement_with_half_resolution_inte
     np.testing.assert_allclose(moved, models.warp(images, displacement), atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(int_resolution=3), dict(int_steps=0, int_resolution=3)])
+@pytest.mark.parametrize("kwargs", [dict(int_resolution=3), dict(int_steps=0, int_resolution=3),
+                                    dict(int_resolution=1, int_downsize=2, svf_resolution=2)])  # voxelmorph's old name
 def test_resolutions_whose_field_vxmdense_brings_back_to_full_size_build(kwargs):
     model = cifl_tf.registration_model(SHAPE, nb_unet_features=[[8, 8], [8, 8]], **kwargs)
     assert model.register(*blobs(2)[:1] * 2).shape == (2, *SHAPE, 2)
@@ -436,6 +437,9 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=2, int_resolution=1), ValueError,  # the class itself
      r"field comes back at \(16, 16\), not at the \(32, 32\) of the images: it brings the field back to full size "
      r"only from an int_resolution above 1"),
+    (lambda e: models.RegistrationModel(SHAPE, svf_resolution=2, int_steps=0), ValueError,
+     r"with int_resolution 2, svf_resolution 2, VxmDense's field comes back at \(16, 16\), not at the \(32, 32\) of "
+     r"the images: without integration \(int_steps 0\) it stays at svf_resolution"),
     *[(lambda e, key=key: cifl_tf.registration_model(SHAPE, **{key: None}), ValueError,
        f"{key} must be an integer >= ., got None") for key in ("int_resolution", "int_steps")],
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=None), ValueError,
