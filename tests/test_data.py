@@ -743,6 +743,11 @@ def test_a_list_file_names_its_subjects_alike_however_it_is_read(oasis_tiny, tmp
         assert dataset.subjects == expected
         assert [part.subjects for part in dataset.split((2, 1, 1))] == \
             [[expected[i] for i in part] for part in ([0, 2], [1], [3])]
+    (oasis_tiny / "sub").mkdir()  # through a linked folder and "..": the list read is the one the paths are from
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "link").symlink_to(oasis_tiny / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    assert data.load_pairs("link/../pairs.csv", labels=range(5)).subjects == expected
 
 
 @pytest.mark.parametrize("content, problem", [
