@@ -721,11 +721,12 @@ def _load_entries(entries, ndim, labels):
         if not _place_alike(affine, label_affine):  # same shape, other voxels: a flipped or shifted export
             raise DataError(f"{label_path}: its affine {label_affine[:3].tolist()} places the voxels otherwise "
                             f"than {image_path}'s {affine[:3].tolist()}; resample one onto the other")
-        axes = _kept_axis_directions(affine, header)
+        axes = _kept_axis_orientation(affine, header)
         first_axes = axes if first_axes is None else first_axes
-        # Stacked with the others, its brain would lie mirrored or turned among theirs: an axis more than 60 degrees
-        # from the first subject's (not the few degrees of an oblique scan, nor a slice stored 1 x H x W)
-        if axes.shape != first_axes.shape or np.any(np.sum(axes * first_axes, axis=0) < 0.5):
+        # Stacked with the others, its brain would lie mirrored or turned among theirs: a kept axis nearest another
+        # world axis or direction than the first subject's (not an oblique scan, nor a slice stored 1 x H x W); other
+        # shapes are _stack's to refuse
+        if axes.shape == first_axes.shape and not np.array_equal(axes, first_axes):
             raise DataError(f"{image_path}: its voxel axes point otherwise than those of {entries[0][1]} (a mirrored "
                             f"or turned storage): store every subject in one orientation (e.g. nibabel's "
                             f"as_closest_canonical)")
@@ -736,12 +737,11 @@ def _load_entries(entries, ndim, labels):
                    [e[0] for e in entries], affines)
 
 
-def _kept_axis_directions(affine, header):
-    """(3, K) unit world directions of the K voxel axes that load_nifti keeps (the file's axes of more than one
-    voxel), in order."""
+def _kept_axis_orientation(affine, header):
+    """(K, 2): for each of the K voxel axes that load_nifti keeps (the file's axes of more than one voxel), in order,
+    the world axis nearest its direction and the sign along it (nibabel's io_orientation)."""
     kept = [axis for axis, size in enumerate(file_axes(header)) if size > 1]
-    columns = np.asarray(affine, np.float64)[:3, kept]
-    return columns / np.linalg.norm(columns, axis=0)
+    return nib.orientations.io_orientation(affine)[kept]
 
 
 def existing_folder(folder):

@@ -280,12 +280,14 @@ class RegistrationLoss(KL.Layer):
 def _check_vxm_integers(vxm_kwargs):
     """ValueError naming a VxmDense count or resolution that is not an integer of its least value: VxmDense takes
     int_steps and nb_unet_levels below it as 0 and 1 silently, and fails on the others deep inside. None is a
-    default only for nb_unet_levels (then taken from nb_unet_features)."""
-    for key, least in (("int_steps", 0), ("nb_unet_levels", 1), ("int_resolution", 1), ("svf_resolution", 1)):
+    default only for nb_unet_levels (then taken from nb_unet_features) and for int_downsize, voxelmorph's deprecated
+    name of int_resolution."""
+    for key, least in (("int_steps", 0), ("nb_unet_levels", 1), ("int_resolution", 1), ("svf_resolution", 1),
+                       ("int_downsize", 1)):
         if key not in vxm_kwargs:
             continue
         value = vxm_kwargs[key]
-        if value is None and key == "nb_unet_levels":
+        if value is None and key in ("nb_unet_levels", "int_downsize"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"registration_model: {key} must be an integer >= {least}, got {value!r}")
@@ -328,9 +330,10 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         vxm_kwargs = as_json_holds(vxm_kwargs)  # NumPy values too, as the config holds them
         reg_weight = _registration_weight(similarity, reg_weight)
         _check_vxm_integers(vxm_kwargs)
-        for key in ("int_resolution", "svf_resolution"):
-            if vxm_kwargs.get(key, 1) > min(inshape):
-                raise ValueError(f"registration_model: {key} {vxm_kwargs[key]} is coarser than the {inshape} images: "
+        for key, value in (("int_resolution", integration_resolution({"int_resolution": 1, **vxm_kwargs})),
+                           ("svf_resolution", vxm_kwargs.get("svf_resolution", 1))):
+            if value > min(inshape):
+                raise ValueError(f"registration_model: {key} {value} is coarser than the {inshape} images: "
                                  f"the field would have no voxel along their shortest axis")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
@@ -350,10 +353,10 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
             steps = vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"])
             resolutions = {"int_resolution": integration_resolution(vxm_kwargs),
                            "svf_resolution": vxm_kwargs.get("svf_resolution", _VXM_DEFAULTS["svf_resolution"])}
-            if any(size % factor for factor in resolutions.values() for size in inshape):
-                why = "pad or crop them, or give resolutions that divide them"
-            elif steps == 0:
+            if steps == 0:
                 why = "without integration (int_steps 0) it stays at svf_resolution"
+            elif any(size % factor for factor in resolutions.values() for size in inshape):
+                why = "pad or crop them, or give resolutions that divide them"
             else:
                 why = "it brings the field back to full size only from an int_resolution above 1"
             raise ValueError(f"registration_model: with {', '.join(f'{k} {v}' for k, v in resolutions.items())}, "
@@ -453,7 +456,8 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
 def integration_resolution(vxm_kwargs):
     """The relative voxel size VxmDense integrates the field at: its int_resolution, which its deprecated
     int_downsize overrides."""
-    return vxm_kwargs.get("int_downsize") or vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"])
+    downsize = vxm_kwargs.get("int_downsize")
+    return vxm_kwargs.get("int_resolution", _VXM_DEFAULTS["int_resolution"]) if downsize is None else downsize
 
 
 def default_svf_resolution(**vxm_kwargs):

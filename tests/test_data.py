@@ -776,23 +776,31 @@ def test_subjects_stored_in_another_orientation_are_refused_not_stacked_mirrored
 
 
 def test_subjects_whose_kept_axes_point_alike_load_together(tmp_path):
-    """A slice stored 1 x H x W beside one stored H x W x 1, one whose slice axis points the other way, and an
-    oblique one turned a few degrees: the same pixels, facing the same way, once load_nifti drops the slice axis."""
+    """A slice stored 1 x H x W beside one stored H x W x 1, one whose slice axis points the other way, and oblique
+    ones turned 30 degrees either way: the same pixels, facing the same way, once load_nifti drops the slice axis;
+    and a volume beside them is refused for its shape, not its orientation."""
     image = np.arange(20, dtype=np.float32).reshape(4, 5) / 20
     labels = (image > 0.5).astype(np.int16)
-    turn = np.radians(3)
-    oblique = np.array([[np.cos(turn), -np.sin(turn), 0, 0], [np.sin(turn), np.cos(turn), 0, 0], [0, 0, 1, 0],
-                        [0, 0, 0, 1]])
+    def oblique(degrees):
+        turn = np.radians(degrees)
+        return np.array([[np.cos(turn), -np.sin(turn), 0, 0], [np.sin(turn), np.cos(turn), 0, 0], [0, 0, 1, 0],
+                         [0, 0, 0, 1]])
+
     stored = {"plain": (lambda a: a[:, :, None], np.eye(4)),
               "first": (lambda a: a[None], np.array([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])),
-              "down": (lambda a: a[:, :, None], np.diag([1, 1, -1, 1.0])), "oblique": (lambda a: a[:, :, None], oblique)}
+              "down": (lambda a: a[:, :, None], np.diag([1, 1, -1, 1.0])),
+              "oblique": (lambda a: a[:, :, None], oblique(30)), "other way": (lambda a: a[:, :, None], oblique(-30))}
     pairs = []
     for name, (layout, affine) in stored.items():
         for suffix, array in (("", image), ("_seg", labels)):
             write_nifti(tmp_path / f"{name}{suffix}.nii.gz", layout(array), affine)
         pairs.append((tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_seg.nii.gz"))
     dataset = data.load_pairs(pairs, dim=2)
-    np.testing.assert_array_equal(dataset.labels, np.stack([labels] * 4))
+    np.testing.assert_array_equal(dataset.labels, np.stack([labels] * 5))
+    write_nifti(tmp_path / "volume.nii.gz", np.zeros((4, 5, 6), np.float32))
+    write_nifti(tmp_path / "volume_seg.nii.gz", np.zeros((4, 5, 6), np.int16))
+    with raises_naming(tmp_path / "volume.nii.gz", r"shape \(4, 5, 6\) differs from \(4, 5\)"):
+        data.load_pairs([pairs[0], (tmp_path / "volume.nii.gz", tmp_path / "volume_seg.nii.gz")])
 
 
 def test_a_dangling_subject_link_is_named_not_dropped_and_subjects_are_named_once(oasis_tiny, tmp_path):

@@ -437,6 +437,11 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=2, int_resolution=1), ValueError,  # the class itself
      r"field comes back at \(16, 16\), not at the \(32, 32\) of the images: it brings the field back to full size "
      r"only from an int_resolution above 1"),
+    (lambda e: models.RegistrationModel(SHAPE, svf_resolution=2, int_steps=0, int_resolution=3), ValueError,
+     r"without integration \(int_steps 0\) it stays at svf_resolution"),  # not blamed on the 3 that does not divide
+    (lambda e: cifl_tf.registration_model(SHAPE, int_downsize=0), ValueError, "int_downsize must be an integer >= 1"),
+    (lambda e: cifl_tf.registration_model(SHAPE, int_downsize=64, svf_resolution=1), ValueError,
+     r"int_resolution 64 is coarser than the \(32, 32\) images"),  # voxelmorph's old name, which overrides it
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=2, int_steps=0), ValueError,
      r"with int_resolution 2, svf_resolution 2, VxmDense's field comes back at \(16, 16\), not at the \(32, 32\) of "
      r"the images: without integration \(int_steps 0\) it stays at svf_resolution"),
