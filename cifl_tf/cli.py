@@ -552,7 +552,8 @@ def _trained_on_the_data(args, trained):
 
 def _split_of_the_run(args):
     """Sets evaluate's --split and --seed to those the model's run trained with where it trained on --data, so
-    that the test part is the one its training held out; ValueError for options that differ from them."""
+    that the test part is the one its training held out; ValueError for options that differ from them.
+    Returns the run folder and its settings ({} if none), as _run_of reads them."""
     run, trained = _run_of(args)
     if _trained_on_the_data(args, trained):
         missing = [key for key in ("split", "seed") if key not in trained]
@@ -573,12 +574,13 @@ def _split_of_the_run(args):
               f"split by --split and --seed as given (default: the paper's proportions, seed 0)", file=sys.stderr)
     if args.seed is None:  # a model trained elsewhere, or without its run folder
         args.seed = 0
+    return run, trained
 
 
-def _check_held_out(args, scored):
+def _check_held_out(args, scored, run, trained):
     """DataError when the scored --part holds subjects that the model's run trained (or, for test, validated) on:
-    the run's split of --data, by subject (subjects.json), and the folder's now differ, as when subjects were added."""
-    run, trained = _run_of(args)
+    the run's split of --data, by subject (subjects.json), and the folder's now differ, as when subjects were added.
+    `run`, `trained`: the run folder and its settings, as _split_of_the_run returns them."""
     split_file = os.path.join(run, SUBJECTS_FILE)
     if args.part in ("val", "test") and _trained_on_the_data(args, trained) and os.path.isfile(split_file):
         split = data.read_json(split_file)
@@ -603,10 +605,10 @@ def _evaluate(args):
         if os.path.realpath(args.json) in map(os.path.realpath, read):
             raise ValueError(f"--json {args.json}: is a file this evaluation reads (--data, the model, or its run's "
                              f"{checkpoint.SETTINGS_FILE} or {SUBJECTS_FILE}): choose another file")
-    _split_of_the_run(args)
+    run, trained = _split_of_the_run(args)
     model = models.load_model(args.model)
     fixed = _part(_dataset(args, args.contrast, len(model.inshape)), args, args.part)
-    _check_held_out(args, fixed)
+    _check_held_out(args, fixed, run, trained)
     if fixed.images.shape[1:] != tuple(model.inshape):
         raise data.DataError(f"{args.data}: its images are {fixed.images.shape[1:]}, the model {args.model} "
                              f"takes {tuple(model.inshape)}")
