@@ -52,7 +52,7 @@ def contrastive_loss(f1, f2, tau_alpha=1.0, tau_beta=1.0, tau_gamma=0.1, per_sam
     Returns: the batch mean (a scalar), or (B,) with per_sample=True.
     """
     check_temperatures(tau_alpha=tau_alpha, tau_beta=tau_beta, tau_gamma=tau_gamma)
-    if not isinstance(per_sample, bool):
+    if not isinstance(per_sample, (bool, np.bool_)):
         raise TypeError(f"contrastive_loss: per_sample must be True or False, got {per_sample!r}")
     f1, f2, channels = _feature_pair(f1, f2, "contrastive_loss")
 
@@ -136,7 +136,7 @@ def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1, max_pixels=1024):
     grid = (slice(None),) + (slice(None, None, stride),) * (f1.shape.rank - 2)
     batch = tf.shape(f1)[0]
     p1, p2 = (tf.reshape(f[grid], (batch, -1, channels)) for f in (f1, f2))
-    every = (tf.shape(p1)[1] + max_pixels - 1) // max_pixels
+    every = (tf.shape(p1, out_type=tf.int64)[1] + max_pixels - 1) // max_pixels  # int32 overflows at 2^31
     p1, p2 = p1[:, ::every], p2[:, ::every]
     logits = tf.linalg.matmul(p1, p2, transpose_b=True) / temperature          # (B, N, N): rows view 1
     positives = tf.linalg.diag_part(logits)
@@ -180,13 +180,14 @@ class NCC(vxm.losses.NCC):
     def __init__(self, win=None, eps=1e-5, signed=False):
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
             raise ValueError(f"NCC: eps must be a positive number (a zero variance would give NaN), got {eps!r}")
-        if not isinstance(signed, bool):
+        if not isinstance(signed, (bool, np.bool_)):
             raise TypeError(f"NCC: signed must be True or False, got {signed!r}")
-        super().__init__(win=win, eps=eps, signed=signed)
+        super().__init__(win=win, eps=eps, signed=bool(signed))
 
     def ncc(self, Ii, Ji):
         Ji = tf.convert_to_tensor(Ji)
-        Ii = tf.cast(Ii, Ji.dtype)  # y_true to y_pred's dtype, as Keras losses do
+        dtype = Ji.dtype  # y_pred's, as Keras losses give; 16-bit squares and variances overflow, so float32 within
+        Ii, Ji = (tf.cast(image, tf.float32 if dtype.size < 4 else dtype) for image in (Ii, Ji))
         ndims = Ji.shape.rank - 2
         if ndims not in (1, 2, 3):
             raise ValueError(f"NCC: images need shape (B, *spatial, F) with 1 to 3 spatial axes, got {Ji.shape}")
@@ -209,7 +210,7 @@ class NCC(vxm.losses.NCC):
             cc = cross / tf.sqrt(I_var * J_var + self.eps)
         else:
             cc = (cross / I_var) * (cross / J_var)
-        return cc[..., tf.newaxis]
+        return tf.cast(cc, dtype)[..., tf.newaxis]
 
 
 def window_sums(images, window):

@@ -46,8 +46,10 @@ FWHM_SD = 0.4247
 
 
 def _positive_ints(name, values):
-    if not isinstance(values, (list, tuple, np.ndarray)):
-        raise ValueError(f"{name} must be positive integers, got {values!r}")
+    if isinstance(values, tf.TensorShape):
+        values = values.as_list()
+    if not isinstance(values, (list, tuple, range, np.ndarray)):
+        raise ValueError(f"{name} must be a list or tuple of positive integers, got {values!r}")
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
                          for v in values):
@@ -82,14 +84,15 @@ def _check_render_args(args, num_labels):
     def check(name, condition, wanted):
         try:
             array = np.asarray(args[name], np.float64)
-            good = np.asarray(args[name]).dtype != bool and bool(condition(array))
+            good = np.asarray(args[name]).dtype.kind in "iuf" and bool(condition(array))  # not bools or strings
         except (TypeError, ValueError):  # not numbers, or ragged lists
             good = False
         if not good:
             raise ValueError(f"{name} must be {wanted}, got {args[name]!r}")
 
-    def within(array, low):
-        return bool(np.all(np.isfinite(array) & (array >= low)))
+    def within(array, low):  # finite in float32, the dtype the draws are made in
+        with np.errstate(over="ignore"):
+            return bool(np.all(np.isfinite(array.astype(np.float32)) & (array >= low)))
 
     for name in ("mean_min", "mean_max", "std_min", "std_max"):
         if args[name] is not None:  # None: neurite's ranges per label

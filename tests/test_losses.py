@@ -297,6 +297,29 @@ def test_contrastive_loss_refuses_a_per_sample_that_is_not_a_bool():
         contrastive_loss(f1, f2, per_sample="no")
 
 
+def test_ncc_of_float16_images_is_computed_in_float32():
+    dtype = np.float16  # the squared sums of images in [0, 100] overflowed: NaN
+    fixed, moved = (np.random.default_rng(seed).uniform(0, 100, (1, 16, 16, 1)) for seed in (0, 1))
+    moved = (fixed + moved) / 2
+    low = cifl_tf.losses.NCC().loss(fixed.astype(dtype), moved.astype(dtype))
+    assert low.dtype == dtype
+    exact = cifl_tf.losses.NCC().loss(fixed.astype(dtype).astype(np.float32), moved.astype(dtype).astype(np.float32))
+    np.testing.assert_allclose(np.float32(low), exact, rtol=1e-2)
+
+
+def test_pixel_contrastive_loss_takes_any_max_pixels():
+    f1, f2 = features((1, 8, 8, 4), seed=0)  # every = ceil(64 / max_pixels) overflowed int32 from 2^31 on
+    for max_pixels in (2 ** 31 - 1, 2 ** 31, 10 ** 12):
+        np.testing.assert_allclose(pixel_contrastive_loss(f1, f2, 1, 0.1, max_pixels),
+                                   pixel_contrastive_loss(f1, f2, 1, 0.1, 64), rtol=1e-6)
+
+
+def test_numpy_bools_are_bools():
+    f1, f2 = features((2, 4, 4, 2), seed=0)
+    np.testing.assert_array_equal(contrastive_loss(f1, f2, per_sample=np.True_), contrastive_loss(f1, f2, per_sample=True))
+    assert cifl_tf.losses.NCC(signed=np.True_).signed is True
+
+
 def test_ncc_takes_a_tuple_window_as_a_list():
     fixed, moved = (np.random.default_rng(seed).uniform(size=(1, 8, 7, 1)).astype(np.float32) for seed in (0, 1))
     np.testing.assert_allclose(cifl_tf.losses.NCC(win=(3, 5)).loss(fixed, moved),

@@ -157,6 +157,12 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     # labels_to_image's intensity arguments: a list where a number goes failed as a traceback deep in the render
     (dict(shape=(32, 32), bias_std="big"), "bias_std must be a non-negative number, got 'big'"),
     (dict(shape=(32, 32), blur_std=[1, 2]), "blur_std must be a non-negative number, got [1, 2]"),
+    # numbers as strings passed np.asarray(..., float64) and failed inside the render
+    (dict(shape=(32, 32), blur_std="1"), "blur_std must be a non-negative number, got '1'"),
+    (dict(shape=(32, 32), mean_min="3"), "mean_min must be a finite number or 16 of them (one per label), got '3'"),
+    # finite in float64 but not in the float32 of the draws: every voxel NaN
+    (dict(shape=(32, 32), std_max=1e39),
+     "std_max must be a non-negative number or 16 of them (one per label), got 1e+39"),
     (dict(shape=(32, 32), gamma_std=True), "gamma_std must be a non-negative number, got True"),
     (dict(shape=(32, 32), dc_offset=float("nan")), "dc_offset must be a non-negative number, got nan"),
     (dict(shape=(32, 32), mean_min=[10, 20]), "mean_min must be a finite number or 16 of them (one per label), got"),
@@ -178,6 +184,12 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
 def test_bad_synth_arguments_raise(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         ShapesSynth(**kwargs)
+
+
+def test_shape_and_scales_may_be_a_tensor_shape_or_a_range():
+    synth = ShapesSynth(tf.zeros((2, 16, 16, 1)).shape[1:3], label_scales=range(4, 9, 4), seed=0)
+    assert synth.shape == (16, 16) and synth.label_scales == (4, 8)
+    assert synth(0, 1)[1].shape == (1, 16, 16, 1)
 
 
 @pytest.mark.parametrize("kwargs", [dict(mean_min=10, mean_max=200), dict(num_labels=2, std_min=[0, 1], std_max=[5, 9]),
