@@ -53,6 +53,7 @@ _VXM_RESERVED = {
     "bidir": "the unsupervised loss covers the forward direction only",
     "use_probs": "the unsupervised loss has no KL term",
     "hyp_model": "HyperMorph is not supported",
+    "unet_half_res": "voxelmorph's deprecated name: give svf_resolution=2",
 }
 
 
@@ -85,9 +86,47 @@ def _check_encoder(encoder, inshape):
 
 
 def _check_divisible(inshape, factor, what, levels_argument):
-    if any(size % factor for size in inshape):
+    """ValueError unless each size divides by `factor`, one int for all axes or one per axis."""
+    factors = np.broadcast_to(factor, len(inshape))
+    if any(size % f for size, f in zip(inshape, factors)):
+        factor = int(factors[0]) if len(set(factors)) == 1 else tuple(int(f) for f in factors)
         raise ValueError(f"inshape {inshape} must be divisible by {factor} for {what}: "
                          f"pad or crop the images, or give fewer {levels_argument}")
+
+
+def _positive_integer(value):
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
+def _check_unet(unet_kwargs, ndim):
+    """ValueError naming an ``ne.models.unet`` size argument that neurite would take wrongly or fail on deep
+    inside; returns the UNet's number of levels."""
+    features, levels = unet_kwargs["nb_features"], unet_kwargs["nb_levels"]
+    if isinstance(features, list):  # neurite: a list of each level's features sets the levels
+        if not features or not all(isinstance(level, list) and level and all(map(_positive_integer, level))
+                                   for level in features):
+            raise ValueError(f"nb_features must be a positive integer or a list of lists of them (each level's), "
+                             f"got {features!r}")
+        levels = len(features)
+    elif not _positive_integer(features):
+        raise ValueError(f"nb_features must be a positive integer or a list of lists of them (each level's), "
+                         f"got {features!r}")
+    elif not _positive_integer(levels):
+        raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
+    for key in ("nb_conv_per_level", "conv_size"):
+        if not _positive_integer(unet_kwargs[key]):
+            raise ValueError(f"{key} must be a positive integer, got {unet_kwargs[key]!r}")
+    pool = unet_kwargs.get("pool_size", 2)
+    pool = [pool] * ndim if _positive_integer(pool) else pool
+    if not isinstance(pool, (list, tuple)) or len(pool) != ndim or not all(map(_positive_integer, pool)):
+        raise ValueError(f"pool_size must be a positive integer or {ndim} of them, got {unet_kwargs['pool_size']!r}")
+    return levels, tuple(int(p) for p in pool)
+
+
+def _check_compiled(model):
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError(f"{type(model).__name__}.head: compile the model first (segmentation_model and "
+                         f"registration_model return it compiled)")
 
 
 def _serialize(encoder):
@@ -107,13 +146,13 @@ class _RebuiltFromArguments:
     def get_config(self):
         return dict(self._cifl_config)
 
-    def save(self, filepath, *args, save_format=None, **kwargs):
+    def save(self, filepath, overwrite=True, save_format=None, **kwargs):
         """Keras' ``save``, to a .keras file only: the .h5 and SavedModel formats would write files that do not
         load (they revive the model from its layers, not from its arguments)."""
         if not os.fspath(filepath).endswith(".keras") or save_format not in (None, "keras"):
             raise ValueError(f"{type(self).__name__} saves to a .keras file only (save_model), got "
                              f"{os.fspath(filepath)!r}" + (f" with save_format {save_format!r}" if save_format else ""))
-        super().save(filepath, *args, **kwargs)
+        super().save(filepath, overwrite=overwrite, **kwargs)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -153,7 +192,16 @@ class SoftDiceLoss(tf.keras.losses.Loss):
         return 1 + tf.reduce_mean(dice.loss(y_true, y_pred), axis=-1)
 
 
-SEG_LOSSES = {"dice": SoftDiceLoss, "crossentropy": tf.keras.losses.CategoricalCrossentropy}
+@tf.keras.utils.register_keras_serializable(package="cifl_tf")
+class CrossentropyLoss(tf.keras.losses.CategoricalCrossentropy):
+    """Keras's categorical cross-entropy of one-hot labels and softmax probabilities, in float32 under any
+    policy (a mixed policy's UNet gives 16-bit probabilities)."""
+
+    def call(self, y_true, y_pred):
+        return super().call(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32))
+
+
+SEG_LOSSES = {"dice": SoftDiceLoss, "crossentropy": CrossentropyLoss}
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
@@ -161,7 +209,7 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
     """Frozen CIFL encoder (or nothing: the baseline) followed by ``ne.models.unet`` (paper Sec. 3).
 
     Args:
-        inshape: spatial shape (H, W) or (D, H, W); divisible by 2 ** (nb_levels - 1).
+        inshape: spatial shape (H, W) or (D, H, W); divisible by pool_size ** (nb_levels - 1) (2 ** ...).
         nb_labels: L, the number of labels, background included.
         encoder: a CIFLEncoder, frozen here, or a descriptors.MIND; None feeds the intensities to the UNet.
         **unet_kwargs: ``ne.models.unet`` arguments (nb_features, nb_levels, conv_size, feat_mult,
@@ -178,12 +226,8 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
             raise TypeError("unet_kwargs may not set final_pred_activation: the output is a softmax")
         encoder = _check_encoder(encoder, inshape)
         unet_kwargs = {**UNET_DEFAULTS, **as_json_holds(unet_kwargs)}  # NumPy values too, as the config holds them
-        levels = unet_kwargs["nb_levels"]
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
-        if isinstance(unet_kwargs["nb_features"], list):  # neurite: a list of each level's features sets the levels
-            levels = len(unet_kwargs["nb_features"])
-        _check_divisible(inshape, 2 ** (levels - 1), f"a UNet of nb_levels={levels}", "nb_levels")
+        levels, pool = _check_unet(unet_kwargs, len(inshape))
+        _check_divisible(inshape, np.power(pool, levels - 1), f"a UNet of nb_levels={levels}", "nb_levels")
 
         image = tf.keras.Input((*inshape, 1), name="image")
         features = image if encoder is None else encoder(image)
@@ -206,6 +250,7 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
         """The UNet after the encoder, compiled as this model is: features (B, *inshape, F) -> softmax
         (B, *inshape, nb_labels), F the encoder's channels (1 without one). It shares this model's weights
         and optimizer, so fitting it on features encoded once (the encoder is frozen) trains this model."""
+        _check_compiled(self)
         unet = self.get_layer(f"{self.name}_unet")
         compile_for_fit(unet, optimizer=self.optimizer, loss=self.loss)
         return unet
@@ -221,7 +266,7 @@ def segmentation_model(inshape, nb_labels, encoder=None, loss="dice", learning_r
 
     Returns: SegmentationModel, image (B, *inshape, 1) -> softmax (B, *inshape, nb_labels).
     """
-    if loss not in SEG_LOSSES:
+    if not isinstance(loss, str) or loss not in SEG_LOSSES:
         raise ValueError(f"loss must be one of {sorted(SEG_LOSSES)}, got {loss!r}")
     _check_learning_rate("segmentation_model", learning_rate)
     model = SegmentationModel(inshape, nb_labels, encoder, **unet_kwargs)
@@ -283,7 +328,7 @@ def _check_vxm_integers(vxm_kwargs):
     default only for nb_unet_levels (then taken from nb_unet_features) and for int_downsize, voxelmorph's deprecated
     name of int_resolution."""
     for key, least in (("int_steps", 0), ("nb_unet_levels", 1), ("int_resolution", 1), ("svf_resolution", 1),
-                       ("int_downsize", 1)):
+                       ("int_downsize", 1), ("nb_unet_conv_per_level", 1)):
         if key not in vxm_kwargs:
             continue
         value = vxm_kwargs[key]
@@ -298,7 +343,12 @@ def _vxm_downsampling(vxm_kwargs):
     features = vxm_kwargs.get("nb_unet_features")
     if features is None:
         features = vxm.py.utils.default_unet_features()
-    if isinstance(features, int):
+    pair = isinstance(features, (list, tuple)) and len(features) == 2 and all(
+        isinstance(side, (list, tuple)) and all(map(_positive_integer, side)) for side in features)
+    if not (_positive_integer(features) or pair and features[0]):
+        raise ValueError(f"registration_model: nb_unet_features must be a positive integer or [encoder features, "
+                         f"decoder features] (two lists of positive integers), got {features!r}")
+    if isinstance(features, (int, np.integer)):
         return 2 ** ((vxm_kwargs.get("nb_unet_levels") or 1) - 1)
     return 2 ** (len(features[0]) // vxm_kwargs.get("nb_unet_conv_per_level", 1))
 
@@ -376,6 +426,7 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         each (B, *inshape, F), -> [moved features, field, loss], the loss also added as this model adds it;
         F is the encoder's channels (1 without one). It shares this model's weights and optimizer, so fitting it on features encoded
         once (the encoder is frozen) trains this model."""
+        _check_compiled(self)
         sources = [self.references.source, self.references.target]
         # Keras gives a model built from intermediate tensors Inputs of its own, and the loss is kept
         # as an output so that it moves onto them too.
@@ -535,6 +586,10 @@ def pair_batches(images, batch_size=1, seed=None, first_step=0):
     RegistrationModel.
     """
     images = np.asarray(images, np.float32)
+    if images.ndim not in (4, 5) or images.shape[-1] != 1:
+        raise ValueError(f"pair_batches: images must be (N, *inshape, 1) with 2 or 3 spatial axes, got {images.shape}")
+    if not np.isfinite(images).all():
+        raise ValueError(f"pair_batches: the images hold {np.count_nonzero(~np.isfinite(images))} NaN/Inf values")
     if len(images) < 2:
         raise ValueError(f"registration training needs at least 2 images to pair, got {len(images)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

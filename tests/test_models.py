@@ -1,4 +1,6 @@
 """Downstream models (paper Sec. 2-3): segmentation_model and registration_model, on tiny shapes."""
+import re
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,30 @@ def test_soft_dice_takes_one_hot_labels_of_any_type_and_computes_in_float32():
             models.SoftDiceLoss()(tf.constant(not_one_hot), probabilities)
 
 
+def test_crossentropy_is_computed_in_float32_under_a_mixed_policy():
+    images, labels = blobs(2)
+    one_hot = tf.one_hot(labels, 3)
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = cifl_tf.segmentation_model(SHAPE, 3, loss="crossentropy", **TINY_UNET)
+        probabilities = model(images)
+        loss = model.loss(one_hot, probabilities)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert probabilities.dtype == tf.bfloat16 and loss.dtype == tf.float32
+    probabilities = np.float32(probabilities)  # Keras makes them sum to 1 first
+    expected = -np.mean(np.sum(one_hot * np.log(probabilities / probabilities.sum(-1, keepdims=True)), axis=-1))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape, unet_kwargs", [((27, 27), dict(nb_features=4, nb_levels=2, pool_size=3)),
+                                                ((32, 24), dict(nb_features=4, nb_levels=3, pool_size=(4, 2))),
+                                                (SHAPE, dict(nb_features=[[4], [8]], nb_levels=None))])
+def test_unet_pool_sizes_and_feature_lists_that_neurite_builds(shape, unet_kwargs):
+    model = cifl_tf.segmentation_model(shape, 3, **unet_kwargs)
+    assert model(np.zeros((1, *shape, 1), np.float32)).shape == (1, *shape, 3)
+
+
 def test_segmentation_baseline_learns_labels_with_the_default_dice_loss():
     images, labels = blobs(4)
     tf.keras.utils.set_random_seed(0)  # unseeded, the initialisation made it fail now and then
@@ -204,6 +230,12 @@ def test_model_saves_to_a_keras_file_only(tiny, kind, name, save_format, tmp_pat
     """The other formats wrote files that did not load (an unknown layer, or Functional missing its arguments)."""
     with pytest.raises(ValueError, match=f"Model saves to a .keras file only \\(save_model\\), got '.*{name}'"):
         tiny(kind, False).save(str(tmp_path / name), save_format=save_format)
+    assert not list(tmp_path.iterdir())
+
+
+def test_model_refuses_a_save_format_given_by_position(tiny, tmp_path):
+    with pytest.raises(ValueError, match="with save_format 'h5'"):  # written as HDF5 into model.keras before
+        tiny("segmentation", False).save(str(tmp_path / "model.keras"), True, "h5")
     assert not list(tmp_path.iterdir())
 
 
@@ -451,6 +483,39 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      "svf_resolution must be an integer >= 1, got None"),
     (lambda e: models.pair_batches(np.zeros((2, 8, 8, 1)), batch_size=0), ValueError,
      "batch_size must be a positive integer, got 0"),
+    # images without their channel axis gave batches that fit refused later; NaN trained NaN weights
+    *[(lambda e, images=images: models.pair_batches(images), ValueError,
+       rf"pair_batches: images must be \(N, \*inshape, 1\) with 2 or 3 spatial axes, got {re.escape(str(shape))}")
+      for images, shape in ((np.zeros((3, 8, 8)), (3, 8, 8)), (np.float32(1), ()))],
+    (lambda e: models.pair_batches(np.full((2, 8, 8, 1), np.nan)), ValueError, "hold 128 NaN/Inf values"),
+    # UNet arguments that neurite took wrongly or failed on deep inside
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, pool_size=3), ValueError,
+     r"\(32, 32\) must be divisible by 3 for a UNet of nb_levels=2"),
+    (lambda e: cifl_tf.segmentation_model((32, 36), 3, nb_features=4, nb_levels=3, pool_size=(2, 4)), ValueError,
+     r"\(32, 36\) must be divisible by \(4, 16\) for a UNet of nb_levels=3"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, pool_size=[2]), ValueError,
+     r"pool_size must be a positive integer or 2 of them, got \[2\]"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4.5, nb_levels=2), ValueError,
+     r"nb_features must be a positive integer or a list of lists of them \(each level's\), got 4.5"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=[4, 8]), ValueError,
+     r"nb_features must be .* got \[4, 8\]"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, nb_conv_per_level=0), ValueError,
+     "nb_conv_per_level must be a positive integer, got 0"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, conv_size=0), ValueError,
+     "conv_size must be a positive integer, got 0"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, loss=["dice"]), ValueError,
+     r"loss must be one of \['crossentropy', 'dice'\], got \['dice'\]"),
+    # VxmDense arguments that failed with a ZeroDivisionError or TypeError
+    (lambda e: cifl_tf.registration_model(SHAPE, nb_unet_conv_per_level=0, **TINY_VXM), ValueError,
+     "nb_unet_conv_per_level must be an integer >= 1, got 0"),
+    (lambda e: cifl_tf.registration_model(SHAPE, nb_unet_features=[8, 16]), ValueError,
+     r"nb_unet_features must be a positive integer or \[encoder features, decoder features\] \(two lists of "
+     r"positive integers\), got \[8, 16\]"),
+    (lambda e: cifl_tf.registration_model(SHAPE, unet_half_res=True, **TINY_VXM), TypeError,
+     r"may not set 'unet_half_res' \(voxelmorph's deprecated name: give svf_resolution=2\)"),
+    *[(lambda e, cls=cls, args=args: cls(SHAPE, *args).head(), ValueError,
+       rf"{cls.__name__}.head: compile the model first") for cls, args in ((models.SegmentationModel, (3,)),
+                                                                          (models.RegistrationModel, ()))],
     # Adam takes these, and trains NaN weights or ascends the loss
     *[(lambda e, rate=rate: cifl_tf.segmentation_model(SHAPE, 3, learning_rate=rate, **TINY_UNET), ValueError,
        rf"segmentation_model: learning_rate must be a positive number, got {rate!r}")

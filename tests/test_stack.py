@@ -34,14 +34,29 @@ def test_channels_are_the_describers_features_concatenated_and_l2_normalised(des
     assert stack.receptive_radius == max(tiling.receptive_radius(part) for part in parts) == (10 if ndim == 2 else 8)
 
 
-@pytest.mark.parametrize("ndim, max_memory", [(2, 10 ** 9), (2, 200_000), (3, 10 ** 9), (3, 300_000)],
-                         ids=["2d-whole", "2d-tiles", "3d-whole", "3d-tiles"])
-def test_tiled_features_equal_untiled(describers, ndim, max_memory):
-    """Each describer tiled its own way (a Triplanar by whole slices), then normalised together."""
+@pytest.mark.parametrize("ndim, max_memory, encoder_tiled", [(2, 10 ** 9, False), (2, 100_000, True),
+                                                              (3, 10 ** 9, False), (3, 300_000, False),
+                                                              (3, 90_000, True)],
+                         ids=["2d-whole", "2d-tiles", "3d-whole", "3d-tiles", "3d-slice-tiles"])
+def test_tiled_features_equal_untiled(encoder, describers, ndim, max_memory, encoder_tiled, monkeypatch):
+    """Each describer tiled its own way (a Triplanar by whole slices, or by tiles of a slice where one does not
+    fit), then normalised together; `encoder_tiled`: whether the encoder's part runs in tiles smaller than its
+    image (2D) or slice (Triplanar)."""
+    tiled_channels = []
+
+    def spy(call, image, radius, core, out):
+        if tuple(core) != image.shape:
+            tiled_channels.append(out.shape[-1])
+        return map_tiles(call, image, radius, core, out)
+
+    map_tiles = tiling.map_tiles
     stack = FeatureStack(describers[ndim])
     image = np.random.default_rng(5).random((40, 36, 6)[:ndim] if ndim == 3 else (60, 52), np.float32)
-    np.testing.assert_allclose(tiling.tiled_features(stack, image, max_memory), stack(image[None, ..., None])[0],
-                               atol=1e-5)
+    untiled = stack(image[None, ..., None])[0]
+    monkeypatch.setattr(tiling, "map_tiles", spy)
+    np.testing.assert_allclose(tiling.tiled_features(stack, image, max_memory), untiled, atol=1e-5)
+    assert describers[ndim][1].channels != encoder.channels  # the calls are told apart by their channels
+    assert (encoder.channels in tiled_channels) == encoder_tiled
 
 
 def test_saves_and_loads_with_the_same_outputs(encoder, tmp_path):
@@ -108,6 +123,7 @@ def test_describers_of_the_same_names_are_copies_with_names_of_their_own():
 
 
 def test_an_encoder_built_inside_two_describers_is_copied_into_the_second(encoder):
+    encoder(np.zeros((1, 8, 8, 1), np.float32))  # its convolutions built, whatever ran before
     stack = FeatureStack([Triplanar(encoder), Triplanar(encoder, name="other")])
     assert stack.describers[1].encoder is not encoder
 
