@@ -206,6 +206,8 @@ def _output_file(path):
 
 def _output_folder(folder):
     """Checks an output folder before any work: it, or the nearest parent that exists, takes files."""
+    if not folder:
+        raise ValueError("the output folder is an empty name (an unset shell variable?)")
     existing = folder
     while not os.path.lexists(existing):  # the missing part is made when the results are written
         existing = os.path.dirname(os.path.abspath(existing))
@@ -661,7 +663,7 @@ def _add_train_args(p, epochs, batch_size, learning_rate):
 
 
 def _demo(args):
-    out = args.out or ("cifl-demo-3d" if args.three_d else "cifl-demo")
+    out = args.out if args.out is not None else "cifl-demo-3d" if args.three_d else "cifl-demo"
     _output_folder(out)  # before minutes of work, not when the tables are written
     encoder = None if args.encoder is None else load_encoder(args.encoder)
     # the demo data needs nilearn, an optional dependency: imported only here
@@ -862,7 +864,8 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if argv is None:  # the console command, not a call from Python
         if args.command in ONEDNN_COMMANDS:
-            machine.relaunch_with_onednn(f"cifl {args.command}", ["-m", "cifl_tf.cli", *sys.argv[1:]])
+            # -P: the cifl_tf this console command imported, not one in the working folder
+            machine.relaunch_with_onednn(f"cifl {args.command}", ["-P", "-m", "cifl_tf.cli", *sys.argv[1:]])
         # SIGTERM (kill, timeout, SLURM, docker stop) would end the process where it stands, leaving the
         # temporary file of an unfinished write.
         signal.signal(signal.SIGTERM, _terminated)

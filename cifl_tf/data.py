@@ -433,7 +433,7 @@ def _json_safe(value):
         return [_json_safe(item) for item in value]
     if isinstance(value, (float, np.floating)) and not np.isfinite(value):
         return None
-    return value
+    return value.item() if isinstance(value, np.generic) else value  # NumPy scalars as JSON's numbers
 
 
 def write_json(path, content):

@@ -6,14 +6,15 @@ recommended encoder (``pretrained()``, or one of your own: ``run_demo(encoder=..
 and on the contrasts they never saw (inverted T1, T2-like, PD-like), prints the tables and writes results and
 figures.
 """
-import json
 import os
+import pathlib
 import time
 
 import numpy as np
 
 from . import demo_data, experiments, figures, machine
 from .checkpoint import SETTINGS_FILE
+from .data import write_atomically, write_json
 from .encoder import PRETRAINED_RECOMMENDED, pretrained, pretrained_info, pretrained_log
 from .evaluate import segment
 from .models import warp, warp_labels
@@ -46,8 +47,9 @@ def _logged_loss(settings):
     """What a train_encoder run with these settings logged as its loss (None: settings unknown)."""
     if settings is None:
         return "its loss"
-    pixel = settings.get("pixel_contrast") or 0
-    return "Eq. 1" + (f" + {pixel:g} x pixel InfoNCE" if pixel else "")
+    pixel, scales = settings.get("pixel_contrast") or 0, list(settings.get("loss_scales") or [1])
+    return ("Eq. 1" + (f" averaged over scales {','.join(map(str, scales))}" if scales != [1] else "")
+            + (f" + {pixel:g} x pixel InfoNCE" if pixel else ""))
 
 
 def _task_table(title, results, tests):
@@ -194,13 +196,16 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
         raise ValueError(f"encoder_log {encoder_log!r} is the log of a given encoder, but no encoder was given")
     if encoder_log is not None and not os.path.isfile(encoder_log):  # else found missing after all the training
         raise ValueError(f"encoder_log {encoder_log!r}: no such file")
+    if seed is None:  # the models' initialisation would fail after the data is made
+        raise ValueError("the demo needs an integer seed, got None")
     logs = training_logs(encoder, encoder_log)  # a run's settings read before the training, not after it
+    for log in logs.values():  # read now, not after all the training
+        figures.read_training_log(log)
     from .cli import _output_folder  # the CLI's check, imported here as seeds_main does
     _output_folder(out_dir)  # an unusable folder fails now, not after the training
     start = time.time()
     sizes, data, train, test = _demo_subjects(quick, seed)
     n_subjects = len(data.labels)
-    os.makedirs(out_dir, exist_ok=True)
     labels = data.labels
     compared = methods(encoder)
 
@@ -221,17 +226,23 @@ def run_demo(out_dir="cifl-demo", quick=False, seed=0, encoder=None, encoder_log
                                  f"wall time {seconds:.0f} s; tf.matmul 2048^2 float32 " \
                                  f"in this run: {gflops:.1f} GFLOP/s; {machine.describe()}"
     print("\n" + text)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write("```\n" + text + "\n```\n")
     summary = {task: {name: {t: s.summary() for t, s in tests.items()} for name, tests in results.items()}
                for task, results in (("segmentation", seg), ("registration", reg))}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"seconds": seconds, "matmul_gflops": gflops, "seed": seed, "quick": quick, "subjects": n_subjects,
-                   "shipped_encoder": encoder is None, **summary}, f, indent=2, default=float)
+    write_results(out_dir, text, {"seconds": seconds, "matmul_gflops": gflops, "seed": seed, "quick": quick,
+                                  "subjects": n_subjects, "shipped_encoder": encoder is None, **summary})
 
     _figures(out_dir, data, test, seg_models, reg_models, compared[CIFL], logs)
     print(f"results and figures written to {out_dir}/, {time.time() - start:.0f} s in all")
     return {"segmentation": seg, "registration": reg}
+
+
+def write_results(out_dir, text, results):
+    """Makes `out_dir` (only now: a demo that fails leaves no folder) and writes table.md (`text`) and results.json
+    (`results`), each atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomically(os.path.join(out_dir, "table.md"), lambda temporary: pathlib.Path(temporary).write_text(
+        "```\n" + text + "\n```\n"))
+    write_json(os.path.join(out_dir, "results.json"), results)
 
 
 def _figures(out_dir, data, test, seg_models, reg_models, encoder, training_logs):

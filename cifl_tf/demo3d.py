@@ -10,14 +10,13 @@ rows are measured against: subject 0 rendered in the fixed image's contrast, reg
 that contrast allows without a contrast change (its T1 row repeats the NCC row's registration, so that every row
 has every target).
 """
-import json
 import os
 import time
 
 import numpy as np
 
 from . import demo_data, figures, metrics
-from .demo import _check_ndim
+from .demo import _check_ndim, write_results
 from .descriptors import MIND
 from .encoder import pretrained
 from .instance import register_pair
@@ -75,7 +74,6 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
     start = time.perf_counter()
     sizes = SIZES["quick" if quick else "demo"]
     data = demo_data.demo_volumes(n_subjects=2, seed=seed, voxel_size=sizes["voxel_size"])  # checks the seed
-    os.makedirs(out_dir, exist_ok=True)
     gflops = matmul_gflops()
     moving, (moving_labels, fixed_labels) = data.images["t1"][0], data.labels
     identity = np.zeros((*moving.shape, moving.ndim), np.float32)
@@ -102,7 +100,8 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
     grid = "x".join(map(str, moving.shape))
     title = (f"3D registration without training (instance optimisation, levels {sizes['levels']}, "
              f"{sizes['steps']} steps each): T1 of subject 0 -> subject 1, {grid} voxels of {sizes['voxel_size']} mm; "
-             f"{SAME_CONTRAST}: subject 0 in the fixed contrast, the reference"
+             f"{SAME_CONTRAST}: subject 0 in the fixed contrast, the reference; a method's first registration "
+             f"(T1) includes tracing its levels' models, which later registrations reuse"
              + ("; --quick: a smoke run, whose fields move the labels by less than half a voxel, so that every row "
                 "keeps the unregistered Dice" if quick else ""))
     seconds = time.perf_counter() - start
@@ -110,12 +109,9 @@ def run_demo_3d(out_dir="cifl-demo-3d", quick=False, seed=0, encoder=None, verbo
             f"{gflops:.1f} GFLOP/s; {describe()}")
     text = "\n".join([_table(results, title), note])
     print("\n" + text)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write("```\n" + text + "\n```\n")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"seconds": seconds, "matmul_gflops": gflops, "seed": seed, "quick": quick,
-                   "shipped_encoder": encoder is None, "shape": list(moving.shape), **sizes, "results": results}, f,
-                  indent=2)
+    write_results(out_dir, text, {"seconds": seconds, "matmul_gflops": gflops, "seed": seed, "quick": quick,
+                                  "shipped_encoder": encoder is None, "shape": list(moving.shape), **sizes,
+                                  "results": results})
     _figures(out_dir, data.images, fixed_labels, moved)
     print(f"results and figures written to {out_dir}/, {time.perf_counter() - start:.0f} s in all")
     return results

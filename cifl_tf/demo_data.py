@@ -306,7 +306,7 @@ def _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std):
     if seed is not None:
         _check_int("seed", seed, 0, 2 ** 32 - 1)  # Keras' seeds of the models trained on the subjects
     rendering = dict(warp_std=warp_std, intensity_jitter=intensity_jitter, bias_std=bias_std, noise_std=noise_std)
-    for name, high in (("warp_std", MAX_WARP_STD), ("intensity_jitter", 1), ("bias_std", 5), ("noise_std", np.inf)):
+    for name, high in (("warp_std", MAX_WARP_STD), ("intensity_jitter", 1), ("bias_std", 5), ("noise_std", 10)):
         _check_number(name, rendering[name], 0, high)
     return rendering
 

@@ -162,15 +162,25 @@ def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, tit
     return _save(figure, path)
 
 
+def read_training_log(path):
+    """(epochs counted from 1, losses) of a Keras CSVLogger log; ValueError naming the file if it lacks the
+    columns epoch and loss or holds a row that is not numbers."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return [int(r["epoch"]) + 1 for r in rows], [float(r["loss"]) for r in rows]
+    except (KeyError, TypeError, ValueError) as error:  # a column missing, a short row, or not a number
+        raise ValueError(f"{path}: not a training log with numeric columns epoch and loss "
+                         f"({type(error).__name__}: {error})") from None
+
+
 def training_curves(logs, path, title="CIFL encoder training"):
     """The loss per epoch of several training runs: {name: path of a Keras CSVLogger log}."""
     figure, axis = plt.subplots(figsize=(5, 3.2))
     losses = []
     for name, log in logs.items():
-        with open(log) as f:
-            rows = list(csv.DictReader(f))
-        loss = [float(r["loss"]) for r in rows]
-        axis.plot([int(r["epoch"]) + 1 for r in rows], loss, label=name)
+        epochs, loss = read_training_log(log)
+        axis.plot(epochs, loss, label=name)
         losses += loss
     # the first epochs at low temperature can be far above the rest; a symlog axis of less than a decade
     # would label no tick

@@ -40,12 +40,17 @@ def onednn_enabled():
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16, the first with bfloat16 arithmetic
+_ISAS_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def native_bfloat16():
     """Whether TensorFlow's CPU kernels can compute bfloat16 in hardware here: with oneDNN on, on a CPU with
     AVX512_BF16 or AMX. Without oneDNN they emulate it: on an AVX-512 CPU with AMX, an encoder training step in
     mixed_bfloat16 took 15.4 s against 1.2 s in float32 with oneDNN off, and 0.14 s against 0.51 s with it on
     (README)."""
-    return onednn_enabled() and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BFLOAT16
+    return onednn_enabled() and not capped and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
 def usable_cpus():
@@ -54,8 +59,11 @@ def usable_cpus():
 
 
 def describe():
-    """One line for beside a timing: the CPUs this process may use, their vector flags and whether oneDNN is on."""
-    return f"{usable_cpus()} CPUs; CPU flags: {cpu_flags()}; oneDNN {'on' if onednn_enabled() else 'off'}"
+    """One line for beside a timing: the CPUs this process may use, their vector flags and whether oneDNN is on
+    (and capped at which instruction set, as ONEDNN_MAX_CPU_ISA=AVX2 stands in for an AVX2-only CPU)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    onednn = "on" + (f", capped at {cap} (ONEDNN_MAX_CPU_ISA)" if cap else "") if onednn_enabled() else "off"
+    return f"{usable_cpus()} CPUs; CPU flags: {cpu_flags()}; oneDNN {onednn}"
 
 
 def relaunch_with_onednn(name, arguments):

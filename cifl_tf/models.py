@@ -578,16 +578,16 @@ def pair_batches(images, batch_size=1, seed=None, first_step=0):
     same pairs as one that ran through.
 
     Args:
-        images: (N, *inshape, 1), N >= 2.
+        images: (N, *inshape, C), N >= 2: images (C = 1), or their features for a model's ``head``.
         seed: integer for a reproducible draw; None: a fresh random seed.
         first_step: the index of the first batch (a resumed run's initial_epoch * steps_per_epoch).
 
-    Returns: tf.data.Dataset of ((moving, fixed),), each (batch_size, *inshape, 1): the input of a
-    RegistrationModel.
+    Returns: tf.data.Dataset of ((moving, fixed),), each (batch_size, *inshape, C): the input of a
+    RegistrationModel (or of its head).
     """
     images = np.asarray(images, np.float32)
-    if images.ndim not in (4, 5) or images.shape[-1] != 1:
-        raise ValueError(f"pair_batches: images must be (N, *inshape, 1) with 2 or 3 spatial axes, got {images.shape}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"pair_batches: images must be (N, *inshape, C) with 2 or 3 spatial axes, got {images.shape}")
     if not np.isfinite(images).all():
         raise ValueError(f"pair_batches: the images hold {np.count_nonzero(~np.isfinite(images))} NaN/Inf values")
     if len(images) < 2:

@@ -69,6 +69,45 @@ def test_training_curves_show_the_compared_encoders_that_have_a_log_naming_its_l
     assert demo.training_logs(encoder, log) == expected
 
 
+@pytest.mark.parametrize("settings, legend", [
+    ({"loss_scales": [1, 2, 4], "pixel_contrast": 0}, "Eq. 1 averaged over scales 1,2,4"),
+    ({"loss_scales": [1], "pixel_contrast": 0.3}, "Eq. 1 + 0.3 x pixel InfoNCE"),
+    ({"loss_scales": [1, 2], "pixel_contrast": 0.5}, "Eq. 1 averaged over scales 1,2 + 0.5 x pixel InfoNCE"),
+    ({}, "Eq. 1"),  # settings written before these options
+])
+def test_the_training_curves_legend_names_the_logged_loss(settings, legend):
+    assert demo._logged_loss(settings) == legend
+
+
+@pytest.mark.parametrize("log, message", [
+    ("epoch,total_loss\n0,3\n", "not a training log with numeric columns epoch and loss (KeyError: 'loss')"),
+    ("epoch,loss\n0,3\n1\n", "not a training log with numeric columns epoch and loss (TypeError"),  # truncated
+    ("epoch,loss\n0,nan?\n", "not a training log with numeric columns epoch and loss (ValueError"),
+])
+def test_demo_refuses_a_bad_encoder_log_before_training(tmp_path, monkeypatch, log, message):
+    (tmp_path / "log.csv").write_text(log)
+    monkeypatch.setattr(demo, "_demo_subjects", lambda *a: pytest.fail("the demo started before reading the log"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        demo.run_demo(str(tmp_path / "out"), quick=True, encoder=cifl_tf.CIFLEncoder(channels=4, features=4),
+                      encoder_log=str(tmp_path / "log.csv"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_a_seed_of_none_before_working(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "_demo_subjects", lambda *a: pytest.fail("the demo started before checking the seed"))
+    with pytest.raises(ValueError, match="the demo needs an integer seed, got None"):
+        demo.run_demo(str(tmp_path / "out"), quick=True, seed=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_results_are_written_with_numpy_values_and_only_then_the_folder_made(tmp_path):
+    out = tmp_path / "new" / "out"
+    demo.write_results(str(out), "a table", {"seed": np.int64(3), "dice": np.float32(0.5), "missing": float("nan"),
+                                             "ok": np.bool_(True)})
+    assert json.loads((out / "results.json").read_text()) == {"seed": 3, "dice": 0.5, "missing": None, "ok": True}
+    assert (out / "table.md").read_text() == "```\na table\n```\n"
+
+
 @pytest.mark.parametrize("encoder, log, message", [
     (cifl_tf.CIFLEncoder(channels=4, features=4, ndim=3), None, "needs a 2D encoder, got a 3D"),
     (MIND(ndim=3), None, "needs a 2D encoder, got a 3D"),
@@ -134,7 +173,8 @@ def test_only_the_console_commands_that_resume_nothing_restart(monkeypatch, argv
         pass
 
     def restart(name, arguments):
-        assert name == f"cifl {argv[0]}" and arguments == ["-m", "cifl_tf.cli", *argv]
+        # -P: the restarted process imports the cifl_tf this one did, not one in the working folder
+        assert name == f"cifl {argv[0]}" and arguments == ["-P", "-m", "cifl_tf.cli", *argv]
         raise Restarted
 
     monkeypatch.setattr(sys, "argv", ["cifl", *argv])

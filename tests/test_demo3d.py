@@ -186,6 +186,7 @@ def test_demo_refuses_an_empty_encoder_path(tmp_path, capsys, options):
 
 @pytest.mark.parametrize("options", [[], ["--3d"]], ids=["2d", "3d"])
 @pytest.mark.parametrize("out, message", [
+    ("", "the output folder is an empty name (an unset shell variable?)"),  # was the default folder
     ("file/out", "is not a folder"),  # under a file
     ("file", "is not a folder"),
     ("/proc/cifl-demo", "cannot write in /proc"),  # a folder that takes no files, even for root
@@ -195,7 +196,7 @@ def test_demo_refuses_an_unusable_output_folder_before_working(tmp_path, monkeyp
     monkeypatch.setattr(demo, "run_demo", started)
     monkeypatch.setattr(demo3d, "run_demo_3d", started)
     (tmp_path / "file").write_text("")
-    assert cli.main(["demo", *options, "--quick", "--out", str(tmp_path / out)]) == 2
+    assert cli.main(["demo", *options, "--quick", "--out", out and str(tmp_path / out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
 

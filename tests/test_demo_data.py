@@ -106,6 +106,7 @@ def test_slices_overlay_the_oasis_layout(oasis_sample):
     ("n_subjects", 0), ("seed", -1), ("shape", (160,)), ("shape", (160, 0)), ("shape", (1, 1)), ("slice_index", 500),
     ("warp_std", -1.0), ("intensity_jitter", 1.5), ("slice_jitter", 200), ("seed", 2 ** 32),
     ("bias_std", 30.0),  # its bias fields overflowed float32: NaN images
+    ("noise_std", 1e39),  # as did its noise
     ("warp_std", demo_data.MAX_WARP_STD),  # larger fields folded
 ])
 def test_bad_arguments_are_named(name, value):

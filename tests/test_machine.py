@@ -32,9 +32,21 @@ def test_cpu_flags_lists_the_vector_flags(tmp_path, monkeypatch, cpuinfo, expect
     (True, "avx avx2 avx512_vnni avx512f fma", False), (False, "amx_bf16 avx512_bf16", False),
     (True, "unknown (no /proc/cpuinfo)", False)])
 def test_native_bfloat16_needs_onednn_and_bfloat16_units(monkeypatch, onednn_on, flags, native):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
     monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
     assert machine.native_bfloat16() is native
+
+
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                                         ("AVX10_1_512_AMX", True), ("ALL", True)])
+def test_a_onednn_cap_below_bfloat16_is_reported_and_not_native(monkeypatch, cap, native):
+    """ONEDNN_MAX_CPU_ISA=AVX2 stands in for an AVX2-only CPU: the machine line said AVX-512 and oneDNN on."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(machine, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: "avx2 avx512_bf16 avx512f")
+    assert machine.native_bfloat16() is native
+    assert machine.describe().endswith(f"oneDNN on, capped at {cap} (ONEDNN_MAX_CPU_ISA)")
 
 
 @pytest.mark.integration

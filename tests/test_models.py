@@ -485,7 +485,7 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      "batch_size must be a positive integer, got 0"),
     # images without their channel axis gave batches that fit refused later; NaN trained NaN weights
     *[(lambda e, images=images: models.pair_batches(images), ValueError,
-       rf"pair_batches: images must be \(N, \*inshape, 1\) with 2 or 3 spatial axes, got {re.escape(str(shape))}")
+       rf"pair_batches: images must be \(N, \*inshape, C\) with 2 or 3 spatial axes, got {re.escape(str(shape))}")
       for images, shape in ((np.zeros((3, 8, 8)), (3, 8, 8)), (np.float32(1), ()))],
     (lambda e: models.pair_batches(np.full((2, 8, 8, 1), np.nan)), ValueError, "hold 128 NaN/Inf values"),
     # UNet arguments that neurite took wrongly or failed on deep inside
