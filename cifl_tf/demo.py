@@ -240,9 +240,9 @@ def write_results(out_dir, text, results):
     """Makes `out_dir` (only now: a demo that fails leaves no folder) and writes table.md (`text`) and results.json
     (`results`), each atomically."""
     os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "results.json"), results)
     write_atomically(os.path.join(out_dir, "table.md"), lambda temporary: pathlib.Path(temporary).write_text(
         "```\n" + text + "\n```\n"))
-    write_json(os.path.join(out_dir, "results.json"), results)
 
 
 def _figures(out_dir, data, test, seg_models, reg_models, encoder, training_logs):

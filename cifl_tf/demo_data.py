@@ -231,7 +231,7 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
             and contrast; below 0.04 they cannot reverse the PD ordering GM > CSF.
         bias_std: SD of the log of the multiplicative bias fields, below 5 (already gains of e^+-15 at three
             SDs; from about 20 they overflow float32).
-        noise_std: SD of the Gaussian noise, relative to the brightest tissue.
+        noise_std: SD of the Gaussian noise, relative to the brightest tissue, below 10.
 
     Returns: a ``DemoDataset``: ``labels`` (N, H, W) int32 in 0..3, ``images[contrast]`` (N, H, W)
     float32 in [0, 1] for every contrast of ``CONTRASTS``, ``subjects``; ``inputs(contrast)`` gives

@@ -186,7 +186,8 @@ class NCC(vxm.losses.NCC):
 
     def ncc(self, Ii, Ji):
         Ji = tf.convert_to_tensor(Ji)
-        dtype = Ji.dtype  # y_pred's, as Keras losses give; 16-bit squares and variances overflow, so float32 within
+        # y_pred's dtype, as Keras losses give, if a float; 16-bit squares and variances overflow: float32 within
+        dtype = Ji.dtype if Ji.dtype.is_floating else tf.float32
         Ii, Ji = (tf.cast(image, tf.float32 if dtype.size < 4 else dtype) for image in (Ii, Ji))
         ndims = Ji.shape.rank - 2
         if ndims not in (1, 2, 3):

@@ -44,12 +44,19 @@ def onednn_enabled():
 _ISAS_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
+def onednn_cap():
+    """(variable, value) of the instruction-set cap set for oneDNN (ONEDNN_MAX_CPU_ISA, or DNNL_MAX_CPU_ISA, its
+    older name), or None."""
+    return next(((name, os.environ[name]) for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+                 if os.environ.get(name)), None)
+
+
 def native_bfloat16():
     """Whether TensorFlow's CPU kernels can compute bfloat16 in hardware here: with oneDNN on, on a CPU with
     AVX512_BF16 or AMX. Without oneDNN they emulate it: on an AVX-512 CPU with AMX, an encoder training step in
     mixed_bfloat16 took 15.4 s against 1.2 s in float32 with oneDNN off, and 0.14 s against 0.51 s with it on
     (README)."""
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BFLOAT16
+    capped = (onednn_cap() or ("", ""))[1].upper() in _ISAS_WITHOUT_BFLOAT16
     return onednn_enabled() and not capped and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
@@ -61,8 +68,8 @@ def usable_cpus():
 def describe():
     """One line for beside a timing: the CPUs this process may use, their vector flags and whether oneDNN is on
     (and capped at which instruction set, as ONEDNN_MAX_CPU_ISA=AVX2 stands in for an AVX2-only CPU)."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    onednn = "on" + (f", capped at {cap} (ONEDNN_MAX_CPU_ISA)" if cap else "") if onednn_enabled() else "off"
+    cap = onednn_cap()
+    onednn = "on" + (f", capped at {cap[1]} ({cap[0]})" if cap else "") if onednn_enabled() else "off"
     return f"{usable_cpus()} CPUs; CPU flags: {cpu_flags()}; oneDNN {onednn}"
 
 
@@ -76,4 +83,8 @@ def relaunch_with_onednn(name, arguments):
         return
     print(f"{name}: restarting with TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1; set it to 0 to keep "
           f"them off)", file=sys.stderr, flush=True)
-    os.execve(sys.executable, [sys.executable, *arguments], {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})
+    # the cifl_tf this process imported first on the path, so that the new process imports it too
+    path = os.pathsep.join(filter(None, (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         os.environ.get("PYTHONPATH"))))
+    os.execve(sys.executable, [sys.executable, *arguments],
+              {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "PYTHONPATH": path})

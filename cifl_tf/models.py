@@ -53,7 +53,6 @@ _VXM_RESERVED = {
     "bidir": "the unsupervised loss covers the forward direction only",
     "use_probs": "the unsupervised loss has no KL term",
     "hyp_model": "HyperMorph is not supported",
-    "unet_half_res": "voxelmorph's deprecated name: give svf_resolution=2",
 }
 
 
@@ -113,14 +112,15 @@ def _check_unet(unet_kwargs, ndim):
                          f"got {features!r}")
     elif not _positive_integer(levels):
         raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
-    for key in ("nb_conv_per_level", "conv_size"):
-        if not _positive_integer(unet_kwargs[key]):
-            raise ValueError(f"{key} must be a positive integer, got {unet_kwargs[key]!r}")
-    pool = unet_kwargs.get("pool_size", 2)
-    pool = [pool] * ndim if _positive_integer(pool) else pool
-    if not isinstance(pool, (list, tuple)) or len(pool) != ndim or not all(map(_positive_integer, pool)):
-        raise ValueError(f"pool_size must be a positive integer or {ndim} of them, got {unet_kwargs['pool_size']!r}")
-    return levels, tuple(int(p) for p in pool)
+    if not _positive_integer(unet_kwargs["nb_conv_per_level"]):
+        raise ValueError(f"nb_conv_per_level must be a positive integer, got {unet_kwargs['nb_conv_per_level']!r}")
+    sizes = {key: unet_kwargs.get(key, 2) for key in ("conv_size", "pool_size")}  # neurite's pool_size default: 2
+    for key, size in sizes.items():
+        size = [size] * ndim if _positive_integer(size) else size
+        if not isinstance(size, (list, tuple)) or len(size) != ndim or not all(map(_positive_integer, size)):
+            raise ValueError(f"{key} must be a positive integer or {ndim} of them, got {unet_kwargs[key]!r}")
+        sizes[key] = tuple(int(s) for s in size)
+    return levels, sizes["pool_size"]
 
 
 def _check_compiled(model):
@@ -227,7 +227,7 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
         encoder = _check_encoder(encoder, inshape)
         unet_kwargs = {**UNET_DEFAULTS, **as_json_holds(unet_kwargs)}  # NumPy values too, as the config holds them
         levels, pool = _check_unet(unet_kwargs, len(inshape))
-        _check_divisible(inshape, np.power(pool, levels - 1), f"a UNet of nb_levels={levels}", "nb_levels")
+        _check_divisible(inshape, [p ** (levels - 1) for p in pool], f"a UNet of nb_levels={levels}", "nb_levels")
 
         image = tf.keras.Input((*inshape, 1), name="image")
         features = image if encoder is None else encoder(image)
@@ -345,7 +345,7 @@ def _vxm_downsampling(vxm_kwargs):
         features = vxm.py.utils.default_unet_features()
     pair = isinstance(features, (list, tuple)) and len(features) == 2 and all(
         isinstance(side, (list, tuple)) and all(map(_positive_integer, side)) for side in features)
-    if not (_positive_integer(features) or pair and features[0]):
+    if not (_positive_integer(features) or pair):
         raise ValueError(f"registration_model: nb_unet_features must be a positive integer or [encoder features, "
                          f"decoder features] (two lists of positive integers), got {features!r}")
     if isinstance(features, (int, np.integer)):
@@ -377,6 +377,8 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         for key in vxm_kwargs:
             if key in _VXM_RESERVED:
                 raise TypeError(f"registration_model: vxm_kwargs may not set {key!r} ({_VXM_RESERVED[key]})")
+        if vxm_kwargs.get("unet_half_res"):  # it would set svf_resolution behind the checks below
+            raise TypeError("registration_model: unet_half_res is voxelmorph's deprecated name: give svf_resolution=2")
         vxm_kwargs = as_json_holds(vxm_kwargs)  # NumPy values too, as the config holds them
         reg_weight = _registration_weight(similarity, reg_weight)
         _check_vxm_integers(vxm_kwargs)

@@ -49,7 +49,7 @@ def _positive_ints(name, values):
     if isinstance(values, tf.TensorShape):
         values = values.as_list()
     if not isinstance(values, (list, tuple, range, np.ndarray)):
-        raise ValueError(f"{name} must be a list or tuple of positive integers, got {values!r}")
+        raise ValueError(f"{name} must be positive integers, got {values!r}")
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
                          for v in values):

@@ -7,6 +7,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -97,6 +98,18 @@ def test_demo_refuses_a_seed_of_none_before_working(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "_demo_subjects", lambda *a: pytest.fail("the demo started before checking the seed"))
     with pytest.raises(ValueError, match="the demo needs an integer seed, got None"):
         demo.run_demo(str(tmp_path / "out"), quick=True, seed=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_demo_that_fails_while_training_leaves_no_folder(tmp_path, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("stopped while training")
+
+    subjects = (demo._sizes(True), types.SimpleNamespace(labels=[0, 0]), [0], [1])
+    monkeypatch.setattr(demo, "_demo_subjects", lambda *a: subjects)
+    monkeypatch.setattr(demo, "_segmentation_row", fail)
+    with pytest.raises(RuntimeError, match="stopped while training"):
+        demo.run_demo(str(tmp_path / "out"), quick=True)
     assert not (tmp_path / "out").exists()
 
 

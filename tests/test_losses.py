@@ -307,6 +307,14 @@ def test_ncc_of_float16_images_is_computed_in_float32():
     np.testing.assert_allclose(np.float32(low), exact, rtol=1e-2)
 
 
+def test_ncc_of_integer_images_is_computed_and_given_in_float32():
+    fixed, moved = (np.random.default_rng(seed).integers(0, 100, (1, 16, 16, 1)) for seed in (0, 1))
+    moved = (fixed + moved) // 2
+    loss = cifl_tf.losses.NCC().loss(fixed.astype(np.int16), moved.astype(np.int16))  # int16 0 before
+    assert loss.dtype == tf.float32
+    np.testing.assert_allclose(loss, cifl_tf.losses.NCC().loss(np.float32(fixed), np.float32(moved)), rtol=1e-6)
+
+
 def test_pixel_contrastive_loss_takes_any_max_pixels():
     f1, f2 = features((1, 8, 8, 4), seed=0)  # every = ceil(64 / max_pixels) overflowed int32 from 2^31 on
     for max_pixels in (2 ** 31 - 1, 2 ** 31, 10 ** 12):

@@ -33,6 +33,7 @@ def test_cpu_flags_lists_the_vector_flags(tmp_path, monkeypatch, cpuinfo, expect
     (True, "unknown (no /proc/cpuinfo)", False)])
 def test_native_bfloat16_needs_onednn_and_bfloat16_units(monkeypatch, onednn_on, flags, native):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
     monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
     assert machine.native_bfloat16() is native
@@ -42,11 +43,16 @@ def test_native_bfloat16_needs_onednn_and_bfloat16_units(monkeypatch, onednn_on,
                                          ("AVX10_1_512_AMX", True), ("ALL", True)])
 def test_a_onednn_cap_below_bfloat16_is_reported_and_not_native(monkeypatch, cap, native):
     """ONEDNN_MAX_CPU_ISA=AVX2 stands in for an AVX2-only CPU: the machine line said AVX-512 and oneDNN on."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     monkeypatch.setattr(machine, "onednn_enabled", lambda: True)
     monkeypatch.setattr(machine, "cpu_flags", lambda: "avx2 avx512_bf16 avx512f")
     assert machine.native_bfloat16() is native
     assert machine.describe().endswith(f"oneDNN on, capped at {cap} (ONEDNN_MAX_CPU_ISA)")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)  # its older name
+    assert machine.native_bfloat16() is native
+    assert machine.describe().endswith(f"oneDNN on, capped at {cap} (DNNL_MAX_CPU_ISA)")
 
 
 @pytest.mark.integration
@@ -83,6 +89,8 @@ def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, ca
     [(program, arguments, environment)] = calls
     assert program == sys.executable and arguments == [sys.executable, "-m", "cifl_tf.cli", "demo", "--quick"]
     assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    # the folder holding the cifl_tf this process imported comes first, for `python -P -m cifl_tf.cli` too
+    assert environment["PYTHONPATH"].split(os.pathsep)[0] == os.path.dirname(os.path.dirname(machine.__file__))
     assert capsys.readouterr().err.startswith("cifl demo: restarting with TensorFlow's oneDNN kernels on")
 
 

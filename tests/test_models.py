@@ -129,10 +129,18 @@ def test_crossentropy_is_computed_in_float32_under_a_mixed_policy():
 
 @pytest.mark.parametrize("shape, unet_kwargs", [((27, 27), dict(nb_features=4, nb_levels=2, pool_size=3)),
                                                 ((32, 24), dict(nb_features=4, nb_levels=3, pool_size=(4, 2))),
-                                                (SHAPE, dict(nb_features=[[4], [8]], nb_levels=None))])
+                                                (SHAPE, dict(nb_features=[[4], [8]], nb_levels=None)),
+                                                (SHAPE, dict(nb_features=4, nb_levels=2, conv_size=(3, 5)))])
 def test_unet_pool_sizes_and_feature_lists_that_neurite_builds(shape, unet_kwargs):
     model = cifl_tf.segmentation_model(shape, 3, **unet_kwargs)
     assert model(np.zeros((1, *shape, 1), np.float32)).shape == (1, *shape, 3)
+
+
+@pytest.mark.parametrize("vxm_kwargs", [dict(unet_half_res=False, nb_unet_features=[[4, 4], [4, 4, 4]], int_steps=0),
+                                        dict(nb_unet_features=[[], [4, 4]], int_steps=0)])  # no encoder level
+def test_vxm_arguments_that_voxelmorph_builds(vxm_kwargs):
+    model = cifl_tf.registration_model(SHAPE, **vxm_kwargs)
+    assert model.register(np.zeros((1, *SHAPE, 1)), np.zeros((1, *SHAPE, 1))).shape == (1, *SHAPE, 2)
 
 
 def test_segmentation_baseline_learns_labels_with_the_default_dice_loss():
@@ -502,7 +510,9 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, nb_conv_per_level=0), ValueError,
      "nb_conv_per_level must be a positive integer, got 0"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, conv_size=0), ValueError,
-     "conv_size must be a positive integer, got 0"),
+     "conv_size must be a positive integer or 2 of them, got 0"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=64), ValueError,
+     rf"must be divisible by {2 ** 63} for a UNet of nb_levels=64"),  # NumPy's int64 had overflowed
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, loss=["dice"]), ValueError,
      r"loss must be one of \['crossentropy', 'dice'\], got \['dice'\]"),
     # VxmDense arguments that failed with a ZeroDivisionError or TypeError
@@ -512,7 +522,7 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      r"nb_unet_features must be a positive integer or \[encoder features, decoder features\] \(two lists of "
      r"positive integers\), got \[8, 16\]"),
     (lambda e: cifl_tf.registration_model(SHAPE, unet_half_res=True, **TINY_VXM), TypeError,
-     r"may not set 'unet_half_res' \(voxelmorph's deprecated name: give svf_resolution=2\)"),
+     r"unet_half_res is voxelmorph's deprecated name: give svf_resolution=2"),
     *[(lambda e, cls=cls, args=args: cls(SHAPE, *args).head(), ValueError,
        rf"{cls.__name__}.head: compile the model first") for cls, args in ((models.SegmentationModel, (3,)),
                                                                           (models.RegistrationModel, ()))],
