@@ -455,6 +455,10 @@ def _start_run(args, checks=TRAIN_CHECKS):
     """Checks that --out can take files and the numbers of `checks` (`_check_options`), before any work (a run
     folder written for a refused run would stand in the way of the corrected command); seeds the run."""
     _output_folder(args.out)
+    out, folder = os.path.realpath(args.out), os.path.realpath(args.data)
+    if os.path.isdir(folder) and os.path.commonpath([out, folder]) == folder:
+        raise ValueError(f"--out {args.out} is inside --data {args.data}: its files would be read as subjects there; "
+                         f"choose a folder outside it")
     _check_options(args, checks)
     tf.keras.utils.set_random_seed(args.seed)
 
@@ -471,11 +475,15 @@ def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=No
     the step, so that a resumed run trains on the same batches as one that ran through. `setting_defaults`:
     {setting: value} for settings that runs of earlier versions did not write, with the value those runs used.
     """
+    split = {name: list(parts[name].subjects) for name in ("train", "val", "test")}
+    split_file = os.path.join(args.out, SUBJECTS_FILE)
+    if args.resume and os.path.isfile(split_file) and data.read_json(split_file) != split:
+        raise data.DataError(f"{args.data}: its subjects have changed since {args.out} split them ({split_file}): "
+                             f"the resumed run would train on another split; resume with the data it started with")
     checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints",
                            defaults=setting_defaults)
     if not args.resume:
-        data.write_json(os.path.join(args.out, SUBJECTS_FILE),
-                        {name: list(parts[name].subjects) for name in ("train", "val", "test")})
+        data.write_json(split_file, split)
     saver = checkpoint.EpochCheckpoint(os.path.join(args.out, "checkpoints"), model)
     first_epoch = saver.restore()
     log = checkpoint.epoch_log(os.path.join(args.out, "log.csv"), first_epoch, args.resume)
@@ -541,10 +549,25 @@ def _run_folder(args):
     return args.model if os.path.isdir(args.model) else os.path.dirname(args.model) or "."
 
 
+# The settings of a train-seg or train-reg run that evaluate reads, where present.
+RUN_DATA_SETTINGS = {
+    "data": (lambda v: isinstance(v, str), "a path"),
+    "split": (lambda v: v is None or isinstance(v, list) and len(v) == 3 and all(
+        isinstance(size, (int, float)) and not isinstance(size, bool) and size >= 0 for size in v),
+              "null or three subject counts or fractions"),
+    "seed": SETTINGS["seed"],
+}
+
+
 def _run_of(args):
-    """The run folder of evaluate's --model and its settings ({} if it has none)."""
+    """The run folder of evaluate's --model and its settings ({} if it has none), those evaluate reads checked."""
     run = _run_folder(args)
-    return run, checkpoint.read_settings(run) if os.path.isfile(os.path.join(run, checkpoint.SETTINGS_FILE)) else {}
+    if not os.path.isfile(os.path.join(run, checkpoint.SETTINGS_FILE)):
+        return run, {}
+    trained = checkpoint.read_settings(run)
+    checkpoint.check_settings(trained, {key: check for key, check in RUN_DATA_SETTINGS.items() if key in trained},
+                              f"{os.path.join(run, checkpoint.SETTINGS_FILE)}: ")
+    return run, trained
 
 
 def _trained_on_the_data(args, trained):
@@ -586,9 +609,11 @@ def _check_held_out(args, scored, run, trained):
     split_file = os.path.join(run, SUBJECTS_FILE)
     if args.part in ("val", "test") and _trained_on_the_data(args, trained) and os.path.isfile(split_file):
         split = data.read_json(split_file)
-        if not isinstance(split, dict):
-            raise ValueError(f"{split_file}: expected an object of the subjects of each part, got "
-                             f"{type(split).__name__}")
+        if not isinstance(split, dict) or not all(isinstance(subjects, list) and all(isinstance(s, str)
+                                                                                    for s in subjects)
+                                                  for subjects in split.values()):
+            raise ValueError(f"{split_file}: expected an object of the subjects (lists of paths) of each part, got "
+                             f"{json.dumps(split)[:80]}")
         seen = set(split.get("train", [])) | (set(split.get("val", [])) if args.part == "test" else set())
         leaked = sorted(set(scored.subjects) & seen)
         if leaked:
@@ -641,7 +666,8 @@ def _add_data_args(p, part=True):
                    help="data folder (neurite-oasis or IXI-style layout) or a file of image,labels lines")
     p.add_argument("--split", type=_split_sizes, default=None,
                    help="train,val,test subject counts or fractions (default: the paper's 232:58:100 proportions)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (and of training)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (and of training)" if not part else
+                   "seed of the subject split (default: the one the model's run trained with on --data, else 0)")
     if part:
         p.add_argument("--part", choices=("train", "val", "test", "all"), default="test",
                        help="the part of the split to score (default: test)")
@@ -860,6 +886,15 @@ def _terminated(signum, frame):
     os._exit(128 + signum)
 
 
+def _refuse_empty_values(args):
+    """ValueError naming an option (or file argument) given as "": an unset shell variable, such as --model "$RUN",
+    would otherwise choose a default (no model: instance optimisation; no --warp or --json: no file written)."""
+    for name, value in vars(args).items():
+        if value == "":
+            shown = name if name in ("input", "output") else "--" + name.replace("_", "-")
+            raise ValueError(f"{shown} is an empty name (an unset shell variable?)")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     if argv is None:  # the console command, not a call from Python
@@ -870,6 +905,7 @@ def main(argv=None):
         # temporary file of an unfinished write.
         signal.signal(signal.SIGTERM, _terminated)
     try:
+        _refuse_empty_values(args)
         args.run(args)
     except (ValueError, OSError, ImportError) as error:
         print(f"cifl {args.command}: error: {error}", file=sys.stderr)

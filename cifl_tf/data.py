@@ -810,6 +810,9 @@ def load_ixi(folder, contrasts=("t1", "t2"), dim=3, labels=None, subjects=None):
     """
     if isinstance(contrasts, str) or not contrasts:
         raise ValueError(f"load_ixi: contrasts must be a non-empty sequence of names, got {contrasts!r}")
+    if IXI_LABELS.removesuffix(".nii.gz") in contrasts:  # the label maps would be read as images
+        raise ValueError(f"load_ixi: {IXI_LABELS.removesuffix('.nii.gz')!r} names the label maps ({IXI_LABELS}), "
+                         f"not a contrast")
     if dim not in (2, 3):
         raise ValueError(f"load_ixi: dim must be 2 or 3, got {dim!r}")
     folder = existing_folder(folder)

@@ -384,9 +384,9 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         _check_vxm_integers(vxm_kwargs)
         for key, value in (("int_resolution", integration_resolution({"int_resolution": 1, **vxm_kwargs})),
                            ("svf_resolution", vxm_kwargs.get("svf_resolution", 1))):
-            if value > min(inshape):
-                raise ValueError(f"registration_model: {key} {value} is coarser than the {inshape} images: "
-                                 f"the field would have no voxel along their shortest axis")
+            if min(inshape) < 2 * value:  # one voxel: a translation, which the smoothness term does not see
+                raise ValueError(f"registration_model: {key} {value} is too coarse for the {inshape} images: the "
+                                 f"field would have fewer than 2 voxels along their shortest axis")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
                          "levels (shorter nb_unet_features lists, or nb_unet_levels; in cifl train-reg, "

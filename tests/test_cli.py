@@ -232,6 +232,25 @@ def test_evaluate_refuses_to_write_its_json_over_a_file_it_reads(oasis_tiny, tmp
         assert written.read_bytes() == before
     status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, "--seed", -1)
     assert status == 2 and "--seed must be null or an integer in [0, 2**32), got -1" in err, err
+    status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny, "--json", "")
+    assert status == 2 and "--json is an empty name (an unset shell variable?)" in err, err  # wrote no JSON before
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("subjects.json", '{"train": 5}', "subjects.json: expected an object of the subjects (lists of paths)"),
+    ("settings.json", {"seed": "0"}, "settings.json: seed must be null or an integer"),
+    ("settings.json", {"data": 5}, "settings.json: data must be a path, got 5"),
+    ("settings.json", {"split": [1, 1]}, "settings.json: split must be null or three subject counts or fractions"),
+])
+def test_evaluate_refuses_damaged_run_files_in_one_line(oasis_tiny, tmp_path, capsys, file, content, message):
+    run_dir = tmp_path / "seg"
+    assert run(capsys, "train-seg", "--data", oasis_tiny, "--out", run_dir, "--epochs", 1, "--split", "2,1,1",
+               *TINY_TRAIN)[0] == 0
+    if isinstance(content, dict):  # a change to the run's settings
+        content = json.dumps({**json.loads((run_dir / file).read_text()), **content})
+    (run_dir / file).write_text(content)
+    status, _, err = run(capsys, "evaluate", "--model", run_dir, "--data", oasis_tiny)
+    assert status == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_train_seg_on_encoder_features_keeps_the_encoder_weights(files, oasis_tiny, tmp_path, capsys):
@@ -349,17 +368,21 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
 @pytest.mark.parametrize("command, options, message", [
     ("train-reg", [*TINY_TRAIN, "--seed", "-1"], r"--seed must be null or an integer in \[0, 2\*\*32\), got -1"),
     ("train-seg", [*TINY_TRAIN, "--seed", str(2 ** 32)], r"--seed must be .* got 4294967296"),
-    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"], r"svf_resolution 32 is coarser than the \(16, 20\) images"),
+    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"], r"svf_resolution 32 is too coarse for the \(16, 20\) images"),
+    # a field of one voxel across: a translation that the smoothness term does not see
+    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "16"], r"svf_resolution 16 is too coarse for the \(16, 20\) images"),
     ("train-reg", [*TINY_TRAIN, "--svf-resolution", "3"], r"svf_resolution 3, VxmDense's field comes back at "
                                                            r"\(16, 18\), not at the \(16, 20\) of the images"),
     ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),
-    ("train-seg", [*TINY_TRAIN, "--encoder", ""], r"no such file ''"),  # an unset variable is not the baseline
+    ("train-seg", [*TINY_TRAIN, "--encoder", ""],  # an unset variable is not the baseline
+     r"--encoder is an empty name \(an unset shell variable\?\)"),
+    ("train-seg", [*TINY_TRAIN, "--out", "{data}/run"], r"--out .*/run is inside --data .*: its files would be read"),
     ("train-reg", [*TINY_TRAIN, "--encoder", "{files}/encoder3d.weights.h5"],
      r"\(its images\): has 2 dimensions, --encoder .*encoder3d\.weights\.h5 is 3D"),
 ])
 def test_train_refuses_settings_it_cannot_use_in_one_line_before_it_writes_a_run(oasis_tiny, files, tmp_path, capsys,
                                                                                  command, options, message):
-    options = [str(option).format(files=files) for option in options]
+    options = [str(option).format(files=files, data=oasis_tiny) for option in options]
     status, _, err = run(capsys, command, "--data", oasis_tiny, "--out", tmp_path / "run", *options)
     assert status == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "run" / "settings.json").exists()

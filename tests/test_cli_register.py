@@ -239,6 +239,10 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D", "--stack-descriptor", "mind"],
      r"volume\.nii\.gz: has 3 dimensions, --encoder .* is 2D"),
     (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
+    # unset shell variables: instance optimisation instead of --model, no warp written, a warp left behind
+    (["--model", ""], r"--model is an empty name \(an unset shell variable\?\)"),
+    (["--intensity", "ncc", "--warp", ""], r"--warp is an empty name"),
+    (["--intensity", "ncc", "--moved", ""], r"--moved is an empty name"),
     (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),
 ])
 def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, saved_stack, capsys, argv, message):

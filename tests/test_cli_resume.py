@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,22 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_missing_run(oasis_ti
 class InterruptAtFirstEpoch(tf.keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         raise Interrupted
+
+
+def test_resume_refuses_data_whose_subjects_have_changed(oasis_tiny, tmp_path, monkeypatch, capsys):
+    """A subject added before the resume changed the split: the run went on training on subjects of its test part,
+    and its subjects.json, kept from the start, hid that from evaluate."""
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "StopOnNonFinite", InterruptAtFirstEpoch)
+        with pytest.raises(Interrupted):
+            train("train-seg", oasis_tiny, tmp_path / "run")
+    first = sorted(oasis_tiny.iterdir())[0]
+    shutil.copytree(first, first.with_name(first.name.replace("MR1", "MR2")))
+    capsys.readouterr()
+    assert train("train-seg", oasis_tiny, tmp_path / "run", "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"{oasis_tiny}: its subjects have changed since {tmp_path / 'run'} split them" in err and \
+        len(err.splitlines()) == 1, err
 
 
 def test_a_registration_run_of_an_earlier_version_resumes_only_with_the_velocity_field_it_was_built_with(

@@ -673,6 +673,11 @@ def test_subset_and_map_images(oasis_tiny):
         dataset.subset(["OASIS_OAS1_0099_MR1"])
 
 
+def test_load_ixi_refuses_the_label_maps_as_a_contrast(ixi_tiny):
+    with pytest.raises(ValueError, match=r"'labels' names the label maps \(labels.nii.gz\), not a contrast"):
+        data.load_folder(ixi_tiny, contrast="labels")  # scored the label maps as images before
+
+
 def test_load_ixi_gives_both_contrasts_on_shared_labels(ixi_tiny):
     contrasts = data.load_ixi(ixi_tiny)
     t1, t2 = contrasts["t1"], contrasts["t2"]

@@ -181,12 +181,13 @@ def test_demo_refuses_an_empty_encoder_path(tmp_path, capsys, options):
     """An unset shell variable (`--encoder "$RUN"`) is not the shipped encoder."""
     assert cli.main(["demo", *options, "--quick", "--encoder", "", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no such file ''" in err and not (tmp_path / "out").exists()
+    assert err.count("\n") == 1 and "--encoder is an empty name (an unset shell variable?)" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("options", [[], ["--3d"]], ids=["2d", "3d"])
 @pytest.mark.parametrize("out, message", [
-    ("", "the output folder is an empty name (an unset shell variable?)"),  # was the default folder
+    ("", "--out is an empty name (an unset shell variable?)"),  # was the default folder
     ("file/out", "is not a folder"),  # under a file
     ("file", "is not a folder"),
     ("/proc/cifl-demo", "cannot write in /proc"),  # a folder that takes no files, even for root
@@ -208,6 +209,12 @@ def test_the_demos_python_api_refuses_an_unusable_output_folder_before_working(m
     monkeypatch.setattr(demo_data, "demo_volumes", lambda *a, **k: pytest.fail("the demo started before its checks"))
     with pytest.raises(OSError, match="cannot write in /proc"):
         run("/proc/cifl-demo")
+
+
+@pytest.mark.parametrize("run", [demo.run_demo, demo3d.run_demo_3d])
+def test_the_demos_python_api_refuses_an_empty_output_folder(run):
+    with pytest.raises(ValueError, match=r"the output folder is an empty name \(an unset shell variable\?\)"):
+        run("", quick=True)
 
 
 def test_3d_demo_refuses_a_bad_seed_before_working(tmp_path, monkeypatch):

@@ -464,9 +464,11 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=2, **TINY_VXM), ValueError,
      "svf_resolution 2 needs an integrated field"),
     (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=64), ValueError,
-     r"svf_resolution 64 is coarser than the \(32, 32\) images: the field would have no voxel"),
+     r"svf_resolution 64 is too coarse for the \(32, 32\) images: the field would have fewer than 2 voxels"),
+    (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=32), ValueError,
+     r"svf_resolution 32 is too coarse for the \(32, 32\) images"),
     (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=33), ValueError,
-     r"int_resolution 33 is coarser than the \(32, 32\) images"),
+     r"int_resolution 33 is too coarse for the \(32, 32\) images"),
     # resolutions whose rescaled field falls short of the images (VxmDense builds the others, such as 3 on 32x32)
     (lambda e: cifl_tf.registration_model((48, 64), int_resolution=3, nb_unet_features=[[8, 8], [8, 8]]), ValueError,
      r"with int_resolution 3, svf_resolution 3, VxmDense's field comes back at \(48, 63\), not at the \(48, 64\) of "
@@ -481,7 +483,7 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      r"without integration \(int_steps 0\) it stays at svf_resolution"),  # not blamed on the 3 that does not divide
     (lambda e: cifl_tf.registration_model(SHAPE, int_downsize=0), ValueError, "int_downsize must be an integer >= 1"),
     (lambda e: cifl_tf.registration_model(SHAPE, int_downsize=64, svf_resolution=1), ValueError,
-     r"int_resolution 64 is coarser than the \(32, 32\) images"),  # voxelmorph's old name, which overrides it
+     r"int_resolution 64 is too coarse for the \(32, 32\) images"),  # voxelmorph's old name, which overrides it
     (lambda e: models.RegistrationModel(SHAPE, svf_resolution=2, int_steps=0), ValueError,
      r"with int_resolution 2, svf_resolution 2, VxmDense's field comes back at \(16, 16\), not at the \(32, 32\) of "
      r"the images: without integration \(int_steps 0\) it stays at svf_resolution"),
