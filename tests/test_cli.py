@@ -368,9 +368,11 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
 @pytest.mark.parametrize("command, options, message", [
     ("train-reg", [*TINY_TRAIN, "--seed", "-1"], r"--seed must be null or an integer in \[0, 2\*\*32\), got -1"),
     ("train-seg", [*TINY_TRAIN, "--seed", str(2 ** 32)], r"--seed must be .* got 4294967296"),
-    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"], r"svf_resolution 32 is too coarse for the \(16, 20\) images"),
+    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "32"],
+     r"svf_resolution 32 is too coarse for the \(16, 20\) images"),
     # a field of one voxel across: a translation that the smoothness term does not see
-    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "16"], r"svf_resolution 16 is too coarse for the \(16, 20\) images"),
+    ("train-reg", [*TINY_TRAIN, "--svf-resolution", "16"],
+     r"svf_resolution 16 is too coarse for the \(16, 20\) images"),
     ("train-reg", [*TINY_TRAIN, "--svf-resolution", "3"], r"svf_resolution 3, VxmDense's field comes back at "
                                                            r"\(16, 18\), not at the \(16, 20\) of the images"),
     ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),

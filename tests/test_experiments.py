@@ -177,7 +177,8 @@ def test_defaults_script_checks_the_vxm_options_against_the_data_before_training
     monkeypatch.setattr(experiments, "defaults_data", lambda folder: (images, images, (None,) * 4))
     monkeypatch.setattr(experiments, "pair_batches", _no_work)
     with pytest.raises(SystemExit) as exited:
-        experiments.defaults_main(["--data", str(tmp_path), "--int-resolution", "3", "--out", str(tmp_path / "out")])
+        experiments.defaults_main(["--data", str(tmp_path / "data"), "--int-resolution", "3",
+                                   "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1 and "field comes back at (48, 63), not at the (48, 64)" in err
 
@@ -426,7 +427,8 @@ def test_defaults_data_needs_3d_volumes_and_a_gap_that_pairs(tmp_path):
 
 def test_defaults_script_names_a_seed_keras_cannot_take(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        experiments.defaults_main(["--data", str(tmp_path), "--seed", str(2 ** 32), "--out", str(tmp_path / "out")])
+        experiments.defaults_main(["--data", str(tmp_path / "data"), "--seed", str(2 ** 32),
+                                   "--out", str(tmp_path / "out")])
     assert stop.value.code == 2
     assert "--seed must be an integer in [0, 2**32), got 4294967296" in capsys.readouterr().err
 

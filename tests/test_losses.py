@@ -324,7 +324,8 @@ def test_pixel_contrastive_loss_takes_any_max_pixels():
 
 def test_numpy_bools_are_bools():
     f1, f2 = features((2, 4, 4, 2), seed=0)
-    np.testing.assert_array_equal(contrastive_loss(f1, f2, per_sample=np.True_), contrastive_loss(f1, f2, per_sample=True))
+    np.testing.assert_array_equal(contrastive_loss(f1, f2, per_sample=np.True_),
+                                  contrastive_loss(f1, f2, per_sample=True))
     assert cifl_tf.losses.NCC(signed=np.True_).signed is True
 
 
