@@ -457,13 +457,37 @@ def _start_run(args, checks=TRAIN_CHECKS):
     _output_folder(args.out)
     out, folder = os.path.realpath(args.out), os.path.realpath(args.data)
     if os.path.isdir(folder) and os.path.commonpath([out, folder]) == folder:
-        raise ValueError(f"--out {args.out} is inside --data {args.data}: its files would be read as subjects there; "
-                         f"choose a folder outside it")
+        made = "checkpoints" if out == folder else os.path.relpath(out, folder).split(os.sep)[0]
+        if data.read_as_subject(folder, made):
+            raise ValueError(f"--out {args.out} is inside --data {args.data}, which would read its folder {made} as "
+                             f"a subject: choose a folder outside it")
     _check_options(args, checks)
     tf.keras.utils.set_random_seed(args.seed)
 
 
 SUBJECTS_FILE = "subjects.json"  # a run's split, by subject: evaluate checks that what it scores was held out
+
+
+def _read_split(path):
+    """A run's subjects.json: {part: [subject, ...]}; ValueError naming the file if it holds anything else."""
+    split = data.read_json(path)
+    if not isinstance(split, dict) or not all(isinstance(subjects, list) and all(isinstance(s, str) for s in subjects)
+                                              for subjects in split.values()):
+        raise ValueError(f"{path}: expected an object of the subjects (lists of paths) of each part, got "
+                         f"{json.dumps(split)[:80]}")
+    return split
+
+
+def _same_split(stored, split):
+    """Whether subjects.json's split is `split`. Earlier versions stored a list file's subjects as given (relative
+    to the working folder, or through links): those are taken as the same when their real paths are, and a split
+    with relative paths, whose working folder is unknown, as unchanged."""
+    if any(os.sep in s and not os.path.isabs(s) for subjects in stored.values() for s in subjects):
+        return True
+    real = {part: [os.path.realpath(s) if os.path.isabs(s) else s for s in subjects]
+            for part, subjects in stored.items()}
+    return real == {part: [os.path.realpath(s) if os.path.isabs(s) else s for s in subjects]
+                    for part, subjects in split.items()}
 
 
 def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=None, **fit_kwargs):
@@ -475,15 +499,15 @@ def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=No
     the step, so that a resumed run trains on the same batches as one that ran through. `setting_defaults`:
     {setting: value} for settings that runs of earlier versions did not write, with the value those runs used.
     """
-    split = {name: list(parts[name].subjects) for name in ("train", "val", "test")}
-    split_file = os.path.join(args.out, SUBJECTS_FILE)
-    if args.resume and os.path.isfile(split_file) and data.read_json(split_file) != split:
-        raise data.DataError(f"{args.data}: its subjects have changed since {args.out} split them ({split_file}): "
-                             f"the resumed run would train on another split; resume with the data it started with")
     checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints",
                            defaults=setting_defaults)
+    split = {name: list(parts[name].subjects) for name in ("train", "val", "test")}
+    split_file = os.path.join(args.out, SUBJECTS_FILE)
     if not args.resume:
         data.write_json(split_file, split)
+    elif os.path.isfile(split_file) and not _same_split(_read_split(split_file), split):
+        raise data.DataError(f"{args.data}: its subjects have changed since {args.out} split them ({split_file}): "
+                             f"the resumed run would train on another split; resume with the data it started with")
     saver = checkpoint.EpochCheckpoint(os.path.join(args.out, "checkpoints"), model)
     first_epoch = saver.restore()
     log = checkpoint.epoch_log(os.path.join(args.out, "log.csv"), first_epoch, args.resume)
@@ -608,12 +632,7 @@ def _check_held_out(args, scored, run, trained):
     `run`, `trained`: the run folder and its settings, as _split_of_the_run returns them."""
     split_file = os.path.join(run, SUBJECTS_FILE)
     if args.part in ("val", "test") and _trained_on_the_data(args, trained) and os.path.isfile(split_file):
-        split = data.read_json(split_file)
-        if not isinstance(split, dict) or not all(isinstance(subjects, list) and all(isinstance(s, str)
-                                                                                    for s in subjects)
-                                                  for subjects in split.values()):
-            raise ValueError(f"{split_file}: expected an object of the subjects (lists of paths) of each part, got "
-                             f"{json.dumps(split)[:80]}")
+        split = _read_split(split_file)
         seen = set(split.get("train", [])) | (set(split.get("val", [])) if args.part == "test" else set())
         leaked = sorted(set(scored.subjects) & seen)
         if leaked:
@@ -897,15 +916,15 @@ def _refuse_empty_values(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if argv is None:  # the console command, not a call from Python
-        if args.command in ONEDNN_COMMANDS:
-            # -P: the cifl_tf this console command imported, not one in the working folder
-            machine.relaunch_with_onednn(f"cifl {args.command}", ["-P", "-m", "cifl_tf.cli", *sys.argv[1:]])
-        # SIGTERM (kill, timeout, SLURM, docker stop) would end the process where it stands, leaving the
-        # temporary file of an unfinished write.
-        signal.signal(signal.SIGTERM, _terminated)
     try:
-        _refuse_empty_values(args)
+        _refuse_empty_values(args)  # before a restart, which would only refuse it later
+        if argv is None:  # the console command, not a call from Python
+            if args.command in ONEDNN_COMMANDS:
+                # -P: the cifl_tf this console command imported, not one in the working folder
+                machine.relaunch_with_onednn(f"cifl {args.command}", ["-P", "-m", "cifl_tf.cli", *sys.argv[1:]])
+            # SIGTERM (kill, timeout, SLURM, docker stop) would end the process where it stands, leaving the
+            # temporary file of an unfinished write.
+            signal.signal(signal.SIGTERM, _terminated)
         args.run(args)
     except (ValueError, OSError, ImportError) as error:
         print(f"cifl {args.command}: error: {error}", file=sys.stderr)

@@ -810,6 +810,7 @@ def load_ixi(folder, contrasts=("t1", "t2"), dim=3, labels=None, subjects=None):
     """
     if isinstance(contrasts, str) or not contrasts:
         raise ValueError(f"load_ixi: contrasts must be a non-empty sequence of names, got {contrasts!r}")
+    contrasts = tuple(contrasts)  # read twice below
     if IXI_LABELS.removesuffix(".nii.gz") in contrasts:  # the label maps would be read as images
         raise ValueError(f"load_ixi: {IXI_LABELS.removesuffix('.nii.gz')!r} names the label maps ({IXI_LABELS}), "
                          f"not a contrast")
@@ -881,6 +882,17 @@ def load_pairs(pairs, dim=None, labels=None):
     return _load_entries(entries, dim, labels)
 
 
+def _is_oasis(folder, names):
+    """Whether the data folder holding `names` has the neurite-oasis layout: OASIS_* subject folders."""
+    return any(name.startswith("OASIS_") and os.path.isdir(os.path.join(folder, name)) for name in names)
+
+
+def read_as_subject(folder, name):
+    """Whether ``load_folder(folder)`` would take a folder `name` made inside the data folder `folder` for one of
+    its subjects: an OASIS_* folder in the neurite-oasis layout, any folder not hidden in another."""
+    return not name.startswith(".") and (name.startswith("OASIS_") or not _is_oasis(folder, os.listdir(folder)))
+
+
 def load_folder(folder, contrast="t1", **kwargs):
     """Loads a data folder, detecting its layout: neurite-oasis or IXI-style (see module doc).
 
@@ -895,7 +907,7 @@ def load_folder(folder, contrast="t1", **kwargs):
     names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
     if not names:
         raise DataError(f"{folder}: empty folder")
-    if any(name.startswith("OASIS_") and os.path.isdir(os.path.join(folder, name)) for name in names):
+    if _is_oasis(folder, names):
         if contrast != "t1":
             raise DataError(f"{folder}: neurite-oasis images are T1, got contrast {contrast!r}")
         return load_oasis(folder, **kwargs)

@@ -83,8 +83,9 @@ def relaunch_with_onednn(name, arguments):
         return
     print(f"{name}: restarting with TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1; set it to 0 to keep "
           f"them off)", file=sys.stderr, flush=True)
-    # the cifl_tf this process imported first on the path, so that the new process imports it too
-    path = os.pathsep.join(filter(None, (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         os.environ.get("PYTHONPATH"))))
-    os.execve(sys.executable, [sys.executable, *arguments],
-              {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "PYTHONPATH": path})
+    environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.realpath(root) == os.path.realpath(os.getcwd()):  # imported from the working folder, which `python
+        # -P` leaves off the path: put it on, so that the new process imports this cifl_tf too
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    os.execve(sys.executable, [sys.executable, *arguments], environment)

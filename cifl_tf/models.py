@@ -384,9 +384,9 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         _check_vxm_integers(vxm_kwargs)
         for key, value in (("int_resolution", integration_resolution({"int_resolution": 1, **vxm_kwargs})),
                            ("svf_resolution", vxm_kwargs.get("svf_resolution", 1))):
-            if min(inshape) < 2 * value:  # one voxel: a translation, which the smoothness term does not see
-                raise ValueError(f"registration_model: {key} {value} is too coarse for the {inshape} images: the "
-                                 f"field would have fewer than 2 voxels along their shortest axis")
+            if value > min(inshape):
+                raise ValueError(f"registration_model: {key} {value} is coarser than the {inshape} images: "
+                                 f"the field would have no voxel along their shortest axis")
         encoder = _check_encoder(encoder, inshape)
         _check_divisible(inshape, _vxm_downsampling(vxm_kwargs), "VxmDense's UNet",
                          "levels (shorter nb_unet_features lists, or nb_unet_levels; in cifl train-reg, "
@@ -493,6 +493,13 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     """
     _check_learning_rate("registration_model", learning_rate)
     _check_vxm_integers(vxm_kwargs if svf_resolution is None else {**vxm_kwargs, "svf_resolution": svf_resolution})
+    # a field of one voxel across is a translation, which the smoothness term does not see; RegistrationModel
+    # itself keeps building them, as models saved before this check hold them
+    shortest = min(_check_inshape(inshape))
+    for key, value in (("int_resolution", integration_resolution(vxm_kwargs)), ("svf_resolution", svf_resolution)):
+        if value is not None and 2 * value > shortest:
+            raise ValueError(f"registration_model: {key} {value} is too coarse for the {inshape} images: the field "
+                             f"would have fewer than 2 voxels along their shortest axis")
     if svf_resolution is None:
         svf_resolution = default_svf_resolution(**vxm_kwargs)
     elif svf_resolution != 1 and vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:

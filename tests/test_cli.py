@@ -378,16 +378,30 @@ def test_train_refuses_to_overwrite_a_model(oasis_tiny, tmp_path, capsys):
     ("train-reg", ["--nb-levels", "2"], r"--nb-levels sets the levels of the UNet of --nb-features; give both"),
     ("train-seg", [*TINY_TRAIN, "--encoder", ""],  # an unset variable is not the baseline
      r"--encoder is an empty name \(an unset shell variable\?\)"),
-    ("train-seg", [*TINY_TRAIN, "--out", "{data}/run"], r"--out .*/run is inside --data .*: its files would be read"),
     ("train-reg", [*TINY_TRAIN, "--encoder", "{files}/encoder3d.weights.h5"],
      r"\(its images\): has 2 dimensions, --encoder .*encoder3d\.weights\.h5 is 3D"),
 ])
 def test_train_refuses_settings_it_cannot_use_in_one_line_before_it_writes_a_run(oasis_tiny, files, tmp_path, capsys,
                                                                                  command, options, message):
-    options = [str(option).format(files=files, data=oasis_tiny) for option in options]
+    options = [str(option).format(files=files) for option in options]
     status, _, err = run(capsys, command, "--data", oasis_tiny, "--out", tmp_path / "run", *options)
     assert status == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "run" / "settings.json").exists()
+
+
+def test_train_refuses_an_out_folder_that_its_data_folder_would_read_as_a_subject(ixi_tiny, oasis_tiny, capsys):
+    """Inside an IXI-style folder every folder is a subject: the run's broke the folder for evaluate and --resume.
+    Inside a neurite-oasis folder only OASIS_* folders are, and hidden folders nowhere."""
+    for out in (ixi_tiny / "run", ixi_tiny, oasis_tiny / "OASIS_run"):
+        status, _, err = run(capsys, "train-seg", "--data", out.parent if out.name == "OASIS_run" else ixi_tiny,
+                             "--out", out, *TINY_TRAIN)
+        made = "checkpoints" if out == ixi_tiny else out.name
+        assert status == 2 and err.count("\n") == 1 and f"which would read its folder {made} as a subject" in err, err
+    for data_folder, out in ((oasis_tiny, oasis_tiny / "runs" / "seg"), (ixi_tiny, ixi_tiny / ".runs")):
+        status, _, err = run(capsys, "train-seg", "--data", data_folder, "--out", out, "--epochs", 1,
+                             "--split", "2,0,1" if data_folder == ixi_tiny else "2,1,1", *TINY_TRAIN,
+                             *(["--dim", 3] if data_folder == ixi_tiny else []))
+        assert status == 0, err
 
 
 def test_train_reg_refuses_a_train_part_of_one_image_before_it_writes_a_run(oasis_tiny, tmp_path, capsys):

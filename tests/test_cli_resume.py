@@ -98,6 +98,19 @@ def test_resume_refuses_data_whose_subjects_have_changed(oasis_tiny, tmp_path, m
     err = capsys.readouterr().err
     assert f"{oasis_tiny}: its subjects have changed since {tmp_path / 'run'} split them" in err and \
         len(err.splitlines()) == 1, err
+    assert train("train-seg", oasis_tiny, tmp_path / "run", "--resume", "--learning-rate", "0.5") == 2
+    assert "settings ['learning_rate'] differ" in capsys.readouterr().err  # the settings are checked first
+
+
+@pytest.mark.parametrize("stored, same", [
+    ({"train": ["/d/a", "/d/b"], "val": [], "test": ["/d/c"]}, True),
+    ({"train": ["/d/b", "/d/a"], "val": [], "test": ["/d/c"]}, False),  # another order: other batches
+    ({"train": ["/d/a"], "val": ["/d/b"], "test": ["/d/c"]}, False),
+    ({"train": ["/d/./a", "/d/b"], "val": [], "test": ["/d/c"]}, True),  # the same files spelt otherwise
+    ({"train": ["d/a", "d/b"], "val": [], "test": ["d/c"]}, True),  # relative paths of earlier versions
+])
+def test_a_split_is_compared_by_subject_and_by_real_path(stored, same):
+    assert cli._same_split(stored, {"train": ["/d/a", "/d/b"], "val": [], "test": ["/d/c"]}) is same
 
 
 def test_a_registration_run_of_an_earlier_version_resumes_only_with_the_velocity_field_it_was_built_with(

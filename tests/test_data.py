@@ -673,6 +673,10 @@ def test_subset_and_map_images(oasis_tiny):
         dataset.subset(["OASIS_OAS1_0099_MR1"])
 
 
+def test_load_ixi_takes_contrasts_from_an_iterator(ixi_tiny):
+    assert sorted(data.load_ixi(ixi_tiny, contrasts=(c for c in ("t1", "t2")))) == ["t1", "t2"]
+
+
 def test_load_ixi_refuses_the_label_maps_as_a_contrast(ixi_tiny):
     with pytest.raises(ValueError, match=r"'labels' names the label maps \(labels.nii.gz\), not a contrast"):
         data.load_folder(ixi_tiny, contrast="labels")  # scored the label maps as images before

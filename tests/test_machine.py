@@ -75,8 +75,11 @@ def test_onednn_follows_tf_enable_onednn_opts():
     ("0", False, False),    # the user's choice stands
     ("1", False, False),
 ])
-def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, capsys, variable, onednn_on, restarts):
+def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, capsys, tmp_path, variable, onednn_on,
+                                                                  restarts):
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.chdir(tmp_path)
     if variable is not None:
         monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", variable)
     monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn_on)
@@ -89,9 +92,22 @@ def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, ca
     [(program, arguments, environment)] = calls
     assert program == sys.executable and arguments == [sys.executable, "-m", "cifl_tf.cli", "demo", "--quick"]
     assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
-    # the folder holding the cifl_tf this process imported comes first, for `python -P -m cifl_tf.cli` too
-    assert environment["PYTHONPATH"].split(os.pathsep)[0] == os.path.dirname(os.path.dirname(machine.__file__))
+    assert "PYTHONPATH" not in environment
     assert capsys.readouterr().err.startswith("cifl demo: restarting with TensorFlow's oneDNN kernels on")
+
+
+def test_relaunch_from_the_folder_that_holds_cifl_tf_keeps_it_on_the_path(monkeypatch):
+    """`python -P -m cifl_tf.cli` leaves the working folder off the path: a cifl_tf imported from there (a
+    checkout not installed) is put on PYTHONPATH, so that the restarted process imports it, not another."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(machine.__file__)))
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.setattr(machine, "onednn_enabled", lambda: False)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+    machine.relaunch_with_onednn("cifl demo", ["-P", "-m", "cifl_tf.cli", "demo"])
+    assert calls[0][2]["PYTHONPATH"] == os.pathsep.join([root, "elsewhere"])
 
 
 def test_usable_cpus_are_those_the_process_may_run_on(monkeypatch):

@@ -136,6 +136,14 @@ def test_unet_pool_sizes_and_feature_lists_that_neurite_builds(shape, unet_kwarg
     assert model(np.zeros((1, *shape, 1), np.float32)).shape == (1, *shape, 3)
 
 
+def test_a_registration_model_of_a_one_voxel_field_still_builds_as_saved_ones_did(tmp_path):
+    """registration_model refuses such a field now; models saved before it did must still load."""
+    model = models.RegistrationModel(SHAPE, svf_resolution=32, int_resolution=32, nb_unet_features=[[4], [4, 4]])
+    model.compile(optimizer="adam")
+    models.save_model(model, str(tmp_path / "model.keras"))
+    assert models.load_model(str(tmp_path / "model.keras")).get_config()["svf_resolution"] == 32
+
+
 @pytest.mark.parametrize("vxm_kwargs", [dict(unet_half_res=False, nb_unet_features=[[4, 4], [4, 4, 4]], int_steps=0),
                                         dict(nb_unet_features=[[], [4, 4]], int_steps=0)])  # no encoder level
 def test_vxm_arguments_that_voxelmorph_builds(vxm_kwargs):
