@@ -458,7 +458,8 @@ def _start_run(args, checks=TRAIN_CHECKS):
     out, folder = os.path.realpath(args.out), os.path.realpath(args.data)
     if os.path.isdir(folder) and os.path.commonpath([out, folder]) == folder:
         made = "checkpoints" if out == folder else os.path.relpath(out, folder).split(os.sep)[0]
-        if data.read_as_subject(folder, made):
+        within_a_folder = out not in (folder, os.path.join(folder, made)) and os.path.isdir(os.path.join(folder, made))
+        if data.read_as_subject(folder, made) and not within_a_folder:  # inside a subject's folder: not read
             raise ValueError(f"--out {args.out} is inside --data {args.data}, which would read its folder {made} as "
                              f"a subject: choose a folder outside it")
     _check_options(args, checks)
@@ -478,16 +479,25 @@ def _read_split(path):
     return split
 
 
-def _same_split(stored, split):
-    """Whether subjects.json's split is `split`. Earlier versions stored a list file's subjects as given (relative
-    to the working folder, or through links): those are taken as the same when their real paths are, and a split
-    with relative paths, whose working folder is unknown, as unchanged."""
-    if any(os.sep in s and not os.path.isabs(s) for subjects in stored.values() for s in subjects):
+def _same_subject(stored, subject):
+    """Whether a subject of a subjects.json is `subject`. Earlier versions stored a list file's subjects as given:
+    through links, or relative to a working folder now unknown, which the subject's real path must then end in."""
+    if stored == subject:
         return True
-    real = {part: [os.path.realpath(s) if os.path.isabs(s) else s for s in subjects]
-            for part, subjects in stored.items()}
-    return real == {part: [os.path.realpath(s) if os.path.isabs(s) else s for s in subjects]
-                    for part, subjects in split.items()}
+    real = os.path.realpath(subject)
+    if os.path.isabs(stored):
+        return os.path.realpath(stored) == real
+    parts = os.path.normpath(stored).split(os.sep)
+    while parts[0] == os.pardir:  # above that working folder: the rest of the path must match
+        parts.pop(0)
+    return real.endswith(os.sep + os.path.join(*parts))
+
+
+def _same_split(stored, split):
+    """Whether subjects.json's split is `split`, part by part and subject by subject (`_same_subject`)."""
+    return stored.keys() == split.keys() and all(
+        len(stored[part]) == len(split[part]) and all(map(_same_subject, stored[part], split[part]))
+        for part in split)
 
 
 def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=None, **fit_kwargs):
@@ -633,8 +643,8 @@ def _check_held_out(args, scored, run, trained):
     split_file = os.path.join(run, SUBJECTS_FILE)
     if args.part in ("val", "test") and _trained_on_the_data(args, trained) and os.path.isfile(split_file):
         split = _read_split(split_file)
-        seen = set(split.get("train", [])) | (set(split.get("val", [])) if args.part == "test" else set())
-        leaked = sorted(set(scored.subjects) & seen)
+        seen = split.get("train", []) + (split.get("val", []) if args.part == "test" else [])
+        leaked = sorted(subject for subject in set(scored.subjects) if any(_same_subject(s, subject) for s in seen))
         if leaked:
             raise data.DataError(f"{args.data}: its {args.part} part now holds subjects that {run} "
                                  f"{'trained or validated' if args.part == 'test' else 'trained'} on "

@@ -4,7 +4,9 @@ An early version of the demo took 9 minutes on one 2-core machine and 24 on anot
 only): a wall time means little without the machine's own float32 matmul rate and vector flags beside it.
 """
 import os
+import site
 import sys
+import sysconfig
 import timeit
 
 import tensorflow as tf
@@ -85,7 +87,10 @@ def relaunch_with_onednn(name, arguments):
           f"them off)", file=sys.stderr, flush=True)
     environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.realpath(root) == os.path.realpath(os.getcwd()):  # imported from the working folder, which `python
-        # -P` leaves off the path: put it on, so that the new process imports this cifl_tf too
+    installed = {os.path.realpath(folder) for folder in (*site.getsitepackages(), site.getusersitepackages(),
+                                                         *map(sysconfig.get_paths().get, ("purelib", "platlib")))}
+    if os.path.realpath(root) not in installed:  # a checkout (the working folder, a script's, an editable
+        # install's): first on the path, so that the new process imports this cifl_tf, also under `python -P`;
+        # not site-packages, which would then come before the standard library
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
     os.execve(sys.executable, [sys.executable, *arguments], environment)

@@ -382,8 +382,7 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         vxm_kwargs = as_json_holds(vxm_kwargs)  # NumPy values too, as the config holds them
         reg_weight = _registration_weight(similarity, reg_weight)
         _check_vxm_integers(vxm_kwargs)
-        for key, value in (("int_resolution", integration_resolution({"int_resolution": 1, **vxm_kwargs})),
-                           ("svf_resolution", vxm_kwargs.get("svf_resolution", 1))):
+        for key, value in _field_resolutions({"int_resolution": 1, "svf_resolution": 1, **vxm_kwargs}).items():
             if value > min(inshape):
                 raise ValueError(f"registration_model: {key} {value} is coarser than the {inshape} images: "
                                  f"the field would have no voxel along their shortest axis")
@@ -493,13 +492,6 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     """
     _check_learning_rate("registration_model", learning_rate)
     _check_vxm_integers(vxm_kwargs if svf_resolution is None else {**vxm_kwargs, "svf_resolution": svf_resolution})
-    # a field of one voxel across is a translation, which the smoothness term does not see; RegistrationModel
-    # itself keeps building them, as models saved before this check hold them
-    shortest = min(_check_inshape(inshape))
-    for key, value in (("int_resolution", integration_resolution(vxm_kwargs)), ("svf_resolution", svf_resolution)):
-        if value is not None and 2 * value > shortest:
-            raise ValueError(f"registration_model: {key} {value} is too coarse for the {inshape} images: the field "
-                             f"would have fewer than 2 voxels along their shortest axis")
     if svf_resolution is None:
         svf_resolution = default_svf_resolution(**vxm_kwargs)
     elif svf_resolution != 1 and vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) == 0:
@@ -508,9 +500,24 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     elif svf_resolution != 1 and integration_resolution(vxm_kwargs) == 1:
         raise ValueError(f"registration_model: svf_resolution {svf_resolution} needs an int_resolution above 1: "
                          f"VxmDense brings the field back to full size only from a coarser integration")
+    # a field of one voxel across is a translation, which the smoothness term does not see; RegistrationModel
+    # itself keeps building them, as models saved before this check hold them
+    shortest = min(_check_inshape(inshape))
+    for key, value in _field_resolutions({**vxm_kwargs, "svf_resolution": svf_resolution}).items():
+        if 2 * value > shortest:
+            raise ValueError(f"registration_model: {key} {value} is too coarse for the {inshape} images: the field "
+                             f"would have fewer than 2 voxels along their shortest axis")
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, svf_resolution=svf_resolution, **vxm_kwargs)
     compile_for_fit(model, optimizer=tf.keras.optimizers.Adam(learning_rate))
     return model
+
+
+def _field_resolutions(vxm_kwargs):
+    """{int_resolution, svf_resolution}: the relative voxel sizes of VxmDense's fields for these arguments; without
+    integration (int_steps 0) only svf_resolution, as VxmDense ignores int_resolution then."""
+    integrated = vxm_kwargs.get("int_steps", _VXM_DEFAULTS["int_steps"]) != 0
+    return {**({"int_resolution": integration_resolution(vxm_kwargs)} if integrated else {}),
+            "svf_resolution": vxm_kwargs["svf_resolution"]}
 
 
 def integration_resolution(vxm_kwargs):

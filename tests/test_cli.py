@@ -397,7 +397,9 @@ def test_train_refuses_an_out_folder_that_its_data_folder_would_read_as_a_subjec
                              "--out", out, *TINY_TRAIN)
         made = "checkpoints" if out == ixi_tiny else out.name
         assert status == 2 and err.count("\n") == 1 and f"which would read its folder {made} as a subject" in err, err
-    for data_folder, out in ((oasis_tiny, oasis_tiny / "runs" / "seg"), (ixi_tiny, ixi_tiny / ".runs")):
+    subject = sorted(ixi_tiny.iterdir())[0]
+    for data_folder, out in ((oasis_tiny, oasis_tiny / "runs" / "seg"), (ixi_tiny, ixi_tiny / ".runs"),
+                             (ixi_tiny, subject / "run")):
         status, _, err = run(capsys, "train-seg", "--data", data_folder, "--out", out, "--epochs", 1,
                              "--split", "2,0,1" if data_folder == ixi_tiny else "2,1,1", *TINY_TRAIN,
                              *(["--dim", 3] if data_folder == ixi_tiny else []))

@@ -675,6 +675,8 @@ def test_subset_and_map_images(oasis_tiny):
 
 def test_load_ixi_takes_contrasts_from_an_iterator(ixi_tiny):
     assert sorted(data.load_ixi(ixi_tiny, contrasts=(c for c in ("t1", "t2")))) == ["t1", "t2"]
+    with pytest.raises(ValueError, match="contrasts must be a non-empty sequence of names"):
+        data.load_ixi(ixi_tiny, contrasts=iter(()))
 
 
 def test_load_ixi_refuses_the_label_maps_as_a_contrast(ixi_tiny):

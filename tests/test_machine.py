@@ -1,6 +1,7 @@
 """The machine-speed reference printed beside timings."""
 import builtins
 import os
+import site
 import subprocess
 import sys
 
@@ -92,22 +93,25 @@ def test_relaunch_with_onednn_restarts_unless_it_is_on_or_chosen(monkeypatch, ca
     [(program, arguments, environment)] = calls
     assert program == sys.executable and arguments == [sys.executable, "-m", "cifl_tf.cli", "demo", "--quick"]
     assert environment["TF_ENABLE_ONEDNN_OPTS"] == "1"
-    assert "PYTHONPATH" not in environment
+    # the folder of the cifl_tf this process imported (a checkout, not site-packages) first on the path
+    assert environment["PYTHONPATH"] == os.path.dirname(os.path.dirname(os.path.abspath(machine.__file__)))
     assert capsys.readouterr().err.startswith("cifl demo: restarting with TensorFlow's oneDNN kernels on")
 
 
-def test_relaunch_from_the_folder_that_holds_cifl_tf_keeps_it_on_the_path(monkeypatch):
-    """`python -P -m cifl_tf.cli` leaves the working folder off the path: a cifl_tf imported from there (a
-    checkout not installed) is put on PYTHONPATH, so that the restarted process imports it, not another."""
+@pytest.mark.parametrize("installed", [False, True])
+def test_relaunch_puts_a_checkouts_cifl_tf_first_on_the_path_but_not_site_packages(monkeypatch, tmp_path, installed):
+    """`python -P -m cifl_tf.cli` leaves the working folder off the path: a cifl_tf imported from a checkout is put
+    on PYTHONPATH, so that the restarted process imports it, not another; site-packages is left where it is."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(machine.__file__)))
-    monkeypatch.chdir(root)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", "elsewhere")
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     monkeypatch.setattr(machine, "onednn_enabled", lambda: False)
+    monkeypatch.setattr(site, "getsitepackages", lambda: [root] if installed else [str(tmp_path / "site")])
     calls = []
     monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
     machine.relaunch_with_onednn("cifl demo", ["-P", "-m", "cifl_tf.cli", "demo"])
-    assert calls[0][2]["PYTHONPATH"] == os.pathsep.join([root, "elsewhere"])
+    assert calls[0][2]["PYTHONPATH"] == ("elsewhere" if installed else os.pathsep.join([root, "elsewhere"]))
 
 
 def test_usable_cpus_are_those_the_process_may_run_on(monkeypatch):

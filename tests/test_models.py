@@ -145,10 +145,13 @@ def test_a_registration_model_of_a_one_voxel_field_still_builds_as_saved_ones_di
 
 
 @pytest.mark.parametrize("vxm_kwargs", [dict(unet_half_res=False, nb_unet_features=[[4, 4], [4, 4, 4]], int_steps=0),
-                                        dict(nb_unet_features=[[], [4, 4]], int_steps=0)])  # no encoder level
+                                        dict(nb_unet_features=[[], [4, 4]], int_steps=0),  # no encoder level
+                                        # int_resolution 2 (the default) is ignored without integration
+                                        dict(inshape=(3, 3), nb_unet_features=[[], [4, 4]], int_steps=0)])
 def test_vxm_arguments_that_voxelmorph_builds(vxm_kwargs):
-    model = cifl_tf.registration_model(SHAPE, **vxm_kwargs)
-    assert model.register(np.zeros((1, *SHAPE, 1)), np.zeros((1, *SHAPE, 1))).shape == (1, *SHAPE, 2)
+    shape, vxm_kwargs = vxm_kwargs.get("inshape", SHAPE), {k: v for k, v in vxm_kwargs.items() if k != "inshape"}
+    model = cifl_tf.registration_model(shape, **vxm_kwargs)
+    assert model.register(np.zeros((1, *shape, 1)), np.zeros((1, *shape, 1))).shape == (1, *shape, 2)
 
 
 def test_segmentation_baseline_learns_labels_with_the_default_dice_loss():
@@ -475,6 +478,8 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      r"svf_resolution 64 is too coarse for the \(32, 32\) images: the field would have fewer than 2 voxels"),
     (lambda e: cifl_tf.registration_model(SHAPE, svf_resolution=32), ValueError,
      r"svf_resolution 32 is too coarse for the \(32, 32\) images"),
+    (lambda e: cifl_tf.registration_model((64, 64), svf_resolution=64, int_steps=0), ValueError,
+     r"svf_resolution 64 needs an integrated field"),  # the reason, not its coarseness
     (lambda e: cifl_tf.registration_model(SHAPE, int_resolution=33), ValueError,
      r"int_resolution 33 is too coarse for the \(32, 32\) images"),
     # resolutions whose rescaled field falls short of the images (VxmDense builds the others, such as 3 on 32x32)
