@@ -488,9 +488,9 @@ def _same_subject(stored, subject):
     if os.path.isabs(stored):
         return os.path.realpath(stored) == real
     parts = os.path.normpath(stored).split(os.sep)
-    while parts[0] == os.pardir:  # above that working folder: the rest of the path must match
+    while parts and parts[0] == os.pardir:  # above that working folder: the rest of the path must match
         parts.pop(0)
-    return real.endswith(os.sep + os.path.join(*parts))
+    return bool(parts) and real.endswith(os.sep + os.path.join(*parts))
 
 
 def _same_split(stored, split):

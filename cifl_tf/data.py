@@ -809,7 +809,8 @@ def load_ixi(folder, contrasts=("t1", "t2"), dim=3, labels=None, subjects=None):
     Returns: dict contrast -> Dataset; the Datasets share subjects and label maps, entry by entry.
     """
     given = contrasts
-    contrasts = tuple(contrasts) if isinstance(contrasts, collections.abc.Iterable) and not isinstance(contrasts, str) else ()
+    iterable = isinstance(contrasts, collections.abc.Iterable) and not isinstance(contrasts, str)
+    contrasts = tuple(contrasts) if iterable else ()
     if not contrasts:  # a tuple, as they are read twice below
         raise ValueError(f"load_ixi: contrasts must be a non-empty sequence of names, got {given!r}")
     if IXI_LABELS.removesuffix(".nii.gz") in contrasts:  # the label maps would be read as images

@@ -112,6 +112,7 @@ def test_resume_refuses_data_whose_subjects_have_changed(oasis_tiny, tmp_path, m
     ({"train": ["d/b", "d/a"], "val": [], "test": ["d/c"]}, False),
     ({"train": ["d/a", "d/b"], "val": [], "test": ["e/c"]}, False),
     ({"train": ["/d/a", "/d/b"], "test": ["/d/c"]}, False),  # a part missing
+    ({"train": ["..", "/d/b"], "val": [], "test": ["/d/c"]}, False),
 ])
 def test_a_split_is_compared_by_subject_and_by_real_path(stored, same):
     assert cli._same_split(stored, {"train": ["/d/a", "/d/b"], "val": [], "test": ["/d/c"]}) is same
