@@ -479,25 +479,38 @@ def _read_split(path):
     return split
 
 
-def _same_subject(stored, subject):
-    """Whether a subject of a subjects.json is `subject`. Earlier versions stored a list file's subjects as given:
-    through links, or relative to a working folder now unknown, which the subject's real path must then end in."""
-    if stored == subject:
-        return True
-    real = os.path.realpath(subject)
-    if os.path.isabs(stored):
-        return os.path.realpath(stored) == real
-    parts = os.path.normpath(stored).split(os.sep)
-    while parts and parts[0] == os.pardir:  # above that working folder: the rest of the path must match
-        parts.pop(0)
-    return bool(parts) and real.endswith(os.sep + os.path.join(*parts))
+def _subject_matcher(stored):
+    """subject -> whether it is one of `stored`, subjects of a subjects.json; built once for the hundreds that
+    evaluate checks. Folder subjects are names, matched as they are. A list file's are absolute paths, but earlier
+    versions stored them as given: through links, or relative to a working folder now unknown, which the subject's
+    path (as listed or resolved) must then end in."""
+    exact = set(stored)
+    real = {os.path.realpath(s) for s in stored if os.path.isabs(s)}
+    tails = set()
+    for s in stored:
+        parts = os.path.normpath(s).split(os.sep)
+        while parts and parts[0] == os.pardir:  # above that working folder: the rest of the path must match
+            parts.pop(0)
+        if not os.path.isabs(s) and parts:
+            tails.add(tuple(parts))
+    lengths = {len(tail) for tail in tails}
+
+    def matches(subject):
+        if subject in exact:
+            return True
+        if not os.path.isabs(subject):
+            return False
+        paths = {os.path.normpath(subject), os.path.realpath(subject)}
+        return bool(paths & real) or any(tuple(path.split(os.sep)[-n:]) in tails for path in paths for n in lengths)
+
+    return matches
 
 
 def _same_split(stored, split):
-    """Whether subjects.json's split is `split`, part by part and subject by subject (`_same_subject`)."""
+    """Whether subjects.json's split is `split`, part by part and subject by subject (`_subject_matcher`)."""
     return stored.keys() == split.keys() and all(
-        len(stored[part]) == len(split[part]) and all(map(_same_subject, stored[part], split[part]))
-        for part in split)
+        len(stored[part]) == len(split[part])
+        and all(_subject_matcher([old])(new) for old, new in zip(stored[part], split[part])) for part in split)
 
 
 def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=None, **fit_kwargs):
@@ -644,7 +657,7 @@ def _check_held_out(args, scored, run, trained):
     if args.part in ("val", "test") and _trained_on_the_data(args, trained) and os.path.isfile(split_file):
         split = _read_split(split_file)
         seen = split.get("train", []) + (split.get("val", []) if args.part == "test" else [])
-        leaked = sorted(subject for subject in set(scored.subjects) if any(_same_subject(s, subject) for s in seen))
+        leaked = sorted(filter(_subject_matcher(seen), set(scored.subjects)))
         if leaked:
             raise data.DataError(f"{args.data}: its {args.part} part now holds subjects that {run} "
                                  f"{'trained or validated' if args.part == 'test' else 'trained'} on "

@@ -504,7 +504,7 @@ def registration_model(inshape, encoder=None, similarity="mse", reg_weight=None,
     # itself keeps building them, as models saved before this check hold them
     shortest = min(_check_inshape(inshape))
     for key, value in _field_resolutions({**vxm_kwargs, "svf_resolution": svf_resolution}).items():
-        if 2 * value > shortest:
+        if np.round(shortest / value) < 2:  # VxmDense's rounding of the field's size
             raise ValueError(f"registration_model: {key} {value} is too coarse for the {inshape} images: the field "
                              f"would have fewer than 2 voxels along their shortest axis")
     model = RegistrationModel(inshape, encoder, similarity, reg_weight, svf_resolution=svf_resolution, **vxm_kwargs)

@@ -118,6 +118,17 @@ def test_a_split_is_compared_by_subject_and_by_real_path(stored, same):
     assert cli._same_split(stored, {"train": ["/d/a", "/d/b"], "val": [], "test": ["/d/c"]}) is same
 
 
+def test_a_relative_subject_of_an_earlier_version_matches_a_linked_file_by_its_listed_path(tmp_path):
+    """git-annex and DataLad files are links into .git/annex: their real path does not end in the listed one."""
+    (tmp_path / "annex").mkdir()
+    (tmp_path / "annex" / "KEY").write_text("")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.nii.gz").symlink_to(tmp_path / "annex" / "KEY")
+    matches = cli._subject_matcher(["d/a.nii.gz"])
+    assert matches(str(tmp_path / "d" / "a.nii.gz")) and not matches(str(tmp_path / "annex" / "b.nii.gz"))
+    assert not cli._subject_matcher(["IXI002"])("IXI012")  # folder subjects are names, matched as they are
+
+
 def test_a_registration_run_of_an_earlier_version_resumes_only_with_the_velocity_field_it_was_built_with(
         oasis_tiny, tmp_path, monkeypatch, capsys):
     """Runs from before --svf-resolution built VxmDense's full-resolution field and wrote no svf_resolution; the
