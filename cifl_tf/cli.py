@@ -638,7 +638,8 @@ def _split_of_the_run(args):
                 setattr(args, key, trained[key])
             elif given != trained[key] and args.part != "all":
                 shown = ",".join(map(str, given)) if isinstance(given, list) else given
-                raise ValueError(f"--{key} {shown} differs from the {key} {trained[key]} that {run} trained with on "
+                kept = "of the paper's proportions (none given)" if trained[key] is None else trained[key]
+                raise ValueError(f"--{key} {shown} differs from the {key} {kept} that {run} trained with on "
                                  f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
                                  f"leave --{key} out")
     elif trained.get("data") and args.part != "all" and os.path.exists(args.data):  # split otherwise: said

@@ -10,10 +10,9 @@ import textwrap
 import matplotlib
 import matplotlib.patches
 import matplotlib.ticker
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 LABEL_CMAP = "tab10"
 
@@ -37,8 +36,15 @@ def _save(figure, path, layout=True):
     if layout:
         figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
+
+
+def _subplots(*grid, figsize, **kwargs):
+    """A figure and its axes, as pyplot's ``subplots`` gives them, but without pyplot: PNG files only, drawn on no
+    display, and the user's matplotlib backend is left as it was."""
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)  # this figure's canvas, whatever the backend
+    return figure, figure.subplots(*grid, **kwargs)
 
 
 def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
@@ -58,8 +64,8 @@ def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
     stack = np.stack([images[n] for n in names])[..., np.newaxis].astype(np.float32)
     features = np.asarray(encoder(stack))[..., :channels]
     channels = features.shape[-1]  # no empty panels for an encoder of fewer
-    figure, axes = plt.subplots(len(names), channels + 1, figsize=(1.6 * (channels + 1), 2.0 * len(names)),
-                                squeeze=False)
+    figure, axes = _subplots(len(names), channels + 1, figsize=(1.6 * (channels + 1), 2.0 * len(names)),
+                             squeeze=False)
     for row, name in enumerate(names):
         _show(axes[row, 0], stack[row, ..., 0], name)
         for c in range(features.shape[-1]):
@@ -88,8 +94,8 @@ def segmentations(images, truth, predictions, path, label_names=None):
         raise ValueError(f"segmentations: the label maps hold label {nb_labels - 1}, but label_names names "
                          f"{len(label_names)} labels")
     nb_labels = len(label_names) if label_names else nb_labels
-    figure, axes = plt.subplots(2 + len(methods), len(contrasts), squeeze=False,
-                                figsize=(1.8 * len(contrasts), 2.1 * (2 + len(methods)) + 0.4))
+    figure, axes = _subplots(2 + len(methods), len(contrasts), squeeze=False,
+                             figsize=(1.8 * len(contrasts), 2.1 * (2 + len(methods)) + 0.4))
     for col, contrast in enumerate(contrasts):
         _show(axes[0, col], images[contrast], contrast)
         _labels(axes[1, col], truth, nb_labels=nb_labels)
@@ -98,7 +104,7 @@ def segmentations(images, truth, predictions, path, label_names=None):
     # Row names at the left, wrapped: as panel titles, long method names ran into each other.
     for row, name in enumerate(["true labels", *methods], start=1):
         axes[row, 0].set_ylabel(textwrap.fill(name, 16), fontsize=9)
-    colours = plt.get_cmap(LABEL_CMAP)(np.linspace(0, 1, max(nb_labels, 2)))
+    colours = matplotlib.colormaps[LABEL_CMAP](np.linspace(0, 1, max(nb_labels, 2)))
     names = label_names or [str(label) for label in range(nb_labels)]
     if nb_labels > 1:  # a legend of the labels besides the background
         figure.legend(handles=[matplotlib.patches.Patch(color=colours[label], label=names[label])
@@ -119,7 +125,7 @@ def registrations(moving, fixed, moved, path, fixed_labels=None, moved_labels=No
     """
     panels = [("moving", moving, None), ("fixed", fixed, None)]
     panels += [(method, image, (moved_labels or {}).get(method)) for method, image in moved.items()]
-    figure, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.6), squeeze=False)
+    figure, axes = _subplots(1, len(panels), figsize=(2.0 * len(panels), 2.6), squeeze=False)
     for axis, (name, image, labels) in zip(axes[0], panels):
         _show(axis, image, name)
         if fixed_labels is not None and name != "moving":
@@ -151,7 +157,7 @@ def orthogonal_registrations(fixed, fixed_labels, moved, moved_labels, path, tit
     cuts = {"sagittal": (centre[0], slice(None), slice(None)), "coronal": (slice(None), centre[1], slice(None)),
             "axial": (slice(None), slice(None), centre[2])}
     rows = [("fixed", fixed, None)] + [(name, volume, (moved_labels or {}).get(name)) for name, volume in moved.items()]
-    figure, axes = plt.subplots(len(rows), len(cuts), figsize=(2.2 * len(cuts), 2.2 * len(rows)), squeeze=False)
+    figure, axes = _subplots(len(rows), len(cuts), figsize=(2.2 * len(cuts), 2.2 * len(rows)), squeeze=False)
     for row, (name, volume, labels) in enumerate(rows):
         for axis, (view, cut) in zip(axes[row], cuts.items()):
             _show(axis, np.asarray(volume)[cut], f"{name}, {view}", origin="lower")  # superior / anterior up
@@ -176,7 +182,7 @@ def read_training_log(path):
 
 def training_curves(logs, path, title="CIFL encoder training"):
     """The loss per epoch of several training runs: {name: path of a Keras CSVLogger log}."""
-    figure, axis = plt.subplots(figsize=(5, 3.2))
+    figure, axis = _subplots(figsize=(5, 3.2))
     losses = []
     for name, log in logs.items():
         epochs, loss = read_training_log(log)

@@ -236,6 +236,12 @@ def test_evaluate_refuses_to_write_its_json_over_a_file_it_reads(oasis_tiny, tmp
     assert status == 2 and "--json is an empty name (an unset shell variable?)" in err, err  # wrote no JSON before
 
 
+def test_evaluate_names_the_default_split_of_the_run_as_such(oasis_tiny, tmp_path, capsys):
+    assert run(capsys, "train-seg", "--data", oasis_tiny, "--out", tmp_path / "seg", "--epochs", 1, *TINY_TRAIN)[0] == 0
+    status, _, err = run(capsys, "evaluate", "--model", tmp_path / "seg", "--data", oasis_tiny, "--split", "2,1,1")
+    assert status == 2 and "differs from the split of the paper's proportions (none given) that" in err, err  # None
+
+
 @pytest.mark.parametrize("file, content, message", [
     ("subjects.json", '{"train": 5}', "subjects.json: expected an object of the subjects (lists of paths)"),
     ("settings.json", {"seed": "0"}, "settings.json: seed must be null or an integer"),

@@ -1,4 +1,8 @@
 """Figures: each writes a PNG of the expected layout (panels x panel size), from tiny inputs."""
+import os
+import subprocess
+import sys
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -106,13 +110,23 @@ def test_training_curves_label_at_least_two_loss_ticks(tmp_path, monkeypatch, lo
         low, high = axis.get_ylim()
         labelled.extend(label.get_text() for tick, label in zip(axis.get_yticks(), axis.get_yticklabels())
                         if low <= tick <= high and label.get_text())
-        plt.close(figure)
 
     monkeypatch.setattr(figures, "_save", save)
     log = tmp_path / "log.csv"
     log.write_text("epoch,loss\n" + "".join(f"{epoch},{loss}\n" for epoch, loss in enumerate(losses)))
     figures.training_curves({"run": log}, tmp_path / "curves.png")
     assert len(labelled) >= 2, labelled
+
+
+@pytest.mark.integration
+def test_drawing_leaves_the_users_matplotlib_backend_as_it_was(tmp_path):
+    """figures once switched matplotlib to Agg when imported: a notebook's inline plots stopped showing."""
+    code = ("import matplotlib; matplotlib.use('svg'); from cifl_tf import figures; "
+            f"figures.training_curves({{}}, {str(tmp_path / 'c.png')!r}); print(matplotlib.get_backend())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0 and result.stdout.split()[-1] == "svg", result.stderr[-2000:]
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_training_curves_name_a_missing_log(tmp_path):
