@@ -488,11 +488,11 @@ def _subject_matcher(stored):
     real = {os.path.realpath(s) for s in stored if os.path.isabs(s)}
     tails = set()
     for s in stored:
-        parts = os.path.normpath(s).split(os.sep)
-        while parts and parts[0] == os.pardir:  # above that working folder: the rest of the path must match
-            parts.pop(0)
-        if not os.path.isabs(s) and parts:
-            tails.add(tuple(parts))
+        parts = [part for part in s.split(os.sep) if part not in ("", os.curdir)]
+        # after the last "..": what came before may be a link, which normpath would have cut wrongly
+        tail = parts[max((i for i, part in enumerate(parts) if part == os.pardir), default=-1) + 1:]
+        if not os.path.isabs(s) and tail:
+            tails.add(tuple(tail))
     lengths = {len(tail) for tail in tails}
 
     def matches(subject):
@@ -638,7 +638,8 @@ def _split_of_the_run(args):
                 setattr(args, key, trained[key])
             elif given != trained[key] and args.part != "all":
                 shown = ",".join(map(str, given)) if isinstance(given, list) else given
-                kept = "of the paper's proportions (none given)" if trained[key] is None else trained[key]
+                kept = trained[key] if trained[key] is not None else \
+                    "of the paper's proportions (none given)" if key == "split" else "none"
                 raise ValueError(f"--{key} {shown} differs from the {key} {kept} that {run} trained with on "
                                  f"{args.data}: its {args.part} part would mix in other subjects, some trained on; "
                                  f"leave --{key} out")

@@ -129,6 +129,16 @@ def test_a_relative_subject_of_an_earlier_version_matches_a_linked_file_by_its_l
     assert not cli._subject_matcher(["IXI002"])("IXI012")  # folder subjects are names, matched as they are
 
 
+def test_a_relative_subject_through_a_linked_folder_matches_the_file_read(tmp_path):
+    """Stored as given, `data/lists/../img/a.nii.gz` where data/lists links elsewhere named the file beside the
+    link's target, which normpath's `data/img/a.nii.gz` misses."""
+    (tmp_path / "proj" / "meta" / "lists").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "lists").symlink_to(tmp_path / "proj" / "meta" / "lists")
+    matches = cli._subject_matcher(["data/lists/../img/a.nii.gz"])
+    assert matches(str(tmp_path / "proj" / "meta" / "img" / "a.nii.gz"))
+
+
 def test_a_registration_run_of_an_earlier_version_resumes_only_with_the_velocity_field_it_was_built_with(
         oasis_tiny, tmp_path, monkeypatch, capsys):
     """Runs from before --svf-resolution built VxmDense's full-resolution field and wrote no svf_resolution; the
