@@ -58,7 +58,8 @@ def native_bfloat16():
     AVX512_BF16 or AMX. Without oneDNN they emulate it: on an AVX-512 CPU with AMX, an encoder training step in
     mixed_bfloat16 took 15.4 s against 1.2 s in float32 with oneDNN off, and 0.14 s against 0.51 s with it on
     (README)."""
-    capped = (onednn_cap() or ("", ""))[1].upper() in _ISAS_WITHOUT_BFLOAT16
+    cap = onednn_cap()
+    capped = cap is not None and cap[1].upper() in _ISAS_WITHOUT_BFLOAT16
     return onednn_enabled() and not capped and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 

@@ -56,13 +56,16 @@ _VXM_RESERVED = {
 }
 
 
+def _positive_integer(value):
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 def _check_inshape(inshape):
     try:
         shape = tuple(inshape)
     except TypeError:
         raise TypeError(f"inshape must be a sequence of 2 or 3 sizes, got {inshape!r}") from None
-    if len(shape) not in (2, 3) or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
-                                       for s in shape):
+    if len(shape) not in (2, 3) or not all(map(_positive_integer, shape)):
         raise ValueError(f"inshape must be 2 or 3 positive integer sizes, got {inshape!r}")
     return tuple(int(s) for s in shape)
 
@@ -93,23 +96,17 @@ def _check_divisible(inshape, factor, what, levels_argument):
                          f"pad or crop the images, or give fewer {levels_argument}")
 
 
-def _positive_integer(value):
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
-
-
 def _check_unet(unet_kwargs, ndim):
     """ValueError naming an ``ne.models.unet`` size argument that neurite would take wrongly or fail on deep
-    inside; returns the UNet's number of levels."""
+    inside; returns the UNet's number of levels and its pool size per axis."""
     features, levels = unet_kwargs["nb_features"], unet_kwargs["nb_levels"]
-    if isinstance(features, list):  # neurite: a list of each level's features sets the levels
-        if not features or not all(isinstance(level, list) and level and all(map(_positive_integer, level))
-                                   for level in features):
-            raise ValueError(f"nb_features must be a positive integer or a list of lists of them (each level's), "
-                             f"got {features!r}")
-        levels = len(features)
-    elif not _positive_integer(features):
+    per_level = isinstance(features, list) and features and all(
+        isinstance(level, list) and level and all(map(_positive_integer, level)) for level in features)
+    if not (per_level or _positive_integer(features)):
         raise ValueError(f"nb_features must be a positive integer or a list of lists of them (each level's), "
                          f"got {features!r}")
+    if per_level:  # neurite: a list of each level's features sets the levels
+        levels = len(features)
     elif not _positive_integer(levels):
         raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
     if not _positive_integer(unet_kwargs["nb_conv_per_level"]):
@@ -339,7 +336,8 @@ def _check_vxm_integers(vxm_kwargs):
 
 
 def _vxm_downsampling(vxm_kwargs):
-    """The factor by which VxmDense's UNet downsamples, from its feature arguments."""
+    """The factor by which VxmDense's UNet downsamples, from its feature arguments; ValueError for
+    nb_unet_features that VxmDense would fail on deep inside."""
     features = vxm_kwargs.get("nb_unet_features")
     if features is None:
         features = vxm.py.utils.default_unet_features()
@@ -608,7 +606,7 @@ def pair_batches(images, batch_size=1, seed=None, first_step=0):
         raise ValueError(f"pair_batches: the images hold {np.count_nonzero(~np.isfinite(images))} NaN/Inf values")
     if len(images) < 2:
         raise ValueError(f"registration training needs at least 2 images to pair, got {len(images)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not _positive_integer(batch_size):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or first_step < 0:
         raise ValueError(f"first_step must be a non-negative integer, got {first_step!r}")
