@@ -56,14 +56,23 @@ def files(tmp_path_factory):
     return folder
 
 
-def test_features_of_a_slice_keep_the_affine_and_are_the_encoder_output(files, tmp_path, capsys):
-    out = tmp_path / "features.nii.gz"
-    status, stdout, _ = run(capsys, "features", files / "a.nii.gz", out, "--encoder", files / "encoder.weights.h5")
-    assert status == 0 and "3-channel features" in stdout
-    features, affine, _ = data.load_nifti(out, channels=True)
-    image, _, _ = data.load_nifti(files / "a.nii.gz")
-    encoder = cifl_tf.load_encoder(str(files / "encoder.weights.h5"))
-    np.testing.assert_allclose(features, encoder(data.normalize(image)[None, ..., None])[0], atol=1e-6)
+@pytest.mark.parametrize("shape, options, describer", [
+    (SLICE, lambda files: ["--encoder", files / "encoder.weights.h5"],
+     lambda files: cifl_tf.load_encoder(str(files / "encoder.weights.h5"))),
+    ((8, 10, 6), lambda files: ["--encoder", files / "encoder3d.weights.h5"],
+     lambda files: cifl_tf.load_encoder(str(files / "encoder3d.weights.h5"))),
+    (SLICE, lambda files: ["--pretrained", "0.1"], lambda files: cifl_tf.pretrained(0.1)),
+    (SLICE, lambda files: [], lambda files: cifl_tf.pretrained()),  # the recommended encoder
+    ((8, 10, 6), lambda files: [], lambda files: cifl_tf.pretrained(ndim=3)),  # the shipped 3D encoder
+], ids=["2d encoder", "3d encoder", "pretrained 0.1", "default 2d", "default 3d"])
+def test_features_are_the_encoders_output_on_the_input_grid(files, tmp_path, capsys, shape, options, describer):
+    image = slice_file(tmp_path / "in.nii.gz", shape)
+    status, stdout, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz", *options(files))
+    features, affine, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
+    encoder = describer(files)
+    assert status == 0 and f"{encoder.channels}-channel features" in stdout
+    assert features.shape == (*shape, encoder.channels)
+    np.testing.assert_allclose(features, encoder(data.normalize(image)[None, ..., None])[0], atol=1e-5)
     np.testing.assert_array_equal(affine, AFFINE)
 
 
@@ -79,45 +88,6 @@ def test_features_of_a_slice_stored_across_the_first_axis_lie_where_its_voxels_d
     np.testing.assert_allclose(stored.get_fdata()[0, :, :, 0], encoder(data.normalize(image)[..., None])[0],
                                atol=1e-6)
     np.testing.assert_allclose(stored.affine, affine, rtol=1e-6)  # the header's float32
-
-
-def test_features_of_a_volume_with_a_3d_encoder(files, tmp_path, capsys):
-    slice_file(tmp_path / "volume.nii.gz", shape=(8, 10, 6))
-    status, _, _ = run(capsys, "features", tmp_path / "volume.nii.gz", tmp_path / "f.nii",
-                       "--encoder", files / "encoder3d.weights.h5")
-    features, affine, _ = data.load_nifti(tmp_path / "f.nii", channels=True)
-    assert status == 0 and features.shape == (8, 10, 6, 3)
-    np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1, atol=1e-5)  # unit feature vectors
-    np.testing.assert_array_equal(affine, AFFINE)
-
-
-def test_features_with_a_shipped_pretrained_encoder(files, tmp_path, capsys):
-    status, stdout, _ = run(capsys, "features", files / "a.nii.gz", tmp_path / "f.nii.gz", "--pretrained", "0.1")
-    features, _, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
-    image, _, _ = data.load_nifti(files / "a.nii.gz")
-    expected = cifl_tf.pretrained(0.1)(data.normalize(image)[None, ..., None])[0]
-    assert status == 0 and features.shape == expected.shape
-    np.testing.assert_allclose(features, expected, atol=1e-6)
-
-
-def test_features_without_an_encoder_use_the_recommended_one(tmp_path, capsys):
-    image = slice_file(tmp_path / "in.nii.gz", SLICE)
-    status, stdout, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz")
-    features, affine, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
-    encoder = cifl_tf.pretrained()
-    assert status == 0 and f"{encoder.channels}-channel features" in stdout
-    assert features.shape == (*SLICE, encoder.channels)
-    np.testing.assert_allclose(features, encoder(data.normalize(image)[None, ..., None])[0], atol=1e-5)
-    np.testing.assert_array_equal(affine, AFFINE)
-
-
-def test_features_of_a_volume_default_to_the_shipped_3d_encoder(tmp_path, capsys):
-    image = slice_file(tmp_path / "in.nii.gz", (8, 10, 6))
-    status, _, _ = run(capsys, "features", tmp_path / "in.nii.gz", tmp_path / "f.nii.gz")
-    features, _, _ = data.load_nifti(tmp_path / "f.nii.gz", channels=True)
-    expected = cifl_tf.pretrained(ndim=3)(data.normalize(image)[None, ..., None])[0]
-    assert status == 0 and features.shape == expected.shape == (8, 10, 6, expected.shape[-1])
-    np.testing.assert_allclose(features, expected, atol=1e-5)
 
 
 def test_features_of_a_4d_image_name_the_file(tmp_path, capsys):

@@ -23,7 +23,7 @@ PAIRS = {
 }
 
 
-def reference(image, variant, sigma, dilation):
+def reference(image, variant, sigma, dilation, clip=True):
     """MIND of one image (*spatial) -> (*spatial, K), pixel by pixel from the formula, unnormalised by l2.
 
     D(x, k) = sum_p G(p) (I(x + a_k + p) - I(x + b_k + p))^2 with G a Gaussian of SD sigma truncated at
@@ -44,7 +44,8 @@ def reference(image, variant, sigma, dilation):
                 here = np.add(x, margin) + p
                 distances[x + (k,)] += w * (padded[tuple(here + a)] - padded[tuple(here + b)]) ** 2
     variance = distances.mean(-1, keepdims=True)
-    variance = variance.clip(variance.mean() * 1e-3, variance.mean() * 1e3)
+    if clip:
+        variance = variance.clip(variance.mean() * 1e-3, variance.mean() * 1e3)
     mind = np.exp(-distances / variance)
     return mind / mind.max(-1, keepdims=True)
 
@@ -86,6 +87,17 @@ def test_matches_the_numpy_reference(ndim, variant, sigma, dilation, shape):
     np.testing.assert_allclose(describe(layer, image), expected, rtol=1e-4, atol=1e-5)
     normalized = describe(MIND(ndim, variant, sigma, dilation), image)
     np.testing.assert_allclose(normalized, expected / np.linalg.norm(expected, axis=-1, keepdims=True),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mind", "ssc"])
+def test_matches_the_numpy_reference_where_the_variance_is_clipped(variant):
+    # faint noise beside a bright block: the flat region's V falls below 1e-3 of the image's mean V
+    image = np.random.default_rng(1).normal(0.1, 1e-3, (12, 14)).astype(np.float32)
+    image[4:9, 5:10] = 1
+    expected = reference(image, variant, 0.5, 1)
+    assert np.abs(expected - reference(image, variant, 0.5, 1, clip=False)).max() > 0.1  # the clip acts here
+    np.testing.assert_allclose(describe(MIND(2, variant, 0.5, 1, l2_normalize=False), image), expected,
                                rtol=1e-4, atol=1e-5)
 
 

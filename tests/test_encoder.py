@@ -215,6 +215,17 @@ def test_bad_arguments_raise(kwargs, message):
         CIFLEncoder(**kwargs)
 
 
+@pytest.mark.parametrize("ndim, shapes", [(2, [(12, 16), (9, 7)]), (3, [(6, 8, 5), (4, 4, 4)])])
+def test_encoder_model_is_the_encoder_on_images_of_any_size(ndim, shapes):
+    tf.keras.utils.set_random_seed(0)
+    encoder = CIFLEncoder(channels=3, features=4, ndim=ndim)
+    model = encoder_model(encoder)
+    for shape in shapes:
+        images = np.random.default_rng(0).random((2, *shape, 1)).astype(np.float32)
+        np.testing.assert_allclose(model.predict(images, verbose=0), encoder(images), atol=1e-6)
+    assert model.layers[-1] is encoder and len(model.weights) == len(encoder.weights)
+
+
 @pytest.mark.parametrize("layer", ["x", tf.keras.layers.Conv2D(4, 3)])
 def test_encoder_model_refuses_what_is_not_an_encoder(layer):
     with pytest.raises(TypeError, match=rf"expected a Keras layer with ndim .*got {type(layer).__name__}"):

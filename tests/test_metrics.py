@@ -109,8 +109,29 @@ def flip_rows(shape, columns):
     (flip_rows((6, 8), slice(None)), 1.0),                     # mirror: folds everywhere
     (flip_rows((6, 8), slice(0, 2)), 0.25),                    # 2 of 8 columns mirrored
     (-2 * np.stack(np.indices((4, 5, 6)), -1), 1.0),  # 3D point reflection
+    (np.stack([-np.indices((6, 8))[0], np.zeros((6, 8))], -1), 1.0),  # rows collapsed onto one: determinant 0
+    # shear u = (2 col, row): J = [[1, 2], [1, 1]], determinant -1 though each diagonal entry is 1
+    (np.stack([2 * np.indices((6, 8))[1], np.indices((6, 8))[0]], -1), 1.0),
 ])
 def test_folding_fraction(displacement, expected):
+    assert metrics.folding_fraction(displacement) == pytest.approx(expected)
+
+
+def folding_reference(displacement):
+    """Share of pixels with det(I + grad u) <= 0, the displacement's central-difference Jacobian."""
+    ndim = displacement.shape[-1]
+    gradients = np.stack([np.stack(np.gradient(displacement[..., d]), -1) for d in range(ndim)], -2)
+    return np.mean(np.linalg.det(np.eye(ndim) + gradients) <= 0)
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (12, 10, 14)])
+def test_folding_fraction_equals_the_jacobian_formula(shape):
+    rng = np.random.default_rng(3)
+    coarse = rng.normal(0, 1.5, (*(s // 4 for s in shape), len(shape)))  # smooth, with a share of folds
+    displacement = np.kron(coarse, np.ones((*(4,) * len(shape), 1)))
+    displacement += rng.normal(0, 0.3, displacement.shape)
+    expected = folding_reference(displacement)
+    assert 0.05 < expected < 0.95  # some pixels fold and some do not, so the case can tell
     assert metrics.folding_fraction(displacement) == pytest.approx(expected)
 
 
@@ -240,10 +261,13 @@ def test_match_fraction_rejects(fb_shape, mask, radius, message):
 
 @pytest.mark.parametrize("nan_in", ["features_a", "features_b"])
 def test_match_fraction_refuses_features_not_finite_in_the_mask(nan_in):
-    features = {"features_a": np.ones((4, 5, 3)), "features_b": np.ones((4, 5, 3))}
+    # b's features shifted by 3 columns: each pixel in columns 3-4 has its match 3 pixels away, outside radius 2
+    finite = {"features_a": one_hot_positions((4, 5)), "features_b": np.roll(one_hot_positions((4, 5)), 3, axis=1)}
+    features = {name: value.copy() for name, value in finite.items()}
     features[nan_in][1, 2, 0] = np.nan
     with pytest.raises(ValueError, match=f"{nan_in} is NaN or infinite at 1 pixels of the mask"):
         metrics.match_fraction(**features, mask=np.ones((4, 5), bool))
     outside = np.ones((4, 5), bool)
-    outside[1, 2] = False  # NaN outside the mask is not looked at
-    assert 0 <= metrics.match_fraction(**features, mask=outside) <= 1
+    outside[1, 2] = False  # NaN outside the mask is not looked at: the score of the finite features
+    expected = metrics.match_fraction(**finite, mask=outside)
+    assert 0 < expected < 1 and metrics.match_fraction(**features, mask=outside) == expected

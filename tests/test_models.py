@@ -98,10 +98,11 @@ def test_soft_dice_takes_one_hot_labels_of_any_type_and_computes_in_float32():
     def one_hot(dtype):  # a tensor, as fit passes it
         return tf.constant(np.eye(3, dtype=dtype)[labels])
 
-    expected = models.SoftDiceLoss()(one_hot(np.float32), probabilities).numpy()
-    assert 0 < expected < 1
-    for dtype in (np.uint8, np.int64, bool):
-        np.testing.assert_allclose(models.SoftDiceLoss()(one_hot(dtype), probabilities), expected, rtol=1e-6)
+    y, p = np.eye(3)[labels].reshape(2, -1, 3), probabilities.numpy().astype(np.float64).reshape(2, -1, 3)
+    dice = 2 * (y * p).sum(1) / ((y ** 2).sum(1) + (p ** 2).sum(1))  # (B, L), background included
+    expected = np.mean(1 - dice.mean(-1))  # the Keras loss's call averages the samples' losses
+    for dtype in (np.float32, np.uint8, np.int64, bool):  # float32 sums over the 2 x 256^2 pixels: rtol 1e-5
+        np.testing.assert_allclose(models.SoftDiceLoss()(one_hot(dtype), probabilities), expected, rtol=1e-5)
     # a float16 softmax, as mixed_float16 makes it: its sums over the image overflowed in 16 bits (0.0 here, not 0.597)
     np.testing.assert_allclose(models.SoftDiceLoss()(one_hot(np.float16), tf.cast(probabilities, tf.float16)),
                                expected, rtol=1e-3)
@@ -109,6 +110,14 @@ def test_soft_dice_takes_one_hot_labels_of_any_type_and_computes_in_float32():
         with pytest.raises(ValueError, match=r"labels must be one-hot like the predictions \(2, 256, 256, 3\), got "
                                              r"shape \(2, 256, 256(, 1)?\)"):
             models.SoftDiceLoss()(tf.constant(not_one_hot), probabilities)
+
+
+def test_soft_dice_averages_the_background_label_with_the_others():
+    # one sample of 4 pixels: background predicted right everywhere, label 1 half right
+    truth = np.eye(2, dtype=np.float32)[[[0, 0, 1, 1]]]
+    predicted = np.eye(2, dtype=np.float32)[[[0, 0, 0, 1]]]
+    background, foreground = 2 * 2 / (2 + 3), 2 * 1 / (2 + 1)
+    np.testing.assert_allclose(models.SoftDiceLoss()(truth, predicted), [1 - (background + foreground) / 2], rtol=1e-6)
 
 
 def test_crossentropy_is_computed_in_float32_under_a_mixed_policy():

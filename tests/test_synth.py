@@ -192,6 +192,61 @@ def test_shape_and_scales_may_be_a_tensor_shape_or_a_range():
     assert synth(0, 1)[1].shape == (1, 16, 16, 1)
 
 
+def render_reference(synth, key, labels, args):
+    """synth.render(key, labels) from its draws, stage by stage as labels_to_image renders (NumPy): each
+    label's N(mean, std^2) noise, the background zeroed, the Gaussian blur (zero padding), the bias field
+    exp(perlin), the clip to [0, 255] and the min-max normalisation (gamma and dc offset: other tests)."""
+    import scipy.ndimage as ndi
+    from cifl_tf.synth import _RENDER_DRAWS, _perlin, _split
+
+    keys = _split(key, _RENDER_DRAWS)
+    labels = labels.numpy()[..., 0]
+    batch, ndim, num = labels.shape[0], labels.ndim - 1, synth.num_labels
+    per_image = (batch, *[1] * ndim)
+    bounds = {name: np.broadcast_to(np.float64(args[name]), num) for name in ("mean_min", "mean_max", "std_min", "std_max")}
+    uniform = {name: tf.random.stateless_uniform((batch, num), keys[name]).numpy() for name in ("mean", "std")}
+    mean = bounds["mean_min"] + (bounds["mean_max"] - bounds["mean_min"]) * uniform["mean"]
+    std = bounds["std_min"] + (bounds["std_max"] - bounds["std_min"]) * uniform["std"]
+    noise = tf.random.stateless_normal((*labels.shape, 1), keys["noise"]).numpy()[..., 0]
+    image = np.stack([noise[b] * std[b][labels[b]] + mean[b][labels[b]] for b in range(batch)])
+    if args["zero_background"]:
+        flip = tf.random.stateless_uniform((*per_image, 1), keys["background"]).numpy()[..., 0] < args["zero_background"]
+        image[(labels == 0) & flip] = 0
+    if args["blur_std"]:
+        sigma = args["blur_std"]
+        width = int(np.round(sigma * 3) * 2 + 1)
+        taps = np.arange(width) - (width - 1) / 2
+        kernel = np.exp(-taps ** 2 / (2 * sigma ** 2))
+        for axis in range(1, ndim + 1):
+            image = ndi.convolve1d(image, kernel / kernel.sum(), axis, mode="constant")
+    if args["bias_std"]:
+        image *= np.exp(_perlin(keys["bias"], batch, (*synth.shape, 1), [args["bias_res"]], args["bias_std"],
+                                args["bias_std"]).numpy()[..., 0])
+    image = image.clip(0, 255)
+    if args["normalize"]:
+        axes = tuple(range(1, ndim + 1))
+        image = (image - image.min(axes, keepdims=True)) / (image.max(axes, keepdims=True) - image.min(axes, keepdims=True))
+    return image[..., np.newaxis]
+
+
+PLAIN = dict(mean_min=[0, 60, 100, 200], mean_max=[10, 80, 150, 210], std_min=[0, 1, 2, 3], std_max=[1, 2, 4, 9],
+             zero_background=0.0, blur_std=0, bias_std=0, normalize=False, gamma_std=0, dc_offset=0)
+
+
+@pytest.mark.parametrize("stage", [{}, dict(zero_background=1.0), dict(blur_std=1.2), dict(blur_std=0.6),
+                                   dict(bias_std=0.3, bias_res=4, bias_modulate=False), dict(normalize=True)],
+                         ids=["means and SDs per label", "background zeroed", "blur", "narrow blur", "bias", "normalised"])
+@pytest.mark.parametrize("shape", [(20, 24), (8, 10, 6)], ids=["2d", "3d"])
+def test_render_follows_each_stage_of_its_formula(stage, shape):
+    args = {**PLAIN, "blur_modulate": False, **stage}
+    synth = ShapesSynth(shape, num_labels=4, seed=0, **FINE, **args)
+    stripes = np.indices(shape).sum(0) // 3 % 4  # every label, the background included
+    labels = tf.constant(np.stack([stripes, np.flip(stripes), 3 - stripes])[..., np.newaxis], tf.int32)
+    key = batch_key(2, 1, 0)
+    np.testing.assert_allclose(synth.render(key, labels), render_reference(synth, key, labels, args),
+                               rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs", [dict(mean_min=10, mean_max=200), dict(num_labels=2, std_min=[0, 1], std_max=[5, 9]),
                                     dict(bias_res=[20, 40], blur_std=0, normalize=False)])
 def test_intensity_arguments_of_numbers_per_label_or_lists_render(kwargs):

@@ -79,18 +79,27 @@ def test_offset_views_refuse_offsets_the_pairs_do_not_hold(shape, max_offset, vi
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A short run: 2 epochs of 10 steps on 32x32 pairs. Returns (encoder, run folder)."""
+    """A short run: 2 epochs of 10 steps on 32x32 pairs. Returns (encoder, run folder, its initial weights)."""
     run = str(tmp_path_factory.mktemp("trained") / "run")
+    recorder = RecordOptimizer()
     encoder = train_encoder(shape=(32, 32), steps=20, steps_per_epoch=10, batch_size=2, channels=4, features=8,
-                            seed=0, synth_kwargs=dict(label_scales=[2, 4, 8]), out_dir=run, verbose=0)
-    return encoder, run
+                            seed=0, synth_kwargs=dict(label_scales=[2, 4, 8]), out_dir=run, verbose=0,
+                            callbacks=[recorder])
+    return encoder, run, recorder.initial_weights
 
 
 def test_training_lowers_the_loss_and_writes_the_run(trained):
-    encoder, run = trained
+    encoder, run, initial_weights = trained
     assert RUN_FILES <= set(os.listdir(run)) and os.listdir(os.path.join(run, "tensorboard"))
     (first_epoch, first), (last_epoch, last) = log_rows(run)
     assert (first_epoch, last_epoch) == (0, 1) and last < first
+    # The epochs' losses are of other batches; Eq. 1 on one held-out batch must fall too.
+    x1, x2 = next(iter(cifl_tf.synth.contrast_pairs((32, 32), 4, seed=123, label_scales=[2, 4, 8])))
+    initial = CIFLEncoder.from_config(encoder.get_config())
+    initial.build(x1.shape)
+    initial.set_weights(initial_weights)
+    held_out = [float(contrastive_loss(e(x1), e(x2), 1.0, 1.0, 0.1)) for e in (initial, encoder)]
+    assert held_out[1] < held_out[0] - 0.01, held_out
     with open(os.path.join(run, "result.json")) as f:
         assert json.load(f)["final_loss"] == pytest.approx(last, rel=1e-6)
     with open(os.path.join(run, "settings.json")) as f:
@@ -99,7 +108,7 @@ def test_training_lowers_the_loss_and_writes_the_run(trained):
 
 
 def test_run_folder_loads_as_the_trained_encoder(trained):
-    encoder, run = trained
+    encoder, run, _ = trained
     loaded = load_encoder(run, trainable=True)
     assert config_without_name(loaded) == config_without_name(encoder)
     np.testing.assert_array_equal(loaded(IMAGE), encoder(IMAGE))
