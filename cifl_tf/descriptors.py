@@ -117,8 +117,8 @@ class MIND(KL.Layer):
         on a whole image."""
         return 6
 
-    def _check_images(self, input_shape):
-        tiling.check_images(f"MIND(ndim={self.ndim})", self.ndim, input_shape)
+    def _check_images(self, images):
+        return tiling.check_images(f"MIND(ndim={self.ndim})", self.ndim, images)
 
     def build(self, input_shape):
         self._check_images(input_shape)
@@ -143,7 +143,7 @@ class MIND(KL.Layer):
 
     def distances(self, images):
         """D_p of the K pairs, (B, *spatial, K) float32, of images (B, *spatial, 1)."""
-        self._check_images(images.shape)  # every call, not just the first: see tiling.check_images
+        images = self._check_images(images)  # every call, not just the first: see tiling.check_images
         if tf.as_dtype(images.dtype).is_complex:  # the cast below would drop the imaginary part
             raise TypeError(f"MIND(ndim={self.ndim}): images must be real intensities, got {images.dtype.name}")
         margin = self.dilation + self.patch_radius

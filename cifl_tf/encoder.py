@@ -232,8 +232,8 @@ class CIFLEncoder(KL.Layer):
                              dtype=self.dtype_policy) for i in range(len(self.dilations))]
         self.normalize = L2Normalize(name="l2_normalize", dtype=exact)
 
-    def _check_images(self, input_shape):
-        check_images(f"CIFLEncoder(ndim={self.ndim})", self.ndim, input_shape)
+    def _check_images(self, images):
+        return check_images(f"CIFLEncoder(ndim={self.ndim})", self.ndim, images)
 
     def build(self, input_shape):
         self._check_images(input_shape)
@@ -245,7 +245,7 @@ class CIFLEncoder(KL.Layer):
         super().build(input_shape)
 
     def call(self, images):
-        self._check_images(images.shape)  # every call, not just the first: see tiling.check_images
+        images = self._check_images(images)  # every call, not just the first: see tiling.check_images
         if not images.dtype.is_floating:  # an integer image is not yet in [0, 1]
             raise TypeError(f"{self.name}: images must be floating-point intensities in [0, 1], "
                             f"got {images.dtype.name}")

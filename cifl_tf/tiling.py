@@ -198,19 +198,23 @@ def graph_call(layer):
     return tf.function(layer, reduce_retracing=True)
 
 
-def check_images(layer, ndim, input_shape):
-    """ValueError naming `layer` unless `input_shape` is that of single-channel images of `ndim` (B, *spatial, 1),
-    none of whose spatial axes is empty.
+def check_images(layer, ndim, images):
+    """ValueError naming `layer` unless `images` (a shape, or a tensor or array) are single-channel images of `ndim`
+    (B, *spatial, 1), none of whose axes but the channels' is empty. Returns `images`.
 
-    Layers check in call() as well as in build(), on the static shape (when tracing only): build() sees the first
-    input's shape only, and another rank could reach oneDNN's kernels, which abort the process. An unknown rank
-    passes: the first convolution checks it when it runs."""
-    shape = tf.TensorShape(input_shape)
+    Layers check in call() as well as in build(), on the static shape: build() sees the first input's shape only,
+    and another rank could reach oneDNN's kernels, which abort the process. A tensor whose rank is unknown when
+    traced (a retrace with relaxed shapes) is returned with its shape checked when the graph runs, for the same
+    reason."""
+    shape = tf.TensorShape(getattr(images, "shape", images))
     if shape.rank is not None and (shape.rank != ndim + 2 or shape[-1] != 1):
         raise ValueError(f"{layer} expects single-channel inputs of rank {ndim + 2} (batch, spatial..., 1), "
                          f"got shape {tuple(shape)}")
-    if shape.rank is not None and 0 in shape[1:-1]:
-        raise ValueError(f"{layer}: the image is empty, shape {tuple(shape)}")
+    if shape.rank is not None and 0 in shape[:-1]:
+        raise ValueError(f"{layer}: the {'batch' if shape[0] == 0 else 'image'} is empty, shape {tuple(shape)}")
+    if shape.rank is None and tf.is_tensor(images):
+        return tf.ensure_shape(images, [None] * (ndim + 1) + [1])
+    return images
 
 
 def check_layer(layer):

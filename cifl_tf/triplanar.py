@@ -56,15 +56,15 @@ class Triplanar(KL.Layer):
         measured, which is not worth doing on every build.)"""
         return tiling.receptive_radius(self.encoder)
 
-    def _check_images(self, input_shape):
-        tiling.check_images(f"Triplanar({self.encoder.name})", 3, input_shape)
+    def _check_images(self, images):
+        return tiling.check_images(f"Triplanar({self.encoder.name})", 3, images)
 
     def build(self, input_shape):
         self._check_images(input_shape)
         super().build(input_shape)
 
     def call(self, volumes):
-        self._check_images(volumes.shape)  # every call, not just the first: see tiling.check_images
+        volumes = self._check_images(volumes)  # every call, not just the first: see tiling.check_images
         shape = tf.shape(volumes)
         features = []
         for axis in (1, 2, 3):

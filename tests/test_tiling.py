@@ -247,3 +247,31 @@ def test_segment_refuses_a_memory_budget_for_a_model_without_an_encoder():
     with pytest.raises(ValueError, match=r"max_memory bounds the features of the model's encoder, and "
                                          r"cifl_segmentation has none"):
         evaluate.segment(model, np.zeros((1, 16, 16), np.float32), max_memory=2 ** 20)
+
+
+RANK_CHANGE = """
+import numpy as np, cifl_tf, tensorflow as tf
+tf.keras.utils.set_random_seed(0)
+x = np.random.default_rng(0).random((2, 8, 8, 8, 1)).astype(np.float32)
+for describer in (cifl_tf.CIFLEncoder(2, 2, ndim=3), cifl_tf.MIND(ndim=3), cifl_tf.Triplanar(cifl_tf.CIFLEncoder(2, 2))):
+    model = cifl_tf.encoder_model(describer)
+    model.predict(x, verbose=0)
+    try:  # retraced with an unknown rank, which oneDNN's kernels took and aborted on
+        model.predict(x[..., 0], verbose=0)
+    except tf.errors.InvalidArgumentError as error:
+        print("refused:", "is not compatible with expected shape" in str(error))
+"""
+
+
+def test_a_describer_refuses_another_rank_after_a_retrace_instead_of_aborting():
+    import subprocess
+    import sys
+    process = subprocess.run([sys.executable, "-c", RANK_CHANGE], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.split("\n").count("refused: True") == 3, process.stdout
+
+
+@pytest.mark.parametrize("describer", [lambda: cifl_tf.CIFLEncoder(2, 2), lambda: cifl_tf.descriptors.MIND(ndim=2)])
+def test_a_describer_refuses_an_empty_batch(describer):
+    with pytest.raises(ValueError, match=r"the batch is empty, shape \(0, 8, 8, 1\)"):
+        describer()(np.zeros((0, 8, 8, 1), np.float32))
