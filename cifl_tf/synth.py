@@ -96,9 +96,10 @@ def _check_render_args(args, num_labels):
 
     for name in ("mean_min", "mean_max", "std_min", "std_max"):
         if args[name] is not None:  # None: neurite's ranges per label
-            kind, low = ("finite", -np.inf) if name.startswith("mean") else ("non-negative", 0)
-            check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, low),
-                  f"a {kind} number or {num_labels} of them (one per label)")
+            # the render clips to [0, 255]: means outside it gave blank images
+            kind, high = ("number in [0, 255]", 255) if name.startswith("mean") else ("non-negative number", np.inf)
+            check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, 0) and np.all(array <= high),
+                  f"a {kind} or {num_labels} of them (one per label)")
     ranges = _intensity_ranges(args, num_labels)
     for low, high in (("mean_min", "mean_max"), ("std_min", "std_max")):
         if np.any(ranges[low] > ranges[high]):  # a bound left out is neurite's, per label
@@ -403,7 +404,10 @@ class ShapesSynth:
 
     def __call__(self, index, batch_size):
         """Batch `index` of the stream: label maps (B, *shape, 1) and their two renders x1, x2, each
-        (B, *shape, 1). A pure function of (seed, index, batch_size)."""
+        (B, *shape, 1). A pure function of (seed, index, batch_size). `index` may be a tensor (a dataset's map)."""
+        batch_size = check_integer("batch_size", batch_size, 1)
+        if not tf.is_tensor(index):
+            check_integer("index", index, 0)
         keys = _split(batch_key(self.seed, index, stream=0), ("labels", "view1", "view2"))
         labels = self.label_map(keys["labels"], batch_size)
         return labels, self.render(keys["view1"], labels), self.render(keys["view2"], labels)

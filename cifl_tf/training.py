@@ -403,6 +403,16 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     check_max_offset(max_offset, shape)
+    # checked before the run folder is written: Keras would fail on them only once it was
+    if not isinstance(resume, (bool, np.bool_)):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+        raise ValueError(f"verbose must be 0, 1 or 2 (Keras's fit), got {verbose!r}")
+    if callbacks is not None and (not isinstance(callbacks, (list, tuple))
+                                  or not all(isinstance(c, tf.keras.callbacks.Callback) for c in callbacks)):
+        raise TypeError(f"callbacks must be a list of tf.keras.callbacks.Callback, got {callbacks!r}")
+    if synth_kwargs is not None and not isinstance(synth_kwargs, dict):
+        raise TypeError(f"synth_kwargs must be a dict of ShapesSynth arguments, got {synth_kwargs!r}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the folder of the run to continue")
     if precision not in PRECISIONS:

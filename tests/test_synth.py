@@ -159,22 +159,26 @@ def test_label_map_is_the_argmax_of_the_noise_warped_by_nearest_interpolation(sh
     (dict(shape=(32, 32), blur_std=[1, 2]), "blur_std must be a non-negative number, got [1, 2]"),
     # numbers as strings passed np.asarray(..., float64) and failed inside the render
     (dict(shape=(32, 32), blur_std="1"), "blur_std must be a non-negative number, got '1'"),
-    (dict(shape=(32, 32), mean_min="3"), "mean_min must be a finite number or 16 of them (one per label), got '3'"),
+    (dict(shape=(32, 32), mean_min="3"), "mean_min must be a number in [0, 255] or 16 of them (one per label), got '3'"),
     # finite in float64 but not in the float32 of the draws: every voxel NaN
     (dict(shape=(32, 32), std_max=1e39),
      "std_max must be a non-negative number or 16 of them (one per label), got 1e+39"),
     (dict(shape=(32, 32), gamma_std=True), "gamma_std must be a non-negative number, got True"),
     (dict(shape=(32, 32), dc_offset=float("nan")), "dc_offset must be a non-negative number, got nan"),
-    (dict(shape=(32, 32), mean_min=[10, 20]), "mean_min must be a finite number or 16 of them (one per label), got"),
+    (dict(shape=(32, 32), mean_min=[10, 20]), "mean_min must be a number in [0, 255] or 16 of them (one per label), got"),
     (dict(shape=(32, 32), mean_max=-np.inf),
-     "mean_max must be a finite number or 16 of them (one per label), got -inf"),
+     "mean_max must be a number in [0, 255] or 16 of them (one per label), got -inf"),
     (dict(shape=(32, 32), num_labels=2, std_max=[5, -1]),
      "std_max must be a non-negative number or 2 of them (one per label), got [5, -1]"),
     (dict(shape=(32, 32), mean_min=200, mean_max=10), "mean_min 200 is above mean_max 10"),
     (dict(shape=(32, 32), num_labels=2, std_min=[0, 6], std_max=[5, 5]), "std_min [0, 6] is above std_max [5, 5]"),
     # one bound given: the other is neurite's per label (means 25-225, SDs 5-25 but the background's)
-    (dict(shape=(32, 32), mean_min=300),
-     "mean_min 300 is above mean_max (neurite's default per label, mean_max unset)"),
+    (dict(shape=(32, 32), mean_min=230),
+     "mean_min 230 is above mean_max (neurite's default per label, mean_max unset)"),
+    # the render clips to [0, 255]: all means below 0 gave blank images
+    (dict(shape=(32, 32), mean_min=-100, mean_max=-50),
+     "mean_min must be a number in [0, 255] or 16 of them (one per label), got -100"),
+    (dict(shape=(32, 32), mean_max=[300] * 16), "mean_max must be a number in [0, 255] or 16 of them"),
     (dict(shape=(32, 32), mean_max=10), "mean_min (neurite's default per label, mean_min unset) is above mean_max 10"),
     (dict(shape=(32, 32), std_min=30), "std_min 30 is above std_max (neurite's default per label, std_max unset)"),
     (dict(shape=(32, 32), zero_background=1.5), "zero_background must be a number in [0, 1], got 1.5"),
@@ -520,3 +524,13 @@ def test_coarser_renders_are_smoother_and_keep_their_labels():
             roughness = [np.mean(np.abs(np.diff(v.numpy(), axis=axis))) for v in (view, coarse_view)
                          for axis in (1, 2)]
             assert roughness[2] < roughness[0] and roughness[3] < roughness[1]
+
+
+@pytest.mark.parametrize("index, batch_size, message", [
+    (0, -1, "batch_size must be an integer >= 1, got -1"), (0, 0, "batch_size must be an integer >= 1, got 0"),
+    (0, 2.5, "batch_size must be an integer >= 1, got 2.5"), ("a", 1, "index must be an integer >= 0, got 'a'"),
+    (-1, 1, "index must be an integer >= 0, got -1"),
+])
+def test_a_batch_of_bad_index_or_size_is_refused_by_name(index, batch_size, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShapesSynth((16, 16), seed=0)(index, batch_size)

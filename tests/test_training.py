@@ -547,3 +547,18 @@ def test_numpy_numbers_train_as_python_ones(tmp_path):
     settings = read_settings(str(run))
     assert (settings["shape"], settings["steps"], settings["steps_per_epoch"], settings["tau_gamma"],
             settings["pixel_contrast"], settings["seed"]) == ([32, 32], 2, 2, 0.5, 0.25, 3)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(callbacks=[1]), TypeError, "callbacks must be a list of tf.keras.callbacks.Callback, got [1]"),
+    (dict(callbacks="x"), TypeError, "callbacks must be a list of tf.keras.callbacks.Callback, got 'x'"),
+    (dict(verbose="x"), ValueError, "verbose must be 0, 1 or 2 (Keras's fit), got 'x'"),
+    (dict(resume="yes"), TypeError, "resume must be True or False, got 'yes'"),
+    (dict(synth_kwargs="abc"), TypeError, "synth_kwargs must be a dict of ShapesSynth arguments, got 'abc'"),
+])
+def test_bad_run_arguments_are_refused_before_the_run_folder_is_written(tmp_path, kwargs, error, message):
+    # a bad callback failed inside Keras after settings.json was written; the same call then found a run to resume
+    with pytest.raises(error, match=re.escape(message)):
+        train_encoder(shape=(16, 16), steps=1, batch_size=1, channels=2, features=2, max_offset=2,
+                      out_dir=str(tmp_path / "run"), **kwargs)
+    assert not os.path.exists(tmp_path / "run")
