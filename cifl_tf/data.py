@@ -443,19 +443,32 @@ def write_json(path, content):
     return write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text(text))
 
 
-def remap_intensity(image, function, mask=None):
+def _real_image(image, caller):
+    """`image` as a float64 array; TypeError unless it holds real numbers, ValueError where it holds NaN or Inf."""
+    given, image = image, np.asarray(image)
+    if image.dtype.kind not in "biuf":
+        raise TypeError(f"{caller}: the image must hold real numbers, got {given!r:.80}")
+    image = image.astype(np.float64)
+    if not np.isfinite(image).all():
+        raise ValueError(f"{caller}: the image holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
+    return image
+
+
+def remap_intensity(image, function, mask=None, caller="remap_intensity"):
     """Applies ``function`` to the pixels inside ``mask``; pixels outside it become 0 (background).
 
     Args:
-        image: array of any shape.
-        function: callable taking the 1-D float32 array of the masked values and returning as
+        image: finite array of any shape.
+        function: callable taking the 1-D float64 array of the masked values and returning as
             many new values, e.g. ``lambda v: np.interp(v, curve_x, curve_y)``.
         mask: boolean array of the image's shape; default ``image > 0`` (the brain of a
             skull-stripped image).
+        caller: the name that errors give.
 
-    Returns: float32 array of the image's shape.
+    Returns: float32 array of the image's shape (computed in float64: in float32, intensities of 1e8 and 1e8 + 1
+    were one value).
     """
-    image = np.asarray(image, np.float32)
+    image = _real_image(image, caller)
     if not callable(function):
         raise TypeError(f"function must be callable, got {function!r}")
     mask = image > 0 if mask is None else np.asarray(mask, bool)
@@ -464,18 +477,12 @@ def remap_intensity(image, function, mask=None):
     out = np.zeros_like(image)
     if mask.any():
         out[mask] = function(image[mask])
-    return out
+    return out.astype(np.float32)
 
 
 def _min_max(values):
-    low = float(values.min())
-    span = float(values.max()) - low  # a Python float: the span of float32's extremes is beyond float32
-    if not span > 0:
-        return np.zeros_like(values)
-    shifted = values.astype(np.float64)
-    shifted -= low
-    shifted /= span
-    return shifted.astype(np.float32)
+    low, span = values.min(), values.max() - values.min()
+    return (values - low) / span if span > 0 else np.zeros_like(values)
 
 
 def normalize(image, mask=None):
@@ -484,10 +491,8 @@ def normalize(image, mask=None):
     With a mask, minimum and maximum are taken inside it and pixels outside it become 0.
     Returns float32 of the image's shape.
     """
-    image = np.asarray(image, np.float32)
-    if not np.isfinite(image).all():
-        raise ValueError(f"normalize: the image holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
-    return remap_intensity(image, _min_max, np.ones(image.shape, bool) if mask is None else mask)
+    image = _real_image(image, "normalize")
+    return remap_intensity(image, _min_max, np.ones(image.shape, bool) if mask is None else mask, "normalize")
 
 
 def equalize(image):
@@ -497,9 +502,7 @@ def equalize(image):
     tissues whose intensities lie close (grey and white matter in PD) are spread apart by the voxels between them.
     Returns float32 of the image's shape, in (0, 1).
     """
-    image = np.asarray(image)
-    if not np.isfinite(image).all():
-        raise ValueError(f"equalize: the image holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
+    image = _real_image(image, "equalize")
     if not image.size:
         raise ValueError("equalize: the image is empty")
     ordered = np.sort(image, axis=None)
@@ -513,7 +516,7 @@ def invert(image, mask=None):
     The mask defaults to ``image > 0``; ``max`` is the maximum inside the mask.
     Returns float32 of the image's shape.
     """
-    return remap_intensity(image, lambda values: values.max() - values, mask)
+    return remap_intensity(image, lambda values: values.max() - values, mask, "invert")
 
 
 def remap_labels(labels, intensities):

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from . import metrics, tiling
-from .models import RegistrationModel, SegmentationModel, warp_labels
+from .models import RegistrationModel, SegmentationModel, check_batching, warp_labels
 
 
 def _mean_std(values):
@@ -70,9 +70,11 @@ def _score(predicted, truth, labels, folding=None):
     return Scores(list(labels), dice, means, folding)
 
 
-def _images(images, inshape, what):
-    """(N, *inshape, 1) float32 from (N, *inshape) or (N, *inshape, 1)."""
-    images = np.asarray(images, np.float32)
+def _images(model, images, what, where):
+    """(N, *inshape, 1) float32 from (N, *inshape) or (N, *inshape, 1), as the model takes them
+    (``check_intensities``)."""
+    images = model.check_intensities(images, what, where)
+    inshape = model.inshape
     if images.shape[1:] == inshape:
         images = images[..., np.newaxis]
     if images.shape[1:] != (*inshape, 1) or not len(images):
@@ -83,10 +85,10 @@ def _images(images, inshape, what):
 
 
 def _label_maps(labels, count, inshape, what):
-    labels = np.asarray(labels)
-    if labels.shape != (count, *inshape) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{what} must be integer label maps of shape ({count}, {', '.join(map(str, inshape))}), "
-                         f"got {labels.dtype} {labels.shape}")
+    labels = metrics.check_label_map(labels, what)  # whole floats too, as a float NIfTI stores them
+    if labels.shape != (count, *inshape):
+        raise ValueError(f"{what} must be label maps of shape ({count}, {', '.join(map(str, inshape))}), "
+                         f"got {labels.shape}")
     return labels
 
 
@@ -103,7 +105,8 @@ def segment(model, images, batch_size=8, verbose=0, max_memory=None):
     """
     if not isinstance(model, SegmentationModel):
         raise TypeError(f"segment: expected a SegmentationModel, got {type(model).__name__}")
-    images = _images(images, model.inshape, "images")
+    check_batching(batch_size, verbose, "segment")
+    images = _images(model, images, "images", "segment")
     if max_memory is not None and model.encoder is None:
         raise ValueError(f"segment: max_memory bounds the features of the model's encoder, and {model.name} has "
                          f"none (it takes the intensities); give max_memory=None")
@@ -142,6 +145,9 @@ def label_overlap(moving_labels, fixed_labels, label_values=None):
     Returns: Scores (no folding).
     """
     shape = np.shape(fixed_labels)
+    if len(shape) not in (3, 4):  # one (H, W) map would be scored as H one-row maps
+        raise ValueError(f"label_overlap: expected a batch of label maps (N, *shape) with 2 or 3 spatial axes, "
+                         f"got shape {shape}")
     fixed_labels = _label_maps(fixed_labels, shape[0], shape[1:], "fixed_labels")
     moving_labels = _label_maps(moving_labels, shape[0], shape[1:], "moving_labels")
     if label_values is None:
@@ -166,7 +172,8 @@ def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, lab
     """
     if not isinstance(model, RegistrationModel):
         raise TypeError(f"evaluate_registration: expected a RegistrationModel, got {type(model).__name__}")
-    moving, fixed = _images(moving, model.inshape, "moving"), _images(fixed, model.inshape, "fixed")
+    moving, fixed = (_images(model, images, what, "evaluate_registration") for images, what in ((moving, "moving"),
+                                                                                                (fixed, "fixed")))
     if len(moving) != len(fixed):
         raise ValueError(f"evaluate_registration: {len(moving)} moving but {len(fixed)} fixed images")
     moving_labels = _label_maps(moving_labels, len(moving), model.inshape, "moving_labels")

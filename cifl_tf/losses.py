@@ -30,9 +30,14 @@ def check_temperatures(**taus):
 def _feature_pair(f1, f2, caller):
     """f1 and f2 as float32 tensors (in 16 bits, l2_normalize's epsilon underflows: zero features gave NaN)
     checked to be two (B, *spatial, C) feature images of one shape, and C, which must be known."""
+    f1, f2 = (tf.convert_to_tensor(f) for f in (f1, f2))
+    if not all(f.dtype.is_floating or f.dtype.is_integer for f in (f1, f2)):
+        raise TypeError(f"{caller}: features must be real numbers, got {f1.dtype.name} and {f2.dtype.name}")
     f1, f2 = (tf.cast(f, tf.float32) for f in (f1, f2))
     if f1.shape.rank is not None and f1.shape.rank < 3:
         raise ValueError(f"{caller}: features need shape (B, *spatial, C), got {f1.shape}")
+    if any(f.shape.rank is not None and 0 in f.shape for f in (f1, f2)):  # an empty batch gave NaN, no pixels log C
+        raise ValueError(f"{caller}: the features are empty, shapes {f1.shape} and {f2.shape}")
     if not f1.shape.is_compatible_with(f2.shape):
         raise ValueError(f"{caller}: f1 {f1.shape} and f2 {f2.shape} differ in shape")
     channels = f1.shape[-1]

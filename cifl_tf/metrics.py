@@ -33,9 +33,17 @@ def dice(labels_a, labels_b, labels=None):
     if labels_a.shape != labels_b.shape:
         raise ValueError(f"dice: label maps differ in shape, {labels_a.shape} vs {labels_b.shape}")
     present = np.union1d(labels_a, labels_b)
-    labels = present[present != 0] if labels is None else np.asarray(list(labels))
-    if np.any(labels != np.round(labels)):  # int() below would score 2.5 as label 2
-        raise ValueError(f"dice: labels must be integers, got {labels.tolist()}")
+    if labels is None:
+        labels = present[present != 0]
+    else:
+        given = labels
+        try:
+            labels = np.asarray(list(labels))
+        except TypeError:  # not iterable, such as a single label
+            labels = None
+        if labels is None or labels.ndim != 1 or labels.dtype.kind not in "biuf" \
+                or np.any(labels != np.round(labels)):  # int() below would score 2.5 as label 2
+            raise ValueError(f"dice: labels must be a sequence of integer labels, got {given!r}")
     scores = vxm.py.utils.dice(labels_a, labels_b, labels=labels, include_zero=True)
     return {int(label): float(score) if label in present else np.nan
             for label, score in zip(labels, scores)}

@@ -130,6 +130,40 @@ def _serialize(encoder):
     return None if encoder is None else tf.keras.utils.serialize_keras_object(encoder)
 
 
+def check_batching(batch_size, verbose, where):
+    """ValueError naming a batch_size or verbose that Keras's predict would take wrongly or fail on deep inside."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(f"{where}: verbose must be 0, 1 or 2 (Keras's predict), got {verbose!r}")
+
+
+class _DescribedImages:
+    """The encoder of a model that describes its input images, and the check of those images."""
+
+    @property
+    def encoder(self):
+        """The model's CIFLEncoder or MIND layer, or None where the network takes the intensities."""
+        return next((layer for layer in self.layers if isinstance(layer, (CIFLEncoder, MIND))), None)
+
+    def check_intensities(self, images, what, where):
+        """`images` (an array) as float32; TypeError unless they are real numbers, and ValueError where the model's
+        CIFLEncoder, which learned intensities in [0, 1], would see others (an image of 0-255 gave finite, meaningless
+        output)."""
+        images = np.asarray(images)
+        if images.dtype.kind not in "biuf":
+            raise TypeError(f"{where}: {what} must hold real numbers, got dtype {images.dtype}")
+        if images.dtype.kind in "iu" and isinstance(self.encoder, CIFLEncoder):
+            raise TypeError(f"{where}: {what} must be intensities normalised as in training (data.normalize), "
+                            f"got {images.dtype}")
+        images = images.astype(np.float32)
+        finite = images[np.isfinite(images)]
+        if isinstance(self.encoder, CIFLEncoder) and finite.size and (finite.min() < 0 or finite.max() > 1):
+            raise ValueError(f"{where}: {what} intensities must lie in [0, 1] for {self.name}'s CIFL encoder "
+                             f"(data.normalize), got [{finite.min():g}, {finite.max():g}]")
+        return images
+
+
 class _RebuiltFromArguments:
     """Keras config of a model built from arguments: the arguments, with the encoder serialised, and the global
     dtype policy it was built under.
@@ -202,7 +236,7 @@ SEG_LOSSES = {"dice": SoftDiceLoss, "crossentropy": CrossentropyLoss}
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
-class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
+class SegmentationModel(_DescribedImages, _RebuiltFromArguments, tf.keras.Model):
     """Frozen CIFL encoder (or nothing: the baseline) followed by ``ne.models.unet`` (paper Sec. 3).
 
     Args:
@@ -237,11 +271,6 @@ class SegmentationModel(_RebuiltFromArguments, tf.keras.Model):
         self.inshape, self.nb_labels = inshape, int(nb_labels)
         self._keep_arguments(inshape=list(inshape), nb_labels=int(nb_labels), encoder=_serialize(encoder), name=name,
                              **unet_kwargs)
-
-    @property
-    def encoder(self):
-        """The model's CIFLEncoder or MIND layer, or None where the UNet takes the intensities."""
-        return next((layer for layer in self.layers if isinstance(layer, (CIFLEncoder, MIND))), None)
 
     def head(self):
         """The UNet after the encoder, compiled as this model is: features (B, *inshape, F) -> softmax
@@ -352,7 +381,7 @@ def _vxm_downsampling(vxm_kwargs):
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
-class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
+class RegistrationModel(_DescribedImages, _RebuiltFromArguments, vxm.networks.VxmDense):
     """VxmDense on CIFL features of [moving, fixed] (or on intensities: the baseline), paper Sec. 3.
 
     Args:
@@ -443,7 +472,9 @@ class RegistrationModel(_RebuiltFromArguments, vxm.networks.VxmDense):
         Returns: (B, *inshape, ndim) float32 displacement in voxels ('ij' indexing): moved(x) =
         moving(x + displacement(x)), as ``warp`` applies it.
         """
-        moving, fixed = np.asarray(moving, np.float32), np.asarray(fixed, np.float32)
+        moving, fixed = (self.check_intensities(images, what, "register") for images, what in ((moving, "moving"),
+                                                                                                (fixed, "fixed")))
+        check_batching(batch_size, verbose, "register")
         expected = (*self.inshape, 1)
         for what, images in (("moving", moving), ("fixed", fixed)):
             if images.shape[1:] != expected:

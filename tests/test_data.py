@@ -868,3 +868,19 @@ def test_normalize_refuses_non_finite_images():
 def test_loaders_refuse_a_single_subject_name_as_a_string(oasis_tiny):
     with pytest.raises(ValueError, match="subjects must be a list of subject folder names, got the string"):
         data.load_oasis(oasis_tiny, subjects=SUBJECT_1)
+
+
+def test_normalize_keeps_intensities_that_float32_cannot_tell_apart():
+    # cast to float32 first, 1e8, 1e8 + 1 and 1e8 + 2 were one value: all zeros
+    np.testing.assert_allclose(data.normalize(np.array([1e8, 1e8 + 1, 1e8 + 2])), [0, 0.5, 1])
+    np.testing.assert_allclose(data.normalize(np.array([2 ** 40, 2 ** 40 + 2], np.int64)), [0, 1])
+    np.testing.assert_allclose(data.normalize(np.array([0, 1e300])), [0, 1])  # finite, beyond float32
+
+
+@pytest.mark.parametrize("function", [data.normalize, data.invert, data.equalize])
+def test_intensity_functions_refuse_what_is_not_a_finite_image_by_name(function):
+    name = function.__name__
+    with pytest.raises(TypeError, match=f"{name}: the image must hold real numbers, got None"):
+        function(None)
+    with pytest.raises(ValueError, match=f"{name}: the image holds 1 NaN/Inf values"):
+        function(np.array([[0.2, np.nan], [0.5, 0.7]]))  # invert made the NaN pixel 0

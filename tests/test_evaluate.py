@@ -140,8 +140,11 @@ def test_evaluation_rejects_inputs_that_do_not_match_the_model(seg_model, reg_mo
     labels = np.zeros((2, *SHAPE), np.int32)
     with pytest.raises(ValueError, match=r"images must be \(N, 16, 16\[, 1\]\).*\(2, 16, 15\)"):
         evaluate.evaluate_segmentation(seg_model, np.zeros((2, 16, 15)), labels)
-    with pytest.raises(ValueError, match=r"labels must be integer label maps of shape \(2, 16, 16\).*float"):
-        evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), labels.astype(float))
+    with pytest.raises(ValueError, match=r"labels must be an integer label map, got 512 float64 values that are not "
+                                         r"whole, such as \[0.5, 0.5, 0.5\]"):
+        evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), labels + 0.5)
+    with pytest.raises(ValueError, match=r"labels must be label maps of shape \(2, 16, 16\), got \(2, 16, 15\)"):
+        evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), labels[..., 1:])
     with pytest.raises(ValueError, match="2 moving but 1 fixed"):
         evaluate.evaluate_registration(reg_model, np.zeros((2, *SHAPE)), np.zeros((1, *SHAPE)), labels, labels[:1])
     with pytest.raises(TypeError, match="expected a RegistrationModel, got SegmentationModel"):
@@ -183,7 +186,57 @@ def test_label_values_may_be_any_iterable():
 
 def test_label_overlap_rejects_maps_that_do_not_pair():
     labels = np.zeros((2, *SHAPE), np.int32)
-    with pytest.raises(ValueError, match=r"moving_labels must be integer label maps of shape \(2, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"moving_labels must be label maps of shape \(2, 16, 16\), got \(1, 16, 16\)"):
         evaluate.label_overlap(labels[:1], labels)
-    with pytest.raises(ValueError, match="fixed_labels must be integer label maps.*float"):
-        evaluate.label_overlap(labels, labels.astype(float))
+    with pytest.raises(ValueError, match="fixed_labels must be an integer label map, got 512 float64 values"):
+        evaluate.label_overlap(labels, labels + 0.5)
+    # one (H, W) map was scored as H one-row maps
+    with pytest.raises(ValueError, match=r"label_overlap: expected a batch of label maps \(N, \*shape\) with 2 or 3 "
+                                         r"spatial axes, got shape \(16, 16\)"):
+        evaluate.label_overlap(labels[0], labels[0])
+
+
+def test_label_maps_stored_as_whole_floats_or_booleans_are_scored_as_integers():
+    labels = np.stack([squares((0, 0, 4, 4), (8, 8, 4, 4))] * 2)  # as a float NIfTI stores them
+    np.testing.assert_array_equal(evaluate.label_overlap(labels.astype(np.float32), labels).dice, [[1, 1], [1, 1]])
+    np.testing.assert_array_equal(evaluate.label_overlap(labels > 0, labels > 0).dice, [[1], [1]])
+
+
+@pytest.fixture(scope="module")
+def encoded_models():
+    encoder = cifl_tf.CIFLEncoder(2, 2)
+    return (cifl_tf.segmentation_model(SHAPE, 3, encoder=encoder, nb_features=4, nb_levels=2),
+            cifl_tf.registration_model(SHAPE, encoder=encoder, nb_unet_features=[[4], [4, 4]], int_steps=0))
+
+
+@pytest.mark.parametrize("images, error, message", [
+    (np.full((2, *SHAPE), 200, np.uint8), TypeError, "must be intensities normalised as in training "
+                                                     r"\(data.normalize\), got uint8"),
+    (np.full((2, *SHAPE), 200.0), ValueError, r"intensities must lie in \[0, 1\] for .*'s CIFL encoder "
+                                              r"\(data.normalize\), got \[200, 200\]"),
+    (np.full((2, *SHAPE), 1j), TypeError, "must hold real numbers, got dtype complex128"),
+])
+def test_models_with_an_encoder_refuse_intensities_it_never_learned(encoded_models, images, error, message):
+    # the models' float32 inputs cast 0-255 images, which the encoder then described as if in [0, 1]
+    seg, reg = encoded_models
+    labels = np.zeros((2, *SHAPE), np.int32)
+    for call in (lambda: evaluate.segment(seg, images), lambda: evaluate.evaluate_segmentation(seg, images, labels),
+                 lambda: reg.register(images[..., None], images[..., None]),
+                 lambda: evaluate.evaluate_registration(reg, images, images, labels, labels)):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_the_intensity_baseline_takes_intensities_of_any_range(seg_model):
+    assert evaluate.segment(seg_model, np.full((2, *SHAPE), 200, np.uint8)).shape == (2, *SHAPE)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(batch_size=2.5), "batch_size must be a positive integer, got 2.5"),
+                                             (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+                                             (dict(verbose="x"), r"verbose must be 0, 1 or 2 \(Keras's predict\), got 'x'")])
+def test_prediction_refuses_a_bad_batch_size_or_verbosity(seg_model, reg_model, kwargs, message):
+    images = np.zeros((2, *SHAPE, 1), np.float32)
+    with pytest.raises(ValueError, match=f"register: {message}"):
+        reg_model.register(images, images, **kwargs)
+    with pytest.raises(ValueError, match=f"segment: {message}"):
+        evaluate.segment(seg_model, images, **kwargs)

@@ -195,7 +195,7 @@ def tiny_methods():
 def phantoms(count, seed):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, (count, 2, 2)).repeat(16, axis=1).repeat(16, axis=2).astype(np.int32)
-    return (labels / 2 + rng.normal(0, 0.05, labels.shape)).astype(np.float32), labels
+    return np.clip(labels / 2 + rng.normal(0, 0.05, labels.shape), 0, 1).astype(np.float32), labels  # as normalised
 
 
 def test_the_module_example_runs_and_scores_every_method_on_every_contrast(capsys):

@@ -1,4 +1,6 @@
 """cifl_tf.losses: paper Eq. 1 (method page, section 3) against a NumPy reference written from the formula."""
+import re
+
 import numpy as np
 import pytest
 
@@ -354,3 +356,18 @@ def test_multiscale_loss_refuses_features_that_are_no_aligned_pair_before_poolin
     f1, f2 = features(shape1, seed=0)[0], features(shape2, seed=1)[1]
     with pytest.raises(ValueError, match=f"multiscale_contrastive_loss: {message}"):
         multiscale_contrastive_loss(f1, f2, (2,))
+
+
+@pytest.mark.parametrize("loss", [contrastive_loss, cifl_tf.losses.pixel_contrastive_loss,
+                                  cifl_tf.losses.multiscale_contrastive_loss])
+@pytest.mark.parametrize("shape", [(0, 8, 8, 4), (2, 0, 8, 4)])
+def test_contrastive_losses_refuse_empty_features(loss, shape):
+    # an empty batch gave NaN, and images of no pixels the constant log C
+    f = tf.zeros(shape)
+    with pytest.raises(ValueError, match=re.escape(f"the features are empty, shapes {tf.TensorShape(shape)}")):
+        loss(f, f)
+
+
+def test_contrastive_loss_refuses_features_that_are_not_numbers():
+    with pytest.raises(TypeError, match="contrastive_loss: features must be real numbers, got string and string"):
+        contrastive_loss(tf.constant([[["a"]]]), tf.constant([[["b"]]]))

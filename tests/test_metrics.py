@@ -54,8 +54,14 @@ def test_mean_dice_skips_labels_absent_from_both_maps():
 def test_dice_rejects_maps_of_different_shapes_and_labels_that_are_not_integers():
     with pytest.raises(ValueError, match=r"\(2, 3\) vs \(3, 2\)"):
         metrics.dice(A, B.T)
-    with pytest.raises(ValueError, match=r"labels must be integers, got \[1.0, 2.5\]"):
-        metrics.dice(A, B, [1.0, 2.5])
+
+
+@pytest.mark.parametrize("labels, shown", [([1.0, 2.5], r"\[1.0, 2.5\]"), (1, "1"), (["a"], r"\['a'\]"),
+                                           ([[1, 2]], r"\[\[1, 2\]\]")])
+def test_dice_refuses_labels_that_are_not_a_sequence_of_integers(labels, shown):
+    # a single label, strings and nested lists failed inside Python, NumPy or voxelmorph
+    with pytest.raises(ValueError, match=rf"dice: labels must be a sequence of integer labels, got {shown}$"):
+        metrics.dice(A, B, labels)
 
 
 @pytest.mark.parametrize("labels", [None, [1]])
