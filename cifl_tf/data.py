@@ -133,7 +133,7 @@ def _read(path, ndim, channels=False, float32=True):
     path = os.fspath(path)
     if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1):
         raise ValueError(f"ndim must be None or a positive integer, got {ndim!r}")
-    if not isinstance(channels, bool):
+    if not isinstance(channels, (bool, np.bool_)):
         raise TypeError(f"channels must be a bool, got {channels!r}")
     _stat_file(path)
     with _reading(path):

@@ -208,7 +208,7 @@ class CIFLEncoder(KL.Layer):
                 positive_integer(d) is None for d in dilations)):
             raise ValueError(f"CIFLEncoder: dilations must be positive integers such as (2, 4), got {dilations!r}")
         for name, value in (("inversion_invariant", inversion_invariant), ("use_bias", use_bias)):
-            if not isinstance(value, bool):
+            if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"CIFLEncoder: {name} must be True or False, got {value!r}")
         if local_normalization is not None and positive_number(local_normalization) is None:
             raise ValueError(f"CIFLEncoder: local_normalization must be None or a positive sigma in pixels, "
@@ -216,7 +216,7 @@ class CIFLEncoder(KL.Layer):
         self.channels, self.features, self.ndim = int(channels), int(features), int(ndim)
         self.architecture = architecture
         self.dilations = tuple(int(d) for d in dilations or ())
-        self.inversion_invariant, self.use_bias = inversion_invariant, use_bias
+        self.inversion_invariant, self.use_bias = bool(inversion_invariant), bool(use_bias)
         self.local_normalization = None if local_normalization is None else float(local_normalization)
         exact = self.dtype_policy.variable_dtype  # the normalisations' (see dtype above)
         self.local_normalize = (None if local_normalization is None
@@ -398,7 +398,7 @@ def load_encoder(path, trainable=False):
     if not isinstance(config, dict) or config.get("registered_name") not in _SAVED_LAYERS:
         raise ValueError(f"load_encoder: {config_path!r} does not describe a CIFLEncoder (or a Triplanar or "
                          f"FeatureStack)")
-    if not isinstance(trainable, bool):
+    if not isinstance(trainable, (bool, np.bool_)):
         raise TypeError(f"load_encoder: trainable must be True or False, got {trainable!r}")
     kind = config["registered_name"].split(">")[1]
     if isinstance(config.get("config"), dict):  # a fresh name, as a new layer gets: saved encoders share theirs
@@ -420,7 +420,7 @@ def load_encoder(path, trainable=False):
     if stored not in (None, len(model.weights)):  # Keras loads the weights it finds and says nothing of the rest
         raise ValueError(f"{path}: weights do not load into the encoder of {config_path} (the file holds "
                          f"{stored} weights, the encoder has {len(model.weights)}: another encoder's weights?)")
-    encoder.trainable = trainable
+    encoder.trainable = bool(trainable)
     return encoder
 
 

@@ -524,7 +524,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     learning_rate far too large) instead of returning a NaN field.
     """
     moving, fixed = _check_images(moving, fixed)
-    if not isinstance(equalize, bool):
+    if not isinstance(equalize, (bool, np.bool_)):
         raise TypeError(f"register_pair: equalize must be True or False, got {equalize!r}")
     if equalize:
         moving, fixed = data.equalize(moving), data.equalize(fixed)
@@ -540,13 +540,14 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) \
             or not 0 < learning_rate < math.inf:
         raise ValueError(f"register_pair: learning_rate must be a positive number, got {learning_rate!r}")
-    if not isinstance(affine, bool):
+    if not isinstance(affine, (bool, np.bool_)):
         raise TypeError(f"register_pair: affine must be True or False, got {affine!r}")
     tiling.check_max_memory(max_memory)
     if not isinstance(verbose, (int, np.integer)) or verbose not in (0, 1):
         raise ValueError(f"register_pair: verbose must be 1 or 0, got {verbose!r}")
-    if jit_compile is not None and not isinstance(jit_compile, bool):
+    if jit_compile is not None and not isinstance(jit_compile, (bool, np.bool_)):
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
+    jit_compile = None if jit_compile is None else bool(jit_compile)
     if isinstance(feature_scale, bool) or not isinstance(feature_scale, (int, np.integer)) or feature_scale < 1:
         raise ValueError(f"register_pair: feature_scale must be a positive integer, got {feature_scale!r}")
     if moved_features is not None and encoder is None:

@@ -111,6 +111,17 @@ def _check_unet(unet_kwargs, ndim):
         raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
     if not _positive_integer(unet_kwargs["nb_conv_per_level"]):
         raise ValueError(f"nb_conv_per_level must be a positive integer, got {unet_kwargs['nb_conv_per_level']!r}")
+    feat_mult = unet_kwargs.get("feat_mult", 1)
+    if isinstance(feat_mult, bool) or not isinstance(feat_mult, numbers.Real) or not 0 < feat_mult < math.inf:
+        raise ValueError(f"feat_mult must be a positive number, got {feat_mult!r}")
+    layers = (2 * levels - 1) * unet_kwargs["nb_conv_per_level"]  # neurite reads one per encoder and decoder conv
+    per_layer = unet_kwargs.get("layer_nb_feats")
+    if per_layer is not None and not per_level and not (
+            isinstance(per_layer, (list, tuple)) and len(per_layer) == layers and all(map(_positive_integer, per_layer))):
+        raise ValueError(f"layer_nb_feats must be {layers} positive integers (one per convolution of the "
+                         f"{levels}-level UNet), got {per_layer!r}")
+    if not isinstance(unet_kwargs.get("use_residuals", False), (bool, np.bool_)):
+        raise TypeError(f"use_residuals must be True or False, got {unet_kwargs['use_residuals']!r}")
     sizes = {key: unet_kwargs.get(key, 2) for key in ("conv_size", "pool_size")}  # neurite's pool_size default: 2
     for key, size in sizes.items():
         size = [size] * ndim if _positive_integer(size) else size
@@ -377,6 +388,9 @@ def _vxm_downsampling(vxm_kwargs):
                          f"decoder features] (two lists of positive integers), got {features!r}")
     if isinstance(features, (int, np.integer)):
         return 2 ** ((vxm_kwargs.get("nb_unet_levels") or 1) - 1)
+    if len(features[1]) < len(features[0]):  # voxelmorph reads one decoder entry per encoder convolution
+        raise ValueError(f"registration_model: nb_unet_features' decoder list needs at least as many entries as its "
+                         f"encoder list ({len(features[0])}; more are final convolutions), got {features!r}")
     return 2 ** (len(features[0]) // vxm_kwargs.get("nb_unet_conv_per_level", 1))
 
 

@@ -239,6 +239,14 @@ def test_switches_must_be_bools(name, value):
         CIFLEncoder(**{name: value})
 
 
+def test_switches_take_numpy_bools_as_python_ones(tmp_path):
+    # read from arrays or configs, refused before where the losses took them
+    encoder = CIFLEncoder(2, 2, inversion_invariant=np.True_, use_bias=np.False_)
+    assert encoder.get_config()["inversion_invariant"] is True and encoder.get_config()["use_bias"] is False
+    save_encoder(encoder, str(tmp_path / "e.weights.h5"))
+    assert load_encoder(str(tmp_path / "e.weights.h5"), trainable=np.True_).trainable is True
+
+
 @pytest.mark.parametrize("ndim, shape", [(2, (1, 8, 8, 8, 1)), (2, (8, 8, 1)), (3, (1, 8, 8, 1)), (2, (1, 8, 8, 3))])
 @pytest.mark.parametrize("built", [False, True], ids=["first-input", "built"])
 def test_inputs_must_be_single_channel_images_of_its_rank(ndim, shape, built):

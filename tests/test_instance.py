@@ -666,3 +666,13 @@ def test_equalize_registers_the_histogram_equalised_images():
                                cifl_tf.register_pair(data.equalize(moving), data.equalize(t1), **kwargs), atol=1e-6)
     with pytest.raises(TypeError, match="register_pair: equalize must be True or False, got 1"):
         cifl_tf.register_pair(moving, t1, equalize=1, **kwargs)
+
+
+def test_register_pair_takes_numpy_bools_as_python_ones():
+    image = np.zeros((16, 16), np.float32)
+    image[4:12, 5:11] = 1
+    given = dict(equalize=np.False_, affine=np.False_, jit_compile=np.False_)
+    python = {name: bool(value) for name, value in given.items()}
+    fields = [instance.register_pair(image, np.roll(image, 1, 0), encoder=None, levels=(1,), steps=2, verbose=0,
+                                     **flags) for flags in (given, python)]
+    np.testing.assert_array_equal(*fields)

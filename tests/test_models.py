@@ -537,6 +537,12 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
      "conv_size must be a positive integer or 2 of them, got 0"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=64), ValueError,
      rf"must be divisible by {2 ** 63} for a UNet of nb_levels=64"),  # NumPy's int64 had overflowed
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, feat_mult=0), ValueError,
+     "feat_mult must be a positive number, got 0"),  # Keras's "Received filters=0" named no argument
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, layer_nb_feats=[1]), ValueError,
+     r"layer_nb_feats must be 6 positive integers \(one per convolution of the 2-level UNet\), got \[1\]"),
+    (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, use_residuals="yes"), TypeError,
+     "use_residuals must be True or False, got 'yes'"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, loss=["dice"]), ValueError,
      r"loss must be one of \['crossentropy', 'dice'\], got \['dice'\]"),
     # VxmDense arguments that failed with a ZeroDivisionError or TypeError
@@ -545,6 +551,8 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.registration_model(SHAPE, nb_unet_features=[8, 16]), ValueError,
      r"nb_unet_features must be a positive integer or \[encoder features, decoder features\] \(two lists of "
      r"positive integers\), got \[8, 16\]"),
+    (lambda e: cifl_tf.registration_model(SHAPE, nb_unet_features=[[4, 4], [4]]), ValueError,  # an IndexError
+     r"decoder list needs at least as many entries as its encoder list \(2; more are final convolutions\)"),
     (lambda e: cifl_tf.registration_model(SHAPE, unet_half_res=True, **TINY_VXM), TypeError,
      r"unet_half_res is voxelmorph's deprecated name: give svf_resolution=2"),
     *[(lambda e, cls=cls, args=args: cls(SHAPE, *args).head(), ValueError,
@@ -623,3 +631,12 @@ def test_save_model_leaves_no_file_when_writing_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         models.save_model(model, str(tmp_path / "seg.keras"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("nb_conv_per_level, per_layer", [(2, [4, 5, 6, 7, 8, 9]), (1, [4, 5, 6])])
+def test_a_unet_takes_one_feature_count_per_convolution(nb_conv_per_level, per_layer):
+    model = cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, nb_conv_per_level=nb_conv_per_level,
+                                       layer_nb_feats=per_layer)
+    filters = [layer.filters for layer in model.get_layer(f"{model.name}_unet").layers
+               if isinstance(layer, tf.keras.layers.Conv2D)]
+    assert filters[:len(per_layer)] == per_layer  # then the softmax's
