@@ -444,29 +444,32 @@ def write_json(path, content):
 
 
 def _real_image(image, caller):
-    """`image` as a float64 array; TypeError unless it holds real numbers, ValueError where it holds NaN or Inf."""
+    """`image` as an array (not copied); TypeError unless it holds real numbers."""
     given, image = image, np.asarray(image)
     if image.dtype.kind not in "biuf":
         raise TypeError(f"{caller}: the image must hold real numbers, got {given!r:.80}")
-    image = image.astype(np.float64)
-    if not np.isfinite(image).all():
-        raise ValueError(f"{caller}: the image holds {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
     return image
+
+
+def _refuse_non_finite(values, caller, where=""):
+    bad = np.count_nonzero(~np.isfinite(values))
+    if bad:
+        raise ValueError(f"{caller}: the image holds {bad} NaN/Inf values{where}")
 
 
 def remap_intensity(image, function, mask=None, caller="remap_intensity"):
     """Applies ``function`` to the pixels inside ``mask``; pixels outside it become 0 (background).
 
     Args:
-        image: finite array of any shape.
+        image: array of any shape, finite in the mask.
         function: callable taking the 1-D float64 array of the masked values and returning as
             many new values, e.g. ``lambda v: np.interp(v, curve_x, curve_y)``.
         mask: boolean array of the image's shape; default ``image > 0`` (the brain of a
-            skull-stripped image).
+            skull-stripped image; NaN background stays outside it).
         caller: the name that errors give.
 
-    Returns: float32 array of the image's shape (computed in float64: in float32, intensities of 1e8 and 1e8 + 1
-    were one value).
+    Returns: float32 array of the image's shape (the masked values in float64 until then: in float32, intensities
+    of 1e8 and 1e8 + 1 were one value).
     """
     image = _real_image(image, caller)
     if not callable(function):
@@ -474,10 +477,11 @@ def remap_intensity(image, function, mask=None, caller="remap_intensity"):
     mask = image > 0 if mask is None else np.asarray(mask, bool)
     if mask.shape != image.shape:
         raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
-    out = np.zeros_like(image)
+    _refuse_non_finite(image[mask], caller, "" if mask.all() else " in the mask")
+    out = np.zeros(image.shape, np.float32)
     if mask.any():
-        out[mask] = function(image[mask])
-    return out.astype(np.float32)
+        out[mask] = function(image[mask].astype(np.float64))
+    return out
 
 
 def _min_max(values):
@@ -491,8 +495,7 @@ def normalize(image, mask=None):
     With a mask, minimum and maximum are taken inside it and pixels outside it become 0.
     Returns float32 of the image's shape.
     """
-    image = _real_image(image, "normalize")
-    return remap_intensity(image, _min_max, np.ones(image.shape, bool) if mask is None else mask, "normalize")
+    return remap_intensity(image, _min_max, np.ones(np.shape(image), bool) if mask is None else mask, "normalize")
 
 
 def equalize(image):
@@ -503,6 +506,7 @@ def equalize(image):
     Returns float32 of the image's shape, in (0, 1).
     """
     image = _real_image(image, "equalize")
+    _refuse_non_finite(image, "equalize")
     if not image.size:
         raise ValueError("equalize: the image is empty")
     ordered = np.sort(image, axis=None)

@@ -33,7 +33,7 @@ from .losses import NCC
 from .metrics import check_label_map
 from .stack import FeatureStack
 from .synth import stream_options, stream_seed
-from .training import POSITIVE_NUMBER, as_json_holds, compile_for_fit
+from .training import POSITIVE_NUMBER, as_json_holds, check_verbose, compile_for_fit
 from .transform import BATCHED_LAYERS, EXACT, spatial_transform
 from .triplanar import Triplanar
 
@@ -112,13 +112,14 @@ def _check_unet(unet_kwargs, ndim):
     if not _positive_integer(unet_kwargs["nb_conv_per_level"]):
         raise ValueError(f"nb_conv_per_level must be a positive integer, got {unet_kwargs['nb_conv_per_level']!r}")
     feat_mult = unet_kwargs.get("feat_mult", 1)
-    if isinstance(feat_mult, bool) or not isinstance(feat_mult, numbers.Real) or not 0 < feat_mult < math.inf:
+    if not per_level and (isinstance(feat_mult, bool) or not isinstance(feat_mult, numbers.Real)
+                          or not 0 < feat_mult < math.inf):  # each level's features given: neurite ignores it
         raise ValueError(f"feat_mult must be a positive number, got {feat_mult!r}")
     layers = (2 * levels - 1) * unet_kwargs["nb_conv_per_level"]  # neurite reads one per encoder and decoder conv
     per_layer = unet_kwargs.get("layer_nb_feats")
     if per_layer is not None and not per_level and not (
-            isinstance(per_layer, (list, tuple)) and len(per_layer) == layers and all(map(_positive_integer, per_layer))):
-        raise ValueError(f"layer_nb_feats must be {layers} positive integers (one per convolution of the "
+            isinstance(per_layer, (list, tuple)) and len(per_layer) >= layers and all(map(_positive_integer, per_layer))):
+        raise ValueError(f"layer_nb_feats must be {layers} or more positive integers (one per convolution of the "
                          f"{levels}-level UNet), got {per_layer!r}")
     if not isinstance(unet_kwargs.get("use_residuals", False), (bool, np.bool_)):
         raise TypeError(f"use_residuals must be True or False, got {unet_kwargs['use_residuals']!r}")
@@ -142,11 +143,17 @@ def _serialize(encoder):
 
 
 def check_batching(batch_size, verbose, where):
-    """ValueError naming a batch_size or verbose that Keras's predict would take wrongly or fail on deep inside."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"{where}: batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
-        raise ValueError(f"{where}: verbose must be 0, 1 or 2 (Keras's predict), got {verbose!r}")
+    """ValueError naming a batch_size or verbose that Keras's predict would take wrongly or fail on deep inside
+    (None and "auto" are Keras's own defaults)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise ValueError(f"{where}: batch_size must be None or a positive integer, got {batch_size!r}")
+    check_verbose(verbose, where)
+
+
+# How far intensities may stray outside [0, 1] (a resampling's overshoot, noise) before they are taken for
+# another scale, such as 0-255, z-scores or a scanner's units.
+INTENSITY_MARGIN = 0.5
 
 
 class _DescribedImages:
@@ -158,20 +165,23 @@ class _DescribedImages:
         return next((layer for layer in self.layers if isinstance(layer, (CIFLEncoder, MIND))), None)
 
     def check_intensities(self, images, what, where):
-        """`images` (an array) as float32; TypeError unless they are real numbers, and ValueError where the model's
-        CIFLEncoder, which learned intensities in [0, 1], would see others (an image of 0-255 gave finite, meaningless
-        output)."""
+        """`images` (an array) as float32; TypeError unless they are real numbers, and where the model has a
+        CIFLEncoder, which learned intensities in [0, 1], TypeError for integers and ValueError for finite values more
+        than INTENSITY_MARGIN outside [0, 1] (images of 0-255 gave finite, meaningless output)."""
         images = np.asarray(images)
         if images.dtype.kind not in "biuf":
             raise TypeError(f"{where}: {what} must hold real numbers, got dtype {images.dtype}")
-        if images.dtype.kind in "iu" and isinstance(self.encoder, CIFLEncoder):
+        if not isinstance(self.encoder, CIFLEncoder):
+            return np.asarray(images, np.float32)
+        if images.dtype.kind in "iu":
             raise TypeError(f"{where}: {what} must be intensities normalised as in training (data.normalize), "
                             f"got {images.dtype}")
-        images = images.astype(np.float32)
-        finite = images[np.isfinite(images)]
-        if isinstance(self.encoder, CIFLEncoder) and finite.size and (finite.min() < 0 or finite.max() > 1):
-            raise ValueError(f"{where}: {what} intensities must lie in [0, 1] for {self.name}'s CIFL encoder "
-                             f"(data.normalize), got [{finite.min():g}, {finite.max():g}]")
+        images = np.asarray(images, np.float32)
+        if images.size and np.isfinite(images).all():  # else the caller refuses them by name
+            low, high = images.min(), images.max()
+            if low < -INTENSITY_MARGIN or high > 1 + INTENSITY_MARGIN:
+                raise ValueError(f"{where}: {what}: intensities must lie in [0, 1] for {self.name}'s CIFL encoder "
+                                 f"(data.normalize), got [{low:g}, {high:g}]")
         return images
 
 

@@ -96,14 +96,16 @@ def _check_render_args(args, num_labels):
 
     for name in ("mean_min", "mean_max", "std_min", "std_max"):
         if args[name] is not None:  # None: neurite's ranges per label
-            # the render clips to [0, 255]: means outside it gave blank images
-            kind, high = ("number in [0, 255]", 255) if name.startswith("mean") else ("non-negative number", np.inf)
-            check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, 0) and np.all(array <= high),
-                  f"a {kind} or {num_labels} of them (one per label)")
+            kind, low = ("finite", -np.inf) if name.startswith("mean") else ("non-negative", 0)
+            check(name, lambda array: array.shape in ((), (num_labels,)) and within(array, low),
+                  f"a {kind} number or {num_labels} of them (one per label)")
     ranges = _intensity_ranges(args, num_labels)
     for low, high in (("mean_min", "mean_max"), ("std_min", "std_max")):
         if np.any(ranges[low] > ranges[high]):  # a bound left out is neurite's, per label
             raise ValueError(f"{low} {_given(args, low)} is above {high} {_given(args, high)}")
+    if np.any(ranges["mean_max"] < 0) or np.any(ranges["mean_min"] > 255):  # all negative: blank images
+        raise ValueError(f"mean_min {_given(args, 'mean_min')} and mean_max {_given(args, 'mean_max')}: each label's "
+                         f"range of means must reach into [0, 255], to which the render clips")
     check("zero_background", lambda array: array.shape == () and 0 <= array <= 1, "a number in [0, 1]")
     check("bias_res", lambda array: array.ndim <= 1 and array.size and within(array, np.nextafter(0, 1)),
           "a positive number or a list of them")

@@ -193,6 +193,12 @@ class SiameseCIFL(tf.keras.Model):
         return f1, f2
 
 
+def check_verbose(verbose, where):
+    """ValueError naming a verbose that Keras's fit and predict would not take."""
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2, "auto"):
+        raise ValueError(f"{where}: verbose must be 0, 1, 2 or 'auto' (as Keras takes it), got {verbose!r}")
+
+
 def _prepare_run_on_every_worker(strategy, chief, out_dir, prepare):
     """`prepare()` (which checks and writes the run folder) on the chief; under a multi-worker strategy every
     worker then learns whether it refused the folder and stops too, rather than waiting in collective ops that
@@ -406,11 +412,13 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     # checked before the run folder is written: Keras would fail on them only once it was
     if not isinstance(resume, (bool, np.bool_)):
         raise TypeError(f"resume must be True or False, got {resume!r}")
-    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
-        raise ValueError(f"verbose must be 0, 1 or 2 (Keras's fit), got {verbose!r}")
-    if callbacks is not None and (not isinstance(callbacks, (list, tuple))
-                                  or not all(isinstance(c, tf.keras.callbacks.Callback) for c in callbacks)):
-        raise TypeError(f"callbacks must be a list of tf.keras.callbacks.Callback, got {callbacks!r}")
+    check_verbose(verbose, "train_encoder")
+    wrong = TypeError(f"callbacks must be Keras callbacks (tf.keras.callbacks.Callback), got {callbacks!r}")
+    if isinstance(callbacks, (str, bytes)) or callbacks is not None and not hasattr(callbacks, "__iter__"):
+        raise wrong
+    callbacks = list(callbacks or ())
+    if not all(isinstance(callback, tf.keras.callbacks.Callback) for callback in callbacks):
+        raise wrong
     if synth_kwargs is not None and not isinstance(synth_kwargs, dict):
         raise TypeError(f"synth_kwargs must be a dict of ShapesSynth arguments, got {synth_kwargs!r}")
     if resume and out_dir is None:
@@ -475,7 +483,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
             out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS))
 
     # StopOnNonFinite first: it must see NaN weights before a save
-    callbacks, initial_epoch = [StopOnNonFinite(), *(callbacks or ())], 0
+    callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0
     if out_dir is not None:
         backup = checkpoint.EpochCheckpoint(os.path.join(out_dir, "backup"), model)
         if resume:

@@ -882,5 +882,12 @@ def test_intensity_functions_refuse_what_is_not_a_finite_image_by_name(function)
     name = function.__name__
     with pytest.raises(TypeError, match=f"{name}: the image must hold real numbers, got None"):
         function(None)
-    with pytest.raises(ValueError, match=f"{name}: the image holds 1 NaN/Inf values"):
-        function(np.array([[0.2, np.nan], [0.5, 0.7]]))  # invert made the NaN pixel 0
+    with pytest.raises(ValueError, match=f"{name}: the image holds 1 NaN/Inf values$"):
+        function(np.array([[0.2, np.nan], [0.5, 0.7]]), **({"mask": np.ones((2, 2), bool)} if name == "invert" else {}))
+
+
+def test_invert_leaves_a_nan_background_outside_its_mask_as_zero():
+    # some pipelines write NaN outside the brain; the default mask (image > 0) leaves it out
+    np.testing.assert_allclose(data.invert(np.array([[np.nan, 0.2, 0.5], [0, 1, np.nan]])), [[0, 0.8, 0.5], [0, 0, 0]])
+    with pytest.raises(ValueError, match="invert: the image holds 1 NaN/Inf values in the mask"):
+        data.invert(np.array([[np.nan, 0.2], [0.5, 1]]), mask=np.array([[True, True], [False, True]]))

@@ -212,8 +212,9 @@ def encoded_models():
 @pytest.mark.parametrize("images, error, message", [
     (np.full((2, *SHAPE), 200, np.uint8), TypeError, "must be intensities normalised as in training "
                                                      r"\(data.normalize\), got uint8"),
-    (np.full((2, *SHAPE), 200.0), ValueError, r"intensities must lie in \[0, 1\] for .*'s CIFL encoder "
+    (np.full((2, *SHAPE), 200.0), ValueError, r": intensities must lie in \[0, 1\] for .*'s CIFL encoder "
                                               r"\(data.normalize\), got \[200, 200\]"),
+    (np.linspace(-0.6, 1, 2 * 16 * 16).reshape(2, *SHAPE), ValueError, r"got \[-0.6, 1\]"),
     (np.full((2, *SHAPE), 1j), TypeError, "must hold real numbers, got dtype complex128"),
 ])
 def test_models_with_an_encoder_refuse_intensities_it_never_learned(encoded_models, images, error, message):
@@ -231,12 +232,25 @@ def test_the_intensity_baseline_takes_intensities_of_any_range(seg_model):
     assert evaluate.segment(seg_model, np.full((2, *SHAPE), 200, np.uint8)).shape == (2, *SHAPE)
 
 
-@pytest.mark.parametrize("kwargs, message", [(dict(batch_size=2.5), "batch_size must be a positive integer, got 2.5"),
-                                             (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
-                                             (dict(verbose="x"), r"verbose must be 0, 1 or 2 \(Keras's predict\), got 'x'")])
+def test_an_encoder_takes_intensities_a_little_outside_0_1(encoded_models):
+    # a cubic resampling's overshoot of a normalised image, or noise added to it
+    images = np.linspace(-0.2, 1.2, 2 * 16 * 16, dtype=np.float32).reshape(2, *SHAPE)
+    seg, reg = encoded_models
+    assert evaluate.segment(seg, images).shape == (2, *SHAPE)
+    assert reg.register(images[..., None], images[..., None]).shape == (2, *SHAPE, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=2.5), "batch_size must be None or a positive integer, got 2.5"),
+    (dict(batch_size=0), "batch_size must be None or a positive integer, got 0"),
+    (dict(verbose="x"), r"verbose must be 0, 1, 2 or 'auto' \(as Keras takes it\), got 'x'"),
+])
 def test_prediction_refuses_a_bad_batch_size_or_verbosity(seg_model, reg_model, kwargs, message):
     images = np.zeros((2, *SHAPE, 1), np.float32)
     with pytest.raises(ValueError, match=f"register: {message}"):
         reg_model.register(images, images, **kwargs)
     with pytest.raises(ValueError, match=f"segment: {message}"):
         evaluate.segment(seg_model, images, **kwargs)
+    keras_defaults = dict(batch_size=None, verbose="auto")  # as Keras's predict takes them
+    assert reg_model.register(images, images, **keras_defaults).shape == (2, *SHAPE, 2)
+    assert evaluate.segment(seg_model, images, **keras_defaults).shape == (2, *SHAPE)

@@ -540,7 +540,7 @@ def test_pair_batches_pair_different_images_and_cover_all_pairs():
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, feat_mult=0), ValueError,
      "feat_mult must be a positive number, got 0"),  # Keras's "Received filters=0" named no argument
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, layer_nb_feats=[1]), ValueError,
-     r"layer_nb_feats must be 6 positive integers \(one per convolution of the 2-level UNet\), got \[1\]"),
+     r"layer_nb_feats must be 6 or more positive integers \(one per convolution of the 2-level UNet\), got \[1\]"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, use_residuals="yes"), TypeError,
      "use_residuals must be True or False, got 'yes'"),
     (lambda e: cifl_tf.segmentation_model(SHAPE, 3, loss=["dice"]), ValueError,
@@ -633,10 +633,17 @@ def test_save_model_leaves_no_file_when_writing_fails(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("nb_conv_per_level, per_layer", [(2, [4, 5, 6, 7, 8, 9]), (1, [4, 5, 6])])
+def test_a_unet_of_each_levels_features_takes_no_feat_mult():
+    # neurite ignores feat_mult then, and warns unless it is None
+    model = cifl_tf.segmentation_model(SHAPE, 3, nb_features=[[4, 4], [8, 8]], nb_levels=None, feat_mult=None)
+    assert model.output_shape == (None, *SHAPE, 3)
+
+
+@pytest.mark.parametrize("nb_conv_per_level, per_layer", [(2, [4, 5, 6, 7, 8, 9]), (1, [4, 5, 6]), (1, [4, 5, 6, 7])])
 def test_a_unet_takes_one_feature_count_per_convolution(nb_conv_per_level, per_layer):
     model = cifl_tf.segmentation_model(SHAPE, 3, nb_features=4, nb_levels=2, nb_conv_per_level=nb_conv_per_level,
                                        layer_nb_feats=per_layer)
     filters = [layer.filters for layer in model.get_layer(f"{model.name}_unet").layers
                if isinstance(layer, tf.keras.layers.Conv2D)]
-    assert filters[:len(per_layer)] == per_layer  # then the softmax's
+    used = 3 * nb_conv_per_level  # one per convolution of the 2-level UNet; neurite ignores more
+    assert filters[:used] == per_layer[:used] and filters[used] == 3  # then the softmax's

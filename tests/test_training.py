@@ -93,13 +93,16 @@ def test_training_lowers_the_loss_and_writes_the_run(trained):
     assert RUN_FILES <= set(os.listdir(run)) and os.listdir(os.path.join(run, "tensorboard"))
     (first_epoch, first), (last_epoch, last) = log_rows(run)
     assert (first_epoch, last_epoch) == (0, 1) and last < first
-    # The epochs' losses are of other batches; Eq. 1 on one held-out batch must fall too.
-    x1, x2 = next(iter(cifl_tf.synth.contrast_pairs((32, 32), 4, seed=123, label_scales=[2, 4, 8])))
+    # The epochs' losses are of other batches; the objective on held-out offset views must fall too (8.2 -> 0.8
+    # for this seed; 20 steps of a 4-channel encoder do not lower it for every seed: seed 1's rose, 2.2 -> 2.8).
+    pairs = cifl_tf.synth.contrast_pairs((48, 48), 4, seed=123, label_scales=[2, 4, 8])
+    views = [views for (views,) in offset_views(pairs, (32, 32), 16, seed=123).take(4)]
     initial = CIFLEncoder.from_config(encoder.get_config())
-    initial.build(x1.shape)
+    initial.build((None, 32, 32, 1))
     initial.set_weights(initial_weights)
-    held_out = [float(contrastive_loss(e(x1), e(x2), 1.0, 1.0, 0.1)) for e in (initial, encoder)]
-    assert held_out[1] < held_out[0] - 0.01, held_out
+    held_out = [np.mean([float(contrastive_loss(*align_views(e(v1), e(v2), shift), 1.0, 1.0, 0.1))
+                         for v1, v2, shift in views]) for e in (initial, encoder)]
+    assert held_out[1] < held_out[0] / 2, held_out
     with open(os.path.join(run, "result.json")) as f:
         assert json.load(f)["final_loss"] == pytest.approx(last, rel=1e-6)
     with open(os.path.join(run, "settings.json")) as f:
@@ -550,9 +553,10 @@ def test_numpy_numbers_train_as_python_ones(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(callbacks=[1]), TypeError, "callbacks must be a list of tf.keras.callbacks.Callback, got [1]"),
-    (dict(callbacks="x"), TypeError, "callbacks must be a list of tf.keras.callbacks.Callback, got 'x'"),
-    (dict(verbose="x"), ValueError, "verbose must be 0, 1 or 2 (Keras's fit), got 'x'"),
+    (dict(callbacks=[1]), TypeError, "callbacks must be Keras callbacks (tf.keras.callbacks.Callback), got [1]"),
+    (dict(callbacks="x"), TypeError, "callbacks must be Keras callbacks (tf.keras.callbacks.Callback), got 'x'"),
+    (dict(callbacks=1), TypeError, "callbacks must be Keras callbacks (tf.keras.callbacks.Callback), got 1"),
+    (dict(verbose="x"), ValueError, "train_encoder: verbose must be 0, 1, 2 or 'auto' (as Keras takes it), got 'x'"),
     (dict(resume="yes"), TypeError, "resume must be True or False, got 'yes'"),
     (dict(synth_kwargs="abc"), TypeError, "synth_kwargs must be a dict of ShapesSynth arguments, got 'abc'"),
 ])
