@@ -189,7 +189,7 @@ def check_settings(settings, fields, source=""):
             raise ValueError(f"{source}{name} must be {what}, got {settings[name]!r}")
 
 
-def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields=None, defaults=None):
+def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields=None, defaults=None, outputs=()):
     """Makes `out_dir` for a new run (writing its settings.json), or checks it on resume.
 
     Args:
@@ -198,6 +198,7 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
             fields, defaults)``) must hold the same settings, and the latest checkpoint in `checkpoint_dir`
             (a folder inside `out_dir`) must be readable.
         finished_file: the file a finished run has written (name inside `out_dir`).
+        outputs: other files a run writes there (names), which a new run refuses to write over.
 
     Raises: FileExistsError for a run that has finished, or a new run in a folder that holds one;
     FileNotFoundError on resume without a run; ValueError on resume of a run with other settings,
@@ -219,6 +220,10 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
             raise FileExistsError(f"{out_dir}: holds the checkpoints of an earlier run without its settings.json, "
                                   f"which cannot be resumed: delete {checkpoints} to start a new run there, or choose "
                                   f"another output folder")
+        present = [name for name in outputs if os.path.lexists(os.path.join(out_dir, name))]
+        if present:  # a saved encoder, or a run's without its settings.json: not ours to replace
+            raise FileExistsError(f"{out_dir}: holds {', '.join(present)}, which a new run would write over; move "
+                                  f"them, or choose another output folder")
         os.makedirs(out_dir, exist_ok=True)
         write_json(settings_path, settings)
         return

@@ -344,10 +344,12 @@ def _register(args):
                                      moved_features=args.moved_features, feature_scale=args.feature_scale or 1,
                                      max_memory=_max_memory(args), equalize=args.equalize)
     moved = models.warp(moving[np.newaxis, ..., np.newaxis], displacement[np.newaxis])[0, ..., 0]
+    outputs = [(args.moved, data.nifti_writer(args.moved, moved.reshape(header.get_data_shape()), affine, header))]
     if args.warp:
-        data.save_nifti(args.warp, displacement.reshape(data.file_axes(header) + displacement.shape[-1:]), affine, header,
-                        channels=True)
-    data.save_nifti(args.moved, moved.reshape(header.get_data_shape()), affine, header)
+        outputs.append((args.warp, data.nifti_writer(
+            args.warp, displacement.reshape(data.file_axes(header) + displacement.shape[-1:]), affine, header,
+            channels=True)))
+    data.write_all_atomically(outputs)  # both or neither
     voxels = math.prod(displacement.shape[:-1])
     folded = round(folding_fraction(displacement) * voxels)  # a count: one voxel of millions rounds to 0.000%
     print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else "")
@@ -523,7 +525,7 @@ def _train_run(args, model, parts, batches, steps_per_epoch, setting_defaults=No
     {setting: value} for settings that runs of earlier versions did not write, with the value those runs used.
     """
     checkpoint.prepare_run(args.out, _run_settings(args), args.resume, models.MODEL_FILE, "checkpoints",
-                           defaults=setting_defaults)
+                           defaults=setting_defaults, outputs=("log.csv", SUBJECTS_FILE))
     split = {name: list(parts[name].subjects) for name in ("train", "val", "test")}
     split_file = os.path.join(args.out, SUBJECTS_FILE)
     if not args.resume:

@@ -282,12 +282,18 @@ def save_nifti(path, array, affine=None, header=None, channels=False):
         channels: the last axis holds C values per pixel; stored as a NIfTI vector image
             (*spatial, 1..., 1, C), so that ``load_nifti`` gives back (*spatial, C).
     """
+    write_atomically(path, nifti_writer(path, array, affine, header, channels))
+
+
+def nifti_writer(path, array, affine=None, header=None, channels=False):
+    """The function that writes `array` as save_nifti would write it to `path` (the arguments are save_nifti's),
+    given the file name to write; for ``write_all_atomically``, which writes several files as one."""
     array = np.asarray(array)
     if array.dtype == bool:  # types NIfTI lacks, widened exactly
         array = array.astype(np.uint8)
     elif array.dtype.kind == "f" and array.dtype.itemsize == 2:  # float16, of either byte order
         array = array.astype(np.float32)
-    write_atomically(path, _nifti_image(path, array, affine, header, channels).to_filename)
+    return _nifti_image(path, array, affine, header, channels).to_filename
 
 
 def save_nifti_channels(path, shape, fill, affine=None, header=None):
@@ -383,19 +389,36 @@ def write_atomically(path, write):
     Readers never see a partial file, and a failed write leaves neither a temporary file nor a
     changed ``path``. A replaced file keeps its permissions. Returns ``path``.
     """
-    path = os.fspath(path)
-    # Same folder: os.replace is then atomic. Same ending: writers that go by the extension
-    # (e.g. nibabel's .nii.gz compression) write the same format.
-    temporary = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex}.{os.path.basename(path)}")
+    return write_all_atomically([(path, write)])[0]
+
+
+def _temporary_beside(path):
+    """A new hidden file name in `path`'s folder that ends as `path` does, so that writers that go by the ending
+    (nibabel's .nii.gz compression, Keras's .weights.h5) write the same format, and is no longer than the longest
+    name a file system takes (255): the temporary of a 250-character name failed after a whole registration."""
+    name = os.fsdecode(os.fsencode(os.path.basename(path))[-(255 - 18):])  # the bytes ".<16 hex digits>." leaves
+    return os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex[:16]}.{name}")
+
+
+def write_all_atomically(writes):
+    """``write_atomically`` of several files as one: each ``write(temporary)`` of (path, write) in `writes`, and
+    only when all have succeeded, each temporary renamed to its path. A failed write changes none of the paths
+    (``cifl register`` had written --warp when --moved failed). Returns the paths."""
+    paths = [os.fspath(path) for path, _ in writes]
+    temporaries = [_temporary_beside(path) for path in paths]
+    path = paths[0]
     try:
-        with _unfinished(temporary):
-            write(temporary)
-            if os.path.exists(path):  # else a private (0600) scan's output would become as readable as a new file
-                shutil.copymode(path, temporary)
-            os.replace(temporary, path)
+        with contextlib.ExitStack() as unfinished:
+            for path, temporary, (_, write) in zip(paths, temporaries, writes):
+                unfinished.enter_context(_unfinished(temporary))
+                write(temporary)
+                if os.path.exists(path):  # else a private (0600) scan's output would become as readable as a new file
+                    shutil.copymode(path, temporary)
+            for path, temporary in zip(paths, temporaries):  # same folder: each rename is atomic
+                os.replace(temporary, path)
     except OSError as error:  # else the message would name the temporary file
         raise OSError(f"{path}: cannot write ({error.strerror or first_line(error)})") from error
-    return path
+    return paths
 
 
 # The temporary files being written now, for remove_unfinished_files.

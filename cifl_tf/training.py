@@ -183,6 +183,12 @@ class SiameseCIFL(tf.keras.Model):
         encoder = tf.keras.utils.deserialize_keras_object(config["encoder"], custom_objects=custom_objects)
         return cls(**{**config, "encoder": encoder})
 
+    def save(self, filepath, *args, **kwargs):
+        """Refused: a saved SiameseCIFL would not load (Keras rebuilds it on placeholders, where its add_loss fails),
+        and what training makes is its encoder."""
+        raise TypeError(f"SiameseCIFL is the training wrapper of its encoder: save the encoder "
+                        f"(cifl_tf.save_encoder(model.encoder, path)), not the wrapper, got {os.fspath(filepath)!r}")
+
     def call(self, inputs):
         v1, v2, shift = inputs
         f1, f2 = align_views(self.encoder(v1), self.encoder(v2), shift)
@@ -480,7 +486,8 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         compile_for_fit(model, outputs, optimizer=adam(schedule, precision))
     if out_dir is not None:
         _prepare_run_on_every_worker(strategy, chief, out_dir, lambda: checkpoint.prepare_run(
-            out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS))
+            out_dir, settings, resume, "result.json", "backup", SETTINGS, SETTING_DEFAULTS,
+            outputs=("encoder.weights.h5", "encoder.json", "log.csv")))
 
     # StopOnNonFinite first: it must see NaN weights before a save
     callbacks, initial_epoch = [StopOnNonFinite(), *callbacks], 0

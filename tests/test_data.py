@@ -891,3 +891,27 @@ def test_invert_leaves_a_nan_background_outside_its_mask_as_zero():
     np.testing.assert_allclose(data.invert(np.array([[np.nan, 0.2, 0.5], [0, 1, np.nan]])), [[0, 0.8, 0.5], [0, 0, 0]])
     with pytest.raises(ValueError, match="invert: the image holds 1 NaN/Inf values in the mask"):
         data.invert(np.array([[np.nan, 0.2], [0.5, 1]]), mask=np.array([[True, True], [False, True]]))
+
+
+def test_a_file_name_of_the_longest_length_is_written_through_its_temporary(tmp_path):
+    # the temporary's name had added 34 characters: a 250-character output failed only at the end of the work
+    path = tmp_path / ("m" * 243 + ".nii.gz")
+    data.save_nifti(path, np.ones((3, 4), np.float32))
+    assert os.listdir(tmp_path) == [path.name]
+    np.testing.assert_array_equal(data.load_nifti(path)[0], np.ones((3, 4)))
+
+
+def test_files_written_together_change_none_of_their_paths_when_one_write_fails(tmp_path):
+    first, second = tmp_path / "warp.nii.gz", tmp_path / "moved.nii.gz"
+    data.save_nifti(first, np.zeros((3, 4), np.float32))
+    before = first.read_bytes()
+
+    def fail(temporary):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="moved.nii.gz: cannot write \\(No space left on device\\)"):
+        data.write_all_atomically([(first, data.nifti_writer(first, np.ones((3, 4), np.float32))), (second, fail)])
+    assert first.read_bytes() == before and os.listdir(tmp_path) == ["warp.nii.gz"]
+    data.write_all_atomically([(first, data.nifti_writer(first, np.ones((3, 4), np.float32))),
+                               (second, data.nifti_writer(second, np.full((3, 4), 2, np.float32)))])
+    assert data.load_nifti(first)[0].max() == 1 and data.load_nifti(second)[0].max() == 2

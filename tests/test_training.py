@@ -227,11 +227,9 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_init_encoder
         def on_train_batch_begin(self, batch, logs=None):
             raise Interrupted
 
-    os.makedirs(settings["out_dir"])
-    save_encoder(CIFLEncoder(channels=2, features=2), os.path.join(settings["out_dir"], "encoder.weights.h5"))
     with pytest.raises(Interrupted):
         train_encoder(**settings, callbacks=[InterruptAtFirstBatch()])
-    # The folder held the init encoder's weights before (or any left there), loaded as if trained
+    # no weights before the first epoch's end: the init encoder's would be loaded as if trained
     for path in (settings["out_dir"], os.path.join(settings["out_dir"], "encoder.weights.h5")):
         with pytest.raises(FileNotFoundError, match="no 'encoder.weights.h5' yet: a training run writes its weights "
                                                     "at the end of its first epoch"):
@@ -535,6 +533,14 @@ def test_the_siamese_model_round_trips_through_its_config():
     np.testing.assert_allclose(rebuilt.losses[-1], model.losses[-1], rtol=1e-6)
 
 
+def test_the_siamese_model_refuses_to_save_itself_for_its_encoder(tmp_path):
+    # its .keras file was written, and did not load (add_loss on Keras's placeholders)
+    model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4))
+    with pytest.raises(TypeError, match=r"save the encoder \(cifl_tf.save_encoder\(model.encoder, path\)\)"):
+        model.save(str(tmp_path / "siamese.keras"))
+    assert not os.listdir(tmp_path)
+
+
 def test_compile_for_fit_asks_for_a_built_model():
     model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4))
     with pytest.raises(ValueError, match="compile_for_fit: build .* first"):
@@ -566,3 +572,18 @@ def test_bad_run_arguments_are_refused_before_the_run_folder_is_written(tmp_path
         train_encoder(shape=(16, 16), steps=1, batch_size=1, channels=2, features=2, max_offset=2,
                       out_dir=str(tmp_path / "run"), **kwargs)
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("present", [["encoder.weights.h5", "encoder.json"], ["log.csv"]])
+def test_a_new_run_refuses_a_folder_holding_files_it_would_write_over(tmp_path, present):
+    # a saved encoder, or a run's files without its settings.json, were replaced without a word
+    run = tmp_path / "run"
+    run.mkdir()
+    if "log.csv" in present:
+        (run / "log.csv").write_text("epoch,loss\n0,1.5\n")
+    else:
+        save_encoder(CIFLEncoder(channels=2, features=2), str(run / "encoder.weights.h5"))
+    before = {name: (run / name).read_bytes() for name in present}
+    with pytest.raises(FileExistsError, match=f"run: holds {', '.join(present)}, which a new run would write over"):
+        train_encoder(shape=(16, 16), steps=1, out_dir=run, **TINY_INIT_RUN)
+    assert sorted(os.listdir(run)) == sorted(present) and all((run / n).read_bytes() == b for n, b in before.items())
