@@ -175,7 +175,7 @@ def map_tiles(call, image, radius, core, out):
         inner = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, core, image.shape))
         outer = tuple(slice(first, first + e) for first, e in
                       ((min(max(i.start - radius, 0), n - e), e) for i, n, e in zip(inner, image.shape, extended)))
-        tile = call(tf.constant(image[outer][np.newaxis, ..., np.newaxis])).numpy()[0]
+        tile = np.asarray(call(tf.constant(image[outer][np.newaxis, ..., np.newaxis])))[0]  # .numpy() copied it
         out[inner] = tile[tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))]
     return out
 

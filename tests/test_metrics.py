@@ -130,8 +130,10 @@ def folding_reference(displacement):
     return np.mean(np.linalg.det(np.eye(ndim) + gradients) <= 0)
 
 
+@pytest.mark.parametrize("slab_voxels", [metrics.FOLDING_SLAB_VOXELS, 1, 45])  # whole; a row, or 2-3 rows, a slab
 @pytest.mark.parametrize("shape", [(24, 20), (12, 10, 14)])
-def test_folding_fraction_equals_the_jacobian_formula(shape):
+def test_folding_fraction_equals_the_jacobian_formula(shape, slab_voxels, monkeypatch):
+    monkeypatch.setattr(metrics, "FOLDING_SLAB_VOXELS", slab_voxels)
     rng = np.random.default_rng(3)
     coarse = rng.normal(0, 1.5, (*(s // 4 for s in shape), len(shape)))  # smooth, with a share of folds
     displacement = np.kron(coarse, np.ones((*(4,) * len(shape), 1)))
