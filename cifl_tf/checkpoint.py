@@ -200,7 +200,8 @@ def prepare_run(out_dir, settings, resume, finished_file, checkpoint_dir, fields
         finished_file: the file a finished run has written (name inside `out_dir`).
         outputs: other files a run writes there (names), which a new run refuses to write over.
 
-    Raises: FileExistsError for a run that has finished, or a new run in a folder that holds one;
+    Raises: FileExistsError for a run that has finished, or a new run in a folder that holds one (or its
+    checkpoints, or `outputs`);
     FileNotFoundError on resume without a run; ValueError on resume of a run with other settings,
     a broken settings.json or a damaged checkpoint.
     """

@@ -201,6 +201,7 @@ def _output_file(path):
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path}: no such folder to write to")
+    data.check_file_name(path)
     _try_writing_in(folder, path)
 
 

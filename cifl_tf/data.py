@@ -392,21 +392,43 @@ def write_atomically(path, write):
     return write_all_atomically([(path, write)])[0]
 
 
+def _name_max(folder):
+    """The longest file name, in bytes, that the file system of `folder` takes (255 where it does not say)."""
+    try:
+        return os.pathconf(folder or ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder yet, or no pathconf (Windows)
+        return 255
+
+
+def check_file_name(path):
+    """OSError unless the file system of `path`'s folder takes its name; before any work, so that a name too long
+    fails there and not when the results are written."""
+    name, folder = os.fsencode(os.path.basename(path)), os.path.dirname(os.fspath(path))
+    if len(name) > _name_max(folder):
+        raise OSError(f"{os.fspath(path)}: its file name is {len(name)} bytes, longer than the {_name_max(folder)} "
+                      f"the file system takes")
+
+
 def _temporary_beside(path):
     """A new hidden file name in `path`'s folder that ends as `path` does, so that writers that go by the ending
     (nibabel's .nii.gz compression, Keras's .weights.h5) write the same format, and is no longer than the longest
-    name a file system takes (255): the temporary of a 250-character name failed after a whole registration."""
-    name = os.fsdecode(os.fsencode(os.path.basename(path))[-(255 - 18):])  # the bytes ".<16 hex digits>." leaves
-    return os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex[:16]}.{name}")
+    name the file system takes: the temporary of a legal 250-character name failed after a whole registration."""
+    folder = os.path.dirname(path)
+    name = os.fsdecode(os.fsencode(os.path.basename(path))[-(_name_max(folder) - 18):])  # what ".<16 hex>." leaves
+    return os.path.join(folder, f".{uuid.uuid4().hex[:16]}.{name}")
 
 
 def write_all_atomically(writes):
     """``write_atomically`` of several files as one: each ``write(temporary)`` of (path, write) in `writes`, and
-    only when all have succeeded, each temporary renamed to its path. A failed write changes none of the paths
-    (``cifl register`` had written --warp when --moved failed). Returns the paths."""
+    only when all have succeeded, each temporary renamed to its path (``cifl register`` had written --warp when
+    --moved failed). A failed write changes none of the paths; the renames that follow are checked for beforehand
+    (names the file system takes), so that a failure among them is one of the file system's own. Returns the
+    paths."""
     paths = [os.fspath(path) for path, _ in writes]
+    for path in paths:
+        check_file_name(path)
     temporaries = [_temporary_beside(path) for path in paths]
-    path = paths[0]
+    path = None
     try:
         with contextlib.ExitStack() as unfinished:
             for path, temporary, (_, write) in zip(paths, temporaries, writes):

@@ -81,9 +81,7 @@ def folding_fraction(displacement):
 
     Returns: float in [0, 1], or a (B,) array for a batch.
     """
-    displacement = np.asarray(displacement)
-    if not np.issubdtype(displacement.dtype, np.floating):  # integers would wrap in the determinant's products
-        displacement = displacement.astype(np.float64)
+    displacement = _floating(displacement)  # integers would wrap in the determinant's products
     ndim = displacement.shape[-1] if displacement.ndim else 0
     if ndim not in (2, 3) or displacement.ndim not in (ndim + 1, ndim + 2):
         raise ValueError(f"folding_fraction: expected (*spatial, ndim) or (B, *spatial, ndim) with "
@@ -98,7 +96,8 @@ def folding_fraction(displacement):
         raise ValueError(f"folding_fraction: the displacement holds "
                          f"{np.count_nonzero(~np.isfinite(displacement))} NaN/Inf values")
     # voxelmorph's determinant, of slabs of about FOLDING_SLAB_VOXELS with a row more on each side, so that their
-    # central differences are those of the whole field: of a whole 160x192x224 field it held about 1.3 GB at once
+    # central differences are those of the whole field (to float64 rounding: each slab's grid starts at 0, so a
+    # determinant within rounding of 0 may count otherwise): of a whole 160x192x224 field it held 1.3 GB at once
     size, rows = len(displacement), max(1, FOLDING_SLAB_VOXELS // displacement[0, ..., 0].size)
     folded = 0
     for start in range(0, size, rows):

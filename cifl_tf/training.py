@@ -187,7 +187,7 @@ class SiameseCIFL(tf.keras.Model):
         """Refused: a saved SiameseCIFL would not load (Keras rebuilds it on placeholders, where its add_loss fails),
         and what training makes is its encoder."""
         raise TypeError(f"SiameseCIFL is the training wrapper of its encoder: save the encoder "
-                        f"(cifl_tf.save_encoder(model.encoder, path)), not the wrapper, got {os.fspath(filepath)!r}")
+                        f"(cifl_tf.save_encoder(model.encoder, path)), not the wrapper, got {filepath!r}")
 
     def call(self, inputs):
         v1, v2, shift = inputs

@@ -187,6 +187,16 @@ def test_evaluate_refuses_a_test_part_that_now_holds_subjects_the_run_trained_on
     assert True in outcomes  # the folders added made the case at least once
 
 
+@pytest.mark.parametrize("command", ["train-seg", "train-reg"])
+def test_a_new_training_run_refuses_a_folder_holding_a_log_it_would_write_over(oasis_tiny, tmp_path, capsys, command):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.csv").write_text("epoch,loss\n0,0.5\n")  # a run's, without its settings.json: replaced before
+    status, _, err = run(capsys, command, "--data", oasis_tiny, "--out", run_dir, "--epochs", 1, *TINY_TRAIN)
+    assert status == 2 and "holds log.csv, which a new run would write over" in err
+    assert os.listdir(run_dir) == ["log.csv"] and (run_dir / "log.csv").read_text() == "epoch,loss\n0,0.5\n"
+
+
 def test_evaluate_refuses_to_write_its_json_over_a_file_it_reads(oasis_tiny, tmp_path, capsys):
     run_dir = tmp_path / "seg"
     assert run(capsys, "train-seg", "--data", oasis_tiny, "--out", run_dir, "--epochs", 1, "--split", "2,1,1",
@@ -551,13 +561,18 @@ def _case_default_memory_without_encoder(files, tmp):  # refused as given, not a
         r"--max-memory bounds the features of a model's encoder, and .*seg\.keras has none"
 
 
+def _case_warp_name_too_long(files, tmp):  # refused before the registration, not after --moved was written
+    return ["register", "--model", files / "reg.keras", "--moving", files / "a.nii.gz", "--fixed", files / "b.nii.gz",
+            "--moved", "OUT", "--warp", tmp / ("w" * 250 + ".nii.gz")], r"its file name is 257 bytes, longer than"
+
+
 @pytest.mark.parametrize("case", [
     _case_missing, _case_not_nifti, _case_wrong_ndim, _case_nan, _case_model_shape, _case_model_fixed,
     _case_data_shape, _case_nb_labels, _case_moving_contrast, _case_labels_outside, _case_empty_folder, _case_malformed_folder, _case_model_text, _case_model_foreign,
     _case_model_kind, _case_model_missing, _case_encoder_missing, _case_encoder_ndim, _case_output_name,
     _case_output_is_input, _case_segmentation_is_input, _case_memory_without_encoder,
     _case_default_memory_without_encoder,
-    _case_split_counts, _case_oasis_contrast,
+    _case_split_counts, _case_oasis_contrast, _case_warp_name_too_long,
 ], ids=lambda case: case.__name__[len("_case_"):])
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(files, tmp_path, capsys, case):
     inputs = tmp_path / "in"

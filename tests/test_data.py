@@ -915,3 +915,13 @@ def test_files_written_together_change_none_of_their_paths_when_one_write_fails(
     data.write_all_atomically([(first, data.nifti_writer(first, np.ones((3, 4), np.float32))),
                                (second, data.nifti_writer(second, np.full((3, 4), 2, np.float32)))])
     assert data.load_nifti(first)[0].max() == 1 and data.load_nifti(second)[0].max() == 2
+
+
+def test_a_file_name_longer_than_the_file_system_takes_is_refused_before_anything_is_written(tmp_path):
+    # its temporary was cut to fit and written; the rename then failed after --moved had been replaced
+    moved, warp = tmp_path / "moved.nii.gz", tmp_path / ("w" * 250 + ".nii.gz")
+    data.save_nifti(moved, np.zeros((3, 4), np.float32))
+    with pytest.raises(OSError, match=r"w\.nii\.gz: its file name is 257 bytes, longer than the 255 the file system"):
+        data.write_all_atomically([(moved, data.nifti_writer(moved, np.ones((3, 4), np.float32))),
+                                   (warp, data.nifti_writer(warp, np.ones((3, 4), np.float32)))])
+    assert data.load_nifti(moved)[0].max() == 0 and os.listdir(tmp_path) == ["moved.nii.gz"]

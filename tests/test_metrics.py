@@ -130,7 +130,8 @@ def folding_reference(displacement):
     return np.mean(np.linalg.det(np.eye(ndim) + gradients) <= 0)
 
 
-@pytest.mark.parametrize("slab_voxels", [metrics.FOLDING_SLAB_VOXELS, 1, 45])  # whole; a row, or 2-3 rows, a slab
+# whole; a row a slab; 5 rows a slab, the last of 4 (2D) or 2 (3D)
+@pytest.mark.parametrize("slab_voxels", [metrics.FOLDING_SLAB_VOXELS, 1, 100, 700])
 @pytest.mark.parametrize("shape", [(24, 20), (12, 10, 14)])
 def test_folding_fraction_equals_the_jacobian_formula(shape, slab_voxels, monkeypatch):
     monkeypatch.setattr(metrics, "FOLDING_SLAB_VOXELS", slab_voxels)
