@@ -57,6 +57,18 @@ def compile_for_fit(model, outputs=None, **compile_kwargs):
         model.compiled_loss.build(model.outputs if outputs is None else outputs)
 
 
+class _CPUSlurmClusterResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+    """SLURM's resolver on nodes without GPUs. Given 0 GPUs per node it divided them among the tasks in steps of 0
+    ("range() arg 3 must not be zero"); here each task is given a GPU slot that is never used (no CUDA devices are
+    set), and the strategy is told of no accelerator."""
+
+    def __init__(self):
+        super().__init__(gpus_per_node=2 ** 16, gpus_per_task=1, auto_set_gpu=False)
+
+    def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+        return {}
+
+
 def multi_worker_strategy():
     """tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, or else over the
     tasks of the SLURM job step this process is one of. Create it before any other TF op."""
@@ -71,9 +83,9 @@ def multi_worker_strategy():
                              f"{os.environ['TF_CONFIG']!r}")
         resolver = None  # the strategy's own: TF_CONFIG's
     elif "SLURM_STEP_NUM_TASKS" in os.environ:
-        # The resolver counts GPUs with nvidia-smi, and fails where there is none.
-        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-            gpus_per_node=None if shutil.which("nvidia-smi") else 0)
+        # The resolver counts GPUs with nvidia-smi, which fails where there is none
+        resolver = (tf.distribute.cluster_resolver.SlurmClusterResolver() if shutil.which("nvidia-smi")
+                    else _CPUSlurmClusterResolver())
     else:
         raise ValueError("strategy 'multiworker' needs a cluster: set TF_CONFIG on each worker, or start the "
                          "workers as the tasks of a SLURM job step (srun)")
@@ -467,6 +479,9 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
         raise ValueError(f"init {init!r} is the encoder in out_dir {os.fspath(out_dir)!r}, which the run writes over: "
                          f"copy it to another folder first, or choose another out_dir")
     strategy = _get_strategy(strategy)  # before any TF op: a multi-worker strategy must come first
+    if settings["batch_size"] % strategy.num_replicas_in_sync:  # else each worker's mean weighs its share unevenly
+        raise ValueError(f"batch_size {settings['batch_size']} must be a multiple of the {strategy.num_replicas_in_sync} "
+                         f"replicas that train it (each takes an equal share of the global batch)")
     chief = strategy.extended.should_checkpoint  # under a multi-worker strategy, only one worker writes
     # A resumed run starts from its last checkpoint, and without one, as the run it resumes did, from its init
     checkpointed = resume and tf.train.latest_checkpoint(os.path.join(out_dir, "backup")) is not None

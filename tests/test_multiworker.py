@@ -175,3 +175,37 @@ def test_resume_after_a_worker_dies(tmp_path):
     np.testing.assert_allclose(load_encoder(str(run))(IMAGE), through, atol=1e-5)
     assert not [name for name in os.listdir(run / "backup") if name.startswith("workertemp")]
     assert not [path for path in temporary.iterdir() if path.is_dir()]  # AutoGraph leaves files of code there
+
+
+def test_a_slurm_task_on_a_node_without_gpus_trains(tmp_path):
+    """SlurmClusterResolver given 0 GPUs per node divided them in steps of 0: "range() arg 3 must not be zero"."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env.update(SLURM_STEP_NUM_TASKS="1", SLURM_PROCID="0", SLURM_STEP_NODELIST="localhost",
+               SLURM_STEP_TASKS_PER_NODE="1", TF_CPP_MIN_LOG_LEVEL="3", PATH="/usr/bin:/bin")  # no nvidia-smi
+    result = subprocess.run([sys.executable, "-m", "cifl_tf.cli", "train-encoder", "--strategy", "multiworker",
+                             "--shape", "16x16", "--steps", "2", "--batch-size", "2", "--channels", "2", "--features",
+                             "4", "--max-offset", "4", "--out", str(tmp_path / "run")],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_encoder(str(tmp_path / "run")).channels == 2
+
+
+UNEVEN = """
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+import cifl_tf
+try:
+    cifl_tf.train_encoder(shape=(16, 16), steps=1, batch_size=3, channels=2, features=2, max_offset=2, verbose=0,
+                          strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), out_dir=__import__("sys").argv[1])
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_a_global_batch_that_the_replicas_cannot_share_equally_is_refused_before_the_run_is_written(tmp_path):
+    # each replica's mean loss counted alike: with 3 pairs over 2 workers, the lone pair weighed twice the others
+    result = subprocess.run([sys.executable, "-c", UNEVEN, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert "batch_size 3 must be a multiple of the 2 replicas that train it" in result.stdout, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
