@@ -179,6 +179,12 @@ def test_resume_after_a_worker_dies(tmp_path):
 
 def test_a_slurm_task_on_a_node_without_gpus_trains(tmp_path):
     """SlurmClusterResolver given 0 GPUs per node divided them in steps of 0: "range() arg 3 must not be zero"."""
+    import shutil
+    if shutil.which("nvidia-smi", path="/usr/bin:/bin"):
+        pytest.skip("nvidia-smi is found: the task would take the GPU resolver")
+    with socket.socket() as taken:  # the resolver's first port, which the task's server binds
+        if taken.connect_ex(("127.0.0.1", 8888)) == 0:
+            pytest.skip("port 8888, SLURM's first task's, is in use")
     env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
     env.update(SLURM_STEP_NUM_TASKS="1", SLURM_PROCID="0", SLURM_STEP_NODELIST="localhost",
                SLURM_STEP_TASKS_PER_NODE="1", TF_CPP_MIN_LOG_LEVEL="3", PATH="/usr/bin:/bin")  # no nvidia-smi
