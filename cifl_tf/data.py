@@ -530,7 +530,8 @@ def remap_intensity(image, function, mask=None, caller="remap_intensity"):
 
 
 def _min_max(values):
-    low, span = values.min(), values.max() - values.min()
+    low = values.min()
+    span = values.max() - low
     return (values - low) / span if span > 0 else np.zeros_like(values)
 
 
