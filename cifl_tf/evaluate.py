@@ -78,9 +78,10 @@ def _images(model, images, what, where):
     if images.shape[1:] == inshape:
         images = images[..., np.newaxis]
     if images.shape[1:] != (*inshape, 1) or not len(images):
-        raise ValueError(f"{what} must be (N, {', '.join(map(str, inshape))}[, 1]) with N >= 1, got {images.shape}")
+        raise ValueError(f"{where}: {what} must be (N, {', '.join(map(str, inshape))}[, 1]) with N >= 1, "
+                         f"got {images.shape}")
     if not np.isfinite(images).all():  # a NaN pixel would spread through the network and be scored as labels
-        raise ValueError(f"{what} holds {np.count_nonzero(~np.isfinite(images))} NaN or infinite values")
+        raise ValueError(f"{where}: {what} holds {np.count_nonzero(~np.isfinite(images))} NaN or infinite values")
     return images
 
 
@@ -103,12 +104,20 @@ def segment(model, images, batch_size=8, verbose=0, max_memory=None):
 
     Returns: (N, *inshape) int32.
     """
+    return _predict_labels(model, _segmentation_images(model, images, batch_size, verbose, "segment"), batch_size,
+                           verbose, max_memory, "segment")
+
+
+def _segmentation_images(model, images, batch_size, verbose, where):
     if not isinstance(model, SegmentationModel):
-        raise TypeError(f"segment: expected a SegmentationModel, got {type(model).__name__}")
-    check_batching(batch_size, verbose, "segment")
-    images = _images(model, images, "images", "segment")
+        raise TypeError(f"{where}: expected a SegmentationModel, got {type(model).__name__}")
+    check_batching(batch_size, verbose, where)
+    return _images(model, images, "images", where)
+
+
+def _predict_labels(model, images, batch_size, verbose, max_memory, where):
     if max_memory is not None and model.encoder is None:
-        raise ValueError(f"segment: max_memory bounds the features of the model's encoder, and {model.name} has "
+        raise ValueError(f"{where}: max_memory bounds the features of the model's encoder, and {model.name} has "
                          f"none (it takes the intensities); give max_memory=None")
     if max_memory is None:
         probabilities = model.predict(images, batch_size=batch_size, verbose=verbose)
@@ -130,8 +139,10 @@ def evaluate_segmentation(model, images, labels, label_values=None, batch_size=8
 
     Returns: Scores.
     """
-    predicted = segment(model, images, batch_size, verbose)
-    labels = _label_maps(labels, len(predicted), model.inshape, "labels")
+    images = _segmentation_images(model, images, batch_size, verbose, "evaluate_segmentation")
+    labels = _label_maps(labels, len(images), model.inshape,
+                         "evaluate_segmentation: labels")  # before the network's work, not after it
+    predicted = _predict_labels(model, images, batch_size, verbose, None, "evaluate_segmentation")
     return _score(predicted, labels, range(1, model.nb_labels) if label_values is None else label_values)
 
 
@@ -148,8 +159,8 @@ def label_overlap(moving_labels, fixed_labels, label_values=None):
     if len(shape) not in (3, 4):  # one (H, W) map would be scored as H one-row maps
         raise ValueError(f"label_overlap: expected a batch of label maps (N, *shape) with 2 or 3 spatial axes, "
                          f"got shape {shape}")
-    fixed_labels = _label_maps(fixed_labels, shape[0], shape[1:], "fixed_labels")
-    moving_labels = _label_maps(moving_labels, shape[0], shape[1:], "moving_labels")
+    fixed_labels = _label_maps(fixed_labels, shape[0], shape[1:], "label_overlap: fixed_labels")
+    moving_labels = _label_maps(moving_labels, shape[0], shape[1:], "label_overlap: moving_labels")
     if label_values is None:
         label_values = [label for label in np.unique(fixed_labels).tolist() if label != 0]
     return _score(moving_labels, fixed_labels, label_values)
@@ -176,8 +187,8 @@ def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, lab
                                                                                                 (fixed, "fixed")))
     if len(moving) != len(fixed):
         raise ValueError(f"evaluate_registration: {len(moving)} moving but {len(fixed)} fixed images")
-    moving_labels = _label_maps(moving_labels, len(moving), model.inshape, "moving_labels")
-    fixed_labels = _label_maps(fixed_labels, len(moving), model.inshape, "fixed_labels")
+    moving_labels = _label_maps(moving_labels, len(moving), model.inshape, "evaluate_registration: moving_labels")
+    fixed_labels = _label_maps(fixed_labels, len(moving), model.inshape, "evaluate_registration: fixed_labels")
     displacement = model.register(moving, fixed, batch_size, verbose)
     broken = np.flatnonzero(~np.isfinite(displacement).reshape(len(displacement), -1).all(axis=1))
     if broken.size:  # else warp and folding_fraction would refuse it without saying whose

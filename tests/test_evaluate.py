@@ -138,12 +138,17 @@ def test_registration_with_a_fresh_model_scores_the_unwarped_labels(reg_model):
 
 def test_evaluation_rejects_inputs_that_do_not_match_the_model(seg_model, reg_model):
     labels = np.zeros((2, *SHAPE), np.int32)
-    with pytest.raises(ValueError, match=r"images must be \(N, 16, 16\[, 1\]\).*\(2, 16, 15\)"):
+    with pytest.raises(ValueError, match=r"^evaluate_segmentation: images must be \(N, 16, 16\[, 1\]\).*"
+                                         r"\(2, 16, 15\)"):
         evaluate.evaluate_segmentation(seg_model, np.zeros((2, 16, 15)), labels)
-    with pytest.raises(ValueError, match=r"labels must be an integer label map, got 512 float64 values that are not "
-                                         r"whole, such as \[0.5, 0.5, 0.5\]"):
+    with pytest.raises(ValueError, match=r"^evaluate_registration: fixed must be \(N, 16, 16\[, 1\]\).*"
+                                         r"\(2, 16, 15\)"):
+        evaluate.evaluate_registration(reg_model, np.zeros((2, *SHAPE)), np.zeros((2, 16, 15)), labels, labels)
+    with pytest.raises(ValueError, match=r"^evaluate_segmentation: labels must be an integer label map, "
+                                         r"got 512 float64 values that are not whole, such as \[0.5, 0.5, 0.5\]"):
         evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), labels + 0.5)
-    with pytest.raises(ValueError, match=r"labels must be label maps of shape \(2, 16, 16\), got \(2, 16, 15\)"):
+    with pytest.raises(ValueError, match=r"^evaluate_segmentation: labels must be label maps of shape \(2, 16, 16\), "
+                                         r"got \(2, 16, 15\)"):
         evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), labels[..., 1:])
     with pytest.raises(ValueError, match="2 moving but 1 fixed"):
         evaluate.evaluate_registration(reg_model, np.zeros((2, *SHAPE)), np.zeros((1, *SHAPE)), labels, labels[:1])
@@ -151,6 +156,15 @@ def test_evaluation_rejects_inputs_that_do_not_match_the_model(seg_model, reg_mo
         evaluate.evaluate_registration(seg_model, np.zeros((2, *SHAPE)), np.zeros((2, *SHAPE)), labels, labels)
     with pytest.raises(TypeError, match="expected a SegmentationModel, got RegistrationModel"):
         evaluate.segment(reg_model, np.zeros((2, *SHAPE)))
+
+
+def test_evaluate_segmentation_refuses_bad_labels_before_predicting(seg_model, monkeypatch):
+    def predict(*args, **kwargs):
+        raise AssertionError("predicted before the labels were checked")
+
+    monkeypatch.setattr(seg_model, "predict", predict)
+    with pytest.raises(ValueError, match="^evaluate_segmentation: labels must be label maps of shape"):
+        evaluate.evaluate_segmentation(seg_model, np.zeros((2, *SHAPE)), np.zeros((3, *SHAPE), np.int32))
 
 
 @pytest.mark.parametrize("moving, fixed, expected", [
@@ -171,9 +185,9 @@ def test_segmentation_and_registration_refuse_images_that_are_not_finite(seg_mod
     images = np.zeros((2, *SHAPE), np.float32)
     images[1, 3, 3] = bad  # one such pixel made a third of a UNet's labels background
     labels = np.zeros((2, *SHAPE), np.int32)
-    with pytest.raises(ValueError, match="images holds 1 NaN or infinite values"):
+    with pytest.raises(ValueError, match="^segment: images holds 1 NaN or infinite values"):
         evaluate.segment(seg_model, images)
-    with pytest.raises(ValueError, match="fixed holds 1 NaN or infinite values"):
+    with pytest.raises(ValueError, match="^evaluate_registration: fixed holds 1 NaN or infinite values"):
         evaluate.evaluate_registration(reg_model, np.zeros((2, *SHAPE)), images, labels, labels)
 
 
@@ -186,9 +200,11 @@ def test_label_values_may_be_any_iterable():
 
 def test_label_overlap_rejects_maps_that_do_not_pair():
     labels = np.zeros((2, *SHAPE), np.int32)
-    with pytest.raises(ValueError, match=r"moving_labels must be label maps of shape \(2, 16, 16\), got \(1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"^label_overlap: moving_labels must be label maps of shape "
+                                         r"\(2, 16, 16\), got \(1, 16, 16\)"):
         evaluate.label_overlap(labels[:1], labels)
-    with pytest.raises(ValueError, match="fixed_labels must be an integer label map, got 512 float64 values"):
+    with pytest.raises(ValueError, match="^label_overlap: fixed_labels must be an integer label map, "
+                                         "got 512 float64 values"):
         evaluate.label_overlap(labels, labels + 0.5)
     # one (H, W) map was scored as H one-row maps
     with pytest.raises(ValueError, match=r"label_overlap: expected a batch of label maps \(N, \*shape\) with 2 or 3 "
@@ -249,8 +265,10 @@ def test_prediction_refuses_a_bad_batch_size_or_verbosity(seg_model, reg_model, 
     images = np.zeros((2, *SHAPE, 1), np.float32)
     with pytest.raises(ValueError, match=f"register: {message}"):
         reg_model.register(images, images, **kwargs)
-    with pytest.raises(ValueError, match=f"segment: {message}"):
+    with pytest.raises(ValueError, match=f"^segment: {message}"):
         evaluate.segment(seg_model, images, **kwargs)
+    with pytest.raises(ValueError, match=f"^evaluate_segmentation: {message}"):
+        evaluate.evaluate_segmentation(seg_model, images, np.zeros((2, *SHAPE), np.int32), **kwargs)
     keras_defaults = dict(batch_size=None, verbose="auto")  # as Keras's predict takes them
     assert reg_model.register(images, images, **keras_defaults).shape == (2, *SHAPE, 2)
     assert evaluate.segment(seg_model, images, **keras_defaults).shape == (2, *SHAPE)
