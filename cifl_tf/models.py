@@ -33,7 +33,7 @@ from .losses import NCC
 from .metrics import check_label_map
 from .stack import FeatureStack
 from .synth import stream_options, stream_seed
-from .training import POSITIVE_NUMBER, as_json_holds, check_verbose, compile_for_fit
+from .training import POSITIVE_NUMBER, RegisteredJSON, as_json_holds, check_verbose, compile_for_fit
 from .transform import BATCHED_LAYERS, EXACT, spatial_transform
 from .triplanar import Triplanar
 
@@ -257,7 +257,7 @@ SEG_LOSSES = {"dice": SoftDiceLoss, "crossentropy": CrossentropyLoss}
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
-class SegmentationModel(_DescribedImages, _RebuiltFromArguments, tf.keras.Model):
+class SegmentationModel(_DescribedImages, _RebuiltFromArguments, RegisteredJSON, tf.keras.Model):
     """Frozen CIFL encoder (or nothing: the baseline) followed by ``ne.models.unet`` (paper Sec. 3).
 
     Args:
@@ -405,7 +405,7 @@ def _vxm_downsampling(vxm_kwargs):
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
-class RegistrationModel(_DescribedImages, _RebuiltFromArguments, vxm.networks.VxmDense):
+class RegistrationModel(_DescribedImages, _RebuiltFromArguments, RegisteredJSON, vxm.networks.VxmDense):
     """VxmDense on CIFL features of [moving, fixed] (or on intensities: the baseline), paper Sec. 3.
 
     Args:

@@ -34,6 +34,16 @@ from .losses import check_scales, check_temperatures, multiscale_contrastive_los
 from .synth import RENDER_DEFAULTS, ShapesSynth, batch_key, check_integer, check_shape, contrast_pairs, stream_seed
 
 
+class RegisteredJSON:
+    """A registered Keras model whose ``to_json`` names it by its registered name ("cifl_tf>Name"): Keras writes the
+    bare class name, and ``model_from_json`` then returned that name, a string, instead of the model."""
+
+    def to_json(self, **kwargs):
+        config = json.loads(super().to_json())
+        config["class_name"] = tf.keras.utils.get_registered_name(type(self))
+        return json.dumps(config, **kwargs)
+
+
 def compile_for_fit(model, outputs=None, **compile_kwargs):
     """``model.compile(**compile_kwargs)``, and the variables the first step of ``model.fit`` would
     otherwise make while it is traced: the optimizer's and the loss metrics'.
@@ -163,7 +173,7 @@ def align_views(f1, f2, shift):
 
 
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
-class SiameseCIFL(tf.keras.Model):
+class SiameseCIFL(RegisteredJSON, tf.keras.Model):
     """One encoder with shared weights applied to both views; adds Eq. 1 on their overlap, averaged over
     `loss_scales` (losses.multiscale_contrastive_loss; (1,): Eq. 1 alone, as in the paper), plus, with
     `pixel_contrast` > 0, that weight times losses.pixel_contrastive_loss on the overlap.
@@ -195,11 +205,10 @@ class SiameseCIFL(tf.keras.Model):
         encoder = tf.keras.utils.deserialize_keras_object(config["encoder"], custom_objects=custom_objects)
         return cls(**{**config, "encoder": encoder})
 
-    def save(self, filepath, *args, **kwargs):
-        """Refused: a saved SiameseCIFL would not load (Keras rebuilds it on placeholders, where its add_loss fails),
-        and what training makes is its encoder."""
-        raise TypeError(f"SiameseCIFL is the training wrapper of its encoder: save the encoder "
-                        f"(cifl_tf.save_encoder(model.encoder, path)), not the wrapper, got {filepath!r}")
+    def build_from_config(self, config):
+        # Keras would call the model on placeholders, where its add_loss fails. Its only weights are the encoder's,
+        # which its own config has built.
+        self.built = True
 
     def call(self, inputs):
         v1, v2, shift = inputs

@@ -227,6 +227,9 @@ def test_model_round_trips_through_a_keras_file_in_safe_mode(tiny, kind, with_en
     assert type(loaded.loss) is type(model.loss)  # compiled as it was saved: loss and optimiser
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert models.load_model(str(tmp_path), kind).get_config() == model.get_config()
+    # Keras's own JSON gave the bare class name, and model_from_json returned that string
+    from_json = tf.keras.models.model_from_json(model.to_json())
+    assert type(from_json) is type(model) and from_json.get_config() == model.get_config()
 
 
 def _compute_dtypes(model):

@@ -533,12 +533,25 @@ def test_the_siamese_model_round_trips_through_its_config():
     np.testing.assert_allclose(rebuilt.losses[-1], model.losses[-1], rtol=1e-6)
 
 
-def test_the_siamese_model_refuses_to_save_itself_for_its_encoder(tmp_path):
-    # its .keras file was written, and did not load (add_loss on Keras's placeholders)
-    model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4))
-    with pytest.raises(TypeError, match=r"save the encoder \(cifl_tf.save_encoder\(model.encoder, path\)\)"):
-        model.save(str(tmp_path / "siamese.keras"))
-    assert not os.listdir(tmp_path)
+@pytest.mark.parametrize("save", [lambda model, path: model.save(path), tf.keras.models.save_model])
+def test_the_siamese_model_round_trips_through_a_keras_file_and_trains_on(save, tmp_path):
+    # it was saved, and did not load: Keras called it on placeholders, where its add_loss failed
+    model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4), tau_gamma=0.5, name="siamese")
+    views = [np.random.default_rng(seed).uniform(size=(2, 24, 24, 1)).astype(np.float32) for seed in (0, 1)]
+    shift = np.array([[2, -3]] * 2, np.int32)
+    features = model((*views, shift))
+    save(model, str(tmp_path / "siamese.keras"))
+    loaded = tf.keras.models.load_model(str(tmp_path / "siamese.keras"))
+    assert type(loaded) is cifl_tf.training.SiameseCIFL and loaded.get_config() == model.get_config()
+    for by_loaded, by_model in zip(loaded((*views, shift)), features, strict=True):
+        np.testing.assert_array_equal(by_loaded, by_model)
+    np.testing.assert_allclose(loaded.losses[-1], model.losses[-1], rtol=1e-6)
+    loaded.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    history = loaded.fit(tf.data.Dataset.from_tensors(((*views, shift),)).repeat(2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert not np.array_equal(loaded.encoder.get_weights()[0], model.encoder.get_weights()[0])
+    from_json = tf.keras.models.model_from_json(model.to_json())
+    assert type(from_json) is cifl_tf.training.SiameseCIFL and from_json.get_config() == model.get_config()
 
 
 def test_compile_for_fit_asks_for_a_built_model():
