@@ -32,12 +32,14 @@ class Scores:
         dice: (N, L) Dice per image and label; nan where a label is in neither map.
         mean_dice: (N,) each image's mean over its labels that are not nan.
         folding: (N,) share of folding pixels of each displacement (registration), else None.
+        scored: what N counts, as printed: "images", or "pairs" (registration and label_overlap).
     """
 
     labels: list
     dice: np.ndarray
     mean_dice: np.ndarray
     folding: np.ndarray = None
+    scored: str = "images"
 
     def summary(self):
         """Mean ± std over the images, as a plain dict (for JSON): images, scored (the images in the mean: those
@@ -52,7 +54,7 @@ class Scores:
     def __str__(self):
         summary = self.summary()
         unscored = summary["images"] - summary["scored"]
-        lines = [f"Dice {summary['dice'][0]:.3f} ± {summary['dice'][1]:.3f} over {summary['scored']} images"
+        lines = [f"Dice {summary['dice'][0]:.3f} ± {summary['dice'][1]:.3f} over {summary['scored']} {self.scored}"
                  + (f" ({unscored} more with none of the labels in either map)" if unscored else "")]
         lines += [f"  label {label}: {mean:.3f} ± {std:.3f}" for label, (mean, std) in summary["per_label"].items()]
         if self.folding is not None:
@@ -61,13 +63,13 @@ class Scores:
         return "\n".join(lines)
 
 
-def _score(predicted, truth, labels, folding=None):
-    """Scores of label maps `predicted` against `truth`, (N, *shape) each."""
+def _score(predicted, truth, labels, scored):
+    """Scores of label maps `predicted` against `truth`, (N, *shape) each, N `scored` ("images" or "pairs")."""
     labels = list(labels)  # read once per image: an iterator would be spent after the first
     rows = [metrics.dice(a, b, labels) for a, b in zip(predicted, truth)]
     dice = np.array([[row[label] for label in labels] for row in rows], np.float64).reshape(len(rows), len(labels))
     means = np.array([np.nan if np.all(np.isnan(row)) else np.nanmean(row) for row in dice])
-    return Scores(list(labels), dice, means, folding)
+    return Scores(list(labels), dice, means, scored=scored)
 
 
 def _images(model, images, what, where):
@@ -143,7 +145,7 @@ def evaluate_segmentation(model, images, labels, label_values=None, batch_size=8
     labels = _label_maps(labels, len(images), model.inshape,
                          "evaluate_segmentation: labels")  # before the network's work, not after it
     predicted = _predict_labels(model, images, batch_size, verbose, None, "evaluate_segmentation")
-    return _score(predicted, labels, range(1, model.nb_labels) if label_values is None else label_values)
+    return _score(predicted, labels, range(1, model.nb_labels) if label_values is None else label_values, "images")
 
 
 def label_overlap(moving_labels, fixed_labels, label_values=None):
@@ -163,7 +165,7 @@ def label_overlap(moving_labels, fixed_labels, label_values=None):
     moving_labels = _label_maps(moving_labels, shape[0], shape[1:], "label_overlap: moving_labels")
     if label_values is None:
         label_values = [label for label in np.unique(fixed_labels).tolist() if label != 0]
-    return _score(moving_labels, fixed_labels, label_values)
+    return _score(moving_labels, fixed_labels, label_values, "pairs")
 
 
 def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, label_values=None,

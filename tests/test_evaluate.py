@@ -67,7 +67,7 @@ def test_an_image_with_none_of_the_labels_is_left_out_of_the_count_it_says():
     predicted[1, :3] = 1  # image 2 has the label in neither map
     scores = evaluate.label_overlap(predicted, truth)
     assert (scores.summary()["images"], scores.summary()["scored"]) == (3, 2)
-    assert str(scores).splitlines()[0] == "Dice 0.900 ± 0.100 over 2 images (1 more with none of the labels in " \
+    assert str(scores).splitlines()[0] == "Dice 0.900 ± 0.100 over 2 pairs (1 more with none of the labels in " \
                                           "either map)"
 
 
@@ -122,6 +122,9 @@ def test_registration_reports_the_share_of_folding_pixels(reg_model, monkeypatch
     np.testing.assert_array_equal(scores.folding, [0, 1])
     np.testing.assert_allclose(scores.summary()["folding"], (0.5, 0.5))
     np.testing.assert_allclose(scores.dice, [[1], [1]])  # the box is symmetric about the mirror's axis
+    assert str(scores).splitlines()[::2] == ["Dice 1.000 ± 0.000 over 2 pairs",
+                                             "folding pixels (Jacobian determinant <= 0): 50.000% ± 50.000%"]
+    assert str(evaluate.label_overlap(labels, labels)).startswith("Dice 1.000 ± 0.000 over 2 pairs\n")
 
 
 def test_registration_with_a_fresh_model_scores_the_unwarped_labels(reg_model):
