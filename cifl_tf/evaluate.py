@@ -185,6 +185,7 @@ def evaluate_registration(model, moving, fixed, moving_labels, fixed_labels, lab
     """
     if not isinstance(model, RegistrationModel):
         raise TypeError(f"evaluate_registration: expected a RegistrationModel, got {type(model).__name__}")
+    check_batching(batch_size, verbose, "evaluate_registration")
     moving, fixed = (_images(model, images, what, "evaluate_registration") for images, what in ((moving, "moving"),
                                                                                                 (fixed, "fixed")))
     if len(moving) != len(fixed):

@@ -196,7 +196,8 @@ class SiameseCIFL(RegisteredJSON, tf.keras.Model):
         self.pixel_contrast = pixel_contrast
 
     def get_config(self):
-        return {"name": self.name, "encoder": tf.keras.utils.serialize_keras_object(self.encoder),
+        return {"name": self.name, "dtype": self.dtype_policy.name,  # the policy it casts the views to
+                "encoder": tf.keras.utils.serialize_keras_object(self.encoder),
                 **dict(zip(("tau_alpha", "tau_beta", "tau_gamma"), self.taus)), "loss_scales": self.loss_scales,
                 "pixel_contrast": self.pixel_contrast}
 
@@ -207,7 +208,9 @@ class SiameseCIFL(RegisteredJSON, tf.keras.Model):
 
     def build_from_config(self, config):
         # Keras would call the model on placeholders, where its add_loss fails. Its only weights are the encoder's,
-        # which its own config has built.
+        # which its own config has built; the input shape is kept for the next save (without it, that file's
+        # optimizer state would not load).
+        self._build_input_shape = tuple(tuple(shape) for shape in config["input_shape"])
         self.built = True
 
     def call(self, inputs):

@@ -270,8 +270,11 @@ def test_prediction_refuses_a_bad_batch_size_or_verbosity(seg_model, reg_model, 
         reg_model.register(images, images, **kwargs)
     with pytest.raises(ValueError, match=f"^segment: {message}"):
         evaluate.segment(seg_model, images, **kwargs)
+    labels = np.zeros((2, *SHAPE), np.int32)
     with pytest.raises(ValueError, match=f"^evaluate_segmentation: {message}"):
-        evaluate.evaluate_segmentation(seg_model, images, np.zeros((2, *SHAPE), np.int32), **kwargs)
+        evaluate.evaluate_segmentation(seg_model, images, labels, **kwargs)
+    with pytest.raises(ValueError, match=f"^evaluate_registration: {message}"):
+        evaluate.evaluate_registration(reg_model, images, images, labels, labels, **kwargs)
     keras_defaults = dict(batch_size=None, verbose="auto")  # as Keras's predict takes them
     assert reg_model.register(images, images, **keras_defaults).shape == (2, *SHAPE, 2)
     assert evaluate.segment(seg_model, images, **keras_defaults).shape == (2, *SHAPE)

@@ -533,25 +533,54 @@ def test_the_siamese_model_round_trips_through_its_config():
     np.testing.assert_allclose(rebuilt.losses[-1], model.losses[-1], rtol=1e-6)
 
 
+def _siamese_batches():
+    views = [np.random.default_rng(seed).uniform(size=(2, 24, 24, 1)).astype(np.float32) for seed in (0, 1)]
+    return (*views, np.array([[2, -3]] * 2, np.int32))
+
+
 @pytest.mark.parametrize("save", [lambda model, path: model.save(path), tf.keras.models.save_model])
 def test_the_siamese_model_round_trips_through_a_keras_file_and_trains_on(save, tmp_path):
     # it was saved, and did not load: Keras called it on placeholders, where its add_loss failed
     model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4), tau_gamma=0.5, name="siamese")
-    views = [np.random.default_rng(seed).uniform(size=(2, 24, 24, 1)).astype(np.float32) for seed in (0, 1)]
-    shift = np.array([[2, -3]] * 2, np.int32)
-    features = model((*views, shift))
+    batch = _siamese_batches()
+    features = model(batch)
+    cifl_tf.training.compile_for_fit(model, features, optimizer=tf.keras.optimizers.Adam(1e-2))
+    batches = tf.data.Dataset.from_tensors((batch,)).repeat(2)
+    model.fit(batches, epochs=1, verbose=0)
+    features = model(batch)
     save(model, str(tmp_path / "siamese.keras"))
     loaded = tf.keras.models.load_model(str(tmp_path / "siamese.keras"))
     assert type(loaded) is cifl_tf.training.SiameseCIFL and loaded.get_config() == model.get_config()
-    for by_loaded, by_model in zip(loaded((*views, shift)), features, strict=True):
+    for by_loaded, by_model in zip(loaded(batch), features, strict=True):
         np.testing.assert_array_equal(by_loaded, by_model)
     np.testing.assert_allclose(loaded.losses[-1], model.losses[-1], rtol=1e-6)
-    loaded.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
-    history = loaded.fit(tf.data.Dataset.from_tensors(((*views, shift),)).repeat(2), epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    assert not np.array_equal(loaded.encoder.get_weights()[0], model.encoder.get_weights()[0])
+    # it trains on from where it was saved, and saves and loads again with its optimizer's state
+    assert int(loaded.optimizer.iterations) == 2
+    for trained in (model, loaded):
+        trained.fit(batches, epochs=1, verbose=0)
+    save(loaded, str(tmp_path / "again.keras"))
+    again = tf.keras.models.load_model(str(tmp_path / "again.keras"))
+    assert int(again.optimizer.iterations) == 4
+    losses = [trained.fit(batches, epochs=1, verbose=0).history["loss"] for trained in (again, model)]
+    np.testing.assert_allclose(*losses, rtol=1e-6)
     from_json = tf.keras.models.model_from_json(model.to_json())
     assert type(from_json) is cifl_tf.training.SiameseCIFL and from_json.get_config() == model.get_config()
+
+
+def test_the_siamese_model_loads_under_the_policy_it_was_built_under(tmp_path):
+    """Not under the loading process's: it would cast the views otherwise and its features would change."""
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4, local_normalization=2))
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    batch = _siamese_batches()
+    features = model(batch)
+    model.save(str(tmp_path / "siamese.keras"))
+    loaded = tf.keras.models.load_model(str(tmp_path / "siamese.keras"))
+    assert loaded.dtype_policy.name == loaded.encoder.dtype_policy.name == "mixed_bfloat16"
+    for by_loaded, by_model in zip(loaded(batch), features, strict=True):
+        np.testing.assert_array_equal(by_loaded, by_model)
 
 
 def test_compile_for_fit_asks_for_a_built_model():
