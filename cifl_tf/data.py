@@ -573,28 +573,6 @@ def invert(image, mask=None):
     return remap_intensity(image, lambda values: values.max() - values, mask, "invert")
 
 
-def remap_labels(labels, intensities):
-    """Renders a label map with one intensity per label: pixel value ``intensities[label]``.
-
-    Args:
-        labels: integer label map of any shape.
-        intensities: dict label -> intensity, or a sequence indexed by label.
-
-    Returns: float32 array of the label map's shape.
-    """
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
-    is_table = isinstance(intensities, collections.abc.Mapping)
-    table = intensities if is_table else dict(enumerate(intensities))
-    present, inverse = np.unique(labels, return_inverse=True)
-    missing = [label for label in present.tolist() if label not in table]
-    if missing:
-        raise ValueError(f"remap_labels: no intensity for labels {missing}")
-    values = np.asarray([table[label] for label in present.tolist()], np.float32)
-    return values[inverse].reshape(labels.shape)
-
-
 def extract_slices(volume, axis=-1, indices=None):
     """2D slices of a 3D volume.
 

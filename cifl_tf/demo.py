@@ -133,7 +133,6 @@ def seeds_main(argv=None):
     """Command line of experiments/downstream.py: `segmentation_seeds`, printed and written as
     downstream_seeds.md and downstream_seeds.json."""
     from .cli import _check_options, _OneLineParser, _output_folder
-    from .data import write_json
     from .encoder import load_encoder
     from .training import POSITIVE_INTEGER
 

@@ -156,8 +156,8 @@ def _tissues(brain, gm, wm):
 def _smooth_fields(rng, count, shape, scale):
     """(count, *shape) random fields, each of zero mean and unit SD, smooth over ``scale`` pixels.
 
-    White noise on a grid ``scale`` times coarser, upsampled by cubic splines (the way neurite's
-    ``draw_perlin`` makes noise). Spline upsampling is linear and separable, so it is applied as one
+    White noise on a grid ``scale`` times coarser, upsampled by cubic splines (smoother than the linear
+    resize of neurite's ``draw_perlin``). Spline upsampling is linear and separable, so it is applied as one
     (size, coarse size) matrix per axis, which is fast whatever the scale.
     """
     fields = rng.standard_normal((count, *(int(size / scale) + 2 for size in shape)), dtype=np.float32)

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import tiling
-from .encoder import L2Normalize, convolve, positive_integer, positive_number
+from .encoder import L2Normalize, convolve, gaussian_blur, positive_integer, positive_number
 
 KL = tf.keras.layers
 
@@ -132,15 +132,6 @@ class MIND(KL.Layer):
             kernel[tuple(self.dilation + i for i in b) + (0, k)] -= 1
         return kernel
 
-    def _patch_kernels(self):
-        """One 1D Gaussian per axis, each applied to every channel separately: (..., K, K) kernels."""
-        taps = np.arange(-self.patch_radius, self.patch_radius + 1)
-        gauss = np.exp(-taps ** 2 / (2 * self.sigma ** 2))
-        gauss /= gauss.sum()
-        identity = np.eye(self.channels, dtype=np.float32)
-        return [(gauss.reshape([-1 if i == axis else 1 for i in range(self.ndim)])[..., None, None]
-                 * identity).astype(np.float32) for axis in range(self.ndim)]
-
     def distances(self, images):
         """D_p of the K pairs, (B, *spatial, K) float32, of images (B, *spatial, 1)."""
         images = self._check_images(images)  # every call, not just the first: see tiling.check_images
@@ -151,9 +142,8 @@ class MIND(KL.Layer):
         for axis in range(1, self.ndim + 1):
             padded = mirror_pad(padded, margin, axis)
         distances = tf.square(convolve(padded, self._differences_kernel(), "VALID"))
-        for kernel in self._patch_kernels():  # separable Gaussian: the weighted patch sums D_p
-            distances = convolve(distances, kernel, "VALID")
-        return distances
+        # the Gaussian-weighted patch sums D_p
+        return gaussian_blur(distances, self.sigma, self.patch_radius, self.ndim, self.channels, "VALID")
 
     def variance(self, images):
         """V, (B, *spatial, 1), before the clip."""

@@ -54,6 +54,19 @@ def convolve(images, kernel, padding):
     return tf.nn.convolution(images, kernel, padding=padding, data_format=data_format)
 
 
+def gaussian_blur(maps, sigma, radius, ndim, channels, padding):
+    """Each of the `channels` channels of maps (B, *spatial, channels), `ndim` spatial axes, convolved with a
+    normalised Gaussian of SD `sigma` truncated at `radius`, as one 1D kernel per axis."""
+    taps = np.arange(-radius, radius + 1)
+    gauss = np.exp(-taps ** 2 / (2 * sigma ** 2))
+    gauss /= gauss.sum()
+    identity = np.eye(channels)
+    for axis in range(ndim):
+        kernel = gauss.reshape([-1 if i == axis else 1 for i in range(ndim)])[..., None, None] * identity
+        maps = convolve(maps, kernel.astype(np.float32), padding)
+    return maps
+
+
 @tf.keras.utils.register_keras_serializable(package="cifl_tf")
 class L2Normalize(KL.Layer):
     """Puts each pixel's feature vector on the unit sphere (paper Sec. 2, Wang and Isola 2020).
@@ -102,21 +115,11 @@ class LocalNormalize(KL.Layer):
         self._check_images(input_shape)
         super().build(input_shape)
 
-    def _window_means(self, maps):
-        """G * maps for each of the C channels of maps (B, *spatial, C), by one 1D Gaussian per axis."""
-        ndim, channels = maps.shape.rank - 2, maps.shape[-1]
-        taps = np.arange(-self.radius, self.radius + 1)
-        gauss = np.exp(-taps ** 2 / (2 * self.sigma ** 2))
-        identity = np.eye(channels)
-        for axis in range(ndim):
-            kernel = gauss.reshape([-1 if i == axis else 1 for i in range(ndim)])[..., None, None] * identity
-            maps = convolve(maps, kernel.astype(np.float32), "SAME")
-        return maps
-
     def call(self, images):
         self._check_images(images.shape)  # every call, not just the first: see tiling.check_images
         images = tf.cast(images, tf.float32)
-        sums = self._window_means(tf.concat([images, tf.square(images), tf.ones_like(images)], axis=-1))
+        sums = gaussian_blur(tf.concat([images, tf.square(images), tf.ones_like(images)], axis=-1), self.sigma,
+                             self.radius, images.shape.rank - 2, 3, "SAME")
         mean, mean_square = sums[..., :1] / sums[..., 2:], sums[..., 1:2] / sums[..., 2:]
         variance = tf.maximum(mean_square - tf.square(mean), 0.)
         return (images - mean) * tf.math.rsqrt(variance + self.epsilon ** 2)

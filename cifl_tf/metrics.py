@@ -63,12 +63,6 @@ def summarize(values):
     return float(values.mean()), float(values.std())
 
 
-def format_summary(values, digits=2):
-    """``"mean ± std"`` of per-image scores, as in the paper's Table 1 (e.g. ``"0.84 ± 0.04"``)."""
-    mean, std = summarize(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 FOLDING_SLAB_VOXELS = 2 ** 18
 
 

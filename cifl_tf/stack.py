@@ -40,8 +40,8 @@ class FeatureStack(KL.Layer):
     """
 
     def __init__(self, describers, **kwargs):
-        # No autocast: under a mixed precision policy the images would reach the describers in 16 bits,
-        # which CIFLEncoder refuses for the same reason (its first layer needs the intensities exact).
+        # No autocast: under a mixed precision policy the images would reach the describers in 16 bits, and
+        # CIFLEncoder keeps them in float32 for the same reason (its first layer needs the intensities exact).
         super().__init__(**{"autocast": False, **kwargs})
         if not isinstance(describers, (list, tuple)) or len(describers) < 2:
             raise ValueError(f"FeatureStack: describers must be a list of two or more describer layers, "

@@ -30,7 +30,7 @@ def receptive_radius(layer):
 
 @functools.lru_cache(maxsize=8)
 def measured_radius(layer):
-    """The receptive radius measured on the layer itself, so that it holds for any layer (MIND, ...):
+    """The receptive radius measured on the layer itself, so that it holds for any layer (a user's own):
     the pixels of a random input on which the output at the centre has a nonzero gradient. A ReLU
     that is off at every probed path hides pixels, so layers with ReLUs had better state theirs.
     Kept for the layer's next call (register_pair describes an image in slabs; a 3D probe takes a second).

@@ -548,7 +548,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
 
     start = time.time()
-    model.fit(views.with_options(options), epochs=math.ceil(steps / steps_per_epoch), initial_epoch=initial_epoch,
+    model.fit(views.with_options(options), epochs=steps // steps_per_epoch, initial_epoch=initial_epoch,
               steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
     if out_dir is not None and chief:
         with open(os.path.join(out_dir, "log.csv")) as f:

@@ -52,8 +52,8 @@ class Triplanar(KL.Layer):
 
     @property
     def receptive_radius(self):
-        """In-plane, the 2D encoder's reach; across the slices, none. (A property: for a descriptor it is
-        measured, which is not worth doing on every build.)"""
+        """In-plane, the 2D encoder's reach; across the slices, none. (A property: for an encoder that states
+        no radius it is measured, which is not worth doing on every build.)"""
         return tiling.receptive_radius(self.encoder)
 
     def _check_images(self, images):

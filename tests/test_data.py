@@ -521,18 +521,6 @@ def test_remap_intensity_rejects_a_mask_of_another_shape():
         data.remap_intensity(np.ones(2), np.sqrt, np.ones(3, bool))
 
 
-@pytest.mark.parametrize("intensities", [
-    {0: 0.0, 1: 0.7, 2: 0.1}, [0.0, 0.7, 0.1], np.array([0.0, 0.7, 0.1, 9.0])])
-def test_remap_labels(intensities):
-    labels = np.array([[0, 1], [2, 1]])
-    np.testing.assert_allclose(data.remap_labels(labels, intensities), [[0, 0.7], [0.1, 0.7]], rtol=1e-6)
-
-
-def test_remap_labels_names_labels_without_intensity():
-    with pytest.raises(ValueError, match=r"no intensity for labels \[2, 5\]"):
-        data.remap_labels(np.array([0, 1, 2, 5]), {0: 0.0, 1: 1.0})
-
-
 # --- slices ------------------------------------------------------------------------------------------
 
 VOLUME = np.arange(4 * 5 * 6).reshape(4, 5, 6)

@@ -85,14 +85,13 @@ def test_dice_takes_whole_floats_and_booleans_as_labels(a, b):
     np.testing.assert_allclose(list(result.values()), list(expected.values()))
 
 
-@pytest.mark.parametrize("values, mean, std, text", [
-    ([0.8, 0.9], 0.85, 0.05, "0.85 ± 0.05"),
-    ([0.84], 0.84, 0.0, "0.84 ± 0.00"),
-    ([0.1, 0.2, 0.6], 0.3, np.sqrt(((0.2 ** 2) + (0.1 ** 2) + (0.3 ** 2)) / 3), "0.30 ± 0.22"),
+@pytest.mark.parametrize("values, mean, std", [
+    ([0.8, 0.9], 0.85, 0.05),
+    ([0.84], 0.84, 0.0),
+    ([0.1, 0.2, 0.6], 0.3, np.sqrt(((0.2 ** 2) + (0.1 ** 2) + (0.3 ** 2)) / 3)),
 ])
-def test_summarize_and_format(values, mean, std, text):
+def test_summarize(values, mean, std):
     np.testing.assert_allclose(metrics.summarize(values), (mean, std))
-    assert metrics.format_summary(values) == text
 
 
 @pytest.mark.parametrize("values", [[], [0.5, np.nan], [0.5, np.inf]])
