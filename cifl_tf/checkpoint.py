@@ -13,13 +13,13 @@ itself (through private attributes, once fit has started with the input pipeline
 while a run on a seeded stream must know it before: the stream restarts at that epoch's first
 batch. ``EpochCheckpoint`` restores before ``fit`` and passes the epoch as ``initial_epoch``.
 """
-import numbers
 import os
 import pathlib
 
 import numpy as np
 import tensorflow as tf
 
+from .checks import is_integer
 from .data import first_line, read_json, write_atomically, write_json
 from .synth import stream_options, stream_seed
 
@@ -51,7 +51,7 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         if getattr(model, "optimizer", None) is None:
             raise ValueError(f"EpochCheckpoint: compile {getattr(model, 'name', model)!r} first: "
                              f"its optimizer state is part of the checkpoint")
-        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, numbers.Integral) or max_to_keep < 1:
+        if not is_integer(max_to_keep, 1):
             raise ValueError(f"EpochCheckpoint: max_to_keep must be a positive integer, got {max_to_keep!r}")
         self.directory = os.fspath(directory)
         strategy = model.distribute_strategy  # the one the model was made under
@@ -139,9 +139,9 @@ def epoch_batches(arrays, batch_size, seed, first_epoch=0):
         raise ValueError(f"epoch_batches: arrays must be a tuple of non-empty arrays of one length, got "
                          f"lengths {[len(a) for a in arrays] if isinstance(arrays, tuple) else arrays!r}")
     for name, value, least in (("batch_size", batch_size, 1), ("first_epoch", first_epoch, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        if not is_integer(value, least):
             raise ValueError(f"epoch_batches: {name} must be an integer >= {least}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not is_integer(seed):
         raise TypeError(f"epoch_batches: seed must be an integer, got {seed!r}")
     seed = stream_seed(seed)  # within int64
     count = len(arrays[0])

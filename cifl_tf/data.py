@@ -32,6 +32,8 @@ import numpy as np
 import scipy.ndimage as ndi
 from nibabel.imageglobals import LoggingOutputSuppressor
 
+from .checks import is_integer
+
 PAPER_SPLIT = (232, 58, 100)  # OASIS 2D subjects: train, validation, test (paper Sec. 3)
 OASIS_SEGS = {2: {"seg4": 5, "seg24": 25}, 3: {"seg4": 5, "seg35": 36}}  # number of labels, 0 included
 OASIS_PREFIX = {2: "slice", 3: "aligned"}
@@ -313,7 +315,7 @@ def save_nifti_channels(path, shape, fill, affine=None, header=None):
     """
     name = "save_nifti_channels"
     if not isinstance(shape, (tuple, list)) or not all(
-            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
+            is_integer(n, 1) for n in shape):
         raise ValueError(f"{name}: shape must be a tuple of positive integers (*spatial, C), got {shape!r}")
     if not callable(fill):
         raise ValueError(f"{name}: fill must be a callable taking the array to fill, got {type(fill).__name__}")

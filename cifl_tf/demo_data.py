@@ -58,6 +58,7 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 
+from .checks import is_integer
 from .data import invert
 
 CONTRASTS = ("t1", "t1_inverted", "t2", "pd")
@@ -201,12 +202,8 @@ def _acquire(rng, clean, mask, bias_std, noise_std, voxel_size):
     return _unit_max(np.clip(noisy, 0, None) * mask).astype(np.float32)
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_int(name, value, low, high=np.inf):
-    if not (_is_int(value) and low <= value <= high):
+    if not (is_integer(value) and low <= value <= high):
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
@@ -240,7 +237,7 @@ def demo_dataset(n_subjects=40, seed=0, shape=(160, 192), slice_index=131, slice
     Raises: ModuleNotFoundError without nilearn, FileNotFoundError when its template files are missing.
     """
     _check_int("n_subjects", n_subjects, 1)
-    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(_is_int(s) and s > 1 for s in shape)):
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(is_integer(s, 2) for s in shape)):
         raise ValueError(f"shape must be (H, W), two integers >= 2, got {shape!r}")  # 1 pixel: its SD is 0
     rendering = _check_rendering(seed, warp_std, intensity_jitter, bias_std, noise_std)
     depth = _template()[0].shape[2]

@@ -21,6 +21,7 @@ import numpy as np
 
 import tensorflow as tf
 
+from .checks import is_integer
 from .data import first_line, read_json, write_atomically, write_json
 from .tiling import check_images, check_layer
 from .triplanar import Triplanar
@@ -35,7 +36,7 @@ ARCHITECTURES = ("paper", "context")
 def positive_integer(value):
     """`value` as a Python int if it is a positive integer of any type (NumPy's too, not a bool), else None.
     Python numbers keep the layers' configs JSON-serialisable."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+    if is_integer(value, 1):
         return int(value)
     return None
 
@@ -490,7 +491,7 @@ def pretrained_log(tau_gamma=None, ndim=2):
 
 def _pretrained_name(tau_gamma, ndim):
     """The file name root of the shipped encoder `pretrained(tau_gamma, ndim)`; ValueError for none."""
-    if isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)) or ndim not in (2, 3):
+    if not is_integer(ndim) or ndim not in (2, 3):
         raise ValueError(f"pretrained: ndim must be 2 or 3, got {ndim!r}")
     if tau_gamma is None:
         return PRETRAINED_RECOMMENDED[ndim]

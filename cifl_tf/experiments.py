@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data
+from .checks import is_integer
 from .data import read_json, write_json
 from .descriptors import MIND
 from .checkpoint import SETTINGS_FILE, epoch_batches
@@ -197,7 +198,7 @@ def row_data(row, data_dir=None, split=None, seed=0, subjects=SIZES["demo"]["sub
         raise ValueError(f"split {split!r} needs a data folder: the demo data is always split half/half")
     if data_dir is None:
         least = 2 if task == "Segmentation" else 4  # registration pairs two training and two test subjects
-        if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < least:
+        if not is_integer(subjects, least):
             raise ValueError(f"subjects must be an integer >= {least} for the {task.lower()} row {row} (half train, "
                              f"half test), got {subjects!r}")
         from . import demo_data  # needs nilearn: imported only for demo data

@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .checks import is_integer
+
 LABEL_CMAP = "tab10"
 
 
@@ -58,7 +60,7 @@ def feature_channels(encoder, images, path, channels=6, title="CIFL features"):
     Returns: the PNG path. Each channel has one colour scale shared by all rows, so that agreement
     across contrasts is visible as identical pictures down a column.
     """
-    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+    if not is_integer(channels, 1):
         raise ValueError(f"feature_channels: channels must be a positive integer, got {channels!r}")
     names = list(images)
     stack = np.stack([images[n] for n in names])[..., np.newaxis].astype(np.float32)

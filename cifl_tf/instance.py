@@ -34,6 +34,7 @@ import tensorflow as tf
 import voxelmorph as vxm
 
 from . import data, models, tiling, transform
+from .checks import is_integer
 from .encoder import pretrained
 from .losses import NCC
 from .synth import stream_options
@@ -324,7 +325,7 @@ def pool(image, factor):
 
 
 def _check_factor(caller, factor):
-    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+    if not is_integer(factor, 1):
         raise ValueError(f"{caller}: factor must be a positive integer, got {factor!r}")
 
 
@@ -535,7 +536,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
         raise ValueError(f"register_pair: reg_weight must be a non-negative number, got {reg_weight!r}")
     levels = default_levels(moving.shape) if levels is None else _check_levels(levels, moving.shape)
     for name, value in (("steps", steps), ("int_steps", int_steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_integer(value, 1):
             raise ValueError(f"register_pair: {name} must be a positive integer, got {value!r}")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) \
             or not 0 < learning_rate < math.inf:
@@ -548,7 +549,7 @@ def register_pair(moving, fixed, encoder="pretrained", similarity=None, reg_weig
     if jit_compile is not None and not isinstance(jit_compile, (bool, np.bool_)):
         raise TypeError(f"register_pair: jit_compile must be True, False or None, got {jit_compile!r}")
     jit_compile = None if jit_compile is None else bool(jit_compile)
-    if isinstance(feature_scale, bool) or not isinstance(feature_scale, (int, np.integer)) or feature_scale < 1:
+    if not is_integer(feature_scale, 1):
         raise ValueError(f"register_pair: feature_scale must be a positive integer, got {feature_scale!r}")
     if moved_features is not None and encoder is None:
         raise ValueError(f"register_pair: moved_features {moved_features!r} chooses how an encoder's features of the "
@@ -732,7 +733,7 @@ def _check_levels(given, shape=None):
     if isinstance(given, np.ndarray) and given.ndim <= 1:
         given = given.tolist()  # a 0-d array gives its number
     levels = tuple(given) if isinstance(given, (list, tuple, range)) else (given,)
-    if not levels or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1 for f in levels) \
+    if not levels or any(not is_integer(f, 1) for f in levels) \
             or list(levels) != sorted(set(levels), reverse=True):
         raise ValueError(f"register_pair: levels must be decreasing positive integer pooling factors such as "
                          f"(4, 2, 1), got {given!r}")

@@ -20,6 +20,8 @@ import tensorflow as tf
 
 import voxelmorph as vxm
 
+from .checks import is_integer
+
 
 def check_temperatures(**taus):
     for name, tau in taus.items():
@@ -83,7 +85,7 @@ def check_scales(scales):
         raise ValueError(f"scales must be a sequence of positive integers such as (1, 2, 4), got {scales!r}")
     scales = tuple(scales)
     if not scales or len(set(scales)) < len(scales) or not all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in scales):
+            is_integer(s, 1) for s in scales):
         raise ValueError(f"scales must be distinct positive integers such as (1, 2, 4), got {scales!r}")
     return tuple(int(s) for s in scales)
 
@@ -134,7 +136,7 @@ def pixel_contrastive_loss(f1, f2, stride=5, temperature=0.1, max_pixels=1024):
     Returns: the batch mean, a scalar.
     """
     for name, value in (("stride", stride), ("max_pixels", max_pixels)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_integer(value, 1):
             raise ValueError(f"pixel_contrastive_loss: {name} must be a positive integer, got {value!r}")
     check_temperatures(temperature=temperature)
     f1, f2, channels = _feature_pair(f1, f2, "pixel_contrastive_loss")
@@ -201,7 +203,7 @@ class NCC(vxm.losses.NCC):
             raise ValueError(f"NCC: y_true {Ii.shape} and y_pred {Ji.shape} differ in shape")
         win = [9] * ndims if self.win is None else list(self.win) if isinstance(self.win, (list, tuple)) \
             else [self.win] * ndims
-        if len(win) != ndims or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in win):
+        if len(win) != ndims or any(not is_integer(w, 1) for w in win):
             raise ValueError(f"NCC: win must be a positive integer or one per spatial axis ({ndims}), "
                              f"got {self.win!r}")
         maps = tf.concat([tf.reduce_sum(m, -1, keepdims=True) for m in (Ii, Ji, Ii * Ii, Ji * Ji, Ii * Ji)], -1)

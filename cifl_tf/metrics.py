@@ -3,6 +3,8 @@ import numpy as np
 
 import voxelmorph as vxm
 
+from .checks import is_integer
+
 
 def check_label_map(label_map, name):
     """`label_map` as an array; ValueError naming it (`name`, e.g. "dice: labels_a") unless its values are labels:
@@ -158,9 +160,9 @@ def match_fraction(features_a, features_b, mask, radius=2, samples=1500, seed=0)
         raise ValueError(f"match_fraction: expected two (*spatial, C) feature images of one shape and a "
                          f"non-empty boolean mask of their spatial shape, got {features_a.shape}, "
                          f"{features_b.shape} and mask {mask.shape} with {np.count_nonzero(mask)} pixels")
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+    if not is_integer(radius, 0):
         raise ValueError(f"match_fraction: radius must be a non-negative integer, got {radius!r}")
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+    if not is_integer(samples, 1):
         raise ValueError(f"match_fraction: samples must be a positive integer, got {samples!r}")
     for name, features in (("features_a", features_a), ("features_b", features_b)):
         bad = np.count_nonzero(~np.isfinite(features[mask]).all(axis=-1))

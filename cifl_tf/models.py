@@ -26,6 +26,7 @@ import voxelmorph as vxm
 
 from . import checkpoint
 from ._compat import vxm_layers
+from .checks import is_integer
 from .data import first_line, write_atomically
 from .descriptors import MIND
 from .encoder import CIFLEncoder
@@ -56,16 +57,12 @@ _VXM_RESERVED = {
 }
 
 
-def _positive_integer(value):
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
-
-
 def _check_inshape(inshape):
     try:
         shape = tuple(inshape)
     except TypeError:
         raise TypeError(f"inshape must be a sequence of 2 or 3 sizes, got {inshape!r}") from None
-    if len(shape) not in (2, 3) or not all(map(_positive_integer, shape)):
+    if len(shape) not in (2, 3) or not all(is_integer(v, 1) for v in shape):
         raise ValueError(f"inshape must be 2 or 3 positive integer sizes, got {inshape!r}")
     return tuple(int(s) for s in shape)
 
@@ -101,15 +98,15 @@ def _check_unet(unet_kwargs, ndim):
     inside; returns the UNet's number of levels and its pool size per axis."""
     features, levels = unet_kwargs["nb_features"], unet_kwargs["nb_levels"]
     per_level = isinstance(features, list) and features and all(
-        isinstance(level, list) and level and all(map(_positive_integer, level)) for level in features)
-    if not (per_level or _positive_integer(features)):
+        isinstance(level, list) and level and all(is_integer(v, 1) for v in level) for level in features)
+    if not (per_level or is_integer(features, 1)):
         raise ValueError(f"nb_features must be a positive integer or a list of lists of them (each level's), "
                          f"got {features!r}")
     if per_level:  # neurite: a list of each level's features sets the levels
         levels = len(features)
-    elif not _positive_integer(levels):
+    elif not is_integer(levels, 1):
         raise ValueError(f"nb_levels must be a positive integer, got {levels!r}")
-    if not _positive_integer(unet_kwargs["nb_conv_per_level"]):
+    if not is_integer(unet_kwargs["nb_conv_per_level"], 1):
         raise ValueError(f"nb_conv_per_level must be a positive integer, got {unet_kwargs['nb_conv_per_level']!r}")
     feat_mult = unet_kwargs.get("feat_mult", 1)
     if not per_level and (isinstance(feat_mult, bool) or not isinstance(feat_mult, numbers.Real)
@@ -118,15 +115,16 @@ def _check_unet(unet_kwargs, ndim):
     layers = (2 * levels - 1) * unet_kwargs["nb_conv_per_level"]  # neurite reads one per encoder and decoder conv
     per_layer = unet_kwargs.get("layer_nb_feats")
     if per_layer is not None and not per_level and not (
-            isinstance(per_layer, (list, tuple)) and len(per_layer) >= layers and all(map(_positive_integer, per_layer))):
+            isinstance(per_layer, (list, tuple)) and len(per_layer) >= layers
+            and all(is_integer(v, 1) for v in per_layer)):
         raise ValueError(f"layer_nb_feats must be {layers} or more positive integers (one per convolution of the "
                          f"{levels}-level UNet), got {per_layer!r}")
     if not isinstance(unet_kwargs.get("use_residuals", False), (bool, np.bool_)):
         raise TypeError(f"use_residuals must be True or False, got {unet_kwargs['use_residuals']!r}")
     sizes = {key: unet_kwargs.get(key, 2) for key in ("conv_size", "pool_size")}  # neurite's pool_size default: 2
     for key, size in sizes.items():
-        size = [size] * ndim if _positive_integer(size) else size
-        if not isinstance(size, (list, tuple)) or len(size) != ndim or not all(map(_positive_integer, size)):
+        size = [size] * ndim if is_integer(size, 1) else size
+        if not isinstance(size, (list, tuple)) or len(size) != ndim or not all(is_integer(v, 1) for v in size):
             raise ValueError(f"{key} must be a positive integer or {ndim} of them, got {unet_kwargs[key]!r}")
         sizes[key] = tuple(int(s) for s in size)
     return levels, sizes["pool_size"]
@@ -145,8 +143,7 @@ def _serialize(encoder):
 def check_batching(batch_size, verbose, where):
     """ValueError naming a batch_size or verbose that Keras's predict would take wrongly or fail on deep inside
     (None and "auto" are Keras's own defaults)."""
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-                                   or batch_size < 1):
+    if batch_size is not None and not is_integer(batch_size, 1):
         raise ValueError(f"{where}: batch_size must be None or a positive integer, got {batch_size!r}")
     check_verbose(verbose, where)
 
@@ -272,7 +269,7 @@ class SegmentationModel(_DescribedImages, _RebuiltFromArguments, RegisteredJSON,
 
     def __init__(self, inshape, nb_labels, encoder=None, name="cifl_segmentation", **unet_kwargs):
         inshape = _check_inshape(inshape)
-        if isinstance(nb_labels, bool) or not isinstance(nb_labels, (int, np.integer)) or nb_labels < 2:
+        if not is_integer(nb_labels, 2):
             raise ValueError(f"nb_labels must be an integer >= 2 (background included), got {nb_labels!r}")
         if "final_pred_activation" in unet_kwargs:
             raise TypeError("unet_kwargs may not set final_pred_activation: the output is a softmax")
@@ -381,7 +378,7 @@ def _check_vxm_integers(vxm_kwargs):
         value = vxm_kwargs[key]
         if value is None and key in ("nb_unet_levels", "int_downsize"):
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        if not is_integer(value, least):
             raise ValueError(f"registration_model: {key} must be an integer >= {least}, got {value!r}")
 
 
@@ -392,8 +389,8 @@ def _vxm_downsampling(vxm_kwargs):
     if features is None:
         features = vxm.py.utils.default_unet_features()
     pair = isinstance(features, (list, tuple)) and len(features) == 2 and all(
-        isinstance(side, (list, tuple)) and all(map(_positive_integer, side)) for side in features)
-    if not (_positive_integer(features) or pair):
+        isinstance(side, (list, tuple)) and all(is_integer(v, 1) for v in side) for side in features)
+    if not (is_integer(features, 1) or pair):
         raise ValueError(f"registration_model: nb_unet_features must be a positive integer or [encoder features, "
                          f"decoder features] (two lists of positive integers), got {features!r}")
     if isinstance(features, (int, np.integer)):
@@ -661,9 +658,9 @@ def pair_batches(images, batch_size=1, seed=None, first_step=0):
         raise ValueError(f"pair_batches: the images hold {np.count_nonzero(~np.isfinite(images))} NaN/Inf values")
     if len(images) < 2:
         raise ValueError(f"registration training needs at least 2 images to pair, got {len(images)}")
-    if not _positive_integer(batch_size):
+    if not is_integer(batch_size, 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or first_step < 0:
+    if not is_integer(first_step, 0):
         raise ValueError(f"first_step must be a non-negative integer, got {first_step!r}")
     seed = stream_seed(seed)
     count, stack = len(images), tf.constant(images)

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 import neurite as ne
 
+from .checks import is_integer
 from .transform import integrate_velocity, spatial_transform
 
 # The labels_to_image arguments that set the intensity model. Its others are this module's: the
@@ -51,7 +52,7 @@ def _positive_ints(name, values):
     if not isinstance(values, (list, tuple, range, np.ndarray)):
         raise ValueError(f"{name} must be positive integers, got {values!r}")
     values = tuple(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+    if not values or any(not is_integer(v, 1)
                          for v in values):
         raise ValueError(f"{name} must be positive integers, got {values!r}")
     return values
@@ -67,7 +68,7 @@ def check_shape(shape):
 
 def check_integer(name, value, least):
     """`value` as an int: an integer, Python's or NumPy's, >= least; else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+    if not is_integer(value, least):
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     return int(value)
 
@@ -134,7 +135,7 @@ def stream_seed(seed):
     """`seed` checked, or for None a fresh random one, so that an unseeded run differs every time."""
     if seed is None:
         return int(np.random.default_rng().integers(2 ** 31))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not is_integer(seed):
         raise TypeError(f"seed must be an integer or None, got {seed!r}")
     if not -2 ** 63 <= seed < 2 ** 63:  # the stateless RNG's keys are int64
         raise ValueError(f"seed must be within [-2**63, 2**63), got {seed!r}")

@@ -14,6 +14,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from .checks import is_integer
+
 DEFAULT_MAX_MEMORY = 2 ** 30  # bytes of activations per tile: 1 GiB
 _PROBE_RADIUS = 40  # the largest receptive field measured_radius measures
 # Float32 activations as wide as the widest layer live at once per pixel while a layer runs, for layers that do
@@ -108,7 +110,7 @@ def tile_shape(shape, radius, pixel_bytes, max_memory=DEFAULT_MAX_MEMORY):
 
 
 def check_max_memory(max_memory):
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, np.integer)) or max_memory < 1:
+    if not is_integer(max_memory, 1):
         raise ValueError(f"max_memory must be a positive integer number of bytes, got {max_memory!r}")
 
 

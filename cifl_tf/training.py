@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from . import checkpoint, machine
 from .callbacks import StopOnNonFinite
+from .checks import is_integer
 from .data import write_atomically, write_json
 from .encoder import (ARCHITECTURES, PRETRAINED_DIR, PRETRAINED_NAMES, CIFLEncoder, encoder_model, inflate,
                       load_encoder, positive_number, save_encoder_config)
@@ -259,10 +260,6 @@ def _get_strategy(strategy):
     return strategy
 
 
-def _count(value, smallest=1):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= smallest
-
-
 def _non_negative(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < math.inf
 
@@ -273,19 +270,19 @@ def _positive(value):  # numpy's float32 too: the learning rate a downstream mod
 
 # (check of a value, what it must be), as checkpoint.check_settings takes them: shared by the settings.json
 # fields below, the command lines' numeric options (cli._check_options) and the downstream models.
-POSITIVE_INTEGER = (_count, "a positive integer")
-NON_NEGATIVE_INTEGER = (lambda v: _count(v, 0), "a non-negative integer")
+POSITIVE_INTEGER = (lambda v: is_integer(v, 1), "a positive integer")
+NON_NEGATIVE_INTEGER = (lambda v: is_integer(v, 0), "a non-negative integer")
 POSITIVE_NUMBER = (_positive, "a positive number")
 NON_NEGATIVE_NUMBER = (_non_negative, "a non-negative number")
-SEED = (lambda v: _count(v, 0) and v < 2 ** 32, "an integer in [0, 2**32)")  # Keras's seeds take no more
+SEED = (lambda v: is_integer(v, 0) and v < 2 ** 32, "an integer in [0, 2**32)")  # Keras's seeds take no more
 
 # Each settings.json field: (check of its value, what it must be).
 SETTINGS = {
-    "shape": (lambda v: isinstance(v, list) and len(v) in (2, 3) and all(map(_count, v)),
+    "shape": (lambda v: isinstance(v, list) and len(v) in (2, 3) and all(is_integer(n, 1) for n in v),
               "a list of 2 or 3 positive integers"),
     **dict.fromkeys(("steps", "batch_size", "channels", "features", "steps_per_epoch"), POSITIVE_INTEGER),
     "architecture": (lambda v: v in ARCHITECTURES, f"one of {ARCHITECTURES}"),
-    "dilations": (lambda v: v is None or isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
+    "dilations": (lambda v: v is None or isinstance(v, list) and len(v) > 0 and all(is_integer(n, 1) for n in v),
                   "null or a list of positive integers"),
     **{name: (lambda v: isinstance(v, bool), "true or false") for name in ("inversion_invariant", "use_bias")},
     "local_normalization": (lambda v: v is None or _positive(v), "null or a positive number"),
@@ -294,7 +291,7 @@ SETTINGS = {
     **dict.fromkeys(("tau_alpha", "tau_beta", "tau_gamma", "learning_rate"), POSITIVE_NUMBER),
     "learning_rate_decay": (lambda v: v in LEARNING_RATE_DECAYS, f"one of {LEARNING_RATE_DECAYS}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
-    "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_count, v)),
+    "loss_scales": (lambda v: isinstance(v, list) and len(v) > 0 and all(is_integer(n, 1) for n in v),
                     "a list of positive integers"),
     "seed": (lambda v: v is None or SEED[0](v), "null or " + SEED[1]),
     "init": (lambda v: v is None or isinstance(v, str) and v != "",
@@ -355,7 +352,7 @@ def read_settings(out_dir):
 def check_max_offset(max_offset, shape):
     """ValueError unless max_offset is a non-negative integer smaller than every size of the crop shape, so
     that the two views overlap."""
-    if isinstance(max_offset, bool) or not isinstance(max_offset, numbers.Integral) or max_offset < 0:
+    if not is_integer(max_offset, 0):
         raise ValueError(f"max_offset must be a non-negative integer, got {max_offset!r}")
     if max_offset >= min(shape, default=0):
         raise ValueError(f"max_offset {max_offset} must be smaller than the crop shape {tuple(shape)}")
@@ -436,7 +433,7 @@ def train_encoder(shape=(96, 96), steps=1000, batch_size=4, channels=16, feature
     shape = check_shape(shape)
     init = os.fspath(init) if isinstance(init, os.PathLike) else init
     for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_integer(value, 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     check_max_offset(max_offset, shape)
     # checked before the run folder is written: Keras would fail on them only once it was

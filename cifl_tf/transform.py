@@ -22,6 +22,7 @@ import tensorflow as tf
 
 import voxelmorph as vxm
 
+from .checks import is_integer
 from .encoder import positive_number
 
 KL = tf.keras.layers
@@ -213,7 +214,7 @@ class VecInt(KL.Layer):
         _check_indexing("VecInt", indexing)
         if method not in self.METHODS:
             raise ValueError(f"VecInt: method must be one of {self.METHODS}, got {method!r}")
-        if isinstance(int_steps, bool) or not isinstance(int_steps, (int, np.integer)) or int_steps < 0:
+        if not is_integer(int_steps, 0):
             raise ValueError(f"VecInt: int_steps must be a non-negative integer, got {int_steps!r}")
         self.indexing, self.method, self.int_steps = indexing, method, int(int_steps)
 
