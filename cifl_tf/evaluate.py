@@ -32,14 +32,14 @@ class Scores:
         dice: (N, L) Dice per image and label; nan where a label is in neither map.
         mean_dice: (N,) each image's mean over its labels that are not nan.
         folding: (N,) share of folding pixels of each displacement (registration), else None.
-        scored: what N counts, as printed: "images", or "pairs" (registration and label_overlap).
+        unit: what N counts, as printed: "images", or "pairs" (registration and label_overlap).
     """
 
     labels: list
     dice: np.ndarray
     mean_dice: np.ndarray
     folding: np.ndarray = None
-    scored: str = "images"
+    unit: str = "images"
 
     def summary(self):
         """Mean ± std over the images, as a plain dict (for JSON): images, scored (the images in the mean: those
@@ -54,7 +54,7 @@ class Scores:
     def __str__(self):
         summary = self.summary()
         unscored = summary["images"] - summary["scored"]
-        lines = [f"Dice {summary['dice'][0]:.3f} ± {summary['dice'][1]:.3f} over {summary['scored']} {self.scored}"
+        lines = [f"Dice {summary['dice'][0]:.3f} ± {summary['dice'][1]:.3f} over {summary['scored']} {self.unit}"
                  + (f" ({unscored} more with none of the labels in either map)" if unscored else "")]
         lines += [f"  label {label}: {mean:.3f} ± {std:.3f}" for label, (mean, std) in summary["per_label"].items()]
         if self.folding is not None:
@@ -63,13 +63,14 @@ class Scores:
         return "\n".join(lines)
 
 
-def _score(predicted, truth, labels, scored):
-    """Scores of label maps `predicted` against `truth`, (N, *shape) each, N `scored` ("images" or "pairs")."""
+def _score(predicted, truth, labels, unit):
+    """Scores of label maps `predicted` against `truth`, (N, *shape) each, N counted in `unit` ("images" or
+    "pairs")."""
     labels = list(labels)  # read once per image: an iterator would be spent after the first
     rows = [metrics.dice(a, b, labels) for a, b in zip(predicted, truth)]
     dice = np.array([[row[label] for label in labels] for row in rows], np.float64).reshape(len(rows), len(labels))
     means = np.array([np.nan if np.all(np.isnan(row)) else np.nanmean(row) for row in dice])
-    return Scores(list(labels), dice, means, scored=scored)
+    return Scores(list(labels), dice, means, unit=unit)
 
 
 def _images(model, images, what, where):
