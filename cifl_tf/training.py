@@ -210,8 +210,11 @@ class SiameseCIFL(RegisteredJSON, tf.keras.Model):
     def build_from_config(self, config):
         # Keras would call the model on placeholders, where its add_loss fails. Its only weights are the encoder's,
         # which its own config has built; the input shape is kept for the next save (without it, that file's
-        # optimizer state would not load).
+        # optimizer state would not load), and so is the signature of a call, without which it would not save as a
+        # SavedModel until called.
         self._build_input_shape = tuple(tuple(shape) for shape in config["input_shape"])
+        *views, shift = self._build_input_shape
+        self._set_save_spec((*(tf.TensorSpec(view, tf.float32) for view in views), tf.TensorSpec(shift, tf.int32)))
         self.built = True
 
     def call(self, inputs):

@@ -567,6 +567,18 @@ def test_the_siamese_model_round_trips_through_a_keras_file_and_trains_on(save, 
     assert type(from_json) is cifl_tf.training.SiameseCIFL and from_json.get_config() == model.get_config()
 
 
+def test_the_siamese_model_loaded_from_a_keras_file_saves_as_a_saved_model(tmp_path):
+    # before it had been called, it lacked the signature a SavedModel is written with
+    model = cifl_tf.training.SiameseCIFL(cifl_tf.CIFLEncoder(channels=2, features=4), name="siamese")
+    batch = _siamese_batches()
+    features = model(batch)
+    model.save(str(tmp_path / "siamese.keras"))
+    tf.keras.models.load_model(str(tmp_path / "siamese.keras")).save(str(tmp_path / "saved_model"), save_format="tf")
+    revived = tf.keras.models.load_model(str(tmp_path / "saved_model"))
+    for by_revived, by_model in zip(revived(batch), features, strict=True):
+        np.testing.assert_array_equal(by_revived, by_model)
+
+
 def test_the_siamese_model_loads_under_the_policy_it_was_built_under(tmp_path):
     """Not under the loading process's: it would cast the views otherwise and its features would change."""
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
