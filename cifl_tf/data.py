@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import gzip
 import json
+import logging
 import math
 import os
 import pathlib
@@ -30,7 +31,6 @@ import zlib
 import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
-from nibabel.imageglobals import LoggingOutputSuppressor
 
 from .checks import is_integer
 
@@ -49,6 +49,9 @@ MAX_VOXELS = 512 ** 3
 # direction cosines (a qform's quaternion rounds them by up to 1e-3 near 180-degree rotations), or by 0.1 voxel in
 # the origin's position.
 _COSINE_ATOL, _ORIGIN_ATOL = 1e-2, 0.1
+# Millimetres per NIfTI spatial unit code (the low 3 bits of xyzt_units: unknown, metre, mm, micron); unknown is
+# read as mm, as nibabel and ITK read it.
+_MM_PER_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 1e-3}
 
 
 class DataError(ValueError):
@@ -87,8 +90,11 @@ def _check_header(path, image):
     affine = image.affine
     if not np.all(np.isfinite(affine)) or np.linalg.matrix_rank(affine[:3, :3]) < 3:
         raise DataError(f"{path}: singular or non-finite voxel-to-world affine {affine[:3].tolist()}")
-    sform, sform_code = header.get_sform(coded=True)
-    qform, qform_code = header.get_qform(coded=True)
+    try:
+        sform, sform_code = header.get_sform(coded=True)
+        qform, qform_code = header.get_qform(coded=True)
+    except ValueError as error:  # a qform quaternion that is no rotation
+        raise DataError(f"{path}: broken sform or qform ({first_line(error)})") from None
     if sform_code and qform_code and not _place_alike(sform, qform):
         raise DataError(f"{path}: sform {sform[:3].tolist()} and qform {qform[:3].tolist()} disagree")
 
@@ -119,13 +125,26 @@ def _voxels(path, image):
 def _reading(path):
     """Turns what nibabel, gzip and zlib raise on a broken file into a DataError naming it.
 
-    nibabel also logs the header repairs it makes to stderr; silenced, as the checks here report.
+    nibabel also logs the header repairs it makes; silenced, as the checks here report (removing its handler, as
+    nibabel's LoggingOutputSuppressor does, leaves Python's last-resort handler printing them to stderr).
     """
+    logger = logging.getLogger("nibabel.global")
+    disabled, logger.disabled = logger.disabled, True
     try:
-        with LoggingOutputSuppressor():
-            yield
+        yield
     except _UNREADABLE as error:
         raise DataError(f"{path}: not a readable NIfTI image ({first_line(error)})") from error
+    finally:
+        logger.disabled = disabled
+
+
+def _checked_image(path):
+    """The nibabel image of a NIfTI file whose header was checked, no voxel read yet."""
+    _stat_file(path)
+    with _reading(path):
+        image = nib.load(path)
+    _check_header(path, image)
+    return image
 
 
 def _read(path, ndim, channels=False, float32=True):
@@ -137,10 +156,7 @@ def _read(path, ndim, channels=False, float32=True):
         raise ValueError(f"ndim must be None or a positive integer, got {ndim!r}")
     if not isinstance(channels, (bool, np.bool_)):
         raise TypeError(f"channels must be a bool, got {channels!r}")
-    _stat_file(path)
-    with _reading(path):
-        image = nib.load(path)
-    _check_header(path, image)
+    image = _checked_image(path)
     shape = image.shape
     if not channels and math.prod(shape[3:]) > 1:  # squeezed, they would pass for an axis of space
         raise DataError(f"{path}: holds {math.prod(shape[3:])} volumes or channels {shape}; a single 2D or 3D "
@@ -193,9 +209,10 @@ def file_axes(header):
 
 
 def resample_onto(path, grid_path, order=1, grid=None):
-    """The image of NIfTI file `path` on the voxel grid of NIfTI file `grid_path`, placed by the two files' affines:
-    what ``cifl register`` registers when the moving and fixed files' grids differ (order 1), so that its ``--warp``
-    applies to the result; order 0 (nearest voxel) carries a label map over.
+    """The image of NIfTI file `path` on the voxel grid of NIfTI file `grid_path`, placed by the two files' affines
+    (each in the spatial unit its header states): what ``cifl register`` registers when the moving and fixed files'
+    grids differ (order 1), so that its ``--warp`` applies to the result; order 0 (nearest voxel) carries a label map
+    over.
 
     A voxel fills its box, half a voxel either side of its centre: grid points in an edge voxel's box take its value,
     so a slice (an axis of one voxel) holds across its thickness, and a slice in the grid's plane up to the rounding of
@@ -210,29 +227,79 @@ def resample_onto(path, grid_path, order=1, grid=None):
     Returns: (image on the grid, grid image, grid affine, grid header), both images as load_nifti gives the grid
         file's (singleton axes dropped; float32, but with order 0 the image keeps its file's values and type, as
         float32 would round label values above 2^24).
-    Raises: DataError as load_nifti does, and where no part of the image lies in the grid's field of view.
+    Raises: DataError as load_nifti does, where no part of the image lies in the grid's field of view, and as
+        `_to_image` does (a spatial unit NIfTI lacks; one file without sform and qform codes beside one with them).
     """
     if isinstance(order, bool) or order not in (0, 1):
         raise ValueError(f"resample_onto: order must be 0 (nearest) or 1 (linear), got {order!r}")
     grid, grid_affine, grid_header = load_nifti(grid_path) if grid is None else grid
     image, nifti = _read(path, grid.ndim, float32=order == 1)
-    affine, header = nifti.affine, nifti.header
     if order == 1:  # an integer scan too: interpolated values are not whole
         image = image.astype(np.float32, copy=False)
-    # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
-    # in perpendicular planes
-    if file_axes(header) == file_axes(grid_header) and np.allclose(affine, grid_affine):
+    to_image = _to_image(path, nifti.header, grid_path, grid_header)
+    if _one_grid(to_image, nifti.header, grid_header):
         return image, grid, grid_affine, grid_header
-    image = image.reshape(file_axes(header))
-    to_image = np.linalg.inv(affine) @ grid_affine
+    image = image.reshape(file_axes(nifti.header))
     values = ndi.affine_transform(image, to_image, output_shape=file_axes(grid_header), order=order, mode="nearest")
-    # order 0 rounds to the nearest voxel: within [-0.5, n - 0.5) along each axis of n voxels
-    inside = ndi.affine_transform(np.ones(image.shape, np.uint8), to_image, output_shape=file_axes(grid_header),
-                                  order=0, mode="grid-constant", cval=0).astype(bool)
+    inside = _inside(to_image, image.shape, file_axes(grid_header))
     if not inside.any():
         raise DataError(f"{path}: no part of it lies in the field of view of {grid_path} (their affines place them "
                         f"apart)")
     return np.where(inside, values, image.min()).reshape(grid.shape), grid, grid_affine, grid_header
+
+
+def field_of_view_share(path, grid_path):
+    """The share of the voxels of `grid_path`'s grid that the image of `path` covers where resample_onto places
+    it (1.0 for files of one grid), read from the two headers: a small share says the affines may be wrong.
+
+    Raises: DataError as load_nifti does for either header, and as resample_onto does for their units and codes.
+    """
+    header, grid_header = (_checked_image(file).header for file in (path, grid_path))
+    to_image = _to_image(path, header, grid_path, grid_header)
+    if _one_grid(to_image, header, grid_header):
+        return 1.0
+    return float(_inside(to_image, file_axes(header), file_axes(grid_header)).mean())
+
+
+def _one_grid(to_image, header, grid_header):
+    """Whether the image's voxels are the grid's, given the grid-to-image voxel map `to_image`."""
+    # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
+    # in perpendicular planes
+    return file_axes(header) == file_axes(grid_header) and np.allclose(to_image, np.eye(4))
+
+
+def _inside(to_image, image_axes, grid_axes):
+    """Which voxels of the grid lie in the image's voxel boxes, given the grid-to-image voxel map `to_image`."""
+    # order 0 rounds to the nearest voxel: within [-0.5, n - 0.5) along each axis of n voxels
+    return ndi.affine_transform(np.ones(image_axes, np.uint8), to_image, output_shape=grid_axes, order=0,
+                                mode="grid-constant", cval=0).astype(bool)
+
+
+def _to_image(path, header, grid_path, grid_header):
+    """The 4x4 map from the voxels of the grid file to those of the image file, through the world coordinates of
+    both headers in mm (their spatial units, xyzt_units, converted).
+
+    Raises: DataError for a spatial unit code NIfTI does not define, or where one file states where its voxels lie
+    (an sform or qform code) and the other does not: nibabel's guess for the latter (centred, x mirrored) would
+    place it wrongly without a word.
+    """
+    placed = {file: bool(head["sform_code"] or head["qform_code"]) for file, head in ((path, header),
+                                                                                     (grid_path, grid_header))}
+    if len(set(placed.values())) == 2:
+        unplaced = min(placed, key=placed.get)
+        raise DataError(f"{unplaced}: its sform and qform codes are 0, so its header does not say where its voxels "
+                        f"lie, while {max(placed, key=placed.get)}'s does: set its sform (nibabel's set_sform) to "
+                        f"place the two")
+    return np.linalg.inv(_mm_affine(path, header)) @ _mm_affine(grid_path, grid_header)
+
+
+def _mm_affine(path, header):
+    """The header's voxel-to-world affine in mm."""
+    code = int(header["xyzt_units"]) & 7
+    if code not in _MM_PER_UNIT:
+        raise DataError(f"{path}: spatial unit code {code} (xyzt_units {int(header['xyzt_units'])}) is none of "
+                        f"NIfTI's (0 unknown, 1 metre, 2 mm, 3 micron)")
+    return np.diag([_MM_PER_UNIT[code]] * 3 + [1.0]) @ header.get_best_affine()
 
 
 def load_labels(path, labels=None, ndim=None):

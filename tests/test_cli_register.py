@@ -94,6 +94,24 @@ def test_the_fixed_grid_outside_the_moving_image_takes_its_background(tmp_path):
     np.testing.assert_array_equal(moving[12:], -1000)
 
 
+@pytest.mark.parametrize("rows_on, stdout, stderr", [
+    (0, "", ""),
+    (4, "covers 75.0% of the field of view", ""),
+    (12, "", "warning: {moving} covers 25.0% of the field of view of {fixed} where their affines place it"),
+])
+def test_the_share_of_the_fixed_grid_the_moving_image_covers_is_told(tmp_path, capsys, rows_on, stdout, stderr):
+    """A small share is likely a wrong affine, and the rest of the grid takes the moving image's background."""
+    shifted = np.eye(4)
+    shifted[0, 3] = rows_on
+    write_nifti(tmp_path / "fixed.nii.gz", np.zeros((16, 16, 4), np.float32))
+    write_nifti(tmp_path / "moving.nii.gz", np.ones((16, 16, 4), np.float32), shifted)
+    cli._on_fixed_grid(tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz")
+    told = capsys.readouterr()
+    paths = dict(moving=tmp_path / "moving.nii.gz", fixed=tmp_path / "fixed.nii.gz")
+    for said, expected in ((told.out, stdout), (told.err, stderr)):
+        assert (expected.format(**paths) in said) if expected else said == ""
+
+
 def register(pair, capsys, *options):
     """Runs `cifl register --intensity ncc` on the pair; returns (status, stdout, displacement)."""
     status, stdout, _ = run(capsys, "register", "--moving", pair / "moving.nii.gz", "--fixed", pair / "fixed.nii.gz",

@@ -1,5 +1,6 @@
 """cifl_tf.data: NIfTI I/O, bad-input errors, transforms, slices, splits and loaders."""
 import gzip
+import logging
 import os
 import re
 
@@ -251,6 +252,98 @@ def test_resample_onto_interpolates_an_integer_scan_in_float32(tmp_path):
     on_grid = data.resample_onto(tmp_path / "scan.nii.gz", tmp_path / "grid.nii.gz")[0]
     assert on_grid.dtype == np.float32
     np.testing.assert_allclose(on_grid[:, 0, 0], np.arange(2.5, 35, 5))
+
+
+def _raw_nifti(path, image, edit):
+    """Writes `image` as a .nii file whose header `edit` changes after nibabel's own settings (sform and qform of the
+    identity, codes 1), as a file from another tool may hold it."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(image.shape)
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), 1)
+    header.set_qform(np.eye(4), 1)
+    header["vox_offset"] = 352
+    edit(header)
+    with open(path, "wb") as file:
+        header.write_to(file)
+        file.write(image.astype(np.float32).tobytes(order="F"))
+
+
+@pytest.mark.parametrize("unit, mm_per_unit", [("meter", 1000.0), ("micron", 1e-3), ("mm", 1.0), ("unknown", 1.0)])
+def test_resample_onto_reads_each_affine_in_the_unit_its_header_states(tmp_path, unit, mm_per_unit):
+    """An image stored in metres lands where the same image stored in mm does (it landed in about one voxel)."""
+    image = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    in_mm = np.diag([2.0, 2.0, 2.0, 1.0])
+    in_mm[0, 3] = 4  # image voxel i at grid voxel i + 2
+    header = nib.Nifti1Header()
+    header.set_xyzt_units(unit)
+    data.save_nifti(tmp_path / "image.nii.gz", image, np.diag([1 / mm_per_unit] * 3 + [1]) @ in_mm, header)
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((10, 5, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    on_grid = data.resample_onto(tmp_path / "image.nii.gz", tmp_path / "grid.nii.gz")[0]
+    np.testing.assert_allclose(on_grid[2:8], image, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([on_grid[:2], on_grid[8:]]), image.min())
+
+
+def test_resample_onto_refuses_a_spatial_unit_nifti_does_not_define(tmp_path):
+    _raw_nifti(tmp_path / "image.nii", np.ones((4, 4, 4)), lambda header: header.__setitem__("xyzt_units", 5))
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((4, 4, 4), np.float32))
+    with raises_naming(tmp_path / "image.nii", "spatial unit code 5"):
+        data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii.gz")
+
+
+@pytest.mark.parametrize("unplaced", ["image", "grid"])
+def test_resample_onto_refuses_to_place_a_file_without_codes_against_one_with_them(tmp_path, unplaced):
+    """nibabel's guess for a file whose sform and qform codes are 0 mirrors x: it moved the image without a word."""
+    def no_codes(header):
+        header["sform_code"] = header["qform_code"] = 0
+
+    for name in ("image", "grid"):
+        _raw_nifti(tmp_path / f"{name}.nii", np.ones((4, 4, 4)), no_codes if name == unplaced else lambda header: None)
+    with raises_naming(tmp_path / f"{unplaced}.nii", "codes are 0"):
+        data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")
+    with raises_naming(tmp_path / f"{unplaced}.nii", "codes are 0"):
+        data.field_of_view_share(tmp_path / "image.nii", tmp_path / "grid.nii")
+
+
+def test_resample_onto_places_two_files_without_codes_alike(tmp_path):
+    image = np.random.default_rng(0).random((4, 4, 4)).astype(np.float32)
+    for name, array in (("image", image), ("grid", np.zeros((4, 4, 4)))):
+        _raw_nifti(tmp_path / f"{name}.nii", array, lambda header: header.__setitem__("sform_code", 0) or
+                   header.__setitem__("qform_code", 0))
+    np.testing.assert_array_equal(data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")[0], image)
+
+
+@pytest.mark.parametrize("rows_on", [0, 2, -6, 7, 8, 11])
+def test_field_of_view_share_is_the_share_of_grid_voxels_in_the_image(tmp_path, rows_on):
+    """An 8-row image shifted `rows_on` rows over an 8-row grid covers (8 - |rows_on|) / 8 of it, at least 0."""
+    shifted = np.eye(4)
+    shifted[0, 3] = rows_on
+    data.save_nifti(tmp_path / "image.nii.gz", np.ones((8, 3, 2), np.float32), shifted)
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((8, 3, 2), np.float32))
+    share = data.field_of_view_share(tmp_path / "image.nii.gz", tmp_path / "grid.nii.gz")
+    assert share == max(0, 8 - abs(rows_on)) / 8
+
+
+def test_a_broken_qform_is_reported_naming_the_file(tmp_path):
+    def broken(header):  # a quaternion of norm above 1: no rotation
+        header["quatern_b"] = header["quatern_c"] = 0.9
+
+    _raw_nifti(tmp_path / "image.nii", np.ones((4, 4, 4)), broken)
+    with raises_naming(tmp_path / "image.nii", "broken sform or qform"):
+        data.load_nifti(tmp_path / "image.nii")
+
+
+def test_nibabels_header_repairs_do_not_reach_stderr(tmp_path, capsys, monkeypatch):
+    def negative_pixdim(header):  # nibabel repairs it, and logged "pixdim[1,2,3] should be positive"
+        header["pixdim"][1] = -1
+        header["sform_code"] = 0
+
+    _raw_nifti(tmp_path / "image.nii", np.ones((4, 4, 4)), negative_pixdim)
+    # as in a process that configured no logging: pytest's handlers on the root logger would take the record
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    capsys.readouterr()
+    data.load_nifti(tmp_path / "image.nii")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("order", [2, True, "0"])
