@@ -315,12 +315,11 @@ def _on_fixed_grid(moving_path, fixed_path, inshape=None):
         raise data.DataError(f"{fixed_path}: registration needs a 2D or 3D image, got shape {fixed[0].shape}")
     if inshape is not None and fixed[0].shape != inshape:
         raise data.DataError(f"{fixed_path}: shape {fixed[0].shape} differs from the model's input shape {inshape}")
-    on_grid = data.resample_onto(moving_path, fixed_path, grid=fixed)  # the fixed image read once
-    share = data.field_of_view_share(moving_path, fixed_path)
-    if share < 1:  # the rest takes the moving image's background; little overlap is likely a wrong affine
+    *on_grid, share = data.resample_onto(moving_path, fixed_path, grid=fixed)  # the fixed image read once
+    if round(100 * share, 1) < 100:  # the rest takes the moving image's background; a small share: a wrong affine?
         print(f"{'warning: ' if share < 0.5 else ''}{moving_path} covers {100 * share:.1f}% of the field of view of "
               f"{fixed_path} where their affines place it", file=sys.stderr if share < 0.5 else sys.stdout)
-    return on_grid
+    return tuple(on_grid)
 
 
 def _register(args):

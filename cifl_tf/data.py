@@ -50,7 +50,7 @@ MAX_VOXELS = 512 ** 3
 # the origin's position.
 _COSINE_ATOL, _ORIGIN_ATOL = 1e-2, 0.1
 # Millimetres per NIfTI spatial unit code (the low 3 bits of xyzt_units: unknown, metre, mm, micron); unknown is
-# read as mm, as nibabel and ITK read it.
+# read as mm, as scanners and most tools write and read it (nibabel ignores the units).
 _MM_PER_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 1e-3}
 
 
@@ -138,15 +138,6 @@ def _reading(path):
         logger.disabled = disabled
 
 
-def _checked_image(path):
-    """The nibabel image of a NIfTI file whose header was checked, no voxel read yet."""
-    _stat_file(path)
-    with _reading(path):
-        image = nib.load(path)
-    _check_header(path, image)
-    return image
-
-
 def _read(path, ndim, channels=False, float32=True):
     """Voxels (singleton axes of space squeezed, the channels last with `channels`; floats as float32 unless not
     `float32`: label maps, whose integers above 2^24 float32 would round) and nibabel image of a checked NIfTI
@@ -156,7 +147,10 @@ def _read(path, ndim, channels=False, float32=True):
         raise ValueError(f"ndim must be None or a positive integer, got {ndim!r}")
     if not isinstance(channels, (bool, np.bool_)):
         raise TypeError(f"channels must be a bool, got {channels!r}")
-    image = _checked_image(path)
+    _stat_file(path)
+    with _reading(path):
+        image = nib.load(path)
+    _check_header(path, image)
     shape = image.shape
     if not channels and math.prod(shape[3:]) > 1:  # squeezed, they would pass for an axis of space
         raise DataError(f"{path}: holds {math.prod(shape[3:])} volumes or channels {shape}; a single 2D or 3D "
@@ -224,9 +218,10 @@ def resample_onto(path, grid_path, order=1, grid=None):
         order: 1 (linear) or 0 (nearest).
         grid: ``load_nifti(grid_path)``'s (image, affine, header), where the caller has read it already.
 
-    Returns: (image on the grid, grid image, grid affine, grid header), both images as load_nifti gives the grid
-        file's (singleton axes dropped; float32, but with order 0 the image keeps its file's values and type, as
-        float32 would round label values above 2^24).
+    Returns: (image on the grid, grid image, grid affine, grid header, share), both images as load_nifti gives the
+        grid file's (singleton axes dropped; float32, but with order 0 the image keeps its file's values and type, as
+        float32 would round label values above 2^24); share: the share of the grid's voxels that the image covers
+        (1.0 for files of one grid; a small share says the affines may be wrong).
     Raises: DataError as load_nifti does, where no part of the image lies in the grid's field of view, and as
         `_to_image` does (a spatial unit NIfTI lacks; one file without sform and qform codes beside one with them).
     """
@@ -236,43 +231,21 @@ def resample_onto(path, grid_path, order=1, grid=None):
     image, nifti = _read(path, grid.ndim, float32=order == 1)
     if order == 1:  # an integer scan too: interpolated values are not whole
         image = image.astype(np.float32, copy=False)
-    to_image = _to_image(path, nifti.header, grid_path, grid_header)
-    if _one_grid(to_image, nifti.header, grid_header):
-        return image, grid, grid_affine, grid_header
+    # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
+    # in perpendicular planes
+    if file_axes(nifti.header) == file_axes(grid_header) and np.allclose(nifti.affine, grid_affine):
+        return image, grid, grid_affine, grid_header, 1.0
     image = image.reshape(file_axes(nifti.header))
+    to_image = _to_image(path, nifti.header, grid_path, grid_header)
     values = ndi.affine_transform(image, to_image, output_shape=file_axes(grid_header), order=order, mode="nearest")
-    inside = _inside(to_image, image.shape, file_axes(grid_header))
+    # order 0 rounds to the nearest voxel: within [-0.5, n - 0.5) along each axis of n voxels
+    inside = ndi.affine_transform(np.ones(image.shape, np.uint8), to_image, output_shape=file_axes(grid_header),
+                                  order=0, mode="grid-constant", cval=0).astype(bool)
     if not inside.any():
         raise DataError(f"{path}: no part of it lies in the field of view of {grid_path} (their affines place them "
                         f"apart)")
-    return np.where(inside, values, image.min()).reshape(grid.shape), grid, grid_affine, grid_header
-
-
-def field_of_view_share(path, grid_path):
-    """The share of the voxels of `grid_path`'s grid that the image of `path` covers where resample_onto places
-    it (1.0 for files of one grid), read from the two headers: a small share says the affines may be wrong.
-
-    Raises: DataError as load_nifti does for either header, and as resample_onto does for their units and codes.
-    """
-    header, grid_header = (_checked_image(file).header for file in (path, grid_path))
-    to_image = _to_image(path, header, grid_path, grid_header)
-    if _one_grid(to_image, header, grid_header):
-        return 1.0
-    return float(_inside(to_image, file_axes(header), file_axes(grid_header)).mean())
-
-
-def _one_grid(to_image, header, grid_header):
-    """Whether the image's voxels are the grid's, given the grid-to-image voxel map `to_image`."""
-    # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
-    # in perpendicular planes
-    return file_axes(header) == file_axes(grid_header) and np.allclose(to_image, np.eye(4))
-
-
-def _inside(to_image, image_axes, grid_axes):
-    """Which voxels of the grid lie in the image's voxel boxes, given the grid-to-image voxel map `to_image`."""
-    # order 0 rounds to the nearest voxel: within [-0.5, n - 0.5) along each axis of n voxels
-    return ndi.affine_transform(np.ones(image_axes, np.uint8), to_image, output_shape=grid_axes, order=0,
-                                mode="grid-constant", cval=0).astype(bool)
+    return (np.where(inside, values, image.min()).reshape(grid.shape), grid, grid_affine, grid_header,
+            float(inside.mean()))
 
 
 def _to_image(path, header, grid_path, grid_header):

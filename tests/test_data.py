@@ -219,7 +219,9 @@ def test_resample_onto_places_a_label_map_by_the_affines(tmp_path):
     affine[1, 3] = 0.25  # grid voxel j now lies a quarter voxel before label voxel j
     data.save_nifti(tmp_path / "shifted.nii.gz", labels, affine)
     data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((10, 5, 4), np.float32))
-    on_grid, grid, grid_affine, _ = data.resample_onto(tmp_path / "labels.nii.gz", tmp_path / "grid.nii.gz", order=0)
+    on_grid, grid, grid_affine, _, share = data.resample_onto(tmp_path / "labels.nii.gz", tmp_path / "grid.nii.gz",
+                                                              order=0)
+    assert share == 6 / 10
     assert on_grid.shape == grid.shape == (10, 5, 4)
     np.testing.assert_array_equal(grid_affine, np.eye(4))
     np.testing.assert_array_equal(on_grid[3:9], labels[..., ::-1])
@@ -284,11 +286,13 @@ def test_resample_onto_reads_each_affine_in_the_unit_its_header_states(tmp_path,
     np.testing.assert_array_equal(np.concatenate([on_grid[:2], on_grid[8:]]), image.min())
 
 
-def test_resample_onto_refuses_a_spatial_unit_nifti_does_not_define(tmp_path):
+def test_resample_onto_refuses_a_spatial_unit_nifti_does_not_define_where_the_grids_differ(tmp_path):
     _raw_nifti(tmp_path / "image.nii", np.ones((4, 4, 4)), lambda header: header.__setitem__("xyzt_units", 5))
-    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((4, 4, 4), np.float32))
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((5, 4, 4), np.float32))
     with raises_naming(tmp_path / "image.nii", "spatial unit code 5"):
         data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii.gz")
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((4, 4, 4), np.float32))  # one grid: the units do not matter
+    np.testing.assert_array_equal(data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii.gz")[0], 1)
 
 
 @pytest.mark.parametrize("unplaced", ["image", "grid"])
@@ -301,8 +305,17 @@ def test_resample_onto_refuses_to_place_a_file_without_codes_against_one_with_th
         _raw_nifti(tmp_path / f"{name}.nii", np.ones((4, 4, 4)), no_codes if name == unplaced else lambda header: None)
     with raises_naming(tmp_path / f"{unplaced}.nii", "codes are 0"):
         data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")
-    with raises_naming(tmp_path / f"{unplaced}.nii", "codes are 0"):
-        data.field_of_view_share(tmp_path / "image.nii", tmp_path / "grid.nii")
+
+
+def test_resample_onto_takes_a_file_without_codes_on_the_grid_of_one_with_them(tmp_path):
+    """The coded file states the very affine nibabel gives the other (as a file saved with its affine does)."""
+    image = np.random.default_rng(0).random((4, 5, 3)).astype(np.float32)
+    _raw_nifti(tmp_path / "image.nii", image, lambda header: header.__setitem__("sform_code", 0) or
+               header.__setitem__("qform_code", 0))
+    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((4, 5, 3), np.float32), nib.load(tmp_path / "image.nii").affine)
+    on_grid, *_, share = data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii.gz")
+    np.testing.assert_array_equal(on_grid, image)
+    assert share == 1
 
 
 def test_resample_onto_places_two_files_without_codes_alike(tmp_path):
@@ -313,15 +326,14 @@ def test_resample_onto_places_two_files_without_codes_alike(tmp_path):
     np.testing.assert_array_equal(data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")[0], image)
 
 
-@pytest.mark.parametrize("rows_on", [0, 2, -6, 7, 8, 11])
-def test_field_of_view_share_is_the_share_of_grid_voxels_in_the_image(tmp_path, rows_on):
-    """An 8-row image shifted `rows_on` rows over an 8-row grid covers (8 - |rows_on|) / 8 of it, at least 0."""
+@pytest.mark.parametrize("rows_on", [0, 2, -6, 7])
+def test_resample_onto_gives_the_share_of_grid_voxels_in_the_image(tmp_path, rows_on):
+    """An 8-row image shifted `rows_on` rows over an 8-row grid covers (8 - |rows_on|) / 8 of it."""
     shifted = np.eye(4)
     shifted[0, 3] = rows_on
     data.save_nifti(tmp_path / "image.nii.gz", np.ones((8, 3, 2), np.float32), shifted)
     data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((8, 3, 2), np.float32))
-    share = data.field_of_view_share(tmp_path / "image.nii.gz", tmp_path / "grid.nii.gz")
-    assert share == max(0, 8 - abs(rows_on)) / 8
+    assert data.resample_onto(tmp_path / "image.nii.gz", tmp_path / "grid.nii.gz")[4] == (8 - abs(rows_on)) / 8
 
 
 def test_a_broken_qform_is_reported_naming_the_file(tmp_path):
