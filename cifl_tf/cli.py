@@ -339,10 +339,12 @@ def _register(args):
                 raise ValueError(f"{option} is an option of instance optimisation, not of a --model")
         model = models.load_model(args.model, "registration")
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed, tuple(model.inshape))
+        _check_not_constant(args, moving, fixed)
         displacement = model.register(_normalized_batch(moving), _normalized_batch(fixed))[0]
     else:
         moving, fixed, affine, header = _on_fixed_grid(args.moving, args.fixed)
         encoder = _registration_encoder(args, fixed.ndim)
+        _check_not_constant(args, moving, fixed)
         displacement = register_pair(data.normalize(moving), data.normalize(fixed), encoder, similarity=args.intensity,
                                      levels=args.levels, affine=args.affine,
                                      steps=REGISTER_DEFAULTS["steps"] if args.steps is None else args.steps,
@@ -359,6 +361,14 @@ def _register(args):
     folded = round(folding_fraction(displacement) * voxels)  # a count: one voxel of millions rounds to 0.000%
     print(f"moved image written to {args.moved}" + (f", displacement to {args.warp}" if args.warp else "")
           + f"; folded voxels: {folded} of {voxels} ({100 * folded / voxels:.3f}%)")
+
+
+def _check_not_constant(args, moving, fixed):
+    """DataError for an image with one value on the fixed grid (a blank file or mask): registering to it, NCC's zero
+    padding at the border would still move the image."""
+    for path, image in ((args.moving, moving), (args.fixed, fixed)):
+        if image.min() == image.max():
+            raise data.DataError(f"{path}: every voxel on the fixed grid holds {image.min():g}: nothing to register")
 
 
 def _registration_encoder(args, ndim):

@@ -257,6 +257,9 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--moving", "VOLUME", "--fixed", "VOLUME", "--encoder", "ENCODER_2D", "--stack-descriptor", "mind"],
      r"volume\.nii\.gz: has 3 dimensions, --encoder .* is 2D"),
     (["--intensity", "ncc", "--fixed", "MISSING"], r"missing\.nii\.gz: no such file"),
+    (["--descriptor", "mind", "--fixed", "CONSTANT"], r"constant\.nii\.gz: every voxel on the fixed grid holds 7: "
+                                                      r"nothing to register"),
+    (["--intensity", "ncc", "--moving", "CONSTANT"], r"constant\.nii\.gz: every voxel on the fixed grid holds 7"),
     # unset shell variables: instance optimisation instead of --model, no warp written, a warp left behind
     (["--model", ""], r"--model is an empty name \(an unset shell variable\?\)"),
     (["--intensity", "ncc", "--warp", ""], r"--warp is an empty name"),
@@ -264,13 +267,15 @@ def test_features_with_a_stacked_descriptor_are_the_stacks_features(pair, capsys
     (["--intensity", "ncc", "--moved", "NOFOLDER"], r"nowhere/moved\.nii\.gz: no such folder to write to"),
 ])
 def test_bad_register_input_gives_one_line_exit_2_and_no_file(pair, saved_stack, capsys, argv, message):
-    write_nifti(pair / "volume.nii.gz", np.ones((8, 8, 8), np.float32))
+    write_nifti(pair / "volume.nii.gz", np.random.default_rng(0).random((8, 8, 8)).astype(np.float32))
     moving = nib.load(pair / "moving.nii.gz")
+    write_nifti(pair / "constant.nii.gz", np.full(moving.shape, 7, np.float32), moving.affine)
     apart = moving.affine.copy()
     apart[2, 3] += 500  # 500 mm along z: a slice from elsewhere
     write_nifti(pair / "apart.nii.gz", np.asarray(moving.dataobj), apart)
     (pair / "out").mkdir()
     names = {"VOLUME": pair / "volume.nii.gz", "MISSING": pair / "missing.nii.gz", "APART": pair / "apart.nii.gz",
+             "CONSTANT": pair / "constant.nii.gz",
              "MOVED": pair / "out" / "moved.nii.gz",
              "FIXED": pair / "fixed.nii.gz", "MOVING": pair / "moving.nii.gz",
              "NOFOLDER": pair / "nowhere" / "moved.nii.gz",
