@@ -49,9 +49,9 @@ MAX_VOXELS = 512 ** 3
 # direction cosines (a qform's quaternion rounds them by up to 1e-3 near 180-degree rotations), or by 0.1 voxel in
 # the origin's position.
 _COSINE_ATOL, _ORIGIN_ATOL = 1e-2, 0.1
-# Millimetres per NIfTI spatial unit code (the low 3 bits of xyzt_units: unknown, metre, mm, micron); unknown is
-# read as mm, as scanners and most tools write and read it (nibabel ignores the units).
-_MM_PER_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 1e-3}
+# Millimetres per NIfTI spatial unit code (the low 3 bits of xyzt_units: metre, mm, micron; `_spatial_unit` reads
+# unknown, 0, as mm, as scanners and most tools write and read it, while nibabel ignores the units).
+_MM_PER_UNIT = {1: 1000.0, 2: 1.0, 3: 1e-3}
 
 
 class DataError(ValueError):
@@ -211,7 +211,8 @@ def resample_onto(path, grid_path, order=1, grid=None):
     A voxel fills its box, half a voxel either side of its centre: grid points in an edge voxel's box take its value,
     so a slice (an axis of one voxel) holds across its thickness, and a slice in the grid's plane up to the rounding of
     its header lands there. Grid points outside every box take the image's smallest value, its background (air in
-    CT, not the 0 of water). Files of one grid (the same axes and affine) give the image as it is.
+    CT, not the 0 of water). Files of one grid (the same axes, affine and spatial unit) give the image as it is; the
+    units and codes are read only where the grids differ.
 
     Args:
         path, grid_path: NIfTI files of as many axes once singleton ones are dropped.
@@ -233,7 +234,8 @@ def resample_onto(path, grid_path, order=1, grid=None):
         image = image.astype(np.float32, copy=False)
     # The files' axes, not the loaded shapes: a slice stored 1 x H x W and one stored H x W x 1 under one affine lie
     # in perpendicular planes
-    if file_axes(nifti.header) == file_axes(grid_header) and np.allclose(nifti.affine, grid_affine):
+    if (file_axes(nifti.header) == file_axes(grid_header) and np.allclose(nifti.affine, grid_affine)
+            and _spatial_unit(nifti.header) == _spatial_unit(grid_header)):
         return image, grid, grid_affine, grid_header, 1.0
     image = image.reshape(file_axes(nifti.header))
     to_image = _to_image(path, nifti.header, grid_path, grid_header)
@@ -266,9 +268,14 @@ def _to_image(path, header, grid_path, grid_header):
     return np.linalg.inv(_mm_affine(path, header)) @ _mm_affine(grid_path, grid_header)
 
 
+def _spatial_unit(header):
+    """The header's spatial unit code, unknown (0) read as mm (2)."""
+    return int(header["xyzt_units"]) & 7 or 2
+
+
 def _mm_affine(path, header):
     """The header's voxel-to-world affine in mm."""
-    code = int(header["xyzt_units"]) & 7
+    code = _spatial_unit(header)
     if code not in _MM_PER_UNIT:
         raise DataError(f"{path}: spatial unit code {code} (xyzt_units {int(header['xyzt_units'])}) is none of "
                         f"NIfTI's (0 unknown, 1 metre, 2 mm, 3 micron)")

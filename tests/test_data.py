@@ -11,6 +11,7 @@ import pytest
 from cifl_tf import data
 from cifl_tf.data import DataError
 from conftest import make_ixi, write_nifti
+from test_hostile_inputs import _raw
 
 SUBJECT_1 = "OASIS_OAS1_0001_MR1"
 
@@ -264,11 +265,8 @@ def _raw_nifti(path, image, edit):
     header.set_data_dtype(np.float32)
     header.set_sform(np.eye(4), 1)
     header.set_qform(np.eye(4), 1)
-    header["vox_offset"] = 352
     edit(header)
-    with open(path, "wb") as file:
-        header.write_to(file)
-        file.write(image.astype(np.float32).tobytes(order="F"))
+    _raw(path, header, image.astype(np.float32).tobytes(order="F"))
 
 
 @pytest.mark.parametrize("unit, mm_per_unit", [("meter", 1000.0), ("micron", 1e-3), ("mm", 1.0), ("unknown", 1.0)])
@@ -291,8 +289,9 @@ def test_resample_onto_refuses_a_spatial_unit_nifti_does_not_define_where_the_gr
     data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((5, 4, 4), np.float32))
     with raises_naming(tmp_path / "image.nii", "spatial unit code 5"):
         data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii.gz")
-    data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((4, 4, 4), np.float32))  # one grid: the units do not matter
-    np.testing.assert_array_equal(data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii.gz")[0], 1)
+    # one grid, in one unit whatever it is: the image as it is
+    _raw_nifti(tmp_path / "grid.nii", np.zeros((4, 4, 4)), lambda header: header.__setitem__("xyzt_units", 5))
+    np.testing.assert_array_equal(data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")[0], 1)
 
 
 @pytest.mark.parametrize("unplaced", ["image", "grid"])
@@ -319,11 +318,23 @@ def test_resample_onto_takes_a_file_without_codes_on_the_grid_of_one_with_them(t
 
 
 def test_resample_onto_places_two_files_without_codes_alike(tmp_path):
+    """nibabel centres both: the 4 rows of the image on the middle 4 of the grid's 6."""
     image = np.random.default_rng(0).random((4, 4, 4)).astype(np.float32)
-    for name, array in (("image", image), ("grid", np.zeros((4, 4, 4)))):
+    for name, array in (("image", image), ("grid", np.zeros((6, 4, 4)))):
         _raw_nifti(tmp_path / f"{name}.nii", array, lambda header: header.__setitem__("sform_code", 0) or
                    header.__setitem__("qform_code", 0))
-    np.testing.assert_array_equal(data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")[0], image)
+    on_grid, *_, share = data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")
+    np.testing.assert_allclose(on_grid[1:5], image, atol=1e-6)
+    assert share == 4 / 6
+
+
+def test_resample_onto_reads_the_units_of_files_that_state_one_affine_in_different_units(tmp_path):
+    """The same affine in microns and in mm: the image's voxels are a thousandth of the grid's, near its voxel 0."""
+    for name, unit in (("image", "micron"), ("grid", "mm")):
+        header = nib.Nifti1Header()
+        header.set_xyzt_units(unit)
+        data.save_nifti(tmp_path / f"{name}.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4), header)
+    assert data.resample_onto(tmp_path / "image.nii.gz", tmp_path / "grid.nii.gz")[4] == 1 / 64
 
 
 @pytest.mark.parametrize("rows_on", [0, 2, -6, 7])
@@ -345,17 +356,23 @@ def test_a_broken_qform_is_reported_naming_the_file(tmp_path):
         data.load_nifti(tmp_path / "image.nii")
 
 
-def test_nibabels_header_repairs_do_not_reach_stderr(tmp_path, capsys, monkeypatch):
+def test_nibabels_header_repairs_are_not_logged(tmp_path, monkeypatch):
     def negative_pixdim(header):  # nibabel repairs it, and logged "pixdim[1,2,3] should be positive"
         header["pixdim"][1] = -1
         header["sform_code"] = 0
 
     _raw_nifti(tmp_path / "image.nii", np.ones((4, 4, 4)), negative_pixdim)
-    # as in a process that configured no logging: pytest's handlers on the root logger would take the record
+    records = []
+    collect = logging.Handler()
+    collect.emit = records.append
+    # Wherever the record would go: nibabel's own handler (which writes to the stderr it found at import, not pytest's
+    # capture), or, in a process that configured no logging, Python's last-resort handler
+    nibabel_logger = logging.getLogger("nibabel.global")
+    monkeypatch.setattr(nibabel_logger, "handlers", [*nibabel_logger.handlers, collect])
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
-    capsys.readouterr()
+    monkeypatch.setattr(logging, "lastResort", collect)
     data.load_nifti(tmp_path / "image.nii")
-    assert capsys.readouterr().err == ""
+    assert [record.getMessage() for record in records] == []
 
 
 @pytest.mark.parametrize("order", [2, True, "0"])
