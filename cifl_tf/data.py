@@ -223,8 +223,8 @@ def resample_onto(path, grid_path, order=1, grid=None):
         grid file's (singleton axes dropped; float32, but with order 0 the image keeps its file's values and type, as
         float32 would round label values above 2^24); share: the share of the grid's voxels that the image covers
         (1.0 for files of one grid; a small share says the affines may be wrong).
-    Raises: DataError as load_nifti does, where no part of the image lies in the grid's field of view, and as
-        `_to_image` does (a spatial unit NIfTI lacks; one file without sform and qform codes beside one with them).
+    Raises: DataError as load_nifti does, where no part of the image lies in the grid's field of view, and, where the
+        grids differ, for a spatial unit code NIfTI lacks or one file without sform and qform codes beside one with.
     """
     if isinstance(order, bool) or order not in (0, 1):
         raise ValueError(f"resample_onto: order must be 0 (nearest) or 1 (linear), got {order!r}")
