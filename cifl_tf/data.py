@@ -258,13 +258,11 @@ def _to_image(path, header, grid_path, grid_header):
     (an sform or qform code) and the other does not: nibabel's guess for the latter (centred, x mirrored) would
     place it wrongly without a word.
     """
-    placed = {file: bool(head["sform_code"] or head["qform_code"]) for file, head in ((path, header),
-                                                                                     (grid_path, grid_header))}
-    if len(set(placed.values())) == 2:
-        unplaced = min(placed, key=placed.get)
+    placed, grid_placed = (bool(head["sform_code"] or head["qform_code"]) for head in (header, grid_header))
+    if placed != grid_placed:
+        unplaced, other = (grid_path, path) if placed else (path, grid_path)
         raise DataError(f"{unplaced}: its sform and qform codes are 0, so its header does not say where its voxels "
-                        f"lie, while {max(placed, key=placed.get)}'s does: set its sform (nibabel's set_sform) to "
-                        f"place the two")
+                        f"lie, while {other}'s does: set its sform (nibabel's set_sform) to place the two")
     return np.linalg.inv(_mm_affine(path, header)) @ _mm_affine(grid_path, grid_header)
 
 

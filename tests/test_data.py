@@ -269,6 +269,11 @@ def _raw_nifti(path, image, edit):
     _raw(path, header, image.astype(np.float32).tobytes(order="F"))
 
 
+def _no_codes(header):
+    """A header that does not say where its voxels lie (as Analyze-era tools write it)."""
+    header["sform_code"] = header["qform_code"] = 0
+
+
 @pytest.mark.parametrize("unit, mm_per_unit", [("meter", 1000.0), ("micron", 1e-3), ("mm", 1.0), ("unknown", 1.0)])
 def test_resample_onto_reads_each_affine_in_the_unit_its_header_states(tmp_path, unit, mm_per_unit):
     """An image stored in metres lands where the same image stored in mm does (it landed in about one voxel)."""
@@ -297,11 +302,8 @@ def test_resample_onto_refuses_a_spatial_unit_nifti_does_not_define_where_the_gr
 @pytest.mark.parametrize("unplaced", ["image", "grid"])
 def test_resample_onto_refuses_to_place_a_file_without_codes_against_one_with_them(tmp_path, unplaced):
     """nibabel's guess for a file whose sform and qform codes are 0 mirrors x: it moved the image without a word."""
-    def no_codes(header):
-        header["sform_code"] = header["qform_code"] = 0
-
     for name in ("image", "grid"):
-        _raw_nifti(tmp_path / f"{name}.nii", np.ones((4, 4, 4)), no_codes if name == unplaced else lambda header: None)
+        _raw_nifti(tmp_path / f"{name}.nii", np.ones((4, 4, 4)), _no_codes if name == unplaced else lambda header: None)
     with raises_naming(tmp_path / f"{unplaced}.nii", "codes are 0"):
         data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")
 
@@ -309,8 +311,7 @@ def test_resample_onto_refuses_to_place_a_file_without_codes_against_one_with_th
 def test_resample_onto_takes_a_file_without_codes_on_the_grid_of_one_with_them(tmp_path):
     """The coded file states the very affine nibabel gives the other (as a file saved with its affine does)."""
     image = np.random.default_rng(0).random((4, 5, 3)).astype(np.float32)
-    _raw_nifti(tmp_path / "image.nii", image, lambda header: header.__setitem__("sform_code", 0) or
-               header.__setitem__("qform_code", 0))
+    _raw_nifti(tmp_path / "image.nii", image, _no_codes)
     data.save_nifti(tmp_path / "grid.nii.gz", np.zeros((4, 5, 3), np.float32), nib.load(tmp_path / "image.nii").affine)
     on_grid, *_, share = data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii.gz")
     np.testing.assert_array_equal(on_grid, image)
@@ -321,8 +322,7 @@ def test_resample_onto_places_two_files_without_codes_alike(tmp_path):
     """nibabel centres both: the 4 rows of the image on the middle 4 of the grid's 6."""
     image = np.random.default_rng(0).random((4, 4, 4)).astype(np.float32)
     for name, array in (("image", image), ("grid", np.zeros((6, 4, 4)))):
-        _raw_nifti(tmp_path / f"{name}.nii", array, lambda header: header.__setitem__("sform_code", 0) or
-                   header.__setitem__("qform_code", 0))
+        _raw_nifti(tmp_path / f"{name}.nii", array, _no_codes)
     on_grid, *_, share = data.resample_onto(tmp_path / "image.nii", tmp_path / "grid.nii")
     np.testing.assert_allclose(on_grid[1:5], image, atol=1e-6)
     assert share == 4 / 6
